@@ -1,0 +1,9 @@
+//! stagingprop carries committed changes to a set of staging-managed tables from a staging
+//! PostgreSQL database to production, read from staging's write-ahead log through a logical
+//! replication slot (pgoutput), in commit order and exactly once, remapping keys where
+//! production's key space differs.
+//!
+//! Modules by responsibility:
+//! - [`model`]: the vocabulary every stage speaks (LSNs, relations, values).
+
+pub mod model;
