@@ -5,5 +5,7 @@
 //!
 //! Modules by responsibility:
 //! - [`model`]: the vocabulary every stage speaks (LSNs, relations, values).
+//! - [`pgoutput`]: sans-IO decoder from pgoutput payloads to logical replication messages.
 
 pub mod model;
+pub mod pgoutput;
