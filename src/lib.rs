@@ -6,6 +6,12 @@
 //! Modules by responsibility:
 //! - [`model`]: the vocabulary every stage speaks (LSNs, relations, values).
 //! - [`pgoutput`]: sans-IO decoder from pgoutput payloads to logical replication messages.
+//! - [`pg`]: connections to PostgreSQL, TLS, and the replication connection.
+//! - [`sql`]: the one place identifiers and literals are quoted.
+//! - [`cluster`]: throwaway local clusters for tests and the demo.
 
+pub mod cluster;
 pub mod model;
+pub mod pg;
 pub mod pgoutput;
+pub mod sql;

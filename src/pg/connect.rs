@@ -1,0 +1,153 @@
+//! Where a database is and how to reach it: an [`Endpoint`] holds the parsed connection settings
+//! (password already resolved, never printed) and the TLS policy, and opens ordinary
+//! (tokio-postgres) connections. The replication connection uses the same endpoint.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::ClientConfig;
+use tokio_postgres::config::{Host, SslMode as PgSslMode};
+
+use super::tls::MakeRustls;
+
+/// Whether TLS is used.
+#[derive(Clone)]
+pub enum TlsPolicy {
+    Disable,
+    /// Try TLS, fall back to plain when the server does not offer it (libpq's `prefer`).
+    Prefer(Arc<ClientConfig>),
+    /// TLS or nothing.
+    Require(Arc<ClientConfig>),
+}
+
+impl TlsPolicy {
+    pub fn client_config(&self) -> Option<&Arc<ClientConfig>> {
+        match self {
+            TlsPolicy::Disable => None,
+            TlsPolicy::Prefer(c) | TlsPolicy::Require(c) => Some(c),
+        }
+    }
+}
+
+/// One database to connect to.
+#[derive(Clone)]
+pub struct Endpoint {
+    /// What the operator calls it in messages: "staging", "production", "target".
+    pub role: String,
+    pub pg: tokio_postgres::Config,
+    pub tls: TlsPolicy,
+}
+
+impl Endpoint {
+    pub fn new(role: impl Into<String>, mut pg: tokio_postgres::Config, tls: TlsPolicy) -> Self {
+        pg.ssl_mode(match tls {
+            TlsPolicy::Disable => PgSslMode::Disable,
+            TlsPolicy::Prefer(_) => PgSslMode::Prefer,
+            TlsPolicy::Require(_) => PgSslMode::Require,
+        });
+        if pg.get_application_name().is_none() {
+            pg.application_name("stagingprop");
+        }
+        Endpoint {
+            role: role.into(),
+            pg,
+            tls,
+        }
+    }
+
+    /// The user name to log in as: the configured one, else the OS user (as libpq does).
+    pub fn user(&self) -> String {
+        self.pg
+            .get_user()
+            .map(str::to_owned)
+            .or_else(|| std::env::var("USER").ok())
+            .unwrap_or_else(|| "postgres".to_owned())
+    }
+
+    pub fn dbname(&self) -> String {
+        self.pg
+            .get_dbname()
+            .map(str::to_owned)
+            .unwrap_or_else(|| self.user())
+    }
+
+    /// Host and port pairs to try in order, as libpq pairs them.
+    pub fn addresses(&self) -> Vec<(String, u16)> {
+        let hosts: Vec<String> = if self.pg.get_hosts().is_empty() {
+            vec!["localhost".to_owned()]
+        } else {
+            self.pg
+                .get_hosts()
+                .iter()
+                .map(|h| match h {
+                    Host::Tcp(name) => name.clone(),
+                    Host::Unix(path) => path.display().to_string(),
+                })
+                .collect()
+        };
+        let ports = self.pg.get_ports();
+        hosts
+            .into_iter()
+            .enumerate()
+            .map(|(i, host)| {
+                let port = match ports.len() {
+                    0 => 5432,
+                    1 => ports[0],
+                    _ => ports.get(i).copied().unwrap_or(5432),
+                };
+                (host, port)
+            })
+            .collect()
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        self.pg
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(Duration::from_secs(10))
+    }
+
+    /// "staging (host=127.0.0.1 port=5432 dbname=staging user=stagingprop)"; never the password.
+    pub fn describe(&self) -> String {
+        let addrs: Vec<String> = self
+            .addresses()
+            .into_iter()
+            .map(|(h, p)| format!("host={h} port={p}"))
+            .collect();
+        format!(
+            "{} ({} dbname={} user={})",
+            self.role,
+            addrs.join(" "),
+            self.dbname(),
+            self.user()
+        )
+    }
+
+    /// Opens an ordinary connection; its I/O runs on a spawned task that ends with the client.
+    pub async fn connect(&self) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let client = match self.tls.client_config() {
+            None => {
+                let (client, conn) = self.pg.connect(tokio_postgres::NoTls).await?;
+                spawn_connection(self.role.clone(), conn);
+                client
+            }
+            Some(config) => {
+                let (client, conn) = self.pg.connect(MakeRustls(config.clone())).await?;
+                spawn_connection(self.role.clone(), conn);
+                client
+            }
+        };
+        Ok(client)
+    }
+}
+
+fn spawn_connection<F>(role: String, conn: F)
+where
+    F: std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(database = %role, error = %e, "connection closed with an error");
+        }
+    });
+}

@@ -1,0 +1,85 @@
+//! Talking to PostgreSQL: where a database is and how to reach it ([`connect`]), TLS ([`tls`]),
+//! the replication connection ([`replication`]) and its sans-IO framing ([`frames`]).
+
+pub mod connect;
+pub mod frames;
+pub mod replication;
+pub mod tls;
+
+use std::fmt;
+
+/// An error the server reported (ErrorResponse), with its SQLSTATE kept for logs and exit codes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerError {
+    pub severity: String,
+    pub code: String,
+    pub message: String,
+    pub detail: Option<String>,
+    pub hint: Option<String>,
+}
+
+impl fmt::Display for ServerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}: {}", self.severity, self.code, self.message)?;
+        if let Some(detail) = &self.detail {
+            write!(f, " (detail: {detail})")?;
+        }
+        if let Some(hint) = &self.hint {
+            write!(f, " (hint: {hint})")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ServerError {}
+
+impl ServerError {
+    /// Parses an ErrorResponse or NoticeResponse body: (Byte1 field type, String value)* then NUL.
+    /// Lenient by design: a malformed body still yields an error to report.
+    pub(crate) fn parse(mut body: &[u8]) -> ServerError {
+        let mut err = ServerError {
+            severity: "ERROR".into(),
+            code: "XX000".into(),
+            message: String::new(),
+            detail: None,
+            hint: None,
+        };
+        while let Some((&kind, rest)) = body.split_first() {
+            if kind == 0 {
+                break;
+            }
+            let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+            let value = String::from_utf8_lossy(&rest[..end]).into_owned();
+            body = rest.get(end + 1..).unwrap_or_default();
+            match kind {
+                b'V' => err.severity = value,
+                b'C' => err.code = value,
+                b'M' => err.message = value,
+                b'D' => err.detail = Some(value),
+                b'H' => err.hint = Some(value),
+                _ => {}
+            }
+        }
+        err
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_error_fields() {
+        let body = b"SERROR\0VERROR\0C42704\0Mreplication slot \"x\" does not exist\0Hcreate it\0\0";
+        let err = ServerError::parse(body);
+        assert_eq!(err.code, "42704");
+        assert_eq!(err.message, "replication slot \"x\" does not exist");
+        assert_eq!(err.hint.as_deref(), Some("create it"));
+        assert_eq!(
+            err.to_string(),
+            "ERROR 42704: replication slot \"x\" does not exist (hint: create it)"
+        );
+        // Truncated input still gives something to report.
+        assert_eq!(ServerError::parse(b"C4").code, "4");
+    }
+}

@@ -1,0 +1,1154 @@
+//! The replication connection (`replication=database`), which tokio-postgres does not support:
+//! startup, TLS, trust/cleartext/md5/SCRAM-SHA-256 authentication, replication commands, and the
+//! CopyBoth stream of WAL data.
+//!
+//! [`ReplicationClient::start_logical`] splits the connection the way tokio-postgres splits a
+//! client: a [`ReplicationStream`] of WAL messages for the pipeline, and a driver task that owns
+//! the socket, answers keepalives and sends standby status updates. The flushed position it
+//! reports only moves when the pipeline hands it a [`DurablePosition`], which only the code that
+//! committed the changes on the target can create; until then the server is told nothing
+//! (position 0), so the slot never moves past what was durably applied.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+#[cfg(test)]
+use bytes::BufMut;
+use postgres_protocol::authentication::md5_hash;
+use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::ServerError;
+use super::connect::{Endpoint, TlsPolicy};
+use super::frames::{self, FrameError, ServerCopyData, StandbyStatus};
+use crate::model::{Lsn, PgTimestamp};
+use crate::pgoutput::{DecodeError, Decoder, LogicalMessage};
+use crate::sql::{ident_list, quote_ident, quote_literal};
+
+/// Everything that can go wrong on a replication connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    #[error("cannot reach {target}: {source}; check host and port, and that PostgreSQL is running")]
+    Connect {
+        target: String,
+        source: std::io::Error,
+    },
+    #[error("connecting to {target} timed out after {secs} s")]
+    ConnectTimeout { target: String, secs: u64 },
+    #[error("{target} does not accept TLS, but sslmode requires it; enable ssl on the server or relax sslmode")]
+    TlsRefused { target: String },
+    #[error("TLS handshake with {target} failed: {source}")]
+    Tls {
+        target: String,
+        source: std::io::Error,
+    },
+    #[error("{target} asks for a password for user {user:?}, but none is configured; set password_env or password_file")]
+    PasswordMissing { target: String, user: String },
+    #[error("{target} asks for authentication method {method}, which stagingprop does not support; use scram-sha-256, md5, password or trust in pg_hba.conf")]
+    UnsupportedAuth { target: String, method: String },
+    #[error("authentication as user {user:?} at {target} failed: {source}")]
+    AuthFailed {
+        target: String,
+        user: String,
+        source: ServerError,
+    },
+    #[error("SCRAM authentication with {target} failed: {source}")]
+    Scram {
+        target: String,
+        source: std::io::Error,
+    },
+    #[error("{target} refused {command}: {source}")]
+    Server {
+        target: String,
+        command: String,
+        source: ServerError,
+    },
+    #[error("replication stream from {target} failed: {source}")]
+    Stream { target: String, source: ServerError },
+    #[error("protocol error talking to {target}: {detail}")]
+    Protocol { target: String, detail: String },
+    #[error("malformed replication message from {target}: {source}")]
+    Frame { target: String, source: FrameError },
+    #[error("malformed pgoutput message from {target} at WAL {lsn}: {source}")]
+    Decode {
+        target: String,
+        lsn: Lsn,
+        source: DecodeError,
+    },
+    #[error("connection to {target} lost: {source}")]
+    Io {
+        target: String,
+        source: std::io::Error,
+    },
+    #[error("{target} closed the connection")]
+    Closed { target: String },
+}
+
+impl ReplicationError {
+    /// The server's SQLSTATE, when the server reported the error.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            ReplicationError::AuthFailed { source, .. }
+            | ReplicationError::Server { source, .. }
+            | ReplicationError::Stream { source, .. } => Some(&source.code),
+            _ => None,
+        }
+    }
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// One backend message: its tag and body (without the length word).
+struct BackendFrame {
+    tag: u8,
+    body: Bytes,
+}
+
+/// Takes one complete backend message off the front of `buf`, or `None` if it is not all there.
+fn take_frame(buf: &mut BytesMut) -> Result<Option<BackendFrame>, String> {
+    if buf.len() < 5 {
+        return Ok(None);
+    }
+    let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+    if len < 4 {
+        return Err(format!("message length {len} is invalid"));
+    }
+    let total = 1 + len as usize;
+    if buf.len() < total {
+        buf.reserve(total - buf.len());
+        return Ok(None);
+    }
+    let mut frame = buf.split_to(total).freeze();
+    let tag = frame[0];
+    frame.advance(5);
+    Ok(Some(BackendFrame { tag, body: frame }))
+}
+
+/// Reads a NUL-terminated string off `body`.
+fn take_cstr(body: &mut Bytes) -> Option<String> {
+    let end = body.iter().position(|&b| b == 0)?;
+    let s = String::from_utf8_lossy(&body[..end]).into_owned();
+    body.advance(end + 1);
+    Some(s)
+}
+
+/// Result of a simple query on the replication connection: column names and text rows.
+#[derive(Debug, Default, Clone)]
+pub struct QueryResult {
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<Option<String>>>,
+}
+
+impl QueryResult {
+    /// The value of `column` in the first row.
+    pub fn first(&self, column: &str) -> Option<&str> {
+        let index = self.columns.iter().position(|c| c == column)?;
+        self.rows.first()?.get(index)?.as_deref()
+    }
+}
+
+/// The answer to IDENTIFY_SYSTEM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SystemIdentity {
+    pub system_id: String,
+    pub timeline: u32,
+    pub xlogpos: Lsn,
+    pub dbname: Option<String>,
+}
+
+/// What CREATE_REPLICATION_SLOT does with the slot's initial snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotAction {
+    /// Export it for other sessions (`SET TRANSACTION SNAPSHOT`) until this connection's next command.
+    Export,
+    /// Use it in this connection's own transaction.
+    Use,
+    /// No snapshot.
+    Nothing,
+}
+
+/// A slot just created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreatedSlot {
+    pub slot_name: String,
+    /// The LSN from which the slot streams: everything before it is in the snapshot.
+    pub consistent_point: Lsn,
+    pub snapshot_name: Option<String>,
+    pub output_plugin: String,
+}
+
+/// pgoutput options for START_REPLICATION.
+#[derive(Clone, Debug)]
+pub struct PgOutputOptions {
+    pub proto_version: u32,
+    pub publications: Vec<String>,
+    pub binary: bool,
+    /// Also deliver `pg_logical_emit_message` messages (heartbeats use them).
+    pub messages: bool,
+    /// Stream large in-progress transactions (needs proto_version 2).
+    pub streaming: bool,
+    /// How often a standby status update is sent even when nothing changed.
+    pub status_interval: Duration,
+}
+
+impl PgOutputOptions {
+    pub fn new(publications: Vec<String>) -> Self {
+        PgOutputOptions {
+            proto_version: 1,
+            publications,
+            binary: false,
+            messages: true,
+            streaming: false,
+            status_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A connection in replication mode, between commands.
+pub struct ReplicationClient {
+    io: Box<dyn Io>,
+    inbuf: BytesMut,
+    outbuf: BytesMut,
+    target: String,
+    server_version_num: u32,
+}
+
+/// Session settings for unambiguous text output, as PostgreSQL's own apply worker asks for.
+const SESSION_OPTIONS: &str =
+    "-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3 -c timezone=UTC";
+
+impl ReplicationClient {
+    /// Connects, trying each configured host in turn, each within the connect timeout.
+    pub async fn connect(endpoint: &Endpoint) -> Result<ReplicationClient, ReplicationError> {
+        let timeout = endpoint.connect_timeout();
+        let mut last_error = None;
+        for (host, port) in endpoint.addresses() {
+            let attempt = Self::connect_one(endpoint, &host, port);
+            match tokio::time::timeout(timeout, attempt).await {
+                Ok(Ok(client)) => return Ok(client),
+                // A server that answered and said no: trying the next host will not help.
+                Ok(Err(e @ ReplicationError::AuthFailed { .. }))
+                | Ok(Err(e @ ReplicationError::PasswordMissing { .. })) => return Err(e),
+                Ok(Err(e)) => last_error = Some(e),
+                Err(_) => {
+                    last_error = Some(ReplicationError::ConnectTimeout {
+                        target: endpoint.describe(),
+                        secs: timeout.as_secs(),
+                    })
+                }
+            }
+        }
+        Err(last_error.unwrap_or_else(|| ReplicationError::Protocol {
+            target: endpoint.describe(),
+            detail: "no host to connect to".into(),
+        }))
+    }
+
+    async fn connect_one(
+        endpoint: &Endpoint,
+        host: &str,
+        port: u16,
+    ) -> Result<ReplicationClient, ReplicationError> {
+        let target = endpoint.describe();
+        let io_err = |source| ReplicationError::Connect {
+            target: target.clone(),
+            source,
+        };
+        let io: Box<dyn Io> = if host.starts_with('/') {
+            // libpq does not use TLS over Unix-domain sockets either.
+            Box::new(
+                UnixStream::connect(format!("{host}/.s.PGSQL.{port}"))
+                    .await
+                    .map_err(io_err)?,
+            )
+        } else {
+            let mut tcp = TcpStream::connect((host, port)).await.map_err(io_err)?;
+            tcp.set_nodelay(true).map_err(io_err)?;
+            match &endpoint.tls {
+                TlsPolicy::Disable => Box::new(tcp),
+                TlsPolicy::Prefer(config) | TlsPolicy::Require(config) => {
+                    let mut request = BytesMut::new();
+                    frontend::ssl_request(&mut request);
+                    tcp.write_all(&request).await.map_err(io_err)?;
+                    let answer = tcp.read_u8().await.map_err(io_err)?;
+                    match (answer, &endpoint.tls) {
+                        (b'S', _) => Box::new(
+                            super::tls::handshake(config.clone(), host, tcp)
+                                .await
+                                .map_err(|source| ReplicationError::Tls {
+                                    target: target.clone(),
+                                    source,
+                                })?,
+                        ),
+                        (b'N', TlsPolicy::Prefer(_)) => Box::new(tcp),
+                        (b'N', _) => return Err(ReplicationError::TlsRefused { target }),
+                        (other, _) => {
+                            return Err(ReplicationError::Protocol {
+                                target,
+                                detail: format!("unexpected answer {other:#04x} to SSLRequest"),
+                            });
+                        }
+                    }
+                }
+            }
+        };
+        let mut client = ReplicationClient {
+            io,
+            inbuf: BytesMut::with_capacity(64 * 1024),
+            outbuf: BytesMut::with_capacity(1024),
+            target,
+            server_version_num: 0,
+        };
+        client.startup(endpoint).await?;
+        Ok(client)
+    }
+
+    async fn startup(&mut self, endpoint: &Endpoint) -> Result<(), ReplicationError> {
+        let user = endpoint.user();
+        let dbname = endpoint.dbname();
+        let application_name = endpoint
+            .pg
+            .get_application_name()
+            .unwrap_or("stagingprop")
+            .to_owned();
+        let params = [
+            ("user", user.as_str()),
+            ("database", dbname.as_str()),
+            ("replication", "database"),
+            ("application_name", application_name.as_str()),
+            ("client_encoding", "UTF8"),
+            ("options", SESSION_OPTIONS),
+        ];
+        frontend::startup_message(params.iter().copied(), &mut self.outbuf)
+            .map_err(|e| self.protocol(e.to_string()))?;
+        self.flush().await?;
+
+        let password = endpoint.pg.get_password().map(<[u8]>::to_vec);
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let frame = self.read_frame().await?;
+            match frame.tag {
+                b'R' => {
+                    let mut body = frame.body;
+                    if body.len() < 4 {
+                        return Err(self.protocol("short authentication request".into()));
+                    }
+                    let code = body.get_i32();
+                    let need_password = || {
+                        password
+                            .clone()
+                            .ok_or_else(|| ReplicationError::PasswordMissing {
+                                target: self.target.clone(),
+                                user: user.clone(),
+                            })
+                    };
+                    match code {
+                        0 => break,
+                        3 => {
+                            let pw = need_password()?;
+                            frontend::password_message(&pw, &mut self.outbuf)
+                                .map_err(|e| self.protocol(e.to_string()))?;
+                        }
+                        5 => {
+                            if body.len() < 4 {
+                                return Err(self.protocol("short md5 salt".into()));
+                            }
+                            let pw = need_password()?;
+                            let salt = [body[0], body[1], body[2], body[3]];
+                            let hashed = md5_hash(user.as_bytes(), &pw, salt);
+                            frontend::password_message(hashed.as_bytes(), &mut self.outbuf)
+                                .map_err(|e| self.protocol(e.to_string()))?;
+                        }
+                        10 => {
+                            let mut mechanisms = Vec::new();
+                            while let Some(m) = take_cstr(&mut body) {
+                                if m.is_empty() {
+                                    break;
+                                }
+                                mechanisms.push(m);
+                            }
+                            if !mechanisms.iter().any(|m| m == SCRAM_SHA_256) {
+                                return Err(ReplicationError::UnsupportedAuth {
+                                    target: self.target.clone(),
+                                    method: format!("SASL ({})", mechanisms.join(", ")),
+                                });
+                            }
+                            let pw = need_password()?;
+                            // Channel binding is not offered ('n'), which every server accepts.
+                            let state = ScramSha256::new(&pw, ChannelBinding::unsupported());
+                            frontend::sasl_initial_response(
+                                SCRAM_SHA_256,
+                                state.message(),
+                                &mut self.outbuf,
+                            )
+                            .map_err(|e| self.protocol(e.to_string()))?;
+                            scram = Some(state);
+                        }
+                        11 => {
+                            let state = scram.as_mut().ok_or_else(|| {
+                                self.protocol("SASL continue without SASL start".into())
+                            })?;
+                            state.update(&body).map_err(|source| ReplicationError::Scram {
+                                target: self.target.clone(),
+                                source,
+                            })?;
+                            frontend::sasl_response(state.message(), &mut self.outbuf)
+                                .map_err(|e| self.protocol(e.to_string()))?;
+                        }
+                        12 => {
+                            let state = scram.as_mut().ok_or_else(|| {
+                                self.protocol("SASL final without SASL start".into())
+                            })?;
+                            state.finish(&body).map_err(|source| ReplicationError::Scram {
+                                target: self.target.clone(),
+                                source,
+                            })?;
+                            continue;
+                        }
+                        other => {
+                            return Err(ReplicationError::UnsupportedAuth {
+                                target: self.target.clone(),
+                                method: auth_method_name(other).to_owned(),
+                            });
+                        }
+                    }
+                    self.flush().await?;
+                }
+                b'E' => {
+                    return Err(ReplicationError::AuthFailed {
+                        target: self.target.clone(),
+                        user,
+                        source: ServerError::parse(&frame.body),
+                    });
+                }
+                b'N' | b'v' => {}
+                other => {
+                    return Err(self.protocol(format!(
+                        "unexpected message {:?} during authentication",
+                        other as char
+                    )));
+                }
+            }
+        }
+        // After AuthenticationOk: parameters, key data, then ReadyForQuery (or a startup error).
+        loop {
+            let mut frame = self.read_frame().await?;
+            match frame.tag {
+                b'Z' => return Ok(()),
+                b'S' => {
+                    let name = take_cstr(&mut frame.body).unwrap_or_default();
+                    let value = take_cstr(&mut frame.body).unwrap_or_default();
+                    if name == "server_version" {
+                        self.server_version_num = parse_server_version(&value);
+                    }
+                }
+                b'E' => {
+                    return Err(ReplicationError::AuthFailed {
+                        target: self.target.clone(),
+                        user,
+                        source: ServerError::parse(&frame.body),
+                    });
+                }
+                b'K' | b'N' => {}
+                other => {
+                    return Err(self.protocol(format!(
+                        "unexpected message {:?} during startup",
+                        other as char
+                    )));
+                }
+            }
+        }
+    }
+
+    /// The server's version as `server_version_num` spells it (150008 for 15.8).
+    pub fn server_version_num(&self) -> u32 {
+        self.server_version_num
+    }
+
+    /// Runs one replication command or SQL statement and collects its text rows.
+    pub async fn simple_query(&mut self, command: &str) -> Result<QueryResult, ReplicationError> {
+        frontend::query(command, &mut self.outbuf).map_err(|e| self.protocol(e.to_string()))?;
+        self.flush().await?;
+        let mut result = QueryResult::default();
+        let mut error = None;
+        loop {
+            let mut frame = self.read_frame().await?;
+            match frame.tag {
+                b'T' => result.columns = parse_row_description(&mut frame.body),
+                b'D' => result.rows.push(
+                    parse_data_row(&mut frame.body)
+                        .ok_or_else(|| self.protocol("malformed DataRow".into()))?,
+                ),
+                b'E' => error = Some(ServerError::parse(&frame.body)),
+                b'C' | b'I' | b'N' | b'S' => {}
+                b'Z' => break,
+                other => {
+                    return Err(self.protocol(format!(
+                        "unexpected message {:?} in reply to {command}",
+                        other as char
+                    )));
+                }
+            }
+        }
+        match error {
+            Some(source) => Err(ReplicationError::Server {
+                target: self.target.clone(),
+                command: first_word(command),
+                source,
+            }),
+            None => Ok(result),
+        }
+    }
+
+    pub async fn identify_system(&mut self) -> Result<SystemIdentity, ReplicationError> {
+        let result = self.simple_query("IDENTIFY_SYSTEM").await?;
+        let field = |name: &str| result.first(name).map(str::to_owned);
+        let missing = |name: &str| self.protocol(format!("IDENTIFY_SYSTEM lacks {name}"));
+        Ok(SystemIdentity {
+            system_id: field("systemid").ok_or_else(|| missing("systemid"))?,
+            timeline: field("timeline")
+                .and_then(|t| t.parse().ok())
+                .ok_or_else(|| missing("timeline"))?,
+            xlogpos: field("xlogpos")
+                .and_then(|p| p.parse().ok())
+                .ok_or_else(|| missing("xlogpos"))?,
+            dbname: field("dbname"),
+        })
+    }
+
+    /// Creates a pgoutput slot. With [`SnapshotAction::Export`] the snapshot stays usable by other
+    /// sessions until this connection runs its next command or closes.
+    pub async fn create_logical_slot(
+        &mut self,
+        slot: &str,
+        temporary: bool,
+        snapshot: SnapshotAction,
+    ) -> Result<CreatedSlot, ReplicationError> {
+        let temporary = if temporary { " TEMPORARY" } else { "" };
+        // PostgreSQL 15 introduced the parenthesized option list; 14 knows only the keywords.
+        let snapshot_clause = match (self.server_version_num >= 150000, snapshot) {
+            (true, SnapshotAction::Export) => " (SNAPSHOT 'export')",
+            (true, SnapshotAction::Use) => " (SNAPSHOT 'use')",
+            (true, SnapshotAction::Nothing) => " (SNAPSHOT 'nothing')",
+            (false, SnapshotAction::Export) => " EXPORT_SNAPSHOT",
+            (false, SnapshotAction::Use) => " USE_SNAPSHOT",
+            (false, SnapshotAction::Nothing) => " NOEXPORT_SNAPSHOT",
+        };
+        let command = format!(
+            "CREATE_REPLICATION_SLOT {}{temporary} LOGICAL pgoutput{snapshot_clause}",
+            quote_ident(slot)
+        );
+        let result = self.simple_query(&command).await?;
+        let consistent_point = result
+            .first("consistent_point")
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| self.protocol("CREATE_REPLICATION_SLOT gave no consistent_point".into()))?;
+        Ok(CreatedSlot {
+            slot_name: result.first("slot_name").unwrap_or(slot).to_owned(),
+            consistent_point,
+            snapshot_name: result.first("snapshot_name").map(str::to_owned),
+            output_plugin: result.first("output_plugin").unwrap_or("pgoutput").to_owned(),
+        })
+    }
+
+    /// Drops a slot; with `wait`, waits for another session using it to let go instead of failing.
+    pub async fn drop_slot(&mut self, slot: &str, wait: bool) -> Result<(), ReplicationError> {
+        let wait = if wait { " WAIT" } else { "" };
+        self.simple_query(&format!("DROP_REPLICATION_SLOT {}{wait}", quote_ident(slot)))
+            .await?;
+        Ok(())
+    }
+
+    /// Starts streaming from `slot` at `start` (the server starts at the later of `start` and the
+    /// slot's confirmed position) and hands the socket to a driver task.
+    pub async fn start_logical(
+        mut self,
+        slot: &str,
+        start: Lsn,
+        options: &PgOutputOptions,
+    ) -> Result<ReplicationStream, ReplicationError> {
+        let mut plugin_options = vec![
+            format!("proto_version {}", quote_literal(&options.proto_version.to_string())),
+            format!(
+                "publication_names {}",
+                quote_literal(&ident_list(options.publications.iter().map(String::as_str)))
+            ),
+        ];
+        if options.binary {
+            plugin_options.push("binary 'true'".into());
+        }
+        if options.messages {
+            plugin_options.push("messages 'true'".into());
+        }
+        if options.streaming {
+            plugin_options.push("streaming 'on'".into());
+        }
+        let command = format!(
+            "START_REPLICATION SLOT {} LOGICAL {start} ({})",
+            quote_ident(slot),
+            plugin_options.join(", ")
+        );
+        frontend::query(&command, &mut self.outbuf).map_err(|e| self.protocol(e.to_string()))?;
+        self.flush().await?;
+        loop {
+            let frame = self.read_frame().await?;
+            match frame.tag {
+                b'W' => break,
+                b'E' => {
+                    let source = ServerError::parse(&frame.body);
+                    return Err(ReplicationError::Server {
+                        target: self.target.clone(),
+                        command: "START_REPLICATION".into(),
+                        source,
+                    });
+                }
+                b'N' => {}
+                other => {
+                    return Err(self.protocol(format!(
+                        "unexpected message {:?} in reply to START_REPLICATION",
+                        other as char
+                    )));
+                }
+            }
+        }
+
+        let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+        let (flush_tx, flush_rx) = watch::channel(Lsn::INVALID);
+        let shared = Arc::new(StreamShared {
+            server_wal_end: AtomicU64::new(0),
+            stop: Notify::new(),
+        });
+        let target = self.target.clone();
+        let driver = Driver {
+            client: self,
+            events: events_tx,
+            flushed: flush_rx,
+            shared: shared.clone(),
+            received: Lsn::INVALID,
+            status_interval: options.status_interval,
+        };
+        let driver = tokio::spawn(driver.run());
+        Ok(ReplicationStream {
+            events: events_rx,
+            decoder: Decoder::new(),
+            flush: FlushHandle {
+                tx: Arc::new(flush_tx),
+            },
+            shared,
+            driver: Some(driver),
+            target,
+        })
+    }
+
+    /// Ends the session politely.
+    pub async fn close(mut self) -> Result<(), ReplicationError> {
+        frontend::terminate(&mut self.outbuf);
+        self.flush().await?;
+        let _ = self.io.shutdown().await;
+        Ok(())
+    }
+
+    fn protocol(&self, detail: String) -> ReplicationError {
+        ReplicationError::Protocol {
+            target: self.target.clone(),
+            detail,
+        }
+    }
+
+    fn io_error(&self, source: std::io::Error) -> ReplicationError {
+        ReplicationError::Io {
+            target: self.target.clone(),
+            source,
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), ReplicationError> {
+        let out = self.outbuf.split();
+        self.io
+            .write_all(&out)
+            .await
+            .map_err(|e| self.io_error(e))?;
+        self.io.flush().await.map_err(|e| self.io_error(e))
+    }
+
+    /// Reads until one whole message is buffered.
+    async fn read_frame(&mut self) -> Result<BackendFrame, ReplicationError> {
+        loop {
+            if let Some(frame) = self.try_frame()? {
+                return Ok(frame);
+            }
+            self.fill().await?;
+        }
+    }
+
+    fn try_frame(&mut self) -> Result<Option<BackendFrame>, ReplicationError> {
+        take_frame(&mut self.inbuf).map_err(|detail| self.protocol(detail))
+    }
+
+    async fn fill(&mut self) -> Result<(), ReplicationError> {
+        if self.inbuf.capacity() - self.inbuf.len() < 8 * 1024 {
+            self.inbuf.reserve(64 * 1024);
+        }
+        let n = self
+            .io
+            .read_buf(&mut self.inbuf)
+            .await
+            .map_err(|e| self.io_error(e))?;
+        if n == 0 {
+            return Err(ReplicationError::Closed {
+                target: self.target.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn auth_method_name(code: i32) -> &'static str {
+    match code {
+        2 => "Kerberos V5",
+        6 => "SCM credentials",
+        7 | 8 => "GSSAPI",
+        9 => "SSPI",
+        _ => "unknown",
+    }
+}
+
+fn first_word(command: &str) -> String {
+    command.split_whitespace().next().unwrap_or("").to_owned()
+}
+
+/// "15.8 (Debian 15.8-1)" -> 150008; "9.6.3" -> 90603.
+fn parse_server_version(value: &str) -> u32 {
+    let numeric: String = value
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    let mut parts = numeric.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let major = parts.next().unwrap_or(0);
+    let second = parts.next().unwrap_or(0);
+    if major >= 10 {
+        major * 10000 + second
+    } else {
+        major * 10000 + second * 100 + parts.next().unwrap_or(0)
+    }
+}
+
+fn parse_row_description(body: &mut Bytes) -> Vec<String> {
+    if body.len() < 2 {
+        return Vec::new();
+    }
+    let count = body.get_i16().max(0) as usize;
+    let mut names = Vec::with_capacity(count.min(64));
+    for _ in 0..count {
+        let Some(name) = take_cstr(body) else { break };
+        names.push(name);
+        if body.len() < 18 {
+            break;
+        }
+        body.advance(18);
+    }
+    names
+}
+
+fn parse_data_row(body: &mut Bytes) -> Option<Vec<Option<String>>> {
+    if body.len() < 2 {
+        return None;
+    }
+    let count = body.get_i16().max(0) as usize;
+    let mut values = Vec::with_capacity(count.min(64));
+    for _ in 0..count {
+        if body.len() < 4 {
+            return None;
+        }
+        let len = body.get_i32();
+        if len < 0 {
+            values.push(None);
+            continue;
+        }
+        let len = len as usize;
+        if body.len() < len {
+            return None;
+        }
+        values.push(Some(String::from_utf8_lossy(&body[..len]).into_owned()));
+        body.advance(len);
+    }
+    Some(values)
+}
+
+/// One XLogData message as received: where it is in the WAL and its undecoded payload.
+#[derive(Clone, Debug)]
+pub struct RawWal {
+    pub wal_start: Lsn,
+    pub wal_end: Lsn,
+    pub send_time: PgTimestamp,
+    pub payload: Bytes,
+}
+
+/// One decoded pgoutput message and where it is in the WAL.
+#[derive(Clone, Debug)]
+pub struct WalMessage {
+    pub wal_start: Lsn,
+    pub wal_end: Lsn,
+    pub send_time: PgTimestamp,
+    pub message: LogicalMessage,
+}
+
+/// Proof that the changes up to `lsn` are durably committed on the target: the only thing the
+/// replication connection accepts as a flushed position. Only the code that commits on the
+/// target (and checks durability) may create one, hence the crate-private constructor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DurablePosition(Lsn);
+
+impl DurablePosition {
+    /// Call only after the target's commit covering everything up to `lsn` is durable.
+    #[allow(dead_code)] // the sync pipeline is the first caller
+    pub(crate) fn after_durable_commit(lsn: Lsn) -> Self {
+        DurablePosition(lsn)
+    }
+
+    pub fn lsn(self) -> Lsn {
+        self.0
+    }
+}
+
+/// Reports durable positions to the driver; cheap to clone and to call often.
+#[derive(Clone)]
+pub struct FlushHandle {
+    tx: Arc<watch::Sender<Lsn>>,
+}
+
+impl FlushHandle {
+    /// Lets the server release WAL up to `position`. Positions never go backwards.
+    pub fn confirm(&self, position: DurablePosition) {
+        self.tx.send_if_modified(|current| {
+            if position.0 > *current {
+                *current = position.0;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// The last position confirmed through this handle (0 if none).
+    pub fn confirmed(&self) -> Lsn {
+        *self.tx.borrow()
+    }
+}
+
+struct StreamShared {
+    server_wal_end: AtomicU64,
+    stop: Notify,
+}
+
+/// Bounded so that a slow consumer stops the driver from reading the socket (backpressure),
+/// while the driver keeps sending status updates so the server does not time out.
+const EVENT_QUEUE: usize = 1024;
+
+/// The consumer's end of a streaming replication connection.
+pub struct ReplicationStream {
+    events: mpsc::Receiver<Result<RawWal, ReplicationError>>,
+    decoder: Decoder,
+    flush: FlushHandle,
+    shared: Arc<StreamShared>,
+    driver: Option<JoinHandle<Result<(), ReplicationError>>>,
+    target: String,
+}
+
+impl ReplicationStream {
+    /// The next XLogData message, undecoded; `None` when the server ended the stream.
+    pub async fn next_raw(&mut self) -> Result<Option<RawWal>, ReplicationError> {
+        match self.events.recv().await {
+            Some(Ok(raw)) => Ok(Some(raw)),
+            Some(Err(e)) => Err(e),
+            None => {
+                // The driver ended: surface its error if it had one.
+                match self.driver.take() {
+                    Some(handle) => match handle.await {
+                        Ok(Err(e)) => Err(e),
+                        _ => Ok(None),
+                    },
+                    None => Ok(None),
+                }
+            }
+        }
+    }
+
+    /// The next decoded pgoutput message; `None` when the server ended the stream.
+    pub async fn next(&mut self) -> Result<Option<WalMessage>, ReplicationError> {
+        let Some(raw) = self.next_raw().await? else {
+            return Ok(None);
+        };
+        let message = self
+            .decoder
+            .decode(raw.payload)
+            .map_err(|source| ReplicationError::Decode {
+                target: self.target.clone(),
+                lsn: raw.wal_start,
+                source,
+            })?;
+        Ok(Some(WalMessage {
+            wal_start: raw.wal_start,
+            wal_end: raw.wal_end,
+            send_time: raw.send_time,
+            message,
+        }))
+    }
+
+    /// Where the pipeline reports what the target durably committed.
+    pub fn flush_handle(&self) -> FlushHandle {
+        self.flush.clone()
+    }
+
+    /// The server's WAL end as of the last message or keepalive (for lag).
+    pub fn server_wal_end(&self) -> Lsn {
+        Lsn(self.shared.server_wal_end.load(Ordering::Relaxed))
+    }
+
+    /// Sends a last status update with the confirmed position, ends the copy and the session.
+    pub async fn close(mut self) -> Result<(), ReplicationError> {
+        self.shared.stop.notify_one();
+        // Drain so the driver is never stuck waiting for queue room.
+        self.events.close();
+        while self.events.recv().await.is_some() {}
+        match self.driver.take() {
+            Some(handle) => handle.await.unwrap_or(Ok(())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for ReplicationStream {
+    fn drop(&mut self) {
+        self.shared.stop.notify_one();
+    }
+}
+
+/// Owns the socket while streaming.
+struct Driver {
+    client: ReplicationClient,
+    events: mpsc::Sender<Result<RawWal, ReplicationError>>,
+    flushed: watch::Receiver<Lsn>,
+    shared: Arc<StreamShared>,
+    received: Lsn,
+    status_interval: Duration,
+}
+
+/// Why the driver's wait ended.
+enum Wake {
+    Read(Result<(), ReplicationError>),
+    Tick,
+    FlushChanged(bool),
+    Stop,
+}
+
+impl Driver {
+    async fn run(mut self) -> Result<(), ReplicationError> {
+        let result = self.stream().await;
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // Hand the error to the consumer; if it is gone, report it from the task.
+                match self.events.try_send(Err(e)) {
+                    Ok(()) => Ok(()),
+                    Err(mpsc::error::TrySendError::Full(Err(e)))
+                    | Err(mpsc::error::TrySendError::Closed(Err(e))) => Err(e),
+                    Err(_) => Ok(()),
+                }
+            }
+        }
+    }
+
+    async fn stream(&mut self) -> Result<(), ReplicationError> {
+        let mut ticker = tokio::time::interval(self.status_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut flush_open = true;
+        loop {
+            while let Some(frame) = self.client.try_frame()? {
+                match frame.tag {
+                    b'd' => {
+                        let message =
+                            frames::parse_server_copy_data(frame.body).map_err(|source| {
+                                ReplicationError::Frame {
+                                    target: self.client.target.clone(),
+                                    source,
+                                }
+                            })?;
+                        match message {
+                            ServerCopyData::XLogData {
+                                wal_start,
+                                wal_end,
+                                send_time,
+                                payload,
+                            } => {
+                                self.received = self.received.max(wal_start);
+                                self.shared
+                                    .server_wal_end
+                                    .fetch_max(wal_end.0, Ordering::Relaxed);
+                                let raw = RawWal {
+                                    wal_start,
+                                    wal_end,
+                                    send_time,
+                                    payload,
+                                };
+                                if !self.deliver(raw, &mut ticker).await? {
+                                    return self.finish().await;
+                                }
+                            }
+                            ServerCopyData::Keepalive {
+                                wal_end,
+                                reply_requested,
+                                ..
+                            } => {
+                                self.shared
+                                    .server_wal_end
+                                    .fetch_max(wal_end.0, Ordering::Relaxed);
+                                if reply_requested {
+                                    self.send_status(false).await?;
+                                }
+                            }
+                        }
+                    }
+                    // The server ended the stream (e.g. the walsender is shutting down).
+                    b'c' => return Ok(()),
+                    b'E' => {
+                        return Err(ReplicationError::Stream {
+                            target: self.client.target.clone(),
+                            source: ServerError::parse(&frame.body),
+                        });
+                    }
+                    b'N' => {
+                        let notice = ServerError::parse(&frame.body);
+                        tracing::info!(server = %self.client.target, "server notice: {notice}");
+                    }
+                    other => {
+                        return Err(self.client.protocol(format!(
+                            "unexpected message {:?} while streaming",
+                            other as char
+                        )));
+                    }
+                }
+            }
+            let wake = tokio::select! {
+                r = self.client.fill() => Wake::Read(r),
+                _ = ticker.tick() => Wake::Tick,
+                r = self.flushed.changed(), if flush_open => Wake::FlushChanged(r.is_ok()),
+                _ = self.shared.stop.notified() => Wake::Stop,
+            };
+            match wake {
+                Wake::Read(r) => r?,
+                Wake::Tick => self.send_status(false).await?,
+                Wake::FlushChanged(open) => {
+                    flush_open = open;
+                    if open {
+                        self.send_status(false).await?;
+                    }
+                }
+                Wake::Stop => return self.finish().await,
+            }
+        }
+    }
+
+    /// Queues one message for the consumer, sending status updates while the queue is full.
+    /// Returns false when the consumer is gone or asked to stop.
+    async fn deliver(
+        &mut self,
+        raw: RawWal,
+        ticker: &mut tokio::time::Interval,
+    ) -> Result<bool, ReplicationError> {
+        loop {
+            let tick = tokio::select! {
+                permit = self.events.reserve() => {
+                    return match permit {
+                        Ok(permit) => {
+                            permit.send(Ok(raw));
+                            Ok(true)
+                        }
+                        Err(_) => Ok(false),
+                    };
+                }
+                _ = ticker.tick() => true,
+                _ = self.shared.stop.notified() => false,
+            };
+            if !tick {
+                return Ok(false);
+            }
+            self.send_status(false).await?;
+        }
+    }
+
+    async fn send_status(&mut self, reply_requested: bool) -> Result<(), ReplicationError> {
+        let flushed = *self.flushed.borrow_and_update();
+        let status = StandbyStatus {
+            written: self.received.max(flushed),
+            flushed,
+            applied: flushed,
+            client_time: PgTimestamp::now(),
+            reply_requested,
+        };
+        frames::encode_standby_status(&status, &mut self.client.outbuf);
+        self.client.flush().await
+    }
+
+    /// Last status update, CopyDone, then wait (briefly) for the server to end the copy.
+    async fn finish(&mut self) -> Result<(), ReplicationError> {
+        self.send_status(false).await?;
+        frontend::copy_done(&mut self.client.outbuf);
+        frontend::terminate(&mut self.client.outbuf);
+        self.client.flush().await?;
+        let _ = self.client.io.shutdown().await;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_split_across_reads() {
+        let mut buf = BytesMut::new();
+        buf.put_slice(&[b'Z', 0, 0, 0, 5]);
+        assert!(take_frame(&mut buf).unwrap().is_none());
+        buf.put_u8(b'I');
+        buf.put_slice(&[b'C', 0, 0]);
+        let frame = take_frame(&mut buf).unwrap().unwrap();
+        assert_eq!(frame.tag, b'Z');
+        assert_eq!(&frame.body[..], b"I");
+        assert!(take_frame(&mut buf).unwrap().is_none());
+        assert_eq!(buf.len(), 3);
+    }
+
+    #[test]
+    fn rejects_bad_length() {
+        let mut buf = BytesMut::from(&[b'Z', 0, 0, 0, 3][..]);
+        assert!(take_frame(&mut buf).is_err());
+    }
+
+    #[test]
+    fn parses_versions() {
+        assert_eq!(parse_server_version("15.8 (Debian 15.8-1.pgdg120+1)"), 150008);
+        assert_eq!(parse_server_version("17devel"), 170000);
+        assert_eq!(parse_server_version("9.6.3"), 90603);
+    }
+
+    #[test]
+    fn parses_rows() {
+        let mut body = BytesMut::new();
+        body.put_i16(2);
+        body.put_i32(3);
+        body.put_slice(b"abc");
+        body.put_i32(-1);
+        let row = parse_data_row(&mut body.freeze()).unwrap();
+        assert_eq!(row, vec![Some("abc".to_owned()), None]);
+        let mut short = Bytes::from_static(&[0, 1, 0, 0, 0, 9, b'x']);
+        assert!(parse_data_row(&mut short).is_none());
+    }
+}

@@ -1,0 +1,81 @@
+//! Shared by the integration tests: one staging and one production cluster per test binary,
+//! started on first use and removed when the binary exits, plus a fresh database per test.
+
+#![allow(dead_code)]
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use stagingprop::cluster::{ClusterOptions, LocalCluster};
+use stagingprop::pg::connect::{Endpoint, TlsPolicy};
+
+pub struct Clusters {
+    pub staging: LocalCluster,
+    pub production: LocalCluster,
+}
+
+/// Roles the authentication tests log in as; pg_hba.conf demands the method in the name.
+pub const MD5_USER: &str = "md5_user";
+pub const SCRAM_USER: &str = "scram_user";
+pub const CLEARTEXT_USER: &str = "cleartext_user";
+pub const TEST_PASSWORD: &str = "s3cret-'pass\"word";
+
+fn start(name: &str) -> LocalCluster {
+    let mut options = ClusterOptions::new(name);
+    options.hba = vec![
+        format!("host all {MD5_USER} 127.0.0.1/32 md5"),
+        format!("host all {SCRAM_USER} 127.0.0.1/32 scram-sha-256"),
+        format!("host all {CLEARTEXT_USER} 127.0.0.1/32 password"),
+    ];
+    let cluster = LocalCluster::start(&options)
+        .unwrap_or_else(|e| panic!("cannot start the {name} test cluster: {e}"));
+    let password = TEST_PASSWORD.replace('\'', "''");
+    cluster
+        .psql(
+            "postgres",
+            &format!(
+                "SET password_encryption = 'md5'; \
+                 CREATE ROLE {MD5_USER} LOGIN REPLICATION SUPERUSER PASSWORD '{password}'; \
+                 SET password_encryption = 'scram-sha-256'; \
+                 CREATE ROLE {SCRAM_USER} LOGIN REPLICATION SUPERUSER PASSWORD '{password}'; \
+                 CREATE ROLE {CLEARTEXT_USER} LOGIN REPLICATION SUPERUSER PASSWORD '{password}';"
+            ),
+        )
+        .unwrap_or_else(|e| panic!("cannot create test roles: {e}"));
+    cluster
+}
+
+/// The per-binary clusters, started on first use.
+pub fn clusters() -> &'static Clusters {
+    static CLUSTERS: OnceLock<Clusters> = OnceLock::new();
+    CLUSTERS.get_or_init(|| Clusters {
+        staging: start("staging"),
+        production: start("production"),
+    })
+}
+
+/// A new, empty database on `cluster` with a name unique in this process.
+pub fn fresh_db(cluster: &LocalCluster, prefix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let name = format!("{prefix}_{}", NEXT.fetch_add(1, Ordering::Relaxed));
+    cluster
+        .psql("postgres", &format!("CREATE DATABASE {name}"))
+        .unwrap_or_else(|e| panic!("cannot create database {name}: {e}"));
+    name
+}
+
+/// A plaintext endpoint for `dbname` as `user` (no password).
+pub fn endpoint(cluster: &LocalCluster, dbname: &str, user: &str) -> Endpoint {
+    let pg = cluster
+        .conninfo(dbname, user)
+        .parse()
+        .expect("test conninfo parses");
+    Endpoint::new(cluster.name.clone(), pg, TlsPolicy::Disable)
+}
+
+/// Runs `sql` on `dbname` through psql and returns its unaligned output.
+pub fn psql(cluster: &LocalCluster, dbname: &str, sql: &str) -> String {
+    cluster
+        .psql(dbname, sql)
+        .unwrap_or_else(|e| panic!("psql failed: {e}\nSQL: {sql}"))
+}
