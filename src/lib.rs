@@ -5,5 +5,8 @@
 //!
 //! Modules by responsibility:
 //! - [`model`]: the vocabulary every stage speaks (LSNs, relations, values).
+//! - [`config`]: the TOML config file (connections, managed tables, key rules), validated up front;
+//!   passwords come from the environment or a secrets file, never from the file.
 
+pub mod config;
 pub mod model;
