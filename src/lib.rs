@@ -4,6 +4,7 @@
 //! production's key space differs.
 //!
 //! Modules by responsibility:
+//! - [`config`]: the TOML configuration, validated up front; secrets from env or file.
 //! - [`model`]: the vocabulary every stage speaks (LSNs, relations, values).
 //! - [`pgoutput`]: sans-IO decoder from pgoutput payloads to logical replication messages.
 //! - [`pg`]: connections to PostgreSQL, TLS, and the replication connection.
@@ -11,6 +12,7 @@
 //! - [`cluster`]: throwaway local clusters for tests and the demo.
 
 pub mod cluster;
+pub mod config;
 pub mod model;
 pub mod pg;
 pub mod pgoutput;
