@@ -52,18 +52,39 @@ async fn read_commits(
     out
 }
 
-/// One row of `table` as text, each column cast to text by the server, in the same output
-/// settings the replication connection uses.
+/// One row of `table` in the text output format (the simple query protocol returns what each
+/// type's output function prints, as pgoutput does), with the replication session's settings.
 async fn row_as_text(
     client: &tokio_postgres::Client,
     table: &str,
     columns: &[&str],
     key: &str,
 ) -> Vec<Option<String>> {
-    let list: Vec<String> = columns.iter().map(|c| format!("{c}::text")).collect();
-    let sql = format!("SELECT {} FROM {table} WHERE {key}", list.join(", "));
-    let row = client.query_one(&sql, &[]).await.expect("row query");
-    (0..columns.len()).map(|i| row.get(i)).collect()
+    let sql = format!("SELECT {} FROM {table} WHERE {key}", columns.join(", "));
+    let rows = client.simple_query(&sql).await.expect("row query");
+    let row = rows
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => Some(row),
+            _ => None,
+        })
+        .expect("one row");
+    (0..columns.len())
+        .map(|i| row.get(i).map(str::to_owned))
+        .collect()
+}
+
+/// Compares decoded values with the server's text, column by column, naming the column that
+/// differs and shortening long values in the message.
+fn assert_columns(columns: &[&str], got: &[Option<String>], want: &[Option<String>]) {
+    assert_eq!(got.len(), want.len(), "column count");
+    let short = |v: &Option<String>| {
+        v.as_ref()
+            .map(|s| s.chars().take(80).collect::<String>() + if s.len() > 80 { "..." } else { "" })
+    };
+    for ((name, g), w) in columns.iter().zip(got).zip(want) {
+        assert!(g == w, "column {name}: decoded {:?}, server says {:?}", short(g), short(w));
+    }
 }
 
 fn text_values(tuple: &[Value]) -> Vec<Option<String>> {
@@ -239,7 +260,7 @@ async fn decodes_every_change_shape_from_a_real_server() {
         panic!("expected insert, got {:?}", changes[0]);
     };
     assert_eq!(*relation, product_rel.oid);
-    assert_eq!(text_values(new), product1);
+    assert_columns(&PRODUCT_COLUMNS, &text_values(new), &product1);
     let LogicalMessage::Insert { new, .. } = changes[1] else {
         panic!("expected insert")
     };
@@ -263,7 +284,7 @@ async fn decodes_every_change_shape_from_a_real_server() {
     let mut expected = product1_after.clone();
     let sent: Vec<Option<String>> = text_values(&new[..12]);
     expected.truncate(12);
-    assert_eq!(sent, expected);
+    assert_columns(&PRODUCT_COLUMNS[..12], &sent, &expected);
 
     // A key change carries the old key.
     let LogicalMessage::Update { old, new, .. } = changes[5] else {
