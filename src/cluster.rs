@@ -24,7 +24,9 @@ pub enum ClusterError {
          directory that holds initdb"
     )]
     BinariesMissing,
-    #[error("running as root, but there is no `postgres` OS user to run PostgreSQL as: create one (e.g. install the postgresql package)")]
+    #[error(
+        "running as root, but there is no `postgres` OS user to run PostgreSQL as: create one (e.g. install the postgresql package)"
+    )]
     NoPostgresUser,
     #[error("{what} failed: {detail}")]
     Command { what: String, detail: String },
@@ -86,8 +88,12 @@ fn server_user() -> Result<Option<(u32, u32)>, ClusterError> {
     for line in passwd.lines() {
         let fields: Vec<&str> = line.split(':').collect();
         if fields.len() > 3 && fields[0] == "postgres" {
-            let uid = fields[2].parse().map_err(|_| ClusterError::NoPostgresUser)?;
-            let gid = fields[3].parse().map_err(|_| ClusterError::NoPostgresUser)?;
+            let uid = fields[2]
+                .parse()
+                .map_err(|_| ClusterError::NoPostgresUser)?;
+            let gid = fields[3]
+                .parse()
+                .map_err(|_| ClusterError::NoPostgresUser)?;
             return Ok(Some((uid, gid)));
         }
     }

@@ -9,11 +9,13 @@
 //! - [`pgoutput`]: sans-IO decoder from pgoutput payloads to logical replication messages.
 //! - [`pg`]: connections to PostgreSQL, TLS, and the replication connection.
 //! - [`sql`]: the one place identifiers and literals are quoted.
+//! - [`ops`]: operator commands (`init`, `tail`).
 //! - [`cluster`]: throwaway local clusters for tests and the demo.
 
 pub mod cluster;
 pub mod config;
 pub mod model;
+pub mod ops;
 pub mod pg;
 pub mod pgoutput;
 pub mod sql;

@@ -1,1 +1,219 @@
-fn main() {}
+//! The `stagingprop` command line: parses arguments, loads the config, runs one command and turns
+//! its outcome into a message and a documented exit code (see README, "Exit codes").
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use stagingprop::config::Config;
+use stagingprop::ops::OpsError;
+use stagingprop::ops::init::{InitOptions, init};
+use stagingprop::ops::tail::{TailOptions, tail};
+use stagingprop::pg::connect::{Endpoint, EndpointError};
+use stagingprop::pg::replication::ReplicationError;
+
+/// Exit codes, documented in README.
+mod exit {
+    pub const FAILED: u8 = 1;
+    pub const CONFIG: u8 = 2;
+    pub const UNREACHABLE: u8 = 3;
+    pub const CHECKS: u8 = 4;
+    pub const REPLICATION: u8 = 5;
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "stagingprop",
+    version,
+    about = "Carries committed changes of staging-managed tables from a staging PostgreSQL \
+             database to production, from staging's write-ahead log (logical replication).",
+    after_help = "Passwords come from password_env or password_file in the config, never from \
+                  the command line. Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more."
+)]
+struct Cli {
+    /// The configuration file.
+    #[arg(
+        long,
+        short,
+        global = true,
+        default_value = "stagingprop.toml",
+        env = "STAGINGPROP_CONFIG"
+    )]
+    config: PathBuf,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Check both databases and create the publication, the slot and stagingprop's schema on
+    /// production. Safe to run again.
+    Init {
+        /// Do not create the replication slot (let `copy` create it with its snapshot).
+        #[arg(long)]
+        no_slot: bool,
+    },
+    /// Print staging's decoded changes as JSON lines (one per row change) on stdout.
+    ///
+    /// Reads a temporary slot by default, so the real slot never moves and only changes made
+    /// after tail started are shown. With --slot it reads that slot from its confirmed position
+    /// and confirms nothing.
+    Tail {
+        /// Read this existing slot instead of a temporary one (it is not advanced).
+        #[arg(long)]
+        slot: Option<String>,
+        /// Publication to read (default: [sync] publication from the config).
+        #[arg(long)]
+        publication: Option<String>,
+        /// Exit after this many changes.
+        #[arg(long)]
+        limit: Option<u64>,
+        /// Exit when no message arrived for this many seconds.
+        #[arg(long, value_name = "SECONDS")]
+        idle_exit: Option<u64>,
+        /// Also record the raw pgoutput stream to FILE (input for the decode benchmark).
+        #[arg(long, value_name = "FILE")]
+        record: Option<PathBuf>,
+    },
+}
+
+/// A failure as the operator sees it.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::FAILED);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("error: {}", failure.message);
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.with_target(false).init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let config = Config::load(&cli.config).map_err(|e| Failure {
+        code: exit::CONFIG,
+        message: e.to_string(),
+    })?;
+    match cli.command {
+        Command::Init { no_slot } => {
+            let options = InitOptions {
+                create_slot: !no_slot,
+            };
+            let report = init(&config, &options).await.map_err(ops_failure)?;
+            for line in report.lines {
+                println!("{line}");
+            }
+            println!("init: both databases are ready");
+            Ok(())
+        }
+        Command::Tail {
+            slot,
+            publication,
+            limit,
+            idle_exit,
+            record,
+        } => {
+            let staging = Endpoint::from_db_config(&config.staging)
+                .map_err(|e| ops_failure(OpsError::from(e)))?;
+            let options = TailOptions {
+                slot,
+                publication: publication.unwrap_or_else(|| config.sync.publication.clone()),
+                limit,
+                idle_exit: idle_exit.map(Duration::from_secs),
+                record,
+            };
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            let summary = tail(&staging, &options, &mut out, shutdown_signal())
+                .await
+                .map_err(ops_failure)?;
+            tracing::info!(
+                changes = summary.changes,
+                transactions = summary.transactions,
+                "tail finished"
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+fn ops_failure(error: OpsError) -> Failure {
+    let code = match &error {
+        OpsError::Endpoint(EndpointError::Config(_)) | OpsError::Endpoint(_) => exit::CONFIG,
+        OpsError::Connect { .. } => exit::UNREACHABLE,
+        OpsError::ChecksFailed { .. } => exit::CHECKS,
+        OpsError::Replication(e) => match e {
+            ReplicationError::Connect { .. }
+            | ReplicationError::ConnectTimeout { .. }
+            | ReplicationError::TlsRefused { .. }
+            | ReplicationError::Tls { .. }
+            | ReplicationError::PasswordMissing { .. }
+            | ReplicationError::UnsupportedAuth { .. }
+            | ReplicationError::AuthFailed { .. }
+            | ReplicationError::Scram { .. } => exit::UNREACHABLE,
+            _ => exit::REPLICATION,
+        },
+        _ => exit::FAILED,
+    };
+    let mut message = error.to_string();
+    if let Some(sqlstate) = error.sqlstate()
+        && !message.contains(sqlstate)
+    {
+        message.push_str(&format!(" [SQLSTATE {sqlstate}]"));
+    }
+    Failure { code, message }
+}

@@ -25,6 +25,13 @@ impl fmt::Display for Lsn {
     }
 }
 
+impl serde::Serialize for Lsn {
+    /// As text, `X/Y`, like the server prints it.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 /// An LSN string that is not `X/Y` in hex.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid LSN {0:?}: expected two hexadecimal numbers separated by '/', like 16/B374D848")]

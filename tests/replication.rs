@@ -36,9 +36,7 @@ async fn read_commits(
     while seen < commits {
         let next = tokio::time::timeout_at(deadline, stream.next())
             .await
-            .unwrap_or_else(|_| {
-                panic!("timed out after {seen} of {commits} commits; got {out:#?}")
-            })
+            .unwrap_or_else(|_| panic!("timed out after {seen} of {commits} commits; got {out:#?}"))
             .expect("stream error")
             .expect("stream ended early");
         if matches!(
@@ -83,7 +81,12 @@ fn assert_columns(columns: &[&str], got: &[Option<String>], want: &[Option<Strin
             .map(|s| s.chars().take(80).collect::<String>() + if s.len() > 80 { "..." } else { "" })
     };
     for ((name, g), w) in columns.iter().zip(got).zip(want) {
-        assert!(g == w, "column {name}: decoded {:?}, server says {:?}", short(g), short(w));
+        assert!(
+            g == w,
+            "column {name}: decoded {:?}, server says {:?}",
+            short(g),
+            short(w)
+        );
     }
 }
 
@@ -130,8 +133,12 @@ async fn decodes_every_change_shape_from_a_real_server() {
     let c = clusters();
     let db = fresh_db(&c.staging, "shapes");
     psql(&c.staging, &db, SCHEMA);
-    let (mut stream, start) =
-        start_stream(&db, "shapes_slot", &PgOutputOptions::new(vec!["pub".into()])).await;
+    let (mut stream, start) = start_stream(
+        &db,
+        "shapes_slot",
+        &PgOutputOptions::new(vec!["pub".into()]),
+    )
+    .await;
 
     let client = endpoint(&c.staging, &db, "postgres")
         .connect()
@@ -233,7 +240,11 @@ async fn decodes_every_change_shape_from_a_real_server() {
     let product_rel = relations.iter().find(|r| r.name == "product").unwrap();
     assert_eq!(product_rel.namespace, "public");
     assert_eq!(product_rel.replica_identity, ReplicaIdentity::Default);
-    let names: Vec<&str> = product_rel.columns.iter().map(|c| c.name.as_str()).collect();
+    let names: Vec<&str> = product_rel
+        .columns
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
     assert_eq!(names, PRODUCT_COLUMNS);
     assert_eq!(product_rel.key_columns().collect::<Vec<_>>(), vec![0]);
     let offer_rel = relations.iter().find(|r| r.name == "offer_price").unwrap();
@@ -417,9 +428,14 @@ async fn protocol_2_streams_large_in_progress_transactions() {
         .iter()
         .filter(|m| matches!(m.message, LogicalMessage::StreamStop))
         .count();
-    assert!(starts > 1, "expected several streamed segments, got {starts}");
+    assert!(
+        starts > 1,
+        "expected several streamed segments, got {starts}"
+    );
     assert_eq!(starts, stops);
-    let LogicalMessage::StreamCommit { xid: commit_xid, .. } = messages.last().unwrap().message
+    let LogicalMessage::StreamCommit {
+        xid: commit_xid, ..
+    } = messages.last().unwrap().message
     else {
         panic!("expected Stream Commit last");
     };

@@ -8,7 +8,20 @@ use std::time::Duration;
 use rustls::ClientConfig;
 use tokio_postgres::config::{Host, SslMode as PgSslMode};
 
-use super::tls::MakeRustls;
+use super::tls::{CertCheck, MakeRustls, TlsSetupError, client_config};
+use crate::config::{ConfigError, DbConfig, SslMode};
+
+/// A database section that cannot be turned into connection settings.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("[{section}]: {source}")]
+    Tls {
+        section: String,
+        source: TlsSetupError,
+    },
+}
 
 /// Whether TLS is used.
 #[derive(Clone)]
@@ -53,6 +66,35 @@ impl Endpoint {
             pg,
             tls,
         }
+    }
+
+    /// The connection settings for a `[staging]` / `[production]` section: password resolved
+    /// from its env var or file, TLS as its sslmode says.
+    pub fn from_db_config(db: &DbConfig) -> Result<Endpoint, EndpointError> {
+        let pg = db.pg_config()?;
+        let tls_error = |source| EndpointError::Tls {
+            section: db.section.clone(),
+            source,
+        };
+        let root = db.sslrootcert.as_deref();
+        let tls = match db.sslmode {
+            SslMode::Disable => TlsPolicy::Disable,
+            SslMode::Prefer => TlsPolicy::Prefer(
+                client_config(root.map_or(CertCheck::None, |_| CertCheck::Chain), root)
+                    .map_err(tls_error)?,
+            ),
+            SslMode::Require => TlsPolicy::Require(
+                client_config(root.map_or(CertCheck::None, |_| CertCheck::Chain), root)
+                    .map_err(tls_error)?,
+            ),
+            SslMode::VerifyCa => {
+                TlsPolicy::Require(client_config(CertCheck::Chain, root).map_err(tls_error)?)
+            }
+            SslMode::VerifyFull => {
+                TlsPolicy::Require(client_config(CertCheck::Full, root).map_err(tls_error)?)
+            }
+        };
+        Ok(Endpoint::new(db.section.clone(), pg, tls))
     }
 
     /// The user name to log in as: the configured one, else the OS user (as libpq does).

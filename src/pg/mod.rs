@@ -64,13 +64,64 @@ impl ServerError {
     }
 }
 
+impl From<&tokio_postgres::error::DbError> for ServerError {
+    fn from(db: &tokio_postgres::error::DbError) -> Self {
+        ServerError {
+            severity: db.severity().to_owned(),
+            code: db.code().code().to_owned(),
+            message: db.message().to_owned(),
+            detail: db.detail().map(str::to_owned),
+            hint: db.hint().map(str::to_owned),
+        }
+    }
+}
+
+/// An error from an ordinary (tokio-postgres) connection, with the server's SQLSTATE, message,
+/// detail and hint when the server sent them; otherwise the client's own words and cause.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {reason}")]
+pub struct QueryError {
+    pub what: String,
+    pub reason: String,
+    pub server: Option<ServerError>,
+}
+
+impl QueryError {
+    pub fn new(what: impl Into<String>, err: &tokio_postgres::Error) -> Self {
+        let server = err.as_db_error().map(ServerError::from);
+        let reason = match &server {
+            Some(s) => s.to_string(),
+            None => {
+                let mut text = err.to_string();
+                let mut source = std::error::Error::source(err);
+                while let Some(cause) = source {
+                    text.push_str(": ");
+                    text.push_str(&cause.to_string());
+                    source = cause.source();
+                }
+                text
+            }
+        };
+        QueryError {
+            what: what.into(),
+            reason,
+            server,
+        }
+    }
+
+    pub fn sqlstate(&self) -> Option<&str> {
+        self.server.as_ref().map(|s| s.code.as_str())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn parses_error_fields() {
-        let body = b"SERROR\0VERROR\0C42704\0Mreplication slot \"x\" does not exist\0Hcreate it\0\0";
+        let body =
+            b"SERROR\0VERROR\0C42704\0Mreplication slot \"x\" does not exist\0Hcreate it\0\0";
         let err = ServerError::parse(body);
         assert_eq!(err.code, "42704");
         assert_eq!(err.message, "replication slot \"x\" does not exist");

@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
 #[cfg(test)]
 use bytes::BufMut;
+use bytes::{Buf, Bytes, BytesMut};
 use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
 use postgres_protocol::message::frontend;
@@ -41,16 +41,22 @@ pub enum ReplicationError {
     },
     #[error("connecting to {target} timed out after {secs} s")]
     ConnectTimeout { target: String, secs: u64 },
-    #[error("{target} does not accept TLS, but sslmode requires it; enable ssl on the server or relax sslmode")]
+    #[error(
+        "{target} does not accept TLS, but sslmode requires it; enable ssl on the server or relax sslmode"
+    )]
     TlsRefused { target: String },
     #[error("TLS handshake with {target} failed: {source}")]
     Tls {
         target: String,
         source: std::io::Error,
     },
-    #[error("{target} asks for a password for user {user:?}, but none is configured; set password_env or password_file")]
+    #[error(
+        "{target} asks for a password for user {user:?}, but none is configured; set password_env or password_file"
+    )]
     PasswordMissing { target: String, user: String },
-    #[error("{target} asks for authentication method {method}, which stagingprop does not support; use scram-sha-256, md5, password or trust in pg_hba.conf")]
+    #[error(
+        "{target} asks for authentication method {method}, which stagingprop does not support; use scram-sha-256, md5, password or trust in pg_hba.conf"
+    )]
     UnsupportedAuth { target: String, method: String },
     #[error("authentication as user {user:?} at {target} failed: {source}")]
     AuthFailed {
@@ -395,10 +401,12 @@ impl ReplicationClient {
                             let state = scram.as_mut().ok_or_else(|| {
                                 self.protocol("SASL continue without SASL start".into())
                             })?;
-                            state.update(&body).map_err(|source| ReplicationError::Scram {
-                                target: self.target.clone(),
-                                source,
-                            })?;
+                            state
+                                .update(&body)
+                                .map_err(|source| ReplicationError::Scram {
+                                    target: self.target.clone(),
+                                    source,
+                                })?;
                             frontend::sasl_response(state.message(), &mut self.outbuf)
                                 .map_err(|e| self.protocol(e.to_string()))?;
                         }
@@ -406,10 +414,12 @@ impl ReplicationClient {
                             let state = scram.as_mut().ok_or_else(|| {
                                 self.protocol("SASL final without SASL start".into())
                             })?;
-                            state.finish(&body).map_err(|source| ReplicationError::Scram {
-                                target: self.target.clone(),
-                                source,
-                            })?;
+                            state
+                                .finish(&body)
+                                .map_err(|source| ReplicationError::Scram {
+                                    target: self.target.clone(),
+                                    source,
+                                })?;
                             continue;
                         }
                         other => {
@@ -549,20 +559,28 @@ impl ReplicationClient {
         let consistent_point = result
             .first("consistent_point")
             .and_then(|p| p.parse().ok())
-            .ok_or_else(|| self.protocol("CREATE_REPLICATION_SLOT gave no consistent_point".into()))?;
+            .ok_or_else(|| {
+                self.protocol("CREATE_REPLICATION_SLOT gave no consistent_point".into())
+            })?;
         Ok(CreatedSlot {
             slot_name: result.first("slot_name").unwrap_or(slot).to_owned(),
             consistent_point,
             snapshot_name: result.first("snapshot_name").map(str::to_owned),
-            output_plugin: result.first("output_plugin").unwrap_or("pgoutput").to_owned(),
+            output_plugin: result
+                .first("output_plugin")
+                .unwrap_or("pgoutput")
+                .to_owned(),
         })
     }
 
     /// Drops a slot; with `wait`, waits for another session using it to let go instead of failing.
     pub async fn drop_slot(&mut self, slot: &str, wait: bool) -> Result<(), ReplicationError> {
         let wait = if wait { " WAIT" } else { "" };
-        self.simple_query(&format!("DROP_REPLICATION_SLOT {}{wait}", quote_ident(slot)))
-            .await?;
+        self.simple_query(&format!(
+            "DROP_REPLICATION_SLOT {}{wait}",
+            quote_ident(slot)
+        ))
+        .await?;
         Ok(())
     }
 
@@ -575,7 +593,10 @@ impl ReplicationClient {
         options: &PgOutputOptions,
     ) -> Result<ReplicationStream, ReplicationError> {
         let mut plugin_options = vec![
-            format!("proto_version {}", quote_literal(&options.proto_version.to_string())),
+            format!(
+                "proto_version {}",
+                quote_literal(&options.proto_version.to_string())
+            ),
             format!(
                 "publication_names {}",
                 quote_literal(&ident_list(options.publications.iter().map(String::as_str)))
@@ -886,14 +907,14 @@ impl ReplicationStream {
         let Some(raw) = self.next_raw().await? else {
             return Ok(None);
         };
-        let message = self
-            .decoder
-            .decode(raw.payload)
-            .map_err(|source| ReplicationError::Decode {
-                target: self.target.clone(),
-                lsn: raw.wal_start,
-                source,
-            })?;
+        let message =
+            self.decoder
+                .decode(raw.payload)
+                .map_err(|source| ReplicationError::Decode {
+                    target: self.target.clone(),
+                    lsn: raw.wal_start,
+                    source,
+                })?;
         Ok(Some(WalMessage {
             wal_start: raw.wal_start,
             wal_end: raw.wal_end,
@@ -1134,7 +1155,10 @@ mod tests {
 
     #[test]
     fn parses_versions() {
-        assert_eq!(parse_server_version("15.8 (Debian 15.8-1.pgdg120+1)"), 150008);
+        assert_eq!(
+            parse_server_version("15.8 (Debian 15.8-1.pgdg120+1)"),
+            150008
+        );
         assert_eq!(parse_server_version("17devel"), 170000);
         assert_eq!(parse_server_version("9.6.3"), 90603);
     }

@@ -8,11 +8,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
@@ -59,9 +61,9 @@ fn load_roots(path: &Path) -> Result<RootCertStore, TlsSetupError> {
             path: shown.clone(),
             source,
         })?;
-        roots
-            .add(cert)
-            .map_err(|_| TlsSetupError::NoRoots { path: shown.clone() })?;
+        roots.add(cert).map_err(|_| TlsSetupError::NoRoots {
+            path: shown.clone(),
+        })?;
     }
     if roots.is_empty() {
         return Err(TlsSetupError::NoRoots { path: shown });

@@ -1,0 +1,384 @@
+//! `stagingprop init`: checks that staging can feed logical replication for the managed tables
+//! and that production can receive them, then creates what is missing (the publication, the
+//! slot, stagingprop's schema on production). Every failed check is one line saying what to
+//! change; nothing is created unless every check passed. Running it again changes nothing.
+
+use tokio_postgres::Client;
+
+use super::{OpsError, connect, query_error};
+use crate::config::{Config, TableName};
+use crate::pg::connect::Endpoint;
+use crate::sql::{qualified, quote_ident};
+
+/// The schema on production that holds stagingprop's own tables (progress, key map, quarantine).
+pub const STATE_SCHEMA: &str = "stagingprop";
+
+#[derive(Clone, Debug)]
+pub struct InitOptions {
+    /// Create the slot if missing. Off when `copy` will create it to export its snapshot.
+    pub create_slot: bool,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions { create_slot: true }
+    }
+}
+
+/// What init found and did, one line each, for the operator.
+#[derive(Debug, Default)]
+pub struct InitReport {
+    pub lines: Vec<String>,
+}
+
+struct StagingFacts {
+    wal_level: String,
+    max_slots: i32,
+    used_slots: i32,
+    max_wal_senders: i32,
+    may_replicate: bool,
+    user: String,
+    database: String,
+}
+
+pub async fn init(config: &Config, options: &InitOptions) -> Result<InitReport, OpsError> {
+    let staging = Endpoint::from_db_config(&config.staging)?;
+    let production = Endpoint::from_db_config(&config.production)?;
+    let s = connect(&staging).await?;
+    let p = connect(&production).await?;
+    let mut report = InitReport::default();
+    let mut problems = Vec::new();
+
+    let facts = staging_facts(&s, &staging).await?;
+    if facts.wal_level != "logical" {
+        problems.push(format!(
+            "staging: wal_level is '{}'; set wal_level = logical in postgresql.conf and restart PostgreSQL",
+            facts.wal_level
+        ));
+    }
+    if facts.max_wal_senders < 1 {
+        problems.push(
+            "staging: max_wal_senders is 0; set it to at least 2 and restart PostgreSQL".into(),
+        );
+    }
+    if !facts.may_replicate {
+        problems.push(format!(
+            "staging: role {user} may not replicate; as a superuser run: ALTER ROLE {user} REPLICATION",
+            user = quote_ident(&facts.user)
+        ));
+    }
+
+    let slot = &config.sync.slot;
+    let slot_row = s
+        .query_opt(
+            "SELECT plugin, slot_type, database, wal_status FROM pg_replication_slots WHERE slot_name = $1",
+            &[slot],
+        )
+        .await
+        .map_err(query_error(&staging, "reading pg_replication_slots"))?;
+    let slot_exists = match &slot_row {
+        None => {
+            if options.create_slot && facts.used_slots >= facts.max_slots {
+                problems.push(format!(
+                    "staging: all {} replication slots are in use (max_replication_slots = {}); raise max_replication_slots and restart, or drop an unused slot",
+                    facts.used_slots, facts.max_slots
+                ));
+            }
+            false
+        }
+        Some(row) => {
+            let plugin: Option<String> = row.get(0);
+            let slot_type: Option<String> = row.get(1);
+            let database: Option<String> = row.get(2);
+            let wal_status: Option<String> = row.get(3);
+            if slot_type.as_deref() != Some("logical") || plugin.as_deref() != Some("pgoutput") {
+                problems.push(format!(
+                    "staging: slot {slot} exists but is a {} slot with plugin {}; choose another [sync] slot name or drop that slot",
+                    slot_type.unwrap_or_default(),
+                    plugin.unwrap_or_else(|| "none".into())
+                ));
+            } else if database.as_deref() != Some(facts.database.as_str()) {
+                problems.push(format!(
+                    "staging: slot {slot} belongs to database {}, not {}; choose another [sync] slot name",
+                    database.unwrap_or_default(),
+                    facts.database
+                ));
+            } else if wal_status.as_deref() == Some("lost") {
+                problems.push(format!(
+                    "staging: slot {slot} was invalidated (the WAL it needed was removed); changes since its last position are lost: drop it with pg_drop_replication_slot('{slot}') and re-seed production with `stagingprop copy`"
+                ));
+            }
+            true
+        }
+    };
+
+    for table in &config.tables {
+        check_staging_table(&s, &staging, &table.name, &mut problems).await?;
+        check_production_table(&p, &production, &table.name, &mut problems).await?;
+    }
+
+    let publication = &config.sync.publication;
+    let pub_row = s
+        .query_opt(
+            "SELECT puballtables, pubinsert AND pubupdate AND pubdelete AND pubtruncate FROM pg_publication WHERE pubname = $1",
+            &[publication],
+        )
+        .await
+        .map_err(query_error(&staging, "reading pg_publication"))?;
+    if let Some(row) = &pub_row {
+        let all_tables: bool = row.get(0);
+        if all_tables {
+            problems.push(format!(
+                "staging: publication {publication} is FOR ALL TABLES; stagingprop needs one listing the managed tables: choose another [sync] publication name"
+            ));
+        }
+    }
+
+    let can_create_schema: bool = p
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1) OR has_database_privilege(current_database(), 'CREATE')",
+            &[&STATE_SCHEMA],
+        )
+        .await
+        .map_err(query_error(&production, "checking privileges"))?
+        .get(0);
+    if !can_create_schema {
+        problems.push(format!(
+            "production: the role may not create schema {STATE_SCHEMA}; as the database owner run: GRANT CREATE ON DATABASE {} TO {}",
+            quote_ident(&production.dbname()),
+            quote_ident(&production.user())
+        ));
+    }
+
+    if !problems.is_empty() {
+        return Err(OpsError::ChecksFailed { problems });
+    }
+    report.lines.push(format!(
+        "staging: wal_level = logical, {} of {} replication slots in use, role {} may replicate",
+        facts.used_slots, facts.max_slots, facts.user
+    ));
+    report.lines.push(format!(
+        "checked {} managed table(s) on staging (key or replica identity) and production (present)",
+        config.tables.len()
+    ));
+
+    sync_publication(&s, &staging, config, pub_row.is_some(), &mut report).await?;
+
+    if slot_exists {
+        report
+            .lines
+            .push(format!("staging: slot {slot} exists (kept as it is)"));
+    } else if options.create_slot {
+        let lsn: String = s
+            .query_one(
+                "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[slot],
+            )
+            .await
+            .map_err(query_error(&staging, "creating the replication slot"))?
+            .get(0);
+        report.lines.push(format!(
+            "staging: created slot {slot} at {lsn}; staging now keeps WAL for it until sync confirms changes"
+        ));
+    } else {
+        report.lines.push(format!(
+            "staging: slot {slot} not created (copy will create it)"
+        ));
+    }
+
+    p.batch_execute(&format!(
+        "CREATE SCHEMA IF NOT EXISTS {}",
+        quote_ident(STATE_SCHEMA)
+    ))
+    .await
+    .map_err(query_error(&production, "creating stagingprop's schema"))?;
+    report
+        .lines
+        .push(format!("production: schema {STATE_SCHEMA} is ready"));
+    Ok(report)
+}
+
+async fn staging_facts(s: &Client, staging: &Endpoint) -> Result<StagingFacts, OpsError> {
+    let row = s
+        .query_one(
+            "SELECT current_setting('wal_level'),
+                    current_setting('max_replication_slots')::int,
+                    (SELECT count(*) FROM pg_replication_slots)::int,
+                    current_setting('max_wal_senders')::int,
+                    (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user),
+                    current_user::text,
+                    current_database()::text",
+            &[],
+        )
+        .await
+        .map_err(query_error(staging, "reading server settings"))?;
+    Ok(StagingFacts {
+        wal_level: row.get(0),
+        max_slots: row.get(1),
+        used_slots: row.get(2),
+        max_wal_senders: row.get(3),
+        may_replicate: row.get::<_, Option<bool>>(4).unwrap_or(false),
+        user: row.get(5),
+        database: row.get(6),
+    })
+}
+
+async fn check_staging_table(
+    s: &Client,
+    staging: &Endpoint,
+    table: &TableName,
+    problems: &mut Vec<String>,
+) -> Result<(), OpsError> {
+    let row = s
+        .query_opt(
+            "SELECT c.relkind::text, c.relreplident::text,
+                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND c.relname = $2",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .map_err(query_error(staging, "reading pg_class"))?;
+    let Some(row) = row else {
+        problems.push(format!(
+            "staging: table {table} does not exist; create it or remove it from [[tables]]"
+        ));
+        return Ok(());
+    };
+    let relkind: String = row.get(0);
+    let identity: String = row.get(1);
+    let has_pk: bool = row.get(2);
+    if relkind != "r" && relkind != "p" {
+        problems.push(format!(
+            "staging: {table} is not a table (relkind {relkind}); only tables can be replicated"
+        ));
+    } else if identity == "n" || (identity == "d" && !has_pk) {
+        problems.push(format!(
+            "staging: table {table} has no primary key; add one, or run ALTER TABLE {} REPLICA IDENTITY FULL",
+            qualified(&table.schema, &table.name)
+        ));
+    }
+    Ok(())
+}
+
+async fn check_production_table(
+    p: &Client,
+    production: &Endpoint,
+    table: &TableName,
+    problems: &mut Vec<String>,
+) -> Result<(), OpsError> {
+    let exists: bool = p
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                            WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p'))",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .map_err(query_error(production, "reading pg_class"))?
+        .get(0);
+    if !exists {
+        problems.push(format!(
+            "production: table {table} does not exist; create it with the same columns as on staging (e.g. pg_dump --schema-only --table={table} from staging)"
+        ));
+    }
+    Ok(())
+}
+
+/// Creates the publication, or brings its table list and published actions in line with the
+/// config.
+async fn sync_publication(
+    s: &Client,
+    staging: &Endpoint,
+    config: &Config,
+    exists: bool,
+    report: &mut InitReport,
+) -> Result<(), OpsError> {
+    let name = &config.sync.publication;
+    let wanted: Vec<&TableName> = config.tables.iter().map(|t| &t.name).collect();
+    let list = |tables: &[&TableName]| {
+        tables
+            .iter()
+            .map(|t| qualified(&t.schema, &t.name))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if !exists {
+        s.batch_execute(&format!(
+            "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert, update, delete, truncate')",
+            quote_ident(name),
+            list(&wanted)
+        ))
+        .await
+        .map_err(query_error(staging, "creating the publication"))?;
+        report.lines.push(format!(
+            "staging: created publication {name} for {} table(s)",
+            wanted.len()
+        ));
+        return Ok(());
+    }
+    let rows = s
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+            &[name],
+        )
+        .await
+        .map_err(query_error(staging, "reading pg_publication_tables"))?;
+    let present: Vec<TableName> = rows
+        .iter()
+        .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect();
+    let missing: Vec<&TableName> = wanted
+        .iter()
+        .copied()
+        .filter(|t| !present.contains(t))
+        .collect();
+    let extra: Vec<&TableName> = present.iter().filter(|t| !wanted.contains(t)).collect();
+    let mut statements = vec![format!(
+        "ALTER PUBLICATION {} SET (publish = 'insert, update, delete, truncate')",
+        quote_ident(name)
+    )];
+    if !missing.is_empty() {
+        statements.push(format!(
+            "ALTER PUBLICATION {} ADD TABLE {}",
+            quote_ident(name),
+            list(&missing)
+        ));
+    }
+    if !extra.is_empty() {
+        statements.push(format!(
+            "ALTER PUBLICATION {} DROP TABLE {}",
+            quote_ident(name),
+            list(&extra)
+        ));
+    }
+    s.batch_execute(&statements.join("; "))
+        .await
+        .map_err(query_error(staging, "updating the publication"))?;
+    if missing.is_empty() && extra.is_empty() {
+        report.lines.push(format!(
+            "staging: publication {name} already lists the {} managed table(s)",
+            wanted.len()
+        ));
+    } else {
+        let names = |ts: &[&TableName]| {
+            ts.iter()
+                .map(|t| t.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        report.lines.push(format!(
+            "staging: publication {name} updated (added: {}; removed: {})",
+            if missing.is_empty() {
+                "none".into()
+            } else {
+                names(&missing)
+            },
+            if extra.is_empty() {
+                "none".into()
+            } else {
+                names(&extra)
+            },
+        ));
+    }
+    Ok(())
+}

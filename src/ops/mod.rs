@@ -1,0 +1,59 @@
+//! Operator commands: `init` prepares both databases, `tail` prints decoded changes.
+
+pub mod init;
+pub mod tail;
+
+use crate::pg::QueryError;
+use crate::pg::connect::{Endpoint, EndpointError};
+use crate::pg::replication::ReplicationError;
+
+/// What an operator command can fail with. Each says what happened and where.
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    #[error("cannot connect to {target}: {source}")]
+    Connect { target: String, source: QueryError },
+    #[error("on {target}: {source}")]
+    Query { target: String, source: QueryError },
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
+    #[error("{} check(s) failed, nothing was changed:\n  - {}", problems.len(), problems.join("\n  - "))]
+    ChecksFailed { problems: Vec<String> },
+    #[error("{0}")]
+    Refused(String),
+    #[error("cannot write the output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+impl OpsError {
+    /// The server's SQLSTATE, when a server reported the error.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            OpsError::Connect { source, .. } | OpsError::Query { source, .. } => source.sqlstate(),
+            OpsError::Replication(e) => e.sqlstate(),
+            _ => None,
+        }
+    }
+}
+
+/// Connects an ordinary session, naming the database in the error.
+pub(crate) async fn connect(endpoint: &Endpoint) -> Result<tokio_postgres::Client, OpsError> {
+    endpoint.connect().await.map_err(|e| OpsError::Connect {
+        target: endpoint.describe(),
+        source: QueryError::new("connect", &e),
+    })
+}
+
+/// Maps a query error to one naming the database and what was being done.
+pub(crate) fn query_error(
+    endpoint: &Endpoint,
+    what: &str,
+) -> impl FnOnce(tokio_postgres::Error) -> OpsError {
+    let target = endpoint.describe();
+    let what = what.to_owned();
+    move |e| OpsError::Query {
+        target,
+        source: QueryError::new(what, &e),
+    }
+}
