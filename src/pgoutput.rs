@@ -50,8 +50,8 @@ pub enum LogicalMessage {
         relation: Oid,
         new: Tuple,
     },
-    /// 'U': `old` is the key ('K') or the whole old row ('O') when the replica identity requires
-    /// it, `None` when the key did not change.
+    /// 'U': `old` is the old key ('K') when the update changed the replica identity columns, the
+    /// whole old row ('O') under REPLICA IDENTITY FULL, and `None` otherwise.
     Update {
         xid: Option<Xid>,
         relation: Oid,
@@ -521,9 +521,8 @@ impl<'a> Reader<'a> {
     /// An Int32 length that must not be negative.
     #[inline]
     fn len_i32(&mut self, field: &'static str) -> Result<usize, DecodeError> {
-        let offset = self.offset();
         let len = self.i32(field)?;
-        usize::try_from(len).map_err(|_| self.negative(field, len, offset))
+        usize::try_from(len).map_err(|_| self.negative(field, len))
     }
 
     /// `len` bytes as a zero-copy slice of the payload.
@@ -671,12 +670,12 @@ impl<'a> Reader<'a> {
 
     #[cold]
     #[inline(never)]
-    fn negative(&self, field: &'static str, length: i32, offset: usize) -> DecodeError {
+    fn negative(&self, field: &'static str, length: i32) -> DecodeError {
         DecodeError::NegativeLength {
             message: self.message,
             field,
             length,
-            offset,
+            offset: self.offset() - 4,
         }
     }
 
