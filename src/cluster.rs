@@ -291,6 +291,25 @@ impl LocalCluster {
         )
     }
 
+    /// Writes a file into the data directory, owned by the server's OS user with `mode`
+    /// (e.g. a TLS key, which PostgreSQL only reads when nobody else can).
+    pub fn install_file(
+        &self,
+        name: &str,
+        contents: &[u8],
+        mode: u32,
+    ) -> Result<PathBuf, ClusterError> {
+        let path = self.data_dir().join(name);
+        fs::write(&path, contents).map_err(io_err(format!("writing {}", path.display())))?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode))
+            .map_err(io_err("setting permissions"))?;
+        if let Some((uid, gid)) = self.run_as {
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                .map_err(io_err(format!("giving {} to postgres", path.display())))?;
+        }
+        Ok(path)
+    }
+
     /// SIGKILL to the postmaster: the harshest crash, for fault tests.
     pub fn kill_postmaster(&self) -> Result<(), ClusterError> {
         let pid_file = fs::read_to_string(self.data_dir().join("postmaster.pid"))

@@ -1,0 +1,325 @@
+//! Authentication and TLS on both kinds of connection, against real servers.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use stagingprop::cluster::{ClusterOptions, LocalCluster};
+use stagingprop::config::Config;
+use stagingprop::model::Lsn;
+use stagingprop::pg::connect::Endpoint;
+use stagingprop::pg::replication::{
+    PgOutputOptions, ReplicationClient, ReplicationError, SnapshotAction,
+};
+use stagingprop::pgoutput::LogicalMessage;
+use support::{CLEARTEXT_USER, MD5_USER, SCRAM_USER, TEST_PASSWORD, clusters, psql};
+
+fn with_password(cluster: &LocalCluster, user: &str, password: Option<&str>) -> Endpoint {
+    let mut endpoint = support::endpoint(cluster, "postgres", user);
+    if let Some(pw) = password {
+        endpoint.pg.password(pw);
+    }
+    endpoint
+}
+
+#[tokio::test]
+async fn md5_scram_and_cleartext_passwords_authenticate_replication_connections() {
+    let c = clusters();
+    for user in [MD5_USER, SCRAM_USER, CLEARTEXT_USER] {
+        let endpoint = with_password(&c.staging, user, Some(TEST_PASSWORD));
+        let mut repl = ReplicationClient::connect(&endpoint)
+            .await
+            .unwrap_or_else(|e| panic!("{user}: {e}"));
+        let ident = repl.identify_system().await.unwrap();
+        assert!(ident.xlogpos.is_valid());
+        let who = repl.simple_query("SELECT current_user").await.unwrap();
+        assert_eq!(who.rows[0][0].as_deref(), Some(user));
+        repl.close().await.unwrap();
+        // The ordinary connection authenticates the same way.
+        let client = endpoint.connect().await.unwrap();
+        client.simple_query("SELECT 1").await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn wrong_or_missing_passwords_are_clear_errors() {
+    let c = clusters();
+    for user in [MD5_USER, SCRAM_USER, CLEARTEXT_USER] {
+        let err = match ReplicationClient::connect(&with_password(&c.staging, user, Some("nope")))
+            .await
+        {
+            Err(e) => e,
+            Ok(_) => panic!("{user}: wrong password accepted"),
+        };
+        assert!(matches!(err, ReplicationError::AuthFailed { .. }), "{err}");
+        assert_eq!(err.sqlstate(), Some("28P01"), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains(user) && text.contains("password authentication failed"),
+            "{text}"
+        );
+        assert!(!text.contains("nope"), "password leaked: {text}");
+
+        let err = match ReplicationClient::connect(&with_password(&c.staging, user, None)).await {
+            Err(e) => e,
+            Ok(_) => panic!("{user}: no password accepted"),
+        };
+        assert!(
+            matches!(err, ReplicationError::PasswordMissing { .. }),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("password_env or password_file"),
+            "{err}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn passwords_come_from_files_named_in_the_config() {
+    let c = clusters();
+    let dir = scratch("pwfile");
+    let file = dir.join("password");
+    std::fs::write(&file, format!("{TEST_PASSWORD}\n")).unwrap();
+    let text = format!(
+        "[staging]\nurl = \"{}\"\npassword_file = \"{}\"\nsslmode = \"disable\"\n[production]\nurl = \"{}\"\n[[tables]]\nname = \"t\"\n",
+        c.staging.conninfo("postgres", SCRAM_USER),
+        file.display(),
+        c.production.conninfo("postgres", "postgres"),
+    );
+    let config = Config::from_toml_str(&text, "test").unwrap();
+    let endpoint = Endpoint::from_db_config(&config.staging).unwrap();
+    let mut repl = ReplicationClient::connect(&endpoint).await.unwrap();
+    repl.identify_system().await.unwrap();
+    assert!(!endpoint.describe().contains(TEST_PASSWORD));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("stagingprop-auth-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("the TLS test needs the openssl command to make certificates: {e}")
+        });
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA and a server certificate valid only for the name `db.example` (not for 127.0.0.1), so
+/// verify-ca passes and verify-full fails when connecting by IP.
+fn make_certificates(dir: &Path) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec![
+        "req",
+        "-x509",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=stagingprop test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    ];
+    ca.extend(ec);
+    openssl(dir, &ca);
+    let mut csr = vec![
+        "req",
+        "-subj",
+        "/CN=db.example",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ];
+    csr.extend(ec);
+    openssl(dir, &csr);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:db.example\n").unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.crt",
+        ],
+    );
+    let mut other = vec![
+        "req",
+        "-x509",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=other CA",
+        "-keyout",
+        "other.key",
+        "-out",
+        "other.crt",
+    ];
+    other.extend(ec);
+    openssl(dir, &other);
+}
+
+fn tls_endpoint(
+    cluster: &LocalCluster,
+    sslmode: &str,
+    root: Option<&Path>,
+) -> Result<Endpoint, String> {
+    let mut text = format!(
+        "[staging]\nurl = \"{}\"\nsslmode = \"{sslmode}\"\n",
+        cluster.conninfo("postgres", "postgres")
+    );
+    if let Some(root) = root {
+        text.push_str(&format!("sslrootcert = \"{}\"\n", root.display()));
+    }
+    text.push_str("[production]\nurl = \"host=127.0.0.1 dbname=p\"\n[[tables]]\nname = \"t\"\n");
+    let config = Config::from_toml_str(&text, "test").map_err(|e| e.to_string())?;
+    Endpoint::from_db_config(&config.staging).map_err(|e| e.to_string())
+}
+
+async fn uses_tls(endpoint: &Endpoint) -> Result<(bool, bool), String> {
+    let mut repl = ReplicationClient::connect(endpoint)
+        .await
+        .map_err(|e| e.to_string())?;
+    let row = repl
+        .simple_query("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .await
+        .map_err(|e| e.to_string())?;
+    let replication_tls = row.rows[0][0].as_deref() == Some("t");
+    let client = endpoint.connect().await.map_err(|e| e.to_string())?;
+    let ordinary_tls: bool = client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .map_err(|e| e.to_string())?
+        .get(0);
+    Ok((replication_tls, ordinary_tls))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_modes_and_keepalives() {
+    let dir = scratch("tls");
+    make_certificates(&dir);
+    let mut options = ClusterOptions::new("tls");
+    // A short sender timeout: the stream must keep answering while idle.
+    options.settings = vec!["wal_sender_timeout = '2s'".into()];
+    let cluster = LocalCluster::start(&options).expect("start TLS cluster");
+    cluster
+        .install_file(
+            "server.crt",
+            &std::fs::read(dir.join("server.crt")).unwrap(),
+            0o644,
+        )
+        .unwrap();
+    cluster
+        .install_file(
+            "server.key",
+            &std::fs::read(dir.join("server.key")).unwrap(),
+            0o600,
+        )
+        .unwrap();
+    psql(&cluster, "postgres", "ALTER SYSTEM SET ssl = on");
+    psql(&cluster, "postgres", "SELECT pg_reload_conf()");
+    std::thread::sleep(Duration::from_millis(500));
+
+    let ca = dir.join("ca.crt");
+    let endpoint = tls_endpoint(&cluster, "verify-ca", Some(&ca)).unwrap();
+    assert_eq!(uses_tls(&endpoint).await.unwrap(), (true, true));
+    let endpoint = tls_endpoint(&cluster, "require", None).unwrap();
+    assert_eq!(uses_tls(&endpoint).await.unwrap(), (true, true));
+    let endpoint = tls_endpoint(&cluster, "prefer", None).unwrap();
+    assert_eq!(uses_tls(&endpoint).await.unwrap(), (true, true));
+
+    // verify-full checks the name: the certificate is for db.example, not 127.0.0.1.
+    let endpoint = tls_endpoint(&cluster, "verify-full", Some(&ca)).unwrap();
+    let err = uses_tls(&endpoint).await.unwrap_err();
+    assert!(
+        err.contains("TLS") && err.to_lowercase().contains("name"),
+        "{err}"
+    );
+    // A certificate from another CA is refused.
+    let endpoint = tls_endpoint(&cluster, "verify-ca", Some(&dir.join("other.crt"))).unwrap();
+    let err = uses_tls(&endpoint).await.unwrap_err();
+    assert!(err.contains("TLS"), "{err}");
+
+    // The shared clusters have no TLS: prefer falls back, require refuses.
+    let plain = &clusters().staging;
+    let endpoint = tls_endpoint(plain, "prefer", None).unwrap();
+    assert_eq!(uses_tls(&endpoint).await.unwrap(), (false, false));
+    let endpoint = tls_endpoint(plain, "require", None).unwrap();
+    let err = match ReplicationClient::connect(&endpoint).await {
+        Err(e) => e,
+        Ok(_) => panic!("require accepted a server without TLS"),
+    };
+    assert!(matches!(err, ReplicationError::TlsRefused { .. }), "{err}");
+
+    // Streaming over TLS survives idling past wal_sender_timeout: keepalives are answered.
+    psql(
+        &cluster,
+        "postgres",
+        "CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION p FOR TABLE t",
+    );
+    let endpoint = tls_endpoint(&cluster, "verify-ca", Some(&ca)).unwrap();
+    let mut repl = ReplicationClient::connect(&endpoint).await.unwrap();
+    repl.create_logical_slot("tls_slot", true, SnapshotAction::Nothing)
+        .await
+        .unwrap();
+    let mut pgoutput = PgOutputOptions::new(vec!["p".into()]);
+    pgoutput.status_interval = Duration::from_millis(500);
+    let mut stream = repl
+        .start_logical("tls_slot", Lsn::INVALID, &pgoutput)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    psql(&cluster, "postgres", "INSERT INTO t VALUES (1)");
+    let insert = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let m = stream
+                .next()
+                .await
+                .expect("stream alive after idling")
+                .expect("not ended");
+            if let LogicalMessage::Insert { new, .. } = m.message {
+                return new;
+            }
+        }
+    })
+    .await
+    .expect("insert arrives");
+    assert_eq!(insert[0], stagingprop::model::Value::Text("1".into()));
+    stream.close().await.unwrap();
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(dir);
+}
