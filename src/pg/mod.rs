@@ -83,12 +83,14 @@ impl From<&tokio_postgres::error::DbError> for ServerError {
 pub struct QueryError {
     pub what: String,
     pub reason: String,
-    pub server: Option<ServerError>,
+    pub server: Option<Box<ServerError>>,
 }
 
 impl QueryError {
     pub fn new(what: impl Into<String>, err: &tokio_postgres::Error) -> Self {
-        let server = err.as_db_error().map(ServerError::from);
+        let server = err
+            .as_db_error()
+            .map(|db| Box::new(ServerError::from(db)));
         let reason = match &server {
             Some(s) => s.to_string(),
             None => {

@@ -62,7 +62,7 @@ pub enum ReplicationError {
     AuthFailed {
         target: String,
         user: String,
-        source: ServerError,
+        source: Box<ServerError>,
     },
     #[error("SCRAM authentication with {target} failed: {source}")]
     Scram {
@@ -73,10 +73,13 @@ pub enum ReplicationError {
     Server {
         target: String,
         command: String,
-        source: ServerError,
+        source: Box<ServerError>,
     },
     #[error("replication stream from {target} failed: {source}")]
-    Stream { target: String, source: ServerError },
+    Stream {
+        target: String,
+        source: Box<ServerError>,
+    },
     #[error("protocol error talking to {target}: {detail}")]
     Protocol { target: String, detail: String },
     #[error("malformed replication message from {target}: {source}")]
@@ -435,7 +438,7 @@ impl ReplicationClient {
                     return Err(ReplicationError::AuthFailed {
                         target: self.target.clone(),
                         user,
-                        source: ServerError::parse(&frame.body),
+                        source: Box::new(ServerError::parse(&frame.body)),
                     });
                 }
                 b'N' | b'v' => {}
@@ -463,7 +466,7 @@ impl ReplicationClient {
                     return Err(ReplicationError::AuthFailed {
                         target: self.target.clone(),
                         user,
-                        source: ServerError::parse(&frame.body),
+                        source: Box::new(ServerError::parse(&frame.body)),
                     });
                 }
                 b'K' | b'N' => {}
@@ -496,7 +499,7 @@ impl ReplicationClient {
                     parse_data_row(&mut frame.body)
                         .ok_or_else(|| self.protocol("malformed DataRow".into()))?,
                 ),
-                b'E' => error = Some(ServerError::parse(&frame.body)),
+                b'E' => error = Some(Box::new(ServerError::parse(&frame.body))),
                 b'C' | b'I' | b'N' | b'S' => {}
                 b'Z' => break,
                 other => {
@@ -623,7 +626,7 @@ impl ReplicationClient {
             match frame.tag {
                 b'W' => break,
                 b'E' => {
-                    let source = ServerError::parse(&frame.body);
+                    let source = Box::new(ServerError::parse(&frame.body));
                     return Err(ReplicationError::Server {
                         target: self.target.clone(),
                         command: "START_REPLICATION".into(),
@@ -1042,7 +1045,7 @@ impl Driver {
                     b'E' => {
                         return Err(ReplicationError::Stream {
                             target: self.client.target.clone(),
-                            source: ServerError::parse(&frame.body),
+                            source: Box::new(ServerError::parse(&frame.body)),
                         });
                     }
                     b'N' => {
