@@ -1,6 +1,7 @@
 //! Decoder throughput over a catalogue-shaped replication stream: bytes per second and messages
-//! per second. Uses a recording of a real server's stream when one exists, otherwise a synthetic
-//! stream built with `pgoutput::encode`.
+//! per second. The stream is recorded from a real PostgreSQL server (a throwaway cluster running
+//! a catalogue workload) on first use and cached in `target/`; only when no server can be started
+//! does it fall back to a synthetic stream built with `pgoutput::encode`.
 
 use std::hint::black_box;
 use std::path::PathBuf;
@@ -27,6 +28,19 @@ fn recorded_stream() -> Vec<Bytes> {
             );
             stream
         }
+        Err(_) if std::env::var_os("STAGINGPROP_BENCH_STREAM").is_none() => {
+            match record_from_server(&path) {
+                Ok(()) => recorded_stream(),
+                Err(err) => {
+                    let stream = split_frames(synthetic_catalogue_stream());
+                    eprintln!(
+                        "decode bench: cannot record a real stream ({err}); using a synthetic catalogue stream ({} messages)",
+                        stream.len()
+                    );
+                    stream
+                }
+            }
+        }
         Err(err) => {
             let stream = split_frames(synthetic_catalogue_stream());
             eprintln!(
@@ -37,6 +51,116 @@ fn recorded_stream() -> Vec<Bytes> {
             stream
         }
     }
+}
+
+/// The catalogue the recording workload edits: products, descriptions with TOASTed long texts,
+/// offer prices, and attachments with bytea content and jsonb attributes.
+const RECORD_SCHEMA: &str = "
+CREATE TABLE catentry (catentry_id bigint PRIMARY KEY, member_id bigint NOT NULL,
+  partnumber varchar(64) NOT NULL, catenttype_id char(16), buyable int, published int,
+  lastupdate timestamptz, markfordelete int, url varchar(254), field1 varchar(254),
+  field2 integer, attrs jsonb);
+CREATE TABLE catentdesc (catentry_id bigint, language_id int, name varchar(128),
+  shortdescription varchar(254), longdescription text, thumbnail varchar(254),
+  fullimage varchar(254), published int, keyword varchar(254), PRIMARY KEY (catentry_id, language_id));
+CREATE TABLE offerprice (offer_id bigint, currency char(3), price numeric(20,5),
+  minimumquantity numeric(20,5), PRIMARY KEY (offer_id, currency));
+CREATE TABLE attachment (attachment_id bigint PRIMARY KEY, catentry_id bigint,
+  mimetype varchar(64), content bytea);
+CREATE PUBLICATION bench FOR TABLE catentry, catentdesc, offerprice, attachment;
+";
+
+/// One transaction of the recording workload: a batch of new products with their
+/// descriptions, prices and attachments, then price updates and a few deletes.
+fn record_workload_batch(batch: u64) -> String {
+    let lo = batch * 500 + 1;
+    let hi = lo + 499;
+    format!(
+        "BEGIN;
+INSERT INTO catentry SELECT g, 7000000000000000001, 'PN-' || g, 'ItemBean', 1, 1,
+  now(), 0, '/p/' || g, md5(g::text), g % 97,
+  jsonb_build_object('color', (ARRAY['red','green','blue'])[1 + g % 3], 'size', g % 50, 'tags', jsonb_build_array('new', 'sale'))
+  FROM generate_series({lo}, {hi}) g;
+INSERT INTO catentdesc SELECT g, l, 'Product ' || g || ' in ' || l, left(repeat(md5(g::text || l), 4), 200),
+  repeat(md5(g::text) || ' lorem ipsum dolor sit amet ', 1 + (g * 7 + l) % 100),
+  '/img/t/' || g || '.jpg', '/img/f/' || g || '.jpg', 1, 'kw' || g
+  FROM generate_series({lo}, {hi}) g, generate_series(-2, -1) l;
+INSERT INTO offerprice SELECT g, c, (g % 1000) + 0.99, 1 FROM generate_series({lo}, {hi}) g, unnest(ARRAY['USD','EUR']) c;
+INSERT INTO attachment SELECT g, g, 'image/png', decode(repeat(md5(g::text), 64 + g % 128), 'hex')
+  FROM generate_series({lo}, {hi}, 10) g;
+UPDATE offerprice SET price = price * 0.9 WHERE offer_id BETWEEN {lo} AND {lo} + 199;
+UPDATE catentry SET published = 0, lastupdate = now() WHERE catentry_id BETWEEN {lo} AND {lo} + 49;
+DELETE FROM catentdesc WHERE catentry_id BETWEEN {lo} AND {lo} + 9 AND language_id = -2;
+COMMIT;"
+    )
+}
+
+/// Records the stream of a real server running the catalogue workload into `path`.
+fn record_from_server(path: &std::path::Path) -> Result<(), String> {
+    use stagingprop::cluster::{ClusterOptions, LocalCluster};
+    use stagingprop::pg::connect::{Endpoint, TlsPolicy};
+    use stagingprop::pg::replication::{PgOutputOptions, ReplicationClient, SnapshotAction};
+    use stagingprop::pgoutput::LogicalMessage;
+
+    const BATCHES: u64 = 40;
+    eprintln!(
+        "decode bench: recording a real pgoutput stream into {}",
+        path.display()
+    );
+    let cluster = LocalCluster::start(&ClusterOptions::new("bench")).map_err(|e| e.to_string())?;
+    cluster
+        .psql("postgres", RECORD_SCHEMA)
+        .map_err(|e| e.to_string())?;
+    let pg = cluster
+        .conninfo("postgres", "postgres")
+        .parse()
+        .map_err(|e: tokio_postgres::Error| e.to_string())?;
+    let endpoint = Endpoint::new("bench", pg, TlsPolicy::Disable);
+    let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    let recording = runtime.block_on(async {
+        let mut repl = ReplicationClient::connect(&endpoint)
+            .await
+            .map_err(|e| e.to_string())?;
+        repl.create_logical_slot("bench", true, SnapshotAction::Nothing)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut stream = repl
+            .start_logical(
+                "bench",
+                Lsn::INVALID,
+                &PgOutputOptions::new(vec!["bench".into()]),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let client = endpoint.connect().await.map_err(|e| e.to_string())?;
+        for batch in 0..BATCHES {
+            client
+                .batch_execute(&record_workload_batch(batch))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        let mut out = BytesMut::new();
+        let mut decoder = Decoder::new();
+        let mut commits = 0;
+        while commits < BATCHES {
+            let raw = stream
+                .next_raw()
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("the stream ended early")?;
+            if let Ok(LogicalMessage::Commit { .. }) = decoder.decode(raw.payload.clone()) {
+                commits += 1;
+            }
+            out.put_u32(raw.payload.len() as u32);
+            out.put_slice(&raw.payload);
+        }
+        stream.close().await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(out)
+    })?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    }
+    std::fs::write(path, &recording).map_err(|e| e.to_string())
 }
 
 /// Zero-copy payload slices of one buffer, as a network reader would hand them over.

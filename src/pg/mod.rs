@@ -88,9 +88,7 @@ pub struct QueryError {
 
 impl QueryError {
     pub fn new(what: impl Into<String>, err: &tokio_postgres::Error) -> Self {
-        let server = err
-            .as_db_error()
-            .map(|db| Box::new(ServerError::from(db)));
+        let server = err.as_db_error().map(|db| Box::new(ServerError::from(db)));
         let reason = match &server {
             Some(s) => s.to_string(),
             None => {
