@@ -21,7 +21,9 @@ ALTER TABLE product ALTER note SET STORAGE EXTERNAL;
 CREATE TABLE offer_price (offer_id bigint, currency char(3), price numeric, PRIMARY KEY (offer_id, currency));
 CREATE TABLE audit (a int, b text);
 ALTER TABLE audit REPLICA IDENTITY FULL;
-CREATE PUBLICATION pub FOR TABLE product, offer_price, audit;
+CREATE TYPE mood AS ENUM ('happy', 'sad');
+CREATE TABLE mood_log (id int PRIMARY KEY, feeling mood);
+CREATE PUBLICATION pub FOR TABLE product, offer_price, audit, mood_log;
 ";
 
 /// Reads messages until `commits` transactions have ended, or fails after `limit`.
@@ -198,8 +200,22 @@ async fn decodes_every_change_shape_from_a_real_server() {
         .await
         .unwrap();
 
-    // Seven transactions; the non-transactional message arrives on its own, outside any.
-    let messages = read_commits(&mut stream, 7, Duration::from_secs(30)).await;
+    // A transaction replayed from another origin, touching a column of a user-defined type.
+    client
+        .batch_execute(
+            "SELECT pg_replication_origin_create('shapes_origin');
+             SELECT pg_replication_origin_session_setup('shapes_origin');
+             BEGIN;
+             SELECT pg_replication_origin_xact_setup('0/AABBCC', now());
+             INSERT INTO mood_log VALUES (1, 'happy');
+             COMMIT;
+             SELECT pg_replication_origin_session_reset();",
+        )
+        .await
+        .unwrap();
+
+    // Eight transactions; the non-transactional message arrives on its own, outside any.
+    let messages = read_commits(&mut stream, 8, Duration::from_secs(30)).await;
 
     // Transactions are well formed: Begin .. Commit with matching LSNs, in increasing order.
     let mut open_final = None;
@@ -340,7 +356,7 @@ async fn decodes_every_change_shape_from_a_real_server() {
 
     // TRUNCATE of two tables with both flags.
     let LogicalMessage::Truncate {
-        relations,
+        relations: truncated_oids,
         cascade,
         restart_identity,
         ..
@@ -349,7 +365,7 @@ async fn decodes_every_change_shape_from_a_real_server() {
         panic!("expected truncate, got {:?}", changes[10]);
     };
     assert!(*cascade && *restart_identity);
-    let mut truncated = relations.clone();
+    let mut truncated = truncated_oids.clone();
     truncated.sort();
     let mut wanted = vec![offer_rel.oid, audit_rel.oid];
     wanted.sort();
@@ -369,6 +385,29 @@ async fn decodes_every_change_shape_from_a_real_server() {
         })
         .collect();
     assert!(emitted.contains(&(true, "stagingprop-test".into(), b"hello".to_vec())));
+
+    // Origin and Type messages, and the enum value as text.
+    assert!(
+        changes
+            .iter()
+            .any(|m| matches!(m, LogicalMessage::Origin { commit_lsn, name }
+            if *commit_lsn == Lsn(0xAABBCC) && name == "shapes_origin")),
+        "no Origin message"
+    );
+    assert!(
+        messages.iter().any(
+            |m| matches!(&m.message, LogicalMessage::Type { namespace, name, .. }
+            if namespace == "public" && name == "mood")
+        ),
+        "no Type message for the enum"
+    );
+    let mood_rel = relations.iter().find(|r| r.name == "mood_log").unwrap();
+    assert!(
+        changes
+            .iter()
+            .any(|m| matches!(m, LogicalMessage::Insert { relation, new, .. }
+        if *relation == mood_rel.oid && new[1] == Value::Text("happy".into())))
+    );
 
     stream.close().await.expect("close");
 }

@@ -1166,6 +1166,76 @@ mod tests {
         assert_eq!(parse_server_version("9.6.3"), 90603);
     }
 
+    /// The one path that moves a slot: a [`DurablePosition`] handed to the flush handle. Reading
+    /// alone, for however long, leaves the slot where it was.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_a_durable_position_moves_the_slot() {
+        use crate::cluster::{ClusterOptions, LocalCluster};
+        use crate::pgoutput::LogicalMessage;
+
+        let cluster = LocalCluster::start(&ClusterOptions::new("confirm")).expect("cluster");
+        cluster
+            .psql(
+                "postgres",
+                "CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION p FOR TABLE t",
+            )
+            .unwrap();
+        cluster
+            .psql(
+                "postgres",
+                "SELECT pg_create_logical_replication_slot('s', 'pgoutput')",
+            )
+            .unwrap();
+        let confirmed = || -> Lsn {
+            cluster
+                .psql(
+                    "postgres",
+                    "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 's'",
+                )
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        let before = confirmed();
+        cluster
+            .psql("postgres", "INSERT INTO t SELECT generate_series(1, 10)")
+            .unwrap();
+        let pg = cluster.conninfo("postgres", "postgres").parse().unwrap();
+        let endpoint = Endpoint::new("test", pg, TlsPolicy::Disable);
+        let client = ReplicationClient::connect(&endpoint).await.unwrap();
+        let mut options = PgOutputOptions::new(vec!["p".into()]);
+        options.status_interval = Duration::from_millis(100);
+        let mut stream = client
+            .start_logical("s", Lsn::INVALID, &options)
+            .await
+            .unwrap();
+        let end_lsn = loop {
+            let m = stream.next().await.unwrap().unwrap();
+            if let LogicalMessage::Commit { end_lsn, .. } = m.message {
+                break end_lsn;
+            }
+        };
+        // Several status updates go out while nothing is confirmed: the slot stays put.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(confirmed(), before);
+
+        let flush = stream.flush_handle();
+        flush.confirm(DurablePosition::after_durable_commit(end_lsn));
+        flush.confirm(DurablePosition::after_durable_commit(before));
+        assert_eq!(flush.confirmed(), end_lsn, "positions never go backwards");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while confirmed() != end_lsn {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "slot did not move to {end_lsn}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stream.close().await.unwrap();
+        assert_eq!(confirmed(), end_lsn);
+    }
+
     #[test]
     fn parses_rows() {
         let mut body = BytesMut::new();
