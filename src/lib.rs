@@ -10,8 +10,10 @@
 //! - [`pg`]: connections to PostgreSQL, TLS, and the replication connection.
 //! - [`sql`]: the one place identifiers and literals are quoted.
 //! - [`ops`]: operator commands (`init`, `tail`).
+//! - [`apply`]: set-based, exactly-once apply to production, conflicts, progress.
 //! - [`cluster`]: throwaway local clusters for tests and the demo.
 
+pub mod apply;
 pub mod cluster;
 pub mod config;
 pub mod model;

@@ -6,12 +6,11 @@
 use tokio_postgres::Client;
 
 use super::{OpsError, connect, query_error};
+use crate::apply::{STATE_SCHEMA, ensure_state_tables};
 use crate::config::{Config, TableName};
 use crate::pg::connect::Endpoint;
 use crate::sql::{qualified, quote_ident};
 
-/// The schema on production that holds stagingprop's own tables (progress, key map, quarantine).
-pub const STATE_SCHEMA: &str = "stagingprop";
 
 #[derive(Clone, Debug)]
 pub struct InitOptions {
@@ -186,12 +185,9 @@ pub async fn init(config: &Config, options: &InitOptions) -> Result<InitReport, 
         ));
     }
 
-    p.batch_execute(&format!(
-        "CREATE SCHEMA IF NOT EXISTS {}",
-        quote_ident(STATE_SCHEMA)
-    ))
-    .await
-    .map_err(query_error(&production, "creating stagingprop's schema"))?;
+    ensure_state_tables(&p)
+        .await
+        .map_err(|e| OpsError::Refused(format!("on {}: {e}", production.describe())))?;
     report
         .lines
         .push(format!("production: schema {STATE_SCHEMA} is ready"));

@@ -84,6 +84,9 @@ pub struct QueryError {
     pub what: String,
     pub reason: String,
     pub server: Option<Box<ServerError>>,
+    /// The connection broke or the server is shutting down or restarting: trying again later,
+    /// on a new connection, may succeed.
+    pub transient: bool,
 }
 
 impl QueryError {
@@ -102,10 +105,23 @@ impl QueryError {
                 text
             }
         };
+        let transient = match &server {
+            // 08: connection exception; 57P01-57P03: shutdown, crash, starting up;
+            // 40001/40P01: serialization failure, deadlock; 53300: too many connections.
+            Some(s) => {
+                s.code.starts_with("08")
+                    || matches!(
+                        s.code.as_str(),
+                        "57P01" | "57P02" | "57P03" | "40001" | "40P01" | "53300"
+                    )
+            }
+            None => true,
+        };
         QueryError {
             what: what.into(),
             reason,
             server,
+            transient,
         }
     }
 

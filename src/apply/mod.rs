@@ -1,0 +1,788 @@
+//! Applying staging's changes to production: the production session, the open transaction,
+//! set-based statements per table ([`sql`]), consolidation of pending changes ([`batch`]),
+//! conflicts with their per-table policy and the quarantine table, and the progress table that
+//! makes apply exactly-once (it is updated in the same transaction as the changes).
+
+pub mod batch;
+pub mod schema;
+pub mod sql;
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+
+use bytes::Bytes;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, Statement};
+
+use self::batch::{Entry, Key, NetChange, RowOp, Source, TableChanges};
+use self::schema::TableMeta;
+use crate::config::{ConflictPolicy, TableName};
+use crate::model::{Lsn, PgTimestamp, Tuple, Value, Xid};
+use crate::pg::QueryError;
+use crate::sql::{qualified, quote_ident};
+
+/// The schema on production holding stagingprop's own tables.
+pub const STATE_SCHEMA: &str = "stagingprop";
+
+/// What production must not be left with: a change that cannot be applied as the policy says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConflictKind {
+    /// An INSERT whose key already exists on production.
+    InsertExists,
+    /// An UPDATE of a row production lacks.
+    UpdateMissing,
+    /// A DELETE of a row production lacks.
+    DeleteMissing,
+}
+
+impl fmt::Display for ConflictKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ConflictKind::InsertExists => "insert of a key that already exists on production",
+            ConflictKind::UpdateMissing => "update of a row production lacks",
+            ConflictKind::DeleteMissing => "delete of a row production lacks",
+        })
+    }
+}
+
+impl ConflictKind {
+    fn operation(self) -> &'static str {
+        match self {
+            ConflictKind::InsertExists => "insert",
+            ConflictKind::UpdateMissing => "update",
+            ConflictKind::DeleteMissing => "delete",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(
+        "conflict in {table} (on_conflict = error): {kind}, key {key}, staging transaction {xid} at {lsn}. \
+         Nothing of this batch was applied and staging was not told to release it. Fix the row on \
+         production, or set on_conflict = \"skip\" (quarantine) or \"overwrite\" for the table, then start sync again"
+    )]
+    Conflict {
+        table: TableName,
+        kind: ConflictKind,
+        key: String,
+        lsn: Lsn,
+        xid: Xid,
+    },
+    #[error("{0}")]
+    Schema(String),
+    #[error("on production: {0}")]
+    Query(QueryError),
+    #[error("staging sent a value that is not UTF-8 text in {table}; check staging's server_encoding")]
+    NotUtf8 { table: TableName },
+}
+
+impl ApplyError {
+    /// Worth retrying on a new connection (production restarting, network lost).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ApplyError::Query(q) if q.transient)
+    }
+
+    /// A statement failed for a reason the set-based fast path can cause on its own (a unique or
+    /// foreign-key check seeing rows in a different order than staging applied them): applying
+    /// the same changes one by one decides whether it is real.
+    pub fn may_be_ordering(&self) -> bool {
+        matches!(self, ApplyError::Query(q)
+            if q.server.as_ref().is_some_and(|s| s.code.starts_with("23")))
+    }
+
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            ApplyError::Query(q) => q.sqlstate(),
+            _ => None,
+        }
+    }
+}
+
+fn query_error(what: &str) -> impl FnOnce(tokio_postgres::Error) -> ApplyError + '_ {
+    move |e| ApplyError::Query(QueryError::new(what, &e))
+}
+
+/// Counters for logs, status and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    pub rows_inserted: u64,
+    pub rows_updated: u64,
+    pub rows_deleted: u64,
+    pub truncates: u64,
+    pub conflicts_skipped: u64,
+    pub conflicts_overwritten: u64,
+    pub transactions: u64,
+    pub batches: u64,
+}
+
+/// The last staging transaction production has, as recorded in the progress table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Progress {
+    pub end_lsn: Lsn,
+    pub commit_lsn: Lsn,
+    pub xid: Xid,
+    pub commit_time: PgTimestamp,
+}
+
+struct TableState {
+    meta: TableMeta,
+    policy: ConflictPolicy,
+    changes: TableChanges,
+}
+
+/// The production side of sync: one session, at most one open transaction.
+pub struct Applier {
+    client: Client,
+    slot: String,
+    tables: Vec<TableState>,
+    by_name: HashMap<TableName, usize>,
+    /// Parents before children (by production's foreign keys among managed tables).
+    order: Vec<usize>,
+    statements: HashMap<String, Statement>,
+    in_transaction: bool,
+    pending_rows: usize,
+    pending_bytes: isize,
+    /// Apply every change on its own (no consolidation), to decide whether an error the
+    /// set-based path met is real.
+    pub one_by_one: bool,
+    pub stats: ApplyStats,
+    /// Whether foreign-key triggers are off for this session (`session_replication_role`).
+    pub replica_role: bool,
+}
+
+/// Creates stagingprop's schema and tables on production if missing.
+pub async fn ensure_state_tables(client: &Client) -> Result<(), ApplyError> {
+    let schema = quote_ident(STATE_SCHEMA);
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {schema};
+             CREATE TABLE IF NOT EXISTS {schema}.progress (
+                 slot text PRIMARY KEY,
+                 end_lsn pg_lsn NOT NULL,
+                 commit_lsn pg_lsn NOT NULL,
+                 xid bigint NOT NULL,
+                 commit_time timestamptz NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now());
+             CREATE TABLE IF NOT EXISTS {schema}.quarantine (
+                 id bigserial PRIMARY KEY,
+                 slot text NOT NULL,
+                 lsn pg_lsn NOT NULL,
+                 xid bigint NOT NULL,
+                 table_name text NOT NULL,
+                 operation text NOT NULL,
+                 reason text NOT NULL,
+                 key jsonb NOT NULL,
+                 row_data jsonb,
+                 quarantined_at timestamptz NOT NULL DEFAULT now());"
+        ))
+        .await
+        .map_err(query_error("creating stagingprop's tables"))
+}
+
+/// Reads what production already has from this slot.
+pub async fn read_progress(client: &Client, slot: &str) -> Result<Option<Progress>, ApplyError> {
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT end_lsn::text, commit_lsn::text, xid, \
+                 (extract(epoch FROM commit_time) * 1000000)::bigint FROM {}.progress WHERE slot = $1",
+                quote_ident(STATE_SCHEMA)
+            ),
+            &[&slot],
+        )
+        .await
+        .map_err(query_error("reading the progress table"))?;
+    Ok(row.map(|r| {
+        let end: String = r.get(0);
+        let commit: String = r.get(1);
+        let xid: i64 = r.get(2);
+        let unix_micros: i64 = r.get(3);
+        Progress {
+            end_lsn: end.parse().unwrap_or_default(),
+            commit_lsn: commit.parse().unwrap_or_default(),
+            xid: xid as Xid,
+            commit_time: PgTimestamp(unix_micros - PgTimestamp(0).unix_micros()),
+        }
+    }))
+}
+
+/// Production's foreign keys among the managed tables, as (child, parent) index pairs.
+async fn foreign_keys(client: &Client, tables: &[TableState]) -> Result<Vec<(usize, usize)>, ApplyError> {
+    let rows = client
+        .query(
+            "SELECT cn.nspname::text, c.relname::text, pn.nspname::text, p.relname::text
+               FROM pg_constraint k
+               JOIN pg_class c ON c.oid = k.conrelid JOIN pg_namespace cn ON cn.oid = c.relnamespace
+               JOIN pg_class p ON p.oid = k.confrelid JOIN pg_namespace pn ON pn.oid = p.relnamespace
+              WHERE k.contype = 'f'",
+            &[],
+        )
+        .await
+        .map_err(query_error("reading foreign keys"))?;
+    let index = |schema: String, name: String| {
+        tables
+            .iter()
+            .position(|t| t.meta.schema == schema && t.meta.name == name)
+    };
+    Ok(rows
+        .into_iter()
+        .filter_map(|r| {
+            let child = index(r.get(0), r.get(1))?;
+            let parent = index(r.get(2), r.get(3))?;
+            (child != parent).then_some((child, parent))
+        })
+        .collect())
+}
+
+/// Parents before children; tables in a cycle keep their config order.
+fn parents_first(count: usize, edges: &[(usize, usize)]) -> Vec<usize> {
+    let mut order = Vec::with_capacity(count);
+    let mut placed = vec![false; count];
+    while order.len() < count {
+        let ready: Vec<usize> = (0..count)
+            .filter(|&t| {
+                !placed[t]
+                    && edges
+                        .iter()
+                        .all(|&(child, parent)| child != t || placed[parent])
+            })
+            .collect();
+        let next = if ready.is_empty() {
+            (0..count).filter(|&t| !placed[t]).collect()
+        } else {
+            ready
+        };
+        for t in next {
+            placed[t] = true;
+            order.push(t);
+        }
+    }
+    order
+}
+
+impl Applier {
+    /// Prepares the production session for `tables` (metadata already loaded and validated).
+    pub async fn new(
+        client: Client,
+        slot: &str,
+        tables: Vec<(TableMeta, ConflictPolicy)>,
+    ) -> Result<Applier, ApplyError> {
+        let tables: Vec<TableState> = tables
+            .into_iter()
+            .map(|(meta, policy)| TableState {
+                meta,
+                policy,
+                changes: TableChanges::default(),
+            })
+            .collect();
+        let by_name = tables
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.meta.table_name(), i))
+            .collect();
+        let edges = foreign_keys(&client, &tables).await?;
+        let order = parents_first(tables.len(), &edges);
+        // Like PostgreSQL's own apply worker: foreign keys are not re-checked row by row on
+        // production (staging checked them, and a batch is consistent at its end). Needs a
+        // superuser; otherwise production checks them and tables are applied parents first.
+        let replica_role = client
+            .batch_execute("SET session_replication_role = replica")
+            .await
+            .is_ok();
+        client
+            .batch_execute("SET datestyle = ISO; SET intervalstyle = postgres; SET timezone = UTC")
+            .await
+            .map_err(query_error("setting up the session"))?;
+        Ok(Applier {
+            client,
+            slot: slot.to_owned(),
+            tables,
+            by_name,
+            order,
+            statements: HashMap::new(),
+            in_transaction: false,
+            pending_rows: 0,
+            pending_bytes: 0,
+            one_by_one: false,
+            stats: ApplyStats::default(),
+            replica_role,
+        })
+    }
+
+    pub fn table_id(&self, name: &TableName) -> Option<usize> {
+        self.by_name.get(name).copied()
+    }
+
+    pub fn meta(&self, table: usize) -> &TableMeta {
+        &self.tables[table].meta
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn in_transaction(&self) -> bool {
+        self.in_transaction
+    }
+
+    /// Rows consolidated but not yet sent.
+    pub fn pending_rows(&self) -> usize {
+        self.pending_rows
+    }
+
+    pub fn pending_bytes(&self) -> usize {
+        self.pending_bytes.max(0) as usize
+    }
+
+    async fn begin(&mut self) -> Result<(), ApplyError> {
+        if !self.in_transaction {
+            self.client
+                .batch_execute("BEGIN")
+                .await
+                .map_err(query_error("BEGIN"))?;
+            self.in_transaction = true;
+        }
+        Ok(())
+    }
+
+    /// Takes one row change (production column order; `UnchangedToast` for columns not to be
+    /// touched). Applies what is pending first when the change cannot be consolidated with it.
+    pub async fn row_change(
+        &mut self,
+        table: usize,
+        key: Key,
+        op: RowOp,
+        source: Source,
+    ) -> Result<(), ApplyError> {
+        self.begin().await?;
+        match self.tables[table].changes.absorb(key.clone(), op.clone(), source) {
+            Ok(delta) => self.account(delta),
+            Err(batch::NeedsFlush) => {
+                self.flush().await?;
+                let delta = self.tables[table]
+                    .changes
+                    .absorb(key, op, source)
+                    .expect("an empty table takes any change");
+                self.account(delta);
+            }
+        }
+        if self.one_by_one {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    fn account(&mut self, delta: isize) {
+        self.pending_bytes += delta;
+        self.pending_rows = self.tables.iter().map(|t| t.changes.len()).sum();
+    }
+
+    /// An UPDATE that changed the key: applied on its own, after everything pending.
+    pub async fn key_change(
+        &mut self,
+        table: usize,
+        old_key: Key,
+        new: Tuple,
+        source: Source,
+    ) -> Result<(), ApplyError> {
+        self.begin().await?;
+        self.flush().await?;
+        let meta = &self.tables[table].meta;
+        let set: Vec<usize> = (0..new.len())
+            .filter(|&c| !matches!(new[c], Value::UnchangedToast))
+            .collect();
+        let sql = sql::update_key(meta, &set);
+        let mut params: Vec<Option<&str>> = Vec::with_capacity(old_key.len() + set.len());
+        let name = meta.table_name();
+        for k in &old_key {
+            params.push(as_str(k.as_ref(), &name)?);
+        }
+        for &c in &set {
+            params.push(value_str(&new[c], &name)?);
+        }
+        let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+        let updated = self
+            .client
+            .execute(&sql, &refs)
+            .await
+            .map_err(query_error("applying a key change"))?;
+        if updated == 0 {
+            let entry = Entry {
+                key: old_key,
+                change: NetChange::Update(new),
+                source,
+            };
+            self.conflict(table, ConflictKind::UpdateMissing, &entry).await?;
+        } else {
+            self.stats.rows_updated += 1;
+        }
+        Ok(())
+    }
+
+    /// TRUNCATE of managed tables, after everything pending.
+    pub async fn truncate(&mut self, tables: &[usize], restart_identity: bool) -> Result<(), ApplyError> {
+        self.begin().await?;
+        self.flush().await?;
+        let metas: Vec<&TableMeta> = tables.iter().map(|&t| &self.tables[t].meta).collect();
+        self.client
+            .batch_execute(&sql::truncate(&metas, restart_identity))
+            .await
+            .map_err(query_error("applying TRUNCATE"))?;
+        self.stats.truncates += 1;
+        Ok(())
+    }
+
+    /// Sends every pending change to production (inside the open transaction).
+    pub async fn flush(&mut self) -> Result<(), ApplyError> {
+        if self.pending_rows == 0 {
+            return Ok(());
+        }
+        let mut drained: Vec<Vec<Entry>> = self.tables.iter_mut().map(|t| t.changes.drain()).collect();
+        self.pending_rows = 0;
+        self.pending_bytes = 0;
+        // Children's deletes before parents', parents' inserts and updates before children's.
+        let order = self.order.clone();
+        for &t in order.iter().rev() {
+            self.apply_deletes(t, &drained[t]).await?;
+        }
+        for &t in &order {
+            let entries = std::mem::take(&mut drained[t]);
+            self.apply_inserts(t, &entries).await?;
+            self.apply_updates(t, &entries).await?;
+        }
+        Ok(())
+    }
+
+    async fn statement(&mut self, sql: String, params: usize) -> Result<Statement, ApplyError> {
+        if let Some(statement) = self.statements.get(&sql) {
+            return Ok(statement.clone());
+        }
+        let types = vec![Type::TEXT_ARRAY; params];
+        let statement = self
+            .client
+            .prepare_typed(&sql, &types)
+            .await
+            .map_err(query_error("preparing a statement"))?;
+        self.statements.insert(sql, statement.clone());
+        Ok(statement)
+    }
+
+    /// Runs a set-based statement whose parameters are `columns` text arrays; returns the
+    /// ordinals (1-based) it reported.
+    async fn run_arrays(
+        &mut self,
+        sql: String,
+        columns: Vec<Vec<Option<&str>>>,
+        what: &str,
+    ) -> Result<Vec<i64>, ApplyError> {
+        let statement = self.statement(sql, columns.len()).await?;
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+        let rows = self
+            .client
+            .query(&statement, &refs)
+            .await
+            .map_err(query_error(what))?;
+        Ok(rows.iter().map(|r| r.get::<_, i64>(0)).collect())
+    }
+
+    async fn apply_deletes(&mut self, t: usize, entries: &[Entry]) -> Result<(), ApplyError> {
+        let targets: Vec<&Entry> = entries
+            .iter()
+            .filter(|e| matches!(e.change, NetChange::Delete | NetChange::Replace(_)))
+            .collect();
+        if targets.is_empty() {
+            return Ok(());
+        }
+        let meta = &self.tables[t].meta;
+        let name = meta.table_name();
+        let sql = sql::delete_rows(meta);
+        let mut columns: Vec<Vec<Option<&str>>> = vec![Vec::with_capacity(targets.len()); meta.key.len()];
+        for entry in &targets {
+            for (k, value) in entry.key.iter().enumerate() {
+                columns[k].push(as_str(value.as_ref(), &name)?);
+            }
+        }
+        let deleted = self.run_arrays(sql, columns, "applying deletes").await?;
+        let deleted: HashSet<i64> = deleted.into_iter().collect();
+        let mut count = 0;
+        for (i, entry) in targets.iter().enumerate() {
+            if deleted.contains(&(i as i64 + 1)) {
+                if matches!(entry.change, NetChange::Delete) {
+                    count += 1;
+                }
+            } else if matches!(entry.change, NetChange::Delete) {
+                self.conflict(t, ConflictKind::DeleteMissing, entry).await?;
+            }
+        }
+        self.stats.rows_deleted += count;
+        Ok(())
+    }
+
+    async fn apply_inserts(&mut self, t: usize, entries: &[Entry]) -> Result<(), ApplyError> {
+        // Grouped by the columns they carry (production-only columns are left to defaults).
+        let mut groups: Vec<(Vec<usize>, Vec<&Entry>)> = Vec::new();
+        for entry in entries {
+            let (NetChange::Insert(row) | NetChange::Replace(row)) = &entry.change else {
+                continue;
+            };
+            let present: Vec<usize> = (0..row.len())
+                .filter(|&c| !matches!(row[c], Value::UnchangedToast))
+                .collect();
+            match groups.iter_mut().find(|(cols, _)| *cols == present) {
+                Some((_, list)) => list.push(entry),
+                None => groups.push((present, vec![entry])),
+            }
+        }
+        let overwrite = self.tables[t].policy == ConflictPolicy::Overwrite;
+        for (present, group) in groups {
+            let meta = &self.tables[t].meta;
+            let name = meta.table_name();
+            let sql = sql::insert_rows(meta, &present, overwrite);
+            let mut columns: Vec<Vec<Option<&str>>> = vec![Vec::with_capacity(group.len()); present.len()];
+            for entry in &group {
+                let (NetChange::Insert(row) | NetChange::Replace(row)) = &entry.change else {
+                    unreachable!("grouped inserts only")
+                };
+                for (slot, &c) in present.iter().enumerate() {
+                    columns[slot].push(value_str(&row[c], &name)?);
+                }
+            }
+            let conflicts = self.run_arrays(sql, columns, "applying inserts").await?;
+            self.stats.rows_inserted += (group.len() - conflicts.len()) as u64;
+            for ordinal in conflicts {
+                let entry = group[ordinal as usize - 1];
+                self.conflict(t, ConflictKind::InsertExists, entry).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn apply_updates(&mut self, t: usize, entries: &[Entry]) -> Result<(), ApplyError> {
+        let key_columns = self.tables[t].meta.key.clone();
+        let mut groups: Vec<(Vec<usize>, Vec<&Entry>)> = Vec::new();
+        for entry in entries {
+            let NetChange::Update(row) = &entry.change else {
+                continue;
+            };
+            let set: Vec<usize> = (0..row.len())
+                .filter(|c| !key_columns.contains(c) && !matches!(row[*c], Value::UnchangedToast))
+                .collect();
+            match groups.iter_mut().find(|(cols, _)| *cols == set) {
+                Some((_, list)) => list.push(entry),
+                None => groups.push((set, vec![entry])),
+            }
+        }
+        for (set, group) in groups {
+            let meta = &self.tables[t].meta;
+            let name = meta.table_name();
+            let sql = sql::update_rows(meta, &set);
+            let mut columns: Vec<Vec<Option<&str>>> =
+                vec![Vec::with_capacity(group.len()); key_columns.len() + set.len()];
+            for entry in &group {
+                let NetChange::Update(row) = &entry.change else {
+                    unreachable!("grouped updates only")
+                };
+                for (k, value) in entry.key.iter().enumerate() {
+                    columns[k].push(as_str(value.as_ref(), &name)?);
+                }
+                for (slot, &c) in set.iter().enumerate() {
+                    columns[key_columns.len() + slot].push(value_str(&row[c], &name)?);
+                }
+            }
+            let updated = self.run_arrays(sql, columns, "applying updates").await?;
+            self.stats.rows_updated += updated.len() as u64;
+            if updated.len() < group.len() {
+                let updated: HashSet<i64> = updated.into_iter().collect();
+                for (i, entry) in group.iter().enumerate() {
+                    if !updated.contains(&(i as i64 + 1)) {
+                        self.conflict(t, ConflictKind::UpdateMissing, entry).await?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies the table's conflict policy to one conflicting change.
+    async fn conflict(&mut self, t: usize, kind: ConflictKind, entry: &Entry) -> Result<(), ApplyError> {
+        let meta = &self.tables[t].meta;
+        let policy = self.tables[t].policy;
+        let key_json = key_json(meta, &entry.key);
+        match (policy, kind) {
+            (ConflictPolicy::Error, _) => Err(ApplyError::Conflict {
+                table: meta.table_name(),
+                kind,
+                key: key_json.to_string(),
+                lsn: entry.source.lsn,
+                xid: entry.source.xid,
+            }),
+            // Overwrite: the row is already gone; production ends as staging wants it.
+            (ConflictPolicy::Overwrite, ConflictKind::DeleteMissing) => {
+                self.stats.conflicts_overwritten += 1;
+                Ok(())
+            }
+            // Overwrite an update of a missing row by inserting it, when every column was sent.
+            (ConflictPolicy::Overwrite, ConflictKind::UpdateMissing)
+                if matches!(&entry.change, NetChange::Update(row)
+                    if row.iter().all(|v| !matches!(v, Value::UnchangedToast))) =>
+            {
+                let NetChange::Update(row) = &entry.change else {
+                    unreachable!()
+                };
+                let all: Vec<usize> = (0..row.len()).collect();
+                let name = meta.table_name();
+                let sql = sql::insert_rows(meta, &all, true);
+                let columns = row
+                    .iter()
+                    .map(|v| value_str(v, &name).map(|s| vec![s]))
+                    .collect::<Result<Vec<_>, _>>()?;
+                self.run_arrays(sql, columns, "inserting an overwritten row").await?;
+                self.stats.conflicts_overwritten += 1;
+                Ok(())
+            }
+            _ => {
+                let reason = if policy == ConflictPolicy::Overwrite {
+                    format!("{kind}; not every column was sent (unchanged TOAST values), so it cannot be inserted")
+                } else {
+                    kind.to_string()
+                };
+                let row_json = match &entry.change {
+                    NetChange::Insert(row) | NetChange::Update(row) | NetChange::Replace(row) => {
+                        Some(row_json(meta, row))
+                    }
+                    NetChange::Delete => None,
+                };
+                let sql = format!(
+                    "INSERT INTO {} (slot, lsn, xid, table_name, operation, reason, key, row_data) \
+                     VALUES ($1, $2::text::pg_lsn, $3, $4, $5, $6, $7::text::jsonb, $8::text::jsonb)",
+                    qualified(STATE_SCHEMA, "quarantine")
+                );
+                let lsn = entry.source.lsn.to_string();
+                let xid = i64::from(entry.source.xid);
+                let table = meta.table_name().to_string();
+                let key_text = key_json.to_string();
+                let row_text = row_json.map(|r| r.to_string());
+                self.client
+                    .execute(
+                        &sql,
+                        &[&self.slot, &lsn, &xid, &table, &kind.operation(), &reason, &key_text, &row_text],
+                    )
+                    .await
+                    .map_err(query_error("writing to the quarantine table"))?;
+                self.stats.conflicts_skipped += 1;
+                tracing::warn!(
+                    table = %table, key = %key_text, lsn = %lsn, xid,
+                    "conflict: {reason}; the change was written to {STATE_SCHEMA}.quarantine and skipped"
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// Records the last applied staging transaction and commits. Returns the end LSN now durable
+    /// on production (the session commits synchronously, so COMMIT returning means durable).
+    pub async fn commit(&mut self, last: &Progress) -> Result<Lsn, ApplyError> {
+        self.begin().await?;
+        self.flush().await?;
+        let sql = format!(
+            "INSERT INTO {} (slot, end_lsn, commit_lsn, xid, commit_time, applied_at) \
+             VALUES ($1, $2::text::pg_lsn, $3::text::pg_lsn, $4, to_timestamp($5::float8 / 1000000), now()) \
+             ON CONFLICT (slot) DO UPDATE SET end_lsn = EXCLUDED.end_lsn, commit_lsn = EXCLUDED.commit_lsn, \
+             xid = EXCLUDED.xid, commit_time = EXCLUDED.commit_time, applied_at = now()",
+            qualified(STATE_SCHEMA, "progress")
+        );
+        let end = last.end_lsn.to_string();
+        let commit = last.commit_lsn.to_string();
+        let xid = i64::from(last.xid);
+        let micros = last.commit_time.unix_micros() as f64;
+        self.client
+            .execute(&sql, &[&self.slot, &end, &commit, &xid, &micros])
+            .await
+            .map_err(query_error("updating the progress table"))?;
+        self.client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(query_error("COMMIT"))?;
+        self.in_transaction = false;
+        self.stats.batches += 1;
+        Ok(last.end_lsn)
+    }
+
+    /// Abandons the open transaction and everything pending.
+    pub async fn rollback(&mut self) -> Result<(), ApplyError> {
+        for t in &mut self.tables {
+            t.changes.drain();
+        }
+        self.pending_rows = 0;
+        self.pending_bytes = 0;
+        if self.in_transaction {
+            self.in_transaction = false;
+            self.client
+                .batch_execute("ROLLBACK")
+                .await
+                .map_err(query_error("ROLLBACK"))?;
+        }
+        Ok(())
+    }
+}
+
+fn as_str<'a>(value: Option<&'a Bytes>, table: &TableName) -> Result<Option<&'a str>, ApplyError> {
+    match value {
+        None => Ok(None),
+        Some(b) => std::str::from_utf8(b)
+            .map(Some)
+            .map_err(|_| ApplyError::NotUtf8 { table: table.clone() }),
+    }
+}
+
+fn value_str<'a>(value: &'a Value, table: &TableName) -> Result<Option<&'a str>, ApplyError> {
+    match value {
+        Value::Text(b) => as_str(Some(b), table),
+        Value::Null | Value::UnchangedToast => Ok(None),
+        Value::Binary(_) => Err(ApplyError::Schema(format!(
+            "binary values are not applied (table {table}); stagingprop streams in text mode"
+        ))),
+    }
+}
+
+fn key_json(meta: &TableMeta, key: &Key) -> serde_json::Value {
+    let mut map = serde_json::Map::new();
+    for (&k, value) in meta.key.iter().zip(key) {
+        let v = value
+            .as_ref()
+            .map(|b| serde_json::Value::String(String::from_utf8_lossy(b).into_owned()))
+            .unwrap_or(serde_json::Value::Null);
+        map.insert(meta.columns[k].name.clone(), v);
+    }
+    serde_json::Value::Object(map)
+}
+
+fn row_json(meta: &TableMeta, row: &Tuple) -> serde_json::Value {
+    let mut map = serde_json::Map::new();
+    for (column, value) in meta.columns.iter().zip(row) {
+        let v = match value {
+            Value::Text(b) => serde_json::Value::String(String::from_utf8_lossy(b).into_owned()),
+            Value::Null => serde_json::Value::Null,
+            Value::UnchangedToast => serde_json::json!({"unchanged_toast": true}),
+            Value::Binary(b) => serde_json::json!({"binary_len": b.len()}),
+        };
+        map.insert(column.name.clone(), v);
+    }
+    serde_json::Value::Object(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parents_come_first() {
+        // 0 is a child of 1, 1 a child of 2.
+        assert_eq!(parents_first(3, &[(0, 1), (1, 2)]), vec![2, 1, 0]);
+        assert_eq!(parents_first(3, &[]), vec![0, 1, 2]);
+        // A cycle does not hang: the rest keeps config order.
+        assert_eq!(parents_first(3, &[(0, 1), (1, 0)]), vec![2, 0, 1]);
+    }
+}

@@ -1,0 +1,253 @@
+//! What the apply stage knows of a table: its columns with their SQL types and its primary key,
+//! read from a database's catalogs; and the comparison of staging's tables with production's,
+//! whose every difference is one clear problem line.
+
+use tokio_postgres::Client;
+
+use crate::config::TableName;
+use crate::model::Relation;
+use crate::sql::qualified;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ColumnMeta {
+    pub name: String,
+    /// `format_type(atttypid, atttypmod)`: the type as SQL spells it, schema-qualified when
+    /// needed, e.g. `numeric(12,2)` or `public.mood`.
+    pub type_sql: String,
+}
+
+/// A table's replicated columns (generated and dropped columns left out) and primary key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableMeta {
+    pub schema: String,
+    pub name: String,
+    pub columns: Vec<ColumnMeta>,
+    /// Indexes into `columns` of the primary key, in key order; empty when there is none.
+    pub key: Vec<usize>,
+}
+
+impl TableMeta {
+    pub fn table_name(&self) -> TableName {
+        TableName::new(self.schema.clone(), self.name.clone())
+    }
+
+    pub fn column_index(&self, name: &str) -> Option<usize> {
+        self.columns.iter().position(|c| c.name == name)
+    }
+
+    pub fn qualified(&self) -> String {
+        qualified(&self.schema, &self.name)
+    }
+}
+
+/// Reads a table's columns and primary key; `None` when there is no such table.
+pub async fn load_table(
+    client: &Client,
+    table: &TableName,
+) -> Result<Option<TableMeta>, tokio_postgres::Error> {
+    let Some(row) = client
+        .query_opt(
+            "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+            &[&table.schema, &table.name],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let oid: u32 = row.get(0);
+    let columns = client
+        .query(
+            "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute
+              WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = ''
+              ORDER BY attnum",
+            &[&oid],
+        )
+        .await?
+        .iter()
+        .map(|r| ColumnMeta {
+            name: r.get(0),
+            type_sql: r.get(1),
+        })
+        .collect::<Vec<_>>();
+    let key_names: Vec<String> = client
+        .query(
+            "SELECT a.attname::text FROM pg_index i
+               CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n)
+               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+              WHERE i.indrelid = $1 AND i.indisprimary ORDER BY k.n",
+            &[&oid],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let key = key_names
+        .iter()
+        .filter_map(|k| columns.iter().position(|c| &c.name == k))
+        .collect();
+    Ok(Some(TableMeta {
+        schema: table.schema.clone(),
+        name: table.name.clone(),
+        columns,
+        key,
+    }))
+}
+
+/// Whether production can store every value of a staging column's type.
+fn compatible(staging: &str, production: &str) -> bool {
+    if staging == production {
+        return true;
+    }
+    let length = |t: &str, prefix: &str| -> Option<Option<u32>> {
+        let rest = t.strip_prefix(prefix)?;
+        if rest.is_empty() {
+            return Some(None);
+        }
+        rest.strip_prefix('(')?
+            .strip_suffix(')')?
+            .parse()
+            .ok()
+            .map(Some)
+    };
+    const VARCHAR: &str = "character varying";
+    match (length(staging, VARCHAR), length(production, VARCHAR)) {
+        (Some(_), Some(None)) => return true,
+        (Some(Some(s)), Some(Some(p))) => return p >= s,
+        _ => {}
+    }
+    if production == "text" && (staging == "text" || staging.starts_with(VARCHAR)) {
+        return true;
+    }
+    production == "numeric" && staging.starts_with("numeric")
+}
+
+/// Every difference that would stop production from receiving staging's rows of this table.
+pub fn compare(staging: &TableMeta, production: &TableMeta) -> Vec<String> {
+    let table = staging.table_name();
+    let mut problems = Vec::new();
+    if production.key.is_empty() {
+        problems.push(format!(
+            "production: table {table} has no primary key; stagingprop finds rows by it: add one (the same as on staging)"
+        ));
+    }
+    for column in &staging.columns {
+        match production.columns.iter().find(|c| c.name == column.name) {
+            None => problems.push(format!(
+                "production: table {table} lacks column {} ({} on staging); add it: ALTER TABLE {} ADD COLUMN {} {}",
+                column.name,
+                column.type_sql,
+                production.qualified(),
+                crate::sql::quote_ident(&column.name),
+                column.type_sql
+            )),
+            Some(p) if !compatible(&column.type_sql, &p.type_sql) => problems.push(format!(
+                "production: column {table}.{} is {} but {} on staging; change it to {}",
+                column.name, p.type_sql, column.type_sql, column.type_sql
+            )),
+            Some(_) => {}
+        }
+    }
+    for &k in &production.key {
+        let name = &production.columns[k].name;
+        if staging.column_index(name).is_none() {
+            problems.push(format!(
+                "production: primary key column {table}.{name} does not exist on staging; the keys must match"
+            ));
+        }
+    }
+    problems
+}
+
+/// How a staging Relation's columns land on production: for each staging column, its index in
+/// the production table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ColumnMap {
+    pub to_production: Vec<usize>,
+    /// For each production key column (in key order), its index in the staging tuple.
+    pub key_in_tuple: Vec<usize>,
+}
+
+/// Maps a Relation message onto the production table, or says which staging column production
+/// lacks.
+pub fn map_relation(relation: &Relation, production: &TableMeta) -> Result<ColumnMap, String> {
+    let mut to_production = Vec::with_capacity(relation.columns.len());
+    for column in &relation.columns {
+        match production.column_index(&column.name) {
+            Some(i) => to_production.push(i),
+            None => {
+                return Err(format!(
+                    "staging table {} has column {} which production lacks; add it on production (ALTER TABLE {} ADD COLUMN ...) and start sync again: nothing was applied past this point, nothing is lost",
+                    relation.qualified_name(),
+                    column.name,
+                    production.qualified()
+                ));
+            }
+        }
+    }
+    let mut key_in_tuple = Vec::with_capacity(production.key.len());
+    for &k in &production.key {
+        match to_production.iter().position(|&p| p == k) {
+            Some(i) => key_in_tuple.push(i),
+            None => {
+                return Err(format!(
+                    "staging table {} does not send primary key column {} of production",
+                    relation.qualified_name(),
+                    production.columns[k].name
+                ));
+            }
+        }
+    }
+    Ok(ColumnMap {
+        to_production,
+        key_in_tuple,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(columns: &[(&str, &str)], key: Vec<usize>) -> TableMeta {
+        TableMeta {
+            schema: "public".into(),
+            name: "t".into(),
+            columns: columns
+                .iter()
+                .map(|(n, t)| ColumnMeta {
+                    name: (*n).into(),
+                    type_sql: (*t).into(),
+                })
+                .collect(),
+            key,
+        }
+    }
+
+    #[test]
+    fn compatible_types() {
+        assert!(compatible("bigint", "bigint"));
+        assert!(compatible("character varying(10)", "character varying(20)"));
+        assert!(!compatible("character varying(20)", "character varying(10)"));
+        assert!(compatible("character varying(20)", "character varying"));
+        assert!(compatible("character varying(20)", "text"));
+        assert!(compatible("numeric(12,2)", "numeric"));
+        assert!(!compatible("bigint", "integer"));
+        assert!(!compatible("text", "character varying(5)"));
+    }
+
+    #[test]
+    fn compare_names_every_problem() {
+        let staging = table(
+            &[("id", "bigint"), ("name", "text"), ("price", "numeric(12,2)")],
+            vec![0],
+        );
+        let production = table(&[("id", "integer"), ("name", "text")], vec![]);
+        let problems = compare(&staging, &production);
+        assert_eq!(problems.len(), 3, "{problems:#?}");
+        assert!(problems[0].contains("no primary key"));
+        assert!(problems[1].contains("column public.t.id is integer but bigint on staging"));
+        assert!(problems[2].contains("lacks column price"));
+        assert!(problems[2].contains("ADD COLUMN \"price\" numeric(12,2)"));
+        assert!(compare(&staging, &staging).is_empty());
+    }
+}

@@ -1,0 +1,314 @@
+//! SQL text for applying changes to production. Every statement is set-based: rows travel as one
+//! `text[]` parameter per column, are expanded with `unnest ... WITH ORDINALITY`, cast to the
+//! production column types by the types' own input functions (the inverse of the text output
+//! pgoutput sent), and the statements report, by ordinal, which rows met a conflict.
+//!
+//! Why unnest of text arrays: one round trip and one plan per (table, column set) whatever the
+//! row count, no per-row parsing or planning, and parameters need no per-type encoding on our
+//! side. Measured against pipelined per-row statements it is several times faster at batch sizes
+//! above a few hundred rows, and equal below.
+
+use std::fmt::Write;
+
+use super::schema::TableMeta;
+use crate::sql::{qualified, quote_ident};
+
+/// `unnest($1::text[], ..., $n::text[]) WITH ORDINALITY AS u(a0, ..., ord)` for `n` arrays
+/// whose aliases are `names`.
+fn unnest_from(names: &[String]) -> String {
+    let mut out = String::from("unnest(");
+    for i in 0..names.len() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        let _ = write!(out, "${}::text[]", i + 1);
+    }
+    out.push_str(") WITH ORDINALITY AS u(");
+    for name in names {
+        out.push_str(name);
+        out.push_str(", ");
+    }
+    out.push_str("ord)");
+    out
+}
+
+fn aliases(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}{i}")).collect()
+}
+
+/// `t."k" = u.k0::bigint AND ...` matching the table's key against the unnested key columns.
+fn key_match(meta: &TableMeta, table_alias: &str, key_aliases: &[String]) -> String {
+    meta.key
+        .iter()
+        .zip(key_aliases)
+        .map(|(&k, alias)| {
+            let column = &meta.columns[k];
+            format!(
+                "{table_alias}.{} = u.{alias}::{}",
+                quote_ident(&column.name),
+                column.type_sql
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// Deletes rows by key. Parameters: one array per key column. Returns the ordinals deleted.
+pub fn delete_rows(meta: &TableMeta) -> String {
+    let keys = aliases("k", meta.key.len());
+    format!(
+        "DELETE FROM {} AS t USING {} WHERE {} RETURNING u.ord",
+        qualified(&meta.schema, &meta.name),
+        unnest_from(&keys),
+        key_match(meta, "t", &keys)
+    )
+}
+
+/// Inserts rows of the columns `columns` (production column indexes, including every key
+/// column). Parameters: one array per column. Without `overwrite`, rows whose key exists are
+/// left alone and their ordinals returned; with it, they replace the existing row's columns and
+/// nothing is returned.
+pub fn insert_rows(meta: &TableMeta, columns: &[usize], overwrite: bool) -> String {
+    let values = aliases("c", columns.len());
+    let table = qualified(&meta.schema, &meta.name);
+    let column_list = columns
+        .iter()
+        .map(|&c| quote_ident(&meta.columns[c].name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let select_list = columns
+        .iter()
+        .zip(&values)
+        .map(|(&c, alias)| format!("u.{alias}::{}", meta.columns[c].type_sql))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let key_list = meta
+        .key
+        .iter()
+        .map(|&k| quote_ident(&meta.columns[k].name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if overwrite {
+        let updates: Vec<String> = columns
+            .iter()
+            .filter(|c| !meta.key.contains(c))
+            .map(|&c| {
+                let name = quote_ident(&meta.columns[c].name);
+                format!("{name} = EXCLUDED.{name}")
+            })
+            .collect();
+        let action = if updates.is_empty() {
+            "DO NOTHING".to_owned()
+        } else {
+            format!("DO UPDATE SET {}", updates.join(", "))
+        };
+        return format!(
+            "INSERT INTO {table} ({column_list}) SELECT {select_list} FROM {} ORDER BY u.ord ON CONFLICT ({key_list}) {action}",
+            unnest_from(&values)
+        );
+    }
+    // The key columns' aliases among the inserted columns, to find rows that were not inserted.
+    let key_aliases: Vec<String> = meta
+        .key
+        .iter()
+        .map(|k| {
+            let pos = columns
+                .iter()
+                .position(|c| c == k)
+                .expect("insert columns include the key");
+            values[pos].clone()
+        })
+        .collect();
+    let not_inserted = meta
+        .key
+        .iter()
+        .zip(&key_aliases)
+        .map(|(&k, alias)| {
+            let column = &meta.columns[k];
+            format!(
+                "ins.{} = u.{alias}::{}",
+                quote_ident(&column.name),
+                column.type_sql
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    format!(
+        "WITH u AS (SELECT * FROM {}), \
+         ins AS (INSERT INTO {table} ({column_list}) SELECT {select_list} FROM u ORDER BY u.ord \
+                 ON CONFLICT ({key_list}) DO NOTHING RETURNING {key_list}) \
+         SELECT u.ord FROM u WHERE NOT EXISTS (SELECT 1 FROM ins WHERE {not_inserted})",
+        unnest_from(&values)
+    )
+}
+
+/// Updates the columns `set` of rows found by key. Parameters: one array per key column, then
+/// one per set column. Returns the ordinals updated.
+pub fn update_rows(meta: &TableMeta, set: &[usize]) -> String {
+    let keys = aliases("k", meta.key.len());
+    let values = aliases("s", set.len());
+    let mut all = keys.clone();
+    all.extend(values.iter().cloned());
+    let assignments = if set.is_empty() {
+        // Nothing but unchanged columns: still find the row so a missing one is a conflict.
+        let k = &meta.columns[meta.key[0]].name;
+        format!("{} = t.{}", quote_ident(k), quote_ident(k))
+    } else {
+        set.iter()
+            .zip(&values)
+            .map(|(&c, alias)| {
+                let column = &meta.columns[c];
+                format!(
+                    "{} = u.{alias}::{}",
+                    quote_ident(&column.name),
+                    column.type_sql
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "UPDATE {} AS t SET {assignments} FROM {} WHERE {} RETURNING u.ord",
+        qualified(&meta.schema, &meta.name),
+        unnest_from(&all),
+        key_match(meta, "t", &keys)
+    )
+}
+
+/// Updates one row whose key changed. Parameters: the old key columns, then the set columns
+/// (which include the new key). Affects one row or none.
+pub fn update_key(meta: &TableMeta, set: &[usize]) -> String {
+    let mut n = 0;
+    let mut next = || {
+        n += 1;
+        n
+    };
+    let conditions: Vec<String> = meta
+        .key
+        .iter()
+        .map(|&k| {
+            let column = &meta.columns[k];
+            format!(
+                "{} = ${}::text::{}",
+                quote_ident(&column.name),
+                next(),
+                column.type_sql
+            )
+        })
+        .collect();
+    let assignments: Vec<String> = set
+        .iter()
+        .map(|&c| {
+            let column = &meta.columns[c];
+            format!(
+                "{} = ${}::text::{}",
+                quote_ident(&column.name),
+                next(),
+                column.type_sql
+            )
+        })
+        .collect();
+    format!(
+        "UPDATE {} SET {} WHERE {}",
+        qualified(&meta.schema, &meta.name),
+        assignments.join(", "),
+        conditions.join(" AND ")
+    )
+}
+
+/// TRUNCATE of managed tables only: never CASCADE, so production-only tables that reference
+/// them are never emptied; a foreign key from such a table makes this fail instead.
+pub fn truncate(tables: &[&TableMeta], restart_identity: bool) -> String {
+    let list = tables
+        .iter()
+        .map(|m| qualified(&m.schema, &m.name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let restart = if restart_identity {
+        " RESTART IDENTITY"
+    } else {
+        ""
+    };
+    format!("TRUNCATE {list}{restart}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apply::schema::ColumnMeta;
+
+    fn meta() -> TableMeta {
+        let col = |name: &str, ty: &str| ColumnMeta {
+            name: name.into(),
+            type_sql: ty.into(),
+        };
+        TableMeta {
+            schema: "public".into(),
+            name: "offer price".into(),
+            columns: vec![
+                col("offer_id", "bigint"),
+                col("currency", "character(3)"),
+                col("price", "numeric(20,5)"),
+            ],
+            key: vec![0, 1],
+        }
+    }
+
+    #[test]
+    fn delete_matches_on_every_key_column() {
+        assert_eq!(
+            delete_rows(&meta()),
+            "DELETE FROM \"public\".\"offer price\" AS t USING unnest($1::text[], $2::text[]) \
+             WITH ORDINALITY AS u(k0, k1, ord) WHERE t.\"offer_id\" = u.k0::bigint AND \
+             t.\"currency\" = u.k1::character(3) RETURNING u.ord"
+        );
+    }
+
+    #[test]
+    fn insert_reports_rows_not_inserted() {
+        let sql = insert_rows(&meta(), &[0, 1, 2], false);
+        assert!(sql.starts_with(
+            "WITH u AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS u(c0, c1, c2, ord))"
+        ));
+        assert!(sql.contains("ON CONFLICT (\"offer_id\", \"currency\") DO NOTHING RETURNING \"offer_id\", \"currency\""));
+        assert!(sql.ends_with(
+            "WHERE ins.\"offer_id\" = u.c0::bigint AND ins.\"currency\" = u.c1::character(3))"
+        ));
+    }
+
+    #[test]
+    fn overwrite_insert_updates_non_key_columns() {
+        let sql = insert_rows(&meta(), &[0, 1, 2], true);
+        assert!(sql.ends_with(
+            "ON CONFLICT (\"offer_id\", \"currency\") DO UPDATE SET \"price\" = EXCLUDED.\"price\""
+        ));
+        let only_keys = insert_rows(&meta(), &[0, 1], true);
+        assert!(only_keys.ends_with("DO NOTHING"));
+    }
+
+    #[test]
+    fn update_sets_only_sent_columns() {
+        assert_eq!(
+            update_rows(&meta(), &[2]),
+            "UPDATE \"public\".\"offer price\" AS t SET \"price\" = u.s0::numeric(20,5) FROM \
+             unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS u(k0, k1, s0, ord) \
+             WHERE t.\"offer_id\" = u.k0::bigint AND t.\"currency\" = u.k1::character(3) RETURNING u.ord"
+        );
+        assert!(update_rows(&meta(), &[]).contains("SET \"offer_id\" = t.\"offer_id\""));
+    }
+
+    #[test]
+    fn key_update_and_truncate() {
+        assert_eq!(
+            update_key(&meta(), &[0, 2]),
+            "UPDATE \"public\".\"offer price\" SET \"offer_id\" = $3::text::bigint, \"price\" = \
+             $4::text::numeric(20,5) WHERE \"offer_id\" = $1::text::bigint AND \"currency\" = \
+             $2::text::character(3)"
+        );
+        let m = meta();
+        assert_eq!(
+            truncate(&[&m], true),
+            "TRUNCATE \"public\".\"offer price\" RESTART IDENTITY"
+        );
+    }
+}
