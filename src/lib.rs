@@ -8,6 +8,7 @@
 //! - [`model`]: the vocabulary every stage speaks (LSNs, relations, values).
 //! - [`pgoutput`]: sans-IO decoder from pgoutput payloads to logical replication messages.
 //! - [`pg`]: connections to PostgreSQL, TLS, and the replication connection.
+//! - [`sync`]: the sync command's pipeline: stream, skip what is applied, batch, apply, confirm.
 //! - [`sql`]: the one place identifiers and literals are quoted.
 //! - [`ops`]: operator commands (`init`, `tail`).
 //! - [`apply`]: set-based, exactly-once apply to production, conflicts, progress.
@@ -21,3 +22,4 @@ pub mod ops;
 pub mod pg;
 pub mod pgoutput;
 pub mod sql;
+pub mod sync;

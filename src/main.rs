@@ -12,6 +12,7 @@ use stagingprop::ops::init::{InitOptions, init};
 use stagingprop::ops::tail::{TailOptions, tail};
 use stagingprop::pg::connect::{Endpoint, EndpointError};
 use stagingprop::pg::replication::ReplicationError;
+use stagingprop::sync::{self, StopAt, SyncError, SyncOptions};
 
 /// Exit codes, documented in README.
 mod exit {
@@ -20,6 +21,8 @@ mod exit {
     pub const UNREACHABLE: u8 = 3;
     pub const CHECKS: u8 = 4;
     pub const REPLICATION: u8 = 5;
+    pub const SCHEMA: u8 = 6;
+    pub const CONFLICT: u8 = 7;
 }
 
 #[derive(Parser, Debug)]
@@ -62,6 +65,13 @@ enum Command {
         /// Do not create the replication slot (let `copy` create it with its snapshot).
         #[arg(long)]
         no_slot: bool,
+    },
+    /// Apply every committed change of the managed tables from staging to production, in commit
+    /// order and exactly once, until stopped (SIGINT/SIGTERM finish the current batch first).
+    Sync {
+        /// Stop once production has everything staging had written when sync started.
+        #[arg(long)]
+        until_caught_up: bool,
     },
     /// Print staging's decoded changes as JSON lines (one per row change) on stdout.
     ///
@@ -144,6 +154,26 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             println!("init: both databases are ready");
             Ok(())
         }
+        Command::Sync { until_caught_up } => {
+            let options = SyncOptions {
+                stop_at: until_caught_up.then_some(StopAt::CaughtUp),
+                max_attempts: None,
+            };
+            let summary = sync::run(&config, &options, shutdown_signal())
+                .await
+                .map_err(sync_failure)?;
+            let st = summary.stats;
+            tracing::info!(
+                transactions = st.transactions,
+                inserted = st.rows_inserted,
+                updated = st.rows_updated,
+                deleted = st.rows_deleted,
+                conflicts_skipped = st.conflicts_skipped,
+                applied = %summary.last_applied.unwrap_or_default(),
+                "sync stopped"
+            );
+            Ok(())
+        }
         Command::Tail {
             slot,
             publication,
@@ -191,6 +221,32 @@ async fn shutdown_signal() {
     }
 }
 
+fn sync_failure(error: SyncError) -> Failure {
+    use stagingprop::apply::ApplyError;
+    let code = match &error {
+        SyncError::Endpoint(_) => exit::CONFIG,
+        SyncError::Schema(_)
+        | SyncError::UnknownTable(_)
+        | SyncError::Apply(ApplyError::Schema(_)) => exit::SCHEMA,
+        SyncError::Apply(ApplyError::Conflict { .. }) => exit::CONFLICT,
+        SyncError::Slot(_) | SyncError::Replication(_) | SyncError::Protocol(_) => {
+            exit::REPLICATION
+        }
+        SyncError::Database { .. } if error.is_transient() => exit::UNREACHABLE,
+        _ => exit::FAILED,
+    };
+    with_sqlstate(code, error.to_string(), error.sqlstate())
+}
+
+fn with_sqlstate(code: u8, mut message: String, sqlstate: Option<&str>) -> Failure {
+    if let Some(sqlstate) = sqlstate
+        && !message.contains(sqlstate)
+    {
+        message.push_str(&format!(" [SQLSTATE {sqlstate}]"));
+    }
+    Failure { code, message }
+}
+
 fn ops_failure(error: OpsError) -> Failure {
     let code = match &error {
         OpsError::Endpoint(EndpointError::Config(_)) | OpsError::Endpoint(_) => exit::CONFIG,
@@ -209,11 +265,5 @@ fn ops_failure(error: OpsError) -> Failure {
         },
         _ => exit::FAILED,
     };
-    let mut message = error.to_string();
-    if let Some(sqlstate) = error.sqlstate()
-        && !message.contains(sqlstate)
-    {
-        message.push_str(&format!(" [SQLSTATE {sqlstate}]"));
-    }
-    Failure { code, message }
+    with_sqlstate(code, error.to_string(), error.sqlstate())
 }

@@ -91,10 +91,14 @@ impl TableChanges {
             (None, RowOp::Insert(r)) => Some(NetChange::Insert(r)),
             (None, RowOp::Update(r)) => Some(NetChange::Update(r)),
             (None, RowOp::Delete) => Some(NetChange::Delete),
-            (Some(NetChange::Insert(a)), RowOp::Update(b)) => Some(NetChange::Insert(overlay(&a, b))),
+            (Some(NetChange::Insert(a)), RowOp::Update(b)) => {
+                Some(NetChange::Insert(overlay(&a, b)))
+            }
             // Inserted and deleted within the run: production never needs to see it.
             (Some(NetChange::Insert(_)), RowOp::Delete) => None,
-            (Some(NetChange::Update(a)), RowOp::Update(b)) => Some(NetChange::Update(overlay(&a, b))),
+            (Some(NetChange::Update(a)), RowOp::Update(b)) => {
+                Some(NetChange::Update(overlay(&a, b)))
+            }
             (Some(NetChange::Update(_)), RowOp::Delete) => Some(NetChange::Delete),
             (Some(NetChange::Delete), RowOp::Insert(r)) => Some(NetChange::Replace(r)),
             (Some(NetChange::Replace(a)), RowOp::Update(b)) => {
@@ -114,14 +118,24 @@ impl TableChanges {
         };
         let after = merged.as_ref().map_or(0, change_bytes) as isize;
         match (slot, merged) {
-            (Some(i), Some(change)) => self.entries[i] = Some(Entry { key, change, source }),
+            (Some(i), Some(change)) => {
+                self.entries[i] = Some(Entry {
+                    key,
+                    change,
+                    source,
+                })
+            }
             (Some(_), None) => {
                 self.index.remove(&key);
                 self.live -= 1;
             }
             (None, Some(change)) => {
                 self.index.insert(key.clone(), self.entries.len());
-                self.entries.push(Some(Entry { key, change, source }));
+                self.entries.push(Some(Entry {
+                    key,
+                    change,
+                    source,
+                }));
                 self.live += 1;
             }
             (None, None) => {}
@@ -166,38 +180,70 @@ mod tests {
     }
 
     fn src(lsn: u64) -> Source {
-        Source { lsn: Lsn(lsn), xid: 1 }
+        Source {
+            lsn: Lsn(lsn),
+            xid: 1,
+        }
     }
 
     #[test]
     fn consolidates_changes_of_one_row() {
         let mut t = TableChanges::default();
-        t.absorb(key("1"), RowOp::Insert(vec![text("1"), text("a"), text("x")]), src(1))
-            .unwrap();
+        t.absorb(
+            key("1"),
+            RowOp::Insert(vec![text("1"), text("a"), text("x")]),
+            src(1),
+        )
+        .unwrap();
         t.absorb(
             key("1"),
             RowOp::Update(vec![text("1"), text("b"), Value::UnchangedToast]),
             src(2),
         )
         .unwrap();
-        t.absorb(key("2"), RowOp::Update(vec![text("2"), Value::UnchangedToast, text("y")]), src(3))
-            .unwrap();
-        t.absorb(key("2"), RowOp::Update(vec![text("2"), text("c"), Value::UnchangedToast]), src(4))
-            .unwrap();
+        t.absorb(
+            key("2"),
+            RowOp::Update(vec![text("2"), Value::UnchangedToast, text("y")]),
+            src(3),
+        )
+        .unwrap();
+        t.absorb(
+            key("2"),
+            RowOp::Update(vec![text("2"), text("c"), Value::UnchangedToast]),
+            src(4),
+        )
+        .unwrap();
         t.absorb(key("3"), RowOp::Delete, src(5)).unwrap();
-        t.absorb(key("3"), RowOp::Insert(vec![text("3"), text("d"), text("z")]), src(6))
-            .unwrap();
-        t.absorb(key("4"), RowOp::Insert(vec![text("4"), text("e"), text("w")]), src(7))
-            .unwrap();
+        t.absorb(
+            key("3"),
+            RowOp::Insert(vec![text("3"), text("d"), text("z")]),
+            src(6),
+        )
+        .unwrap();
+        t.absorb(
+            key("4"),
+            RowOp::Insert(vec![text("4"), text("e"), text("w")]),
+            src(7),
+        )
+        .unwrap();
         t.absorb(key("4"), RowOp::Delete, src(8)).unwrap();
         assert_eq!(t.len(), 3);
         let entries = t.drain();
         assert!(t.is_empty());
         assert_eq!(entries.len(), 3);
-        assert_eq!(entries[0].change, NetChange::Insert(vec![text("1"), text("b"), text("x")]));
+        assert_eq!(
+            entries[0].change,
+            NetChange::Insert(vec![text("1"), text("b"), text("x")])
+        );
         assert_eq!(entries[0].source, src(2));
-        assert_eq!(entries[1].change, NetChange::Update(vec![text("2"), text("c"), text("y")]));
-        assert_eq!(entries[2].change, NetChange::Replace(vec![text("3"), text("d"), text("z")]));
+        assert_eq!(
+            entries[1].change,
+            NetChange::Update(vec![text("2"), text("c"), text("y")])
+        );
+        assert_eq!(
+            entries[2].change,
+            NetChange::Replace(vec![text("3"), text("d"), text("z")])
+        );
     }
 
     #[test]
@@ -210,15 +256,23 @@ mod tests {
         );
         // The pending delete is still there.
         assert_eq!(t.drain()[0].change, NetChange::Delete);
-        t.absorb(key("1"), RowOp::Insert(vec![text("1")]), src(3)).unwrap();
-        assert_eq!(t.absorb(key("1"), RowOp::Insert(vec![text("1")]), src(4)), Err(NeedsFlush));
+        t.absorb(key("1"), RowOp::Insert(vec![text("1")]), src(3))
+            .unwrap();
+        assert_eq!(
+            t.absorb(key("1"), RowOp::Insert(vec![text("1")]), src(4)),
+            Err(NeedsFlush)
+        );
     }
 
     #[test]
     fn tracks_pending_bytes() {
         let mut t = TableChanges::default();
         let grow = t
-            .absorb(key("1"), RowOp::Insert(vec![text("1"), text("abcd")]), src(1))
+            .absorb(
+                key("1"),
+                RowOp::Insert(vec![text("1"), text("abcd")]),
+                src(1),
+            )
             .unwrap();
         assert_eq!(grow, (1 + 8 + 4 + 8) as isize);
         let shrink = t.absorb(key("1"), RowOp::Delete, src(2)).unwrap();

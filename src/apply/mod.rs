@@ -73,7 +73,9 @@ pub enum ApplyError {
     Schema(String),
     #[error("on production: {0}")]
     Query(QueryError),
-    #[error("staging sent a value that is not UTF-8 text in {table}; check staging's server_encoding")]
+    #[error(
+        "staging sent a value that is not UTF-8 text in {table}; check staging's server_encoding"
+    )]
     NotUtf8 { table: TableName },
 }
 
@@ -208,7 +210,10 @@ pub async fn read_progress(client: &Client, slot: &str) -> Result<Option<Progres
 }
 
 /// Production's foreign keys among the managed tables, as (child, parent) index pairs.
-async fn foreign_keys(client: &Client, tables: &[TableState]) -> Result<Vec<(usize, usize)>, ApplyError> {
+async fn foreign_keys(
+    client: &Client,
+    tables: &[TableState],
+) -> Result<Vec<(usize, usize)>, ApplyError> {
     let rows = client
         .query(
             "SELECT cn.nspname::text, c.relname::text, pn.nspname::text, p.relname::text
@@ -356,7 +361,10 @@ impl Applier {
         source: Source,
     ) -> Result<(), ApplyError> {
         self.begin().await?;
-        match self.tables[table].changes.absorb(key.clone(), op.clone(), source) {
+        match self.tables[table]
+            .changes
+            .absorb(key.clone(), op.clone(), source)
+        {
             Ok(delta) => self.account(delta),
             Err(batch::NeedsFlush) => {
                 self.flush().await?;
@@ -401,7 +409,8 @@ impl Applier {
         for &c in &set {
             params.push(value_str(&new[c], &name)?);
         }
-        let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
         let updated = self
             .client
             .execute(&sql, &refs)
@@ -413,7 +422,8 @@ impl Applier {
                 change: NetChange::Update(new),
                 source,
             };
-            self.conflict(table, ConflictKind::UpdateMissing, &entry).await?;
+            self.conflict(table, ConflictKind::UpdateMissing, &entry)
+                .await?;
         } else {
             self.stats.rows_updated += 1;
         }
@@ -421,7 +431,11 @@ impl Applier {
     }
 
     /// TRUNCATE of managed tables, after everything pending.
-    pub async fn truncate(&mut self, tables: &[usize], restart_identity: bool) -> Result<(), ApplyError> {
+    pub async fn truncate(
+        &mut self,
+        tables: &[usize],
+        restart_identity: bool,
+    ) -> Result<(), ApplyError> {
         self.begin().await?;
         self.flush().await?;
         let metas: Vec<&TableMeta> = tables.iter().map(|&t| &self.tables[t].meta).collect();
@@ -438,7 +452,8 @@ impl Applier {
         if self.pending_rows == 0 {
             return Ok(());
         }
-        let mut drained: Vec<Vec<Entry>> = self.tables.iter_mut().map(|t| t.changes.drain()).collect();
+        let mut drained: Vec<Vec<Entry>> =
+            self.tables.iter_mut().map(|t| t.changes.drain()).collect();
         self.pending_rows = 0;
         self.pending_bytes = 0;
         // Children's deletes before parents', parents' inserts and updates before children's.
@@ -498,7 +513,8 @@ impl Applier {
         let meta = &self.tables[t].meta;
         let name = meta.table_name();
         let sql = sql::delete_rows(meta);
-        let mut columns: Vec<Vec<Option<&str>>> = vec![Vec::with_capacity(targets.len()); meta.key.len()];
+        let mut columns: Vec<Vec<Option<&str>>> =
+            vec![Vec::with_capacity(targets.len()); meta.key.len()];
         for entry in &targets {
             for (k, value) in entry.key.iter().enumerate() {
                 columns[k].push(as_str(value.as_ref(), &name)?);
@@ -540,7 +556,8 @@ impl Applier {
             let meta = &self.tables[t].meta;
             let name = meta.table_name();
             let sql = sql::insert_rows(meta, &present, overwrite);
-            let mut columns: Vec<Vec<Option<&str>>> = vec![Vec::with_capacity(group.len()); present.len()];
+            let mut columns: Vec<Vec<Option<&str>>> =
+                vec![Vec::with_capacity(group.len()); present.len()];
             for entry in &group {
                 let (NetChange::Insert(row) | NetChange::Replace(row)) = &entry.change else {
                     unreachable!("grouped inserts only")
@@ -606,7 +623,12 @@ impl Applier {
     }
 
     /// Applies the table's conflict policy to one conflicting change.
-    async fn conflict(&mut self, t: usize, kind: ConflictKind, entry: &Entry) -> Result<(), ApplyError> {
+    async fn conflict(
+        &mut self,
+        t: usize,
+        kind: ConflictKind,
+        entry: &Entry,
+    ) -> Result<(), ApplyError> {
         let meta = &self.tables[t].meta;
         let policy = self.tables[t].policy;
         let key_json = key_json(meta, &entry.key);
@@ -638,13 +660,16 @@ impl Applier {
                     .iter()
                     .map(|v| value_str(v, &name).map(|s| vec![s]))
                     .collect::<Result<Vec<_>, _>>()?;
-                self.run_arrays(sql, columns, "inserting an overwritten row").await?;
+                self.run_arrays(sql, columns, "inserting an overwritten row")
+                    .await?;
                 self.stats.conflicts_overwritten += 1;
                 Ok(())
             }
             _ => {
                 let reason = if policy == ConflictPolicy::Overwrite {
-                    format!("{kind}; not every column was sent (unchanged TOAST values), so it cannot be inserted")
+                    format!(
+                        "{kind}; not every column was sent (unchanged TOAST values), so it cannot be inserted"
+                    )
                 } else {
                     kind.to_string()
                 };
@@ -667,7 +692,16 @@ impl Applier {
                 self.client
                     .execute(
                         &sql,
-                        &[&self.slot, &lsn, &xid, &table, &kind.operation(), &reason, &key_text, &row_text],
+                        &[
+                            &self.slot,
+                            &lsn,
+                            &xid,
+                            &table,
+                            &kind.operation(),
+                            &reason,
+                            &key_text,
+                            &row_text,
+                        ],
                     )
                     .await
                     .map_err(query_error("writing to the quarantine table"))?;
@@ -733,7 +767,9 @@ fn as_str<'a>(value: Option<&'a Bytes>, table: &TableName) -> Result<Option<&'a 
         None => Ok(None),
         Some(b) => std::str::from_utf8(b)
             .map(Some)
-            .map_err(|_| ApplyError::NotUtf8 { table: table.clone() }),
+            .map_err(|_| ApplyError::NotUtf8 {
+                table: table.clone(),
+            }),
     }
 }
 

@@ -227,7 +227,10 @@ mod tests {
     fn compatible_types() {
         assert!(compatible("bigint", "bigint"));
         assert!(compatible("character varying(10)", "character varying(20)"));
-        assert!(!compatible("character varying(20)", "character varying(10)"));
+        assert!(!compatible(
+            "character varying(20)",
+            "character varying(10)"
+        ));
         assert!(compatible("character varying(20)", "character varying"));
         assert!(compatible("character varying(20)", "text"));
         assert!(compatible("numeric(12,2)", "numeric"));
@@ -238,7 +241,11 @@ mod tests {
     #[test]
     fn compare_names_every_problem() {
         let staging = table(
-            &[("id", "bigint"), ("name", "text"), ("price", "numeric(12,2)")],
+            &[
+                ("id", "bigint"),
+                ("name", "text"),
+                ("price", "numeric(12,2)"),
+            ],
             vec![0],
         );
         let production = table(&[("id", "integer"), ("name", "text")], vec![]);

@@ -11,7 +11,6 @@ use crate::config::{Config, TableName};
 use crate::pg::connect::Endpoint;
 use crate::sql::{qualified, quote_ident};
 
-
 #[derive(Clone, Debug)]
 pub struct InitOptions {
     /// Create the slot if missing. Off when `copy` will create it to export its snapshot.

@@ -1,0 +1,733 @@
+//! `stagingprop sync`: tails staging's slot and applies every committed transaction of the
+//! managed tables to production, in commit order and exactly once.
+//!
+//! Exactly once: production's progress table holds the end LSN of the last applied staging
+//! transaction, written in the same production transaction as its changes. A session starts the
+//! slot there and skips every transaction whose commit record lies before it. Staging is told a
+//! position only after the production commit covering it returned (the session commits
+//! synchronously), through [`DurablePosition`].
+//!
+//! Batching: consecutive staging transactions share one production transaction until
+//! `batch_max_rows` / `batch_max_bytes` are reached or `batch_max_delay_ms` passed; changes are
+//! consolidated per row and sent set-based. A large staging transaction is sent in pieces inside
+//! one production transaction, so memory stays bounded whatever its size.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::apply::batch::{Key, RowOp, Source};
+use crate::apply::schema::{self, ColumnMap, TableMeta};
+use crate::apply::{self, Applier, ApplyError, Progress};
+use crate::config::{Config, TableName};
+use crate::model::{Lsn, Oid, OldTuple, Relation, Tuple, Value, Xid};
+use crate::pg::QueryError;
+use crate::pg::connect::{Endpoint, EndpointError};
+use crate::pg::replication::{
+    DurablePosition, FlushHandle, PgOutputOptions, ReplicationClient, ReplicationError,
+    ReplicationStream,
+};
+use crate::pgoutput::LogicalMessage;
+
+/// The prefix of the heartbeat messages sync emits on an idle staging.
+pub const HEARTBEAT_PREFIX: &str = "stagingprop-heartbeat";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    #[error("cannot use {target}: {source}")]
+    Database { target: String, source: QueryError },
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error("staging and production differ, nothing was applied:\n  - {}", .0.join("\n  - "))]
+    Schema(Vec<String>),
+    #[error("{0}")]
+    Slot(String),
+    #[error(
+        "staging sent changes of {0}, which is not in [[tables]]; run `stagingprop init` so the publication lists exactly the managed tables"
+    )]
+    UnknownTable(String),
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+impl SyncError {
+    /// Worth retrying after a pause: a database went away or is restarting.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SyncError::Database { source, .. } => source.transient,
+            SyncError::Apply(e) => e.is_transient(),
+            SyncError::Replication(e) => match e {
+                ReplicationError::Connect { .. }
+                | ReplicationError::ConnectTimeout { .. }
+                | ReplicationError::Io { .. }
+                | ReplicationError::Closed { .. } => true,
+                ReplicationError::Stream { source, .. }
+                | ReplicationError::Server { source, .. }
+                | ReplicationError::AuthFailed { source, .. } => {
+                    // Shutting down / starting up / slot busy with a session that is ending.
+                    matches!(source.code.as_str(), "57P01" | "57P02" | "57P03" | "55006")
+                        || source.code.starts_with("08")
+                }
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            SyncError::Database { source, .. } => source.sqlstate(),
+            SyncError::Apply(e) => e.sqlstate(),
+            SyncError::Replication(e) => e.sqlstate(),
+            _ => None,
+        }
+    }
+}
+
+/// How a sync run ends besides a signal (for tests and benchmarks).
+#[derive(Clone, Debug, Default)]
+pub struct SyncOptions {
+    /// Stop once production has everything staging had written when sync started (or when the
+    /// given LSN is reached), instead of following staging forever.
+    pub stop_at: Option<StopAt>,
+    /// Give up after this many consecutive failed attempts (None: keep trying).
+    pub max_attempts: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum StopAt {
+    /// Staging's current WAL position when the session starts.
+    CaughtUp,
+    Lsn(Lsn),
+}
+
+/// What a sync run did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SyncSummary {
+    pub stats: apply::ApplyStats,
+    pub last_applied: Option<Lsn>,
+}
+
+/// The part of a run that survives reconnects.
+struct RunState {
+    stats: apply::ApplyStats,
+    /// Apply one change at a time until production's progress passes this position.
+    one_by_one_until: Option<Lsn>,
+    last_applied: Option<Lsn>,
+    /// The last position received from staging.
+    last_received: Lsn,
+    stop_lsn: Option<Lsn>,
+}
+
+enum SessionEnd {
+    Stopped,
+}
+
+/// Runs sync until `shutdown` resolves (or `options.stop_at` is reached), retrying transient
+/// failures of either database with backoff.
+pub async fn run<S>(
+    config: &Config,
+    options: &SyncOptions,
+    shutdown: S,
+) -> Result<SyncSummary, SyncError>
+where
+    S: Future<Output = ()>,
+{
+    tokio::pin!(shutdown);
+    let mut state = RunState {
+        stats: apply::ApplyStats::default(),
+        one_by_one_until: None,
+        last_applied: None,
+        last_received: Lsn::INVALID,
+        stop_lsn: match options.stop_at {
+            Some(StopAt::Lsn(lsn)) => Some(lsn),
+            _ => None,
+        },
+    };
+    let mut attempt: u32 = 0;
+    loop {
+        let result = session(config, options, &mut state, shutdown.as_mut()).await;
+        match result {
+            Ok(SessionEnd::Stopped) => {
+                return Ok(SyncSummary {
+                    stats: state.stats,
+                    last_applied: state.last_applied,
+                });
+            }
+            Err(e) if e.is_transient() => {
+                attempt += 1;
+                if options.max_attempts.is_some_and(|max| attempt >= max) {
+                    return Err(e);
+                }
+                let delay = Duration::from_millis((500u64 << attempt.min(6)).min(30_000));
+                tracing::warn!(
+                    attempt,
+                    "{e}; retrying in {:.1} s (nothing is lost: staging keeps what production has not confirmed)",
+                    delay.as_secs_f64()
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.as_mut() => {
+                        return Ok(SyncSummary { stats: state.stats, last_applied: state.last_applied });
+                    }
+                }
+            }
+            Err(SyncError::Apply(e)) if e.may_be_ordering() && state.one_by_one_until.is_none() => {
+                // Set-based apply can trip a unique or foreign-key check that applying the
+                // changes in staging's order would not: replay this stretch one change at a time.
+                let from = state.last_applied.unwrap_or_default();
+                let until = state.last_received;
+                tracing::warn!(
+                    "{e}; replaying {from} to {until} one change at a time to see whether the error is real"
+                );
+                state.one_by_one_until = Some(until);
+            }
+            Err(e) => return Err(e),
+        }
+        if state.last_applied.is_some() {
+            attempt = attempt.saturating_sub(1);
+        }
+    }
+}
+
+fn database_error(
+    endpoint: &Endpoint,
+    what: &str,
+) -> impl FnOnce(tokio_postgres::Error) -> SyncError {
+    let target = endpoint.describe();
+    let what = what.to_owned();
+    move |e| SyncError::Database {
+        target,
+        source: QueryError::new(what, &e),
+    }
+}
+
+/// A transactional message through the slot: gives an idle sync a transaction to apply and
+/// confirm, so staging never keeps WAL for it.
+async fn emit_heartbeat(staging: &Endpoint, s: &tokio_postgres::Client) -> Result<(), SyncError> {
+    s.execute(
+        "SELECT pg_logical_emit_message(true, $1, '')",
+        &[&HEARTBEAT_PREFIX],
+    )
+    .await
+    .map_err(database_error(staging, "emitting a heartbeat"))?;
+    Ok(())
+}
+
+/// Loads and compares the managed tables on both sides.
+async fn validate(
+    config: &Config,
+    staging: &Endpoint,
+    s: &tokio_postgres::Client,
+    production: &Endpoint,
+    p: &tokio_postgres::Client,
+) -> Result<Vec<TableMeta>, SyncError> {
+    let mut problems = Vec::new();
+    let mut metas = Vec::new();
+    for table in &config.tables {
+        let on_staging = schema::load_table(s, &table.name)
+            .await
+            .map_err(database_error(staging, "reading table definitions"))?;
+        let on_production = schema::load_table(p, &table.name)
+            .await
+            .map_err(database_error(production, "reading table definitions"))?;
+        match (on_staging, on_production) {
+            (None, _) => problems.push(format!("staging: table {} does not exist", table.name)),
+            (Some(_), None) => problems.push(format!(
+                "production: table {} does not exist; create it with the same columns as on staging",
+                table.name
+            )),
+            (Some(st), Some(pr)) => {
+                problems.extend(schema::compare(&st, &pr));
+                metas.push(pr);
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(metas)
+    } else {
+        Err(SyncError::Schema(problems))
+    }
+}
+
+/// The slot must exist and still hold what it promised; it is never created here.
+async fn check_slot(
+    config: &Config,
+    staging: &Endpoint,
+    s: &tokio_postgres::Client,
+) -> Result<(), SyncError> {
+    let slot = &config.sync.slot;
+    let row = s
+        .query_opt(
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()",
+            &[slot],
+        )
+        .await
+        .map_err(database_error(staging, "reading pg_replication_slots"))?;
+    match row {
+        None => Err(SyncError::Slot(format!(
+            "the replication slot {slot} does not exist on {}. sync never creates it silently: \
+             changes made since it disappeared cannot be streamed. Create it and re-seed production \
+             (`stagingprop init --no-slot` then `stagingprop copy`), or `stagingprop init` if production \
+             is already equal to staging",
+            staging.describe()
+        ))),
+        Some(row) if row.get::<_, Option<String>>(0).as_deref() == Some("lost") => {
+            Err(SyncError::Slot(format!(
+                "the replication slot {slot} on {} was invalidated: staging removed WAL it still \
+                 needed (max_slot_wal_keep_size), so changes since production's last applied \
+                 transaction are lost. Drop the slot (SELECT pg_drop_replication_slot('{slot}')) and \
+                 re-seed production with `stagingprop copy`",
+                staging.describe()
+            )))
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+/// The transaction being received.
+struct OpenTxn {
+    xid: Xid,
+    /// Already on production (its commit lies before production's progress).
+    skip: bool,
+}
+
+/// A staging relation as sync applies it.
+struct RelationInfo {
+    table: usize,
+    map: ColumnMap,
+    production_width: usize,
+}
+
+async fn session<S>(
+    config: &Config,
+    options: &SyncOptions,
+    state: &mut RunState,
+    mut shutdown: std::pin::Pin<&mut S>,
+) -> Result<SessionEnd, SyncError>
+where
+    S: Future<Output = ()>,
+{
+    let staging = Endpoint::from_db_config(&config.staging)?;
+    let production = Endpoint::from_db_config(&config.production)?;
+    let s = staging
+        .connect()
+        .await
+        .map_err(database_error(&staging, "connect"))?;
+    let p = production
+        .connect()
+        .await
+        .map_err(database_error(&production, "connect"))?;
+    apply::ensure_state_tables(&p).await?;
+    let metas = validate(config, &staging, &s, &production, &p).await?;
+    check_slot(config, &staging, &s).await?;
+    let progress = apply::read_progress(&p, &config.sync.slot).await?;
+    let applied_end = progress.map(|p| p.end_lsn).unwrap_or_default();
+    if matches!(options.stop_at, Some(StopAt::CaughtUp)) && state.stop_lsn.is_none() {
+        let lsn: String = s
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .map_err(database_error(&staging, "reading the WAL position"))?
+            .get(0);
+        state.stop_lsn = lsn.parse().ok();
+        // Something to apply past that point even if no managed table changes.
+        emit_heartbeat(&staging, &s).await?;
+    }
+    if let (Some(stop), true) = (state.stop_lsn, applied_end.is_valid()) {
+        if applied_end >= stop {
+            return Ok(SessionEnd::Stopped);
+        }
+    }
+
+    let tables: Vec<(TableMeta, _)> = metas
+        .into_iter()
+        .zip(&config.tables)
+        .map(|(meta, t)| (meta, t.on_conflict))
+        .collect();
+    let mut applier = Applier::new(p, &config.sync.slot, tables).await?;
+    applier.stats = state.stats;
+    if let Some(until) = state.one_by_one_until {
+        applier.one_by_one = applied_end < until;
+    }
+    if !applier.replica_role {
+        tracing::info!(
+            "production checks foreign keys during apply (the role may not set session_replication_role); tables are applied parents first"
+        );
+    }
+
+    let mut replication = ReplicationClient::connect(&staging).await?;
+    let _ = replication.identify_system().await?;
+    let mut pgoutput = PgOutputOptions::new(vec![config.sync.publication.clone()]);
+    pgoutput.status_interval = Duration::from_secs(config.sync.status_interval_secs);
+    let mut stream = replication
+        .start_logical(&config.sync.slot, applied_end, &pgoutput)
+        .await?;
+    let flush = stream.flush_handle();
+    if applied_end.is_valid() {
+        // What production has is durable: staging may release it even if it was applied by an
+        // earlier run that died before confirming.
+        flush.confirm(DurablePosition::after_durable_commit(applied_end));
+    }
+    tracing::info!(
+        slot = %config.sync.slot,
+        from = %applied_end,
+        "streaming from {} to {}",
+        staging.describe(),
+        production.describe()
+    );
+
+    let mut pipeline = Pipeline {
+        config,
+        staging: &staging,
+        applier,
+        relations: HashMap::new(),
+        txn: None,
+        batch_last: None,
+        batch_started: None,
+        applied_end,
+        flush,
+        last_activity: Instant::now(),
+        one_by_one_until: state.one_by_one_until,
+        last_received: state.last_received,
+    };
+    let result = pipeline
+        .run(&mut stream, &s, state, shutdown.as_mut())
+        .await;
+    state.stats = pipeline.applier.stats;
+    state.last_received = pipeline.last_received;
+    state.one_by_one_until = pipeline.one_by_one_until;
+    if pipeline.applied_end.is_valid() {
+        state.last_applied = Some(pipeline.applied_end);
+    }
+    if result.is_err() {
+        let _ = pipeline.applier.rollback().await;
+    }
+    let closed = stream.close().await;
+    let end = result?;
+    closed?;
+    Ok(end)
+}
+
+struct Pipeline<'a> {
+    config: &'a Config,
+    staging: &'a Endpoint,
+    applier: Applier,
+    relations: HashMap<Oid, RelationInfo>,
+    txn: Option<OpenTxn>,
+    /// The last staging transaction in the open production transaction.
+    batch_last: Option<Progress>,
+    batch_started: Option<Instant>,
+    applied_end: Lsn,
+    flush: FlushHandle,
+    last_activity: Instant,
+    one_by_one_until: Option<Lsn>,
+    last_received: Lsn,
+}
+
+impl Pipeline<'_> {
+    async fn run<S>(
+        &mut self,
+        stream: &mut ReplicationStream,
+        staging: &tokio_postgres::Client,
+        state: &mut RunState,
+        mut shutdown: std::pin::Pin<&mut S>,
+    ) -> Result<SessionEnd, SyncError>
+    where
+        S: Future<Output = ()>,
+    {
+        let heartbeat = Duration::from_secs(self.config.sync.heartbeat_interval_secs);
+        let max_delay = Duration::from_millis(self.config.sync.batch_max_delay_ms);
+        let mut report = Instant::now();
+        loop {
+            if let Some(stop) = state.stop_lsn {
+                if self.applied_end.is_valid() && self.applied_end >= stop && self.txn.is_none() {
+                    self.commit_batch().await?;
+                    return Ok(SessionEnd::Stopped);
+                }
+            }
+            if report.elapsed() >= Duration::from_secs(10) {
+                report = Instant::now();
+                let st = self.applier.stats;
+                tracing::info!(
+                    applied = %self.applied_end,
+                    transactions = st.transactions,
+                    inserted = st.rows_inserted,
+                    updated = st.rows_updated,
+                    deleted = st.rows_deleted,
+                    skipped_conflicts = st.conflicts_skipped,
+                    lag_bytes = stream.server_wal_end().0.saturating_sub(self.applied_end.0),
+                    "sync progress"
+                );
+            }
+            // Between transactions with a batch open, wait no longer than the batch may.
+            let wait = match (self.txn.is_none(), self.batch_started) {
+                (true, Some(started)) => max_delay.saturating_sub(started.elapsed()),
+                (true, None) => heartbeat.saturating_sub(self.last_activity.elapsed()),
+                (false, _) => heartbeat,
+            };
+            let next = tokio::select! {
+                next = tokio::time::timeout(wait, stream.next()) => next,
+                _ = shutdown.as_mut() => {
+                    if self.txn.is_none() {
+                        self.commit_batch().await?;
+                    } else {
+                        // Mid-transaction: roll back; the slot resends it next time.
+                        self.applier.rollback().await?;
+                    }
+                    tracing::info!(applied = %self.applied_end, "stopping: everything applied is confirmed to staging");
+                    return Ok(SessionEnd::Stopped);
+                }
+            };
+            match next {
+                Err(_) => {
+                    if self.batch_started.is_some() && self.txn.is_none() {
+                        self.commit_batch().await?;
+                    } else if self.txn.is_none() && self.last_activity.elapsed() >= heartbeat {
+                        // Idle: a transactional message gives the slot something to confirm,
+                        // so staging never keeps WAL for an idle sync.
+                        emit_heartbeat(self.staging, staging).await?;
+                        self.last_activity = Instant::now();
+                    }
+                }
+                Ok(Err(e)) => return Err(e.into()),
+                Ok(Ok(None)) => {
+                    return Err(SyncError::Replication(ReplicationError::Closed {
+                        target: "staging".into(),
+                    }));
+                }
+                Ok(Ok(Some(message))) => {
+                    self.last_activity = Instant::now();
+                    self.last_received = self.last_received.max(message.wal_start);
+                    self.handle(message.wal_start, message.message).await?;
+                }
+            }
+        }
+    }
+
+    async fn commit_batch(&mut self) -> Result<(), SyncError> {
+        let Some(last) = self.batch_last.take() else {
+            return Ok(());
+        };
+        self.batch_started = None;
+        let end = self.applier.commit(&last).await?;
+        self.applied_end = end;
+        self.flush
+            .confirm(DurablePosition::after_durable_commit(end));
+        if self.one_by_one_until.is_some_and(|until| end >= until) {
+            self.one_by_one_until = None;
+            self.applier.one_by_one = false;
+            tracing::info!("past the replayed stretch; applying set-based again");
+        }
+        Ok(())
+    }
+
+    fn source(&self, lsn: Lsn) -> Source {
+        Source {
+            lsn,
+            xid: self.txn.as_ref().map_or(0, |t| t.xid),
+        }
+    }
+
+    async fn handle(&mut self, lsn: Lsn, message: LogicalMessage) -> Result<(), SyncError> {
+        match message {
+            LogicalMessage::Begin { final_lsn, xid, .. } => {
+                // Its commit record lies before the end of the last applied transaction: applied.
+                let skip = self.applied_end.is_valid() && final_lsn < self.applied_end;
+                self.txn = Some(OpenTxn { xid, skip });
+                if !skip && self.batch_started.is_none() {
+                    self.batch_started = Some(Instant::now());
+                }
+            }
+            LogicalMessage::Commit {
+                commit_lsn,
+                end_lsn,
+                commit_time,
+                ..
+            } => {
+                let txn = self
+                    .txn
+                    .take()
+                    .ok_or_else(|| SyncError::Protocol(format!("Commit at {lsn} without Begin")))?;
+                if txn.skip {
+                    return Ok(());
+                }
+                self.batch_last = Some(Progress {
+                    end_lsn,
+                    commit_lsn,
+                    xid: txn.xid,
+                    commit_time,
+                });
+                self.applier.stats.transactions += 1;
+                let sync = &self.config.sync;
+                let full = self.applier.pending_rows() >= sync.batch_max_rows
+                    || self.applier.pending_bytes() >= sync.batch_max_bytes
+                    || self.applier.one_by_one
+                    || self.batch_started.is_some_and(|s| {
+                        s.elapsed() >= Duration::from_millis(sync.batch_max_delay_ms)
+                    });
+                if full {
+                    self.commit_batch().await?;
+                }
+            }
+            LogicalMessage::Relation { relation, .. } => self.relation(relation)?,
+            LogicalMessage::Insert { relation, new, .. } => {
+                if self.skipping() {
+                    return Ok(());
+                }
+                let (table, row) = self.to_production(relation, new)?;
+                let key = self.key_of(table, &row)?;
+                self.applier
+                    .row_change(table, key, RowOp::Insert(row), self.source(lsn))
+                    .await?;
+                self.flush_if_large().await?;
+            }
+            LogicalMessage::Update {
+                relation, old, new, ..
+            } => {
+                if self.skipping() {
+                    return Ok(());
+                }
+                let (table, row) = self.to_production(relation, new)?;
+                let new_key = self.key_of(table, &row)?;
+                let old_key = match old {
+                    Some(OldTuple::Key(t) | OldTuple::Full(t)) => {
+                        let (_, old_row) = self.to_production(relation, t)?;
+                        Some(self.key_of(table, &old_row)?)
+                    }
+                    None => None,
+                };
+                let source = self.source(lsn);
+                match old_key {
+                    Some(old_key) if old_key != new_key => {
+                        self.applier.key_change(table, old_key, row, source).await?
+                    }
+                    _ => {
+                        self.applier
+                            .row_change(table, new_key, RowOp::Update(row), source)
+                            .await?
+                    }
+                }
+                self.flush_if_large().await?;
+            }
+            LogicalMessage::Delete { relation, old, .. } => {
+                if self.skipping() {
+                    return Ok(());
+                }
+                let (table, old_row) = self.to_production(relation, old.tuple().clone())?;
+                let key = self.key_of(table, &old_row)?;
+                self.applier
+                    .row_change(table, key, RowOp::Delete, self.source(lsn))
+                    .await?;
+                self.flush_if_large().await?;
+            }
+            LogicalMessage::Truncate {
+                relations,
+                restart_identity,
+                ..
+            } => {
+                if self.skipping() {
+                    return Ok(());
+                }
+                let mut tables = Vec::with_capacity(relations.len());
+                for oid in relations {
+                    tables.push(self.relation_info(oid)?.table);
+                }
+                self.applier.truncate(&tables, restart_identity).await?;
+            }
+            LogicalMessage::Message { .. }
+            | LogicalMessage::Origin { .. }
+            | LogicalMessage::Type { .. } => {}
+            other => {
+                return Err(SyncError::Protocol(format!(
+                    "unexpected {} message at {lsn}: sync does not ask for streamed transactions",
+                    other.name()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn skipping(&self) -> bool {
+        self.txn.as_ref().is_some_and(|t| t.skip)
+    }
+
+    /// Bounded memory: a large transaction is sent in pieces inside the open transaction.
+    async fn flush_if_large(&mut self) -> Result<(), SyncError> {
+        let sync = &self.config.sync;
+        if self.applier.pending_rows() >= sync.batch_max_rows
+            || self.applier.pending_bytes() >= sync.batch_max_bytes
+        {
+            self.applier.flush().await?;
+        }
+        Ok(())
+    }
+
+    fn relation(&mut self, relation: Relation) -> Result<(), SyncError> {
+        let name = TableName::new(relation.namespace.clone(), relation.name.clone());
+        let table = self
+            .applier
+            .table_id(&name)
+            .ok_or_else(|| SyncError::UnknownTable(name.to_string()))?;
+        let meta = self.applier.meta(table);
+        let map = schema::map_relation(&relation, meta)
+            .map_err(|m| SyncError::Apply(ApplyError::Schema(m)))?;
+        let production_width = meta.columns.len();
+        self.relations.insert(
+            relation.oid,
+            RelationInfo {
+                table,
+                map,
+                production_width,
+            },
+        );
+        Ok(())
+    }
+
+    fn relation_info(&self, oid: Oid) -> Result<&RelationInfo, SyncError> {
+        self.relations.get(&oid).ok_or_else(|| {
+            SyncError::Protocol(format!(
+                "change of relation {oid} before its Relation message"
+            ))
+        })
+    }
+
+    /// A staging tuple in production column order; columns staging does not send are marked
+    /// unchanged, so they are never written.
+    fn to_production(&self, oid: Oid, tuple: Tuple) -> Result<(usize, Tuple), SyncError> {
+        let info = self.relation_info(oid)?;
+        if tuple.len() != info.map.to_production.len() {
+            return Err(SyncError::Protocol(format!(
+                "a change of relation {oid} has {} columns, its Relation message {}",
+                tuple.len(),
+                info.map.to_production.len()
+            )));
+        }
+        let mut row = vec![Value::UnchangedToast; info.production_width];
+        for (value, &p) in tuple.into_iter().zip(&info.map.to_production) {
+            row[p] = value;
+        }
+        Ok((info.table, row))
+    }
+
+    fn key_of(&self, table: usize, row: &Tuple) -> Result<Key, SyncError> {
+        let meta = self.applier.meta(table);
+        meta.key
+            .iter()
+            .map(|&k| match &row[k] {
+                Value::Text(b) => Ok(Some(b.clone())),
+                Value::Binary(b) => Ok(Some(b.clone())),
+                _ => Err(SyncError::Apply(ApplyError::Schema(format!(
+                    "staging did not send key column {} of {} (its replica identity must cover production's primary key)",
+                    meta.columns[k].name,
+                    meta.table_name()
+                )))),
+            })
+            .collect::<Result<Vec<Option<Bytes>>, _>>()
+    }
+}
