@@ -395,6 +395,7 @@ where
         last_activity: Instant::now(),
         one_by_one_until: state.one_by_one_until,
         last_received: state.last_received,
+        sequences_synced: false,
     };
     let result = pipeline
         .run(&mut stream, &s, state, shutdown.as_mut())
@@ -428,6 +429,7 @@ struct Pipeline<'a> {
     last_activity: Instant,
     one_by_one_until: Option<Lsn>,
     last_received: Lsn,
+    sequences_synced: bool,
 }
 
 impl Pipeline<'_> {
@@ -451,8 +453,11 @@ impl Pipeline<'_> {
                     return Ok(SessionEnd::Stopped);
                 }
             }
-            if report.elapsed() >= Duration::from_secs(10) {
+            if report.elapsed() >= Duration::from_secs(10) || !self.sequences_synced {
                 report = Instant::now();
+                if !self.applier.in_transaction() {
+                    self.sync_sequences(staging).await?;
+                }
                 let st = self.applier.stats;
                 tracing::info!(
                     applied = %self.applied_end,
@@ -650,6 +655,23 @@ impl Pipeline<'_> {
                 )));
             }
         }
+        Ok(())
+    }
+
+    /// Keeps production's sequences of identity-keyed tables at least as high as staging's.
+    async fn sync_sequences(&mut self, staging: &tokio_postgres::Client) -> Result<(), SyncError> {
+        let values = apply::sequences::read_staging(staging, self.config)
+            .await
+            .map_err(database_error(self.staging, "reading sequences"))?;
+        let raised = apply::sequences::raise_on_production(self.applier.client(), &values)
+            .await
+            .map_err(|e| {
+                SyncError::Apply(ApplyError::Query(QueryError::new("raising sequences", &e)))
+            })?;
+        if raised > 0 {
+            tracing::debug!(raised, "raised production sequences to staging's values");
+        }
+        self.sequences_synced = true;
         Ok(())
     }
 

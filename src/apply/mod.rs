@@ -5,6 +5,7 @@
 
 pub mod batch;
 pub mod schema;
+pub mod sequences;
 pub mod sql;
 
 use std::collections::{HashMap, HashSet};
