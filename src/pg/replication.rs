@@ -873,8 +873,10 @@ struct StreamShared {
 }
 
 /// Bounded so that a slow consumer stops the driver from reading the socket (backpressure),
-/// while the driver keeps sending status updates so the server does not time out.
-const EVENT_QUEUE: usize = 1024;
+/// while the driver keeps sending status updates so the server does not time out. Large enough
+/// (a few MB of typical messages) that the server keeps decoding while the pipeline applies a
+/// batch, instead of the two taking turns.
+const EVENT_QUEUE: usize = 16 * 1024;
 
 /// The consumer's end of a streaming replication connection.
 pub struct ReplicationStream {
