@@ -152,7 +152,12 @@ where
     };
     let mut attempt: u32 = 0;
     loop {
+        let applied_before = state.last_applied;
         let result = session(config, options, &mut state, shutdown.as_mut()).await;
+        if state.last_applied != applied_before {
+            // The session made progress: the next failure starts the backoff afresh.
+            attempt = 0;
+        }
         match result {
             Ok(SessionEnd::Stopped) => {
                 return Ok(SyncSummary {
@@ -189,9 +194,6 @@ where
                 state.one_by_one_until = Some(until);
             }
             Err(e) => return Err(e),
-        }
-        if state.last_applied.is_some() {
-            attempt = attempt.saturating_sub(1);
         }
     }
 }
@@ -256,16 +258,17 @@ async fn validate(
     }
 }
 
-/// The slot must exist and still hold what it promised; it is never created here.
+/// The slot must exist and still hold what it promised; it is never created here. Returns its
+/// confirmed position.
 async fn check_slot(
     config: &Config,
     staging: &Endpoint,
     s: &tokio_postgres::Client,
-) -> Result<(), SyncError> {
+) -> Result<Lsn, SyncError> {
     let slot = &config.sync.slot;
     let row = s
         .query_opt(
-            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()",
+            "SELECT wal_status, confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()",
             &[slot],
         )
         .await
@@ -287,7 +290,10 @@ async fn check_slot(
                 staging.describe()
             )))
         }
-        Some(_) => Ok(()),
+        Some(row) => Ok(row
+            .get::<_, Option<String>>(1)
+            .and_then(|l| l.parse().ok())
+            .unwrap_or_default()),
     }
 }
 
@@ -326,9 +332,19 @@ where
         .map_err(database_error(&production, "connect"))?;
     apply::ensure_state_tables(&p).await?;
     let metas = validate(config, &staging, &s, &production, &p).await?;
-    check_slot(config, &staging, &s).await?;
+    let confirmed = check_slot(config, &staging, &s).await?;
     let progress = apply::read_progress(&p, &config.sync.slot).await?;
     let applied_end = progress.map(|p| p.end_lsn).unwrap_or_default();
+    if applied_end.is_valid() && confirmed > applied_end {
+        // sync confirms only what production committed, so production lost commits it had:
+        // restored from a backup, or its progress table was changed.
+        return Err(SyncError::Slot(format!(
+            "production's progress ({applied_end}) is behind what the slot {} already released \
+             ({confirmed}): production lacks changes staging no longer has (was it restored from \
+             a backup?). Re-seed production with `stagingprop copy`",
+            config.sync.slot
+        )));
+    }
     if matches!(options.stop_at, Some(StopAt::CaughtUp)) && state.stop_lsn.is_none() {
         let lsn: String = s
             .query_one("SELECT pg_current_wal_lsn()::text", &[])
@@ -496,7 +512,10 @@ impl Pipeline<'_> {
                     } else if self.txn.is_none() && self.last_activity.elapsed() >= heartbeat {
                         // Idle: a transactional message gives the slot something to confirm,
                         // so staging never keeps WAL for an idle sync.
-                        emit_heartbeat(self.staging, staging).await?;
+                        // Best effort: failing to emit only delays the slot's advance.
+                        if let Err(e) = emit_heartbeat(self.staging, staging).await {
+                            tracing::warn!("cannot emit a heartbeat on staging: {e}");
+                        }
                         self.last_activity = Instant::now();
                     }
                 }
