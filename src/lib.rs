@@ -12,11 +12,13 @@
 //! - [`sql`]: the one place identifiers and literals are quoted.
 //! - [`ops`]: operator commands (`init`, `tail`).
 //! - [`apply`]: set-based, exactly-once apply to production, conflicts, progress.
+//! - [`copy`]: consistent parallel snapshot copy with the hand-off to sync.
 //! - [`cluster`]: throwaway local clusters for tests and the demo.
 
 pub mod apply;
 pub mod cluster;
 pub mod config;
+pub mod copy;
 pub mod model;
 pub mod ops;
 pub mod pg;

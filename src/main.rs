@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use stagingprop::config::Config;
+use stagingprop::config::{Config, TableName};
+use stagingprop::copy::{CopyError, CopyOptions, Side};
 use stagingprop::ops::OpsError;
 use stagingprop::ops::init::{InitOptions, init};
 use stagingprop::ops::tail::{TailOptions, tail};
@@ -52,6 +53,21 @@ struct Cli {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
+enum SideArg {
+    Staging,
+    Production,
+}
+
+impl From<SideArg> for Side {
+    fn from(side: SideArg) -> Side {
+        match side {
+            SideArg::Staging => Side::Staging,
+            SideArg::Production => Side::Production,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum LogFormat {
     Human,
     Json,
@@ -72,6 +88,32 @@ enum Command {
         /// Stop once production has everything staging had written when sync started.
         #[arg(long)]
         until_caught_up: bool,
+    },
+    /// Seed one database's managed tables from the other's, from one consistent snapshot, in
+    /// parallel. From staging to production it creates the sync slot with that snapshot and
+    /// records where sync starts, so nothing is lost or applied twice.
+    Copy {
+        /// The database to read.
+        #[arg(long, value_enum)]
+        from: SideArg,
+        /// The database to write.
+        #[arg(long, value_enum)]
+        to: SideArg,
+        /// Copy only these managed tables (comma-separated schema.table).
+        #[arg(long, value_delimiter = ',')]
+        tables: Vec<String>,
+        /// Leave these managed tables out (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        exclude: Vec<String>,
+        /// Empty each target table in the transaction that loads it (else non-empty targets are an error).
+        #[arg(long)]
+        truncate: bool,
+        /// Parallel workers (default: the number of cores).
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// A shell command to run after a successful copy (e.g. a search-index rebuild).
+        #[arg(long, value_name = "CMD")]
+        after: Option<String>,
     },
     /// Print staging's decoded changes as JSON lines (one per row change) on stdout.
     ///
@@ -174,6 +216,68 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             );
             Ok(())
         }
+        Command::Copy {
+            from,
+            to,
+            tables,
+            exclude,
+            truncate,
+            jobs,
+            after,
+        } => {
+            let parse = |names: Vec<String>| -> Result<Vec<TableName>, Failure> {
+                names
+                    .iter()
+                    .map(|n| {
+                        n.parse().map_err(|e: String| Failure {
+                            code: exit::CONFIG,
+                            message: e,
+                        })
+                    })
+                    .collect()
+            };
+            let options = CopyOptions {
+                from: from.into(),
+                to: to.into(),
+                tables: parse(tables)?,
+                exclude: parse(exclude)?,
+                truncate,
+                jobs: jobs
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+                after,
+            };
+            let report = stagingprop::copy::copy(&config, &options)
+                .await
+                .map_err(copy_failure)?;
+            println!(
+                "{:<40} {:>12} {:>10} {:>8}",
+                "table", "rows", "MB", "seconds"
+            );
+            for t in &report.tables {
+                println!(
+                    "{:<40} {:>12} {:>10.1} {:>8.1}",
+                    t.table.to_string(),
+                    t.rows,
+                    t.bytes as f64 / 1e6,
+                    t.seconds
+                );
+            }
+            if let Some(lsn) = report.handoff {
+                println!("sync will start at {lsn}, right after the copied snapshot");
+            }
+            if let Some(status) = report.after_status {
+                println!("--after command exited with {status}");
+                if status != 0 {
+                    return Err(Failure {
+                        code: exit::FAILED,
+                        message: format!(
+                            "the copy succeeded but the --after command exited with {status}"
+                        ),
+                    });
+                }
+            }
+            Ok(())
+        }
         Command::Tail {
             slot,
             publication,
@@ -236,6 +340,22 @@ fn sync_failure(error: SyncError) -> Failure {
         _ => exit::FAILED,
     };
     with_sqlstate(code, error.to_string(), error.sqlstate())
+}
+
+fn copy_failure(error: CopyError) -> Failure {
+    let code = match &error {
+        CopyError::Endpoint(_) => exit::CONFIG,
+        CopyError::Schema(_) => exit::SCHEMA,
+        CopyError::Database { source, .. } if source.transient => exit::UNREACHABLE,
+        CopyError::Replication(_) => exit::REPLICATION,
+        _ => exit::FAILED,
+    };
+    let sqlstate = match &error {
+        CopyError::Database { source, .. } => source.sqlstate(),
+        CopyError::Replication(e) => e.sqlstate(),
+        _ => None,
+    };
+    with_sqlstate(code, error.to_string(), sqlstate)
 }
 
 fn with_sqlstate(code: u8, mut message: String, sqlstate: Option<&str>) -> Failure {

@@ -679,10 +679,10 @@ impl Pipeline<'_> {
 
     /// Keeps production's sequences of identity-keyed tables at least as high as staging's.
     async fn sync_sequences(&mut self, staging: &tokio_postgres::Client) -> Result<(), SyncError> {
-        let values = apply::sequences::read_staging(staging, self.config)
+        let values = apply::sequences::read_owned(staging, self.config)
             .await
             .map_err(database_error(self.staging, "reading sequences"))?;
-        let raised = apply::sequences::raise_on_production(self.applier.client(), &values)
+        let raised = apply::sequences::raise(self.applier.client(), &values)
             .await
             .map_err(|e| {
                 SyncError::Apply(ApplyError::Query(QueryError::new("raising sequences", &e)))

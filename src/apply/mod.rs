@@ -210,63 +210,6 @@ pub async fn read_progress(client: &Client, slot: &str) -> Result<Option<Progres
     }))
 }
 
-/// Production's foreign keys among the managed tables, as (child, parent) index pairs.
-async fn foreign_keys(
-    client: &Client,
-    tables: &[TableState],
-) -> Result<Vec<(usize, usize)>, ApplyError> {
-    let rows = client
-        .query(
-            "SELECT cn.nspname::text, c.relname::text, pn.nspname::text, p.relname::text
-               FROM pg_constraint k
-               JOIN pg_class c ON c.oid = k.conrelid JOIN pg_namespace cn ON cn.oid = c.relnamespace
-               JOIN pg_class p ON p.oid = k.confrelid JOIN pg_namespace pn ON pn.oid = p.relnamespace
-              WHERE k.contype = 'f'",
-            &[],
-        )
-        .await
-        .map_err(query_error("reading foreign keys"))?;
-    let index = |schema: String, name: String| {
-        tables
-            .iter()
-            .position(|t| t.meta.schema == schema && t.meta.name == name)
-    };
-    Ok(rows
-        .into_iter()
-        .filter_map(|r| {
-            let child = index(r.get(0), r.get(1))?;
-            let parent = index(r.get(2), r.get(3))?;
-            (child != parent).then_some((child, parent))
-        })
-        .collect())
-}
-
-/// Parents before children; tables in a cycle keep their config order.
-fn parents_first(count: usize, edges: &[(usize, usize)]) -> Vec<usize> {
-    let mut order = Vec::with_capacity(count);
-    let mut placed = vec![false; count];
-    while order.len() < count {
-        let ready: Vec<usize> = (0..count)
-            .filter(|&t| {
-                !placed[t]
-                    && edges
-                        .iter()
-                        .all(|&(child, parent)| child != t || placed[parent])
-            })
-            .collect();
-        let next = if ready.is_empty() {
-            (0..count).filter(|&t| !placed[t]).collect()
-        } else {
-            ready
-        };
-        for t in next {
-            placed[t] = true;
-            order.push(t);
-        }
-    }
-    order
-}
-
 impl Applier {
     /// Prepares the production session for `tables` (metadata already loaded and validated).
     pub async fn new(
@@ -287,8 +230,11 @@ impl Applier {
             .enumerate()
             .map(|(i, t)| (t.meta.table_name(), i))
             .collect();
-        let edges = foreign_keys(&client, &tables).await?;
-        let order = parents_first(tables.len(), &edges);
+        let metas: Vec<&TableMeta> = tables.iter().map(|t| &t.meta).collect();
+        let edges = schema::foreign_keys(&client, &metas)
+            .await
+            .map_err(query_error("reading foreign keys"))?;
+        let order = schema::parents_first(tables.len(), &edges);
         // Like PostgreSQL's own apply worker: foreign keys are not re-checked row by row on
         // production (staging checked them, and a batch is consistent at its end). Needs a
         // superuser; otherwise production checks them and tables are applied parents first.
@@ -808,18 +754,4 @@ fn row_json(meta: &TableMeta, row: &Tuple) -> serde_json::Value {
         map.insert(column.name.clone(), v);
     }
     serde_json::Value::Object(map)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parents_come_first() {
-        // 0 is a child of 1, 1 a child of 2.
-        assert_eq!(parents_first(3, &[(0, 1), (1, 2)]), vec![2, 1, 0]);
-        assert_eq!(parents_first(3, &[]), vec![0, 1, 2]);
-        // A cycle does not hang: the rest keeps config order.
-        assert_eq!(parents_first(3, &[(0, 1), (1, 0)]), vec![2, 0, 1]);
-    }
 }

@@ -204,9 +204,113 @@ pub fn map_relation(relation: &Relation, production: &TableMeta) -> Result<Colum
     })
 }
 
+/// Foreign keys among `tables` on one database, as (child, parent) index pairs.
+pub async fn foreign_keys(
+    client: &Client,
+    tables: &[&TableMeta],
+) -> Result<Vec<(usize, usize)>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT cn.nspname::text, c.relname::text, pn.nspname::text, p.relname::text
+               FROM pg_constraint k
+               JOIN pg_class c ON c.oid = k.conrelid JOIN pg_namespace cn ON cn.oid = c.relnamespace
+               JOIN pg_class p ON p.oid = k.confrelid JOIN pg_namespace pn ON pn.oid = p.relnamespace
+              WHERE k.contype = 'f'",
+            &[],
+        )
+        .await?;
+    let index = |schema: String, name: String| {
+        tables
+            .iter()
+            .position(|t| t.schema == schema && t.name == name)
+    };
+    Ok(rows
+        .into_iter()
+        .filter_map(|r| {
+            let child = index(r.get(0), r.get(1))?;
+            let parent = index(r.get(2), r.get(3))?;
+            (child != parent).then_some((child, parent))
+        })
+        .collect())
+}
+
+/// Table indexes, parents before children; tables in a cycle keep their given order.
+pub fn parents_first(count: usize, edges: &[(usize, usize)]) -> Vec<usize> {
+    let mut order = Vec::with_capacity(count);
+    let mut placed = vec![false; count];
+    while order.len() < count {
+        let ready: Vec<usize> = (0..count)
+            .filter(|&t| {
+                !placed[t]
+                    && edges
+                        .iter()
+                        .all(|&(child, parent)| child != t || placed[parent])
+            })
+            .collect();
+        let next = if ready.is_empty() {
+            (0..count).filter(|&t| !placed[t]).collect()
+        } else {
+            ready
+        };
+        for t in next {
+            placed[t] = true;
+            order.push(t);
+        }
+    }
+    order
+}
+
+/// Groups of tables linked by foreign keys (each group parents first), in first-table order.
+pub fn linked_groups(count: usize, edges: &[(usize, usize)]) -> Vec<Vec<usize>> {
+    let mut group: Vec<usize> = (0..count).collect();
+    fn root(group: &mut [usize], mut t: usize) -> usize {
+        while group[t] != t {
+            group[t] = group[group[t]];
+            t = group[t];
+        }
+        t
+    }
+    for &(a, b) in edges {
+        let (ra, rb) = (root(&mut group, a), root(&mut group, b));
+        if ra != rb {
+            group[ra.max(rb)] = ra.min(rb);
+        }
+    }
+    let order = parents_first(count, edges);
+    let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
+    for t in order {
+        let r = root(&mut group, t);
+        match groups.iter_mut().find(|(g, _)| *g == r) {
+            Some((_, members)) => members.push(t),
+            None => groups.push((r, vec![t])),
+        }
+    }
+    groups.sort_by_key(|(r, _)| *r);
+    groups.into_iter().map(|(_, members)| members).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parents_come_first() {
+        // 0 is a child of 1, 1 a child of 2.
+        assert_eq!(parents_first(3, &[(0, 1), (1, 2)]), vec![2, 1, 0]);
+        assert_eq!(parents_first(3, &[]), vec![0, 1, 2]);
+        // A cycle does not hang: the rest keeps the given order.
+        assert_eq!(parents_first(3, &[(0, 1), (1, 0)]), vec![2, 0, 1]);
+    }
+
+    #[test]
+    fn linked_tables_form_groups() {
+        // 0 <- 2 (2 references 0), 1 alone, 3 references 2.
+        assert_eq!(
+            linked_groups(4, &[(2, 0), (3, 2)]),
+            vec![vec![0, 2, 3], vec![1]]
+        );
+        assert_eq!(linked_groups(2, &[]), vec![vec![0], vec![1]]);
+    }
 
     fn table(columns: &[(&str, &str)], key: Vec<usize>) -> TableMeta {
         TableMeta {

@@ -14,9 +14,9 @@ pub struct SequenceValue {
     pub last_value: i64,
 }
 
-/// Staging's values of the sequences owned by the identity-keyed managed tables.
-pub async fn read_staging(
-    staging: &Client,
+/// One database's values of the sequences owned by the identity-keyed managed tables.
+pub async fn read_owned(
+    source: &Client,
     config: &Config,
 ) -> Result<Vec<SequenceValue>, tokio_postgres::Error> {
     let identity: Vec<&TableName> = config
@@ -30,7 +30,7 @@ pub async fn read_staging(
     }
     let schemas: Vec<&str> = identity.iter().map(|t| t.schema.as_str()).collect();
     let names: Vec<&str> = identity.iter().map(|t| t.name.as_str()).collect();
-    let rows = staging
+    let rows = source
         .query(
             "SELECT s.schemaname::text, s.sequencename::text, s.last_value
                FROM pg_depend d
@@ -56,16 +56,16 @@ pub async fn read_staging(
         .collect())
 }
 
-/// Raises production's sequences to staging's values where they are lower. Returns how many
+/// Raises the target's sequences to the given values where they are lower. Returns how many
 /// were raised.
-pub async fn raise_on_production(
-    production: &Client,
+pub async fn raise(
+    target: &Client,
     values: &[SequenceValue],
 ) -> Result<u64, tokio_postgres::Error> {
     let mut raised = 0;
     for value in values {
         // format('%I.%I') quotes on the server; setval is not transactional and never lowers here.
-        raised += production
+        raised += target
             .execute(
                 "SELECT setval(format('%I.%I', schemaname, sequencename), $3)
                    FROM pg_sequences
