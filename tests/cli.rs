@@ -451,3 +451,51 @@ fn tail_on_a_named_slot_confirms_nothing() {
         "SELECT pg_drop_replication_slot('tail_slot')",
     );
 }
+
+#[test]
+fn copy_prints_a_summary_per_table() {
+    let c = clusters();
+    let (staging, production) = catalogue_pair("cli_copy");
+    psql(
+        &c.production,
+        &production,
+        "INSERT INTO catentry (catentry_id, partnumber) SELECT g, 'P' || g FROM generate_series(1, 1234) g",
+    );
+    let scratch = Scratch::new("cli_copy");
+    let config = write_config(
+        &scratch.0,
+        &staging,
+        &production,
+        &["public.catentry", "public.catentdesc"],
+        "cli_copy",
+    );
+    let (code, stdout, stderr) = run(
+        &config,
+        &[
+            "copy",
+            "--from",
+            "production",
+            "--to",
+            "staging",
+            "--jobs",
+            "2",
+        ],
+    );
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("public.catentry "))
+        .unwrap_or_else(|| panic!("no summary line: {stdout}"));
+    assert!(line.contains(" 1234 "), "{line}");
+    assert_eq!(
+        psql(&c.staging, &staging, "SELECT count(*) FROM catentry").trim(),
+        "1234"
+    );
+    // Same direction again without --truncate: refused, exit 1, nothing changed.
+    let (code, _, stderr) = run(
+        &config,
+        &["copy", "--from", "production", "--to", "staging"],
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("not empty"), "{stderr}");
+}

@@ -13,6 +13,8 @@
 //! alone), so a failed copy leaves every table either untouched or complete.
 
 use std::collections::VecDeque;
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -277,7 +279,7 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
         for &i in &group {
             let bytes: i64 = s
                 .query_one(
-                    "SELECT pg_total_relation_size($1::text::regclass)",
+                    "SELECT pg_table_size($1::text::regclass)",
                     &[&metas[i].qualified()],
                 )
                 .await
@@ -288,6 +290,12 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
         sized.push((size, group));
     }
     sized.sort_by_key(|(size, _)| std::cmp::Reverse(*size));
+    let progress = Arc::new(CopyProgress {
+        estimate: sized.iter().map(|(size, _)| *size as u64).sum(),
+        tables: metas.len(),
+        ..CopyProgress::default()
+    });
+    let reporter = tokio::spawn(report_progress(progress.clone()));
     let queue: Arc<Mutex<VecDeque<Vec<usize>>>> =
         Arc::new(Mutex::new(sized.into_iter().map(|(_, g)| g).collect()));
     let metas = Arc::new(metas);
@@ -308,6 +316,7 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
             truncate: options.truncate,
             queue: queue.clone(),
             metas: metas.clone(),
+            progress: progress.clone(),
         };
         let imported = imported_tx.clone();
         workers.push(tokio::spawn(async move { ctx.run(imported).await }));
@@ -332,10 +341,18 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
     }
 
     let mut report = CopyReport::default();
+    let mut workers_done = Vec::with_capacity(workers.len());
+    for worker in workers {
+        workers_done.push(worker.await);
+    }
+    reporter.abort();
+    if std::io::stderr().is_terminal() {
+        eprintln!();
+    }
     let mut failed = Vec::new();
     let mut errors = Vec::new();
-    for worker in workers {
-        match worker.await {
+    for worker in workers_done {
+        match worker {
             Ok(outcome) => {
                 report.tables.extend(outcome.done);
                 for (tables, error) in outcome.failed {
@@ -431,6 +448,54 @@ async fn record_handoff(
     Ok(())
 }
 
+/// Shared counters for the operator's view of a running copy.
+#[derive(Default)]
+struct CopyProgress {
+    /// The source tables' on-disk size: the denominator of the estimate.
+    estimate: u64,
+    tables: usize,
+    bytes: AtomicU64,
+    rows: AtomicU64,
+    tables_done: AtomicUsize,
+}
+
+/// A progress line redrawn every second on a terminal; a log line every 10 s otherwise.
+async fn report_progress(progress: Arc<CopyProgress>) {
+    let started = Instant::now();
+    let terminal = std::io::stderr().is_terminal();
+    let every = if terminal { 1 } else { 10 };
+    let mut tick = tokio::time::interval(Duration::from_secs(every));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let bytes = progress.bytes.load(Ordering::Relaxed);
+        let rows = progress.rows.load(Ordering::Relaxed);
+        let done = progress.tables_done.load(Ordering::Relaxed);
+        let elapsed = started.elapsed().as_secs_f64().max(0.001);
+        let rate = bytes as f64 / elapsed;
+        // COPY's binary size differs from the on-disk size: never claim to be done early.
+        let fraction = (bytes as f64 / progress.estimate.max(1) as f64).min(0.99);
+        let eta = if rate > 0.0 {
+            (progress.estimate.saturating_sub(bytes)) as f64 / rate
+        } else {
+            0.0
+        };
+        let line = format!(
+            "copy: {:>5.1}% {:.0} MB at {:.1} MB/s, {done}/{} tables, {rows} rows in finished tables, ETA {:.0} s",
+            fraction * 100.0,
+            bytes as f64 / 1e6,
+            rate / 1e6,
+            progress.tables,
+            eta
+        );
+        if terminal {
+            eprint!("\r{line}   ");
+        } else {
+            tracing::info!("{line}");
+        }
+    }
+}
+
 struct Worker {
     id: usize,
     source: Endpoint,
@@ -439,6 +504,7 @@ struct Worker {
     truncate: bool,
     queue: Arc<Mutex<VecDeque<Vec<usize>>>>,
     metas: Arc<Vec<TableMeta>>,
+    progress: Arc<CopyProgress>,
 }
 
 #[derive(Default)]
@@ -589,6 +655,9 @@ impl Worker {
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(db_error(&self.source, "reading the table"))?;
             bytes += chunk.len() as u64;
+            self.progress
+                .bytes
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
             sink.feed(chunk)
                 .await
                 .map_err(db_error(&self.target, "writing the table"))?;
@@ -601,6 +670,8 @@ impl Worker {
             .finish()
             .await
             .map_err(db_error(&self.target, "finishing the table"))?;
+        self.progress.rows.fetch_add(rows, Ordering::Relaxed);
+        self.progress.tables_done.fetch_add(1, Ordering::Relaxed);
         Ok(TableReport {
             table: meta.table_name(),
             rows,
