@@ -334,6 +334,13 @@ where
     let metas = validate(config, &staging, &s, &production, &p).await?;
     let confirmed = check_slot(config, &staging, &s).await?;
     let progress = apply::read_progress(&p, &config.sync.slot).await?;
+    if progress.is_some_and(|p| !p.end_lsn.is_valid()) {
+        return Err(SyncError::Slot(format!(
+            "a `stagingprop copy` into {} started but did not complete, so production is not a \
+             consistent copy of staging: run the copy again (with --truncate) before sync",
+            production.describe()
+        )));
+    }
     let applied_end = progress.map(|p| p.end_lsn).unwrap_or_default();
     if applied_end.is_valid() && confirmed > applied_end {
         // sync confirms only what production committed, so production lost commits it had:

@@ -295,3 +295,70 @@ async fn a_connection_killed_mid_copy_leaves_tables_untouched_or_complete() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_refuses_a_production_whose_seeding_copy_failed() {
+    let c = clusters();
+    let p = pair("copy_failed_handoff");
+    psql(&c.staging, &p.staging, SEED);
+    psql(
+        &c.staging,
+        &p.staging,
+        "INSERT INTO staticfile SELECT '/f/' || g, convert_to(repeat(md5(g::text), 10), 'UTF8') FROM generate_series(1, 100000) g",
+    );
+    init(&p.config, &InitOptions { create_slot: false })
+        .await
+        .expect("init");
+    let config = p.config.clone();
+    let running = tokio::spawn(async move {
+        copy::copy(&config, &options(Side::Staging, Side::Production)).await
+    });
+    let mut killed = false;
+    for _ in 0..400 {
+        let n = psql(
+            &c.production,
+            &p.production,
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'COPY \"public\".\"staticfile\"%'",
+        );
+        if n.trim() != "0" {
+            killed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(killed, "the big table's COPY was never seen on production");
+    let result = tokio::time::timeout(Duration::from_secs(120), running)
+        .await
+        .expect("copy ends")
+        .unwrap();
+    assert!(
+        matches!(result, Err(CopyError::Partial { .. })),
+        "{result:?}"
+    );
+
+    let options = SyncOptions {
+        stop_at: Some(StopAt::CaughtUp),
+        max_attempts: Some(2),
+    };
+    let err = sync::run(&p.config, &options, std::future::pending())
+        .await
+        .expect_err("sync must not stream onto a half-seeded production");
+    assert!(err.to_string().contains("did not complete"), "{err}");
+
+    let mut again = self::options(Side::Staging, Side::Production);
+    again.truncate = true;
+    copy::copy(&p.config, &again).await.expect("copy again");
+    psql(
+        &c.staging,
+        &p.staging,
+        "UPDATE catentry SET counter = 7 WHERE catentry_id < 10",
+    );
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        sync::run(&p.config, &options, std::future::pending()),
+    )
+    .await
+    .expect("sync in time")
+    .expect("sync after a complete copy");
+    assert_equal(&p);
+}

@@ -242,6 +242,15 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
             .await
             .map_err(|e| CopyError::Refused(format!("on {}: {e}", target.describe())))?;
         prepare_slot(config, &source, &s).await?;
+        // Until the copy completes, production's progress says "copy in progress" (0/0), so
+        // sync refuses to stream onto a half-seeded production.
+        let marker = Progress {
+            end_lsn: Lsn::INVALID,
+            commit_lsn: Lsn::INVALID,
+            xid: 0,
+            commit_time: PgTimestamp::now(),
+        };
+        record_handoff(&t, &target, slot, &marker).await?;
         let mut repl = ReplicationClient::connect(&source).await?;
         let created = repl
             .create_logical_slot(slot, false, SnapshotAction::Export)
