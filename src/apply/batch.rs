@@ -42,9 +42,12 @@ pub enum RowOp {
     Delete,
 }
 
-/// The caller must apply what is pending before this change can be taken.
-#[derive(Debug, PartialEq, Eq)]
-pub struct NeedsFlush;
+/// The caller must apply what is pending before this change can be taken; it is handed back.
+#[derive(Debug)]
+pub struct NeedsFlush {
+    pub key: Key,
+    pub op: RowOp,
+}
 
 #[derive(Clone, Debug)]
 pub struct Entry {
@@ -87,7 +90,11 @@ impl TableChanges {
         let slot = self.index.get(&key).copied();
         let existing = slot.and_then(|i| self.entries[i].take());
         let before = existing.as_ref().map_or(0, |e| change_bytes(&e.change)) as isize;
-        let merged = match (existing.map(|e| e.change), op) {
+        let (existing, existing_source) = match existing {
+            Some(e) => (Some(e.change), e.source),
+            None => (None, source),
+        };
+        let merged = match (existing, op) {
             (None, RowOp::Insert(r)) => Some(NetChange::Insert(r)),
             (None, RowOp::Update(r)) => Some(NetChange::Update(r)),
             (None, RowOp::Delete) => Some(NetChange::Delete),
@@ -105,15 +112,15 @@ impl TableChanges {
                 Some(NetChange::Replace(overlay(&a, b)))
             }
             (Some(NetChange::Replace(_)), RowOp::Delete) => Some(NetChange::Delete),
-            (Some(previous), _) => {
+            (Some(previous), op) => {
                 // No single equivalent: put it back and let the caller apply what is pending.
                 let i = slot.expect("existing entries have a slot");
                 self.entries[i] = Some(Entry {
-                    key,
+                    key: key.clone(),
                     change: previous,
-                    source,
+                    source: existing_source,
                 });
-                return Err(NeedsFlush);
+                return Err(NeedsFlush { key, op });
             }
         };
         let after = merged.as_ref().map_or(0, change_bytes) as isize;
@@ -250,17 +257,20 @@ mod tests {
     fn asks_for_a_flush_when_there_is_no_equivalent() {
         let mut t = TableChanges::default();
         t.absorb(key("1"), RowOp::Delete, src(1)).unwrap();
-        assert_eq!(
-            t.absorb(key("1"), RowOp::Update(vec![text("1")]), src(2)),
-            Err(NeedsFlush)
-        );
-        // The pending delete is still there.
-        assert_eq!(t.drain()[0].change, NetChange::Delete);
+        let rejected = t
+            .absorb(key("1"), RowOp::Update(vec![text("1")]), src(2))
+            .unwrap_err();
+        assert_eq!(rejected.key, key("1"));
+        assert!(matches!(rejected.op, RowOp::Update(_)));
+        // The pending delete is still there, with its own source.
+        let pending = t.drain();
+        assert_eq!(pending[0].change, NetChange::Delete);
+        assert_eq!(pending[0].source, src(1));
         t.absorb(key("1"), RowOp::Insert(vec![text("1")]), src(3))
             .unwrap();
-        assert_eq!(
-            t.absorb(key("1"), RowOp::Insert(vec![text("1")]), src(4)),
-            Err(NeedsFlush)
+        assert!(
+            t.absorb(key("1"), RowOp::Insert(vec![text("1")]), src(4))
+                .is_err()
         );
     }
 

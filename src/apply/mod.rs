@@ -308,18 +308,14 @@ impl Applier {
         source: Source,
     ) -> Result<(), ApplyError> {
         self.begin().await?;
-        match self.tables[table]
-            .changes
-            .absorb(key.clone(), op.clone(), source)
-        {
+        match self.tables[table].changes.absorb(key, op, source) {
             Ok(delta) => self.account(delta),
-            Err(batch::NeedsFlush) => {
+            Err(batch::NeedsFlush { key, op }) => {
                 self.flush().await?;
-                let delta = self.tables[table]
-                    .changes
-                    .absorb(key, op, source)
-                    .expect("an empty table takes any change");
-                self.account(delta);
+                // After a flush nothing is pending, and an empty table takes any change.
+                if let Ok(delta) = self.tables[table].changes.absorb(key, op, source) {
+                    self.account(delta);
+                }
             }
         }
         if self.one_by_one {
