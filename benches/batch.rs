@@ -51,7 +51,10 @@ fn bench_absorb(c: &mut Criterion) {
             || input.clone(),
             |input| {
                 let mut table = TableChanges::default();
-                let source = Source { lsn: Lsn(1), xid: 1 };
+                let source = Source {
+                    lsn: Lsn(1),
+                    xid: 1,
+                };
                 for (key, op) in input {
                     if let Err(rejected) = table.absorb(key, op, source) {
                         // What the applier does: send what is pending, then take the change.

@@ -10,6 +10,7 @@ use stagingprop::config::{Config, TableName};
 use stagingprop::copy::{CopyError, CopyOptions, Side};
 use stagingprop::ops::OpsError;
 use stagingprop::ops::init::{InitOptions, init};
+use stagingprop::ops::status::{Thresholds, render, status};
 use stagingprop::ops::tail::{TailOptions, tail};
 use stagingprop::pg::connect::{Endpoint, EndpointError};
 use stagingprop::pg::replication::ReplicationError;
@@ -24,6 +25,7 @@ mod exit {
     pub const REPLICATION: u8 = 5;
     pub const SCHEMA: u8 = 6;
     pub const CONFLICT: u8 = 7;
+    pub const UNHEALTHY: u8 = 8;
 }
 
 #[derive(Parser, Debug)]
@@ -114,6 +116,20 @@ enum Command {
         /// A shell command to run after a successful copy (e.g. a search-index rebuild).
         #[arg(long, value_name = "CMD")]
         after: Option<String>,
+    },
+    /// Report on replication: the slot, lag, the last applied transaction, quarantined
+    /// conflicts. Exits 8 when unhealthy (slot missing, invalidated or unused, lag past a
+    /// threshold), so monitoring can call it.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Unhealthy when production is more than this many bytes of staging WAL behind.
+        #[arg(long, default_value_t = 1 << 30)]
+        max_lag_bytes: u64,
+        /// Unhealthy when production is more than this many seconds behind.
+        #[arg(long, default_value_t = 300.0)]
+        max_lag_seconds: f64,
     },
     /// Print staging's decoded changes as JSON lines (one per row change) on stdout.
     ///
@@ -277,6 +293,33 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
             Ok(())
+        }
+        Command::Status {
+            json,
+            max_lag_bytes,
+            max_lag_seconds,
+        } => {
+            let thresholds = Thresholds {
+                max_lag_bytes,
+                max_lag_seconds,
+            };
+            let report = status(&config, &thresholds).await.map_err(ops_failure)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_else(|e| e.to_string())
+                );
+            } else {
+                print!("{}", render(&report));
+            }
+            if report.healthy {
+                Ok(())
+            } else {
+                Err(Failure {
+                    code: exit::UNHEALTHY,
+                    message: format!("unhealthy: {}", report.problems.join("; ")),
+                })
+            }
         }
         Command::Tail {
             slot,

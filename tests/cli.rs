@@ -499,3 +499,101 @@ fn copy_prints_a_summary_per_table() {
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("not empty"), "{stderr}");
 }
+
+#[test]
+fn status_tells_healthy_from_unhealthy() {
+    let c = clusters();
+    let (staging, production) = catalogue_pair("cli_status");
+    let scratch = Scratch::new("cli_status");
+    let config = write_config(
+        &scratch.0,
+        &staging,
+        &production,
+        &["public.catentry", "public.catentdesc"],
+        "cli_status",
+    );
+    let (code, out, err) = run(&config, &["init"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let status = |extra: &[&str]| -> (i32, Json) {
+        let mut args = vec!["status", "--json"];
+        args.extend_from_slice(extra);
+        let (code, stdout, stderr) = run(&config, &args);
+        let json = serde_json::from_str(&stdout)
+            .unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {stdout}{stderr}"));
+        (code, json)
+    };
+
+    // Sync running and caught up: healthy.
+    let mut sync = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .arg("sync")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    psql(
+        &c.staging,
+        &staging,
+        "INSERT INTO catentry (catentry_id, partnumber) VALUES (1, 'A')",
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (code, json) = loop {
+        let (code, json) = status(&[]);
+        if code == 0 || Instant::now() > deadline {
+            break (code, json);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(code, 0, "{json:#}");
+    assert_eq!(json["healthy"], true);
+    assert_eq!(json["slot"]["active"], true);
+    assert!(
+        json["last_applied"]["xid"].as_i64().unwrap() > 0,
+        "{json:#}"
+    );
+    assert!(json["lag_bytes"].as_i64().unwrap() < 1 << 20, "{json:#}");
+    assert_eq!(json["quarantined_changes"], 0);
+    // A tight lag threshold makes the same state unhealthy.
+    psql(
+        &c.staging,
+        &staging,
+        "SELECT pg_switch_wal(); CREATE TABLE filler AS SELECT g FROM generate_series(1, 1000) g",
+    );
+    let _ = sync.kill();
+    let _ = sync.wait();
+
+    // Sync stopped: the slot is unused, and staging is ahead.
+    let (code, json) = status(&["--max-lag-bytes", "1"]);
+    assert_eq!(code, 8, "{json:#}");
+    assert_eq!(json["healthy"], false);
+    let problems = json["problems"].to_string();
+    assert!(problems.contains("not in use"), "{problems}");
+    assert!(
+        problems.contains("bytes of staging WAL behind"),
+        "{problems}"
+    );
+
+    // The human form says the same.
+    let (code, stdout, _) = run(&config, &["status"]);
+    assert_eq!(code, 8);
+    assert!(
+        stdout.contains("UNHEALTHY") && stdout.contains("inactive"),
+        "{stdout}"
+    );
+
+    // Slot dropped: unhealthy, and says what to do.
+    psql(
+        &c.staging,
+        &staging,
+        "SELECT pg_drop_replication_slot('cli_status')",
+    );
+    let (code, json) = status(&[]);
+    assert_eq!(code, 8);
+    assert_eq!(json["slot"]["exists"], false);
+    assert!(
+        json["problems"].to_string().contains("does not exist"),
+        "{json:#}"
+    );
+}

@@ -1,6 +1,8 @@
-//! Operator commands: `init` prepares both databases, `tail` prints decoded changes.
+//! Operator commands: `init` prepares both databases, `status` reports on replication, `tail`
+//! prints decoded changes.
 
 pub mod init;
+pub mod status;
 pub mod tail;
 
 use crate::pg::QueryError;

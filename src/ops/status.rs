@@ -1,0 +1,259 @@
+//! `stagingprop status`: the truth about replication, from both databases: the slot (active,
+//! confirmed position, WAL staging retains for it), lag in bytes and seconds, the last applied
+//! staging transaction, conflicts quarantined, and whether that is healthy.
+
+use serde::Serialize;
+
+use super::{OpsError, connect, query_error};
+use crate::apply::STATE_SCHEMA;
+use crate::config::Config;
+use crate::pg::connect::Endpoint;
+use crate::sql::qualified;
+
+/// When `status` calls replication unhealthy.
+#[derive(Clone, Copy, Debug)]
+pub struct Thresholds {
+    pub max_lag_bytes: u64,
+    pub max_lag_seconds: f64,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds {
+            max_lag_bytes: 1 << 30,
+            max_lag_seconds: 300.0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SlotStatus {
+    pub name: String,
+    pub exists: bool,
+    pub active: bool,
+    pub wal_status: Option<String>,
+    pub confirmed_flush_lsn: Option<String>,
+    /// WAL staging keeps for the slot: current WAL position minus the slot's restart position.
+    pub retained_wal_bytes: Option<i64>,
+    /// Staging's WAL position now.
+    pub staging_wal_lsn: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct AppliedStatus {
+    pub end_lsn: String,
+    pub xid: i64,
+    /// When the last applied transaction committed on staging.
+    pub commit_time: String,
+    /// When production applied it.
+    pub applied_at: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Status {
+    pub slot: SlotStatus,
+    pub last_applied: Option<AppliedStatus>,
+    /// Staging WAL not yet applied on production (bytes), when known.
+    pub lag_bytes: Option<i64>,
+    /// Seconds since the last applied transaction committed on staging, when there is lag.
+    pub lag_seconds: Option<f64>,
+    pub quarantined_changes: i64,
+    pub healthy: bool,
+    /// Why not healthy, one line each.
+    pub problems: Vec<String>,
+}
+
+pub async fn status(config: &Config, thresholds: &Thresholds) -> Result<Status, OpsError> {
+    let staging = Endpoint::from_db_config(&config.staging)?;
+    let production = Endpoint::from_db_config(&config.production)?;
+    let s = connect(&staging).await?;
+    let p = connect(&production).await?;
+    let slot_name = &config.sync.slot;
+    let mut st = Status::default();
+
+    let now: String = s
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(query_error(&staging, "reading the WAL position"))?
+        .get(0);
+    st.slot.name = slot_name.clone();
+    st.slot.staging_wal_lsn = now;
+    let row = s
+        .query_opt(
+            "SELECT active, wal_status, confirmed_flush_lsn::text,
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint
+               FROM pg_replication_slots WHERE slot_name = $1",
+            &[slot_name],
+        )
+        .await
+        .map_err(query_error(&staging, "reading pg_replication_slots"))?;
+    if let Some(row) = row {
+        st.slot.exists = true;
+        st.slot.active = row.get(0);
+        st.slot.wal_status = row.get(1);
+        st.slot.confirmed_flush_lsn = row.get(2);
+        st.slot.retained_wal_bytes = row.get(3);
+    }
+
+    let has_state: bool = p
+        .query_one(
+            "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",
+            &[
+                &qualified(STATE_SCHEMA, "progress"),
+                &qualified(STATE_SCHEMA, "quarantine"),
+            ],
+        )
+        .await
+        .map_err(query_error(&production, "looking for stagingprop's tables"))?
+        .get(0);
+    if has_state {
+        let row = p
+            .query_opt(
+                &format!(
+                    "SELECT end_lsn::text, xid, commit_time::text, applied_at::text,
+                            extract(epoch FROM now() - commit_time)::float8
+                       FROM {} WHERE slot = $1",
+                    qualified(STATE_SCHEMA, "progress")
+                ),
+                &[slot_name],
+            )
+            .await
+            .map_err(query_error(&production, "reading the progress table"))?;
+        let mut since_commit = None;
+        if let Some(row) = row {
+            st.last_applied = Some(AppliedStatus {
+                end_lsn: row.get(0),
+                xid: row.get(1),
+                commit_time: row.get(2),
+                applied_at: row.get(3),
+            });
+            since_commit = Some(row.get::<_, f64>(4));
+        }
+        st.quarantined_changes = p
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM {} WHERE slot = $1",
+                    qualified(STATE_SCHEMA, "quarantine")
+                ),
+                &[slot_name],
+            )
+            .await
+            .map_err(query_error(&production, "reading the quarantine table"))?
+            .get(0);
+        if let Some(applied) = &st.last_applied {
+            let lag: i64 = s
+                .query_one(
+                    "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::bigint",
+                    &[&applied.end_lsn],
+                )
+                .await
+                .map_err(query_error(&staging, "computing the lag"))?
+                .get(0);
+            st.lag_bytes = Some(lag.max(0));
+            // Idle staging writes heartbeats, so a small WAL distance means "caught up".
+            st.lag_seconds = Some(if lag > 64 * 1024 {
+                since_commit.unwrap_or(0.0).max(0.0)
+            } else {
+                0.0
+            });
+        }
+    }
+
+    if !st.slot.exists {
+        st.problems.push(format!(
+            "the slot {slot_name} does not exist on staging: run `stagingprop init` (or re-seed with `copy`)"
+        ));
+    } else {
+        if st.slot.wal_status.as_deref() == Some("lost") {
+            st.problems.push(format!(
+                "the slot {slot_name} was invalidated: re-seed production with `stagingprop copy`"
+            ));
+        }
+        if !st.slot.active {
+            st.problems.push(format!(
+                "the slot {slot_name} is not in use: sync is not running"
+            ));
+        }
+    }
+    match &st.last_applied {
+        None => st
+            .problems
+            .push("production has applied nothing from this slot yet".into()),
+        Some(a) if a.end_lsn == "0/0" => st
+            .problems
+            .push("a copy into production started and did not complete".into()),
+        Some(_) => {}
+    }
+    if let Some(lag) = st.lag_bytes
+        && lag as u64 > thresholds.max_lag_bytes
+    {
+        st.problems.push(format!(
+            "production is {lag} bytes of staging WAL behind (threshold {})",
+            thresholds.max_lag_bytes
+        ));
+    }
+    if let Some(secs) = st.lag_seconds
+        && secs > thresholds.max_lag_seconds
+    {
+        st.problems.push(format!(
+            "production is {secs:.0} s behind staging (threshold {:.0} s)",
+            thresholds.max_lag_seconds
+        ));
+    }
+    st.healthy = st.problems.is_empty();
+    Ok(st)
+}
+
+/// The human-readable report.
+pub fn render(st: &Status) -> String {
+    let mut out = String::new();
+    let mb = |b: i64| format!("{:.1} MB", b as f64 / 1e6);
+    out.push_str(&format!(
+        "slot {}: {}\n",
+        st.slot.name,
+        if !st.slot.exists {
+            "missing".to_owned()
+        } else {
+            format!(
+                "{}, confirmed {}, staging keeps {} of WAL for it{}",
+                if st.slot.active { "active" } else { "inactive" },
+                st.slot.confirmed_flush_lsn.as_deref().unwrap_or("-"),
+                st.slot.retained_wal_bytes.map_or("-".into(), mb),
+                st.slot
+                    .wal_status
+                    .as_deref()
+                    .map_or(String::new(), |w| format!(" (wal_status {w})"))
+            )
+        }
+    ));
+    out.push_str(&format!(
+        "staging WAL position: {}\n",
+        st.slot.staging_wal_lsn
+    ));
+    match &st.last_applied {
+        Some(a) => out.push_str(&format!(
+            "last applied: transaction {} ending at {}, committed on staging {}, applied {}\n",
+            a.xid, a.end_lsn, a.commit_time, a.applied_at
+        )),
+        None => out.push_str("last applied: nothing yet\n"),
+    }
+    if let (Some(bytes), Some(secs)) = (st.lag_bytes, st.lag_seconds) {
+        out.push_str(&format!(
+            "lag: {} ({bytes} bytes), {secs:.1} s\n",
+            mb(bytes)
+        ));
+    }
+    out.push_str(&format!(
+        "quarantined changes (conflicts skipped): {}\n",
+        st.quarantined_changes
+    ));
+    if st.healthy {
+        out.push_str("healthy\n");
+    } else {
+        out.push_str("UNHEALTHY:\n");
+        for p in &st.problems {
+            out.push_str(&format!("  - {p}\n"));
+        }
+    }
+    out
+}
