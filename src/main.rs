@@ -12,6 +12,7 @@ use stagingprop::ops::OpsError;
 use stagingprop::ops::init::{InitOptions, init};
 use stagingprop::ops::status::{Thresholds, render, status};
 use stagingprop::ops::tail::{TailOptions, tail};
+use stagingprop::ops::verify::{VerifyOptions, render as render_diffs, verify};
 use stagingprop::pg::connect::{Endpoint, EndpointError};
 use stagingprop::pg::replication::ReplicationError;
 use stagingprop::sync::{self, StopAt, SyncError, SyncOptions};
@@ -26,6 +27,7 @@ mod exit {
     pub const SCHEMA: u8 = 6;
     pub const CONFLICT: u8 = 7;
     pub const UNHEALTHY: u8 = 8;
+    pub const DIFFERENT: u8 = 9;
 }
 
 #[derive(Parser, Debug)]
@@ -130,6 +132,16 @@ enum Command {
         /// Unhealthy when production is more than this many seconds behind.
         #[arg(long, default_value_t = 300.0)]
         max_lag_seconds: f64,
+    },
+    /// Compare every managed table on staging and production (chunked hashes over key ranges,
+    /// drilling into differing chunks). Exits 9 when they differ.
+    Verify {
+        /// Rows per hashed chunk.
+        #[arg(long, default_value_t = 10_000)]
+        chunk_rows: i64,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
     /// Print staging's decoded changes as JSON lines (one per row change) on stdout.
     ///
@@ -318,6 +330,34 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 Err(Failure {
                     code: exit::UNHEALTHY,
                     message: format!("unhealthy: {}", report.problems.join("; ")),
+                })
+            }
+        }
+        Command::Verify { chunk_rows, json } => {
+            let options = VerifyOptions {
+                chunk_rows,
+                ..VerifyOptions::default()
+            };
+            let diffs = verify(&config, &options).await.map_err(ops_failure)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&diffs).unwrap_or_else(|e| e.to_string())
+                );
+            } else {
+                print!("{}", render_diffs(&diffs));
+            }
+            let differing: Vec<&str> = diffs
+                .iter()
+                .filter(|d| !d.matches())
+                .map(|d| d.table.as_str())
+                .collect();
+            if differing.is_empty() {
+                Ok(())
+            } else {
+                Err(Failure {
+                    code: exit::DIFFERENT,
+                    message: format!("staging and production differ in {}", differing.join(", ")),
                 })
             }
         }

@@ -505,3 +505,67 @@ async fn without_superuser_foreign_keys_hold_at_every_statement() {
         .expect("sync with foreign keys checked");
     assert_equal(&p);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_names_rows_missing_extra_and_different_on_each_side() {
+    use stagingprop::ops::verify::{VerifyOptions, verify};
+    let c = clusters();
+    let p = pair("verify", &[]);
+    init(&p.config, &InitOptions::default())
+        .await
+        .expect("init");
+    psql(
+        &c.staging,
+        &p.staging,
+        "INSERT INTO catentry (catentry_id, partnumber, price) SELECT g, 'P' || g, g FROM generate_series(1, 1000) g;
+         INSERT INTO offerprice SELECT g, 'USD', g FROM generate_series(1, 300) g;",
+    );
+    caught_up(&p.config).await.expect("sync");
+    let options = VerifyOptions {
+        chunk_rows: 64,
+        max_examples: 10,
+    };
+    let diffs = verify(&p.config, &options).await.expect("verify");
+    assert!(diffs.iter().all(|d| d.matches()), "{diffs:#?}");
+    let catentry = &diffs[0];
+    assert_eq!(catentry.staging_rows, 1000);
+    assert_eq!(catentry.chunks, 16);
+
+    // Deliberate drift on both sides, behind sync's back.
+    psql(
+        &c.production,
+        &p.production,
+        "UPDATE catentry SET price = -1 WHERE catentry_id = 10;
+         DELETE FROM catentry WHERE catentry_id = 500;
+         INSERT INTO catentry (catentry_id, partnumber) VALUES (5000, 'PROD-ONLY'), (0, 'LOW');
+         DELETE FROM offerprice WHERE offer_id = 7;",
+    );
+    psql(
+        &c.staging,
+        &p.staging,
+        "UPDATE catentry SET partnumber = 'CHANGED' WHERE catentry_id = 900;
+         INSERT INTO catentry (catentry_id, partnumber) VALUES (777777, 'STAGING-ONLY');",
+    );
+    // The staging changes above are in the slot; verify compares the tables as they are now.
+    let diffs = verify(&p.config, &options).await.expect("verify");
+    let catentry = &diffs[0];
+    assert_eq!(catentry.missing, 2, "{catentry:#?}");
+    assert_eq!(catentry.extra, 2, "{catentry:#?}");
+    assert_eq!(catentry.different, 2, "{catentry:#?}");
+    assert_eq!(
+        catentry.missing_keys,
+        vec!["catentry_id=500", "catentry_id=777777"]
+    );
+    assert_eq!(
+        catentry.extra_keys,
+        vec!["catentry_id=0", "catentry_id=5000"]
+    );
+    assert_eq!(
+        catentry.different_keys,
+        vec!["catentry_id=10", "catentry_id=900"]
+    );
+    assert!(catentry.chunks_differing <= 5, "{catentry:#?}");
+    let offers = &diffs[2];
+    assert_eq!(offers.missing_keys, vec!["offer_id=7,currency=USD"]);
+    assert!(diffs[1].matches() && diffs[3].matches());
+}

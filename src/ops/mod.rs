@@ -1,9 +1,10 @@
-//! Operator commands: `init` prepares both databases, `status` reports on replication, `tail`
-//! prints decoded changes.
+//! Operator commands: `init` prepares both databases, `status` reports on replication,
+//! `verify` compares the managed tables, `tail` prints decoded changes.
 
 pub mod init;
 pub mod status;
 pub mod tail;
+pub mod verify;
 
 use crate::pg::QueryError;
 use crate::pg::connect::{Endpoint, EndpointError};
