@@ -131,6 +131,13 @@ impl TableSql<'_> {
     }
 }
 
+/// A key range: lower bound (inclusive), upper bound (exclusive), staging's summary of it.
+type Range<'a> = (
+    Option<&'a Vec<String>>,
+    Option<&'a Vec<String>>,
+    Option<&'a ChunkSummary>,
+);
+
 /// A chunk: its lower bound (staging's first key; none for the first chunk) and summary.
 struct StagingChunk {
     first_key: Option<Vec<String>>,
@@ -271,11 +278,7 @@ pub async fn verify(config: &Config, options: &VerifyOptions) -> Result<Vec<Tabl
             ..TableDiff::default()
         };
         // Ranges: [first_key_i, first_key_i+1), the first open below, the last open above.
-        let bounds: Vec<(
-            Option<&Vec<String>>,
-            Option<&Vec<String>>,
-            Option<&ChunkSummary>,
-        )> = if chunks.is_empty() {
+        let bounds: Vec<Range<'_>> = if chunks.is_empty() {
             vec![(None, None, None)]
         } else {
             (0..chunks.len())
