@@ -583,6 +583,15 @@ fn status_tells_healthy_from_unhealthy() {
         "{stdout}"
     );
 
+    // verify: equal now (exit 0); a change sync has not applied makes them differ (exit 9).
+    let (code, stdout, stderr) = run(&config, &["verify"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("public.catentry: match (1 rows"), "{stdout}");
+    psql(&c.staging, &staging, "INSERT INTO catentry (catentry_id, partnumber) VALUES (2, 'B')");
+    let (code, stdout, _) = run(&config, &["verify"]);
+    assert_eq!(code, 9, "{stdout}");
+    assert!(stdout.contains("missing: catentry_id=2"), "{stdout}");
+
     // Slot dropped: unhealthy, and says what to do.
     psql(
         &c.staging,
