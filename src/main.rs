@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use stagingprop::config::{Config, TableName};
 use stagingprop::copy::{CopyError, CopyOptions, Side};
 use stagingprop::ops::OpsError;
+use stagingprop::ops::demo::{DemoOptions, demo};
 use stagingprop::ops::init::{InitOptions, init};
 use stagingprop::ops::status::{Thresholds, render, status};
 use stagingprop::ops::tail::{TailOptions, tail};
@@ -79,6 +80,13 @@ enum LogFormat {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Try the whole product on this machine: two throwaway clusters, a sample catalogue, copy,
+    /// live sync under a small workload, verify. Needs only the PostgreSQL server binaries.
+    Demo {
+        /// How long the live workload runs, in seconds.
+        #[arg(long, default_value_t = 60)]
+        duration: u64,
+    },
     /// Check both databases and create the publication, the slot and stagingprop's schema on
     /// production. Safe to run again.
     Init {
@@ -175,7 +183,12 @@ struct Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // The demo narrates on stdout; its logs would only repeat it.
+    let default_filter = match cli.command {
+        Command::Demo { .. } => "warn,tokio_postgres=error",
+        _ => "info,tokio_postgres=warn",
+    };
+    init_logging(cli.log_format, default_filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -195,9 +208,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, default_filter: &str) {
+    // Server notices (NOTICE: ... already exists, skipping) are not news to an operator.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -208,11 +222,28 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
+    if let Command::Demo { duration } = cli.command {
+        let options = DemoOptions {
+            duration: Duration::from_secs(duration),
+        };
+        let outcome = demo(&options, shutdown_signal())
+            .await
+            .map_err(ops_failure)?;
+        return if outcome.verified {
+            Ok(())
+        } else {
+            Err(Failure {
+                code: exit::DIFFERENT,
+                message: "the demo ended with differences between staging and production".into(),
+            })
+        };
+    }
     let config = Config::load(&cli.config).map_err(|e| Failure {
         code: exit::CONFIG,
         message: e.to_string(),
     })?;
     match cli.command {
+        Command::Demo { .. } => unreachable!("handled before the config is loaded"),
         Command::Init { no_slot } => {
             let options = InitOptions {
                 create_slot: !no_slot,

@@ -586,8 +586,15 @@ fn status_tells_healthy_from_unhealthy() {
     // verify: equal now (exit 0); a change sync has not applied makes them differ (exit 9).
     let (code, stdout, stderr) = run(&config, &["verify"]);
     assert_eq!(code, 0, "{stdout}{stderr}");
-    assert!(stdout.contains("public.catentry: match (1 rows"), "{stdout}");
-    psql(&c.staging, &staging, "INSERT INTO catentry (catentry_id, partnumber) VALUES (2, 'B')");
+    assert!(
+        stdout.contains("public.catentry: match (1 rows"),
+        "{stdout}"
+    );
+    psql(
+        &c.staging,
+        &staging,
+        "INSERT INTO catentry (catentry_id, partnumber) VALUES (2, 'B')",
+    );
     let (code, stdout, _) = run(&config, &["verify"]);
     assert_eq!(code, 9, "{stdout}");
     assert!(stdout.contains("missing: catentry_id=2"), "{stdout}");
@@ -604,5 +611,36 @@ fn status_tells_healthy_from_unhealthy() {
     assert!(
         json["problems"].to_string().contains("does not exist"),
         "{json:#}"
+    );
+}
+
+#[test]
+fn demo_runs_end_to_end_and_removes_its_clusters() {
+    let out = Command::new(BIN)
+        .args(["demo", "--duration", "3"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("4. copy: 6 tables"), "{stdout}");
+    assert!(stdout.contains("verify: match"), "{stdout}");
+    assert!(!stdout.contains("DIFFERS"), "{stdout}");
+    // Its clusters are gone: no directory or server of the demo's process is left.
+    let leftovers: Vec<String> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("stagingprop-demo-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let servers = Command::new("pgrep")
+        .args(["-f", "stagingprop-demo-"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&servers.stdout).trim().is_empty(),
+        "demo servers still running"
     );
 }

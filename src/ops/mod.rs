@@ -1,6 +1,7 @@
 //! Operator commands: `init` prepares both databases, `status` reports on replication,
 //! `verify` compares the managed tables, `tail` prints decoded changes.
 
+pub mod demo;
 pub mod init;
 pub mod status;
 pub mod tail;
