@@ -50,6 +50,11 @@ struct Cli {
         env = "STAGINGPROP_CONFIG"
     )]
     config: PathBuf,
+    /// Serve Prometheus metrics on this address (sync and copy); 127.0.0.1:9187 when given
+    /// without a value. Off by default.
+    #[arg(long, global = true, value_name = "ADDR", num_args = 0..=1,
+          default_missing_value = stagingprop::ops::metrics::DEFAULT_LISTEN)]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
     log_format: LogFormat,
@@ -237,6 +242,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 message: "the demo ended with differences between staging and production".into(),
             })
         };
+    }
+    if let Some(listen) = cli.metrics_listen {
+        let bound = stagingprop::ops::metrics::serve(listen)
+            .await
+            .map_err(|e| Failure {
+                code: exit::CONFIG,
+                message: format!("cannot serve metrics on {listen}: {e}"),
+            })?;
+        tracing::info!("metrics on http://{bound}/metrics");
     }
     let config = Config::load(&cli.config).map_err(|e| Failure {
         code: exit::CONFIG,

@@ -167,6 +167,7 @@ where
             }
             Err(e) if e.is_transient() => {
                 attempt += 1;
+                metrics::counter!("stagingprop_retries_total").increment(1);
                 if options.max_attempts.is_some_and(|max| attempt >= max) {
                     return Err(e);
                 }
@@ -419,6 +420,10 @@ where
         one_by_one_until: state.one_by_one_until,
         last_received: state.last_received,
         sequences_synced: false,
+        last_commit_time: None,
+        rows_at_batch_start: state.stats.rows_inserted
+            + state.stats.rows_updated
+            + state.stats.rows_deleted,
     };
     let result = pipeline
         .run(&mut stream, &s, state, shutdown.as_mut())
@@ -453,6 +458,8 @@ struct Pipeline<'a> {
     one_by_one_until: Option<Lsn>,
     last_received: Lsn,
     sequences_synced: bool,
+    last_commit_time: Option<crate::model::PgTimestamp>,
+    rows_at_batch_start: u64,
 }
 
 impl Pipeline<'_> {
@@ -493,6 +500,15 @@ impl Pipeline<'_> {
                     "sync progress"
                 );
             }
+            let lag_bytes = stream.server_wal_end().0.saturating_sub(self.applied_end.0);
+            metrics::gauge!("stagingprop_lag_bytes").set(lag_bytes as f64);
+            let lag_seconds = match self.last_commit_time {
+                Some(t) if lag_bytes > 64 * 1024 => {
+                    (crate::model::PgTimestamp::now().0 - t.0).max(0) as f64 / 1e6
+                }
+                _ => 0.0,
+            };
+            metrics::gauge!("stagingprop_lag_seconds").set(lag_seconds);
             // Between transactions with a batch open, wait no longer than the batch may.
             let wait = match (self.txn.is_none(), self.batch_started) {
                 (true, Some(started)) => max_delay.saturating_sub(started.elapsed()),
@@ -545,9 +561,20 @@ impl Pipeline<'_> {
         let Some(last) = self.batch_last.take() else {
             return Ok(());
         };
-        self.batch_started = None;
+        let started = self.batch_started.take();
         let end = self.applier.commit(&last).await?;
         self.applied_end = end;
+        self.last_commit_time = Some(last.commit_time);
+        let st = &self.applier.stats;
+        let rows = st.rows_inserted + st.rows_updated + st.rows_deleted;
+        metrics::histogram!("stagingprop_batch_rows")
+            .record((rows - self.rows_at_batch_start) as f64);
+        self.rows_at_batch_start = rows;
+        if let Some(started) = started {
+            metrics::histogram!("stagingprop_batch_seconds")
+                .record(started.elapsed().as_secs_f64());
+        }
+        metrics::gauge!("stagingprop_transactions_applied_total").set(st.transactions as f64);
         self.flush
             .confirm(DurablePosition::after_durable_commit(end));
         if self.one_by_one_until.is_some_and(|until| end >= until) {

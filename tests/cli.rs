@@ -644,3 +644,69 @@ fn demo_runs_end_to_end_and_removes_its_clusters() {
         "demo servers still running"
     );
 }
+
+/// GET /metrics, the plain way a Prometheus scrape does.
+fn scrape(port: u16) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut socket = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    socket
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .ok()?;
+    let mut response = String::new();
+    socket.read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
+#[test]
+fn metrics_endpoint_shows_applied_rows() {
+    let c = clusters();
+    let (staging, production) = catalogue_pair("cli_metrics");
+    let scratch = Scratch::new("cli_metrics");
+    let config = write_config(
+        &scratch.0,
+        &staging,
+        &production,
+        &["public.catentry"],
+        "cli_metrics",
+    );
+    let (code, out, err) = run(&config, &["init"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let port = stagingprop::cluster::free_port().unwrap();
+    let mut sync = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .args(["--metrics-listen", &format!("127.0.0.1:{port}"), "sync"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    psql(
+        &c.staging,
+        &staging,
+        "INSERT INTO catentry (catentry_id, partnumber) SELECT g, 'P' || g FROM generate_series(1, 25) g",
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = String::new();
+    let found = loop {
+        if let Some(body) = scrape(port) {
+            if body.contains(
+                r#"stagingprop_rows_applied_total{table="public.catentry",op="insert"} 25"#,
+            ) {
+                break true;
+            }
+            last = body;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = sync.kill();
+    let _ = sync.wait();
+    assert!(found, "no applied rows in the metrics:\n{last}");
+    assert!(
+        last.is_empty() || last.starts_with("HTTP/1.1 200"),
+        "{last}"
+    );
+}

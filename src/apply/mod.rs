@@ -476,6 +476,8 @@ impl Applier {
             }
         }
         self.stats.rows_deleted += count;
+        metrics::counter!("stagingprop_rows_applied_total", "table" => name.to_string(), "op" => "delete")
+            .increment(count);
         Ok(())
     }
 
@@ -510,7 +512,10 @@ impl Applier {
                 }
             }
             let conflicts = self.run_arrays(sql, columns, "applying inserts").await?;
-            self.stats.rows_inserted += (group.len() - conflicts.len()) as u64;
+            let inserted = (group.len() - conflicts.len()) as u64;
+            self.stats.rows_inserted += inserted;
+            metrics::counter!("stagingprop_rows_applied_total", "table" => name.to_string(), "op" => "insert")
+                .increment(inserted);
             for ordinal in conflicts {
                 let entry = group[ordinal as usize - 1];
                 self.conflict(t, ConflictKind::InsertExists, entry).await?;
@@ -553,6 +558,8 @@ impl Applier {
             }
             let updated = self.run_arrays(sql, columns, "applying updates").await?;
             self.stats.rows_updated += updated.len() as u64;
+            metrics::counter!("stagingprop_rows_applied_total", "table" => name.to_string(), "op" => "update")
+                .increment(updated.len() as u64);
             if updated.len() < group.len() {
                 let updated: HashSet<i64> = updated.into_iter().collect();
                 for (i, entry) in group.iter().enumerate() {
@@ -575,6 +582,13 @@ impl Applier {
         let meta = &self.tables[t].meta;
         let policy = self.tables[t].policy;
         let key_json = key_json(meta, &entry.key);
+        let policy_label = match policy {
+            ConflictPolicy::Error => "error",
+            ConflictPolicy::Skip => "skip",
+            ConflictPolicy::Overwrite => "overwrite",
+        };
+        metrics::counter!("stagingprop_conflicts_total", "table" => meta.table_name().to_string(), "policy" => policy_label)
+            .increment(1);
         match (policy, kind) {
             (ConflictPolicy::Error, _) => Err(ApplyError::Conflict {
                 table: meta.table_name(),

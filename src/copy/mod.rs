@@ -680,6 +680,9 @@ impl Worker {
             .await
             .map_err(db_error(&self.target, "finishing the table"))?;
         self.progress.rows.fetch_add(rows, Ordering::Relaxed);
+        let table = meta.table_name().to_string();
+        metrics::counter!("stagingprop_copy_rows_total", "table" => table.clone()).increment(rows);
+        metrics::counter!("stagingprop_copy_bytes_total", "table" => table).increment(bytes);
         self.progress.tables_done.fetch_add(1, Ordering::Relaxed);
         Ok(TableReport {
             table: meta.table_name(),

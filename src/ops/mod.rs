@@ -3,6 +3,7 @@
 
 pub mod demo;
 pub mod init;
+pub mod metrics;
 pub mod status;
 pub mod tail;
 pub mod verify;
