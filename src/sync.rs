@@ -152,7 +152,12 @@ where
     };
     let mut attempt: u32 = 0;
     loop {
+        let batches_before = state.stats.batches;
         let result = session(config, options, &mut state, shutdown.as_mut()).await;
+        if state.stats.batches > batches_before {
+            // This session committed on production: a failure now starts the backoff afresh.
+            attempt = 0;
+        }
         match result {
             Ok(SessionEnd::Stopped) => {
                 return Ok(SyncSummary {
@@ -189,9 +194,6 @@ where
                 state.one_by_one_until = Some(until);
             }
             Err(e) => return Err(e),
-        }
-        if state.last_applied.is_some() {
-            attempt = attempt.saturating_sub(1);
         }
     }
 }
