@@ -139,7 +139,11 @@ pub async fn run<S>(
 where
     S: Future<Output = ()>,
 {
-    tokio::pin!(shutdown);
+    // Latched: a session that fails while stopping (production down during the last commit)
+    // leads back here, and the backoff must see the request again rather than poll a future
+    // that already completed.
+    let mut shutdown = Latch::new(shutdown);
+    let mut shutdown = std::pin::Pin::new(&mut shutdown);
     let mut state = RunState {
         stats: apply::ApplyStats::default(),
         one_by_one_until: None,
@@ -152,10 +156,10 @@ where
     };
     let mut attempt: u32 = 0;
     loop {
-        let applied_before = state.last_applied;
+        let batches_before = state.stats.batches;
         let result = session(config, options, &mut state, shutdown.as_mut()).await;
-        if state.last_applied != applied_before {
-            // The session made progress: the next failure starts the backoff afresh.
+        if state.stats.batches > batches_before {
+            // This session committed on production: a failure now starts the backoff afresh.
             attempt = 0;
         }
         match result {
@@ -195,6 +199,39 @@ where
                 state.one_by_one_until = Some(until);
             }
             Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A future that, once resolved, stays resolved: polling it again returns `Ready` at once.
+struct Latch<F> {
+    inner: Option<std::pin::Pin<Box<F>>>,
+}
+
+impl<F: Future<Output = ()>> Latch<F> {
+    fn new(inner: F) -> Self {
+        Latch {
+            inner: Some(Box::pin(inner)),
+        }
+    }
+}
+
+impl<F: Future<Output = ()>> Future for Latch<F> {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        let Some(inner) = self.inner.as_mut() else {
+            return std::task::Poll::Ready(());
+        };
+        match inner.as_mut().poll(cx) {
+            std::task::Poll::Ready(()) => {
+                self.inner = None;
+                std::task::Poll::Ready(())
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
         }
     }
 }
@@ -804,5 +841,28 @@ impl Pipeline<'_> {
                 )))),
             })
             .collect::<Result<Vec<Option<Bytes>>, _>>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A shutdown request seen once is seen again: `run` polls it after a session that failed
+    /// while stopping, and an `async` block polled after completion panics.
+    #[tokio::test]
+    async fn a_latched_shutdown_stays_resolved() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let mut latch = Latch::new(async move {
+            let _ = rx.await;
+        });
+        let mut latch = std::pin::Pin::new(&mut latch);
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        assert!(latch.as_mut().poll(&mut cx).is_pending());
+        drop(tx);
+        latch.as_mut().await;
+        latch.as_mut().await;
+        assert!(latch.as_mut().poll(&mut cx).is_ready());
     }
 }

@@ -1042,8 +1042,10 @@ impl Driver {
                             }
                         }
                     }
-                    // The server ended the stream (e.g. the walsender is shutting down).
-                    b'c' => return Ok(()),
+                    // The server ended the stream: CopyDone, or CommandComplete without one,
+                    // which is how a walsender says goodbye when its server shuts down
+                    // (WalSndDone); either way the consumer sees the stream end.
+                    b'c' | b'C' => return Ok(()),
                     b'E' => {
                         return Err(ReplicationError::Stream {
                             target: self.client.target.clone(),
