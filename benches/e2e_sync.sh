@@ -1,0 +1,603 @@
+#!/usr/bin/env bash
+# End-to-end benchmark: stagingprop `sync` against PostgreSQL's own logical replication
+# (CREATE SUBSCRIPTION) on the same workload, the same staging database and equal targets.
+#
+#   benches/e2e_sync.sh                      # from the repository root
+#   BACKLOG_TXNS=5000 BIG_ROWS=200000 benches/e2e_sync.sh   # a quicker, smaller run
+#
+# It builds the release binary, starts three throwaway PostgreSQL clusters on free loopback
+# ports (staging; "prod", the target of stagingprop; "native", the subscriber of a native
+# subscription), loads the same catalogue into all three, and measures two scenarios, each for
+# both appliers, one after the other (never concurrently):
+#
+#   (a) backlog catch-up: the applier is stopped (stagingprop not running, the subscription
+#       disabled) while staging commits BACKLOG_TXNS small OLTP transactions (pgbench); then the
+#       applier is started and timed until its target has the last of them.
+#   (b) one big transaction: one staging transaction updating BIG_ROWS offerprice rows, then the
+#       same catch-up timing.
+#
+# "Caught up" is exact for both: after each workload, one more transaction inserts a marker row
+# (bench_marker, a replicated table). Both appliers apply in commit order, so the marker being
+# visible on the target means everything before it is there. stagingprop is timed as the wall
+# time of `sync --until-caught-up` (start-up included), which stops at staging's WAL position
+# when it starts, i.e. after the marker. The native subscription is timed from
+# `ALTER SUBSCRIPTION ... ENABLE` until the marker is visible on the subscriber (polled every
+# 50 ms in one server-side loop, no client round trips).
+#
+# After every scenario the four catalogue tables (and the marker table) of both targets are
+# compared with staging (md5 of every row in key order); a mismatch fails the run (exit 1).
+#
+# Knobs (environment):
+#   PRODUCTS=50000        catalogue size (2 descriptions, 2 offers per product)
+#   BACKLOG_TXNS=30000    OLTP transactions in scenario (a)
+#   CLIENTS=2             pgbench clients generating them (disjoint products, no lock waits)
+#   BIG_ROWS=1000000      rows updated by the one transaction of scenario (b); offerprice gets
+#                         enough currencies per offer to hold them
+#   NATIVE_SYNCHRONOUS_COMMIT=off   the subscription's synchronous_commit (PostgreSQL's default
+#                         for subscriptions is off; stagingprop commits synchronously)
+#   PG_EXTRA_CONF=''      extra postgresql.conf lines for all three clusters (';'-separated)
+#   KEEP=1                keep the work directory (server logs, stagingprop logs) at exit
+#   SP_WRAPPER=''         a command prefix for `stagingprop sync` (diagnosis), e.g.
+#                         SP_WRAPPER="perf record -F 999 -g -o /tmp/sp.perf --"
+#   STAGINGPROP_PG_BIN    directory of initdb/pg_ctl/psql/pgbench (default: newest
+#                         /usr/lib/postgresql/*/bin, then pg_config --bindir, then PATH)
+#   CARGO_TARGET_DIR      as for cargo
+set -euo pipefail
+
+PRODUCTS=${PRODUCTS:-50000}
+BACKLOG_TXNS=${BACKLOG_TXNS:-30000}
+CLIENTS=${CLIENTS:-2}
+BIG_ROWS=${BIG_ROWS:-1000000}
+NATIVE_SYNCHRONOUS_COMMIT=${NATIVE_SYNCHRONOUS_COMMIT:-off}
+PG_EXTRA_CONF=${PG_EXTRA_CONF:-}
+KEEP=${KEEP:-0}
+read -r -a SP_WRAPPER <<<"${SP_WRAPPER:-}"
+
+cd "$(dirname "$0")/.."
+REPO=$PWD
+
+log() { printf '%s  %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
+
+# ---------------------------------------------------------------------------------------------
+# Binaries
+find_pg_bin() {
+    if [[ -n ${STAGINGPROP_PG_BIN:-} ]]; then
+        echo "$STAGINGPROP_PG_BIN"
+        return
+    fi
+    local best='' v d
+    for d in /usr/lib/postgresql/*/bin; do
+        [[ -x $d/initdb ]] || continue
+        v=$(basename "$(dirname "$d")")
+        if [[ -z $best || $v -gt $(basename "$(dirname "$best")") ]]; then best=$d; fi
+    done
+    if [[ -n $best ]]; then echo "$best"; return; fi
+    if command -v pg_config >/dev/null && [[ -x $(pg_config --bindir)/initdb ]]; then
+        pg_config --bindir
+        return
+    fi
+    dirname "$(command -v initdb || die "PostgreSQL server binaries (initdb) not found; set STAGINGPROP_PG_BIN")"
+}
+PGBIN=$(find_pg_bin)
+for tool in initdb pg_ctl psql pgbench; do
+    [[ -x $PGBIN/$tool ]] || die "$PGBIN/$tool not found (set STAGINGPROP_PG_BIN)"
+done
+(( BACKLOG_TXNS >= CLIENTS && PRODUCTS >= CLIENTS )) || die "BACKLOG_TXNS and PRODUCTS must be >= CLIENTS"
+
+log "building stagingprop (release)"
+cargo build --release --bin stagingprop >&2
+TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
+BIN=$TARGET_DIR/release/stagingprop
+[[ -x $BIN ]] || die "$BIN not found after the build"
+
+# PostgreSQL refuses to run as root: the servers run as the postgres OS user then.
+AS_PG=()
+if [[ $(id -u) == 0 ]]; then
+    id postgres >/dev/null 2>&1 || die "running as root but there is no postgres OS user"
+    AS_PG=(runuser -u postgres --)
+fi
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/stagingprop-e2e.XXXXXX")
+chmod 755 "$WORK"
+CLUSTERS=()
+SYNC_PID=''
+WATCH_PID=''
+
+cleanup() {
+    local rc=$?
+    set +e
+    if [[ -n $SYNC_PID ]] && kill -0 "$SYNC_PID" 2>/dev/null; then
+        kill "$SYNC_PID"
+        wait "$SYNC_PID" 2>/dev/null
+    fi
+    touch "$WORK/stop"
+    if [[ -n $WATCH_PID ]]; then wait "$WATCH_PID" 2>/dev/null; fi
+    local c
+    for c in "${CLUSTERS[@]}"; do
+        "${AS_PG[@]}" "$PGBIN/pg_ctl" -D "$WORK/$c/data" -m immediate -w stop >/dev/null 2>&1
+    done
+    if [[ $KEEP == 1 ]]; then
+        log "kept $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+export PGTZ=UTC PGDATESTYLE=ISO PGCONNECT_TIMEOUT=10
+declare -A PORT
+
+# A TCP port on 127.0.0.1 nobody listens on (start_cluster retries if it was taken meanwhile).
+pick_port() {
+    local p
+    while :; do
+        p=$(( 20000 + RANDOM % 40000 ))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+            echo "$p"
+            return
+        fi
+    done
+}
+
+start_cluster() {
+    local name=$1 dir=$WORK/$1 attempt port
+    mkdir -p "$dir"
+    [[ ${#AS_PG[@]} -eq 0 ]] || chown postgres: "$dir"
+    "${AS_PG[@]}" "$PGBIN/initdb" -D "$dir/data" -U postgres -A trust -E UTF8 --locale=C \
+        --no-sync >"$dir/initdb.log" 2>&1 || { cat "$dir/initdb.log" >&2; die "initdb $name"; }
+    # Identical on all three clusters. fsync, synchronous_commit, full_page_writes, wal_sync_method,
+    # shared_buffers, max_wal_size, checkpoint_timeout: PostgreSQL's defaults. Autovacuum is off
+    # on all three so that a vacuum started by one phase cannot steal the CPU of the next one
+    # (2 cores); the script runs VACUUM ANALYZE and CHECKPOINT on every cluster between phases.
+    {
+        echo "listen_addresses = '127.0.0.1'"
+        echo "unix_socket_directories = '$dir'"
+        echo "wal_level = logical"
+        echo "max_replication_slots = 10"
+        echo "max_wal_senders = 10"
+        echo "autovacuum = off"
+        echo "logging_collector = off"
+        echo "log_min_messages = warning"
+        if [[ -n $PG_EXTRA_CONF ]]; then tr ';' '\n' <<<"$PG_EXTRA_CONF"; fi
+    } >>"$dir/data/postgresql.conf"
+    for attempt in 1 2 3 4 5; do
+        port=$(pick_port)
+        echo "port = $port" >>"$dir/data/postgresql.conf"
+        if "${AS_PG[@]}" "$PGBIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start >/dev/null; then
+            PORT[$name]=$port
+            CLUSTERS+=("$name")
+            "$PGBIN/psql" -X -q -h 127.0.0.1 -p "$port" -U postgres -d postgres -c "CREATE DATABASE shop"
+            return
+        fi
+        log "starting $name on port $port failed (attempt $attempt)"
+    done
+    tail -n 20 "$dir/server.log" >&2
+    die "cannot start the $name cluster"
+}
+
+# q CLUSTER [psql args...]: psql on the cluster's shop database, stops on the first error.
+q() {
+    local name=$1
+    shift
+    "$PGBIN/psql" -X -q -A -t -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "${PORT[$name]}" -U postgres -d shop "$@"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Schema and deterministic seed (the same SQL on all three clusters gives equal tables).
+OFFERS=$(( PRODUCTS * 2 ))
+CURRENCIES=$(( (BIG_ROWS + OFFERS - 1) / OFFERS ))
+(( CURRENCIES < 2 )) && CURRENCIES=2
+(( CURRENCIES <= 99 )) || die "BIG_ROWS too large for PRODUCTS (at most 99 currencies per offer)"
+
+SCHEMA_SQL="
+CREATE TABLE catentry (
+    catentry_id bigint PRIMARY KEY,
+    partnumber varchar(64) NOT NULL UNIQUE,
+    member_id bigint NOT NULL,
+    buyable int,
+    published int,
+    lastupdate timestamptz,
+    field1 varchar(254),
+    attrs jsonb);
+CREATE TABLE catentdesc (
+    catentry_id bigint NOT NULL REFERENCES catentry,
+    language_id int NOT NULL,
+    name varchar(128),
+    shortdescription varchar(254),
+    longdescription text,
+    PRIMARY KEY (catentry_id, language_id));
+CREATE TABLE offer (
+    offer_id bigint PRIMARY KEY,
+    catentry_id bigint NOT NULL REFERENCES catentry,
+    published int);
+CREATE INDEX offer_catentry ON offer (catentry_id);
+CREATE TABLE offerprice (
+    offer_id bigint NOT NULL REFERENCES offer,
+    currency char(3) NOT NULL,
+    price numeric(20,5) NOT NULL,
+    PRIMARY KEY (offer_id, currency));
+CREATE TABLE bench_marker (id int PRIMARY KEY, at timestamptz NOT NULL);
+CREATE SEQUENCE newprod_seq START 10000001;
+"
+SEED_SQL="
+INSERT INTO catentry
+SELECT i, 'PN-' || lpad(i::text, 9, '0'), 7000000000000000001 + i % 3, 1, 1,
+       timestamptz '2024-01-01 00:00:00+00' + i * interval '1 second',
+       'field1 ' || md5(i::text),
+       jsonb_build_object('color', (ARRAY['red', 'green', 'blue'])[1 + i % 3], 'size', i % 50,
+                          'tags', jsonb_build_array('a' || i % 7, 'b' || i % 11))
+  FROM generate_series(1, $PRODUCTS) i;
+INSERT INTO catentdesc
+SELECT i, l, 'Product ' || i || ' (' || l || ')', 'Short description of product ' || i,
+       repeat(md5(i::text || l::text), 16)
+  FROM generate_series(1, $PRODUCTS) i, (VALUES (-1), (-2)) v(l);
+INSERT INTO offer SELECT 2 * i - 2 + k, i, 1 FROM generate_series(1, $PRODUCTS) i, generate_series(1, 2) k;
+INSERT INTO offerprice
+SELECT o, CASE k WHEN 1 THEN 'USD' WHEN 2 THEN 'EUR' ELSE 'C' || lpad(k::text, 2, '0') END,
+       ((o * 37 + k * 101) % 100000) / 100.0 + 0.5
+  FROM generate_series(1, $OFFERS) o, generate_series(1, $CURRENCIES) k;
+"
+
+# One pgbench transaction: a price change (40%), a description change (25%), a product change
+# (10%), a new product with descriptions, offers and prices (20%), a product deleted with
+# everything under it (5%). Client c only touches products p with p % CLIENTS == c - 1, so
+# clients never wait on each other's locks.
+cat >"$WORK/oltp.sql" <<'EOF'
+\set r random(1, 100)
+\set p :client_id + 1 + :clients * random(0, :products / :clients - 1)
+\if :r <= 40
+UPDATE offerprice SET price = price + 0.01 WHERE offer_id = 2 * :p - 1 AND currency IN ('USD', 'EUR');
+\elif :r <= 65
+UPDATE catentdesc SET shortdescription = 'Revised description ' || :p || ' #' || (random() * 1000000)::int
+ WHERE catentry_id = :p AND language_id = -1;
+\elif :r <= 75
+UPDATE catentry SET lastupdate = now(), buyable = 1 - buyable, attrs = attrs || jsonb_build_object('rev', :r)
+ WHERE catentry_id = :p;
+\elif :r <= 95
+BEGIN;
+SELECT nextval('newprod_seq') AS n \gset
+INSERT INTO catentry VALUES (:n, 'NEW-' || :n, 7000000000000000001, 1, 0, now(), 'new product', '{"new": true}');
+INSERT INTO catentdesc VALUES (:n, -1, 'New product ' || :n, 'New', repeat('n', 300)),
+                              (:n, -2, 'Nouveau produit ' || :n, 'Nouveau', repeat('f', 300));
+INSERT INTO offer VALUES (2 * :n - 1, :n, 1), (2 * :n, :n, 1);
+INSERT INTO offerprice SELECT o, c, 19.99 FROM (VALUES (2 * :n - 1), (2 * :n)) a(o), (VALUES ('USD'), ('EUR')) b(c);
+COMMIT;
+\else
+BEGIN;
+DELETE FROM offerprice WHERE offer_id IN (2 * :p - 1, 2 * :p);
+DELETE FROM offer WHERE catentry_id = :p;
+DELETE FROM catentdesc WHERE catentry_id = :p;
+DELETE FROM catentry WHERE catentry_id = :p;
+COMMIT;
+\endif
+EOF
+
+TABLES=(catentry catentdesc offer offerprice bench_marker)
+declare -A ORDER_BY=([catentry]=catentry_id [catentdesc]="catentry_id, language_id" [offer]=offer_id
+                     [offerprice]="offer_id, currency" [bench_marker]=id)
+
+# Rows inserted + updated + deleted in the catalogue tables, from staging's statistics. Waits
+# until the figure is stable: a finished session's counters are flushed as its backend exits.
+rows_written() {
+    local prev=-1 cur
+    for _ in $(seq 1 50); do
+        cur=$(q staging -c "SELECT coalesce(sum(n_tup_ins + n_tup_upd + n_tup_del), 0) FROM pg_stat_user_tables
+                             WHERE relname IN ('catentry', 'catentdesc', 'offer', 'offerprice')")
+        [[ $cur == "$prev" ]] && { echo "$cur"; return; }
+        prev=$cur
+        sleep 0.2
+    done
+    echo "$cur"
+}
+
+fingerprint() {
+    local name=$1 t out=''
+    for t in "${TABLES[@]}"; do
+        out+="$t:$(q "$name" -c "SELECT count(*) || '/' || coalesce(md5(string_agg(x::text, '|' ORDER BY ${ORDER_BY[$t]})), '-') FROM $t x") "
+    done
+    echo "$out"
+}
+
+FAILED=0
+verify() {
+    local label=$1 s p n
+    s=$(fingerprint staging)
+    p=$(fingerprint prod)
+    n=$(fingerprint native)
+    if [[ $p == "$s" ]]; then log "$label: stagingprop target MATCH"; VERIFY_SP=MATCH
+    else log "$label: stagingprop target MISMATCH"; log "  staging: $s"; log "  prod:    $p"; VERIFY_SP=MISMATCH; FAILED=1; fi
+    if [[ $n == "$s" ]]; then log "$label: native subscriber MATCH"; VERIFY_NATIVE=MATCH
+    else log "$label: native subscriber MISMATCH"; log "  staging: $s"; log "  native:  $n"; VERIFY_NATIVE=MISMATCH; FAILED=1; fi
+}
+
+settle() {
+    local c
+    for c in staging prod native; do
+        q "$c" -c "VACUUM ANALYZE" -c "CHECKPOINT"
+    done
+}
+
+# ---------------------------------------------------------------------------------------------
+# Appliers
+write_config() {
+    cat >"$WORK/stagingprop.toml" <<EOF
+[staging]
+url = "host=127.0.0.1 port=${PORT[staging]} dbname=shop user=postgres"
+sslmode = "disable"
+
+[production]
+url = "host=127.0.0.1 port=${PORT[prod]} dbname=shop user=postgres"
+sslmode = "disable"
+
+[sync]
+slot = "stagingprop"
+publication = "stagingprop"
+
+[[tables]]
+name = "public.catentry"
+
+[[tables]]
+name = "public.catentdesc"
+
+[[tables]]
+name = "public.offer"
+
+[[tables]]
+name = "public.offerprice"
+
+[[tables]]
+name = "public.bench_marker"
+EOF
+}
+
+HAVE_TIME=0
+[[ -x /usr/bin/time ]] && /usr/bin/time -f '%M' true 2>/dev/null && HAVE_TIME=1
+
+# CPU time of the server processes doing the work, read from /proc while an applier runs (the
+# machine may be shared, so wall time alone is noisy): the applying backend on the target
+# (stagingprop's production session, or the native apply worker) and the walsender decoding
+# the slot on staging. Sampled every 50 ms; a process that exits loses at most its last sample.
+CLK_TCK=$(getconf CLK_TCK 2>/dev/null || echo 100)
+TICKS=0
+ticks_of() {
+    local f
+    TICKS=''
+    { read -r -a f <"/proc/$1/stat"; } 2>/dev/null || return 1
+    # Fields after the command name, which holds no spaces for postgres processes.
+    TICKS=$(( f[13] + f[14] ))
+}
+
+# watch_cpu KIND OUTFILE: writes "<applier backend ticks> <walsender ticks>" until $WORK/stop exists.
+watch_cpu() {
+    local kind=$1 out=$2 apid='' wpid='' a=0 w=0 slot=stagingprop
+    [[ $kind == native ]] && slot=bench_native
+    while [[ ! -e $WORK/stop ]]; do
+        if [[ -z $apid ]]; then
+            if [[ $kind == native ]]; then
+                apid=$(q native -c "SELECT pid FROM pg_stat_subscription WHERE subname = 'bench_native' AND relid IS NULL AND pid IS NOT NULL")
+            else
+                apid=$(q prod -c "SELECT pid FROM pg_stat_activity WHERE datname = 'shop' AND backend_type = 'client backend'
+                                   AND pid <> pg_backend_pid() LIMIT 1")
+            fi
+        fi
+        if [[ -z $wpid ]]; then
+            wpid=$(q staging -c "SELECT active_pid FROM pg_replication_slots WHERE slot_name = '$slot' AND active_pid IS NOT NULL")
+        fi
+        if [[ -n $apid ]] && ticks_of "$apid"; then a=$TICKS; fi
+        if [[ -n $wpid ]] && ticks_of "$wpid"; then w=$TICKS; fi
+        echo "$a $w" >"$out.tmp"
+        mv "$out.tmp" "$out"
+        sleep 0.05
+    done
+}
+
+WATCH_PID=''
+start_watch() {
+    rm -f "$WORK/stop" "$WORK/cpu.$1"
+    watch_cpu "$1" "$WORK/cpu.$1" &
+    WATCH_PID=$!
+}
+# Sets BACKEND_CPU and WALSENDER_CPU (seconds).
+stop_watch() {
+    local a w
+    touch "$WORK/stop"
+    wait "$WATCH_PID" || true
+    WATCH_PID=''
+    read -r a w <"$WORK/cpu.$1"
+    BACKEND_CPU=$(awk -v t="$a" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", t / hz }')
+    WALSENDER_CPU=$(awk -v t="$w" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", t / hz }')
+}
+
+# Runs `stagingprop sync --until-caught-up`; sets SP_SECONDS and SP_RSS_MB.
+run_stagingprop() {
+    local label=$1 t0 t1 rc=0 hwm=0 v cpu_user=0 cpu_sys=0 ticks=0
+    start_watch stagingprop
+    t0=$(now)
+    if (( HAVE_TIME )); then
+        /usr/bin/time -f '%U %S %M' -o "$WORK/rss.$label" \
+            "${SP_WRAPPER[@]}" "$BIN" --config "$WORK/stagingprop.toml" sync --until-caught-up 2>"$WORK/stagingprop.$label.log" || rc=$?
+        t1=$(now)
+        read -r cpu_user cpu_sys hwm < <(tail -n 1 "$WORK/rss.$label")
+    else
+        "${SP_WRAPPER[@]}" "$BIN" --config "$WORK/stagingprop.toml" sync --until-caught-up 2>"$WORK/stagingprop.$label.log" &
+        SYNC_PID=$!
+        while kill -0 "$SYNC_PID" 2>/dev/null; do
+            v=$(awk '/^VmHWM:/ { print $2 }' "/proc/$SYNC_PID/status" 2>/dev/null || true)
+            [[ -n $v ]] && (( v > hwm )) && hwm=$v
+            if ticks_of "$SYNC_PID"; then ticks=$TICKS; fi
+            sleep 0.05
+        done
+        wait "$SYNC_PID" || rc=$?
+        t1=$(now)
+        SYNC_PID=''
+        cpu_user=$(awk -v t="$ticks" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", t / hz }')
+    fi
+    stop_watch stagingprop
+    SP_PROCESS_CPU=$(awk -v u="$cpu_user" -v s="$cpu_sys" 'BEGIN { printf "%.2f", u + s }')
+    SP_BACKEND_CPU=$BACKEND_CPU
+    SP_WALSENDER_CPU=$WALSENDER_CPU
+    if (( rc != 0 )); then
+        tail -n 30 "$WORK/stagingprop.$label.log" >&2
+        die "stagingprop sync failed (exit $rc)"
+    fi
+    SP_SECONDS=$(elapsed "$t0" "$t1")
+    SP_RSS_MB=$(awk -v k="$hwm" 'BEGIN { printf "%.1f", k / 1024 }')
+    log "stagingprop: caught up in $SP_SECONDS s, peak RSS $SP_RSS_MB MB; CPU s: stagingprop $SP_PROCESS_CPU (user $cpu_user), production backend $SP_BACKEND_CPU, staging walsender $SP_WALSENDER_CPU"
+}
+
+# Enables the subscription and waits for the marker row; sets NATIVE_SECONDS.
+# The launcher starts apply workers at most once per wal_retrieve_retry_interval (5 s): wait that
+# long after the previous start, so that the timing does not include the launcher's back-off.
+NATIVE_LAST_START=0
+run_native() {
+    local marker=$1 t0 t1 retry wait
+    retry=$(q native -c "SELECT setting::float8 / 1000 FROM pg_settings WHERE name = 'wal_retrieve_retry_interval'")
+    wait=$(awk -v last="$NATIVE_LAST_START" -v now="$(now)" -v r="$retry" 'BEGIN { w = last + r + 0.5 - now; print (w > 0 ? w : 0) }')
+    sleep "$wait"
+    start_watch native
+    t0=$(now)
+    NATIVE_LAST_START=$t0
+    q native -c "ALTER SUBSCRIPTION bench_native ENABLE" \
+        -c "DO \$\$ BEGIN
+              WHILE NOT EXISTS (SELECT 1 FROM bench_marker WHERE id = $marker) LOOP
+                  PERFORM pg_sleep(0.05);
+              END LOOP;
+            END \$\$"
+    t1=$(now)
+    stop_watch native
+    q native -c "ALTER SUBSCRIPTION bench_native DISABLE"
+    NATIVE_SECONDS=$(elapsed "$t0" "$t1")
+    NATIVE_BACKEND_CPU=$BACKEND_CPU
+    NATIVE_WALSENDER_CPU=$WALSENDER_CPU
+    log "native: caught up in $NATIVE_SECONDS s (remote_lsn $(q native -c "SELECT remote_lsn FROM pg_replication_origin_status")); CPU s: apply worker $NATIVE_BACKEND_CPU, staging walsender $NATIVE_WALSENDER_CPU"
+}
+
+# Both appliers on the same backlog; the order alternates between scenarios.
+declare -A RESULT CPU
+measure() {
+    local scenario=$1 marker=$2 rows=$3 first=$4 who
+    q staging -c "INSERT INTO bench_marker VALUES ($marker, now())"
+    log "backlog (WAL behind confirmed_flush_lsn / restart_lsn): $(q staging -c "SELECT string_agg(slot_name || ' ' ||
+            pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)) || ' / ' ||
+            pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)), ', ' ORDER BY slot_name) FROM pg_replication_slots")"
+    settle
+    local order=(stagingprop native)
+    [[ $first == native ]] && order=(native stagingprop)
+    for who in "${order[@]}"; do
+        if [[ $who == stagingprop ]]; then
+            run_stagingprop "$scenario"
+        else
+            run_native "$marker"
+        fi
+        q staging -c "CHECKPOINT"
+    done
+    verify "$scenario"
+    RESULT[$scenario]="$rows $SP_SECONDS $NATIVE_SECONDS $SP_RSS_MB $VERIFY_SP $VERIFY_NATIVE"
+    CPU[$scenario]="$SP_PROCESS_CPU $SP_BACKEND_CPU $SP_WALSENDER_CPU $NATIVE_BACKEND_CPU $NATIVE_WALSENDER_CPU"
+}
+
+# ---------------------------------------------------------------------------------------------
+log "work directory $WORK; PostgreSQL binaries $PGBIN"
+for c in staging prod native; do
+    start_cluster "$c"
+done
+log "clusters: staging :${PORT[staging]}, prod (stagingprop) :${PORT[prod]}, native subscriber :${PORT[native]}"
+
+log "loading $PRODUCTS products ($(( PRODUCTS * 2 )) descriptions, $OFFERS offers, $(( OFFERS * CURRENCIES )) prices) into all three"
+pids=()
+for c in staging prod native; do
+    q "$c" -c "$SCHEMA_SQL" -c "$SEED_SQL" -c "VACUUM ANALYZE" &
+    pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid" || die "loading the seed failed"; done
+verify "seed"
+(( FAILED == 0 )) || die "the seed differs between clusters"
+
+write_config
+log "stagingprop init"
+"$BIN" --config "$WORK/stagingprop.toml" init >"$WORK/init.log" 2>&1 || { cat "$WORK/init.log" >&2; die "stagingprop init failed"; }
+q native -c "CREATE SUBSCRIPTION bench_native
+               CONNECTION 'host=127.0.0.1 port=${PORT[staging]} dbname=shop user=postgres'
+               PUBLICATION stagingprop
+               WITH (copy_data = false, enabled = false, slot_name = 'bench_native',
+                     synchronous_commit = '$NATIVE_SYNCHRONOUS_COMMIT')"
+
+SETTINGS=$(q staging -F ' ' -c "SELECT string_agg(name || '=' || current_setting(name), ' ' ORDER BY name) FROM pg_settings
+             WHERE name IN ('fsync', 'synchronous_commit', 'full_page_writes', 'wal_sync_method', 'shared_buffers',
+                            'max_wal_size', 'checkpoint_timeout', 'autovacuum', 'logical_decoding_work_mem', 'work_mem')")
+for c in prod native; do
+    other=$(q "$c" -F ' ' -c "SELECT string_agg(name || '=' || current_setting(name), ' ' ORDER BY name) FROM pg_settings
+             WHERE name IN ('fsync', 'synchronous_commit', 'full_page_writes', 'wal_sync_method', 'shared_buffers',
+                            'max_wal_size', 'checkpoint_timeout', 'autovacuum', 'logical_decoding_work_mem', 'work_mem')")
+    [[ $other == "$SETTINGS" ]] || die "settings of $c differ from staging's: $other"
+done
+log "settings on all three clusters: $SETTINGS"
+
+# --- (a) backlog catch-up --------------------------------------------------------------------
+log "(a) $BACKLOG_TXNS OLTP transactions on staging ($CLIENTS clients) while both appliers are stopped"
+before=$(rows_written)
+t0=$(now)
+"$PGBIN/pgbench" -n -h 127.0.0.1 -p "${PORT[staging]}" -U postgres -c "$CLIENTS" -j "$CLIENTS" \
+    -t $(( BACKLOG_TXNS / CLIENTS )) -D products="$PRODUCTS" -D clients="$CLIENTS" -f "$WORK/oltp.sql" shop \
+    >"$WORK/pgbench.log" 2>&1 || { cat "$WORK/pgbench.log" >&2; die "pgbench failed"; }
+t1=$(now)
+A_TXNS=$(awk '/number of transactions actually processed/ { split($NF, a, "/"); print a[1] }' "$WORK/pgbench.log")
+A_ROWS=$(( $(rows_written) - before ))
+log "(a) staging committed $A_TXNS transactions changing $A_ROWS rows in $(elapsed "$t0" "$t1") s"
+measure a 1 "$A_ROWS" stagingprop
+
+# --- (b) one big transaction -----------------------------------------------------------------
+log "(b) one staging transaction updating $BIG_ROWS offerprice rows"
+before=$(rows_written)
+t0=$(now)
+q staging -c "UPDATE offerprice p SET price = p.price + 1
+                FROM (SELECT offer_id, currency FROM offerprice ORDER BY offer_id, currency LIMIT $BIG_ROWS) s
+               WHERE p.offer_id = s.offer_id AND p.currency = s.currency"
+t1=$(now)
+B_ROWS=$(( $(rows_written) - before ))
+log "(b) staging committed 1 transaction changing $B_ROWS rows in $(elapsed "$t0" "$t1") s"
+measure b 2 "$B_ROWS" native
+
+# ---------------------------------------------------------------------------------------------
+describe() {
+    case $1 in
+        a) echo "(a) backlog of $A_TXNS OLTP txns" ;;
+        b) echo "(b) one txn updating offerprice" ;;
+    esac
+}
+{
+    echo
+    echo "stagingprop e2e sync benchmark, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, PostgreSQL $(q staging -c 'SHOW server_version')"
+    echo "settings (all clusters): $SETTINGS"
+    echo "native subscription: synchronous_commit=$NATIVE_SYNCHRONOUS_COMMIT, streaming=off, binary=false; stagingprop: synchronous commits, default [sync] batching"
+    echo "seconds = time to catch up (ratio = stagingprop s / native s; < 1 means stagingprop is faster)"
+    echo
+    printf '%-36s %9s | %9s %10s | %9s %10s | %7s | %8s | %s\n' \
+        scenario rows "sp s" "sp rows/s" "native s" "nat rows/s" ratio "sp RSS" verify
+    for s in a b; do
+        read -r rows sps ns rss vsp vn <<<"${RESULT[$s]}"
+        printf '%-36s %9d | %9.2f %10.0f | %9.2f %10.0f | %7.2f | %6s MB | sp %s, native %s\n' \
+            "$(describe "$s")" "$rows" "$sps" "$(awk -v r="$rows" -v t="$sps" 'BEGIN { print r / t }')" \
+            "$ns" "$(awk -v r="$rows" -v t="$ns" 'BEGIN { print r / t }')" \
+            "$(awk -v a="$sps" -v b="$ns" 'BEGIN { print a / b }')" "$rss" "$vsp" "$vn"
+    done
+    echo
+    echo "CPU seconds while catching up (less sensitive than wall time to other load on the machine):"
+    printf '%-36s | %11s %11s %8s %9s | %11s %9s | %9s\n' scenario "sp process" "prod backnd" "sp total" walsender \
+        "apply wrkr" walsender "CPU ratio"
+    for s in a b; do
+        read -r spp spb spw nb nw <<<"${CPU[$s]}"
+        printf '%-36s | %11.2f %11.2f %8.2f %9.2f | %11.2f %9.2f | %9.2f\n' "$(describe "$s")" "$spp" "$spb" \
+            "$(awk -v a="$spp" -v b="$spb" 'BEGIN { print a + b }')" "$spw" "$nb" "$nw" \
+            "$(awk -v a="$spp" -v b="$spb" -v n="$nb" 'BEGIN { print (n > 0 ? (a + b) / n : 0) }')"
+    done
+    echo "(sp total = stagingprop process + its production backend; CPU ratio = sp total / native apply worker;"
+    echo " the walsender columns are the decoding work on staging, the same job for both)"
+}
+(( FAILED == 0 )) || die "a target differs from staging"
