@@ -347,6 +347,8 @@ struct RelationInfo {
     table: usize,
     map: ColumnMap,
     production_width: usize,
+    /// Staging's columns are production's, in the same order.
+    identity: bool,
 }
 
 async fn session<S>(
@@ -790,12 +792,15 @@ impl Pipeline<'_> {
         let map = schema::map_relation(&relation, meta)
             .map_err(|m| SyncError::Apply(ApplyError::Schema(m)))?;
         let production_width = meta.columns.len();
+        let identity = map.to_production.len() == production_width
+            && map.to_production.iter().enumerate().all(|(i, &p)| i == p);
         self.relations.insert(
             relation.oid,
             RelationInfo {
                 table,
                 map,
                 production_width,
+                identity,
             },
         );
         Ok(())
@@ -819,6 +824,10 @@ impl Pipeline<'_> {
                 tuple.len(),
                 info.map.to_production.len()
             )));
+        }
+        if info.identity {
+            // Same columns in the same order on both sides: no copy.
+            return Ok((info.table, tuple));
         }
         let mut row = vec![Value::UnchangedToast; info.production_width];
         for (value, &p) in tuple.into_iter().zip(&info.map.to_production) {

@@ -661,6 +661,7 @@ impl ReplicationClient {
         let driver = tokio::spawn(driver.run());
         Ok(ReplicationStream {
             events: events_rx,
+            pending: Vec::new().into_iter(),
             decoder: Decoder::new(),
             flush: FlushHandle {
                 tx: Arc::new(flush_tx),
@@ -872,15 +873,22 @@ struct StreamShared {
     stop: Notify,
 }
 
-/// Bounded so that a slow consumer stops the driver from reading the socket (backpressure),
-/// while the driver keeps sending status updates so the server does not time out. Large enough
-/// (a few MB of typical messages) that the server keeps decoding while the pipeline applies a
-/// batch, instead of the two taking turns.
-const EVENT_QUEUE: usize = 16 * 1024;
+/// Chunks of messages in flight from the driver to the consumer. Bounded so that a slow consumer
+/// stops the driver from reading the socket (backpressure), while the driver keeps sending
+/// status updates so the server does not time out. Large enough (up to 256 socket reads) that
+/// the server keeps decoding while the pipeline applies a batch, instead of the two taking turns.
+const EVENT_QUEUE: usize = 256;
+
+/// Messages handed over at once: one wake-up of the consumer per chunk, not per message.
+const CHUNK_MESSAGES: usize = 1024;
+
+type Chunk = Result<Vec<RawWal>, ReplicationError>;
 
 /// The consumer's end of a streaming replication connection.
 pub struct ReplicationStream {
-    events: mpsc::Receiver<Result<RawWal, ReplicationError>>,
+    events: mpsc::Receiver<Chunk>,
+    /// The rest of the chunk being consumed.
+    pending: std::vec::IntoIter<RawWal>,
     decoder: Decoder,
     flush: FlushHandle,
     shared: Arc<StreamShared>,
@@ -891,19 +899,26 @@ pub struct ReplicationStream {
 impl ReplicationStream {
     /// The next XLogData message, undecoded; `None` when the server ended the stream.
     pub async fn next_raw(&mut self) -> Result<Option<RawWal>, ReplicationError> {
-        match self.events.recv().await {
-            Some(Ok(raw)) => Ok(Some(raw)),
-            Some(Err(e)) => Err(e),
-            None => {
-                // The driver ended: surface its error if it had one.
-                match self.driver.take() {
-                    Some(handle) => match handle.await {
-                        Ok(Err(e)) => Err(e),
-                        _ => Ok(None),
-                    },
-                    None => Ok(None),
-                }
+        loop {
+            if let Some(raw) = self.pending.next() {
+                return Ok(Some(raw));
             }
+            match self.events.recv().await {
+                Some(Ok(chunk)) => self.pending = chunk.into_iter(),
+                Some(Err(e)) => return Err(e),
+                None => return self.driver_end().await,
+            }
+        }
+    }
+
+    /// The driver ended: its error if it had one, else the end of the stream.
+    async fn driver_end(&mut self) -> Result<Option<RawWal>, ReplicationError> {
+        match self.driver.take() {
+            Some(handle) => match handle.await {
+                Ok(Err(e)) => Err(e),
+                _ => Ok(None),
+            },
+            None => Ok(None),
         }
     }
 
@@ -960,7 +975,7 @@ impl Drop for ReplicationStream {
 /// Owns the socket while streaming.
 struct Driver {
     client: ReplicationClient,
-    events: mpsc::Sender<Result<RawWal, ReplicationError>>,
+    events: mpsc::Sender<Chunk>,
     flushed: watch::Receiver<Lsn>,
     shared: Arc<StreamShared>,
     received: Lsn,
@@ -996,8 +1011,16 @@ impl Driver {
         let mut ticker = tokio::time::interval(self.status_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut flush_open = true;
+        let mut chunk: Vec<RawWal> = Vec::new();
         loop {
             while let Some(frame) = self.client.try_frame()? {
+                if chunk.len() >= CHUNK_MESSAGES
+                    && !self
+                        .deliver(std::mem::take(&mut chunk), &mut ticker)
+                        .await?
+                {
+                    return self.finish().await;
+                }
                 match frame.tag {
                     b'd' => {
                         let message =
@@ -1018,15 +1041,12 @@ impl Driver {
                                 self.shared
                                     .server_wal_end
                                     .fetch_max(wal_end.0, Ordering::Relaxed);
-                                let raw = RawWal {
+                                chunk.push(RawWal {
                                     wal_start,
                                     wal_end,
                                     send_time,
                                     payload,
-                                };
-                                if !self.deliver(raw, &mut ticker).await? {
-                                    return self.finish().await;
-                                }
+                                });
                             }
                             ServerCopyData::Keepalive {
                                 wal_end,
@@ -1045,8 +1065,18 @@ impl Driver {
                     // The server ended the stream: CopyDone, or CommandComplete without one,
                     // which is how a walsender says goodbye when its server shuts down
                     // (WalSndDone); either way the consumer sees the stream end.
-                    b'c' | b'C' => return Ok(()),
+                    b'c' | b'C' => {
+                        if !chunk.is_empty() {
+                            self.deliver(std::mem::take(&mut chunk), &mut ticker)
+                                .await?;
+                        }
+                        return Ok(());
+                    }
                     b'E' => {
+                        if !chunk.is_empty() {
+                            self.deliver(std::mem::take(&mut chunk), &mut ticker)
+                                .await?;
+                        }
                         return Err(ReplicationError::Stream {
                             target: self.client.target.clone(),
                             source: Box::new(ServerError::parse(&frame.body)),
@@ -1063,6 +1093,13 @@ impl Driver {
                         )));
                     }
                 }
+            }
+            if !chunk.is_empty()
+                && !self
+                    .deliver(std::mem::take(&mut chunk), &mut ticker)
+                    .await?
+            {
+                return self.finish().await;
             }
             let wake = tokio::select! {
                 r = self.client.fill() => Wake::Read(r),
@@ -1084,11 +1121,11 @@ impl Driver {
         }
     }
 
-    /// Queues one message for the consumer, sending status updates while the queue is full.
-    /// Returns false when the consumer is gone or asked to stop.
+    /// Queues a chunk of messages for the consumer, sending status updates while the queue is
+    /// full. Returns false when the consumer is gone or asked to stop.
     async fn deliver(
         &mut self,
-        raw: RawWal,
+        raw: Vec<RawWal>,
         ticker: &mut tokio::time::Interval,
     ) -> Result<bool, ReplicationError> {
         loop {
