@@ -134,9 +134,76 @@ struct TableState {
     changes: TableChanges,
 }
 
+/// A text[] parameter made of the bytes staging sent, without copying them (binary array
+/// format; the server checks the text's encoding as it receives it).
+#[derive(Debug)]
+struct TextArray(Vec<Option<Bytes>>);
+
+impl ToSql for TextArray {
+    fn to_sql(
+        &self,
+        _ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        use bytes::BufMut;
+        let len = i32::try_from(self.0.len())?;
+        out.put_i32(1); // dimensions
+        out.put_i32(i32::from(self.0.iter().any(Option::is_none)));
+        out.put_u32(Type::TEXT.oid());
+        out.put_i32(len);
+        out.put_i32(1); // lower bound
+        for value in &self.0 {
+            match value {
+                None => out.put_i32(-1),
+                Some(bytes) => {
+                    out.put_i32(i32::try_from(bytes.len())?);
+                    out.put_slice(bytes);
+                }
+            }
+        }
+        Ok(tokio_postgres::types::IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::TEXT_ARRAY
+    }
+
+    tokio_postgres::types::to_sql_checked!();
+}
+
+type QueryFuture = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>>
+            + Send,
+    >,
+>;
+
+/// What a sent statement's reported ordinals mean.
+enum Purpose {
+    /// Per ordinal: the key and source of a plain delete (a conflict if not deleted), or `None`
+    /// for a replaced row.
+    Deletes {
+        table: usize,
+        targets: Vec<Option<(Key, Source)>>,
+    },
+    /// Ordinals are rows not inserted (key taken), for `entries` in order.
+    Inserts { table: usize, entries: Vec<Entry> },
+    /// Ordinals are rows updated, for `entries` in order.
+    Updates { table: usize, entries: Vec<Entry> },
+}
+
+/// A statement sent and not yet settled. Its response is read by a task of its own: the
+/// connection hands responses over through small channels, so a response nobody reads would
+/// stall every later one (the next prepare included).
+struct InFlight {
+    result: tokio::task::JoinHandle<Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>>,
+    purpose: Purpose,
+}
+
 /// The production side of sync: one session, at most one open transaction.
 pub struct Applier {
-    client: Client,
+    client: std::sync::Arc<Client>,
+    in_flight: Vec<InFlight>,
     slot: String,
     tables: Vec<TableState>,
     by_name: HashMap<TableName, usize>,
@@ -247,7 +314,8 @@ impl Applier {
             .await
             .map_err(query_error("setting up the session"))?;
         Ok(Applier {
-            client,
+            client: std::sync::Arc::new(client),
+            in_flight: Vec::new(),
             slot: slot.to_owned(),
             tables,
             by_name,
@@ -320,6 +388,7 @@ impl Applier {
         }
         if self.one_by_one {
             self.flush().await?;
+            self.settle().await?;
         }
         Ok(())
     }
@@ -339,6 +408,7 @@ impl Applier {
     ) -> Result<(), ApplyError> {
         self.begin().await?;
         self.flush().await?;
+        self.settle().await?;
         let meta = &self.tables[table].meta;
         let set: Vec<usize> = (0..new.len())
             .filter(|&c| !matches!(new[c], Value::UnchangedToast))
@@ -381,6 +451,7 @@ impl Applier {
     ) -> Result<(), ApplyError> {
         self.begin().await?;
         self.flush().await?;
+        self.settle().await?;
         let metas: Vec<&TableMeta> = tables.iter().map(|&t| &self.tables[t].meta).collect();
         self.client
             .batch_execute(&sql::truncate(&metas, restart_identity))
@@ -390,8 +461,12 @@ impl Applier {
         Ok(())
     }
 
-    /// Sends every pending change to production (inside the open transaction).
+    /// Sends every pending change to production (inside the open transaction) without waiting
+    /// for the statements to finish: they run on production while the pipeline gathers the next
+    /// batch. Their results (and conflicts) are settled by the next flush, a key change, a
+    /// truncate, or the commit.
     pub async fn flush(&mut self) -> Result<(), ApplyError> {
+        self.settle().await?;
         if self.pending_rows == 0 {
             return Ok(());
         }
@@ -402,12 +477,11 @@ impl Applier {
         // Children's deletes before parents', parents' inserts and updates before children's.
         let order = self.order.clone();
         for &t in order.iter().rev() {
-            self.apply_deletes(t, &drained[t]).await?;
+            self.send_deletes(t, &drained[t]).await?;
         }
         for &t in &order {
             let entries = std::mem::take(&mut drained[t]);
-            self.apply_inserts(t, &entries).await?;
-            self.apply_updates(t, &entries).await?;
+            self.send_upserts(t, entries).await?;
         }
         Ok(())
     }
@@ -426,148 +500,219 @@ impl Applier {
         Ok(statement)
     }
 
-    /// Runs a set-based statement whose parameters are `columns` text arrays; returns the
-    /// ordinals (1-based) it reported.
-    async fn run_arrays(
+    /// Sends a set-based statement (parameters: text arrays) and returns at once; the request is
+    /// on the wire, in order after everything sent before it.
+    async fn send(
         &mut self,
         sql: String,
-        columns: Vec<Vec<Option<&str>>>,
-        what: &str,
-    ) -> Result<Vec<i64>, ApplyError> {
+        columns: Vec<TextArray>,
+        purpose: Purpose,
+    ) -> Result<(), ApplyError> {
         let statement = self.statement(sql, columns.len()).await?;
-        let refs: Vec<&(dyn ToSql + Sync)> =
-            columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
-        let rows = self
-            .client
-            .query(&statement, &refs)
-            .await
-            .map_err(query_error(what))?;
-        Ok(rows.iter().map(|r| r.get::<_, i64>(0)).collect())
-    }
-
-    async fn apply_deletes(&mut self, t: usize, entries: &[Entry]) -> Result<(), ApplyError> {
-        let targets: Vec<&Entry> = entries
-            .iter()
-            .filter(|e| matches!(e.change, NetChange::Delete | NetChange::Replace(_)))
-            .collect();
-        if targets.is_empty() {
-            return Ok(());
-        }
-        let meta = &self.tables[t].meta;
-        let name = meta.table_name();
-        let sql = sql::delete_rows(meta);
-        let mut columns: Vec<Vec<Option<&str>>> =
-            vec![Vec::with_capacity(targets.len()); meta.key.len()];
-        for entry in &targets {
-            for (k, value) in entry.key.iter().enumerate() {
-                columns[k].push(as_str(value.as_ref(), &name)?);
+        let client = self.client.clone();
+        let mut future: QueryFuture = Box::pin(async move {
+            let refs: Vec<&(dyn ToSql + Sync)> =
+                columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+            client.query(&statement, &refs).await
+        });
+        // The first poll, here, encodes the statement and hands it to the connection, so
+        // statements reach production in the order they were sent; a task reads the response.
+        let mut done = None;
+        std::future::poll_fn(|cx| {
+            if let std::task::Poll::Ready(result) = future.as_mut().poll(cx) {
+                done = Some(result);
             }
-        }
-        let deleted = self.run_arrays(sql, columns, "applying deletes").await?;
-        let deleted: HashSet<i64> = deleted.into_iter().collect();
-        let mut count = 0;
-        for (i, entry) in targets.iter().enumerate() {
-            if deleted.contains(&(i as i64 + 1)) {
-                if matches!(entry.change, NetChange::Delete) {
-                    count += 1;
-                }
-            } else if matches!(entry.change, NetChange::Delete) {
-                self.conflict(t, ConflictKind::DeleteMissing, entry).await?;
-            }
-        }
-        self.stats.rows_deleted += count;
-        metrics::counter!("stagingprop_rows_applied_total", "table" => name.to_string(), "op" => "delete")
-            .increment(count);
+            std::task::Poll::Ready(())
+        })
+        .await;
+        let result = match done {
+            Some(result) => tokio::spawn(async move { result }),
+            None => tokio::spawn(future),
+        };
+        self.in_flight.push(InFlight { result, purpose });
         Ok(())
     }
 
-    async fn apply_inserts(&mut self, t: usize, entries: &[Entry]) -> Result<(), ApplyError> {
-        // Grouped by the columns they carry (production-only columns are left to defaults).
-        let mut groups: Vec<(Vec<usize>, Vec<&Entry>)> = Vec::new();
-        for entry in entries {
-            let (NetChange::Insert(row) | NetChange::Replace(row)) = &entry.change else {
-                continue;
+    /// Waits for every statement sent and applies the conflict policy to what they reported.
+    /// The first error is the root cause: statements are awaited in the order they ran.
+    async fn settle(&mut self) -> Result<(), ApplyError> {
+        let in_flight = std::mem::take(&mut self.in_flight);
+        for flight in in_flight {
+            let result = flight
+                .result
+                .await
+                .map_err(|e| ApplyError::Schema(format!("a statement's response was lost: {e}")))?;
+            let what = match &flight.purpose {
+                Purpose::Deletes { .. } => "applying deletes",
+                Purpose::Inserts { .. } => "applying inserts",
+                Purpose::Updates { .. } => "applying updates",
             };
-            let present: Vec<usize> = (0..row.len())
-                .filter(|&c| !matches!(row[c], Value::UnchangedToast))
-                .collect();
-            match groups.iter_mut().find(|(cols, _)| *cols == present) {
+            let rows = result.map_err(query_error(what))?;
+            let ordinals: Vec<i64> = rows.iter().map(|r| r.get::<_, i64>(0)).collect();
+            self.settle_one(flight.purpose, ordinals).await?;
+        }
+        Ok(())
+    }
+
+    async fn settle_one(&mut self, purpose: Purpose, ordinals: Vec<i64>) -> Result<(), ApplyError> {
+        match purpose {
+            Purpose::Deletes { table, targets } => {
+                let deleted: HashSet<i64> = ordinals.into_iter().collect();
+                let mut count = 0;
+                for (i, target) in targets.into_iter().enumerate() {
+                    let Some((key, source)) = target else {
+                        continue;
+                    };
+                    if deleted.contains(&(i as i64 + 1)) {
+                        count += 1;
+                    } else {
+                        let entry = Entry {
+                            key,
+                            change: NetChange::Delete,
+                            source,
+                        };
+                        self.conflict(table, ConflictKind::DeleteMissing, &entry)
+                            .await?;
+                    }
+                }
+                self.stats.rows_deleted += count;
+                metrics::counter!("stagingprop_rows_applied_total", "table" => self.tables[table].meta.table_name().to_string(), "op" => "delete")
+                    .increment(count);
+            }
+            Purpose::Inserts { table, entries } => {
+                let inserted = (entries.len() - ordinals.len()) as u64;
+                self.stats.rows_inserted += inserted;
+                metrics::counter!("stagingprop_rows_applied_total", "table" => self.tables[table].meta.table_name().to_string(), "op" => "insert")
+                    .increment(inserted);
+                for ordinal in ordinals {
+                    let entry = &entries[ordinal as usize - 1];
+                    self.conflict(table, ConflictKind::InsertExists, entry)
+                        .await?;
+                }
+            }
+            Purpose::Updates { table, entries } => {
+                self.stats.rows_updated += ordinals.len() as u64;
+                metrics::counter!("stagingprop_rows_applied_total", "table" => self.tables[table].meta.table_name().to_string(), "op" => "update")
+                    .increment(ordinals.len() as u64);
+                if ordinals.len() < entries.len() {
+                    let updated: HashSet<i64> = ordinals.into_iter().collect();
+                    for (i, entry) in entries.iter().enumerate() {
+                        if !updated.contains(&(i as i64 + 1)) {
+                            self.conflict(table, ConflictKind::UpdateMissing, entry)
+                                .await?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes of `Delete` and `Replace` entries; only a plain delete of a missing row is a
+    /// conflict (a replaced row is inserted right after either way).
+    async fn send_deletes(&mut self, t: usize, entries: &[Entry]) -> Result<(), ApplyError> {
+        let meta = &self.tables[t].meta;
+        let mut columns: Vec<Vec<Option<Bytes>>> = vec![Vec::new(); meta.key.len()];
+        let mut targets = Vec::new();
+        for entry in entries {
+            let is_delete = match entry.change {
+                NetChange::Delete => true,
+                NetChange::Replace(_) => false,
+                _ => continue,
+            };
+            for (k, value) in entry.key.iter().enumerate() {
+                columns[k].push(value.clone());
+            }
+            targets.push(is_delete.then(|| (entry.key.clone(), entry.source)));
+        }
+        if targets.is_empty() {
+            return Ok(());
+        }
+        let sql = sql::delete_rows(meta);
+        let columns = columns.into_iter().map(TextArray).collect();
+        self.send(sql, columns, Purpose::Deletes { table: t, targets })
+            .await
+    }
+
+    /// Inserts grouped by the columns they carry (production-only columns are left to their
+    /// defaults), updates grouped by the columns they set.
+    async fn send_upserts(&mut self, t: usize, entries: Vec<Entry>) -> Result<(), ApplyError> {
+        let key_columns = self.tables[t].meta.key.clone();
+        let mut inserts: Vec<(Vec<usize>, Vec<Entry>)> = Vec::new();
+        let mut updates: Vec<(Vec<usize>, Vec<Entry>)> = Vec::new();
+        for entry in entries {
+            let (groups, columns) = match &entry.change {
+                NetChange::Insert(row) | NetChange::Replace(row) => (
+                    &mut inserts,
+                    (0..row.len())
+                        .filter(|&c| !matches!(row[c], Value::UnchangedToast))
+                        .collect::<Vec<usize>>(),
+                ),
+                NetChange::Update(row) => (
+                    &mut updates,
+                    (0..row.len())
+                        .filter(|c| {
+                            !key_columns.contains(c) && !matches!(row[*c], Value::UnchangedToast)
+                        })
+                        .collect(),
+                ),
+                NetChange::Delete => continue,
+            };
+            match groups.iter_mut().find(|(cols, _)| *cols == columns) {
                 Some((_, list)) => list.push(entry),
-                None => groups.push((present, vec![entry])),
+                None => groups.push((columns, vec![entry])),
             }
         }
         let overwrite = self.tables[t].policy == ConflictPolicy::Overwrite;
-        for (present, group) in groups {
-            let meta = &self.tables[t].meta;
-            let name = meta.table_name();
-            let sql = sql::insert_rows(meta, &present, overwrite);
-            let mut columns: Vec<Vec<Option<&str>>> =
+        for (present, group) in inserts {
+            let sql = sql::insert_rows(&self.tables[t].meta, &present, overwrite);
+            let mut columns: Vec<Vec<Option<Bytes>>> =
                 vec![Vec::with_capacity(group.len()); present.len()];
             for entry in &group {
                 let (NetChange::Insert(row) | NetChange::Replace(row)) = &entry.change else {
                     unreachable!("grouped inserts only")
                 };
                 for (slot, &c) in present.iter().enumerate() {
-                    columns[slot].push(value_str(&row[c], &name)?);
+                    columns[slot].push(value_bytes(&row[c], &self.tables[t].meta)?);
                 }
             }
-            let conflicts = self.run_arrays(sql, columns, "applying inserts").await?;
-            let inserted = (group.len() - conflicts.len()) as u64;
-            self.stats.rows_inserted += inserted;
-            metrics::counter!("stagingprop_rows_applied_total", "table" => name.to_string(), "op" => "insert")
-                .increment(inserted);
-            for ordinal in conflicts {
-                let entry = group[ordinal as usize - 1];
-                self.conflict(t, ConflictKind::InsertExists, entry).await?;
-            }
+            let columns = columns.into_iter().map(TextArray).collect();
+            self.send(
+                sql,
+                columns,
+                Purpose::Inserts {
+                    table: t,
+                    entries: group,
+                },
+            )
+            .await?;
         }
-        Ok(())
-    }
-
-    async fn apply_updates(&mut self, t: usize, entries: &[Entry]) -> Result<(), ApplyError> {
-        let key_columns = self.tables[t].meta.key.clone();
-        let mut groups: Vec<(Vec<usize>, Vec<&Entry>)> = Vec::new();
-        for entry in entries {
-            let NetChange::Update(row) = &entry.change else {
-                continue;
-            };
-            let set: Vec<usize> = (0..row.len())
-                .filter(|c| !key_columns.contains(c) && !matches!(row[*c], Value::UnchangedToast))
-                .collect();
-            match groups.iter_mut().find(|(cols, _)| *cols == set) {
-                Some((_, list)) => list.push(entry),
-                None => groups.push((set, vec![entry])),
-            }
-        }
-        for (set, group) in groups {
-            let meta = &self.tables[t].meta;
-            let name = meta.table_name();
-            let sql = sql::update_rows(meta, &set);
-            let mut columns: Vec<Vec<Option<&str>>> =
+        for (set, group) in updates {
+            let sql = sql::update_rows(&self.tables[t].meta, &set);
+            let mut columns: Vec<Vec<Option<Bytes>>> =
                 vec![Vec::with_capacity(group.len()); key_columns.len() + set.len()];
             for entry in &group {
                 let NetChange::Update(row) = &entry.change else {
                     unreachable!("grouped updates only")
                 };
                 for (k, value) in entry.key.iter().enumerate() {
-                    columns[k].push(as_str(value.as_ref(), &name)?);
+                    columns[k].push(value.clone());
                 }
                 for (slot, &c) in set.iter().enumerate() {
-                    columns[key_columns.len() + slot].push(value_str(&row[c], &name)?);
+                    columns[key_columns.len() + slot]
+                        .push(value_bytes(&row[c], &self.tables[t].meta)?);
                 }
             }
-            let updated = self.run_arrays(sql, columns, "applying updates").await?;
-            self.stats.rows_updated += updated.len() as u64;
-            metrics::counter!("stagingprop_rows_applied_total", "table" => name.to_string(), "op" => "update")
-                .increment(updated.len() as u64);
-            if updated.len() < group.len() {
-                let updated: HashSet<i64> = updated.into_iter().collect();
-                for (i, entry) in group.iter().enumerate() {
-                    if !updated.contains(&(i as i64 + 1)) {
-                        self.conflict(t, ConflictKind::UpdateMissing, entry).await?;
-                    }
-                }
-            }
+            let columns = columns.into_iter().map(TextArray).collect();
+            self.send(
+                sql,
+                columns,
+                Purpose::Updates {
+                    table: t,
+                    entries: group,
+                },
+            )
+            .await?;
         }
         Ok(())
     }
@@ -611,14 +756,18 @@ impl Applier {
                     unreachable!()
                 };
                 let all: Vec<usize> = (0..row.len()).collect();
-                let name = meta.table_name();
                 let sql = sql::insert_rows(meta, &all, true);
                 let columns = row
                     .iter()
-                    .map(|v| value_str(v, &name).map(|s| vec![s]))
+                    .map(|v| value_bytes(v, meta).map(|b| TextArray(vec![b])))
                     .collect::<Result<Vec<_>, _>>()?;
-                self.run_arrays(sql, columns, "inserting an overwritten row")
-                    .await?;
+                let statement = self.statement(sql, columns.len()).await?;
+                let refs: Vec<&(dyn ToSql + Sync)> =
+                    columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+                self.client
+                    .execute(&statement, &refs)
+                    .await
+                    .map_err(query_error("inserting an overwritten row"))?;
                 self.stats.conflicts_overwritten += 1;
                 Ok(())
             }
@@ -677,6 +826,7 @@ impl Applier {
     pub async fn commit(&mut self, last: &Progress) -> Result<Lsn, ApplyError> {
         self.begin().await?;
         self.flush().await?;
+        self.settle().await?;
         let sql = format!(
             "INSERT INTO {} (slot, end_lsn, commit_lsn, xid, commit_time, applied_at) \
              VALUES ($1, $2::text::pg_lsn, $3::text::pg_lsn, $4, to_timestamp($5::float8 / 1000000), now()) \
@@ -703,6 +853,9 @@ impl Applier {
 
     /// Abandons the open transaction and everything pending.
     pub async fn rollback(&mut self) -> Result<(), ApplyError> {
+        for flight in self.in_flight.drain(..) {
+            flight.result.abort();
+        }
         for t in &mut self.tables {
             t.changes.drain();
         }
@@ -727,6 +880,18 @@ fn as_str<'a>(value: Option<&'a Bytes>, table: &TableName) -> Result<Option<&'a 
             .map_err(|_| ApplyError::NotUtf8 {
                 table: table.clone(),
             }),
+    }
+}
+
+/// A value as a text array element: NULL, or the text bytes staging sent.
+fn value_bytes(value: &Value, meta: &TableMeta) -> Result<Option<Bytes>, ApplyError> {
+    match value {
+        Value::Text(b) => Ok(Some(b.clone())),
+        Value::Null | Value::UnchangedToast => Ok(None),
+        Value::Binary(_) => Err(ApplyError::Schema(format!(
+            "binary values are not applied (table {}); stagingprop streams in text mode",
+            meta.table_name()
+        ))),
     }
 }
 
