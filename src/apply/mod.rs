@@ -171,11 +171,14 @@ impl ToSql for TextArray {
     tokio_postgres::types::to_sql_checked!();
 }
 
+/// What a sent statement reports: the ordinals it returned, or only its row count.
+enum Reported {
+    Ordinals(Vec<i64>),
+    Count(u64),
+}
+
 type QueryFuture = std::pin::Pin<
-    Box<
-        dyn std::future::Future<Output = Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>>
-            + Send,
-    >,
+    Box<dyn std::future::Future<Output = Result<Reported, tokio_postgres::Error>> + Send>,
 >;
 
 /// What a sent statement's reported ordinals mean.
@@ -188,7 +191,7 @@ enum Purpose {
     },
     /// Ordinals are rows not inserted (key taken), for `entries` in order.
     Inserts { table: usize, entries: Vec<Entry> },
-    /// Ordinals are rows updated, for `entries` in order.
+    /// A row count; when short, the rows of `entries` production lacks are conflicts.
     Updates { table: usize, entries: Vec<Entry> },
 }
 
@@ -196,7 +199,7 @@ enum Purpose {
 /// connection hands responses over through small channels, so a response nobody reads would
 /// stall every later one (the next prepare included).
 struct InFlight {
-    result: tokio::task::JoinHandle<Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>>,
+    result: tokio::task::JoinHandle<Result<Reported, tokio_postgres::Error>>,
     purpose: Purpose,
 }
 
@@ -510,10 +513,18 @@ impl Applier {
     ) -> Result<(), ApplyError> {
         let statement = self.statement(sql, columns.len()).await?;
         let client = self.client.clone();
+        let count_only = matches!(purpose, Purpose::Updates { .. });
         let mut future: QueryFuture = Box::pin(async move {
             let refs: Vec<&(dyn ToSql + Sync)> =
                 columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
-            client.query(&statement, &refs).await
+            if count_only {
+                client.execute(&statement, &refs).await.map(Reported::Count)
+            } else {
+                let rows = client.query(&statement, &refs).await?;
+                Ok(Reported::Ordinals(
+                    rows.iter().map(|r| r.get::<_, i64>(0)).collect(),
+                ))
+            }
         });
         // The first poll, here, encodes the statement and hands it to the connection, so
         // statements reach production in the order they were sent; a task reads the response.
@@ -547,14 +558,17 @@ impl Applier {
                 Purpose::Inserts { .. } => "applying inserts",
                 Purpose::Updates { .. } => "applying updates",
             };
-            let rows = result.map_err(query_error(what))?;
-            let ordinals: Vec<i64> = rows.iter().map(|r| r.get::<_, i64>(0)).collect();
-            self.settle_one(flight.purpose, ordinals).await?;
+            let reported = result.map_err(query_error(what))?;
+            self.settle_one(flight.purpose, reported).await?;
         }
         Ok(())
     }
 
-    async fn settle_one(&mut self, purpose: Purpose, ordinals: Vec<i64>) -> Result<(), ApplyError> {
+    async fn settle_one(&mut self, purpose: Purpose, reported: Reported) -> Result<(), ApplyError> {
+        let (ordinals, count) = match reported {
+            Reported::Ordinals(ordinals) => (ordinals, 0),
+            Reported::Count(count) => (Vec::new(), count),
+        };
         match purpose {
             Purpose::Deletes { table, targets } => {
                 let deleted: HashSet<i64> = ordinals.into_iter().collect();
@@ -591,21 +605,47 @@ impl Applier {
                 }
             }
             Purpose::Updates { table, entries } => {
-                self.stats.rows_updated += ordinals.len() as u64;
+                self.stats.rows_updated += count;
                 metrics::counter!("stagingprop_rows_applied_total", "table" => self.tables[table].meta.table_name().to_string(), "op" => "update")
-                    .increment(ordinals.len() as u64);
-                if ordinals.len() < entries.len() {
-                    let updated: HashSet<i64> = ordinals.into_iter().collect();
-                    for (i, entry) in entries.iter().enumerate() {
-                        if !updated.contains(&(i as i64 + 1)) {
-                            self.conflict(table, ConflictKind::UpdateMissing, entry)
-                                .await?;
-                        }
+                    .increment(count);
+                if (count as usize) < entries.len() {
+                    for i in self.missing_rows(table, &entries).await? {
+                        self.conflict(table, ConflictKind::UpdateMissing, &entries[i])
+                            .await?;
                     }
                 }
             }
         }
         Ok(())
+    }
+
+    /// Which of `entries` (by index) have no row on production.
+    async fn missing_rows(
+        &mut self,
+        table: usize,
+        entries: &[Entry],
+    ) -> Result<Vec<usize>, ApplyError> {
+        let meta = &self.tables[table].meta;
+        let mut columns: Vec<Vec<Option<Bytes>>> = vec![Vec::new(); meta.key.len()];
+        for entry in entries {
+            for (k, value) in entry.key.iter().enumerate() {
+                columns[k].push(value.clone());
+            }
+        }
+        let sql = sql::missing_keys(meta);
+        let columns: Vec<TextArray> = columns.into_iter().map(TextArray).collect();
+        let statement = self.statement(sql, columns.len()).await?;
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+        let rows = self
+            .client
+            .query(&statement, &refs)
+            .await
+            .map_err(query_error("finding rows production lacks"))?;
+        Ok(rows
+            .iter()
+            .map(|r| r.get::<_, i64>(0) as usize - 1)
+            .collect())
     }
 
     /// Deletes of `Delete` and `Replace` entries; only a plain delete of a missing row is a
