@@ -191,35 +191,18 @@ pub fn missing_keys(meta: &TableMeta) -> String {
 /// (which include the new key). Affects one row or none.
 pub fn update_key(meta: &TableMeta, set: &[usize]) -> String {
     let mut n = 0;
-    let mut next = || {
+    // `"column" = $n::text::type`, numbering parameters in the order they are asked for.
+    let mut param = |c: usize| {
         n += 1;
-        n
+        let column = &meta.columns[c];
+        format!(
+            "{} = ${n}::text::{}",
+            quote_ident(&column.name),
+            column.type_sql
+        )
     };
-    let conditions: Vec<String> = meta
-        .key
-        .iter()
-        .map(|&k| {
-            let column = &meta.columns[k];
-            format!(
-                "{} = ${}::text::{}",
-                quote_ident(&column.name),
-                next(),
-                column.type_sql
-            )
-        })
-        .collect();
-    let assignments: Vec<String> = set
-        .iter()
-        .map(|&c| {
-            let column = &meta.columns[c];
-            format!(
-                "{} = ${}::text::{}",
-                quote_ident(&column.name),
-                next(),
-                column.type_sql
-            )
-        })
-        .collect();
+    let conditions: Vec<String> = meta.key.iter().map(|&k| param(k)).collect();
+    let assignments: Vec<String> = set.iter().map(|&c| param(c)).collect();
     format!(
         "UPDATE {} SET {} WHERE {}",
         qualified(&meta.schema, &meta.name),
