@@ -217,8 +217,10 @@ fn init_logging(format: LogFormat, default_filter: &str) {
     // Server notices (NOTICE: ... already exists, skipping) are not news to an operator.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.with_target(false).init(),
