@@ -505,6 +505,9 @@ async fn report_progress(progress: Arc<CopyProgress>) {
     }
 }
 
+/// Bytes gathered before they are sent to the target as one CopyData message.
+const COALESCE_BYTES: usize = 256 * 1024;
+
 struct Worker {
     id: usize,
     source: Endpoint,
@@ -661,19 +664,32 @@ impl Worker {
         pin_mut!(sink);
         let mut bytes = 0u64;
         let mut last_log = Instant::now();
+        // The source sends a message per row; the target gets them coalesced into large
+        // messages (COPY data is one byte stream, message boundaries carry no meaning), which
+        // saves a channel hand-off and a frame per row.
+        let mut pending = bytes::BytesMut::with_capacity(COALESCE_BYTES);
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(db_error(&self.source, "reading the table"))?;
             bytes += chunk.len() as u64;
             self.progress
                 .bytes
                 .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-            sink.feed(chunk)
-                .await
-                .map_err(db_error(&self.target, "writing the table"))?;
+            pending.extend_from_slice(&chunk);
+            if pending.len() >= COALESCE_BYTES {
+                sink.feed(pending.split().freeze())
+                    .await
+                    .map_err(db_error(&self.target, "writing the table"))?;
+                pending.reserve(COALESCE_BYTES);
+            }
             if last_log.elapsed() >= Duration::from_secs(5) {
                 last_log = Instant::now();
                 tracing::info!(table = %meta.table_name(), mb = format!("{:.0}", bytes as f64 / 1e6), "copying");
             }
+        }
+        if !pending.is_empty() {
+            sink.feed(pending.freeze())
+                .await
+                .map_err(db_error(&self.target, "writing the table"))?;
         }
         let rows = sink
             .finish()
