@@ -378,6 +378,29 @@ run_stagingprop() {
         sed -E 's/.*worker=([0-9]+).*table=([^ ]+).*seconds="?([0-9.]+)"?.*/\2 \3s (worker \1)/' | tr '\n' ',' | sed 's/,$//; s/,/, /g')
 }
 
+# After stagingprop's copy, while the target equals the source: the time `stagingprop verify`
+# takes, against reading every table of both sides once (COPY TO /dev/null, one after another).
+measure_verify() {
+    local t0 t1 rc=0 c t
+    t0=$(now)
+    "$BIN" --config "$WORK/stagingprop.toml" verify >"$WORK/verify.log" 2>&1 || rc=$?
+    t1=$(now)
+    if (( rc != 0 )); then
+        tail -n 30 "$WORK/verify.log" >&2
+        die "stagingprop verify did not report a match (exit $rc)"
+    fi
+    VERIFY_S=$(elapsed "$t0" "$t1")
+    t0=$(now)
+    for c in source target; do
+        for t in "${TABLES[@]}"; do
+            q "$c" -c "COPY public.$t TO STDOUT" >/dev/null
+        done
+    done
+    t1=$(now)
+    READ_BOTH_S=$(elapsed "$t0" "$t1")
+    log "verify: $VERIFY_S s (match); reading both sides once: $READ_BOTH_S s"
+}
+
 run_pipe() {
     local src target
     src="$PGBIN/psql -X -q -h 127.0.0.1 -p ${PORT[source]} -U postgres -d shop"
@@ -514,6 +537,8 @@ fi
 declare -A RESULT TABLE_TIMES PER_TABLE
 FAILED=0
 SP_RSS_MB='-'
+VERIFY_S=''
+READ_BOTH_S=''
 PGCOPYDB_FK_SECONDS=''
 ORDER=()
 for phase in $PHASES; do
@@ -564,6 +589,9 @@ for (( round = 1; round <= ROUNDS; round++ )); do
         fi
         RESULT[$phase]+="$SECONDS_TAKEN $CLIENT_CPU $(ticks_to_s $(( s1 - s0 ))) $(ticks_to_s $(( g1 - g0 ))) $verdict;"
         log "round $round, $phase: $SECONDS_TAKEN s, $verdict; CPU s: client $CLIENT_CPU, source server $(ticks_to_s $(( s1 - s0 ))), target server $(ticks_to_s $(( g1 - g0 )))"
+        if [[ $phase == stagingprop && $round == 1 && $verdict == MATCH ]]; then
+            measure_verify
+        fi
         [[ -z ${TABLE_TIMES[$phase]:-} ]] || log "  per table: ${TABLE_TIMES[$phase]}"
         [[ -z ${TABLE_TIMES[$phase]:-} ]] || PER_TABLE[$phase]+="  round $round: ${TABLE_TIMES[$phase]}"$'\n'
     done
@@ -611,6 +639,9 @@ label() {
     echo "(CPU seconds: client = the client processes (stagingprop / psql pipes / pgcopydb); source and"
     echo " target = all server processes of that cluster: backends, walsenders, sync workers, checkpointer)"
     echo "stagingprop peak RSS: $SP_RSS_MB MB"
+    if [[ -n $VERIFY_S ]]; then
+        awk -v v="$VERIFY_S" -v r="$READ_BOTH_S" 'BEGIN { printf "stagingprop verify: %.1f s (match) against %.1f s to read both sides once: %.2fx\n", v, r, v / r }'
+    fi
     if [[ $sp_s != 0 ]]; then
         for other in pipe native pgcopydb; do
             [[ -n ${RESULT[$other]:-} ]] || continue

@@ -1,8 +1,9 @@
-//! `stagingprop verify`: compares every managed table on staging and production. Staging is read
-//! once in key order and cut into chunks of `chunk_rows` rows, each summarized by its row count
-//! and a hash of its rows' hashes; production computes the same summary over the same key ranges
-//! (index range scans, so it too is read once). Only chunks whose summaries differ are fetched
-//! row by row to name the rows missing on production, extra on production, or different.
+//! `stagingprop verify`: compares every managed table on staging and production. Staging's keys
+//! are read once (an index-only pass) to cut the table into chunks of `chunk_rows` rows; then
+//! both sides summarize each chunk's key range at the same time (row count and a hash of the
+//! rows' hashes, by index range scans), so each side is read once and the two reads overlap.
+//! Only chunks whose summaries differ are fetched row by row to name the rows missing on
+//! production, extra on production, or different.
 
 use std::collections::HashMap;
 
@@ -131,46 +132,32 @@ impl TableSql<'_> {
     }
 }
 
-/// A key range: lower bound (inclusive), upper bound (exclusive), staging's summary of it.
-type Range<'a> = (
-    Option<&'a Vec<String>>,
-    Option<&'a Vec<String>>,
-    Option<&'a ChunkSummary>,
-);
+/// A key range: lower bound (inclusive; none for the first), upper bound (exclusive; none for
+/// the last).
+type Range<'a> = (Option<&'a Vec<String>>, Option<&'a Vec<String>>);
 
-/// A chunk: its lower bound (staging's first key; none for the first chunk) and summary.
-struct StagingChunk {
-    first_key: Option<Vec<String>>,
-    summary: ChunkSummary,
-}
-
-async fn staging_chunks(
+/// The first key of every chunk of `chunk_rows` rows on staging but the first: the ranges both
+/// sides summarize. An index-only pass when the key is indexed, as primary keys are.
+async fn chunk_boundaries(
     s: &Client,
     sql: &TableSql<'_>,
     chunk_rows: i64,
-) -> Result<Vec<StagingChunk>, tokio_postgres::Error> {
+) -> Result<Vec<Vec<String>>, tokio_postgres::Error> {
     let query = format!(
-        "SELECT (rn - 1) / $1 AS chunk, count(*)::bigint, md5(string_agg(h, '' ORDER BY rn)), max(boundary)
-           FROM (SELECT row_number() OVER w AS rn, {hash} AS h,
-                        CASE WHEN (row_number() OVER w - 1) % $1 = 0 THEN ARRAY[{key_texts}] END AS boundary
-                   FROM {table} WINDOW w AS (ORDER BY {keys})) r
-          GROUP BY 1 ORDER BY 1",
-        hash = sql.row_hash(),
+        "SELECT ARRAY[{key_texts}] FROM (SELECT {keys}, row_number() OVER (ORDER BY {keys}) AS rn
+           FROM {table}) r WHERE rn > 1 AND (rn - 1) % $1 = 0 ORDER BY rn",
         key_texts = sql.key_texts(),
-        table = sql.meta.qualified(),
         keys = sql.keys(),
+        table = sql.meta.qualified(),
     );
     let rows = s.query(&query, &[&chunk_rows]).await?;
     Ok(rows
         .iter()
-        .enumerate()
-        .map(|(i, r)| StagingChunk {
-            // The first chunk also covers production keys below staging's smallest.
-            first_key: if i == 0 { None } else { r.get(3) },
-            summary: ChunkSummary {
-                rows: r.get(1),
-                hash: r.get(2),
-            },
+        .map(|r| {
+            r.get::<_, Vec<Option<String>>>(0)
+                .into_iter()
+                .map(Option::unwrap_or_default)
+                .collect()
         })
         .collect())
 }
@@ -269,40 +256,34 @@ pub async fn verify(config: &Config, options: &VerifyOptions) -> Result<Vec<Tabl
             )));
         }
         let sql = TableSql { meta: &meta };
-        let chunks = staging_chunks(&s, &sql, options.chunk_rows.max(1))
+        let boundaries = chunk_boundaries(&s, &sql, options.chunk_rows.max(1))
             .await
-            .map_err(query_error(&staging, "hashing a table"))?;
+            .map_err(query_error(&staging, "reading key ranges"))?;
+        let mut bounds: Vec<Range<'_>> = Vec::with_capacity(boundaries.len() + 1);
+        let mut lower = None;
+        for b in &boundaries {
+            bounds.push((lower, Some(b)));
+            lower = Some(b);
+        }
+        bounds.push((lower, None));
         let mut diff = TableDiff {
             table: table.name.to_string(),
-            chunks: chunks.len().max(1),
+            chunks: bounds.len(),
             ..TableDiff::default()
         };
-        // Ranges: [first_key_i, first_key_i+1), the first open below, the last open above.
-        let bounds: Vec<Range<'_>> = if chunks.is_empty() {
-            vec![(None, None, None)]
-        } else {
-            (0..chunks.len())
-                .map(|i| {
-                    (
-                        chunks[i].first_key.as_ref(),
-                        chunks.get(i + 1).and_then(|c| c.first_key.as_ref()),
-                        Some(&chunks[i].summary),
-                    )
-                })
-                .collect()
-        };
-        for (lower, upper, staging_summary) in bounds {
-            let production_summary = summarize_range(&p, &sql, lower, upper)
-                .await
-                .map_err(query_error(&production, "hashing a table"))?;
-            let staging_rows = staging_summary.map_or(0, |c| c.rows);
-            diff.staging_rows += staging_rows;
+        for (lower, upper) in bounds {
+            // Both sides summarize the same range at the same time.
+            let (staging_summary, production_summary) = tokio::join!(
+                summarize_range(&s, &sql, lower, upper),
+                summarize_range(&p, &sql, lower, upper)
+            );
+            let staging_summary =
+                staging_summary.map_err(query_error(&staging, "hashing a table"))?;
+            let production_summary =
+                production_summary.map_err(query_error(&production, "hashing a table"))?;
+            diff.staging_rows += staging_summary.rows;
             diff.production_rows += production_summary.rows;
-            let same = match staging_summary {
-                Some(c) => *c == production_summary,
-                None => production_summary.rows == 0,
-            };
-            if same {
+            if staging_summary == production_summary {
                 continue;
             }
             diff.chunks_differing += 1;
