@@ -70,43 +70,13 @@ WARMUP=${WARMUP:-1}
 cd "$(dirname "$0")/.."
 REPO=$PWD
 
-log() { printf '%s  %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-now() { date +%s.%N; }
-elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
-
-# ---------------------------------------------------------------------------------------------
-# Binaries
-find_pg_bin() {
-    if [[ -n ${STAGINGPROP_PG_BIN:-} ]]; then
-        echo "$STAGINGPROP_PG_BIN"
-        return
-    fi
-    local best='' v d
-    for d in /usr/lib/postgresql/*/bin; do
-        [[ -x $d/initdb ]] || continue
-        v=$(basename "$(dirname "$d")")
-        if [[ -z $best || $v -gt $(basename "$(dirname "$best")") ]]; then best=$d; fi
-    done
-    if [[ -n $best ]]; then echo "$best"; return; fi
-    if command -v pg_config >/dev/null && [[ -x $(pg_config --bindir)/initdb ]]; then
-        pg_config --bindir
-        return
-    fi
-    dirname "$(command -v initdb || die "PostgreSQL server binaries (initdb) not found; set STAGINGPROP_PG_BIN")"
-}
-PGBIN=$(find_pg_bin)
-for tool in initdb pg_ctl psql; do
-    [[ -x $PGBIN/$tool ]] || die "$PGBIN/$tool not found (set STAGINGPROP_PG_BIN)"
-done
+# shellcheck source=benches/common.sh
+source "$REPO/benches/common.sh"
+require_pg_tools initdb pg_ctl psql
 [[ -x /usr/bin/time ]] || die "/usr/bin/time (GNU time) is needed for the CPU figures"
 (( SCALE_MB >= 10 )) || die "SCALE_MB must be >= 10"
 
-log "building stagingprop (release)"
-cargo build --release --bin stagingprop >&2
-TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
-BIN=$TARGET_DIR/release/stagingprop
-[[ -x $BIN ]] || die "$BIN not found after the build"
+build_stagingprop
 
 PGCOPYDB_NOTE=''
 if [[ " $PHASES " == *" pgcopydb "* ]] && ! command -v pgcopydb >/dev/null; then
@@ -122,97 +92,18 @@ fi
 HAVE_PGCOPYDB=0
 command -v pgcopydb >/dev/null && HAVE_PGCOPYDB=1
 
-# PostgreSQL refuses to run as root: the servers run as the postgres OS user then.
-AS_PG=()
-if [[ $(id -u) == 0 ]]; then
-    id postgres >/dev/null 2>&1 || die "running as root but there is no postgres OS user"
-    AS_PG=(runuser -u postgres --)
-fi
-
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/stagingprop-copy.XXXXXX")
 chmod 755 "$WORK"
-CLUSTERS=()
 
 cleanup() {
     local rc=$?
     set +e
-    local c
-    for c in "${CLUSTERS[@]}"; do
-        "${AS_PG[@]}" "$PGBIN/pg_ctl" -D "$WORK/$c/data" -m immediate -w stop >/dev/null 2>&1
-    done
-    if [[ $KEEP == 1 ]]; then
-        log "kept $WORK"
-    else
-        rm -rf "$WORK"
-    fi
+    stop_clusters
     exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
-
-export PGTZ=UTC PGDATESTYLE=ISO PGCONNECT_TIMEOUT=10
-declare -A PORT
-
-# A TCP port on 127.0.0.1 nobody listens on (start_cluster retries if it was taken meanwhile).
-pick_port() {
-    local p
-    while :; do
-        p=$(( 20000 + RANDOM % 40000 ))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-            echo "$p"
-            return
-        fi
-    done
-}
-
-start_cluster() {
-    local name=$1 dir=$WORK/$1 attempt port
-    mkdir -p "$dir"
-    [[ ${#AS_PG[@]} -eq 0 ]] || chown postgres: "$dir"
-    "${AS_PG[@]}" "$PGBIN/initdb" -D "$dir/data" -U postgres -A trust -E UTF8 --locale=C \
-        --no-sync >"$dir/initdb.log" 2>&1 || { cat "$dir/initdb.log" >&2; die "initdb $name"; }
-    # fsync, synchronous_commit, full_page_writes, wal_sync_method, shared_buffers, max_wal_size,
-    # checkpoint_timeout, max_sync_workers_per_subscription: PostgreSQL's defaults. wal_level is
-    # logical on both (the source needs it for the native sync; equal WAL volume on the target
-    # for every method). Autovacuum is off so that a vacuum started by one phase cannot steal
-    # the CPU of the next one (2 cores); the script vacuums and checkpoints between phases.
-    {
-        echo "listen_addresses = '127.0.0.1'"
-        echo "unix_socket_directories = '$dir'"
-        echo "wal_level = logical"
-        echo "max_replication_slots = 10"
-        echo "max_wal_senders = 10"
-        echo "autovacuum = off"
-        echo "logging_collector = off"
-        echo "log_min_messages = warning"
-        if [[ -n $PG_EXTRA_CONF ]]; then tr ';' '\n' <<<"$PG_EXTRA_CONF"; fi
-    } >>"$dir/data/postgresql.conf"
-    for attempt in 1 2 3 4 5; do
-        port=$(pick_port)
-        echo "port = $port" >>"$dir/data/postgresql.conf"
-        if "${AS_PG[@]}" "$PGBIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start >/dev/null; then
-            PORT[$name]=$port
-            CLUSTERS+=("$name")
-            return
-        fi
-        log "starting $name on port $port failed (attempt $attempt)"
-    done
-    tail -n 20 "$dir/server.log" >&2
-    die "cannot start the $name cluster"
-}
-
-# q CLUSTER [psql args...]: psql on the cluster's shop database, stops on the first error.
-q() {
-    local name=$1
-    shift
-    "$PGBIN/psql" -X -q -A -t -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "${PORT[$name]}" -U postgres -d shop "$@"
-}
-qpg() {
-    local name=$1
-    shift
-    "$PGBIN/psql" -X -q -A -t -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "${PORT[$name]}" -U postgres -d postgres "$@"
-}
 
 # ---------------------------------------------------------------------------------------------
 # Schema and data. About 9.1 KB of heap + TOAST per product: catentdesc 2 x 2.6 KB, attrval

@@ -56,53 +56,15 @@ read -r -a SP_WRAPPER <<<"${SP_WRAPPER:-}"
 cd "$(dirname "$0")/.."
 REPO=$PWD
 
-log() { printf '%s  %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-now() { date +%s.%N; }
-elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
-
-# ---------------------------------------------------------------------------------------------
-# Binaries
-find_pg_bin() {
-    if [[ -n ${STAGINGPROP_PG_BIN:-} ]]; then
-        echo "$STAGINGPROP_PG_BIN"
-        return
-    fi
-    local best='' v d
-    for d in /usr/lib/postgresql/*/bin; do
-        [[ -x $d/initdb ]] || continue
-        v=$(basename "$(dirname "$d")")
-        if [[ -z $best || $v -gt $(basename "$(dirname "$best")") ]]; then best=$d; fi
-    done
-    if [[ -n $best ]]; then echo "$best"; return; fi
-    if command -v pg_config >/dev/null && [[ -x $(pg_config --bindir)/initdb ]]; then
-        pg_config --bindir
-        return
-    fi
-    dirname "$(command -v initdb || die "PostgreSQL server binaries (initdb) not found; set STAGINGPROP_PG_BIN")"
-}
-PGBIN=$(find_pg_bin)
-for tool in initdb pg_ctl psql pgbench; do
-    [[ -x $PGBIN/$tool ]] || die "$PGBIN/$tool not found (set STAGINGPROP_PG_BIN)"
-done
+# shellcheck source=benches/common.sh
+source "$REPO/benches/common.sh"
+require_pg_tools initdb pg_ctl psql pgbench
 (( BACKLOG_TXNS >= CLIENTS && PRODUCTS >= CLIENTS )) || die "BACKLOG_TXNS and PRODUCTS must be >= CLIENTS"
 
-log "building stagingprop (release)"
-cargo build --release --bin stagingprop >&2
-TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
-BIN=$TARGET_DIR/release/stagingprop
-[[ -x $BIN ]] || die "$BIN not found after the build"
-
-# PostgreSQL refuses to run as root: the servers run as the postgres OS user then.
-AS_PG=()
-if [[ $(id -u) == 0 ]]; then
-    id postgres >/dev/null 2>&1 || die "running as root but there is no postgres OS user"
-    AS_PG=(runuser -u postgres --)
-fi
+build_stagingprop
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/stagingprop-e2e.XXXXXX")
 chmod 755 "$WORK"
-CLUSTERS=()
 SYNC_PID=''
 WATCH_PID=''
 
@@ -115,78 +77,12 @@ cleanup() {
     fi
     touch "$WORK/stop"
     if [[ -n $WATCH_PID ]]; then wait "$WATCH_PID" 2>/dev/null; fi
-    local c
-    for c in "${CLUSTERS[@]}"; do
-        "${AS_PG[@]}" "$PGBIN/pg_ctl" -D "$WORK/$c/data" -m immediate -w stop >/dev/null 2>&1
-    done
-    if [[ $KEEP == 1 ]]; then
-        log "kept $WORK"
-    else
-        rm -rf "$WORK"
-    fi
+    stop_clusters
     exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
-
-export PGTZ=UTC PGDATESTYLE=ISO PGCONNECT_TIMEOUT=10
-declare -A PORT
-
-# A TCP port on 127.0.0.1 nobody listens on (start_cluster retries if it was taken meanwhile).
-pick_port() {
-    local p
-    while :; do
-        p=$(( 20000 + RANDOM % 40000 ))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-            echo "$p"
-            return
-        fi
-    done
-}
-
-start_cluster() {
-    local name=$1 dir=$WORK/$1 attempt port
-    mkdir -p "$dir"
-    [[ ${#AS_PG[@]} -eq 0 ]] || chown postgres: "$dir"
-    "${AS_PG[@]}" "$PGBIN/initdb" -D "$dir/data" -U postgres -A trust -E UTF8 --locale=C \
-        --no-sync >"$dir/initdb.log" 2>&1 || { cat "$dir/initdb.log" >&2; die "initdb $name"; }
-    # Identical on all three clusters. fsync, synchronous_commit, full_page_writes, wal_sync_method,
-    # shared_buffers, max_wal_size, checkpoint_timeout: PostgreSQL's defaults. Autovacuum is off
-    # on all three so that a vacuum started by one phase cannot steal the CPU of the next one
-    # (2 cores); the script runs VACUUM ANALYZE and CHECKPOINT on every cluster between phases.
-    {
-        echo "listen_addresses = '127.0.0.1'"
-        echo "unix_socket_directories = '$dir'"
-        echo "wal_level = logical"
-        echo "max_replication_slots = 10"
-        echo "max_wal_senders = 10"
-        echo "autovacuum = off"
-        echo "logging_collector = off"
-        echo "log_min_messages = warning"
-        if [[ -n $PG_EXTRA_CONF ]]; then tr ';' '\n' <<<"$PG_EXTRA_CONF"; fi
-    } >>"$dir/data/postgresql.conf"
-    for attempt in 1 2 3 4 5; do
-        port=$(pick_port)
-        echo "port = $port" >>"$dir/data/postgresql.conf"
-        if "${AS_PG[@]}" "$PGBIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start >/dev/null; then
-            PORT[$name]=$port
-            CLUSTERS+=("$name")
-            "$PGBIN/psql" -X -q -h 127.0.0.1 -p "$port" -U postgres -d postgres -c "CREATE DATABASE shop"
-            return
-        fi
-        log "starting $name on port $port failed (attempt $attempt)"
-    done
-    tail -n 20 "$dir/server.log" >&2
-    die "cannot start the $name cluster"
-}
-
-# q CLUSTER [psql args...]: psql on the cluster's shop database, stops on the first error.
-q() {
-    local name=$1
-    shift
-    "$PGBIN/psql" -X -q -A -t -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "${PORT[$name]}" -U postgres -d shop "$@"
-}
 
 # ---------------------------------------------------------------------------------------------
 # Schema and deterministic seed (the same SQL on all three clusters gives equal tables).
@@ -506,6 +402,7 @@ measure() {
 log "work directory $WORK; PostgreSQL binaries $PGBIN"
 for c in staging prod native; do
     start_cluster "$c"
+    qpg "$c" -c "CREATE DATABASE shop"
 done
 log "clusters: staging :${PORT[staging]}, prod (stagingprop) :${PORT[prod]}, native subscriber :${PORT[native]}"
 

@@ -1,0 +1,134 @@
+# Shared by the end-to-end benchmark scripts (sourced, not run): logging, the PostgreSQL
+# binaries, the release build, and throwaway clusters on free loopback ports, run as the
+# postgres OS user when the script runs as root. The sourcing script sets WORK, KEEP and
+# PG_EXTRA_CONF first, and calls stop_clusters from its EXIT trap.
+
+log() { printf '%s  %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
+
+# The directory of initdb: STAGINGPROP_PG_BIN, the newest /usr/lib/postgresql/*/bin,
+# pg_config --bindir, then PATH.
+find_pg_bin() {
+    if [[ -n ${STAGINGPROP_PG_BIN:-} ]]; then
+        echo "$STAGINGPROP_PG_BIN"
+        return
+    fi
+    local best='' v d
+    for d in /usr/lib/postgresql/*/bin; do
+        [[ -x $d/initdb ]] || continue
+        v=$(basename "$(dirname "$d")")
+        if [[ -z $best || $v -gt $(basename "$(dirname "$best")") ]]; then best=$d; fi
+    done
+    if [[ -n $best ]]; then echo "$best"; return; fi
+    if command -v pg_config >/dev/null && [[ -x $(pg_config --bindir)/initdb ]]; then
+        pg_config --bindir
+        return
+    fi
+    dirname "$(command -v initdb || die "PostgreSQL server binaries (initdb) not found; set STAGINGPROP_PG_BIN")"
+}
+
+# require_pg_tools TOOL...: sets PGBIN and checks that each tool is there.
+require_pg_tools() {
+    PGBIN=$(find_pg_bin)
+    local tool
+    for tool in "$@"; do
+        [[ -x $PGBIN/$tool ]] || die "$PGBIN/$tool not found (set STAGINGPROP_PG_BIN)"
+    done
+}
+
+# Builds the release binary; sets BIN.
+build_stagingprop() {
+    log "building stagingprop (release)"
+    cargo build --release --bin stagingprop >&2
+    BIN=${CARGO_TARGET_DIR:-$REPO/target}/release/stagingprop
+    [[ -x $BIN ]] || die "$BIN not found after the build"
+}
+
+# PostgreSQL refuses to run as root: the servers run as the postgres OS user then.
+AS_PG=()
+if [[ $(id -u) == 0 ]]; then
+    id postgres >/dev/null 2>&1 || die "running as root but there is no postgres OS user"
+    AS_PG=(runuser -u postgres --)
+fi
+
+export PGTZ=UTC PGDATESTYLE=ISO PGCONNECT_TIMEOUT=10
+CLUSTERS=()
+declare -A PORT
+
+# Stops every cluster started so far and removes WORK (kept with KEEP=1).
+stop_clusters() {
+    local c
+    for c in "${CLUSTERS[@]}"; do
+        "${AS_PG[@]}" "$PGBIN/pg_ctl" -D "$WORK/$c/data" -m immediate -w stop >/dev/null 2>&1
+    done
+    if [[ $KEEP == 1 ]]; then
+        log "kept $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+}
+
+# A TCP port on 127.0.0.1 nobody listens on (start_cluster retries if it was taken meanwhile).
+pick_port() {
+    local p
+    while :; do
+        p=$(( 20000 + RANDOM % 40000 ))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+            echo "$p"
+            return
+        fi
+    done
+}
+
+# start_cluster NAME: initdb into WORK/NAME and start it; sets PORT[NAME].
+# fsync, synchronous_commit, full_page_writes, wal_sync_method, shared_buffers, max_wal_size,
+# checkpoint_timeout, max_sync_workers_per_subscription: PostgreSQL's defaults, equal on every
+# cluster. wal_level is logical everywhere (equal WAL volume whatever the cluster's role).
+# Autovacuum is off so that a vacuum started by one phase cannot steal the CPU of the next one
+# (2 cores); the scripts vacuum and checkpoint between phases.
+start_cluster() {
+    local name=$1 dir=$WORK/$1 attempt port
+    mkdir -p "$dir"
+    [[ ${#AS_PG[@]} -eq 0 ]] || chown postgres: "$dir"
+    "${AS_PG[@]}" "$PGBIN/initdb" -D "$dir/data" -U postgres -A trust -E UTF8 --locale=C \
+        --no-sync >"$dir/initdb.log" 2>&1 || { cat "$dir/initdb.log" >&2; die "initdb $name"; }
+    {
+        echo "listen_addresses = '127.0.0.1'"
+        echo "unix_socket_directories = '$dir'"
+        echo "wal_level = logical"
+        echo "max_replication_slots = 10"
+        echo "max_wal_senders = 10"
+        echo "autovacuum = off"
+        echo "logging_collector = off"
+        echo "log_min_messages = warning"
+        if [[ -n $PG_EXTRA_CONF ]]; then tr ';' '\n' <<<"$PG_EXTRA_CONF"; fi
+    } >>"$dir/data/postgresql.conf"
+    for attempt in 1 2 3 4 5; do
+        port=$(pick_port)
+        echo "port = $port" >>"$dir/data/postgresql.conf"
+        if "${AS_PG[@]}" "$PGBIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start >/dev/null; then
+            PORT[$name]=$port
+            CLUSTERS+=("$name")
+            return
+        fi
+        log "starting $name on port $port failed (attempt $attempt)"
+    done
+    tail -n 20 "$dir/server.log" >&2
+    die "cannot start the $name cluster"
+}
+
+# q CLUSTER [psql args...]: psql on the cluster's shop database, stops on the first error.
+q() {
+    local name=$1
+    shift
+    "$PGBIN/psql" -X -q -A -t -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "${PORT[$name]}" -U postgres -d shop "$@"
+}
+
+# qpg CLUSTER [psql args...]: the same on the postgres database.
+qpg() {
+    local name=$1
+    shift
+    "$PGBIN/psql" -X -q -A -t -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "${PORT[$name]}" -U postgres -d postgres "$@"
+}
