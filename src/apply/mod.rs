@@ -379,13 +379,14 @@ impl Applier {
         source: Source,
     ) -> Result<(), ApplyError> {
         self.begin().await?;
+        let rows_before = self.tables[table].changes.len();
         match self.tables[table].changes.absorb(key, op, source) {
-            Ok(delta) => self.account(delta),
+            Ok(delta) => self.account(table, rows_before, delta),
             Err(batch::NeedsFlush { key, op }) => {
                 self.flush().await?;
                 // After a flush nothing is pending, and an empty table takes any change.
                 if let Ok(delta) = self.tables[table].changes.absorb(key, op, source) {
-                    self.account(delta);
+                    self.account(table, 0, delta);
                 }
             }
         }
@@ -396,9 +397,10 @@ impl Applier {
         Ok(())
     }
 
-    fn account(&mut self, delta: isize) {
+    /// Pending totals after `table` went from `rows_before` rows and changed by `delta` bytes.
+    fn account(&mut self, table: usize, rows_before: usize, delta: isize) {
         self.pending_bytes += delta;
-        self.pending_rows = self.tables.iter().map(|t| t.changes.len()).sum();
+        self.pending_rows = self.pending_rows + self.tables[table].changes.len() - rows_before;
     }
 
     /// An UPDATE that changed the key: applied on its own, after everything pending.
