@@ -13,6 +13,7 @@
 //! - [`ops`]: operator commands (`init`, `tail`).
 //! - [`apply`]: set-based, exactly-once apply to production, conflicts, progress.
 //! - [`copy`]: consistent parallel snapshot copy with the hand-off to sync.
+//! - [`remap`]: key remapping rules, the key map on production and its cache.
 //! - [`cluster`]: throwaway local clusters for tests and the demo.
 
 pub mod apply;
@@ -23,5 +24,6 @@ pub mod model;
 pub mod ops;
 pub mod pg;
 pub mod pgoutput;
+pub mod remap;
 pub mod sql;
 pub mod sync;

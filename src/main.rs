@@ -457,12 +457,16 @@ async fn shutdown_signal() {
 
 fn sync_failure(error: SyncError) -> Failure {
     use stagingprop::apply::ApplyError;
+    use stagingprop::remap::RemapError;
     let code = match &error {
         SyncError::Endpoint(_) => exit::CONFIG,
         SyncError::Schema(_)
         | SyncError::UnknownTable(_)
-        | SyncError::Apply(ApplyError::Schema(_)) => exit::SCHEMA,
-        SyncError::Apply(ApplyError::Conflict { .. }) => exit::CONFLICT,
+        | SyncError::Apply(ApplyError::Schema(_))
+        | SyncError::Rules(_) => exit::SCHEMA,
+        SyncError::Apply(
+            ApplyError::Conflict { .. } | ApplyError::Remap(RemapError::UnmappedReference { .. }),
+        ) => exit::CONFLICT,
         SyncError::Slot(_) | SyncError::Replication(_) | SyncError::Protocol(_) => {
             exit::REPLICATION
         }

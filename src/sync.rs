@@ -30,6 +30,7 @@ use crate::pg::replication::{
     ReplicationStream,
 };
 use crate::pgoutput::LogicalMessage;
+use crate::remap::Remapper;
 
 /// The prefix of the heartbeat messages sync emits on an idle staging.
 pub const HEARTBEAT_PREFIX: &str = "stagingprop-heartbeat";
@@ -46,6 +47,8 @@ pub enum SyncError {
     Apply(#[from] ApplyError),
     #[error("staging and production differ, nothing was applied:\n  - {}", .0.join("\n  - "))]
     Schema(Vec<String>),
+    #[error("key remapping cannot work with these tables, nothing was applied:\n  - {}", .0.join("\n  - "))]
+    Rules(Vec<String>),
     #[error("{0}")]
     Slot(String),
     #[error(
@@ -267,7 +270,7 @@ async fn validate(
     s: &tokio_postgres::Client,
     production: &Endpoint,
     p: &tokio_postgres::Client,
-) -> Result<Vec<TableMeta>, SyncError> {
+) -> Result<(Vec<TableMeta>, Option<Remapper>), SyncError> {
     let mut problems = Vec::new();
     let mut metas = Vec::new();
     for table in &config.tables {
@@ -289,11 +292,14 @@ async fn validate(
             }
         }
     }
-    if problems.is_empty() {
-        Ok(metas)
-    } else {
-        Err(SyncError::Schema(problems))
+    if !problems.is_empty() {
+        return Err(SyncError::Schema(problems));
     }
+    let declared = schema::column_references(s)
+        .await
+        .map_err(database_error(staging, "reading foreign keys"))?;
+    let remapper = Remapper::new(config, &metas, &declared).map_err(SyncError::Rules)?;
+    Ok((metas, remapper))
 }
 
 /// The slot must exist and still hold what it promised; it is never created here. Returns its
@@ -371,7 +377,7 @@ where
         .await
         .map_err(database_error(&production, "connect"))?;
     apply::ensure_state_tables(&p).await?;
-    let metas = validate(config, &staging, &s, &production, &p).await?;
+    let (metas, remapper) = validate(config, &staging, &s, &production, &p).await?;
     let confirmed = check_slot(config, &staging, &s).await?;
     let progress = apply::read_progress(&p, &config.sync.slot).await?;
     if progress.is_some_and(|p| !p.end_lsn.is_valid()) {
@@ -413,7 +419,7 @@ where
         .zip(&config.tables)
         .map(|(meta, t)| (meta, t.on_conflict))
         .collect();
-    let mut applier = Applier::new(p, &config.sync.slot, tables).await?;
+    let mut applier = Applier::new(p, &config.sync.slot, tables, remapper).await?;
     applier.stats = state.stats;
     if let Some(until) = state.one_by_one_until {
         applier.one_by_one = applied_end < until;

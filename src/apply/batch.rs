@@ -13,7 +13,7 @@ use bytes::Bytes;
 use crate::model::{Lsn, Tuple, Value, Xid};
 
 /// Where a change came from, for conflict reports and the quarantine.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Source {
     pub lsn: Lsn,
     pub xid: Xid,

@@ -20,6 +20,8 @@ use self::schema::TableMeta;
 use crate::config::{ConflictPolicy, TableName};
 use crate::model::{Lsn, PgTimestamp, Tuple, Value, Xid};
 use crate::pg::QueryError;
+use crate::remap::store::{self as key_map, StoreError};
+use crate::remap::{MapWrites, RemapError, Remapper};
 use crate::sql::{qualified, quote_ident};
 
 /// The schema on production holding stagingprop's own tables.
@@ -34,6 +36,10 @@ pub enum ConflictKind {
     UpdateMissing,
     /// A DELETE of a row production lacks.
     DeleteMissing,
+    /// An UPDATE of a row that has no key mapping (an allocating rule never saw it).
+    UpdateUnmapped,
+    /// A DELETE of a row that has no key mapping.
+    DeleteUnmapped,
 }
 
 impl fmt::Display for ConflictKind {
@@ -42,6 +48,12 @@ impl fmt::Display for ConflictKind {
             ConflictKind::InsertExists => "insert of a key that already exists on production",
             ConflictKind::UpdateMissing => "update of a row production lacks",
             ConflictKind::DeleteMissing => "delete of a row production lacks",
+            ConflictKind::UpdateUnmapped => {
+                "update of a row that has no key mapping, so production has no row for it"
+            }
+            ConflictKind::DeleteUnmapped => {
+                "delete of a row that has no key mapping, so production has no row for it"
+            }
         })
     }
 }
@@ -50,8 +62,8 @@ impl ConflictKind {
     fn operation(self) -> &'static str {
         match self {
             ConflictKind::InsertExists => "insert",
-            ConflictKind::UpdateMissing => "update",
-            ConflictKind::DeleteMissing => "delete",
+            ConflictKind::UpdateMissing | ConflictKind::UpdateUnmapped => "update",
+            ConflictKind::DeleteMissing | ConflictKind::DeleteUnmapped => "delete",
         }
     }
 }
@@ -74,6 +86,8 @@ pub enum ApplyError {
     Schema(String),
     #[error("on production: {0}")]
     Query(QueryError),
+    #[error("key remapping: {0}")]
+    Remap(#[from] RemapError),
     #[error(
         "staging sent a value that is not UTF-8 text in {table}; check staging's server_encoding"
     )]
@@ -83,7 +97,13 @@ pub enum ApplyError {
 impl ApplyError {
     /// Worth retrying on a new connection (production restarting, network lost).
     pub fn is_transient(&self) -> bool {
-        matches!(self, ApplyError::Query(q) if q.transient)
+        match self {
+            ApplyError::Query(q) => q.transient,
+            ApplyError::Remap(RemapError::Store(StoreError::Query { source, .. })) => {
+                QueryError::new("", source).transient
+            }
+            _ => false,
+        }
     }
 
     /// A statement failed for a reason the set-based fast path can cause on its own (a unique or
@@ -193,6 +213,8 @@ enum Purpose {
     Inserts { table: usize, entries: Vec<Entry> },
     /// A row count; when short, the rows of `entries` production lacks are conflicts.
     Updates { table: usize, entries: Vec<Entry> },
+    /// Key-map writes: nothing to check beyond success.
+    KeyMap,
 }
 
 /// A statement sent and not yet settled. Its response is read by a task of its own: the
@@ -222,6 +244,8 @@ pub struct Applier {
     pub stats: ApplyStats,
     /// Whether foreign-key triggers are off for this session (`session_replication_role`).
     pub replica_role: bool,
+    /// Translates keys when some table does not keep staging's keys.
+    remap: Option<Remapper>,
 }
 
 /// Creates stagingprop's schema and tables on production if missing.
@@ -247,7 +271,9 @@ pub async fn ensure_state_tables(client: &Client) -> Result<(), ApplyError> {
                  reason text NOT NULL,
                  key jsonb NOT NULL,
                  row_data jsonb,
-                 quarantined_at timestamptz NOT NULL DEFAULT now());"
+                 quarantined_at timestamptz NOT NULL DEFAULT now());
+             {key_map};",
+            key_map = key_map::create_key_map()
         ))
         .await
         .map_err(query_error("creating stagingprop's tables"))
@@ -286,6 +312,7 @@ impl Applier {
         client: Client,
         slot: &str,
         tables: Vec<(TableMeta, ConflictPolicy)>,
+        remap: Option<Remapper>,
     ) -> Result<Applier, ApplyError> {
         let tables: Vec<TableState> = tables
             .into_iter()
@@ -330,6 +357,7 @@ impl Applier {
             one_by_one: false,
             stats: ApplyStats::default(),
             replica_role,
+            remap,
         })
     }
 
@@ -414,6 +442,25 @@ impl Applier {
         self.begin().await?;
         self.flush().await?;
         self.settle().await?;
+        let (mut old_key, mut new) = (old_key, new);
+        if let Some(remap) = &mut self.remap {
+            let mut writes = MapWrites::default();
+            let mapped = remap
+                .translate_key_change(&self.client, table, &mut old_key, &mut new, &mut writes)
+                .await?;
+            if !mapped {
+                let entry = Entry {
+                    key: old_key,
+                    change: NetChange::Update(new),
+                    source,
+                };
+                return self
+                    .conflict(table, ConflictKind::UpdateUnmapped, &entry)
+                    .await;
+            }
+            self.send_key_map(writes).await?;
+            self.settle().await?;
+        }
         let meta = &self.tables[table].meta;
         let set: Vec<usize> = (0..new.len())
             .filter(|&c| !matches!(new[c], Value::UnchangedToast))
@@ -462,6 +509,20 @@ impl Applier {
             .batch_execute(&sql::truncate(&metas, restart_identity))
             .await
             .map_err(query_error("applying TRUNCATE"))?;
+        let mapped = self
+            .remap
+            .as_mut()
+            .map(|r| r.truncated(tables))
+            .unwrap_or_default();
+        if !mapped.is_empty() {
+            self.send(
+                key_map::delete_table_mappings(),
+                vec![TextArray(mapped)],
+                Purpose::KeyMap,
+            )
+            .await?;
+            self.settle().await?;
+        }
         self.stats.truncates += 1;
         Ok(())
     }
@@ -479,6 +540,20 @@ impl Applier {
             self.tables.iter_mut().map(|t| t.changes.drain()).collect();
         self.pending_rows = 0;
         self.pending_bytes = 0;
+        if let Some(remap) = &mut self.remap {
+            let translated = remap
+                .translate(&self.client, &self.order, &mut drained)
+                .await?;
+            for unresolved in translated.unresolved {
+                let kind = match unresolved.entry.change {
+                    NetChange::Delete => ConflictKind::DeleteUnmapped,
+                    _ => ConflictKind::UpdateUnmapped,
+                };
+                self.conflict(unresolved.table, kind, &unresolved.entry)
+                    .await?;
+            }
+            self.send_key_map(translated.writes).await?;
+        }
         // Children's deletes before parents', parents' inserts and updates before children's.
         let order = self.order.clone();
         for &t in order.iter().rev() {
@@ -487,6 +562,22 @@ impl Applier {
         for &t in &order {
             let entries = std::mem::take(&mut drained[t]);
             self.send_upserts(t, entries).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the key-map writes that go with the rows being applied.
+    async fn send_key_map(&mut self, writes: MapWrites) -> Result<(), ApplyError> {
+        let MapWrites { mapped, unmapped } = writes;
+        if !unmapped[0].is_empty() {
+            let columns = unmapped.into_iter().map(TextArray).collect();
+            self.send(key_map::delete_mappings(), columns, Purpose::KeyMap)
+                .await?;
+        }
+        if !mapped[0].is_empty() {
+            let columns = mapped.into_iter().map(TextArray).collect();
+            self.send(key_map::insert_mappings(), columns, Purpose::KeyMap)
+                .await?;
         }
         Ok(())
     }
@@ -515,7 +606,7 @@ impl Applier {
     ) -> Result<(), ApplyError> {
         let statement = self.statement(sql, columns.len()).await?;
         let client = self.client.clone();
-        let count_only = matches!(purpose, Purpose::Updates { .. });
+        let count_only = matches!(purpose, Purpose::Updates { .. } | Purpose::KeyMap);
         let mut future: QueryFuture = Box::pin(async move {
             let refs: Vec<&(dyn ToSql + Sync)> =
                 columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
@@ -559,6 +650,7 @@ impl Applier {
                 Purpose::Deletes { .. } => "applying deletes",
                 Purpose::Inserts { .. } => "applying inserts",
                 Purpose::Updates { .. } => "applying updates",
+                Purpose::KeyMap => "writing the key map",
             };
             let reported = result.map_err(query_error(what))?;
             self.settle_one(flight.purpose, reported).await?;
@@ -606,6 +698,7 @@ impl Applier {
                         .await?;
                 }
             }
+            Purpose::KeyMap => {}
             Purpose::Updates { table, entries } => {
                 self.stats.rows_updated += count;
                 metrics::counter!("stagingprop_rows_applied_total", "table" => self.tables[table].meta.table_name().to_string(), "op" => "update")
@@ -814,7 +907,11 @@ impl Applier {
                 Ok(())
             }
             _ => {
-                let reason = if policy == ConflictPolicy::Overwrite {
+                let unmapped = matches!(
+                    kind,
+                    ConflictKind::UpdateUnmapped | ConflictKind::DeleteUnmapped
+                );
+                let reason = if policy == ConflictPolicy::Overwrite && !unmapped {
                     format!(
                         "{kind}; not every column was sent (unchanged TOAST values), so it cannot be inserted"
                     )
@@ -900,6 +997,9 @@ impl Applier {
         }
         for t in &mut self.tables {
             t.changes.drain();
+        }
+        if let Some(remap) = &mut self.remap {
+            remap.rolled_back();
         }
         self.pending_rows = 0;
         self.pending_bytes = 0;

@@ -234,6 +234,46 @@ pub async fn foreign_keys(
         .collect())
 }
 
+/// One column of a declared foreign key: `child.column` refers to `parent.parent_column`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ColumnReference {
+    pub child: TableName,
+    pub column: String,
+    pub parent: TableName,
+    pub parent_column: String,
+}
+
+/// Every foreign-key column declared on a database, column by column (a composite foreign key
+/// gives one entry per column).
+pub async fn column_references(
+    client: &Client,
+) -> Result<Vec<ColumnReference>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT cn.nspname::text, c.relname::text, a.attname::text,
+                    pn.nspname::text, p.relname::text, pa.attname::text
+               FROM pg_constraint k
+               JOIN pg_class c ON c.oid = k.conrelid JOIN pg_namespace cn ON cn.oid = c.relnamespace
+               JOIN pg_class p ON p.oid = k.confrelid JOIN pg_namespace pn ON pn.oid = p.relnamespace
+               CROSS JOIN LATERAL unnest(k.conkey, k.confkey) AS u(child_att, parent_att)
+               JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = u.child_att
+               JOIN pg_attribute pa ON pa.attrelid = k.confrelid AND pa.attnum = u.parent_att
+              WHERE k.contype = 'f'
+              ORDER BY 1, 2, 3",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| ColumnReference {
+            child: TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+            column: r.get(2),
+            parent: TableName::new(r.get::<_, String>(3), r.get::<_, String>(4)),
+            parent_column: r.get(5),
+        })
+        .collect())
+}
+
 /// Table indexes, parents before children; tables in a cycle keep their given order.
 pub fn parents_first(count: usize, edges: &[(usize, usize)]) -> Vec<usize> {
     let mut order = Vec::with_capacity(count);

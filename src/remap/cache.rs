@@ -1,0 +1,116 @@
+//! What sync knows of one remapped table's keys without asking production (sans-IO): a bounded
+//! cache from staging keys to what production holds for them, and the text form of keys.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+
+/// What production holds for a staging key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Known {
+    /// A mapping is stored in the key map: the row lives under this production key.
+    Mapped(i64),
+    /// No stored mapping, and production has a row under the same key.
+    Same,
+    /// No stored mapping; whether production has the key was not checked.
+    Unmapped,
+}
+
+/// A bounded map from staging keys to [`Known`]. When full it starts over: every entry can be
+/// read again from production, so forgetting is only slower, never wrong.
+#[derive(Debug)]
+pub struct KeyCache {
+    entries: HashMap<i64, Known>,
+    capacity: usize,
+}
+
+impl KeyCache {
+    pub fn new(capacity: usize) -> KeyCache {
+        KeyCache {
+            entries: HashMap::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    pub fn get(&self, source: i64) -> Option<Known> {
+        self.entries.get(&source).copied()
+    }
+
+    pub fn set(&mut self, source: i64, known: Known) {
+        if self.entries.len() >= self.capacity && !self.entries.contains_key(&source) {
+            self.entries.clear();
+        }
+        self.entries.insert(source, known);
+    }
+
+    pub fn forget(&mut self, source: i64) {
+        self.entries.remove(&source);
+    }
+
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// An integer key from the text staging sent.
+pub fn parse_key(text: &[u8]) -> Option<i64> {
+    std::str::from_utf8(text).ok()?.trim().parse().ok()
+}
+
+/// A production key in the text form apply sends.
+pub fn format_key(key: i64) -> Bytes {
+    Bytes::from(key.to_string())
+}
+
+/// `source + offset`, or `None` when it leaves the 64-bit range.
+pub fn offset_key(source: i64, offset: i64) -> Option<i64> {
+    source.checked_add(offset)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn a_full_cache_starts_over() {
+        let mut cache = KeyCache::new(2);
+        cache.set(1, Known::Same);
+        cache.set(2, Known::Mapped(20));
+        cache.set(2, Known::Mapped(21));
+        assert_eq!(cache.len(), 2);
+        assert_eq!(cache.get(2), Some(Known::Mapped(21)));
+        cache.set(3, Known::Unmapped);
+        assert_eq!(cache.len(), 1);
+        assert_eq!(cache.get(1), None);
+        assert_eq!(cache.get(3), Some(Known::Unmapped));
+        cache.forget(3);
+        assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn keys_in_text() {
+        assert_eq!(parse_key(b"42"), Some(42));
+        assert_eq!(parse_key(b"-7"), Some(-7));
+        assert_eq!(parse_key(b"4x"), None);
+        assert_eq!(parse_key(b"\xff"), None);
+        assert_eq!(&format_key(-12)[..], b"-12");
+        assert_eq!(offset_key(i64::MAX, 1), None);
+        assert_eq!(offset_key(5, -10), Some(-5));
+    }
+
+    proptest! {
+        #[test]
+        fn text_round_trip(key in any::<i64>()) {
+            prop_assert_eq!(parse_key(&format_key(key)), Some(key));
+        }
+    }
+}
