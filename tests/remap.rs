@@ -199,7 +199,7 @@ impl Pair {
             let staging = rows(format!("SELECT to_jsonb(t) FROM {} t", table.name), true);
             let production = rows(
                 format!(
-                    "SELECT to_jsonb(t) FROM {} t WHERE NOT ({})",
+                    "SELECT to_jsonb(t) FROM {} t WHERE ({}) IS NOT TRUE",
                     table.name, table.production_born
                 ),
                 false,

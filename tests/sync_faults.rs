@@ -178,6 +178,7 @@ struct Pair {
     config: Config,
     config_path: PathBuf,
     scratch: Scratch,
+    remapping: Option<&'static Remapping>,
 }
 
 async fn setup(
@@ -187,6 +188,36 @@ async fn setup(
     schema: &str,
     tables: &[(&'static str, &'static str)],
     extra_sync: &str,
+) -> Pair {
+    setup_remapped(
+        staging, production, prefix, schema, tables, extra_sync, None,
+    )
+    .await
+}
+
+/// Key rules for a fault test: what the config says, what production holds of its own, and how
+/// the test translates staging's rows to compare them.
+struct Remapping {
+    /// `key = {...}` lines per table (tables not listed keep their keys).
+    rules: &'static [(&'static str, &'static str)],
+    /// Run on production before sync: its own rows and its key sources.
+    production_sql: &'static str,
+    /// Columns translated through the key map: (table, column, table whose keys it holds).
+    translate: &'static [(&'static str, &'static str, &'static str)],
+    /// Production-born rows per table, left out of the comparison.
+    production_born: &'static [(&'static str, &'static str)],
+    /// Per remapped table: the condition on staging rows that must have exactly one mapping.
+    mapped_rows: &'static [(&'static str, &'static str, &'static str)],
+}
+
+async fn setup_remapped(
+    staging: Cluster,
+    production: Cluster,
+    prefix: &str,
+    schema: &str,
+    tables: &[(&'static str, &'static str)],
+    extra_sync: &str,
+    remapping: Option<&'static Remapping>,
 ) -> Pair {
     let staging = Db {
         name: support::fresh_db(&staging, prefix),
@@ -205,9 +236,15 @@ async fn setup(
         production.cluster.conninfo(&production.name, "postgres"),
     );
     for (table, _) in tables {
+        let rule = remapping
+            .and_then(|r| r.rules.iter().find(|(t, _)| t == table))
+            .map_or("", |(_, rule)| rule);
         text.push_str(&format!(
-            "\n[[tables]]\nname = \"public.{table}\"\non_conflict = \"error\"\n"
+            "\n[[tables]]\nname = \"public.{table}\"\non_conflict = \"error\"\n{rule}\n"
         ));
+    }
+    if let Some(remapping) = remapping {
+        production.sql(remapping.production_sql);
     }
     let scratch = Scratch::new(prefix);
     let config_path = scratch.0.join("stagingprop.toml");
@@ -222,6 +259,7 @@ async fn setup(
         config,
         config_path,
         scratch,
+        remapping,
     }
 }
 
@@ -283,13 +321,126 @@ impl Pair {
         }
     }
 
+    /// Staging's rows translated through production's key map (copied to staging for the
+    /// comparison) equal production's own rows but those it made itself; and every remapped
+    /// table has exactly one mapping per row that needs one.
+    fn assert_equal_through_key_map(&self, remapping: &Remapping) {
+        let key_map = self.production.sql(
+            "SELECT table_name || ',' || source_key || ',' || target_key FROM stagingprop.key_map",
+        );
+        let mut load = String::from(
+            "DROP TABLE IF EXISTS key_map_check; \
+             CREATE TABLE key_map_check (table_name text, source_key bigint, target_key bigint, \
+             PRIMARY KEY (table_name, source_key));\n",
+        );
+        let values: Vec<String> = key_map
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let parts: Vec<&str> = l.split(',').collect();
+                format!("('{}', {}, {})", parts[0], parts[1], parts[2])
+            })
+            .collect();
+        for chunk in values.chunks(5000) {
+            load.push_str(&format!(
+                "INSERT INTO key_map_check VALUES {};\n",
+                chunk.join(",")
+            ));
+        }
+        self.staging.sql(&load);
+        for (table, _) in &self.tables {
+            let mut translated = String::new();
+            for (_, column, parent) in remapping.translate.iter().filter(|(t, _, _)| t == table) {
+                translated.push_str(&format!(
+                    " || jsonb_build_object('{column}', coalesce((SELECT target_key FROM key_map_check k \
+                     WHERE k.table_name = 'public.{parent}' AND k.source_key = t.{column}), t.{column}))"
+                ));
+            }
+            let born = remapping
+                .production_born
+                .iter()
+                .find(|(t, _)| t == table)
+                .map_or("false", |(_, c)| c);
+            let hashes = |db: &Db, sql: String| -> Vec<String> {
+                let mut h: Vec<String> = db.sql(&sql).lines().map(str::to_owned).collect();
+                h.sort();
+                h
+            };
+            let staging = hashes(
+                &self.staging,
+                format!("SELECT md5((to_jsonb(t){translated})::text) FROM {table} t"),
+            );
+            let production = hashes(
+                &self.production,
+                format!("SELECT md5(to_jsonb(t)::text) FROM {table} t WHERE ({born}) IS NOT TRUE"),
+            );
+            if staging == production {
+                continue;
+            }
+            let only_staging: Vec<&String> = staging
+                .iter()
+                .filter(|h| production.binary_search(h).is_err())
+                .collect();
+            let only_production: Vec<&String> = production
+                .iter()
+                .filter(|h| staging.binary_search(h).is_err())
+                .collect();
+            let show = |db: &Db, row: &str, hashes: &[&String]| {
+                let list: Vec<String> = hashes.iter().take(5).map(|h| format!("'{h}'")).collect();
+                if list.is_empty() {
+                    return String::new();
+                }
+                db.sql(&format!(
+                    "SELECT left(r::text, 200) FROM (SELECT {row} AS r FROM {table} t) x \
+                     WHERE md5(r::text) IN ({})",
+                    list.join(",")
+                ))
+            };
+            panic!(
+                "{table} differs through the key map: {} rows on staging, {} on production \
+                 (not production-born); {} only on staging, {} only on production\n\
+                 staging (translated):\n{}production:\n{}",
+                staging.len(),
+                production.len(),
+                only_staging.len(),
+                only_production.len(),
+                show(
+                    &self.staging,
+                    &format!("to_jsonb(t){translated}"),
+                    &only_staging
+                ),
+                show(&self.production, "to_jsonb(t)", &only_production),
+            );
+        }
+        for (table, key, condition) in remapping.mapped_rows {
+            let counts = self.staging.value(&format!(
+                "SELECT (SELECT count(*) FROM {table} t WHERE {condition}) || ' ' || \
+                 (SELECT count(*) FROM key_map_check WHERE table_name = 'public.{table}') || ' ' || \
+                 (SELECT count(*) FROM key_map_check k WHERE table_name = 'public.{table}' AND NOT EXISTS \
+                   (SELECT 1 FROM {table} t WHERE t.{key} = k.source_key AND {condition}))"
+            ));
+            let parts: Vec<&str> = counts.split(' ').collect();
+            assert!(
+                parts[0] == parts[1] && parts[2] == "0",
+                "{table}: {} rows need a mapping, the key map has {} entries, {} of them for no such row",
+                parts[0],
+                parts[1],
+                parts[2]
+            );
+        }
+    }
+
     fn quarantined(&self) -> String {
         self.production
             .value("SELECT count(*) FROM stagingprop.quarantine")
     }
 
-    /// Production equals staging, table by table, row by row.
+    /// Production equals staging, table by table, row by row (through the key map when keys
+    /// are remapped).
     fn assert_equal(&self) {
+        if let Some(remapping) = self.remapping {
+            return self.assert_equal_through_key_map(remapping);
+        }
         for (table, key) in &self.tables {
             let rows = |db: &Db| -> Vec<String> {
                 db.sql(&format!(
@@ -1142,16 +1293,68 @@ impl Catalogue {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_catalogue_workload_while_syncing_ends_equal() {
+    random_catalogue_workload(
+        "random_catalogue_workload_while_syncing_ends_equal",
+        "random",
+        None,
+    )
+    .await;
+}
+
+/// catentry keys staging allocates from 1 up; production made rows of its own under every
+/// tenth key up to 50,000 (with a description each), so staging's rows under those keys move
+/// to production's sequence, and their descriptions and offers follow.
+static CATALOGUE_REMAPPING: Remapping = Remapping {
+    rules: &[(
+        "catentry",
+        "key = { rule = \"remap-on-conflict\", sequence = \"public.catentry_seq\" }",
+    )],
+    production_sql: "CREATE SEQUENCE catentry_seq START 1000000000;
+        INSERT INTO catentry (catentry_id, partnumber, descr)
+          SELECT g, 'PROD-' || g, 'production-born' FROM generate_series(10, 50000, 10) g;
+        INSERT INTO catentdesc SELECT g, -1, 'prod-born', NULL FROM generate_series(10, 50000, 10) g;",
+    translate: &[
+        ("catentry", "catentry_id", "catentry"),
+        ("catentdesc", "catentry_id", "catentry"),
+        ("offer", "catentry_id", "catentry"),
+    ],
+    production_born: &[
+        ("catentry", "partnumber LIKE 'PROD-%'"),
+        ("catentdesc", "name = 'prod-born'"),
+    ],
+    mapped_rows: &[(
+        "catentry",
+        "catentry_id",
+        "t.catentry_id % 10 = 0 AND t.catentry_id <= 50000",
+    )],
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_catalogue_workload_with_remapped_keys_ends_equal_through_the_key_map() {
+    random_catalogue_workload(
+        "random_catalogue_workload_with_remapped_keys_ends_equal_through_the_key_map",
+        "random-remap",
+        Some(&CATALOGUE_REMAPPING),
+    )
+    .await;
+}
+
+async fn random_catalogue_workload(
+    name: &str,
+    label: &'static str,
+    remapping: Option<&'static Remapping>,
+) {
     let started = Instant::now();
     capture_logs();
-    let seed = test_seed("random_catalogue_workload_while_syncing_ends_equal");
-    let p = setup(
+    let seed = test_seed(name);
+    let p = setup_remapped(
         shared_staging(),
         shared_production(),
-        "faults_random",
+        &format!("faults_{}", label.replace('-', "_")),
         CATALOGUE,
         CATALOGUE_TABLES,
         "batch_max_rows = 2000",
+        remapping,
     )
     .await;
 
@@ -1166,7 +1369,7 @@ async fn random_catalogue_workload_while_syncing_ends_equal() {
         sync::run(&config, &options, async move {
             let _ = stop_rx.await;
         })
-        .instrument(tracing::info_span!("faults", test = "random"))
+        .instrument(tracing::info_span!("faults", test = label))
         .await
     });
 
@@ -1248,12 +1451,12 @@ async fn random_catalogue_workload_while_syncing_ends_equal() {
         "SELECT (SELECT count(*) FROM catentry) || '/' || (SELECT count(*) FROM catentdesc) || '/' \
          || (SELECT count(*) FROM offer) || '/' || (SELECT count(*) FROM offerprice)",
     );
-    let replays = logged_lines("test=\"random\"")
+    let replays = logged_lines(&format!("test=\"{label}\""))
         .iter()
         .filter(|l| l.contains("one change at a time"))
         .count();
     println!(
-        "random workload: seed {seed}, rows catentry/catentdesc/offer/offerprice {rows}, \
+        "{label} workload: seed {seed}, rows catentry/catentdesc/offer/offerprice {rows}, \
          {} staging transactions applied, {replays} one-by-one replays, workload done at {:.1} s, \
          caught up at {:.1} s, total {:.1} s",
         summary.stats.transactions,
@@ -1268,17 +1471,53 @@ async fn random_catalogue_workload_while_syncing_ends_equal() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_sync_and_production_loses_and_duplicates_nothing() {
+    sigkill_rounds(
+        "sigkill_of_sync_and_production_loses_and_duplicates_nothing",
+        "kill",
+        None,
+    )
+    .await;
+}
+
+/// Every ledger row gets a production key of its own: a lost or doubled mapping shows as a
+/// ledger row without one, or an update or delete that finds no row (a conflict).
+static LEDGER_REMAPPING: Remapping = Remapping {
+    rules: &[(
+        "ledger",
+        "key = { rule = \"allocate\", sequence = \"public.ledger_seq\" }",
+    )],
+    production_sql: "CREATE SEQUENCE ledger_seq START 1000000000;",
+    translate: &[("ledger", "id", "ledger")],
+    production_born: &[],
+    mapped_rows: &[("ledger", "id", "true")],
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_with_allocated_keys_keeps_one_mapping_per_row() {
+    sigkill_rounds(
+        "sigkill_with_allocated_keys_keeps_one_mapping_per_row",
+        "killmap",
+        Some(&LEDGER_REMAPPING),
+    )
+    .await;
+}
+
+async fn sigkill_rounds(name: &str, label: &str, remapping: Option<&'static Remapping>) {
     let started = Instant::now();
-    let seed = test_seed("sigkill_of_sync_and_production_loses_and_duplicates_nothing");
+    let seed = test_seed(name);
     let mut rng = Rng::new(seed);
-    let [staging, production] = dedicated(["faults-kill-staging", "faults-kill-production"]);
-    let p = setup(
+    let [staging, production] = dedicated([
+        &format!("faults-{label}-staging"),
+        &format!("faults-{label}-production"),
+    ]);
+    let p = setup_remapped(
         staging,
         production.clone(),
-        "faults_kill",
+        &format!("faults_{label}"),
         LEDGER,
         LEDGER_TABLES,
         "batch_max_rows = 50",
+        remapping,
     )
     .await;
 
@@ -1352,7 +1591,7 @@ async fn sigkill_of_sync_and_production_loses_and_duplicates_nothing() {
     assert_eq!(counter(&p.production), committed.to_string());
     assert_eq!(p.quarantined(), "0");
     println!(
-        "sigkill: seed {seed}, {kills} kills (production crashed in round {production_crash_at}), \
+        "{label}: seed {seed}, {kills} kills (production crashed in round {production_crash_at}), \
          {rounds_with_progress} runs applied something, {committed} transactions, {:.1} s",
         started.elapsed().as_secs_f64()
     );

@@ -581,10 +581,14 @@ impl Remapper {
                 taken.insert(target);
             }
             if matches!(entry.change, NetChange::Delete) {
-                if stored.is_some() {
-                    out.writes.unmap(&table.name, source);
+                // The cache keeps the deleted row's key: deletes of its children may come in a
+                // later flush of the same transaction (cascades follow their parent), after the
+                // mapping or the row is gone from production.
+                match stored {
+                    Some(_) => out.writes.unmap(&table.name, source),
+                    None if remap_on_conflict => table.cache.set(source, Known::Same),
+                    None => {}
                 }
-                table.cache.forget(source);
             }
         }
         if !keep_if_free.is_empty() {
@@ -751,7 +755,8 @@ impl Remapper {
             _ if matches!(table.rule, KeyRule::RemapOnConflict { .. }) => old_source,
             _ => return Ok(false),
         };
-        table.cache.forget(old_source);
+        // The old key stays cached: children's key changes that follow (ON UPDATE CASCADE) still
+        // name it.
         if new_source == target && matches!(table.rule, KeyRule::RemapOnConflict { .. }) {
             table.cache.set(new_source, Known::Same);
         } else {
