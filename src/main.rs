@@ -479,7 +479,7 @@ fn sync_failure(error: SyncError) -> Failure {
 fn copy_failure(error: CopyError) -> Failure {
     let code = match &error {
         CopyError::Endpoint(_) => exit::CONFIG,
-        CopyError::Schema(_) => exit::SCHEMA,
+        CopyError::Schema(_) | CopyError::Rules(_) => exit::SCHEMA,
         CopyError::Database { source, .. } if source.transient => exit::UNREACHABLE,
         CopyError::Replication(_) => exit::REPLICATION,
         _ => exit::FAILED,

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde_json::Value as Json;
 use stagingprop::config::Config;
+use stagingprop::copy::{self, CopyOptions, Side};
 use stagingprop::ops::init::{InitOptions, init};
 use stagingprop::sync::{self, StopAt, SyncError, SyncOptions, SyncSummary};
 use support::{clusters, fresh_db, psql};
@@ -514,5 +515,122 @@ async fn remapping_needs_a_single_integer_key_and_existing_columns() {
     assert!(
         message.contains("public.member: natural key column login does not exist on production"),
         "{message}"
+    );
+}
+
+fn copy_options(from: Side, to: Side) -> CopyOptions {
+    CopyOptions {
+        from,
+        to,
+        tables: Vec::new(),
+        exclude: Vec::new(),
+        truncate: false,
+        jobs: 2,
+        after: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_applies_the_rules_and_sync_continues_through_the_key_map() {
+    let p = pair("remap_copy");
+    p.production(
+        "INSERT INTO keys VALUES ('offer', 0, 2000000, 2999999), ('promotion', 0, 3000000, 3000009);",
+    );
+    p.staging(
+        "INSERT INTO catentry SELECT g, 'ST-' || g, 'entry ' || g FROM generate_series(1, 200) g;
+         INSERT INTO catentdesc SELECT g, -1, 'desc ' || g FROM generate_series(1, 200) g;
+         INSERT INTO offer SELECT 10 + g, g, g % 2 = 0 FROM generate_series(1, 200) g;
+         INSERT INTO offerprice SELECT 10 + g, 'USD', g FROM generate_series(1, 200) g;
+         INSERT INTO catgroup VALUES (1, 'SHOES', NULL, 'Shoes'), (2, 'HATS', 1, 'Hats');
+         INSERT INTO catgpenrel SELECT 1 + g / 100, g, g FROM generate_series(1, 150) g;
+         INSERT INTO attrval SELECT g, g, 'value ' || g FROM generate_series(1, 100) g;
+         INSERT INTO promotion SELECT g, g, 'promo ' || g FROM generate_series(1, 20) g;
+         INSERT INTO attachment SELECT g, 'file' || g || '.png', g FROM generate_series(1, 30) g;",
+    );
+    init(&p.config, &InitOptions { create_slot: false })
+        .await
+        .expect("init");
+
+    // promotion needs 20 keys and its KEYS range holds 10: refused before anything is written.
+    let err = copy::copy(&p.config, &copy_options(Side::Staging, Side::Production))
+        .await
+        .expect_err("the KEYS range is too small");
+    let message = err.to_string();
+    assert!(
+        message.contains("public.keys") && message.contains("public.promotion"),
+        "{message}"
+    );
+    assert_eq!(p.value("SELECT count(*) FROM catentry"), "0");
+    p.production("UPDATE keys SET upperbound = 3000999 WHERE tablename = 'promotion'");
+
+    let report = copy::copy(&p.config, &copy_options(Side::Staging, Side::Production))
+        .await
+        .expect("copy");
+    assert!(report.handoff.is_some());
+    p.assert_equal_through_key_map();
+    let map = p.key_map();
+    assert_eq!(
+        map_len(&p, "catentry"),
+        0,
+        "nothing collides in an empty table"
+    );
+    assert_eq!(map["promotion"].len(), 20);
+    assert!(map["promotion"].values().all(|&k| k >= 3_000_000));
+    assert_eq!(map["attrval"].len(), 100);
+    let shoes = map["catgroup"][&1];
+    assert_eq!(
+        p.value("SELECT parent_id FROM catgroup WHERE identifier = 'HATS'"),
+        shoes.to_string()
+    );
+    assert_eq!(
+        p.value("SELECT min(attachment_id) || '-' || max(attachment_id) FROM attachment"),
+        "100000001-100000030"
+    );
+
+    // Sync continues where the copy's snapshot ended, through the mappings copy recorded.
+    p.staging(
+        "UPDATE promotion SET name = 'changed' WHERE promotion_id <= 5;
+         DELETE FROM promotion WHERE promotion_id = 20;
+         INSERT INTO promotion VALUES (21, 3, 'new');
+         UPDATE attrval SET value = 'changed' WHERE attrval_id % 10 = 0;
+         DELETE FROM catentry WHERE catentry_id = 7;
+         UPDATE catgroup SET name = 'Hats v2' WHERE catgroup_id = 2;
+         INSERT INTO catentdesc VALUES (3, -2, 'second language');
+         UPDATE attachment SET path = 'moved.png' WHERE attachment_id = 3;",
+    );
+    caught_up(&p.config).await.expect("sync after copy");
+    p.assert_equal_through_key_map();
+
+    // Back the other way: a new staging gets production's keys, offsets undone, and
+    // production's key map says every key now maps to itself.
+    let c = clusters();
+    let fresh = fresh_db(&c.staging, "remap_copy_back");
+    psql(&c.staging, &fresh, SCHEMA);
+    let mut back = p.config.clone();
+    back.staging.url = back
+        .staging
+        .url
+        .replace(&format!("dbname={}", p.staging), &format!("dbname={fresh}"));
+    assert!(back.staging.url.contains(&fresh), "{}", back.staging.url);
+    copy::copy(&back, &copy_options(Side::Production, Side::Staging))
+        .await
+        .expect("copy back");
+    assert_eq!(
+        psql(
+            &c.staging,
+            &fresh,
+            "SELECT min(attachment_id) || '-' || max(attachment_id) FROM attachment"
+        )
+        .trim(),
+        "1-30"
+    );
+    let map = p.key_map();
+    assert!(map.get("catentry").is_none_or(BTreeMap::is_empty));
+    // 20 copied, one deleted, one added, one gone with catentry 7.
+    assert_eq!(map["promotion"].len(), 19);
+    assert!(map["promotion"].iter().all(|(s, t)| s == t));
+    assert_eq!(
+        psql(&c.staging, &fresh, "SELECT count(*) FROM promotion").trim(),
+        "19"
     );
 }

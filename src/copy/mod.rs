@@ -8,11 +8,21 @@
 //! exactly there: what the snapshot holds is never applied twice, and everything after it
 //! streams, even with writes on staging during the copy.
 //!
+//! Keys: copy applies the tables' key rules as sync does ([`crate::remap`]). Rows of
+//! `allocate` and `natural` tables get fresh production keys (the target is empty, so nothing
+//! matches), `offset` adds its constant, `remap-on-conflict` keeps keys (nothing collides in an
+//! empty table), and every column referring to such a table follows; the key columns are
+//! rewritten inside the binary stream ([`rewrite`]), and each table's key-map entries are
+//! replaced in the transaction that loads it. A copy back from production to staging gives
+//! staging production's keys: `offset` is undone and production's key map is reset to match.
+//!
 //! Atomicity: tables linked by foreign keys are loaded together in one target transaction (and
 //! truncated together with `--truncate`, since PostgreSQL cannot truncate a referenced table
 //! alone), so a failed copy leaves every table either untouched or complete.
 
-use std::collections::VecDeque;
+pub mod rewrite;
+
+use std::collections::{HashMap, VecDeque};
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,13 +31,16 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt, pin_mut};
 use tokio_postgres::Client;
 
+use self::rewrite::{ColumnRewrite, KeyRewriter, Translate};
 use crate::apply::schema::{self, TableMeta};
 use crate::apply::{self, Progress};
-use crate::config::{Config, TableName};
+use crate::config::{Config, KeyRule, TableName};
 use crate::model::{Lsn, PgTimestamp};
 use crate::pg::QueryError;
 use crate::pg::connect::{Endpoint, EndpointError};
 use crate::pg::replication::{ReplicationClient, ReplicationError, SnapshotAction};
+use crate::remap::Remapper;
+use crate::remap::store::{self as key_map, Statements};
 use crate::sql::{qualified, quote_ident};
 
 /// One of the two configured databases.
@@ -72,6 +85,10 @@ pub enum CopyError {
     Refused(String),
     #[error("source and target differ, nothing was copied:\n  - {}", .0.join("\n  - "))]
     Schema(Vec<String>),
+    #[error("key remapping cannot work with these tables, nothing was copied:\n  - {}", .0.join("\n  - "))]
+    Rules(Vec<String>),
+    #[error("key remapping on {target}: {message}. Nothing was copied")]
+    Keys { target: String, message: String },
     #[error("{} table(s) failed and were left as they were ({}); the others are complete. Run the copy again with --truncate to finish", failed.len(), failed.join(", "))]
     Partial {
         failed: Vec<String>,
@@ -281,6 +298,10 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
         (Exporter::Session(exporter), snapshot, None)
     };
 
+    let (plans, reset_key_map) =
+        plan_keys(config, options, &metas, &source, &s, &target, &t, &snapshot).await?;
+    let plans = Arc::new(plans);
+
     // Largest groups first, so the long ones start early.
     let mut sized: Vec<(i64, Vec<usize>)> = Vec::new();
     for group in groups {
@@ -325,6 +346,7 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
             truncate: options.truncate,
             queue: queue.clone(),
             metas: metas.clone(),
+            plans: plans.clone(),
             progress: progress.clone(),
         };
         let imported = imported_tx.clone();
@@ -377,6 +399,10 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
             tracing::error!("{e}");
         }
         return Err(CopyError::Partial { failed, errors });
+    }
+
+    if !reset_key_map.is_empty() {
+        reset_production_key_map(config, &s, &source, &reset_key_map).await?;
     }
 
     // Sequences of identity-keyed tables follow the source (never lowered on the target).
@@ -516,6 +542,7 @@ struct Worker {
     truncate: bool,
     queue: Arc<Mutex<VecDeque<Vec<usize>>>>,
     metas: Arc<Vec<TableMeta>>,
+    plans: Arc<Vec<KeyPlan>>,
     progress: Arc<CopyProgress>,
 }
 
@@ -605,9 +632,19 @@ impl Worker {
                 .await
                 .map_err(db_error(&self.target, "emptying the target tables"))?;
         }
+        for &i in group {
+            if let Some(entries) = &self.plans[i].key_map {
+                write_key_map(t, &self.metas[i].table_name(), entries)
+                    .await
+                    .map_err(db_error(&self.target, "writing the key map"))?;
+            }
+        }
         let mut reports = Vec::with_capacity(group.len());
         for &i in group {
-            reports.push(self.copy_table(s, t, &self.metas[i]).await?);
+            reports.push(
+                self.copy_table(s, t, &self.metas[i], &self.plans[i])
+                    .await?,
+            );
         }
         t.batch_execute("COMMIT")
             .await
@@ -636,6 +673,7 @@ impl Worker {
         s: &Client,
         t: &Client,
         meta: &TableMeta,
+        plan: &KeyPlan,
     ) -> Result<TableReport, CopyError> {
         let started = Instant::now();
         let columns = meta
@@ -668,6 +706,13 @@ impl Worker {
         // messages (COPY data is one byte stream, message boundaries carry no meaning), which
         // saves a channel hand-off and a frame per row.
         let mut pending = bytes::BytesMut::with_capacity(COALESCE_BYTES);
+        // Key columns to rewrite: only bytes already rewritten (whole fields) are sent.
+        let mut rewriter = (!plan.rewrites.is_empty())
+            .then(|| KeyRewriter::new(meta.columns.len(), plan.rewrites.clone()));
+        let mut rewritten = 0;
+        let rewrite_error = |e: rewrite::RewriteError| {
+            CopyError::Refused(format!("copying {}: {e}", meta.table_name()))
+        };
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(db_error(&self.source, "reading the table"))?;
             bytes += chunk.len() as u64;
@@ -675,16 +720,35 @@ impl Worker {
                 .bytes
                 .fetch_add(chunk.len() as u64, Ordering::Relaxed);
             pending.extend_from_slice(&chunk);
-            if pending.len() >= COALESCE_BYTES {
-                sink.feed(pending.split().freeze())
+            let ready = match &mut rewriter {
+                Some(r) => {
+                    rewritten += r
+                        .rewrite(&mut pending[rewritten..])
+                        .map_err(rewrite_error)?;
+                    rewritten
+                }
+                None => pending.len(),
+            };
+            if ready >= COALESCE_BYTES {
+                sink.feed(pending.split_to(ready).freeze())
                     .await
                     .map_err(db_error(&self.target, "writing the table"))?;
+                rewritten = 0;
                 pending.reserve(COALESCE_BYTES);
             }
             if last_log.elapsed() >= Duration::from_secs(5) {
                 last_log = Instant::now();
                 tracing::info!(table = %meta.table_name(), mb = format!("{:.0}", bytes as f64 / 1e6), "copying");
             }
+        }
+        if rewriter
+            .as_ref()
+            .is_some_and(|r| !r.finished() || rewritten != pending.len())
+        {
+            return Err(CopyError::Refused(format!(
+                "copying {}: the binary COPY stream ended in the middle of a row",
+                meta.table_name()
+            )));
         }
         if !pending.is_empty() {
             sink.feed(pending.freeze())
@@ -707,4 +771,286 @@ impl Worker {
             seconds: started.elapsed().as_secs_f64(),
         })
     }
+}
+
+/// How copy changes one table's keys on the way.
+#[derive(Clone, Debug, Default)]
+struct KeyPlan {
+    rewrites: Vec<ColumnRewrite>,
+    /// Tables with a mapping rule: the key-map entries (staging key, production key) that
+    /// replace the table's, written in the transaction that loads it.
+    key_map: Option<Arc<Vec<(i64, i64)>>>,
+}
+
+/// The key rules of the copied tables (`metas`, the source's): one plan per table, and (copies
+/// to staging) the config indexes of tables whose key map on production is reset afterwards.
+#[allow(clippy::too_many_arguments)]
+async fn plan_keys(
+    config: &Config,
+    options: &CopyOptions,
+    metas: &[TableMeta],
+    source: &Endpoint,
+    s: &Client,
+    target: &Endpoint,
+    t: &Client,
+    snapshot: &str,
+) -> Result<(Vec<KeyPlan>, Vec<usize>), CopyError> {
+    let mut plans = vec![KeyPlan::default(); metas.len()];
+    if config.tables.iter().all(|t| t.key == KeyRule::Identity) {
+        return Ok((plans, Vec::new()));
+    }
+    let forward = options.to == Side::Production;
+    let (production, p) = if forward { (target, t) } else { (source, s) };
+    let (staging, st) = if forward { (source, s) } else { (target, t) };
+    let mut production_metas = Vec::with_capacity(config.tables.len());
+    for table in &config.tables {
+        match schema::load_table(p, &table.name)
+            .await
+            .map_err(db_error(production, "reading table definitions"))?
+        {
+            Some(meta) => production_metas.push(meta),
+            None => {
+                return Err(CopyError::Schema(vec![format!(
+                    "production: table {} does not exist; key remapping needs every managed table",
+                    table.name
+                )]));
+            }
+        }
+    }
+    let declared = schema::column_references(st)
+        .await
+        .map_err(db_error(staging, "reading foreign keys"))?;
+    let remapper = Remapper::new(config, &production_metas, &declared).map_err(CopyError::Rules)?;
+    let Some(remapper) = remapper else {
+        return Ok((plans, Vec::new()));
+    };
+    let config_index: Vec<usize> = metas
+        .iter()
+        .map(|m| {
+            config
+                .tables
+                .iter()
+                .position(|t| t.name == m.table_name())
+                .expect("copied tables are managed tables")
+        })
+        .collect();
+    let copied: HashMap<usize, usize> = config_index
+        .iter()
+        .enumerate()
+        .map(|(i, &ci)| (ci, i))
+        .collect();
+    // The copy column list is the source's column order.
+    let position = |i: usize, ci: usize, c: usize| -> usize {
+        let name = remapper.column_name(ci, c);
+        metas[i]
+            .column_index(name)
+            .expect("validated: the source has every production column")
+    };
+
+    if !forward {
+        // Production's keys become staging's: only offsets are undone.
+        let mut reset = Vec::new();
+        for (i, &ci) in config_index.iter().enumerate() {
+            let rule = remapper.rule(ci);
+            if let (KeyRule::Offset { offset }, Some(k)) = (rule, remapper.key_column(ci)) {
+                plans[i].rewrites.push(ColumnRewrite {
+                    column: position(i, ci, k),
+                    translate: Translate::Offset(-offset),
+                });
+            }
+            for reference in remapper.references(ci) {
+                if let KeyRule::Offset { offset } = remapper.rule(reference.parent) {
+                    plans[i].rewrites.push(ColumnRewrite {
+                        column: position(i, ci, reference.column),
+                        translate: Translate::Offset(-offset),
+                    });
+                }
+            }
+            if !matches!(rule, KeyRule::Identity | KeyRule::Offset { .. }) {
+                reset.push(ci);
+            }
+        }
+        return Ok((plans, reset));
+    }
+
+    // Fresh production keys for every row of the copied allocate/natural tables, in key order.
+    let mut maps: HashMap<usize, Arc<HashMap<i64, i64>>> = HashMap::new();
+    let keys_error = |e: key_map::StoreError| CopyError::Keys {
+        target: production.describe(),
+        message: e.to_string(),
+    };
+    let mut statements = Statements::default();
+    let mut planner: Option<Client> = None;
+    for (i, &ci) in config_index.iter().enumerate() {
+        let (KeyRule::Allocate { source: keys } | KeyRule::Natural { source: keys, .. }) =
+            remapper.rule(ci)
+        else {
+            continue;
+        };
+        if planner.is_none() {
+            let c = source
+                .connect()
+                .await
+                .map_err(db_error(source, "connect"))?;
+            c.batch_execute(&format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT {}",
+                crate::sql::quote_literal(snapshot)
+            ))
+            .await
+            .map_err(db_error(source, "importing the snapshot"))?;
+            planner = Some(c);
+        }
+        let key = remapper.key_column(ci).expect("mapping rules have a key");
+        let key_name = quote_ident(remapper.column_name(ci, key));
+        let sources: Vec<i64> = planner
+            .as_ref()
+            .expect("opened above")
+            .query(
+                &format!(
+                    "SELECT {key_name}::bigint FROM ONLY {} ORDER BY 1",
+                    metas[i].qualified()
+                ),
+                &[],
+            )
+            .await
+            .map_err(db_error(source, "reading keys"))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let targets = statements
+            .allocate(p, &config.tables[ci].name, keys, sources.len())
+            .await
+            .map_err(keys_error)?;
+        let pairs: Vec<(i64, i64)> = sources.into_iter().zip(targets).collect();
+        maps.insert(ci, Arc::new(pairs.iter().copied().collect()));
+        plans[i].key_map = Some(Arc::new(pairs));
+        plans[i].rewrites.push(ColumnRewrite {
+            column: position(i, ci, key),
+            translate: Translate::Map(maps[&ci].clone()),
+        });
+    }
+    for (i, &ci) in config_index.iter().enumerate() {
+        match remapper.rule(ci) {
+            KeyRule::RemapOnConflict { .. } => plans[i].key_map = Some(Arc::new(Vec::new())),
+            KeyRule::Offset { offset } => {
+                let key = remapper.key_column(ci).expect("offset tables have a key");
+                plans[i].rewrites.push(ColumnRewrite {
+                    column: position(i, ci, key),
+                    translate: Translate::Offset(*offset),
+                });
+            }
+            _ => {}
+        }
+        for reference in remapper.references(ci) {
+            let parent = reference.parent;
+            let translate = match remapper.rule(parent) {
+                KeyRule::Identity => continue,
+                KeyRule::Offset { offset } => Translate::Offset(*offset),
+                // Copied now: its keys are kept.
+                KeyRule::RemapOnConflict { .. } if copied.contains_key(&parent) => continue,
+                _ => match maps.get(&parent) {
+                    Some(map) => Translate::Map(map.clone()),
+                    None => {
+                        // Not copied now: production's key map says where its rows are.
+                        let stored = read_key_map(p, &config.tables[parent].name)
+                            .await
+                            .map_err(db_error(production, "reading the key map"))?;
+                        let map = Arc::new(stored);
+                        maps.insert(parent, map.clone());
+                        Translate::Map(map)
+                    }
+                },
+            };
+            plans[i].rewrites.push(ColumnRewrite {
+                column: position(i, ci, reference.column),
+                translate,
+            });
+        }
+    }
+    if let Some(planner) = planner {
+        let _ = planner.batch_execute("COMMIT").await;
+    }
+    Ok((plans, Vec::new()))
+}
+
+async fn read_key_map(
+    client: &Client,
+    table: &TableName,
+) -> Result<HashMap<i64, i64>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT source_key, target_key FROM {} WHERE table_name = $1",
+                key_map::key_map_table()
+            ),
+            &[&table.to_string()],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Replaces a table's key-map entries (inside the transaction that loads it).
+async fn write_key_map(
+    t: &Client,
+    table: &TableName,
+    entries: &[(i64, i64)],
+) -> Result<(), tokio_postgres::Error> {
+    let name = table.to_string();
+    t.execute(&key_map::delete_table_mappings(), &[&vec![name.clone()]])
+        .await?;
+    let insert = t.prepare(&key_map::insert_table_mappings()).await?;
+    for chunk in entries.chunks(100_000) {
+        let (sources, targets): (Vec<i64>, Vec<i64>) = chunk.iter().copied().unzip();
+        t.execute(&insert, &[&name, &sources, &targets]).await?;
+    }
+    Ok(())
+}
+
+/// After a copy to staging, staging's keys are production's: production's key map is reset to
+/// say so (no entries for remap-on-conflict tables, `key = key` for allocating ones).
+async fn reset_production_key_map(
+    config: &Config,
+    p: &Client,
+    production: &Endpoint,
+    tables: &[usize],
+) -> Result<(), CopyError> {
+    apply::ensure_state_tables(p)
+        .await
+        .map_err(|e| CopyError::Refused(format!("on {}: {e}", production.describe())))?;
+    let mut sql = String::from("BEGIN;");
+    for &ci in tables {
+        let table = &config.tables[ci];
+        let name = crate::sql::quote_literal(&table.name.to_string());
+        sql.push_str(&format!(
+            "DELETE FROM {} WHERE table_name = {name};",
+            key_map::key_map_table()
+        ));
+        if matches!(
+            table.key,
+            KeyRule::Allocate { .. } | KeyRule::Natural { .. }
+        ) {
+            let meta = schema::load_table(p, &table.name)
+                .await
+                .map_err(db_error(production, "reading table definitions"))?
+                .ok_or_else(|| {
+                    CopyError::Refused(format!("production: no table {}", table.name))
+                })?;
+            let key = meta
+                .key
+                .first()
+                .map(|&k| meta.columns[k].name.clone())
+                .unwrap_or_default();
+            sql.push_str(&key_map::identity_mappings(&table.name, &key));
+            sql.push(';');
+        }
+    }
+    sql.push_str("COMMIT;");
+    p.batch_execute(&sql)
+        .await
+        .map_err(db_error(production, "resetting the key map"))?;
+    tracing::info!(
+        tables = tables.len(),
+        "production's key map reset: staging now has production's keys"
+    );
+    Ok(())
 }

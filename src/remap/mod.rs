@@ -301,9 +301,23 @@ impl Remapper {
         }
     }
 
-    /// The references of a table (for `tail --mapped` and tests).
-    pub fn references(&self, table: usize) -> &[Reference] {
-        &self.tables[table].references
+    /// The columns of table `t` (config order) that hold keys of remapped tables.
+    pub fn references(&self, t: usize) -> &[Reference] {
+        &self.tables[t].references
+    }
+
+    pub fn rule(&self, t: usize) -> &KeyRule {
+        &self.tables[t].rule
+    }
+
+    /// The name of column `c` of table `t` on production.
+    pub fn column_name(&self, t: usize, c: usize) -> &str {
+        &self.tables[t].columns[c]
+    }
+
+    /// The remapped key column of table `t` (every rule but identity).
+    pub fn key_column(&self, t: usize) -> Option<usize> {
+        self.tables[t].key_column
     }
 
     /// Forgets what was learned in a production transaction that rolled back.

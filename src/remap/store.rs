@@ -9,7 +9,7 @@ use tokio_postgres::{Client, Statement};
 
 use crate::apply::STATE_SCHEMA;
 use crate::config::{KeySource, TableName};
-use crate::sql::{qualified, quote_ident};
+use crate::sql::{qualified, quote_ident, quote_literal};
 
 /// The key map: one row per remapped row, staging key to production key.
 pub fn key_map_table() -> String {
@@ -47,6 +47,27 @@ pub fn delete_mappings() -> String {
         "DELETE FROM {} k USING unnest($1::text[], $2::text[]) AS u(t, s) \
          WHERE k.table_name = u.t AND k.source_key = u.s::bigint",
         key_map_table()
+    )
+}
+
+/// Records the mappings of one table: $1 the table's name, $2 and $3 arrays of staging and
+/// production keys.
+pub fn insert_table_mappings() -> String {
+    format!(
+        "INSERT INTO {} (table_name, source_key, target_key) \
+         SELECT $1, u.s, u.g FROM unnest($2::bigint[], $3::bigint[]) AS u(s, g)",
+        key_map_table()
+    )
+}
+
+/// Maps every row of `table` to itself (no parameters).
+pub fn identity_mappings(table: &TableName, key_column: &str) -> String {
+    format!(
+        "INSERT INTO {} (table_name, source_key, target_key) SELECT {}, t.{key}, t.{key} FROM {} t",
+        key_map_table(),
+        quote_literal(&table.to_string()),
+        qualified(&table.schema, &table.name),
+        key = quote_ident(key_column)
     )
 }
 
