@@ -465,7 +465,7 @@ fn sync_failure(error: SyncError) -> Failure {
         | SyncError::Apply(ApplyError::Schema(_))
         | SyncError::Rules(_) => exit::SCHEMA,
         SyncError::Apply(
-            ApplyError::Conflict { .. } | ApplyError::Remap(RemapError::UnmappedReference { .. }),
+            ApplyError::Conflict { .. } | ApplyError::Remap(RemapError::UnmappedReference(_)),
         ) => exit::CONFLICT,
         SyncError::Slot(_) | SyncError::Replication(_) | SyncError::Protocol(_) => {
             exit::REPLICATION

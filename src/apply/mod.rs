@@ -99,9 +99,10 @@ impl ApplyError {
     pub fn is_transient(&self) -> bool {
         match self {
             ApplyError::Query(q) => q.transient,
-            ApplyError::Remap(RemapError::Store(StoreError::Query { source, .. })) => {
-                QueryError::new("", source).transient
-            }
+            ApplyError::Remap(RemapError::Store(e)) => match e.as_ref() {
+                StoreError::Query { source, .. } => QueryError::new("", source).transient,
+                _ => false,
+            },
             _ => false,
         }
     }

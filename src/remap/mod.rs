@@ -31,21 +31,33 @@ use crate::model::{Lsn, Tuple, Value, Xid};
 /// Staging keys remembered per table before the cache starts over.
 const CACHE_CAPACITY: usize = 1 << 20;
 
+/// A reference to a key that has neither a mapping nor a row on production.
+#[derive(Debug)]
+pub struct UnmappedReference {
+    pub table: TableName,
+    pub column: String,
+    pub parent: TableName,
+    pub key: i64,
+    pub lsn: Lsn,
+    pub xid: Xid,
+}
+
+impl std::fmt::Display for UnmappedReference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}.{} refers to {} key {}, which has no key mapping and no row on production \
+             (staging transaction {} at {}). Nothing of this batch was applied: copy the missing {} row \
+             to production (or seed it with `stagingprop copy`), then start sync again",
+            self.table, self.column, self.parent, self.key, self.xid, self.lsn, self.parent
+        )
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RemapError {
-    #[error(
-        "{table}.{column} refers to {parent} key {key}, which has no key mapping and no row on production \
-         (staging transaction {xid} at {lsn}). Nothing of this batch was applied: copy the missing {parent} row \
-         to production (or seed it with `stagingprop copy`), then start sync again"
-    )]
-    UnmappedReference {
-        table: TableName,
-        column: String,
-        parent: TableName,
-        key: i64,
-        lsn: Lsn,
-        xid: Xid,
-    },
+    #[error("{0}")]
+    UnmappedReference(Box<UnmappedReference>),
     #[error(
         "{table}.{column} holds {value:?}, which is not an integer key; remapped keys must be integers"
     )]
@@ -65,7 +77,13 @@ pub enum RemapError {
     )]
     KeysCollide { table: TableName },
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(Box<StoreError>),
+}
+
+impl From<StoreError> for RemapError {
+    fn from(e: StoreError) -> Self {
+        RemapError::Store(Box::new(e))
+    }
 }
 
 /// A column of a table that holds keys of a remapped table.
@@ -412,14 +430,14 @@ impl Remapper {
                             .any(|text| parse_key(text) == Some(key))
                     })
                     .map(|e| e.source);
-                return Err(RemapError::UnmappedReference {
+                return Err(RemapError::UnmappedReference(Box::new(UnmappedReference {
                     table: self.tables[t].name.clone(),
                     column: self.tables[t].columns[reference.column].clone(),
                     parent: self.tables[reference.parent].name.clone(),
                     key,
                     lsn: source.map(|s| s.lsn).unwrap_or_default(),
                     xid: source.map_or(0, |s| s.xid),
-                });
+                })));
             }
             for entry in entries.iter_mut() {
                 rewrite_reference(entry, reference.column, key_slot, &targets);
