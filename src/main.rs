@@ -177,6 +177,10 @@ enum Command {
         /// Also record the raw pgoutput stream to FILE (input for the decode benchmark).
         #[arg(long, value_name = "FILE")]
         record: Option<PathBuf>,
+        /// Also print each change's key on production (mapped_key), translated by the key
+        /// rules through production's key map.
+        #[arg(long)]
+        mapped: bool,
     },
 }
 
@@ -414,6 +418,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             limit,
             idle_exit,
             record,
+            mapped,
         } => {
             let staging = Endpoint::from_db_config(&config.staging)
                 .map_err(|e| ops_failure(OpsError::from(e)))?;
@@ -423,6 +428,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 limit,
                 idle_exit: idle_exit.map(Duration::from_secs),
                 record,
+                mapped: mapped.then(|| config.clone()),
             };
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());

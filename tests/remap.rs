@@ -11,6 +11,7 @@ use serde_json::Value as Json;
 use stagingprop::config::Config;
 use stagingprop::copy::{self, CopyOptions, Side};
 use stagingprop::ops::init::{InitOptions, init};
+use stagingprop::ops::tail::{TailOptions, tail};
 use stagingprop::sync::{self, StopAt, SyncError, SyncOptions, SyncSummary};
 use support::{clusters, fresh_db, psql};
 
@@ -633,4 +634,74 @@ async fn copy_applies_the_rules_and_sync_continues_through_the_key_map() {
         psql(&c.staging, &fresh, "SELECT count(*) FROM promotion").trim(),
         "19"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_mapped_shows_production_keys() {
+    let p = pair("remap_tail");
+    p.production("INSERT INTO catentry VALUES (1, 'PROD-1', 'prod one');");
+    init(&p.config, &InitOptions::default())
+        .await
+        .expect("init");
+    p.staging("INSERT INTO catentry VALUES (1, 'ST-1', 'one'), (3, 'ST-3', 'three');");
+    caught_up(&p.config).await.expect("sync");
+    let moved = p.key_map()["catentry"][&1];
+
+    let staging = support::endpoint(&clusters().staging, &p.staging, "postgres");
+    let options = TailOptions {
+        publication: p.config.sync.publication.clone(),
+        limit: Some(4),
+        idle_exit: Some(std::time::Duration::from_secs(30)),
+        mapped: Some(p.config.clone()),
+        ..TailOptions::default()
+    };
+    let tailing = tokio::spawn(async move {
+        let mut out = Vec::new();
+        tail(&staging, &options, &mut out, std::future::pending())
+            .await
+            .map(|_| String::from_utf8(out).unwrap())
+    });
+    // tail reads from the moment its temporary slot exists.
+    for _ in 0..300 {
+        if p.staging(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'stagingprop_tail_%' AND database = current_database()",
+        )
+        .trim()
+            == "1"
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    p.staging(
+        "UPDATE catentry SET name = 'x' WHERE catentry_id = 1;
+         UPDATE catentry SET name = 'y' WHERE catentry_id = 3;
+         INSERT INTO catentdesc VALUES (1, -5, 'five');
+         INSERT INTO attrval VALUES (9, 1, 'v');",
+    );
+    let out = tokio::time::timeout(std::time::Duration::from_secs(60), tailing)
+        .await
+        .expect("tail finished")
+        .unwrap()
+        .expect("tail ran");
+    let lines: Vec<Json> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    let keys = |i: usize| (lines[i]["key"].clone(), lines[i]["mapped_key"].clone());
+    assert_eq!(
+        keys(0),
+        (
+            serde_json::json!({"catentry_id": "1"}),
+            serde_json::json!({"catentry_id": moved.to_string()})
+        )
+    );
+    assert_eq!(keys(1).1, serde_json::json!({"catentry_id": "3"}));
+    assert_eq!(
+        keys(2).1,
+        serde_json::json!({"catentry_id": moved.to_string(), "language_id": "-5"})
+    );
+    // An allocated key exists only once sync applied the row.
+    assert_eq!(keys(3).1, serde_json::json!({"attrval_id": null}));
 }

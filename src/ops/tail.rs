@@ -12,10 +12,13 @@ use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
 
 use super::OpsError;
+use crate::apply::schema::{self, TableMeta};
+use crate::config::{Config, TableName};
 use crate::model::{Column, Lsn, Oid, OldTuple, PgTimestamp, Relation, Value, Xid};
 use crate::pg::connect::Endpoint;
 use crate::pg::replication::{PgOutputOptions, ReplicationClient, SnapshotAction};
 use crate::pgoutput::{Decoder, LogicalMessage};
+use crate::remap::Remapper;
 
 #[derive(Clone, Debug, Default)]
 pub struct TailOptions {
@@ -29,6 +32,108 @@ pub struct TailOptions {
     /// Also write every raw pgoutput payload to this file as `[u32 length][payload]` records
     /// (the decode benchmark replays such recordings).
     pub record: Option<PathBuf>,
+    /// Also print each change's key on production (`mapped_key`), translated by this
+    /// configuration's key rules through production's key map.
+    pub mapped: Option<Config>,
+}
+
+/// Translates staging keys into production's, for `--mapped`.
+struct KeyTranslator {
+    production: tokio_postgres::Client,
+    target: String,
+    remapper: Option<Remapper>,
+    tables: HashMap<TableName, usize>,
+    /// Production's tables, in config order.
+    metas: Vec<TableMeta>,
+}
+
+impl KeyTranslator {
+    async fn connect(config: &Config) -> Result<KeyTranslator, OpsError> {
+        let staging = Endpoint::from_db_config(&config.staging)?;
+        let production = Endpoint::from_db_config(&config.production)?;
+        let s = super::connect(&staging).await?;
+        let p = super::connect(&production).await?;
+        let query_error = |endpoint: &Endpoint| {
+            let target = endpoint.describe();
+            move |e: tokio_postgres::Error| OpsError::Query {
+                target,
+                source: crate::pg::QueryError::new("reading table definitions", &e),
+            }
+        };
+        let mut metas = Vec::with_capacity(config.tables.len());
+        for table in &config.tables {
+            let meta = schema::load_table(&p, &table.name)
+                .await
+                .map_err(query_error(&production))?
+                .ok_or_else(|| {
+                    OpsError::Refused(format!("production has no table {}", table.name))
+                })?;
+            metas.push(meta);
+        }
+        let declared = schema::column_references(&s)
+            .await
+            .map_err(query_error(&staging))?;
+        let remapper = Remapper::new(config, &metas, &declared).map_err(|problems| {
+            OpsError::Refused(format!(
+                "key remapping cannot work with these tables:\n  - {}",
+                problems.join("\n  - ")
+            ))
+        })?;
+        Ok(KeyTranslator {
+            production: p,
+            target: production.describe(),
+            remapper,
+            tables: config
+                .tables
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.name.clone(), i))
+                .collect(),
+            metas,
+        })
+    }
+
+    /// Production's key of a row staging keys with `tuple` (columns of `rel`): a JSON object of
+    /// the key columns, `null` for a key no mapping covers. `None` for unmanaged tables.
+    async fn mapped_key(
+        &mut self,
+        rel: &Relation,
+        tuple: &[Value],
+    ) -> Result<Option<serde_json::Value>, OpsError> {
+        let name = TableName::new(rel.namespace.clone(), rel.name.clone());
+        let Some(&t) = self.tables.get(&name) else {
+            return Ok(None);
+        };
+        let meta = &self.metas[t];
+        let mut key = serde_json::Map::new();
+        for &k in &meta.key {
+            let column = &meta.columns[k].name;
+            let value =
+                rel.columns
+                    .iter()
+                    .position(|c| &c.name == column)
+                    .and_then(|i| match &tuple[i] {
+                        Value::Text(b) => Some(b.clone()),
+                        _ => None,
+                    });
+            let Some(value) = value else {
+                key.insert(column.clone(), serde_json::Value::Null);
+                continue;
+            };
+            let text = String::from_utf8_lossy(&value).into_owned();
+            let translated = match (&mut self.remapper, text.trim().parse::<i64>()) {
+                (Some(remapper), Ok(number)) => remapper
+                    .production_value(&self.production, t, k, number)
+                    .await
+                    .map_err(|e| OpsError::Refused(format!("on {}: {e}", self.target)))?
+                    .map(|v| serde_json::Value::String(v.to_string()))
+                    .unwrap_or(serde_json::Value::Null),
+                _ => serde_json::Value::String(text),
+            };
+            key.insert(column.clone(), translated);
+        }
+        Ok(Some(serde_json::Value::Object(key)))
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -80,6 +185,10 @@ where
         None => None,
     };
 
+    let mut translator = match &options.mapped {
+        Some(config) => Some(KeyTranslator::connect(config).await?),
+        None => None,
+    };
     let mut decoder = Decoder::new();
     let mut relations: HashMap<Oid, Relation> = HashMap::new();
     let mut txn: Option<TxnContext> = None;
@@ -138,7 +247,18 @@ where
                 relations.insert(relation.oid, relation);
             }
             other => {
-                if let Some(line) = change_line(raw.wal_start, txn.as_ref(), &relations, &other)? {
+                let mapped = match (&mut translator, key_tuple(&other)) {
+                    (Some(translator), Some((oid, tuple))) => match relations.get(&oid) {
+                        Some(rel) if rel.columns.len() == tuple.len() => {
+                            translator.mapped_key(rel, tuple).await?
+                        }
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                if let Some(line) =
+                    change_line(raw.wal_start, txn.as_ref(), &relations, &other, mapped)?
+                {
                     out.write_all(line.as_bytes())?;
                     out.write_all(b"\n")?;
                     summary.changes += 1;
@@ -156,12 +276,25 @@ where
     Ok(summary)
 }
 
+/// The relation and the tuple holding the key of a row change.
+fn key_tuple(message: &LogicalMessage) -> Option<(Oid, &[Value])> {
+    match message {
+        LogicalMessage::Insert { relation, new, .. } => Some((*relation, new)),
+        LogicalMessage::Update {
+            relation, old, new, ..
+        } => Some((*relation, old.as_ref().map_or(&new[..], |o| o.tuple()))),
+        LogicalMessage::Delete { relation, old, .. } => Some((*relation, old.tuple())),
+        _ => None,
+    }
+}
+
 /// One JSON line for a change, or `None` for messages that are not changes (Type, Origin, ...).
 fn change_line(
     lsn: Lsn,
     txn: Option<&TxnContext>,
     relations: &HashMap<Oid, Relation>,
     message: &LogicalMessage,
+    mapped_key: Option<serde_json::Value>,
 ) -> Result<Option<String>, OpsError> {
     let relation = |oid: &Oid| {
         relations.get(oid).ok_or_else(|| {
@@ -178,6 +311,7 @@ fn change_line(
         table: None,
         op: "",
         key: None,
+        mapped_key,
         new: None,
         old: None,
         tables: None,
@@ -298,6 +432,9 @@ struct ChangeLine<'a> {
     op: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     key: Option<Row<'a>>,
+    /// The key on production (`--mapped`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mapped_key: Option<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     new: Option<Row<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]

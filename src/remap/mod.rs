@@ -800,6 +800,38 @@ impl Remapper {
         Ok(true)
     }
 
+    /// The production value of column `c` of table `t` for staging's `value`: the row's own
+    /// key or a reference translated by its rule; `None` when an allocating rule has no mapping
+    /// for it (production has no such row). Other columns are returned as they are.
+    pub async fn production_value(
+        &mut self,
+        client: &Client,
+        t: usize,
+        c: usize,
+        value: i64,
+    ) -> Result<Option<i64>, RemapError> {
+        let owner = if self.tables[t].key_column == Some(c) {
+            t
+        } else {
+            match self.tables[t].references.iter().find(|r| r.column == c) {
+                Some(reference) => reference.parent,
+                None => return Ok(Some(value)),
+            }
+        };
+        match self.tables[owner].rule {
+            KeyRule::Identity => return Ok(Some(value)),
+            KeyRule::Offset { offset } => return self.offset(owner, value, offset).map(Some),
+            _ => {}
+        }
+        self.learn_mappings(client, owner, &[value]).await?;
+        let table = &self.tables[owner];
+        Ok(match table.cache.get(value) {
+            Some(Known::Mapped(target)) => Some(target),
+            _ if matches!(table.rule, KeyRule::RemapOnConflict { .. }) => Some(value),
+            _ => None,
+        })
+    }
+
     /// Names of the truncated tables whose mappings go with their rows (for
     /// [`store::delete_table_mappings`]); forgets what was cached of them.
     pub fn truncated(&mut self, tables: &[usize]) -> Vec<Option<Bytes>> {
