@@ -11,6 +11,7 @@ use serde_json::Value as Json;
 use stagingprop::config::Config;
 use stagingprop::copy::{self, CopyOptions, Side};
 use stagingprop::ops::init::{InitOptions, init};
+use stagingprop::ops::status::{Thresholds, render, status};
 use stagingprop::ops::tail::{TailOptions, tail};
 use stagingprop::sync::{self, StopAt, SyncError, SyncOptions, SyncSummary};
 use support::{clusters, fresh_db, psql};
@@ -646,6 +647,15 @@ async fn tail_mapped_shows_production_keys() {
     p.staging("INSERT INTO catentry VALUES (1, 'ST-1', 'one'), (3, 'ST-3', 'three');");
     caught_up(&p.config).await.expect("sync");
     let moved = p.key_map()["catentry"][&1];
+    let st = status(&p.config, &Thresholds::default())
+        .await
+        .expect("status");
+    assert_eq!(st.key_map.len(), 1, "{st:?}");
+    assert_eq!(
+        (st.key_map[0].table.as_str(), st.key_map[0].entries),
+        ("public.catentry", 1)
+    );
+    assert!(render(&st).contains("key map entries: public.catentry 1"));
 
     let staging = support::endpoint(&clusters().staging, &p.staging, "postgres");
     let options = TailOptions {

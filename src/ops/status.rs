@@ -50,6 +50,12 @@ pub struct AppliedStatus {
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
+pub struct KeyMapSize {
+    pub table: String,
+    pub entries: i64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct Status {
     pub slot: SlotStatus,
     pub last_applied: Option<AppliedStatus>,
@@ -58,6 +64,8 @@ pub struct Status {
     /// Seconds since the last applied transaction committed on staging, when there is lag.
     pub lag_seconds: Option<f64>,
     pub quarantined_changes: i64,
+    /// Entries of the key map per remapped table.
+    pub key_map: Vec<KeyMapSize>,
     pub healthy: bool,
     /// Why not healthy, one line each.
     pub problems: Vec<String>,
@@ -140,6 +148,32 @@ pub async fn status(config: &Config, thresholds: &Thresholds) -> Result<Status, 
             .await
             .map_err(query_error(&production, "reading the quarantine table"))?
             .get(0);
+        let key_map: bool = p
+            .query_one(
+                "SELECT to_regclass($1) IS NOT NULL",
+                &[&crate::remap::store::key_map_table()],
+            )
+            .await
+            .map_err(query_error(&production, "looking for the key map"))?
+            .get(0);
+        if key_map {
+            st.key_map = p
+                .query(
+                    &format!(
+                        "SELECT table_name, count(*) FROM {} GROUP BY 1 ORDER BY 1",
+                        crate::remap::store::key_map_table()
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(query_error(&production, "reading the key map"))?
+                .iter()
+                .map(|r| KeyMapSize {
+                    table: r.get(0),
+                    entries: r.get(1),
+                })
+                .collect();
+        }
         if let Some(applied) = &st.last_applied {
             let lag: i64 = s
                 .query_one(
@@ -247,6 +281,16 @@ pub fn render(st: &Status) -> String {
         "quarantined changes (conflicts skipped): {}\n",
         st.quarantined_changes
     ));
+    if st.key_map.is_empty() {
+        out.push_str("key map: empty\n");
+    } else {
+        let sizes: Vec<String> = st
+            .key_map
+            .iter()
+            .map(|k| format!("{} {}", k.table, k.entries))
+            .collect();
+        out.push_str(&format!("key map entries: {}\n", sizes.join(", ")));
+    }
     if st.healthy {
         out.push_str("healthy\n");
     } else {

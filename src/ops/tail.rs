@@ -566,7 +566,7 @@ mod tests {
                 Value::UnchangedToast,
             ],
         };
-        let line = change_line(Lsn(0x0F), Some(&txn()), &relations, &message)
+        let line = change_line(Lsn(0x0F), Some(&txn()), &relations, &message, None)
             .unwrap()
             .unwrap();
         assert_eq!(
@@ -583,10 +583,10 @@ mod tests {
             relation: oid,
             new: vec![Value::Null; n],
         };
-        assert!(change_line(Lsn(1), Some(&txn()), &relations, &insert(43, 3)).is_err());
-        assert!(change_line(Lsn(1), Some(&txn()), &relations, &insert(42, 2)).is_err());
+        assert!(change_line(Lsn(1), Some(&txn()), &relations, &insert(43, 3), None).is_err());
+        assert!(change_line(Lsn(1), Some(&txn()), &relations, &insert(42, 2), None).is_err());
         assert!(
-            change_line(Lsn(1), Some(&txn()), &relations, &insert(42, 3))
+            change_line(Lsn(1), Some(&txn()), &relations, &insert(42, 3), None)
                 .unwrap()
                 .is_some()
         );
