@@ -18,10 +18,14 @@ pub enum Known {
 
 /// A bounded map from staging keys to [`Known`]. When full it starts over: every entry can be
 /// read again from production, so forgetting is only slower, never wrong.
+///
+/// A cache loaded with a table's whole key map is *complete*: a key it lacks has no stored
+/// mapping, so nobody needs to ask production. Starting over ends that.
 #[derive(Debug)]
 pub struct KeyCache {
     entries: HashMap<i64, Known>,
     capacity: usize,
+    complete: bool,
 }
 
 impl KeyCache {
@@ -29,18 +33,41 @@ impl KeyCache {
         KeyCache {
             entries: HashMap::new(),
             capacity: capacity.max(1),
+            complete: false,
         }
     }
 
+    /// What is known of `source`; `Unmapped` for a key a complete cache lacks.
     pub fn get(&self, source: i64) -> Option<Known> {
-        self.entries.get(&source).copied()
+        match self.entries.get(&source) {
+            Some(known) => Some(*known),
+            None if self.complete => Some(Known::Unmapped),
+            None => None,
+        }
     }
 
     pub fn set(&mut self, source: i64, known: Known) {
         if self.entries.len() >= self.capacity && !self.entries.contains_key(&source) {
             self.entries.clear();
+            self.complete = false;
         }
         self.entries.insert(source, known);
+    }
+
+    /// Fills the cache with a table's whole key map, when it fits (`false` otherwise).
+    pub fn load_complete(&mut self, mappings: impl ExactSizeIterator<Item = (i64, i64)>) -> bool {
+        if mappings.len() * 2 > self.capacity {
+            return false;
+        }
+        self.entries.clear();
+        self.entries
+            .extend(mappings.map(|(source, target)| (source, Known::Mapped(target))));
+        self.complete = true;
+        true
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.complete
     }
 
     pub fn forget(&mut self, source: i64) {
@@ -49,6 +76,7 @@ impl KeyCache {
 
     pub fn clear(&mut self) {
         self.entries.clear();
+        self.complete = false;
     }
 
     pub fn len(&self) -> usize {
@@ -94,6 +122,25 @@ mod tests {
         assert_eq!(cache.get(3), Some(Known::Unmapped));
         cache.forget(3);
         assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn a_complete_cache_knows_what_is_unmapped() {
+        let mut cache = KeyCache::new(4);
+        assert_eq!(cache.get(9), None);
+        assert!(!cache.load_complete([(1, 10), (2, 20), (3, 30)].into_iter()));
+        assert!(cache.load_complete([(1, 10)].into_iter()));
+        assert!(cache.is_complete());
+        assert_eq!(cache.get(1), Some(Known::Mapped(10)));
+        assert_eq!(cache.get(9), Some(Known::Unmapped));
+        cache.set(5, Known::Same);
+        cache.set(6, Known::Same);
+        cache.set(7, Known::Same);
+        // Full: it started over and no longer knows what it lacks.
+        cache.set(8, Known::Same);
+        assert!(!cache.is_complete());
+        assert_eq!(cache.get(9), None);
+        assert_eq!(cache.get(8), Some(Known::Same));
     }
 
     #[test]

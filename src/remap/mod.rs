@@ -107,6 +107,8 @@ struct TableRemap {
     natural: Vec<(usize, String)>,
     references: Vec<Reference>,
     cache: KeyCache,
+    /// Whether loading the whole key map into the cache was tried since the last rollback.
+    loaded: bool,
 }
 
 impl TableRemap {
@@ -188,6 +190,7 @@ impl Remapper {
                 natural: Vec::new(),
                 references: Vec::new(),
                 cache: KeyCache::new(CACHE_CAPACITY),
+                loaded: false,
             };
             if table.key != KeyRule::Identity {
                 match meta.key.as_slice() {
@@ -342,7 +345,26 @@ impl Remapper {
     pub fn rolled_back(&mut self) {
         for table in &mut self.tables {
             table.cache.clear();
+            table.loaded = false;
         }
+    }
+
+    /// Loads table `t`'s whole key map into its cache once (when it fits), so that keys without
+    /// a mapping are known without asking production each time.
+    async fn preload(&mut self, client: &Client, t: usize) -> Result<(), RemapError> {
+        let table = &mut self.tables[t];
+        if table.loaded || !table.maps() {
+            return Ok(());
+        }
+        table.loaded = true;
+        if let Some(mappings) = self
+            .statements
+            .whole_table(client, &table.name, CACHE_CAPACITY / 2)
+            .await?
+        {
+            table.cache.load_complete(mappings.into_iter());
+        }
+        Ok(())
     }
 
     /// Translates pending changes (`drained[t]`: table `t`'s entries in staging keys) into
@@ -408,11 +430,22 @@ impl Remapper {
                 .position(|&k| k == reference.column);
             let mut sources = Vec::new();
             let mut seen = HashSet::new();
+            // A key that only finds the row to update or delete needs no check that its parent
+            // exists: a wrong key finds no row, which is a conflict. A key a row will hold does.
+            let mut held = HashSet::new();
             for entry in entries.iter() {
+                let holds = match entry.change {
+                    NetChange::Insert(_) | NetChange::Replace(_) => true,
+                    NetChange::Update(_) => key_slot.is_none(),
+                    NetChange::Delete => false,
+                };
                 for text in reference_values(entry, reference.column, key_slot) {
                     let source = self.integer(t, reference.column, text)?;
                     if seen.insert(source) {
                         sources.push(source);
+                    }
+                    if holds {
+                        held.insert(source);
                     }
                 }
             }
@@ -420,7 +453,7 @@ impl Remapper {
                 continue;
             }
             let (targets, missing) = self
-                .resolve_references(client, reference.parent, &sources)
+                .resolve_references(client, reference.parent, &sources, &held)
                 .await?;
             if let Some(key) = missing {
                 let source = entries
@@ -446,13 +479,15 @@ impl Remapper {
         Ok(())
     }
 
-    /// Production keys of `sources` in the remapped table `parent`, and the first source that
-    /// has neither a mapping nor a row on production.
+    /// Production keys of `sources` in the remapped table `parent`, and the first of `held`
+    /// (keys rows will hold) that has neither a mapping nor a row on production. Other keys
+    /// without a mapping are kept as they are.
     async fn resolve_references(
         &mut self,
         client: &Client,
         parent: usize,
         sources: &[i64],
+        held: &HashSet<i64>,
     ) -> Result<(HashMap<i64, i64>, Option<i64>), RemapError> {
         let mut targets = HashMap::with_capacity(sources.len());
         if let KeyRule::Offset { offset } = self.tables[parent].rule {
@@ -461,6 +496,7 @@ impl Remapper {
             }
             return Ok((targets, None));
         }
+        self.preload(client, parent).await?;
         let table = &mut self.tables[parent];
         let mut unknown = Vec::new();
         let mut unchecked = Vec::new();
@@ -487,6 +523,13 @@ impl Remapper {
             }
             unchecked.extend(unknown.into_iter().filter(|s| !targets.contains_key(s)));
         }
+        unchecked.retain(|source| {
+            let check = held.contains(source);
+            if !check {
+                targets.insert(*source, *source);
+            }
+            check
+        });
         if unchecked.is_empty() {
             return Ok((targets, None));
         }
@@ -526,6 +569,7 @@ impl Remapper {
         t: usize,
         sources: &[i64],
     ) -> Result<(), RemapError> {
+        self.preload(client, t).await?;
         let table = &mut self.tables[t];
         let unknown: Vec<i64> = sources
             .iter()
@@ -720,7 +764,9 @@ impl Remapper {
         for (i, mut entry) in std::mem::take(entries).into_iter().enumerate() {
             match targets[i] {
                 Some(target) => {
-                    set_key(&mut entry, key_column, target);
+                    if target != sources[i] {
+                        set_key(&mut entry, key_column, target);
+                    }
                     kept.push(entry);
                 }
                 None => out.unresolved.push(Unresolved { table: t, entry }),
@@ -748,17 +794,18 @@ impl Remapper {
                 change: NetChange::Delete,
                 source: Default::default(),
             },
+            // The new row's references are checked like an insert's.
             Entry {
                 key: old_key.clone(),
-                change: NetChange::Update(std::mem::take(new)),
+                change: NetChange::Replace(std::mem::take(new)),
                 source: Default::default(),
             },
         ];
         let references = self.tables[t].references.clone();
         self.translate_references(client, t, &references, &mut entries)
             .await?;
-        let NetChange::Update(row) = entries.pop().expect("two entries").change else {
-            unreachable!("the second entry is the update")
+        let NetChange::Replace(row) = entries.pop().expect("two entries").change else {
+            unreachable!("the second entry holds the new row")
         };
         *new = row;
         *old_key = entries.pop().expect("one entry").key;
@@ -875,7 +922,9 @@ fn rewrite_reference(
     key_slot: Option<usize>,
     targets: &HashMap<i64, i64>,
 ) {
-    let translate = |text: &[u8]| parse_key(text).and_then(|s| targets.get(&s)).copied();
+    // Only values that change are rewritten (a kept key keeps its bytes).
+    let translate =
+        |text: &[u8]| parse_key(text).and_then(|s| targets.get(&s).copied().filter(|&t| t != s));
     if let NetChange::Insert(row) | NetChange::Update(row) | NetChange::Replace(row) =
         &mut entry.change
     {

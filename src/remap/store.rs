@@ -11,7 +11,9 @@ use crate::apply::STATE_SCHEMA;
 use crate::config::{KeySource, TableName};
 use crate::sql::{qualified, quote_ident, quote_literal};
 
-/// The key map: one row per remapped row, staging key to production key.
+/// The key map: one row per remapped row, staging key to production key. Only the staging key
+/// is indexed (every lookup goes that way); two mappings to one production key would make the
+/// second row's insert conflict on production's own primary key.
 pub fn key_map_table() -> String {
     qualified(STATE_SCHEMA, "key_map")
 }
@@ -24,8 +26,7 @@ pub fn create_key_map() -> String {
              source_key bigint NOT NULL,
              target_key bigint NOT NULL,
              mapped_at timestamptz NOT NULL DEFAULT now(),
-             PRIMARY KEY (table_name, source_key),
-             UNIQUE (table_name, target_key))",
+             PRIMARY KEY (table_name, source_key))",
         key_map_table()
     )
 }
@@ -184,6 +185,34 @@ impl Statements {
             )
             .await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Every mapping of `table`, unless there are more than `limit`.
+    pub async fn whole_table(
+        &mut self,
+        client: &Client,
+        table: &TableName,
+        limit: usize,
+    ) -> Result<Option<Vec<(i64, i64)>>, StoreError> {
+        let sql = format!(
+            "SELECT source_key, target_key FROM {} WHERE table_name = $1 LIMIT $2",
+            key_map_table()
+        );
+        let name = table.to_string();
+        let over = limit as i64 + 1;
+        let rows = self
+            .rows(
+                client,
+                "reading the key map",
+                sql,
+                &[Type::TEXT, Type::INT8],
+                &[&name, &over],
+            )
+            .await?;
+        if rows.len() > limit {
+            return Ok(None);
+        }
+        Ok(Some(rows.iter().map(|r| (r.get(0), r.get(1))).collect()))
     }
 
     /// Which of `keys` production's `table` has a row under (its key column `key_column`).
