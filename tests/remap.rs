@@ -13,6 +13,7 @@ use stagingprop::copy::{self, CopyOptions, Side};
 use stagingprop::ops::init::{InitOptions, init};
 use stagingprop::ops::status::{Thresholds, render, status};
 use stagingprop::ops::tail::{TailOptions, tail};
+use stagingprop::ops::verify::{VerifyOptions, render as render_diffs, verify};
 use stagingprop::sync::{self, StopAt, SyncError, SyncOptions, SyncSummary};
 use support::{clusters, fresh_db, psql};
 
@@ -349,6 +350,15 @@ async fn every_rule_in_sync_with_children_following() {
     );
     caught_up(&p.config).await.expect("first sync");
     p.assert_equal_through_key_map();
+    // verify compares through the key map and leaves production's colliding rows out.
+    let diffs = verify(&p.config, &VerifyOptions::default())
+        .await
+        .expect("verify");
+    assert!(
+        diffs.iter().all(|d| d.matches()),
+        "{}",
+        render_diffs(&diffs)
+    );
     let map = p.key_map();
     // Colliding keys moved to production's sequence / KEYS range, free ones kept.
     let catentry = &map["catentry"];
@@ -602,6 +612,66 @@ async fn copy_applies_the_rules_and_sync_continues_through_the_key_map() {
     );
     caught_up(&p.config).await.expect("sync after copy");
     p.assert_equal_through_key_map();
+    let diffs = verify(&p.config, &VerifyOptions::default())
+        .await
+        .expect("verify");
+    assert!(
+        diffs.iter().all(|d| d.matches()),
+        "{}",
+        render_diffs(&diffs)
+    );
+
+    // A row changed, deleted and added on each side, found through the remapped keys and
+    // reported under staging's keys.
+    let promotion_1 = p.key_map()["promotion"][&1];
+    p.production(&format!(
+        "UPDATE promotion SET name = 'tampered' WHERE promotion_id = {promotion_1};
+         DELETE FROM catentdesc WHERE catentry_id = 5 AND language_id = -1;
+         INSERT INTO offer VALUES (5555, 3, true);"
+    ));
+    p.staging(
+        "UPDATE attrval SET value = 'changed on staging' WHERE attrval_id = 2;
+         DELETE FROM offerprice WHERE offer_id = 20;
+         INSERT INTO catgroup VALUES (3, 'BAGS', NULL, 'Bags');",
+    );
+    let diffs = verify(&p.config, &VerifyOptions::default())
+        .await
+        .expect("verify");
+    let found = |table: &str| {
+        diffs
+            .iter()
+            .find(|d| d.table == format!("public.{table}"))
+            .unwrap_or_else(|| panic!("no report for {table}"))
+    };
+    let report = render_diffs(&diffs);
+    assert_eq!(
+        found("promotion").different_keys,
+        vec!["promotion_id=1"],
+        "{report}"
+    );
+    assert_eq!(
+        found("catentdesc").missing_keys,
+        vec!["catentry_id=5,language_id=-1"],
+        "{report}"
+    );
+    assert_eq!(found("offer").extra_keys, vec!["offer_id=5555"], "{report}");
+    assert_eq!(
+        found("attrval").different_keys,
+        vec!["attrval_id=2"],
+        "{report}"
+    );
+    assert_eq!(
+        found("offerprice").extra_keys,
+        vec!["offer_id=20,currency=USD"],
+        "{report}"
+    );
+    assert_eq!(
+        found("catgroup").missing_keys,
+        vec!["catgroup_id=3"],
+        "{report}"
+    );
+    let differing = diffs.iter().filter(|d| !d.matches()).count();
+    assert_eq!(differing, 6, "{report}");
 
     // Back the other way: a new staging gets production's keys, offsets undone, and
     // production's key map says every key now maps to itself.

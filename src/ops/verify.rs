@@ -4,6 +4,14 @@
 //! rows' hashes, by index range scans), so each side is read once and the two reads overlap.
 //! Only chunks whose summaries differ are fetched row by row to name the rows missing on
 //! production, extra on production, or different.
+//!
+//! Tables that key remapping touches (a rule other than identity, or columns referring to a
+//! remapped table) are compared through the key map instead: production's rows are read with
+//! their remapped columns translated back into staging's keys (joined with the key map on
+//! production, or the offset undone), both sides stream (key, row hash) in the same order, and
+//! the streams are merged. Rows production made itself are left out where the key map proves
+//! it: a row of an allocating table without a mapping, or a row under a key staging's row of the
+//! same key was moved away from (and the rows referring to such rows).
 
 use std::collections::HashMap;
 
@@ -13,9 +21,11 @@ use tokio_postgres::types::ToSql;
 
 use super::{OpsError, connect, query_error};
 use crate::apply::schema::{self, TableMeta};
-use crate::config::Config;
+use crate::config::{Config, KeyRule};
 use crate::pg::connect::Endpoint;
-use crate::sql::quote_ident;
+use crate::remap::Remapper;
+use crate::remap::store::key_map_table;
+use crate::sql::{quote_ident, quote_literal};
 
 #[derive(Clone, Debug)]
 pub struct VerifyOptions {
@@ -229,6 +239,285 @@ async fn rows_in_range(
         .collect())
 }
 
+/// How production's rows of a remapped or referring table read in staging's keys.
+#[derive(Debug, Default)]
+struct Translation {
+    /// Per column (by name): the SQL expression of its staging value over production's row `t`.
+    exprs: HashMap<String, String>,
+    joins: Vec<String>,
+    /// Conditions that prove a row production's own.
+    production_born: Vec<String>,
+}
+
+impl Translation {
+    fn column(&self, name: &str) -> String {
+        self.exprs
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| format!("t.{}", quote_ident(name)))
+    }
+}
+
+/// The translation of config table `t`, or `None` when key remapping does not touch it.
+fn translation(config: &Config, remapper: &Remapper, t: usize) -> Option<Translation> {
+    let mut columns: Vec<(usize, usize)> = remapper
+        .references(t)
+        .iter()
+        .map(|r| (r.column, r.parent))
+        .collect();
+    if let Some(k) = remapper.key_column(t) {
+        columns.push((k, t));
+    }
+    if columns.is_empty() {
+        return None;
+    }
+    let mut tr = Translation::default();
+    for (i, (column, parent)) in columns.into_iter().enumerate() {
+        let name = remapper.column_name(t, column);
+        let value = format!("t.{}", quote_ident(name));
+        let parent_name = quote_literal(&config.tables[parent].name.to_string());
+        let expr = match remapper.rule(parent) {
+            KeyRule::Identity => continue,
+            KeyRule::Offset { offset } => format!("({value} - ({offset})::bigint)"),
+            rule => {
+                let alias = format!("m{i}");
+                tr.joins.push(format!(
+                    "LEFT JOIN {map} {alias} ON {alias}.table_name = {parent_name} AND {alias}.target_key = {value}",
+                    map = key_map_table()
+                ));
+                tr.production_born.push(match rule {
+                    KeyRule::RemapOnConflict { .. } => format!(
+                        "({alias}.source_key IS NULL AND EXISTS (SELECT 1 FROM {map} x WHERE x.table_name = {parent_name} AND x.source_key = {value}))",
+                        map = key_map_table()
+                    ),
+                    _ => format!("({value} IS NOT NULL AND {alias}.source_key IS NULL)"),
+                });
+                format!("coalesce({alias}.source_key, {value})")
+            }
+        };
+        tr.exprs.insert(name.to_owned(), expr);
+    }
+    Some(tr)
+}
+
+fn integer_type(type_sql: &str) -> bool {
+    matches!(type_sql, "smallint" | "integer" | "bigint")
+}
+
+/// Key parts in merge order: integers by value, anything else by its text in byte order (the
+/// queries sort the same way: integer columns as such, others as text COLLATE "C").
+fn compare_keys(
+    a: &[Option<String>],
+    b: &[Option<String>],
+    integer: &[bool],
+) -> std::cmp::Ordering {
+    for ((x, y), &int) in a.iter().zip(b).zip(integer) {
+        let order = match (x, y, int) {
+            (Some(x), Some(y), true) => match (x.parse::<i64>(), y.parse::<i64>()) {
+                (Ok(x), Ok(y)) => x.cmp(&y),
+                _ => x.as_bytes().cmp(y.as_bytes()),
+            },
+            (Some(x), Some(y), false) => x.as_bytes().cmp(y.as_bytes()),
+            (x, y, _) => x.is_some().cmp(&y.is_some()),
+        };
+        if order.is_ne() {
+            return order;
+        }
+    }
+    std::cmp::Ordering::Equal
+}
+
+/// Compares one table through the key map: both sides stream (staging key, row hash) sorted
+/// the same way and are merged.
+async fn verify_translated(
+    s: &Client,
+    p: &Client,
+    meta: &TableMeta,
+    tr: &Translation,
+    options: &VerifyOptions,
+    endpoints: (&Endpoint, &Endpoint),
+) -> Result<TableDiff, OpsError> {
+    let integer: Vec<bool> = meta
+        .key
+        .iter()
+        .map(|&k| integer_type(&meta.columns[k].type_sql))
+        .collect();
+    let order = |expr: &dyn Fn(&str) -> String| -> String {
+        meta.key
+            .iter()
+            .zip(&integer)
+            .map(|(&k, &int)| {
+                let e = expr(&meta.columns[k].name);
+                if int {
+                    e
+                } else {
+                    format!("({e})::text COLLATE \"C\"")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let plain = |name: &str| format!("t.{}", quote_ident(name));
+    let translated = |name: &str| tr.column(name);
+    let select = |expr: &dyn Fn(&str) -> String| -> (String, String) {
+        let keys = meta
+            .key
+            .iter()
+            .map(|&k| format!("({})::text", expr(&meta.columns[k].name)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let columns = meta
+            .columns
+            .iter()
+            .map(|c| expr(&c.name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        (keys, columns)
+    };
+    let (keys, columns) = select(&plain);
+    let staging_sql = format!(
+        "SELECT ARRAY[{keys}], md5(ROW({columns})::text) FROM {} t ORDER BY {}",
+        meta.qualified(),
+        order(&plain)
+    );
+    let (keys, columns) = select(&translated);
+    let born = if tr.production_born.is_empty() {
+        "false".to_owned()
+    } else {
+        tr.production_born.join(" OR ")
+    };
+    let production_sql = format!(
+        "SELECT ARRAY[{keys}], md5(ROW({columns})::text) FROM {} t {} WHERE NOT ({born}) ORDER BY {}",
+        meta.qualified(),
+        tr.joins.join(" "),
+        order(&translated)
+    );
+    let (staging, production) = endpoints;
+    let no_params: [&(dyn ToSql + Sync); 0] = [];
+    let (on_staging, on_production) = tokio::join!(
+        s.query_raw(&staging_sql, no_params),
+        p.query_raw(&production_sql, no_params)
+    );
+    let on_staging = on_staging.map_err(query_error(staging, "reading a table"))?;
+    let on_production = on_production.map_err(query_error(production, "reading a table"))?;
+    futures_util::pin_mut!(on_staging);
+    futures_util::pin_mut!(on_production);
+    let names: Vec<&str> = meta
+        .key
+        .iter()
+        .map(|&k| meta.columns[k].name.as_str())
+        .collect();
+    let key_text = |key: &[Option<String>]| {
+        names
+            .iter()
+            .zip(key)
+            .map(|(n, v)| format!("{n}={}", v.as_deref().unwrap_or("NULL")))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    type Head = Option<(Vec<Option<String>>, Option<String>)>;
+    let read = |row: Option<Result<tokio_postgres::Row, tokio_postgres::Error>>| -> Result<Head, tokio_postgres::Error> {
+        Ok(match row {
+            None => None,
+            Some(row) => {
+                let row = row?;
+                Some((row.get(0), row.get(1)))
+            }
+        })
+    };
+    use futures_util::StreamExt;
+    let mut diff = TableDiff {
+        table: meta.table_name().to_string(),
+        chunks: 1,
+        ..TableDiff::default()
+    };
+    let mut a = read(on_staging.next().await).map_err(query_error(staging, "reading a table"))?;
+    let mut b =
+        read(on_production.next().await).map_err(query_error(production, "reading a table"))?;
+    let (mut staging_done, mut production_done) = (a.is_none(), b.is_none());
+    let note = |examples: &mut Vec<String>, key: &[Option<String>]| {
+        if examples.len() < options.max_examples {
+            examples.push(key_text(key));
+        }
+    };
+    loop {
+        let order = match (&a, &b) {
+            (None, None) => break,
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some((x, _)), Some((y, _))) => compare_keys(x, y, &integer),
+        };
+        match order {
+            std::cmp::Ordering::Less => {
+                let (key, _) = a.take().expect("compared");
+                diff.staging_rows += 1;
+                diff.missing += 1;
+                note(&mut diff.missing_keys, &key);
+            }
+            std::cmp::Ordering::Greater => {
+                let (key, _) = b.take().expect("compared");
+                diff.production_rows += 1;
+                diff.extra += 1;
+                note(&mut diff.extra_keys, &key);
+            }
+            std::cmp::Ordering::Equal => {
+                let (key, x) = a.take().expect("compared");
+                let (_, y) = b.take().expect("compared");
+                diff.staging_rows += 1;
+                diff.production_rows += 1;
+                if x != y {
+                    diff.different += 1;
+                    note(&mut diff.different_keys, &key);
+                }
+            }
+        }
+        // A finished stream is not polled again (it would report a closed connection).
+        if a.is_none() && !staging_done {
+            a = read(on_staging.next().await).map_err(query_error(staging, "reading a table"))?;
+            staging_done = a.is_none();
+        }
+        if b.is_none() && !production_done {
+            b = read(on_production.next().await)
+                .map_err(query_error(production, "reading a table"))?;
+            production_done = b.is_none();
+        }
+    }
+    diff.chunks_differing = usize::from(!diff.matches());
+    Ok(diff)
+}
+
+/// Key remapping of the managed tables as sync applies it (`None`: every table keeps its keys).
+async fn remapping(
+    config: &Config,
+    s: &Client,
+    p: &Client,
+    staging: &Endpoint,
+    production: &Endpoint,
+) -> Result<Option<Remapper>, OpsError> {
+    if config.tables.iter().all(|t| t.key == KeyRule::Identity) {
+        return Ok(None);
+    }
+    let mut metas = Vec::with_capacity(config.tables.len());
+    for table in &config.tables {
+        let meta = schema::load_table(p, &table.name)
+            .await
+            .map_err(query_error(production, "reading table definitions"))?
+            .ok_or_else(|| {
+                OpsError::Refused(format!("production: table {} does not exist", table.name))
+            })?;
+        metas.push(meta);
+    }
+    let declared = schema::column_references(s)
+        .await
+        .map_err(query_error(staging, "reading foreign keys"))?;
+    Remapper::new(config, &metas, &declared).map_err(|problems| {
+        OpsError::Refused(format!(
+            "key remapping cannot work with these tables:\n  - {}",
+            problems.join("\n  - ")
+        ))
+    })
+}
+
 pub async fn verify(config: &Config, options: &VerifyOptions) -> Result<Vec<TableDiff>, OpsError> {
     let staging = Endpoint::from_db_config(&config.staging)?;
     let production = Endpoint::from_db_config(&config.production)?;
@@ -241,8 +530,9 @@ pub async fn verify(config: &Config, options: &VerifyOptions) -> Result<Vec<Tabl
             .await
             .map_err(query_error(endpoint, "starting a snapshot"))?;
     }
+    let remapper = remapping(config, &s, &p, &staging, &production).await?;
     let mut diffs = Vec::with_capacity(config.tables.len());
-    for table in &config.tables {
+    for (t, table) in config.tables.iter().enumerate() {
         let meta = schema::load_table(&s, &table.name)
             .await
             .map_err(query_error(&staging, "reading table definitions"))?
@@ -254,6 +544,12 @@ pub async fn verify(config: &Config, options: &VerifyOptions) -> Result<Vec<Tabl
                 "staging: table {} has no primary key; verify compares rows by key",
                 table.name
             )));
+        }
+        if let Some(tr) = remapper.as_ref().and_then(|r| translation(config, r, t)) {
+            diffs.push(
+                verify_translated(&s, &p, &meta, &tr, options, (&staging, &production)).await?,
+            );
+            continue;
         }
         let sql = TableSql { meta: &meta };
         let boundaries = chunk_boundaries(&s, &sql, options.chunk_rows.max(1))
