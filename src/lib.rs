@@ -25,5 +25,6 @@ pub mod ops;
 pub mod pg;
 pub mod pgoutput;
 pub mod remap;
+pub mod spool;
 pub mod sql;
 pub mod sync;

@@ -134,6 +134,16 @@ impl ReplicaIdentity {
         })
     }
 
+    /// The byte pgoutput sends for it.
+    pub fn as_byte(self) -> u8 {
+        match self {
+            ReplicaIdentity::Default => b'd',
+            ReplicaIdentity::Nothing => b'n',
+            ReplicaIdentity::Full => b'f',
+            ReplicaIdentity::Index => b'i',
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ReplicaIdentity::Default => "default",

@@ -1,0 +1,593 @@
+//! The spool on disk: a directory of segment files named by the commit LSN of their first
+//! transaction (`{lsn:016X}.seg`, so names sort in stream order). A segment holds whole staging
+//! transactions and starts with the Relation records of every table seen so far, so a reader can
+//! start at any segment. The writer appends framed records ([`super::segment`]) and makes them
+//! durable with `fdatasync`; on open it cuts whatever follows the last complete transaction (a
+//! torn record, or a transaction a crash interrupted), which staging still holds because it was
+//! never confirmed.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+
+use super::record::{self, RecordError};
+use super::segment::{self, HEADER, Scan};
+use crate::model::{Lsn, Oid, Relation};
+use crate::pgoutput::LogicalMessage;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool {}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error(
+        "spool segment {} is damaged at byte {offset}: {reason}. Nothing after it is read; \
+         move the segment away and re-seed or replay from another copy",
+        path.display()
+    )]
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+    #[error("spool segment {} at byte {offset}: {source}", path.display())]
+    Record {
+        path: PathBuf,
+        offset: u64,
+        source: RecordError,
+    },
+}
+
+fn io_error(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
+    move |source| SpoolError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The segment files of `dir`, in stream order, with the commit LSN each starts at.
+pub fn segments(dir: &Path) -> Result<Vec<(Lsn, PathBuf)>, SpoolError> {
+    let mut found = Vec::new();
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(found),
+        Err(e) => return Err(io_error(dir)(e)),
+    };
+    for entry in entries {
+        let path = entry.map_err(io_error(dir))?.path();
+        let Some(stem) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".seg"))
+        else {
+            continue;
+        };
+        if let Ok(lsn) = u64::from_str_radix(stem, 16) {
+            found.push((Lsn(lsn), path));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+fn segment_path(dir: &Path, first_commit: Lsn) -> PathBuf {
+    dir.join(format!("{:016X}.seg", first_commit.0))
+}
+
+/// What the writer found when it opened the spool.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// The end LSN of the last complete transaction spooled (invalid when empty).
+    pub durable_end: Lsn,
+    /// Bytes cut from the end: a torn record or an interrupted transaction.
+    pub cut_bytes: u64,
+    pub segments: usize,
+    pub bytes: u64,
+}
+
+/// Where the last complete transaction of a segment ends: (byte offset, end LSN).
+fn last_commit(path: &Path, data: &[u8]) -> Result<(usize, Option<Lsn>), SpoolError> {
+    let mut at = 0;
+    let mut last = (0, None);
+    loop {
+        match segment::next_frame(data, at) {
+            Scan::Frame { payload, next } => {
+                let record = record::decode(Bytes::copy_from_slice(&data[payload]))
+                    .and_then(record::from_record)
+                    .map_err(|source| SpoolError::Record {
+                        path: path.to_owned(),
+                        offset: at as u64,
+                        source,
+                    })?;
+                if let (_, LogicalMessage::Commit { end_lsn, .. }) = record {
+                    last = (next, Some(end_lsn));
+                }
+                at = next;
+            }
+            Scan::End | Scan::Torn => return Ok(last),
+            Scan::Corrupt { reason } => {
+                return Err(SpoolError::Corrupt {
+                    path: path.to_owned(),
+                    offset: at as u64,
+                    reason: reason.to_owned(),
+                });
+            }
+        }
+    }
+}
+
+/// Appends staging's transactions to the spool.
+pub struct SpoolWriter {
+    dir: PathBuf,
+    segment_bytes: u64,
+    active: Option<(File, PathBuf, u64)>,
+    buffer: Vec<u8>,
+    payload: Vec<u8>,
+    /// End of the last complete transaction written (durable after `flush`).
+    written_end: Lsn,
+    durable_end: Lsn,
+    relations: HashMap<Oid, Relation>,
+    bytes: u64,
+}
+
+impl SpoolWriter {
+    /// Opens (creating) the spool in `dir`, cutting what follows its last complete transaction.
+    pub fn open(dir: &Path, segment_bytes: u64) -> Result<(SpoolWriter, Recovered), SpoolError> {
+        fs::create_dir_all(dir).map_err(io_error(dir))?;
+        let mut found = segments(dir)?;
+        let mut recovered = Recovered::default();
+        let mut active = None;
+        while let Some((_, path)) = found.last().cloned() {
+            let data = fs::read(&path).map_err(io_error(&path))?;
+            let (keep, end) = last_commit(&path, &data)?;
+            recovered.cut_bytes += (data.len() - keep) as u64;
+            if keep == 0 {
+                // Nothing complete in it: the crash came before its first commit.
+                fs::remove_file(&path).map_err(io_error(&path))?;
+                found.pop();
+                continue;
+            }
+            let file = OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .map_err(io_error(&path))?;
+            if keep < data.len() {
+                file.set_len(keep as u64).map_err(io_error(&path))?;
+                file.sync_all().map_err(io_error(&path))?;
+            }
+            recovered.durable_end = end.unwrap_or_default();
+            active = Some((file, path, keep as u64));
+            break;
+        }
+        for (_, path) in &found {
+            recovered.bytes += fs::metadata(path).map_err(io_error(path))?.len();
+        }
+        recovered.segments = found.len();
+        if recovered.cut_bytes > 0 {
+            sync_dir(dir)?;
+        }
+        Ok((
+            SpoolWriter {
+                dir: dir.to_owned(),
+                segment_bytes: segment_bytes.max(1),
+                active,
+                buffer: Vec::new(),
+                payload: Vec::new(),
+                written_end: recovered.durable_end,
+                durable_end: recovered.durable_end,
+                relations: HashMap::new(),
+                bytes: recovered.bytes,
+            },
+            recovered.clone(),
+        ))
+    }
+
+    /// Spools one message (those the spool keeps; others are ignored). A Begin past the segment
+    /// size starts a new segment.
+    pub fn append(&mut self, lsn: Lsn, message: &LogicalMessage) -> Result<(), SpoolError> {
+        if let LogicalMessage::Relation { relation, .. } = message {
+            self.relations.insert(relation.oid, relation.clone());
+        }
+        if let LogicalMessage::Begin { final_lsn, .. } = message {
+            let full = self
+                .active
+                .as_ref()
+                .is_none_or(|(_, _, len)| *len + self.buffer.len() as u64 >= self.segment_bytes);
+            if full {
+                self.rotate(*final_lsn)?;
+            }
+        }
+        let Some(record) = record::to_record(lsn, message, &self.relations) else {
+            return Ok(());
+        };
+        self.frame(&record);
+        if let LogicalMessage::Commit { end_lsn, .. } = message {
+            self.written_end = *end_lsn;
+        }
+        Ok(())
+    }
+
+    fn frame(&mut self, record: &super::proto::Record) {
+        self.payload.clear();
+        record::encode(record, &mut self.payload);
+        segment::encode_frame(&self.payload, &mut self.buffer);
+    }
+
+    /// Closes the active segment (durably) and starts one for the transaction committing at
+    /// `first_commit`, beginning with every known table's Relation record.
+    fn rotate(&mut self, first_commit: Lsn) -> Result<(), SpoolError> {
+        self.write_buffer()?;
+        if let Some((file, path, _)) = self.active.take() {
+            file.sync_data().map_err(io_error(&path))?;
+        }
+        let path = segment_path(&self.dir, first_commit);
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io_error(&path))?;
+        sync_dir(&self.dir)?;
+        self.active = Some((file, path, 0));
+        let relations: Vec<Relation> = self.relations.values().cloned().collect();
+        for relation in relations {
+            let message = LogicalMessage::Relation {
+                xid: None,
+                relation,
+            };
+            if let Some(record) = record::to_record(Lsn::INVALID, &message, &self.relations) {
+                self.frame(&record);
+            }
+        }
+        Ok(())
+    }
+
+    fn write_buffer(&mut self) -> Result<(), SpoolError> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let (file, path, len) = self
+            .active
+            .as_mut()
+            .expect("a segment is open once something was appended");
+        file.write_all(&self.buffer).map_err(io_error(path))?;
+        *len += self.buffer.len() as u64;
+        self.bytes += self.buffer.len() as u64;
+        self.buffer.clear();
+        Ok(())
+    }
+
+    /// Writes what was appended and makes it durable. Returns the end LSN of the last complete
+    /// transaction now on disk: staging may be told it.
+    pub fn flush(&mut self) -> Result<Lsn, SpoolError> {
+        if !self.buffer.is_empty() {
+            self.write_buffer()?;
+            if let Some((file, path, _)) = &self.active {
+                file.sync_data().map_err(io_error(path))?;
+            }
+        }
+        self.durable_end = self.written_end;
+        Ok(self.durable_end)
+    }
+
+    pub fn durable_end(&self) -> Lsn {
+        self.durable_end
+    }
+
+    /// Bytes in the spool's segments (written so far).
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error(dir))
+}
+
+/// Reads spooled messages in order, from the segment holding a position on.
+pub struct SpoolReader {
+    segments: Vec<(Lsn, PathBuf)>,
+    next_segment: usize,
+    current: Option<(BufReader<File>, PathBuf, u64)>,
+}
+
+impl SpoolReader {
+    /// A reader starting at the segment that holds transactions committing at or after `from`
+    /// (the caller skips the earlier ones of that segment).
+    pub fn open(dir: &Path, from: Lsn) -> Result<SpoolReader, SpoolError> {
+        let segments = segments(dir)?;
+        let start = segments
+            .iter()
+            .rposition(|(first, _)| *first <= from)
+            .unwrap_or(0);
+        Ok(SpoolReader {
+            segments,
+            next_segment: start,
+            current: None,
+        })
+    }
+
+    /// The commit LSN of the first transaction the spool holds.
+    pub fn oldest(&self) -> Option<Lsn> {
+        self.segments.first().map(|(lsn, _)| *lsn)
+    }
+
+    /// The next message and the position staging sent it at; `None` at the end of the spool.
+    /// An incomplete record at the end of the last segment is the end (it is being written, or
+    /// the writer cuts it when it opens); anywhere else it is damage.
+    pub fn next_message(&mut self) -> Result<Option<(Lsn, LogicalMessage)>, SpoolError> {
+        loop {
+            if self.current.is_none() {
+                let Some((_, path)) = self.segments.get(self.next_segment) else {
+                    return Ok(None);
+                };
+                let file = File::open(path).map_err(io_error(path))?;
+                self.current = Some((BufReader::with_capacity(1 << 20, file), path.clone(), 0));
+                self.next_segment += 1;
+            }
+            let last = self.next_segment == self.segments.len();
+            let (reader, path, offset) = self.current.as_mut().expect("opened above");
+            let mut header = [0u8; HEADER];
+            let got = read_full(reader, &mut header).map_err(io_error(path))?;
+            if got == 0 {
+                self.current = None;
+                continue;
+            }
+            let corrupt = |reason: &str, at: u64| SpoolError::Corrupt {
+                path: path.clone(),
+                offset: at,
+                reason: reason.to_owned(),
+            };
+            if got < HEADER {
+                return if last {
+                    Ok(None)
+                } else {
+                    Err(corrupt("the segment ends inside a record", *offset))
+                };
+            }
+            let be32 = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+            if crc32c::crc32c(&header[..8]) != be32(&header[8..]) {
+                // Zeros where the last write of a crashed writer did not land.
+                return if last && header.iter().all(|&b| b == 0) {
+                    Ok(None)
+                } else {
+                    Err(corrupt(
+                        "the record header's checksum does not match",
+                        *offset,
+                    ))
+                };
+            }
+            let len = be32(&header[..4]) as usize;
+            if len > segment::MAX_PAYLOAD {
+                return Err(corrupt(
+                    "the record header names an impossible length",
+                    *offset,
+                ));
+            }
+            let mut frame = vec![0u8; HEADER + len];
+            frame[..HEADER].copy_from_slice(&header);
+            let got = read_full(reader, &mut frame[HEADER..]).map_err(io_error(path))?;
+            if got < len {
+                return if last {
+                    Ok(None)
+                } else {
+                    Err(corrupt("the segment ends inside a record", *offset))
+                };
+            }
+            if crc32c::crc32c(&frame[HEADER..]) != be32(&header[4..8]) {
+                return Err(corrupt(
+                    "the record's checksum does not match its contents",
+                    *offset,
+                ));
+            }
+            let payload = HEADER..frame.len();
+            let at = *offset;
+            *offset += frame.len() as u64;
+            let message = record::decode(Bytes::from(frame).slice(payload))
+                .and_then(record::from_record)
+                .map_err(|source| SpoolError::Record {
+                    path: path.clone(),
+                    offset: at,
+                    source,
+                })?;
+            return Ok(Some(message));
+        }
+    }
+}
+
+/// Reads until `buf` is full or the file ends; returns how many bytes were read.
+fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match reader.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Column, PgTimestamp, ReplicaIdentity, Value};
+
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> TempDir {
+            let dir = std::env::temp_dir()
+                .join(format!("stagingprop-spool-{name}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn relation() -> Relation {
+        Relation {
+            oid: 1,
+            namespace: "public".into(),
+            name: "t".into(),
+            replica_identity: ReplicaIdentity::Default,
+            columns: vec![Column {
+                name: "id".into(),
+                is_key: true,
+                type_oid: 20,
+                type_modifier: -1,
+            }],
+        }
+    }
+
+    /// Transaction `n`: commit at 100n, end at 100n + 8, one insert of row n.
+    fn transaction(n: u64) -> Vec<(Lsn, LogicalMessage)> {
+        let commit = Lsn(100 * n);
+        vec![
+            (
+                commit,
+                LogicalMessage::Begin {
+                    final_lsn: commit,
+                    commit_time: PgTimestamp(n as i64),
+                    xid: n as u32,
+                },
+            ),
+            (
+                Lsn(100 * n - 50),
+                LogicalMessage::Relation {
+                    xid: None,
+                    relation: relation(),
+                },
+            ),
+            (
+                Lsn(100 * n - 40),
+                LogicalMessage::Insert {
+                    xid: None,
+                    relation: 1,
+                    new: vec![Value::Text(Bytes::from(n.to_string()))],
+                },
+            ),
+            (
+                commit,
+                LogicalMessage::Commit {
+                    flags: 0,
+                    commit_lsn: commit,
+                    end_lsn: Lsn(100 * n + 8),
+                    commit_time: PgTimestamp(n as i64),
+                },
+            ),
+        ]
+    }
+
+    fn write(dir: &Path, from: u64, to: u64, segment_bytes: u64) -> Lsn {
+        let (mut writer, _) = SpoolWriter::open(dir, segment_bytes).unwrap();
+        for n in from..=to {
+            for (lsn, m) in transaction(n) {
+                writer.append(lsn, &m).unwrap();
+            }
+        }
+        writer.flush().unwrap()
+    }
+
+    fn inserted(dir: &Path, from: Lsn) -> Result<Vec<u64>, SpoolError> {
+        let mut reader = SpoolReader::open(dir, from)?;
+        let mut rows = Vec::new();
+        while let Some((_, m)) = reader.next_message()? {
+            if let LogicalMessage::Insert { new, .. } = m {
+                let Value::Text(b) = &new[0] else { panic!() };
+                rows.push(std::str::from_utf8(b).unwrap().parse().unwrap());
+            }
+        }
+        Ok(rows)
+    }
+
+    #[test]
+    fn transactions_come_back_across_segments() {
+        let dir = TempDir::new("roundtrip");
+        assert_eq!(write(&dir.0, 1, 20, 300), Lsn(2008));
+        let segs = segments(&dir.0).unwrap();
+        assert!(segs.len() > 3, "{segs:?}");
+        assert_eq!(
+            inserted(&dir.0, Lsn::INVALID).unwrap(),
+            (1..=20).collect::<Vec<_>>()
+        );
+        // A reader from a later position starts at the segment holding it, and every segment
+        // carries the relation it needs.
+        let from = segs[2].0;
+        let rows = inserted(&dir.0, from).unwrap();
+        assert_eq!(rows.first().copied(), Some(from.0 / 100));
+        // Reopening continues after what is there.
+        let (writer, recovered) = SpoolWriter::open(&dir.0, 300).unwrap();
+        assert_eq!(recovered.durable_end, Lsn(2008));
+        assert_eq!(recovered.cut_bytes, 0);
+        assert_eq!(
+            writer.bytes(),
+            segs.iter()
+                .map(|(_, p)| fs::metadata(p).unwrap().len())
+                .sum::<u64>()
+        );
+    }
+
+    #[test]
+    fn a_torn_tail_and_an_interrupted_transaction_are_cut() {
+        let dir = TempDir::new("torn");
+        write(&dir.0, 1, 5, 1 << 20);
+        let (_, path) = segments(&dir.0).unwrap().pop().unwrap();
+        let len = fs::metadata(&path).unwrap().len();
+        // kill -9 while writing: the last record is half there.
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len - 5)
+            .unwrap();
+        let (mut writer, recovered) = SpoolWriter::open(&dir.0, 1 << 20).unwrap();
+        assert_eq!(recovered.durable_end, Lsn(408), "transaction 5 is gone");
+        assert!(recovered.cut_bytes > 5);
+        assert_eq!(inserted(&dir.0, Lsn::INVALID).unwrap(), vec![1, 2, 3, 4]);
+        // A transaction begun but not committed when the process died is cut too.
+        for (lsn, m) in transaction(5).into_iter().take(3) {
+            writer.append(lsn, &m).unwrap();
+        }
+        writer.flush().unwrap();
+        drop(writer);
+        let (_, recovered) = SpoolWriter::open(&dir.0, 1 << 20).unwrap();
+        assert_eq!(recovered.durable_end, Lsn(408));
+        // Staging resends transaction 5; it is spooled once.
+        write(&dir.0, 5, 6, 1 << 20);
+        assert_eq!(
+            inserted(&dir.0, Lsn::INVALID).unwrap(),
+            vec![1, 2, 3, 4, 5, 6]
+        );
+    }
+
+    #[test]
+    fn damage_in_the_middle_is_an_error_naming_segment_and_offset() {
+        let dir = TempDir::new("flip");
+        write(&dir.0, 1, 5, 1 << 20);
+        let (_, path) = segments(&dir.0).unwrap().pop().unwrap();
+        let mut data = fs::read(&path).unwrap();
+        data[HEADER + 3] ^= 0x01;
+        fs::write(&path, &data).unwrap();
+        let err = inserted(&dir.0, Lsn::INVALID).unwrap_err();
+        assert!(
+            matches!(&err, SpoolError::Corrupt { path: p, offset: 0, .. } if *p == path),
+            "{err}"
+        );
+        let err = SpoolWriter::open(&dir.0, 1 << 20).err().expect("refused");
+        assert!(err.to_string().contains("damaged at byte 0"), "{err}");
+    }
+}

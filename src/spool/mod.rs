@@ -1,0 +1,11 @@
+//! The durable spool (DESIGN.md, "Outages and replay").
+
+pub mod files;
+pub mod record;
+pub mod segment;
+
+/// The record types generated from proto/spool.proto.
+#[allow(clippy::all, missing_docs)]
+pub mod proto {
+    include!(concat!(env!("OUT_DIR"), "/stagingprop.spool.v1.rs"));
+}
