@@ -37,6 +37,8 @@ pub struct Config {
     pub staging: DbConfig,
     pub production: DbConfig,
     pub sync: SyncConfig,
+    /// The durable spool (`[spool]`); off when absent.
+    pub spool: Option<SpoolConfig>,
     /// The staging-managed tables, in file order, each listed once.
     pub tables: Vec<TableConfig>,
     /// Columns holding keys of a managed table without a declared foreign key.
@@ -136,6 +138,22 @@ pub struct SyncConfig {
     pub heartbeat_interval_secs: u64,
     pub status_interval_secs: u64,
 }
+
+/// `[spool]`: where sync keeps staging's transactions on local disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpoolConfig {
+    pub dir: PathBuf,
+    /// Past this many bytes sync stops reading ahead of production.
+    pub max_bytes: u64,
+    /// How long applied transactions stay for `replay`.
+    pub retain_secs: u64,
+    /// A new segment file starts past this size.
+    pub segment_bytes: u64,
+}
+
+pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 4 << 30;
+pub const DEFAULT_SPOOL_RETAIN_SECS: u64 = 24 * 3600;
+pub const DEFAULT_SPOOL_SEGMENT_BYTES: u64 = 64 << 20;
 
 impl Default for SyncConfig {
     fn default() -> Self {
@@ -572,6 +590,7 @@ struct RawConfig {
     staging: Option<RawDb>,
     production: Option<RawDb>,
     sync: Option<RawSync>,
+    spool: Option<RawSpool>,
     #[serde(default)]
     tables: Vec<RawTable>,
     #[serde(default)]
@@ -601,6 +620,15 @@ struct RawSync {
     batch_max_delay_ms: Option<u64>,
     heartbeat_interval_secs: Option<u64>,
     status_interval_secs: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpool {
+    dir: Option<PathBuf>,
+    max_bytes: Option<u64>,
+    retain_secs: Option<u64>,
+    segment_bytes: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -692,6 +720,10 @@ impl Validator<'_> {
         let staging = self.db("staging", raw.staging)?;
         let production = self.db("production", raw.production)?;
         let sync = self.sync(raw.sync)?;
+        let spool = match raw.spool {
+            None => None,
+            Some(raw_spool) => Some(self.spool(raw_spool)?),
+        };
         if raw.tables.is_empty() {
             return Err(self.invalid(
                 "tables",
@@ -725,6 +757,7 @@ impl Validator<'_> {
             staging,
             production,
             sync,
+            spool,
             tables,
             references,
         })
@@ -892,6 +925,43 @@ impl Validator<'_> {
             sslmode,
             sslrootcert,
             connect_timeout_secs,
+        })
+    }
+
+    fn spool(&self, raw: RawSpool) -> Result<SpoolConfig, ConfigError> {
+        let dir = raw
+            .dir
+            .filter(|d| !d.as_os_str().is_empty())
+            .ok_or_else(|| {
+                self.invalid(
+                    "spool",
+                    "needs dir = \"/path\": the directory that holds the spool's segment files",
+                )
+            })?;
+        let positive = |key: &str, value: Option<u64>, default: u64| match value {
+            Some(0) => Err(self.invalid(format!("spool.{key}"), "must be greater than 0")),
+            Some(v) => Ok(v),
+            None => Ok(default),
+        };
+        let segment_bytes = positive(
+            "segment_bytes",
+            raw.segment_bytes,
+            DEFAULT_SPOOL_SEGMENT_BYTES,
+        )?;
+        let max_bytes = positive("max_bytes", raw.max_bytes, DEFAULT_SPOOL_MAX_BYTES)?;
+        if max_bytes < segment_bytes {
+            return Err(self.invalid(
+                "spool.max_bytes",
+                format!(
+                    "{max_bytes} is smaller than one segment ({segment_bytes} bytes): raise max_bytes or lower segment_bytes"
+                ),
+            ));
+        }
+        Ok(SpoolConfig {
+            dir,
+            max_bytes,
+            retain_secs: raw.retain_secs.unwrap_or(DEFAULT_SPOOL_RETAIN_SECS),
+            segment_bytes,
         })
     }
 
@@ -1541,6 +1611,32 @@ table = "public.catentry"
                 config.tables.iter().any(|t| t.key.as_str() == rule),
                 "example lacks rule {rule}"
             );
+        }
+    }
+
+    #[test]
+    fn spool_section() {
+        let config = with_tables("").unwrap();
+        assert_eq!(config.spool, None);
+        let config =
+            with_tables("[spool]\ndir = \"/var/spool/stagingprop\"\nmax_bytes = 1000000000\n")
+                .unwrap();
+        let spool = config.spool.unwrap();
+        assert_eq!(spool.dir, PathBuf::from("/var/spool/stagingprop"));
+        assert_eq!(spool.max_bytes, 1_000_000_000);
+        assert_eq!(spool.retain_secs, DEFAULT_SPOOL_RETAIN_SECS);
+        assert_eq!(spool.segment_bytes, DEFAULT_SPOOL_SEGMENT_BYTES);
+        for (text, expected) in [
+            ("[spool]\nmax_bytes = 5\n", "needs dir"),
+            ("[spool]\ndir = \"/x\"\nmax_bytes = 0\n", "spool.max_bytes"),
+            (
+                "[spool]\ndir = \"/x\"\nmax_bytes = 10\n",
+                "smaller than one segment",
+            ),
+            ("[spool]\ndir = \"/x\"\nsize = 1\n", "size"),
+        ] {
+            let err = error_text(with_tables(text));
+            assert!(err.contains(expected), "{text}: {err}");
         }
     }
 

@@ -181,6 +181,10 @@ enum Command {
         /// rules through production's key map.
         #[arg(long)]
         mapped: bool,
+        /// Print the records of the spool (DIR, default: [spool] dir from the config) instead
+        /// of reading staging, oldest first, and exit at its end.
+        #[arg(long, value_name = "DIR", num_args = 0..=1, conflicts_with_all = ["slot", "mapped", "record"])]
+        spool: Option<Option<PathBuf>>,
     },
 }
 
@@ -419,7 +423,26 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             idle_exit,
             record,
             mapped,
+            spool,
         } => {
+            if let Some(dir) = spool {
+                let dir = dir
+                    .or_else(|| config.spool.as_ref().map(|s| s.dir.clone()))
+                    .ok_or_else(|| Failure {
+                        code: exit::CONFIG,
+                        message: "tail --spool needs a directory: give one, or set [spool] dir in the config".into(),
+                    })?;
+                let stdout = std::io::stdout();
+                let mut out = std::io::BufWriter::new(stdout.lock());
+                let summary = stagingprop::ops::tail::tail_spool(&dir, limit, &mut out)
+                    .map_err(ops_failure)?;
+                tracing::info!(
+                    changes = summary.changes,
+                    transactions = summary.transactions,
+                    "spool read to its end"
+                );
+                return Ok(());
+            }
             let staging = Endpoint::from_db_config(&config.staging)
                 .map_err(|e| ops_failure(OpsError::from(e)))?;
             let options = TailOptions {

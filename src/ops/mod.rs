@@ -29,6 +29,8 @@ pub enum OpsError {
     Refused(String),
     #[error("cannot write the output: {0}")]
     Output(#[from] std::io::Error),
+    #[error(transparent)]
+    Spool(#[from] crate::spool::files::SpoolError),
 }
 
 impl OpsError {

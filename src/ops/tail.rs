@@ -150,6 +150,53 @@ struct TxnContext {
     commit_time: PgTimestamp,
 }
 
+/// Prints the spool's records in `dir` as the same JSON lines, oldest first, up to `limit`
+/// changes; returns at the end of the spool.
+pub fn tail_spool<W: Write>(
+    dir: &std::path::Path,
+    limit: Option<u64>,
+    out: &mut W,
+) -> Result<TailSummary, OpsError> {
+    let mut reader = crate::spool::files::SpoolReader::open(dir, Lsn::INVALID)?;
+    let mut relations: HashMap<Oid, Relation> = HashMap::new();
+    let mut txn: Option<TxnContext> = None;
+    let mut summary = TailSummary::default();
+    while let Some((lsn, message)) = reader.next_message()? {
+        if limit.is_some_and(|limit| summary.changes >= limit) {
+            break;
+        }
+        match message {
+            LogicalMessage::Begin {
+                final_lsn,
+                commit_time,
+                xid,
+            } => {
+                txn = Some(TxnContext {
+                    xid,
+                    commit_lsn: final_lsn,
+                    commit_time,
+                })
+            }
+            LogicalMessage::Commit { .. } => {
+                txn = None;
+                summary.transactions += 1;
+            }
+            LogicalMessage::Relation { relation, .. } => {
+                relations.insert(relation.oid, relation);
+            }
+            other => {
+                if let Some(line) = change_line(lsn, txn.as_ref(), &relations, &other, None)? {
+                    out.write_all(line.as_bytes())?;
+                    out.write_all(b"\n")?;
+                    summary.changes += 1;
+                }
+            }
+        }
+    }
+    out.flush()?;
+    Ok(summary)
+}
+
 pub async fn tail<W, S>(
     staging: &Endpoint,
     options: &TailOptions,
