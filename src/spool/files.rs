@@ -32,6 +32,8 @@ pub enum SpoolError {
         offset: u64,
         reason: String,
     },
+    #[error("staging sent a {0} outside a transaction; it cannot be spooled")]
+    OutsideTransaction(&'static str),
     #[error("spool segment {} at byte {offset}: {source}", path.display())]
     Record {
         path: PathBuf,
@@ -198,6 +200,17 @@ impl SpoolWriter {
             if full {
                 self.rotate(*final_lsn)?;
             }
+        }
+        if self.active.is_none() {
+            // Before the first transaction: a Relation is remembered, and written at the start
+            // of the first segment; changes only come inside transactions.
+            return match message {
+                LogicalMessage::Relation { .. } => Ok(()),
+                other => match record::to_record(lsn, other, &self.relations) {
+                    None => Ok(()),
+                    Some(_) => Err(SpoolError::OutsideTransaction(other.name())),
+                },
+            };
         }
         let Some(record) = record::to_record(lsn, message, &self.relations) else {
             return Ok(());
@@ -539,6 +552,28 @@ mod tests {
                 .map(|(_, p)| fs::metadata(p).unwrap().len())
                 .sum::<u64>()
         );
+    }
+
+    #[test]
+    fn a_relation_before_the_first_transaction_starts_the_first_segment() {
+        let dir = TempDir::new("early");
+        let (mut writer, _) = SpoolWriter::open(&dir.0, 1 << 20).unwrap();
+        let relation = LogicalMessage::Relation {
+            xid: None,
+            relation: relation(),
+        };
+        writer.append(Lsn(1), &relation).unwrap();
+        let insert = &transaction(1)[2];
+        assert!(matches!(
+            writer.append(insert.0, &insert.1),
+            Err(SpoolError::OutsideTransaction("Insert"))
+        ));
+        for (lsn, m) in transaction(1) {
+            writer.append(lsn, &m).unwrap();
+        }
+        writer.flush().unwrap();
+        let mut reader = SpoolReader::open(&dir.0, Lsn::INVALID).unwrap();
+        assert_eq!(reader.next_message().unwrap().unwrap().1, relation);
     }
 
     #[test]
