@@ -142,6 +142,12 @@ pub async fn run<S>(
 where
     S: Future<Output = ()>,
 {
+    if let Some(spool) = &config.spool {
+        tracing::warn!(
+            dir = %spool.dir.display(),
+            "[spool] is configured, but this build's sync does not write the spool yet: staging keeps WAL while production is down, as without it"
+        );
+    }
     // Latched: a session that fails while stopping (production down during the last commit)
     // leads back here, and the backoff must see the request again rather than poll a future
     // that already completed.
