@@ -1,9 +1,11 @@
-//! `stagingprop verify`: compares every managed table on staging and production. Staging's keys
-//! are read once (an index-only pass) to cut the table into chunks of `chunk_rows` rows; then
-//! both sides summarize each chunk's key range at the same time (row count and a hash of the
-//! rows' hashes, by index range scans), so each side is read once and the two reads overlap.
-//! Only chunks whose summaries differ are fetched row by row to name the rows missing on
-//! production, extra on production, or different.
+//! `stagingprop verify`: compares every managed table on staging and production, each side read
+//! in one snapshot and both at the same time. When the first key column is an integer (the usual
+//! case), staging's values of it are read once (an index-only pass) to cut the table into
+//! buckets of about `chunk_rows` rows, and each side summarizes every bucket in one sequential
+//! scan with a hash aggregate: row count and the sum of the rows' 60-bit hashes, which does not
+//! depend on order, so nothing is sorted. Other keys are cut into ranges of whole keys that both
+//! sides summarize by index range scans. Only the parts whose summaries differ are read row by
+//! row to name the rows missing on production, extra on production, or different.
 //!
 //! Tables that key remapping touches (a rule other than identity, or columns referring to a
 //! remapped table) are compared through the key map instead: production's rows are read with
@@ -85,6 +87,11 @@ impl TableSql<'_> {
             .map(|&k| quote_ident(&self.meta.columns[k].name))
             .collect::<Vec<_>>()
             .join(", ")
+    }
+
+    /// The first key column, quoted.
+    fn first_key(&self) -> String {
+        quote_ident(&self.meta.columns[self.meta.key[0]].name)
     }
 
     fn key_texts(&self) -> String {
@@ -199,23 +206,51 @@ async fn summarize_range(
     })
 }
 
-/// Key (as `col=value` text) to row hash, for one range on one side.
-async fn rows_in_range(
+/// A part of a table both sides summarized: a range of whole keys, or a range of the first key
+/// column's values (lower inclusive, upper exclusive; none: unbounded).
+#[derive(Clone, Copy, Debug)]
+enum Part<'a> {
+    Keys(Range<'a>),
+    FirstColumn(Option<i64>, Option<i64>),
+}
+
+/// Key (as `col=value` text) to row hash, for one part on one side.
+async fn rows_in(
     client: &Client,
     sql: &TableSql<'_>,
-    lower: Option<&Vec<String>>,
-    upper: Option<&Vec<String>>,
+    part: Part<'_>,
 ) -> Result<HashMap<String, String>, tokio_postgres::Error> {
-    let bounds: Vec<&Vec<String>> = lower.iter().chain(upper.iter()).copied().collect();
+    let mut texts: Vec<String> = Vec::new();
+    let mut numbers: Vec<i64> = Vec::new();
+    let condition = match part {
+        Part::Keys((lower, upper)) => {
+            let bounds: Vec<&Vec<String>> = lower.iter().chain(upper.iter()).copied().collect();
+            texts = params(&bounds);
+            sql.range(lower.is_some(), upper.is_some(), 1)
+        }
+        Part::FirstColumn(lower, upper) => {
+            let first = sql.first_key();
+            let mut conditions = vec!["true".to_owned()];
+            for (bound, op) in [(lower, ">="), (upper, "<")] {
+                if let Some(value) = bound {
+                    numbers.push(value);
+                    conditions.push(format!("{first} {op} ${}::bigint", numbers.len()));
+                }
+            }
+            conditions.join(" AND ")
+        }
+    };
     let query = format!(
-        "SELECT ARRAY[{key_texts}], {hash} FROM {table} WHERE {range}",
+        "SELECT ARRAY[{key_texts}], {hash} FROM {table} WHERE {condition}",
         key_texts = sql.key_texts(),
         hash = sql.row_hash(),
         table = sql.meta.qualified(),
-        range = sql.range(lower.is_some(), upper.is_some(), 1),
     );
-    let values = params(&bounds);
-    let refs: Vec<&(dyn ToSql + Sync)> = values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+    let refs: Vec<&(dyn ToSql + Sync)> = texts
+        .iter()
+        .map(|v| v as &(dyn ToSql + Sync))
+        .chain(numbers.iter().map(|v| v as &(dyn ToSql + Sync)))
+        .collect();
     let names: Vec<&str> = sql
         .meta
         .key
@@ -235,6 +270,65 @@ async fn rows_in_range(
                 .collect::<Vec<_>>()
                 .join(",");
             (text, r.get(1))
+        })
+        .collect())
+}
+
+/// Values of the first key column at every `chunk_rows`-th row on staging, distinct and
+/// ascending (an index-only pass): the bucket boundaries both sides summarize by.
+async fn first_column_boundaries(
+    s: &Client,
+    sql: &TableSql<'_>,
+    chunk_rows: i64,
+) -> Result<Vec<i64>, tokio_postgres::Error> {
+    let first = sql.first_key();
+    let query = format!(
+        "SELECT DISTINCT k FROM (SELECT {first}::bigint AS k, row_number() OVER (ORDER BY {first}) AS rn
+           FROM {table}) r WHERE rn % $1 = 0 ORDER BY k",
+        table = sql.meta.qualified(),
+    );
+    Ok(s.query(&query, &[&chunk_rows])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// Per bucket of the first key column: row count and the sum of 60-bit row hashes, from one
+/// sequential scan with a hash aggregate (the sum does not depend on order, so nothing sorts).
+async fn summarize_buckets(
+    client: &Client,
+    sql: &TableSql<'_>,
+    bounds: &[i64],
+) -> Result<HashMap<i32, ChunkSummary>, tokio_postgres::Error> {
+    let bucket = if bounds.is_empty() {
+        "0".to_owned()
+    } else {
+        format!("width_bucket({}::bigint, $1::bigint[])", sql.first_key())
+    };
+    let query = format!(
+        "SELECT {bucket}, count(*)::bigint,
+                sum(('x' || left({hash}, 15))::bit(60)::bigint)::text
+           FROM {table} GROUP BY 1",
+        hash = sql.row_hash(),
+        table = sql.meta.qualified(),
+    );
+    let bounds = bounds.to_vec();
+    let rows = if bounds.is_empty() {
+        client.query(&query, &[]).await?
+    } else {
+        client.query(&query, &[&bounds]).await?
+    };
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                r.get(0),
+                ChunkSummary {
+                    rows: r.get(1),
+                    hash: r.get(2),
+                },
+            )
         })
         .collect())
 }
@@ -552,41 +646,78 @@ pub async fn verify(config: &Config, options: &VerifyOptions) -> Result<Vec<Tabl
             continue;
         }
         let sql = TableSql { meta: &meta };
-        let boundaries = chunk_boundaries(&s, &sql, options.chunk_rows.max(1))
-            .await
-            .map_err(query_error(&staging, "reading key ranges"))?;
-        let mut bounds: Vec<Range<'_>> = Vec::with_capacity(boundaries.len() + 1);
-        let mut lower = None;
-        for b in &boundaries {
-            bounds.push((lower, Some(b)));
-            lower = Some(b);
-        }
-        bounds.push((lower, None));
         let mut diff = TableDiff {
             table: table.name.to_string(),
-            chunks: bounds.len(),
             ..TableDiff::default()
         };
-        for (lower, upper) in bounds {
-            // Both sides summarize the same range at the same time.
-            let (staging_summary, production_summary) = tokio::join!(
-                summarize_range(&s, &sql, lower, upper),
-                summarize_range(&p, &sql, lower, upper)
+        // (part, staging summary, production summary) for every part of the table.
+        let mut parts: Vec<(Part<'_>, Option<ChunkSummary>, Option<ChunkSummary>)> = Vec::new();
+        let first_is_integer = integer_type(&meta.columns[meta.key[0]].type_sql);
+        let boundaries;
+        let first_bounds;
+        if first_is_integer {
+            // One scan per side, both at once, bucketed by the first key column.
+            first_bounds = first_column_boundaries(&s, &sql, options.chunk_rows.max(1))
+                .await
+                .map_err(query_error(&staging, "reading key ranges"))?;
+            let (on_staging, on_production) = tokio::join!(
+                summarize_buckets(&s, &sql, &first_bounds),
+                summarize_buckets(&p, &sql, &first_bounds)
             );
-            let staging_summary =
-                staging_summary.map_err(query_error(&staging, "hashing a table"))?;
-            let production_summary =
-                production_summary.map_err(query_error(&production, "hashing a table"))?;
+            let mut on_staging = on_staging.map_err(query_error(&staging, "hashing a table"))?;
+            let mut on_production =
+                on_production.map_err(query_error(&production, "hashing a table"))?;
+            for bucket in 0..=first_bounds.len() {
+                let lower = bucket.checked_sub(1).map(|i| first_bounds[i]);
+                let upper = first_bounds.get(bucket).copied();
+                parts.push((
+                    Part::FirstColumn(lower, upper),
+                    on_staging.remove(&(bucket as i32)),
+                    on_production.remove(&(bucket as i32)),
+                ));
+            }
+        } else {
+            boundaries = chunk_boundaries(&s, &sql, options.chunk_rows.max(1))
+                .await
+                .map_err(query_error(&staging, "reading key ranges"))?;
+            let mut lower = None;
+            let mut ranges: Vec<Range<'_>> = Vec::with_capacity(boundaries.len() + 1);
+            for b in &boundaries {
+                ranges.push((lower, Some(b)));
+                lower = Some(b);
+            }
+            ranges.push((lower, None));
+            for (lower, upper) in ranges {
+                // Both sides summarize the same range at the same time.
+                let (staging_summary, production_summary) = tokio::join!(
+                    summarize_range(&s, &sql, lower, upper),
+                    summarize_range(&p, &sql, lower, upper)
+                );
+                parts.push((
+                    Part::Keys((lower, upper)),
+                    Some(staging_summary.map_err(query_error(&staging, "hashing a table"))?),
+                    Some(production_summary.map_err(query_error(&production, "hashing a table"))?),
+                ));
+            }
+        }
+        diff.chunks = parts.len();
+        for (part, staging_summary, production_summary) in parts {
+            let empty = ChunkSummary {
+                rows: 0,
+                hash: None,
+            };
+            let staging_summary = staging_summary.unwrap_or_else(|| empty.clone());
+            let production_summary = production_summary.unwrap_or(empty);
             diff.staging_rows += staging_summary.rows;
             diff.production_rows += production_summary.rows;
             if staging_summary == production_summary {
                 continue;
             }
             diff.chunks_differing += 1;
-            let on_staging = rows_in_range(&s, &sql, lower, upper)
+            let on_staging = rows_in(&s, &sql, part)
                 .await
                 .map_err(query_error(&staging, "reading differing rows"))?;
-            let on_production = rows_in_range(&p, &sql, lower, upper)
+            let on_production = rows_in(&p, &sql, part)
                 .await
                 .map_err(query_error(&production, "reading differing rows"))?;
             let mut missing: Vec<&String> = Vec::new();
