@@ -64,15 +64,7 @@ fn pair(prefix: &str) -> Pair {
 }
 
 fn options(from: Side, to: Side) -> CopyOptions {
-    CopyOptions {
-        from,
-        to,
-        tables: Vec::new(),
-        exclude: Vec::new(),
-        truncate: false,
-        jobs: 2,
-        after: None,
-    }
+    support::copy_options(from, to)
 }
 
 fn dump(cluster: &stagingprop::cluster::LocalCluster, db: &str, table: &str, key: &str) -> String {

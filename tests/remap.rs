@@ -9,13 +9,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde_json::Value as Json;
 use stagingprop::config::Config;
-use stagingprop::copy::{self, CopyOptions, Side};
+use stagingprop::copy::{self, Side};
 use stagingprop::ops::init::{InitOptions, init};
 use stagingprop::ops::status::{Thresholds, render, status};
 use stagingprop::ops::tail::{TailOptions, tail};
 use stagingprop::ops::verify::{VerifyOptions, render as render_diffs, verify};
-use stagingprop::sync::{self, StopAt, SyncError, SyncOptions, SyncSummary};
-use support::{clusters, fresh_db, psql};
+use stagingprop::sync::SyncError;
+use support::{caught_up, clusters, copy_options, fresh_db, psql, wait_for_tail_slot};
 
 const SCHEMA: &str = "
 CREATE TABLE catentry (catentry_id bigint PRIMARY KEY, partnumber text NOT NULL UNIQUE, name text);
@@ -306,19 +306,6 @@ fn pair(prefix: &str) -> Pair {
     }
 }
 
-async fn caught_up(config: &Config) -> Result<SyncSummary, SyncError> {
-    let options = SyncOptions {
-        stop_at: Some(StopAt::CaughtUp),
-        max_attempts: Some(3),
-    };
-    tokio::time::timeout(
-        std::time::Duration::from_secs(120),
-        sync::run(config, &options, std::future::pending()),
-    )
-    .await
-    .expect("sync did not catch up within 120 s")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_rule_in_sync_with_children_following() {
     let p = pair("remap_sync");
@@ -351,14 +338,7 @@ async fn every_rule_in_sync_with_children_following() {
     caught_up(&p.config).await.expect("first sync");
     p.assert_equal_through_key_map();
     // verify compares through the key map and leaves production's colliding rows out.
-    let diffs = verify(&p.config, &VerifyOptions::default())
-        .await
-        .expect("verify");
-    assert!(
-        diffs.iter().all(|d| d.matches()),
-        "{}",
-        render_diffs(&diffs)
-    );
+    assert_verify_matches(&p.config).await;
     let map = p.key_map();
     // Colliding keys moved to production's sequence / KEYS range, free ones kept.
     let catentry = &map["catentry"];
@@ -491,6 +471,18 @@ async fn every_rule_in_sync_with_children_following() {
     );
 }
 
+/// verify compares through the key map and finds the two sides equal.
+async fn assert_verify_matches(config: &Config) {
+    let diffs = verify(config, &VerifyOptions::default())
+        .await
+        .expect("verify");
+    assert!(
+        diffs.iter().all(|d| d.matches()),
+        "{}",
+        render_diffs(&diffs)
+    );
+}
+
 fn map_len(p: &Pair, table: &str) -> usize {
     p.key_map().get(table).map_or(0, BTreeMap::len)
 }
@@ -528,18 +520,6 @@ async fn remapping_needs_a_single_integer_key_and_existing_columns() {
         message.contains("public.member: natural key column login does not exist on production"),
         "{message}"
     );
-}
-
-fn copy_options(from: Side, to: Side) -> CopyOptions {
-    CopyOptions {
-        from,
-        to,
-        tables: Vec::new(),
-        exclude: Vec::new(),
-        truncate: false,
-        jobs: 2,
-        after: None,
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -612,14 +592,7 @@ async fn copy_applies_the_rules_and_sync_continues_through_the_key_map() {
     );
     caught_up(&p.config).await.expect("sync after copy");
     p.assert_equal_through_key_map();
-    let diffs = verify(&p.config, &VerifyOptions::default())
-        .await
-        .expect("verify");
-    assert!(
-        diffs.iter().all(|d| d.matches()),
-        "{}",
-        render_diffs(&diffs)
-    );
+    assert_verify_matches(&p.config).await;
 
     // A row changed, deleted and added on each side, found through the remapped keys and
     // reported under staging's keys.
@@ -742,17 +715,7 @@ async fn tail_mapped_shows_production_keys() {
             .map(|_| String::from_utf8(out).unwrap())
     });
     // tail reads from the moment its temporary slot exists.
-    for _ in 0..300 {
-        if p.staging(
-            "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'stagingprop_tail_%' AND database = current_database()",
-        )
-        .trim()
-            == "1"
-        {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    wait_for_tail_slot(&clusters().staging, &p.staging).await;
     p.staging(
         "UPDATE catentry SET name = 'x' WHERE catentry_id = 1;
          UPDATE catentry SET name = 'y' WHERE catentry_id = 3;

@@ -8,7 +8,7 @@ use stagingprop::ops::tail::{TailOptions, tail, tail_spool};
 use stagingprop::pg::replication::{PgOutputOptions, ReplicationClient, SnapshotAction};
 use stagingprop::pgoutput::LogicalMessage;
 use stagingprop::spool::files::{SpoolReader, SpoolWriter, segments};
-use support::{clusters, endpoint, fresh_db, psql};
+use support::{clusters, endpoint, fresh_db, psql, wait_for_tail_slot};
 
 const SCHEMA: &str = "
 CREATE TABLE item (id bigint PRIMARY KEY, name text, body text, data bytea, price numeric(10,2));
@@ -60,17 +60,7 @@ async fn spooled_stream_reads_back_and_tails_like_staging() {
             .await
             .map(|_| String::from_utf8(out).unwrap())
     });
-    for _ in 0..300 {
-        let slots = psql(
-            &c.staging,
-            &db,
-            "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'stagingprop_tail_%' AND database = current_database()",
-        );
-        if slots.trim() == "1" {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    wait_for_tail_slot(&c.staging, &db).await;
     // One transaction per line.
     for statement in WORKLOAD.trim().split(";\n") {
         psql(&c.staging, &db, statement);

@@ -6,8 +6,8 @@ mod support;
 use stagingprop::apply::ApplyError;
 use stagingprop::config::Config;
 use stagingprop::ops::init::{InitOptions, init};
-use stagingprop::sync::{self, StopAt, SyncError, SyncOptions, SyncSummary};
-use support::{clusters, fresh_db, psql};
+use stagingprop::sync::{self, SyncError, SyncOptions};
+use support::{caught_up, clusters, fresh_db, psql};
 
 const CATALOGUE: &str = "
 CREATE TABLE catentry (catentry_id bigint PRIMARY KEY, partnumber varchar(64) NOT NULL UNIQUE,
@@ -68,19 +68,6 @@ fn pair_as(prefix: &str, policies: &[(&str, &str)], production_user: &str) -> Pa
         production,
         config,
     }
-}
-
-async fn caught_up(config: &Config) -> Result<SyncSummary, SyncError> {
-    let options = SyncOptions {
-        stop_at: Some(StopAt::CaughtUp),
-        max_attempts: Some(3),
-    };
-    tokio::time::timeout(
-        std::time::Duration::from_secs(120),
-        sync::run(config, &options, std::future::pending()),
-    )
-    .await
-    .expect("sync did not catch up within 120 s")
 }
 
 /// Polls production until `sql` returns true (30 s at most).

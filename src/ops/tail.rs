@@ -158,43 +158,67 @@ pub fn tail_spool<W: Write>(
     out: &mut W,
 ) -> Result<TailSummary, OpsError> {
     let mut reader = crate::spool::files::SpoolReader::open(dir, Lsn::INVALID)?;
-    let mut relations: HashMap<Oid, Relation> = HashMap::new();
-    let mut txn: Option<TxnContext> = None;
-    let mut summary = TailSummary::default();
+    let mut printer = Printer::default();
     while let Some((lsn, message)) = reader.next_message()? {
-        if limit.is_some_and(|limit| summary.changes >= limit) {
+        if limit.is_some_and(|limit| printer.summary.changes >= limit) {
             break;
         }
+        printer.take(lsn, message, None, out)?;
+    }
+    out.flush()?;
+    Ok(printer.summary)
+}
+
+/// Turns messages into JSON lines: the relations described so far, the open transaction, and
+/// what was printed.
+#[derive(Default)]
+struct Printer {
+    relations: HashMap<Oid, Relation>,
+    txn: Option<TxnContext>,
+    summary: TailSummary,
+}
+
+impl Printer {
+    /// Takes one message; a change becomes a line (`mapped`: its key on production).
+    fn take<W: Write>(
+        &mut self,
+        lsn: Lsn,
+        message: LogicalMessage,
+        mapped: Option<serde_json::Value>,
+        out: &mut W,
+    ) -> Result<(), OpsError> {
         match message {
             LogicalMessage::Begin {
                 final_lsn,
                 commit_time,
                 xid,
             } => {
-                txn = Some(TxnContext {
+                self.txn = Some(TxnContext {
                     xid,
                     commit_lsn: final_lsn,
                     commit_time,
                 })
             }
             LogicalMessage::Commit { .. } => {
-                txn = None;
-                summary.transactions += 1;
+                self.txn = None;
+                self.summary.transactions += 1;
+                out.flush()?;
             }
             LogicalMessage::Relation { relation, .. } => {
-                relations.insert(relation.oid, relation);
+                self.relations.insert(relation.oid, relation);
             }
             other => {
-                if let Some(line) = change_line(lsn, txn.as_ref(), &relations, &other, None)? {
+                if let Some(line) =
+                    change_line(lsn, self.txn.as_ref(), &self.relations, &other, mapped)?
+                {
                     out.write_all(line.as_bytes())?;
                     out.write_all(b"\n")?;
-                    summary.changes += 1;
+                    self.summary.changes += 1;
                 }
             }
         }
+        Ok(())
     }
-    out.flush()?;
-    Ok(summary)
 }
 
 pub async fn tail<W, S>(
@@ -237,15 +261,16 @@ where
         None => None,
     };
     let mut decoder = Decoder::new();
-    let mut relations: HashMap<Oid, Relation> = HashMap::new();
-    let mut txn: Option<TxnContext> = None;
-    let mut summary = TailSummary::default();
+    let mut printer = Printer::default();
     let idle = options
         .idle_exit
         .unwrap_or(Duration::from_secs(u64::MAX / 4));
     tokio::pin!(shutdown);
     let result = loop {
-        if options.limit.is_some_and(|limit| summary.changes >= limit) {
+        if options
+            .limit
+            .is_some_and(|limit| printer.summary.changes >= limit)
+        {
             break Ok(());
         }
         let raw = tokio::select! {
@@ -273,45 +298,16 @@ where
                 ));
             }
         };
-        match message {
-            LogicalMessage::Begin {
-                final_lsn,
-                commit_time,
-                xid,
-            } => {
-                txn = Some(TxnContext {
-                    xid,
-                    commit_lsn: final_lsn,
-                    commit_time,
-                })
-            }
-            LogicalMessage::Commit { .. } => {
-                txn = None;
-                summary.transactions += 1;
-                out.flush()?;
-            }
-            LogicalMessage::Relation { relation, .. } => {
-                relations.insert(relation.oid, relation);
-            }
-            other => {
-                let mapped = match (&mut translator, key_tuple(&other)) {
-                    (Some(translator), Some((oid, tuple))) => match relations.get(&oid) {
-                        Some(rel) if rel.columns.len() == tuple.len() => {
-                            translator.mapped_key(rel, tuple).await?
-                        }
-                        _ => None,
-                    },
-                    _ => None,
-                };
-                if let Some(line) =
-                    change_line(raw.wal_start, txn.as_ref(), &relations, &other, mapped)?
-                {
-                    out.write_all(line.as_bytes())?;
-                    out.write_all(b"\n")?;
-                    summary.changes += 1;
+        let mapped = match (&mut translator, key_tuple(&message)) {
+            (Some(translator), Some((oid, tuple))) => match printer.relations.get(&oid) {
+                Some(rel) if rel.columns.len() == tuple.len() => {
+                    translator.mapped_key(rel, tuple).await?
                 }
-            }
-        }
+                _ => None,
+            },
+            _ => None,
+        };
+        printer.take(raw.wal_start, message, mapped, out)?;
     };
     out.flush()?;
     if let Some(mut recorder) = recorder {
@@ -320,7 +316,7 @@ where
     let closed = stream.close().await;
     result?;
     closed?;
-    Ok(summary)
+    Ok(printer.summary)
 }
 
 /// The relation and the tuple holding the key of a row change.

@@ -79,3 +79,52 @@ pub fn psql(cluster: &LocalCluster, dbname: &str, sql: &str) -> String {
         .psql(dbname, sql)
         .unwrap_or_else(|e| panic!("psql failed: {e}\nSQL: {sql}"))
 }
+
+/// Runs sync until production has what staging had when it started (120 s at most).
+pub async fn caught_up(
+    config: &stagingprop::config::Config,
+) -> Result<stagingprop::sync::SyncSummary, stagingprop::sync::SyncError> {
+    let options = stagingprop::sync::SyncOptions {
+        stop_at: Some(stagingprop::sync::StopAt::CaughtUp),
+        max_attempts: Some(3),
+    };
+    tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        stagingprop::sync::run(config, &options, std::future::pending()),
+    )
+    .await
+    .expect("sync did not catch up within 120 s")
+}
+
+/// Copy options: every managed table, two workers, no truncate, nothing after.
+pub fn copy_options(
+    from: stagingprop::copy::Side,
+    to: stagingprop::copy::Side,
+) -> stagingprop::copy::CopyOptions {
+    stagingprop::copy::CopyOptions {
+        from,
+        to,
+        tables: Vec::new(),
+        exclude: Vec::new(),
+        truncate: false,
+        jobs: 2,
+        after: None,
+    }
+}
+
+/// Waits (15 s at most) until a `tail` of `dbname` has created its temporary slot, after which
+/// it sees every change.
+pub async fn wait_for_tail_slot(cluster: &LocalCluster, dbname: &str) {
+    for _ in 0..300 {
+        let slots = psql(
+            cluster,
+            dbname,
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'stagingprop_tail_%' AND database = current_database()",
+        );
+        if slots.trim() == "1" {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("tail did not create its slot within 15 s");
+}
