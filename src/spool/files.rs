@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -298,14 +298,63 @@ impl SpoolWriter {
     }
 }
 
+/// Removes segments production no longer needs: every transaction in them applied (the next
+/// segment starts at or before `applied_end`), and either older than `retain` (kept that long
+/// for `replay`) or, while the spool is over `max_bytes`, regardless of age, oldest first. The
+/// newest segment stays. Returns the bytes removed.
+pub fn remove_applied(
+    dir: &Path,
+    applied_end: Lsn,
+    retain: std::time::Duration,
+    max_bytes: u64,
+) -> Result<u64, SpoolError> {
+    let found = segments(dir)?;
+    let mut sizes = Vec::with_capacity(found.len());
+    for (_, path) in &found {
+        let meta = fs::metadata(path).map_err(io_error(path))?;
+        let age = meta
+            .modified()
+            .ok()
+            .and_then(|m| m.elapsed().ok())
+            .unwrap_or_default();
+        sizes.push((meta.len(), age));
+    }
+    let mut total: u64 = sizes.iter().map(|(len, _)| len).sum();
+    let mut removed = 0;
+    for (i, window) in found.windows(2).enumerate() {
+        let (_, path) = &window[0];
+        let (next_first, _) = window[1];
+        if !applied_end.is_valid() || next_first > applied_end {
+            break;
+        }
+        let (len, age) = sizes[i];
+        if age >= retain || total > max_bytes {
+            fs::remove_file(path).map_err(io_error(path))?;
+            total -= len;
+            removed += len;
+        }
+    }
+    Ok(removed)
+}
+
 fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_error(dir))
 }
 
+/// The segment holding transactions committing at or after `from`.
+fn start_of(segments: &[(Lsn, PathBuf)], from: Lsn) -> usize {
+    segments
+        .iter()
+        .rposition(|(first, _)| *first <= from)
+        .unwrap_or(0)
+}
+
 /// Reads spooled messages in order, from the segment holding a position on.
 pub struct SpoolReader {
+    dir: PathBuf,
+    from: Lsn,
     segments: Vec<(Lsn, PathBuf)>,
     next_segment: usize,
     current: Option<(BufReader<File>, PathBuf, u64)>,
@@ -316,11 +365,10 @@ impl SpoolReader {
     /// (the caller skips the earlier ones of that segment).
     pub fn open(dir: &Path, from: Lsn) -> Result<SpoolReader, SpoolError> {
         let segments = segments(dir)?;
-        let start = segments
-            .iter()
-            .rposition(|(first, _)| *first <= from)
-            .unwrap_or(0);
+        let start = start_of(&segments, from);
         Ok(SpoolReader {
+            dir: dir.to_owned(),
+            from,
             segments,
             next_segment: start,
             current: None,
@@ -332,12 +380,34 @@ impl SpoolReader {
         self.segments.first().map(|(lsn, _)| *lsn)
     }
 
-    /// The next message and the position staging sent it at; `None` at the end of the spool.
-    /// An incomplete record at the end of the last segment is the end (it is being written, or
-    /// the writer cuts it when it opens); anywhere else it is damage.
+    /// Whether segments newer than the one being read appeared (the writer moved on, so the
+    /// current one is complete). Re-reads the directory: retention may also have removed
+    /// older ones.
+    fn newer_segments(&mut self) -> Result<bool, SpoolError> {
+        let listed = segments(&self.dir)?;
+        let current = self.current.as_ref().map(|(_, path, _)| path.clone());
+        let at = current.and_then(|c| listed.iter().position(|(_, p)| *p == c));
+        let Some(at) = at else {
+            return Ok(false);
+        };
+        let newer = at + 1 < listed.len();
+        self.segments = listed;
+        self.next_segment = at + 1;
+        Ok(newer)
+    }
+
+    /// The next message and the position staging sent it at; `None` at the end of the spool
+    /// for now: the reader can be asked again and goes on when the writer appended more. An
+    /// incomplete record at the end of the last segment is where the writer is (or what it cuts
+    /// when it opens); anywhere else it is damage.
     pub fn next_message(&mut self) -> Result<Option<(Lsn, LogicalMessage)>, SpoolError> {
         loop {
             if self.current.is_none() {
+                if self.next_segment >= self.segments.len() {
+                    // Nothing was there yet: look again, and start as `open` would.
+                    self.segments = segments(&self.dir)?;
+                    self.next_segment = start_of(&self.segments, self.from);
+                }
                 let Some((_, path)) = self.segments.get(self.next_segment) else {
                     return Ok(None);
                 };
@@ -350,9 +420,19 @@ impl SpoolReader {
             let mut header = [0u8; HEADER];
             let got = read_full(reader, &mut header).map_err(io_error(path))?;
             if got == 0 {
-                self.current = None;
-                continue;
+                if !last || self.newer_segments()? {
+                    self.current = None;
+                    continue;
+                }
+                return Ok(None);
             }
+            // Not all of a record is there yet: read it again from its start next time.
+            let wait = |reader: &mut BufReader<File>, path: &Path, at: u64| {
+                reader
+                    .seek(SeekFrom::Start(at))
+                    .map(|_| None)
+                    .map_err(io_error(path))
+            };
             let corrupt = |reason: &str, at: u64| SpoolError::Corrupt {
                 path: path.clone(),
                 offset: at,
@@ -360,7 +440,7 @@ impl SpoolReader {
             };
             if got < HEADER {
                 return if last {
-                    Ok(None)
+                    wait(reader, path, *offset)
                 } else {
                     Err(corrupt("the segment ends inside a record", *offset))
                 };
@@ -369,7 +449,7 @@ impl SpoolReader {
             if crc32c::crc32c(&header[..8]) != be32(&header[8..]) {
                 // Zeros where the last write of a crashed writer did not land.
                 return if last && header.iter().all(|&b| b == 0) {
-                    Ok(None)
+                    wait(reader, path, *offset)
                 } else {
                     Err(corrupt(
                         "the record header's checksum does not match",
@@ -389,7 +469,7 @@ impl SpoolReader {
             let got = read_full(reader, &mut frame[HEADER..]).map_err(io_error(path))?;
             if got < len {
                 return if last {
-                    Ok(None)
+                    wait(reader, path, *offset)
                 } else {
                     Err(corrupt("the segment ends inside a record", *offset))
                 };
@@ -574,6 +654,78 @@ mod tests {
         writer.flush().unwrap();
         let mut reader = SpoolReader::open(&dir.0, Lsn::INVALID).unwrap();
         assert_eq!(reader.next_message().unwrap().unwrap().1, relation);
+    }
+
+    #[test]
+    fn a_reader_follows_the_writer() {
+        let dir = TempDir::new("follow");
+        let (mut writer, _) = SpoolWriter::open(&dir.0, 400).unwrap();
+        let mut reader = SpoolReader::open(&dir.0, Lsn::INVALID).unwrap();
+        let mut rows = Vec::new();
+        let mut drain = |reader: &mut SpoolReader, rows: &mut Vec<u64>| {
+            while let Some((_, m)) = reader.next_message().unwrap() {
+                if let LogicalMessage::Insert { new, .. } = m {
+                    let Value::Text(b) = &new[0] else { panic!() };
+                    rows.push(std::str::from_utf8(b).unwrap().parse().unwrap());
+                }
+            }
+        };
+        for batch in [1..=3u64, 4..=9, 10..=10] {
+            for n in batch {
+                for (lsn, m) in transaction(n) {
+                    writer.append(lsn, &m).unwrap();
+                }
+            }
+            writer.flush().unwrap();
+            drain(&mut reader, &mut rows);
+        }
+        assert_eq!(rows, (1..=10).collect::<Vec<_>>());
+        assert!(segments(&dir.0).unwrap().len() > 2);
+
+        // Half a record at the end (the writer is in the middle of it): wait, then go on.
+        for (lsn, m) in transaction(11) {
+            writer.append(lsn, &m).unwrap();
+        }
+        let (_, path) = segments(&dir.0).unwrap().pop().unwrap();
+        let before = fs::metadata(&path).unwrap().len();
+        writer.flush().unwrap();
+        let data = fs::read(&path).unwrap();
+        fs::write(&path, &data[..before as usize + 7]).unwrap();
+        drain(&mut reader, &mut rows);
+        assert_eq!(rows.len(), 10);
+        fs::write(&path, &data).unwrap();
+        drain(&mut reader, &mut rows);
+        assert_eq!(rows.last(), Some(&11));
+    }
+
+    #[test]
+    fn applied_segments_go_after_retention_or_when_over_the_limit() {
+        let dir = TempDir::new("retain");
+        write(&dir.0, 1, 20, 300);
+        let before = segments(&dir.0).unwrap();
+        let long = std::time::Duration::from_secs(3600);
+        // Nothing applied: nothing goes, whatever the size.
+        assert_eq!(remove_applied(&dir.0, Lsn::INVALID, long, 0).unwrap(), 0);
+        // Applied but young, and under the limit: kept for replay.
+        assert_eq!(
+            remove_applied(&dir.0, Lsn(1008), long, u64::MAX).unwrap(),
+            0
+        );
+        // Over the limit: applied segments go, oldest first, until under it.
+        let removed = remove_applied(&dir.0, Lsn(1008), long, 0).unwrap();
+        assert!(removed > 0);
+        let after = segments(&dir.0).unwrap();
+        assert!(after.len() < before.len());
+        assert!(
+            after[0].0 <= Lsn(1000),
+            "the segment holding unapplied transactions stays"
+        );
+        let rows = inserted(&dir.0, Lsn::INVALID).unwrap();
+        assert!(rows.contains(&11) && rows.contains(&20), "{rows:?}");
+        // Retention zero: everything applied goes, but never the newest segment.
+        remove_applied(&dir.0, Lsn(2008), std::time::Duration::ZERO, u64::MAX).unwrap();
+        assert_eq!(segments(&dir.0).unwrap().len(), 1);
+        assert_eq!(inserted(&dir.0, Lsn::INVALID).unwrap().last(), Some(&20));
     }
 
     #[test]
