@@ -662,7 +662,7 @@ mod tests {
         let (mut writer, _) = SpoolWriter::open(&dir.0, 400).unwrap();
         let mut reader = SpoolReader::open(&dir.0, Lsn::INVALID).unwrap();
         let mut rows = Vec::new();
-        let mut drain = |reader: &mut SpoolReader, rows: &mut Vec<u64>| {
+        let drain = |reader: &mut SpoolReader, rows: &mut Vec<u64>| {
             while let Some((_, m)) = reader.next_message().unwrap() {
                 if let LogicalMessage::Insert { new, .. } = m {
                     let Value::Text(b) = &new[0] else { panic!() };
