@@ -10,10 +10,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde_json::Value as Json;
 use stagingprop::config::Config;
 use stagingprop::copy::{self, Side};
+use stagingprop::model::{Lsn, PgTimestamp};
 use stagingprop::ops::init::{InitOptions, init};
 use stagingprop::ops::status::{Thresholds, render, status};
 use stagingprop::ops::tail::{TailOptions, tail};
 use stagingprop::ops::verify::{VerifyOptions, render as render_diffs, verify};
+use stagingprop::pgoutput::LogicalMessage;
+use stagingprop::spool::files::SpoolWriter;
 use stagingprop::sync::SyncError;
 use support::{caught_up, clusters, copy_options, fresh_db, psql, wait_for_tail_slot};
 
@@ -699,6 +702,54 @@ async fn tail_mapped_shows_production_keys() {
         ("public.catentry", 1)
     );
     assert!(render(&st).contains("key map entries: public.catentry 1"));
+    // With a spool configured, status says what it holds (empty here: sync does not write it yet).
+    let spool_dir =
+        std::env::temp_dir().join(format!("stagingprop-status-spool-{}", std::process::id()));
+    let mut with_spool = p.config.clone();
+    with_spool.spool = Some(stagingprop::config::SpoolConfig {
+        dir: spool_dir.clone(),
+        max_bytes: 1 << 30,
+        retain_secs: 60,
+        segment_bytes: 1 << 20,
+    });
+    let st = status(&with_spool, &Thresholds::default())
+        .await
+        .expect("status");
+    let spool = st.spool.as_ref().expect("spool status");
+    assert_eq!((spool.held.segments, spool.held.newest_end), (0, None));
+    assert!(render(&st).contains("empty"), "{}", render(&st));
+    // A spooled transaction 1000 bytes past production's progress.
+    let applied: Lsn = st.last_applied.as_ref().unwrap().end_lsn.parse().unwrap();
+    let (mut writer, _) = SpoolWriter::open(&spool_dir, 1 << 20).unwrap();
+    let commit = Lsn(applied.0 + 992);
+    for message in [
+        LogicalMessage::Begin {
+            final_lsn: commit,
+            commit_time: PgTimestamp(0),
+            xid: 1,
+        },
+        LogicalMessage::Commit {
+            flags: 0,
+            commit_lsn: commit,
+            end_lsn: Lsn(commit.0 + 8),
+            commit_time: PgTimestamp(0),
+        },
+    ] {
+        writer.append(commit, &message).unwrap();
+    }
+    writer.flush().unwrap();
+    let st = status(&with_spool, &Thresholds::default())
+        .await
+        .expect("status");
+    let spool = st.spool.as_ref().expect("spool status");
+    assert_eq!(spool.held.segments, 1);
+    assert_eq!(spool.production_behind_bytes, Some(1000));
+    assert!(
+        render(&st).contains("production is 1000 bytes behind it"),
+        "{}",
+        render(&st)
+    );
+    let _ = std::fs::remove_dir_all(&spool_dir);
 
     let staging = support::endpoint(&clusters().staging, &p.staging, "postgres");
     let options = TailOptions {

@@ -50,6 +50,15 @@ pub struct AppliedStatus {
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
+pub struct SpoolStatus {
+    pub dir: String,
+    #[serde(flatten)]
+    pub held: crate::spool::files::SpoolSummary,
+    /// Bytes of staging WAL between production's progress and the newest spooled transaction.
+    pub production_behind_bytes: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct KeyMapSize {
     pub table: String,
     pub entries: i64,
@@ -66,6 +75,8 @@ pub struct Status {
     pub quarantined_changes: i64,
     /// Entries of the key map per remapped table.
     pub key_map: Vec<KeyMapSize>,
+    /// The spool, when `[spool]` is configured.
+    pub spool: Option<SpoolStatus>,
     pub healthy: bool,
     /// Why not healthy, one line each.
     pub problems: Vec<String>,
@@ -193,6 +204,23 @@ pub async fn status(config: &Config, thresholds: &Thresholds) -> Result<Status, 
         }
     }
 
+    if let Some(spool) = &config.spool {
+        let held = crate::spool::files::summary(&spool.dir)?;
+        let applied: Option<crate::model::Lsn> = st
+            .last_applied
+            .as_ref()
+            .and_then(|a| a.end_lsn.parse().ok());
+        let production_behind_bytes = match (held.newest_end, applied) {
+            (Some(end), Some(applied)) => Some(end.0.saturating_sub(applied.0)),
+            _ => None,
+        };
+        st.spool = Some(SpoolStatus {
+            dir: spool.dir.display().to_string(),
+            held,
+            production_behind_bytes,
+        });
+    }
+
     if !st.slot.exists {
         st.problems.push(format!(
             "the slot {slot_name} does not exist on staging: run `stagingprop init` (or re-seed with `copy`)"
@@ -281,6 +309,21 @@ pub fn render(st: &Status) -> String {
         "quarantined changes (conflicts skipped): {}\n",
         st.quarantined_changes
     ));
+    if let Some(spool) = &st.spool {
+        let held = &spool.held;
+        match (held.oldest, held.newest_end) {
+            (Some(oldest), Some(newest)) => out.push_str(&format!(
+                "spool {}: {} segment(s), {}, transactions committing from {oldest} to {newest}{}\n",
+                spool.dir,
+                held.segments,
+                mb(held.bytes as i64),
+                spool
+                    .production_behind_bytes
+                    .map_or(String::new(), |b| format!("; production is {b} bytes behind it"))
+            )),
+            _ => out.push_str(&format!("spool {}: empty\n", spool.dir)),
+        }
+    }
     if st.key_map.is_empty() {
         out.push_str("key map: empty\n");
     } else {

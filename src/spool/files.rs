@@ -298,6 +298,39 @@ impl SpoolWriter {
     }
 }
 
+/// What a spool holds, as read without changing it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SpoolSummary {
+    pub segments: usize,
+    pub bytes: u64,
+    /// The commit LSN of the oldest transaction held.
+    pub oldest: Option<Lsn>,
+    /// The end LSN of the newest complete transaction.
+    pub newest_end: Option<Lsn>,
+}
+
+/// Reads what the spool in `dir` holds (for `status`); the newest segments are scanned back to
+/// their last complete transaction.
+pub fn summary(dir: &Path) -> Result<SpoolSummary, SpoolError> {
+    let found = segments(dir)?;
+    let mut out = SpoolSummary {
+        segments: found.len(),
+        oldest: found.first().map(|(lsn, _)| *lsn),
+        ..SpoolSummary::default()
+    };
+    for (_, path) in &found {
+        out.bytes += fs::metadata(path).map_err(io_error(path))?.len();
+    }
+    for (_, path) in found.iter().rev() {
+        let data = fs::read(path).map_err(io_error(path))?;
+        if let (_, Some(end)) = last_commit(path, &data)? {
+            out.newest_end = Some(end);
+            break;
+        }
+    }
+    Ok(out)
+}
+
 /// Removes segments production no longer needs: every transaction in them applied (the next
 /// segment starts at or before `applied_end`), and either older than `retain` (kept that long
 /// for `replay`) or, while the spool is over `max_bytes`, regardless of age, oldest first. The
@@ -696,6 +729,23 @@ mod tests {
         fs::write(&path, &data).unwrap();
         drain(&mut reader, &mut rows);
         assert_eq!(rows.last(), Some(&11));
+    }
+
+    #[test]
+    fn a_summary_says_what_the_spool_holds() {
+        let dir = TempDir::new("summary");
+        assert_eq!(summary(&dir.0).unwrap(), SpoolSummary::default());
+        write(&dir.0, 3, 9, 300);
+        let held = summary(&dir.0).unwrap();
+        assert_eq!(held.oldest, Some(Lsn(300)));
+        assert_eq!(held.newest_end, Some(Lsn(908)));
+        assert!(held.segments > 1);
+        let files: u64 = segments(&dir.0)
+            .unwrap()
+            .iter()
+            .map(|(_, p)| fs::metadata(p).unwrap().len())
+            .sum();
+        assert_eq!(held.bytes, files);
     }
 
     #[test]
