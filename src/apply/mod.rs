@@ -447,7 +447,14 @@ impl Applier {
         if let Some(remap) = &mut self.remap {
             let mut writes = MapWrites::default();
             let mapped = remap
-                .translate_key_change(&self.client, table, &mut old_key, &mut new, &mut writes)
+                .translate_key_change(
+                    &self.client,
+                    table,
+                    &mut old_key,
+                    &mut new,
+                    source,
+                    &mut writes,
+                )
                 .await?;
             if !mapped {
                 let entry = Entry {

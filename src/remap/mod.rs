@@ -23,7 +23,7 @@ use tokio_postgres::Client;
 
 use self::cache::{KeyCache, Known, format_key, offset_key, parse_key};
 use self::store::{Statements, StoreError};
-use crate::apply::batch::{Entry, Key, NetChange};
+use crate::apply::batch::{Entry, Key, NetChange, Source};
 use crate::apply::schema::{ColumnReference, TableMeta};
 use crate::config::{Config, KeyRule, TableName};
 use crate::model::{Lsn, Tuple, Value, Xid};
@@ -786,19 +786,20 @@ impl Remapper {
         t: usize,
         old_key: &mut Key,
         new: &mut Tuple,
+        source: Source,
         writes: &mut MapWrites,
     ) -> Result<bool, RemapError> {
         let mut entries = vec![
             Entry {
                 key: old_key.clone(),
                 change: NetChange::Delete,
-                source: Default::default(),
+                source,
             },
             // The new row's references are checked like an insert's.
             Entry {
                 key: old_key.clone(),
                 change: NetChange::Replace(std::mem::take(new)),
-                source: Default::default(),
+                source,
             },
         ];
         let references = self.tables[t].references.clone();
