@@ -840,11 +840,14 @@ async fn plan_keys(
         .map(|(i, &ci)| (ci, i))
         .collect();
     // The copy column list is the source's column order.
-    let position = |i: usize, ci: usize, c: usize| -> usize {
+    let position = |i: usize, ci: usize, c: usize| -> Result<usize, CopyError> {
         let name = remapper.column_name(ci, c);
-        metas[i]
-            .column_index(name)
-            .expect("validated: the source has every production column")
+        metas[i].column_index(name).ok_or_else(|| {
+            CopyError::Rules(vec![format!(
+                "{}.{name} holds remapped keys on production but does not exist on the source; add it there or remove it from [[references]]",
+                config.tables[ci].name
+            )])
+        })
     };
 
     if !forward {
@@ -854,14 +857,14 @@ async fn plan_keys(
             let rule = remapper.rule(ci);
             if let (KeyRule::Offset { offset }, Some(k)) = (rule, remapper.key_column(ci)) {
                 plans[i].rewrites.push(ColumnRewrite {
-                    column: position(i, ci, k),
+                    column: position(i, ci, k)?,
                     translate: Translate::Offset(-offset),
                 });
             }
             for reference in remapper.references(ci) {
                 if let KeyRule::Offset { offset } = remapper.rule(reference.parent) {
                     plans[i].rewrites.push(ColumnRewrite {
-                        column: position(i, ci, reference.column),
+                        column: position(i, ci, reference.column)?,
                         translate: Translate::Offset(-offset),
                     });
                 }
@@ -925,7 +928,7 @@ async fn plan_keys(
         maps.insert(ci, Arc::new(pairs.iter().copied().collect()));
         plans[i].key_map = Some(Arc::new(pairs));
         plans[i].rewrites.push(ColumnRewrite {
-            column: position(i, ci, key),
+            column: position(i, ci, key)?,
             translate: Translate::Map(maps[&ci].clone()),
         });
     }
@@ -935,7 +938,7 @@ async fn plan_keys(
             KeyRule::Offset { offset } => {
                 let key = remapper.key_column(ci).expect("offset tables have a key");
                 plans[i].rewrites.push(ColumnRewrite {
-                    column: position(i, ci, key),
+                    column: position(i, ci, key)?,
                     translate: Translate::Offset(*offset),
                 });
             }
@@ -962,7 +965,7 @@ async fn plan_keys(
                 },
             };
             plans[i].rewrites.push(ColumnRewrite {
-                column: position(i, ci, reference.column),
+                column: position(i, ci, reference.column)?,
                 translate,
             });
         }

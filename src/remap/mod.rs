@@ -97,6 +97,8 @@ pub struct Reference {
 
 struct TableRemap {
     name: TableName,
+    /// `name` as the key map stores it.
+    name_text: Bytes,
     rule: KeyRule,
     columns: Vec<String>,
     /// Production key columns, in key order.
@@ -129,14 +131,14 @@ pub struct MapWrites {
 }
 
 impl MapWrites {
-    fn map(&mut self, table: &TableName, source: i64, target: i64) {
-        self.mapped[0].push(Some(Bytes::from(table.to_string())));
+    fn map(&mut self, table: &Bytes, source: i64, target: i64) {
+        self.mapped[0].push(Some(table.clone()));
         self.mapped[1].push(Some(format_key(source)));
         self.mapped[2].push(Some(format_key(target)));
     }
 
-    fn unmap(&mut self, table: &TableName, source: i64) {
-        self.unmapped[0].push(Some(Bytes::from(table.to_string())));
+    fn unmap(&mut self, table: &Bytes, source: i64) {
+        self.unmapped[0].push(Some(table.clone()));
         self.unmapped[1].push(Some(format_key(source)));
     }
 }
@@ -183,6 +185,7 @@ impl Remapper {
         for (table, meta) in config.tables.iter().zip(metas) {
             let mut remap = TableRemap {
                 name: table.name.clone(),
+                name_text: Bytes::from(table.name.to_string()),
                 rule: table.key.clone(),
                 columns: meta.columns.iter().map(|c| c.name.clone()).collect(),
                 key: meta.key.clone(),
@@ -661,7 +664,7 @@ impl Remapper {
                 // later flush of the same transaction (cascades follow their parent), after the
                 // mapping or the row is gone from production.
                 match stored {
-                    Some(_) => out.writes.unmap(&table.name, source),
+                    Some(_) => out.writes.unmap(&table.name_text, source),
                     None if remap_on_conflict => table.cache.set(source, Known::Same),
                     None => {}
                 }
@@ -717,7 +720,7 @@ impl Remapper {
                     Some(&target) if !taken.contains(&target) => {
                         targets[i] = Some(target);
                         taken.insert(target);
-                        out.writes.map(&table.name, sources[i], target);
+                        out.writes.map(&table.name_text, sources[i], target);
                         table.cache.set(sources[i], Known::Mapped(target));
                         // The staging row becomes production's existing row: update it.
                         let entry = &mut entries[i];
@@ -755,7 +758,7 @@ impl Remapper {
             for (&i, &target) in fresh.iter().zip(&keys) {
                 targets[i] = Some(target);
                 taken.insert(target);
-                out.writes.map(&table.name, sources[i], target);
+                out.writes.map(&table.name_text, sources[i], target);
                 table.cache.set(sources[i], Known::Mapped(target));
             }
         }
@@ -829,7 +832,7 @@ impl Remapper {
         let table = &mut self.tables[t];
         let target = match table.cache.get(old_source) {
             Some(Known::Mapped(target)) => {
-                writes.unmap(&table.name, old_source);
+                writes.unmap(&table.name_text, old_source);
                 target
             }
             _ if matches!(table.rule, KeyRule::RemapOnConflict { .. }) => old_source,
@@ -840,7 +843,7 @@ impl Remapper {
         if new_source == target && matches!(table.rule, KeyRule::RemapOnConflict { .. }) {
             table.cache.set(new_source, Known::Same);
         } else {
-            writes.map(&table.name, new_source, target);
+            writes.map(&table.name_text, new_source, target);
             table.cache.set(new_source, Known::Mapped(target));
         }
         old_key[0] = Some(format_key(target));
@@ -888,7 +891,7 @@ impl Remapper {
             let table = &mut self.tables[t];
             if table.maps() {
                 table.cache.clear();
-                names.push(Some(Bytes::from(table.name.to_string())));
+                names.push(Some(table.name_text.clone()));
             }
         }
         names

@@ -32,6 +32,8 @@ pub enum SpoolError {
         offset: u64,
         reason: String,
     },
+    #[error(transparent)]
+    TooLarge(#[from] segment::TooLarge),
     #[error("staging sent a {0} outside a transaction; it cannot be spooled")]
     OutsideTransaction(&'static str),
     #[error("spool segment {} at byte {offset}: {source}", path.display())]
@@ -215,17 +217,17 @@ impl SpoolWriter {
         let Some(record) = record::to_record(lsn, message, &self.relations) else {
             return Ok(());
         };
-        self.frame(&record);
+        self.frame(&record)?;
         if let LogicalMessage::Commit { end_lsn, .. } = message {
             self.written_end = *end_lsn;
         }
         Ok(())
     }
 
-    fn frame(&mut self, record: &super::proto::Record) {
+    fn frame(&mut self, record: &super::proto::Record) -> Result<(), SpoolError> {
         self.payload.clear();
         record::encode(record, &mut self.payload);
-        segment::encode_frame(&self.payload, &mut self.buffer);
+        Ok(segment::encode_frame(&self.payload, &mut self.buffer)?)
     }
 
     /// Closes the active segment (durably) and starts one for the transaction committing at
@@ -250,7 +252,7 @@ impl SpoolWriter {
                 relation,
             };
             if let Some(record) = record::to_record(Lsn::INVALID, &message, &self.relations) {
-                self.frame(&record);
+                self.frame(&record)?;
             }
         }
         Ok(())
@@ -260,10 +262,10 @@ impl SpoolWriter {
         if self.buffer.is_empty() {
             return Ok(());
         }
-        let (file, path, len) = self
-            .active
-            .as_mut()
-            .expect("a segment is open once something was appended");
+        let Some((file, path, len)) = self.active.as_mut() else {
+            // `append` frames nothing before the first segment exists.
+            return Err(SpoolError::OutsideTransaction("record"));
+        };
         file.write_all(&self.buffer).map_err(io_error(path))?;
         *len += self.buffer.len() as u64;
         self.bytes += self.buffer.len() as u64;

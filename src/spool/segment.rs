@@ -12,15 +12,24 @@ pub const HEADER: usize = 12;
 /// No record is larger (a row is at most 1 GB in PostgreSQL, and values are sent once).
 pub const MAX_PAYLOAD: usize = 1 << 31;
 
+/// A record too large for a frame.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("a record of {0} bytes is larger than a spool record may be ({MAX_PAYLOAD} bytes)")]
+pub struct TooLarge(pub usize);
+
 /// Appends one framed payload to `out`.
-pub fn encode_frame(payload: &[u8], out: &mut Vec<u8>) {
-    let len = u32::try_from(payload.len()).expect("a record is smaller than 4 GB");
+pub fn encode_frame(payload: &[u8], out: &mut Vec<u8>) -> Result<(), TooLarge> {
+    let len = u32::try_from(payload.len())
+        .ok()
+        .filter(|&len| len as usize <= MAX_PAYLOAD)
+        .ok_or(TooLarge(payload.len()))?;
     let mut header = [0u8; 8];
     header[..4].copy_from_slice(&len.to_be_bytes());
     header[4..].copy_from_slice(&crc32c::crc32c(payload).to_be_bytes());
     out.extend_from_slice(&header);
     out.extend_from_slice(&crc32c::crc32c(&header).to_be_bytes());
     out.extend_from_slice(payload);
+    Ok(())
 }
 
 /// What lies at an offset of a segment.
@@ -96,7 +105,7 @@ mod tests {
     fn segment(payloads: &[&[u8]]) -> Vec<u8> {
         let mut out = Vec::new();
         for p in payloads {
-            encode_frame(p, &mut out);
+            encode_frame(p, &mut out).unwrap();
         }
         out
     }
