@@ -36,6 +36,18 @@ pub enum SpoolError {
     TooLarge(#[from] segment::TooLarge),
     #[error("staging sent a {0} outside a transaction; it cannot be spooled")]
     OutsideTransaction(&'static str),
+    #[error(
+        "the spool in {} does not hold everything staging committed after {covered}: the \
+         transaction committing at {commit} follows transactions up to {previous_end} that are \
+         not in it (removed after being applied, or the spool was started later)",
+        dir.display()
+    )]
+    Gap {
+        dir: PathBuf,
+        covered: Lsn,
+        previous_end: Lsn,
+        commit: Lsn,
+    },
     #[error("spool segment {} at byte {offset}: {source}", path.display())]
     Record {
         path: PathBuf,
@@ -122,16 +134,39 @@ fn last_commit(path: &Path, data: &[u8]) -> Result<(usize, Option<Lsn>), SpoolEr
     }
 }
 
+/// A position in the spool: the end of a complete transaction (`end`), found in the segment
+/// named by `segment` before byte `offset`. The writer publishes the durable one; a reader in
+/// the same process reads no further, so it never sees a transaction the writer may still cut.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpoolMark {
+    pub segment: Lsn,
+    pub offset: u64,
+    pub end: Lsn,
+}
+
+/// The segment being appended to.
+struct Active {
+    file: File,
+    path: PathBuf,
+    /// The commit LSN of its first transaction (its name).
+    first: Lsn,
+    /// Bytes written to the file.
+    len: u64,
+}
+
 /// Appends staging's transactions to the spool.
 pub struct SpoolWriter {
     dir: PathBuf,
     segment_bytes: u64,
-    active: Option<(File, PathBuf, u64)>,
+    active: Option<Active>,
     buffer: Vec<u8>,
     payload: Vec<u8>,
-    /// End of the last complete transaction written (durable after `flush`).
-    written_end: Lsn,
-    durable_end: Lsn,
+    /// Where the last complete transaction written ends (durable after `flush`).
+    written: SpoolMark,
+    durable: SpoolMark,
+    /// Everything committed up to here is in the spool or was never needed: the next Begin
+    /// records it as its `previous_end_lsn`.
+    chain_end: Lsn,
     relations: HashMap<Oid, Relation>,
     bytes: u64,
 }
@@ -143,11 +178,12 @@ impl SpoolWriter {
         let mut found = segments(dir)?;
         let mut recovered = Recovered::default();
         let mut active = None;
-        while let Some((_, path)) = found.last().cloned() {
+        let mut durable = SpoolMark::default();
+        while let Some((first, path)) = found.last().cloned() {
             let data = fs::read(&path).map_err(io_error(&path))?;
             let (keep, end) = last_commit(&path, &data)?;
             recovered.cut_bytes += (data.len() - keep) as u64;
-            if keep == 0 {
+            if end.is_none() {
                 // Nothing complete in it: the crash came before its first commit.
                 fs::remove_file(&path).map_err(io_error(&path))?;
                 found.pop();
@@ -162,7 +198,17 @@ impl SpoolWriter {
                 file.sync_all().map_err(io_error(&path))?;
             }
             recovered.durable_end = end.unwrap_or_default();
-            active = Some((file, path, keep as u64));
+            durable = SpoolMark {
+                segment: first,
+                offset: keep as u64,
+                end: recovered.durable_end,
+            };
+            active = Some(Active {
+                file,
+                path,
+                first,
+                len: keep as u64,
+            });
             break;
         }
         for (_, path) in &found {
@@ -179,13 +225,20 @@ impl SpoolWriter {
                 active,
                 buffer: Vec::new(),
                 payload: Vec::new(),
-                written_end: recovered.durable_end,
-                durable_end: recovered.durable_end,
+                written: durable,
+                durable,
+                chain_end: durable.end,
                 relations: HashMap::new(),
                 bytes: recovered.bytes,
             },
             recovered.clone(),
         ))
+    }
+
+    /// Declares that staging holds nothing before `lsn` the spool lacks: the slot released
+    /// everything up to there after the target applied it. The next transaction records it.
+    pub fn resume_from(&mut self, lsn: Lsn) {
+        self.chain_end = self.chain_end.max(lsn);
     }
 
     /// Spools one message (those the spool keeps; others are ignored). A Begin past the segment
@@ -198,12 +251,12 @@ impl SpoolWriter {
             let full = self
                 .active
                 .as_ref()
-                .is_none_or(|(_, _, len)| *len + self.buffer.len() as u64 >= self.segment_bytes);
+                .is_none_or(|a| a.len + self.buffer.len() as u64 >= self.segment_bytes);
             if full {
                 self.rotate(*final_lsn)?;
             }
         }
-        if self.active.is_none() {
+        let Some(active) = &self.active else {
             // Before the first transaction: a Relation is remembered, and written at the start
             // of the first segment; changes only come inside transactions.
             return match message {
@@ -213,13 +266,22 @@ impl SpoolWriter {
                     Some(_) => Err(SpoolError::OutsideTransaction(other.name())),
                 },
             };
-        }
-        let Some(record) = record::to_record(lsn, message, &self.relations) else {
+        };
+        let segment = active.first;
+        let Some(mut record) = record::to_record(lsn, message, &self.relations) else {
             return Ok(());
         };
+        if let Some(super::proto::record::Body::Begin(begin)) = &mut record.body {
+            begin.previous_end_lsn = self.chain_end.0;
+        }
         self.frame(&record)?;
         if let LogicalMessage::Commit { end_lsn, .. } = message {
-            self.written_end = *end_lsn;
+            self.chain_end = *end_lsn;
+            self.written = SpoolMark {
+                segment,
+                offset: self.active.as_ref().map_or(0, |a| a.len) + self.buffer.len() as u64,
+                end: *end_lsn,
+            };
         }
         Ok(())
     }
@@ -234,8 +296,8 @@ impl SpoolWriter {
     /// `first_commit`, beginning with every known table's Relation record.
     fn rotate(&mut self, first_commit: Lsn) -> Result<(), SpoolError> {
         self.write_buffer()?;
-        if let Some((file, path, _)) = self.active.take() {
-            file.sync_data().map_err(io_error(&path))?;
+        if let Some(active) = self.active.take() {
+            active.file.sync_data().map_err(io_error(&active.path))?;
         }
         let path = segment_path(&self.dir, first_commit);
         let file = OpenOptions::new()
@@ -244,7 +306,12 @@ impl SpoolWriter {
             .open(&path)
             .map_err(io_error(&path))?;
         sync_dir(&self.dir)?;
-        self.active = Some((file, path, 0));
+        self.active = Some(Active {
+            file,
+            path,
+            first: first_commit,
+            len: 0,
+        });
         let relations: Vec<Relation> = self.relations.values().cloned().collect();
         for relation in relations {
             let message = LogicalMessage::Relation {
@@ -262,12 +329,15 @@ impl SpoolWriter {
         if self.buffer.is_empty() {
             return Ok(());
         }
-        let Some((file, path, len)) = self.active.as_mut() else {
+        let Some(active) = self.active.as_mut() else {
             // `append` frames nothing before the first segment exists.
             return Err(SpoolError::OutsideTransaction("record"));
         };
-        file.write_all(&self.buffer).map_err(io_error(path))?;
-        *len += self.buffer.len() as u64;
+        active
+            .file
+            .write_all(&self.buffer)
+            .map_err(io_error(&active.path))?;
+        active.len += self.buffer.len() as u64;
         self.bytes += self.buffer.len() as u64;
         self.buffer.clear();
         Ok(())
@@ -278,16 +348,26 @@ impl SpoolWriter {
     pub fn flush(&mut self) -> Result<Lsn, SpoolError> {
         if !self.buffer.is_empty() {
             self.write_buffer()?;
-            if let Some((file, path, _)) = &self.active {
-                file.sync_data().map_err(io_error(path))?;
+            if let Some(active) = &self.active {
+                active.file.sync_data().map_err(io_error(&active.path))?;
             }
         }
-        self.durable_end = self.written_end;
-        Ok(self.durable_end)
+        self.durable = self.written;
+        Ok(self.durable.end)
     }
 
     pub fn durable_end(&self) -> Lsn {
-        self.durable_end
+        self.durable.end
+    }
+
+    /// Where the last durable complete transaction ends.
+    pub fn durable_mark(&self) -> SpoolMark {
+        self.durable
+    }
+
+    /// Bytes appended but not yet written to the segment file.
+    pub fn buffered_bytes(&self) -> usize {
+        self.buffer.len()
     }
 
     /// Bytes in the spool's segments (written so far).
@@ -297,6 +377,18 @@ impl SpoolWriter {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// [`remove_applied`] on this writer's spool; the active segment always stays.
+    pub fn remove_applied(
+        &mut self,
+        applied_end: Lsn,
+        retain: std::time::Duration,
+        max_bytes: u64,
+    ) -> Result<u64, SpoolError> {
+        let removed = remove_applied(&self.dir, applied_end, retain, max_bytes)?;
+        self.bytes = self.bytes.saturating_sub(removed);
+        Ok(removed)
     }
 }
 
@@ -392,12 +484,24 @@ pub struct SpoolReader {
     from: Lsn,
     segments: Vec<(Lsn, PathBuf)>,
     next_segment: usize,
-    current: Option<(BufReader<File>, PathBuf, u64)>,
+    current: Option<Reading>,
+    /// Everything committed up to here was read (or was before `from`): a Begin whose
+    /// `previous_end_lsn` lies beyond it follows a gap.
+    covered: Option<Lsn>,
+}
+
+/// The segment being read.
+struct Reading {
+    reader: BufReader<File>,
+    path: PathBuf,
+    first: Lsn,
+    offset: u64,
 }
 
 impl SpoolReader {
     /// A reader starting at the segment that holds transactions committing at or after `from`
-    /// (the caller skips the earlier ones of that segment).
+    /// (the caller skips the earlier ones of that segment). With `from` valid, the spool must
+    /// hold every transaction committed after it: a gap is an error, not a silent skip.
     pub fn open(dir: &Path, from: Lsn) -> Result<SpoolReader, SpoolError> {
         let segments = segments(dir)?;
         let start = start_of(&segments, from);
@@ -407,6 +511,7 @@ impl SpoolReader {
             segments,
             next_segment: start,
             current: None,
+            covered: from.is_valid().then_some(from),
         })
     }
 
@@ -420,7 +525,7 @@ impl SpoolReader {
     /// older ones.
     fn newer_segments(&mut self) -> Result<bool, SpoolError> {
         let listed = segments(&self.dir)?;
-        let current = self.current.as_ref().map(|(_, path, _)| path.clone());
+        let current = self.current.as_ref().map(|r| r.path.clone());
         let at = current.and_then(|c| listed.iter().position(|(_, p)| *p == c));
         let Some(at) = at else {
             return Ok(false);
@@ -436,6 +541,46 @@ impl SpoolReader {
     /// incomplete record at the end of the last segment is where the writer is (or what it cuts
     /// when it opens); anywhere else it is damage.
     pub fn next_message(&mut self) -> Result<Option<(Lsn, LogicalMessage)>, SpoolError> {
+        self.next_message_within(None)
+    }
+
+    /// [`Self::next_message`], reading nothing at or past `limit` (the writer's durable mark
+    /// when it runs in the same process).
+    pub fn next_message_within(
+        &mut self,
+        limit: Option<SpoolMark>,
+    ) -> Result<Option<(Lsn, LogicalMessage)>, SpoolError> {
+        let Some(message) = self.next_record(limit)? else {
+            return Ok(None);
+        };
+        let (previous_end, message) = message;
+        match &message.1 {
+            LogicalMessage::Begin { final_lsn, .. } => {
+                if let (Some(covered), true) = (self.covered, previous_end.is_valid()) {
+                    if previous_end > covered {
+                        return Err(SpoolError::Gap {
+                            dir: self.dir.clone(),
+                            covered,
+                            previous_end,
+                            commit: *final_lsn,
+                        });
+                    }
+                }
+            }
+            LogicalMessage::Commit { end_lsn, .. } => {
+                self.covered = Some(self.covered.unwrap_or_default().max(*end_lsn));
+            }
+            _ => {}
+        }
+        Ok(Some(message))
+    }
+
+    /// The next record as a message, after the `previous_end_lsn` a Begin records (invalid
+    /// for other records).
+    fn next_record(
+        &mut self,
+        limit: Option<SpoolMark>,
+    ) -> Result<Option<(Lsn, (Lsn, LogicalMessage))>, SpoolError> {
         loop {
             if self.current.is_none() {
                 if self.next_segment >= self.segments.len() {
@@ -443,15 +588,31 @@ impl SpoolReader {
                     self.segments = segments(&self.dir)?;
                     self.next_segment = start_of(&self.segments, self.from);
                 }
-                let Some((_, path)) = self.segments.get(self.next_segment) else {
+                let Some((first, path)) = self.segments.get(self.next_segment) else {
                     return Ok(None);
                 };
+                if limit.is_some_and(|l| *first > l.segment) {
+                    return Ok(None);
+                }
                 let file = File::open(path).map_err(io_error(path))?;
-                self.current = Some((BufReader::with_capacity(1 << 20, file), path.clone(), 0));
+                self.current = Some(Reading {
+                    reader: BufReader::with_capacity(1 << 20, file),
+                    path: path.clone(),
+                    first: *first,
+                    offset: 0,
+                });
                 self.next_segment += 1;
             }
             let last = self.next_segment == self.segments.len();
-            let (reader, path, offset) = self.current.as_mut().expect("opened above");
+            let Reading {
+                reader,
+                path,
+                first,
+                offset,
+            } = self.current.as_mut().expect("opened above");
+            if limit.is_some_and(|l| *first == l.segment && *offset >= l.offset) {
+                return Ok(None);
+            }
             let mut header = [0u8; HEADER];
             let got = read_full(reader, &mut header).map_err(io_error(path))?;
             if got == 0 {
@@ -518,14 +679,18 @@ impl SpoolReader {
             let payload = HEADER..frame.len();
             let at = *offset;
             *offset += frame.len() as u64;
-            let message = record::decode(Bytes::from(frame).slice(payload))
-                .and_then(record::from_record)
-                .map_err(|source| SpoolError::Record {
-                    path: path.clone(),
-                    offset: at,
-                    source,
-                })?;
-            return Ok(Some(message));
+            let record_error = |source| SpoolError::Record {
+                path: path.clone(),
+                offset: at,
+                source,
+            };
+            let record = record::decode(Bytes::from(frame).slice(payload)).map_err(record_error)?;
+            let previous_end = match &record.body {
+                Some(super::proto::record::Body::Begin(b)) => Lsn(b.previous_end_lsn),
+                _ => Lsn::INVALID,
+            };
+            let message = record::from_record(record).map_err(record_error)?;
+            return Ok(Some((previous_end, message)));
         }
     }
 }
@@ -640,6 +805,92 @@ mod tests {
             }
         }
         Ok(rows)
+    }
+
+    #[test]
+    fn a_reader_reads_nothing_past_the_writers_durable_mark() {
+        let dir = TempDir::new("mark");
+        let (mut writer, _) = SpoolWriter::open(&dir.0, 1 << 20).unwrap();
+        let mut append = |writer: &mut SpoolWriter, n| {
+            for (lsn, m) in transaction(n) {
+                writer.append(lsn, &m).unwrap();
+            }
+        };
+        append(&mut writer, 1);
+        writer.flush().unwrap();
+        let mark = writer.durable_mark();
+        assert_eq!(mark.end, Lsn(108));
+        // Transaction 2 is written to the file and half of 3 too, but not made durable.
+        append(&mut writer, 2);
+        for (lsn, m) in transaction(3).into_iter().take(2) {
+            writer.append(lsn, &m).unwrap();
+        }
+        writer.write_buffer().unwrap();
+        let mut reader = SpoolReader::open(&dir.0, Lsn::INVALID).unwrap();
+        let mut ends = Vec::new();
+        while let Some((_, m)) = reader.next_message_within(Some(mark)).unwrap() {
+            if let LogicalMessage::Commit { end_lsn, .. } = m {
+                ends.push(end_lsn);
+            }
+        }
+        assert_eq!(ends, vec![Lsn(108)]);
+        writer.flush().unwrap();
+        let mark = writer.durable_mark();
+        assert_eq!(
+            mark.end,
+            Lsn(208),
+            "a durable mark ends at a complete transaction"
+        );
+        while let Some((_, m)) = reader.next_message_within(Some(mark)).unwrap() {
+            if let LogicalMessage::Commit { end_lsn, .. } = m {
+                ends.push(end_lsn);
+            }
+        }
+        assert_eq!(ends, vec![Lsn(108), Lsn(208)]);
+    }
+
+    #[test]
+    fn a_start_the_spool_does_not_reach_back_to_is_a_gap() {
+        let dir = TempDir::new("gap");
+        let (mut writer, _) = SpoolWriter::open(&dir.0, 300).unwrap();
+        writer.resume_from(Lsn(850));
+        for n in 9..=20 {
+            for (lsn, m) in transaction(n) {
+                writer.append(lsn, &m).unwrap();
+            }
+        }
+        writer.flush().unwrap();
+        drop(writer);
+        // Everything after 850 is there; before it, the spool cannot say.
+        assert_eq!(
+            inserted(&dir.0, Lsn(850)).unwrap(),
+            (9..=20).collect::<Vec<_>>()
+        );
+        let later = inserted(&dir.0, Lsn(1208)).unwrap();
+        assert!(
+            later.ends_with(&[13, 14, 15, 16, 17, 18, 19, 20]),
+            "{later:?}"
+        );
+        match inserted(&dir.0, Lsn(700)) {
+            Err(SpoolError::Gap {
+                covered,
+                previous_end,
+                commit,
+                ..
+            }) => assert_eq!(
+                (covered, previous_end, commit),
+                (Lsn(700), Lsn(850), Lsn(900))
+            ),
+            other => panic!("{other:?}"),
+        }
+        // Segments removed after being applied: a target behind them finds the gap too.
+        let segs = segments(&dir.0).unwrap();
+        fs::remove_file(&segs[0].1).unwrap();
+        let err = inserted(&dir.0, Lsn(850)).unwrap_err();
+        assert!(matches!(err, SpoolError::Gap { .. }), "{err}");
+        assert!(err.to_string().contains("after 0/352"), "{err}");
+        // Reading everything it holds (tail) is not held to a start.
+        assert!(inserted(&dir.0, Lsn::INVALID).is_ok());
     }
 
     #[test]

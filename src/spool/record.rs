@@ -113,6 +113,8 @@ pub fn to_record(
             xid: *xid,
             commit_lsn: final_lsn.0,
             commit_time: commit_time.0,
+            // The writer knows what it spooled before; it fills this in.
+            previous_end_lsn: 0,
         })),
         LogicalMessage::Commit {
             commit_lsn,
