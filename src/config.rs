@@ -697,6 +697,29 @@ fn syntax_message(text: &str, err: &toml::de::Error) -> String {
     err.to_string().trim_end().to_owned()
 }
 
+impl DbConfig {
+    /// A database named on the command line (`replay --to URL`): the same rules as a config
+    /// section (no password in the URL; sslmode and sslrootcert may be given in it), with the
+    /// password from an environment variable or a file. `origin` names the option in errors.
+    pub fn from_command_line(
+        origin: &str,
+        url: &str,
+        password_env: Option<String>,
+        password_file: Option<PathBuf>,
+    ) -> Result<DbConfig, ConfigError> {
+        let raw = RawDb {
+            url: Some(url.to_owned()),
+            password: None,
+            password_env,
+            password_file,
+            sslmode: None,
+            sslrootcert: None,
+            connect_timeout_secs: None,
+        };
+        Validator { text: "", origin }.db("target", Some(raw))
+    }
+}
+
 struct Validator<'a> {
     text: &'a str,
     origin: &'a str,

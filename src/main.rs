@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use stagingprop::config::{Config, TableName};
+use stagingprop::config::{Config, DbConfig, TableName};
 use stagingprop::copy::{CopyError, CopyOptions, Side};
 use stagingprop::ops::OpsError;
 use stagingprop::ops::demo::{DemoOptions, demo};
@@ -16,7 +16,7 @@ use stagingprop::ops::tail::{TailOptions, tail};
 use stagingprop::ops::verify::{VerifyOptions, render as render_diffs, verify};
 use stagingprop::pg::connect::{Endpoint, EndpointError};
 use stagingprop::pg::replication::ReplicationError;
-use stagingprop::sync::{self, StopAt, SyncError, SyncOptions};
+use stagingprop::sync::{self, ReplayOptions, ReplayTo, StopAt, SyncError, SyncOptions};
 
 /// Exit codes, documented in README.
 mod exit {
@@ -29,6 +29,7 @@ mod exit {
     pub const CONFLICT: u8 = 7;
     pub const UNHEALTHY: u8 = 8;
     pub const DIFFERENT: u8 = 9;
+    pub const SPOOL: u8 = 10;
 }
 
 #[derive(Parser, Debug)]
@@ -105,6 +106,30 @@ enum Command {
         /// Stop once production has everything staging had written when sync started.
         #[arg(long)]
         until_caught_up: bool,
+    },
+    /// Apply spooled staging transactions to a target, from the position its own progress table
+    /// holds: e.g. production restored from a backup taken before an outage. Stop sync first
+    /// when the target is production.
+    Replay {
+        /// The target: `production` (the default), or a libpq URL without a password (the
+        /// password comes from --to-password-env or --to-password-file).
+        #[arg(long, value_name = "production|URL", default_value = "production")]
+        to: String,
+        /// An environment variable holding the target's password.
+        #[arg(long, value_name = "VAR", requires = "to")]
+        to_password_env: Option<String>,
+        /// A file holding the target's password.
+        #[arg(
+            long,
+            value_name = "PATH",
+            requires = "to",
+            conflicts_with = "to_password_env"
+        )]
+        to_password_file: Option<PathBuf>,
+        /// Stop before the first transaction committed after this LSN (0/1A2B3C4) or time
+        /// ('2026-11-25 04:00:00+00').
+        #[arg(long, value_name = "LSN|TIME")]
+        until: Option<String>,
     },
     /// Seed one database's managed tables from the other's, from one consistent snapshot, in
     /// parallel. From staging to production it creates the sync slot with that snapshot and
@@ -296,6 +321,38 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 conflicts_skipped = st.conflicts_skipped,
                 applied = %summary.last_applied.unwrap_or_default(),
                 "sync stopped"
+            );
+            Ok(())
+        }
+        Command::Replay {
+            to,
+            to_password_env,
+            to_password_file,
+            until,
+        } => {
+            let to = if to == "production" {
+                ReplayTo::Production
+            } else {
+                let db =
+                    DbConfig::from_command_line("--to", &to, to_password_env, to_password_file)
+                        .map_err(|e| Failure {
+                            code: exit::CONFIG,
+                            message: e.to_string(),
+                        })?;
+                ReplayTo::Database(db)
+            };
+            let options = ReplayOptions { to, until };
+            let summary = sync::replay(&config, &options, shutdown_signal())
+                .await
+                .map_err(sync_failure)?;
+            let st = summary.stats;
+            println!(
+                "replay: {} transactions applied ({} rows inserted, {} updated, {} deleted); the target is at {}",
+                st.transactions,
+                st.rows_inserted,
+                st.rows_updated,
+                st.rows_deleted,
+                summary.last_applied.unwrap_or_default()
             );
             Ok(())
         }
@@ -500,6 +557,7 @@ fn sync_failure(error: SyncError) -> Failure {
             exit::REPLICATION
         }
         SyncError::Database { .. } if error.is_transient() => exit::UNREACHABLE,
+        SyncError::Spool(_) | SyncError::Replay(_) => exit::SPOOL,
         _ => exit::FAILED,
     };
     with_sqlstate(code, error.to_string(), error.sqlstate())

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use stagingprop::cluster::{ClusterError, ClusterOptions, LocalCluster};
 use stagingprop::config::Config;
+use stagingprop::model::Lsn;
 use stagingprop::ops::init::{InitOptions, init};
 use stagingprop::sync::{self, StopAt, SyncOptions};
 use tracing::Instrument;
@@ -264,6 +265,30 @@ async fn setup_remapped(
 }
 
 impl Pair {
+    /// Turns the spool on (`[spool]` with `extra` settings), in the scratch directory.
+    fn enable_spool(&mut self, extra: &str) -> PathBuf {
+        let dir = self.scratch.0.join("spool");
+        let mut text = std::fs::read_to_string(&self.config_path).unwrap();
+        text.push_str(&format!(
+            "\n[spool]\ndir = \"{}\"\n{extra}\n",
+            dir.display()
+        ));
+        std::fs::write(&self.config_path, &text).unwrap();
+        self.config = Config::from_toml_str(&text, "test").expect("test config with a spool");
+        dir
+    }
+
+    /// Bytes of WAL staging keeps for the slot.
+    fn retained_wal(&self) -> i64 {
+        self.staging
+            .value(&format!(
+                "SELECT pg_current_wal_lsn() - confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '{}'",
+                self.slot
+            ))
+            .parse::<f64>()
+            .expect("retained WAL") as i64
+    }
+
     /// Staging's current WAL position.
     fn staging_lsn(&self) -> String {
         self.staging.value("SELECT pg_current_wal_lsn()")
@@ -441,6 +466,12 @@ impl Pair {
         if let Some(remapping) = self.remapping {
             return self.assert_equal_through_key_map(remapping);
         }
+        self.assert_same_rows(&self.staging, &self.production);
+    }
+
+    /// Every managed table holds the same rows in `expected` and `actual`.
+    fn assert_same_rows(&self, expected: &Db, actual: &Db) {
+        let (left, right) = (&expected.name, &actual.name);
         for (table, key) in &self.tables {
             let rows = |db: &Db| -> Vec<String> {
                 db.sql(&format!(
@@ -450,8 +481,8 @@ impl Pair {
                 .map(str::to_owned)
                 .collect()
             };
-            let staging = rows(&self.staging);
-            let production = rows(&self.production);
+            let staging = rows(expected);
+            let production = rows(actual);
             if staging == production {
                 continue;
             }
@@ -462,7 +493,7 @@ impl Pair {
                 .filter_map(|l| l.rsplit_once(' '))
                 .collect();
             let mut report = format!(
-                "{table} differs: {} rows on staging, {} on production\n",
+                "{table} differs: {} rows in {left}, {} in {right}\n",
                 staging.len(),
                 production.len()
             );
@@ -478,18 +509,18 @@ impl Pair {
                     break;
                 }
                 match p.get(k) {
-                    None => report.push_str(&format!("  missing on production: {k}\n")),
+                    None => report.push_str(&format!("  missing in {right}: {k}\n")),
                     Some(h) if h != hash => report.push_str(&format!(
-                        "  differs {k}:\n    staging:    {}    production: {}",
-                        show(&self.staging, k),
-                        show(&self.production, k)
+                        "  differs {k}:\n    {left}: {}    {right}: {}",
+                        show(expected, k),
+                        show(actual, k)
                     )),
                     _ => continue,
                 }
                 shown += 1;
             }
             for k in p.keys().filter(|k| !s.contains_key(*k)).take(8) {
-                report.push_str(&format!("  extra on production: {k}\n"));
+                report.push_str(&format!("  extra in {right}: {k}\n"));
             }
             panic!("{report}");
         }
@@ -1475,6 +1506,20 @@ async fn sigkill_of_sync_and_production_loses_and_duplicates_nothing() {
         "sigkill_of_sync_and_production_loses_and_duplicates_nothing",
         "kill",
         None,
+        false,
+    )
+    .await;
+}
+
+/// The same with the spool on: kills land while segments are written (small segments, so
+/// several are started), and between spooling and applying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_with_the_spool_on_loses_and_duplicates_nothing() {
+    sigkill_rounds(
+        "sigkill_with_the_spool_on_loses_and_duplicates_nothing",
+        "killspool",
+        None,
+        true,
     )
     .await;
 }
@@ -1498,11 +1543,17 @@ async fn sigkill_with_allocated_keys_keeps_one_mapping_per_row() {
         "sigkill_with_allocated_keys_keeps_one_mapping_per_row",
         "killmap",
         Some(&LEDGER_REMAPPING),
+        false,
     )
     .await;
 }
 
-async fn sigkill_rounds(name: &str, label: &str, remapping: Option<&'static Remapping>) {
+async fn sigkill_rounds(
+    name: &str,
+    label: &str,
+    remapping: Option<&'static Remapping>,
+    spool: bool,
+) {
     let started = Instant::now();
     let seed = test_seed(name);
     let mut rng = Rng::new(seed);
@@ -1510,7 +1561,7 @@ async fn sigkill_rounds(name: &str, label: &str, remapping: Option<&'static Rema
         &format!("faults-{label}-staging"),
         &format!("faults-{label}-production"),
     ]);
-    let p = setup_remapped(
+    let mut p = setup_remapped(
         staging,
         production.clone(),
         &format!("faults_{label}"),
@@ -1520,6 +1571,7 @@ async fn sigkill_rounds(name: &str, label: &str, remapping: Option<&'static Rema
         remapping,
     )
     .await;
+    let spool_dir = spool.then(|| p.enable_spool("segment_bytes = 32768"));
 
     let stop = Arc::new(AtomicBool::new(false));
     let workload = ledger_workload(p.staging.clone(), stop.clone(), false);
@@ -1590,6 +1642,15 @@ async fn sigkill_rounds(name: &str, label: &str, remapping: Option<&'static Rema
     assert_eq!(counter(&p.staging), committed.to_string());
     assert_eq!(counter(&p.production), committed.to_string());
     assert_eq!(p.quarantined(), "0");
+    if let Some(dir) = &spool_dir {
+        let held = stagingprop::spool::files::summary(dir).expect("spool summary");
+        assert!(held.segments > 1, "the spool was used: {held:?}");
+        assert_eq!(
+            held.newest_end.map(|l| l.to_string()),
+            Some(p.slot_column("confirmed_flush_lsn")),
+            "staging was told exactly what the spool holds"
+        );
+    }
     println!(
         "{label}: seed {seed}, {kills} kills (production crashed in round {production_crash_at}), \
          {rounds_with_progress} runs applied something, {committed} transactions, {:.1} s",
@@ -1920,6 +1981,242 @@ async fn missing_slot_fails_fast_and_is_not_recreated() {
     assert_eq!(p.production.value("SELECT count(*) FROM ledger"), "0");
     println!(
         "missing slot: exit {code:?}, {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. The spool: production outages, a full spool, replay into a restored backup
+
+/// The spool's segment files in bytes.
+fn spool_bytes(dir: &Path) -> u64 {
+    stagingprop::spool::files::summary(dir)
+        .map(|s| s.bytes)
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn production_outage_with_the_spool_releases_staging_wal_until_the_spool_is_full() {
+    let started = Instant::now();
+    let [staging, production] = dedicated(["faults-outage-staging", "faults-outage-prod"]);
+    let mut p = setup(
+        staging,
+        production.clone(),
+        "faults_outage",
+        LEDGER,
+        LEDGER_TABLES,
+        "batch_max_rows = 200",
+    )
+    .await;
+    let max_bytes: u64 = 1 << 20;
+    let dir = p.enable_spool(&format!("max_bytes = {max_bytes}\nsegment_bytes = 65536"));
+    let (mut child, log) = spawn_sync(&p, &[], "sync.log");
+    let stop = Arc::new(AtomicBool::new(false));
+    let workload = ledger_workload(p.staging.clone(), stop.clone(), false);
+    let lsn = p.staging_lsn();
+    p.wait_applied(&lsn, Duration::from_secs(30)).await;
+
+    // Production away: the spool grows and staging keeps (almost) nothing until the spool is
+    // over max_bytes; then staging keeps WAL again and the spool stops growing.
+    production.stop_server("fast").expect("stop production");
+    let outage_from: Lsn = p.staging_lsn().parse().unwrap();
+    let mut most_retained_with_room = 0;
+    let mut wal_while_room = 0;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !read_log(&log).contains("the spool is full") {
+        assert!(
+            Instant::now() < deadline,
+            "the spool never filled: {} bytes\n{}",
+            spool_bytes(&dir),
+            read_log(&log)
+        );
+        assert!(child.try_wait().unwrap().is_none(), "{}", read_log(&log));
+        if spool_bytes(&dir) < max_bytes / 2 {
+            most_retained_with_room = most_retained_with_room.max(p.retained_wal());
+            let now: Lsn = p.staging_lsn().parse().unwrap();
+            wal_while_room = now.0 - outage_from.0;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        wal_while_room > 4 * most_retained_with_room as u64,
+        "while the spool had room, staging kept {most_retained_with_room} bytes of the {wal_while_room} written"
+    );
+    let full_at = p.retained_wal();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let retained_full = p.retained_wal();
+    let bytes_full = spool_bytes(&dir);
+    assert!(
+        retained_full > full_at,
+        "with the spool full staging keeps WAL again: {full_at} then {retained_full}"
+    );
+    assert!(
+        bytes_full < max_bytes + (4 << 20),
+        "the spool stopped growing near max_bytes: {bytes_full}"
+    );
+    assert!(child.try_wait().unwrap().is_none(), "{}", read_log(&log));
+
+    // Production back: everything arrives once, and the spool has room again.
+    production.start_server().expect("start production");
+    stop.store(true, Ordering::Relaxed);
+    let committed = workload.join().expect("workload");
+    let lsn = p.staging_lsn();
+    p.wait_applied(&lsn, Duration::from_secs(60)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !read_log(&log).contains("the spool has room again") {
+        assert!(Instant::now() < deadline, "{}", read_log(&log));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(kill.success());
+    let status = wait_exit(&mut child, Duration::from_secs(20));
+    let text = read_log(&log);
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{text}");
+    p.assert_equal();
+    let counter = |db: &Db| db.value("SELECT value FROM counter WHERE id = 1");
+    assert_eq!(counter(&p.production), committed.to_string());
+    assert!(
+        spool_bytes(&dir) <= max_bytes + 65536 * 2,
+        "applied segments were removed: {} bytes",
+        spool_bytes(&dir)
+    );
+    println!(
+        "outage: {committed} transactions; with room staging kept at most {most_retained_with_room} of {wal_while_room} bytes of WAL; \
+         full: {bytes_full} bytes spooled, staging kept {full_at} then {retained_full}; {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// Runs `stagingprop replay` with `args`; returns (exit code, stdout + stderr).
+fn run_replay(p: &Pair, args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&p.config_path)
+        .arg("replay")
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run stagingprop replay");
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Runs sync until it has everything staging has.
+fn sync_until_caught_up(p: &Pair, log: &str) {
+    let (mut child, log) = spawn_sync(p, &["--until-caught-up"], log);
+    let status = wait_exit(&mut child, Duration::from_secs(60));
+    assert!(status.is_some_and(|s| s.success()), "{}", read_log(&log));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_brings_a_restored_backup_up_to_production() {
+    let started = Instant::now();
+    let mut p = setup(
+        shared_staging(),
+        shared_production(),
+        "faults_replay",
+        LEDGER,
+        LEDGER_TABLES,
+        "",
+    )
+    .await;
+    let dir = p.enable_spool("segment_bytes = 16384");
+    p.staging.sql(&(1..=40).map(ledger_txn).collect::<String>());
+    sync_until_caught_up(&p, "sync-1.log");
+
+    // Last night's backup of production.
+    let bin = stagingprop::cluster::find_pg_bin().expect("PostgreSQL binaries");
+    let dump = p.scratch.0.join("production.dump");
+    let dumped = Command::new(bin.join("pg_dump"))
+        .args(["-Fc", "-f"])
+        .arg(&dump)
+        .arg(
+            p.production
+                .cluster
+                .conninfo(&p.production.name, "postgres"),
+        )
+        .status()
+        .expect("pg_dump");
+    assert!(dumped.success());
+    let restore = |prefix: &str| -> Db {
+        let db = Db {
+            name: support::fresh_db(&p.production.cluster, prefix),
+            cluster: p.production.cluster.clone(),
+        };
+        let restored = Command::new(bin.join("pg_restore"))
+            .args(["--no-owner", "-d"])
+            .arg(db.cluster.conninfo(&db.name, "postgres"))
+            .arg(&dump)
+            .status()
+            .expect("pg_restore");
+        assert!(restored.success());
+        db
+    };
+
+    // A day of changes after the backup, applied by sync as usual.
+    let mut marks = Vec::new();
+    for round in 0..3 {
+        let from = 41 + round * 40;
+        p.staging
+            .sql(&(from..from + 40).map(ledger_txn).collect::<String>());
+        marks.push(p.staging_lsn());
+        sync_until_caught_up(&p, &format!("sync-{}.log", round + 2));
+    }
+    assert!(stagingprop::spool::files::segments(&dir).unwrap().len() > 3);
+
+    // Restored and replayed: equal to production; a second replay has nothing to do.
+    let restored = restore("faults_replay_restored");
+    assert_eq!(restored.value("SELECT value FROM counter"), "40");
+    let to = restored.cluster.conninfo(&restored.name, "postgres");
+    let (code, out) = run_replay(&p, &["--to", &to]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("replay: "), "{out}");
+    p.assert_same_rows(&p.production, &restored);
+    let (code, out) = run_replay(&p, &["--to", &to]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("replay: 0 transactions"), "{out}");
+
+    // --until stops at a position: the counter says exactly how far it got.
+    let partial = restore("faults_replay_until");
+    let to = partial.cluster.conninfo(&partial.name, "postgres");
+    let (code, out) = run_replay(&p, &["--to", &to, "--until", &marks[0]]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(partial.value("SELECT value FROM counter"), "80", "{out}");
+    // A time before every spooled commit applies nothing.
+    let (code, out) = run_replay(&p, &["--to", &to, "--until", "2001-01-01 00:00:00+00"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(partial.value("SELECT value FROM counter"), "80", "{out}");
+    let (code, out) = run_replay(&p, &["--to", &to, "--until", "yesterday-ish"]);
+    assert_eq!(code, Some(10), "{out}");
+    assert!(out.contains("neither an LSN"), "{out}");
+
+    // The oldest segments gone (as retention removes them): a restored backup older than the
+    // spool is an error that says what the spool holds, and nothing is applied.
+    let round_two: Lsn = marks[0].parse().unwrap();
+    for (first, path) in stagingprop::spool::files::segments(&dir).unwrap() {
+        if first < round_two {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    let stale = restore("faults_replay_stale");
+    let to = stale.cluster.conninfo(&stale.name, "postgres");
+    let (code, out) = run_replay(&p, &["--to", &to]);
+    assert_eq!(code, Some(10), "{out}");
+    assert!(out.contains("holds them only from"), "{out}");
+    assert_eq!(stale.value("SELECT value FROM counter"), "40");
+    println!(
+        "replay: {} spooled segments, {:.1} s",
+        stagingprop::spool::files::segments(&dir).unwrap().len(),
         started.elapsed().as_secs_f64()
     );
 }

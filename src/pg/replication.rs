@@ -833,8 +833,13 @@ pub struct DurablePosition(Lsn);
 
 impl DurablePosition {
     /// Call only after the target's commit covering everything up to `lsn` is durable.
-    #[allow(dead_code)] // the sync pipeline is the first caller
     pub(crate) fn after_durable_commit(lsn: Lsn) -> Self {
+        DurablePosition(lsn)
+    }
+
+    /// Call only after every transaction up to `lsn` is in the spool and fsynced: the spool,
+    /// not the target, then holds what staging may release.
+    pub(crate) fn after_spool_fsync(lsn: Lsn) -> Self {
         DurablePosition(lsn)
     }
 

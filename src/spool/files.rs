@@ -365,6 +365,11 @@ impl SpoolWriter {
         self.durable
     }
 
+    /// Whether something appended is not durable yet.
+    pub fn unflushed(&self) -> bool {
+        !self.buffer.is_empty() || self.written != self.durable
+    }
+
     /// Bytes appended but not yet written to the segment file.
     pub fn buffered_bytes(&self) -> usize {
         self.buffer.len()
@@ -811,7 +816,7 @@ mod tests {
     fn a_reader_reads_nothing_past_the_writers_durable_mark() {
         let dir = TempDir::new("mark");
         let (mut writer, _) = SpoolWriter::open(&dir.0, 1 << 20).unwrap();
-        let mut append = |writer: &mut SpoolWriter, n| {
+        let append = |writer: &mut SpoolWriter, n| {
             for (lsn, m) in transaction(n) {
                 writer.append(lsn, &m).unwrap();
             }

@@ -12,14 +12,19 @@
 //! consolidated per row and sent set-based. A large staging transaction is sent in pieces inside
 //! one production transaction, so memory stays bounded whatever its size.
 
+mod feed;
+mod receiver;
+mod replay;
+
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use crate::apply::batch::{Key, RowOp, Source};
-use crate::apply::schema::{self, ColumnMap, TableMeta};
+use crate::apply::schema::{self, ColumnMap, ColumnReference, TableMeta};
 use crate::apply::{self, Applier, ApplyError, Progress};
 use crate::config::{Config, TableName};
 use crate::model::{Lsn, Oid, OldTuple, Relation, Tuple, Value, Xid};
@@ -27,10 +32,12 @@ use crate::pg::QueryError;
 use crate::pg::connect::{Endpoint, EndpointError};
 use crate::pg::replication::{
     DurablePosition, FlushHandle, PgOutputOptions, ReplicationClient, ReplicationError,
-    ReplicationStream,
 };
 use crate::pgoutput::LogicalMessage;
 use crate::remap::Remapper;
+use crate::spool::files::{SpoolError, SpoolReader};
+use feed::Feed;
+pub use replay::{ReplayOptions, ReplayTo, replay};
 
 /// The prefix of the heartbeat messages sync emits on an idle staging.
 pub const HEARTBEAT_PREFIX: &str = "stagingprop-heartbeat";
@@ -57,6 +64,10 @@ pub enum SyncError {
     UnknownTable(String),
     #[error("protocol: {0}")]
     Protocol(String),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    #[error("{0}")]
+    Replay(String),
 }
 
 impl SyncError {
@@ -126,6 +137,8 @@ struct RunState {
     /// The last position received from staging.
     last_received: Lsn,
     stop_lsn: Option<Lsn>,
+    /// Staging's table definitions as last read, for a spool applier while staging is down.
+    staging_schema: Option<Arc<StagingSchema>>,
 }
 
 enum SessionEnd {
@@ -133,7 +146,8 @@ enum SessionEnd {
 }
 
 /// Runs sync until `shutdown` resolves (or `options.stop_at` is reached), retrying transient
-/// failures of either database with backoff.
+/// failures of either database with backoff. With `[spool]`, a receiver writes staging's
+/// stream to the spool and confirms it to staging, and the applier applies the spool.
 pub async fn run<S>(
     config: &Config,
     options: &SyncOptions,
@@ -142,12 +156,43 @@ pub async fn run<S>(
 where
     S: Future<Output = ()>,
 {
-    if let Some(spool) = &config.spool {
-        tracing::warn!(
-            dir = %spool.dir.display(),
-            "[spool] is configured, but this build's sync does not write the spool yet: staging keeps WAL while production is down, as without it"
-        );
+    match &config.spool {
+        None => apply_loop(config, options, &Feeding::Slot, shutdown).await,
+        Some(spool) => receiver::spooled(config, spool, options, shutdown).await,
     }
+}
+
+/// Where the applier reads staging's transactions from.
+enum Feeding {
+    /// Staging's slot: what production committed is confirmed to it.
+    Slot,
+    /// The spool a receiver of this process writes; the receiver confirms to staging.
+    Spool(Arc<receiver::SpoolShared>),
+    /// A spool on disk, applied to a target up to its end or a limit (`replay`).
+    Replay(replay::ReplayPlan),
+}
+
+impl Feeding {
+    fn holder(&self) -> &'static str {
+        match self {
+            Feeding::Slot => "staging keeps what production has not confirmed",
+            Feeding::Spool(_) | Feeding::Replay(_) => {
+                "the spool keeps what the target has not applied"
+            }
+        }
+    }
+}
+
+/// The applier's retry loop: sessions until stopped, with backoff on transient failures.
+async fn apply_loop<S>(
+    config: &Config,
+    options: &SyncOptions,
+    feeding: &Feeding,
+    shutdown: S,
+) -> Result<SyncSummary, SyncError>
+where
+    S: Future<Output = ()>,
+{
     // Latched: a session that fails while stopping (production down during the last commit)
     // leads back here, and the backoff must see the request again rather than poll a future
     // that already completed.
@@ -162,11 +207,12 @@ where
             Some(StopAt::Lsn(lsn)) => Some(lsn),
             _ => None,
         },
+        staging_schema: None,
     };
     let mut attempt: u32 = 0;
     loop {
         let batches_before = state.stats.batches;
-        let result = session(config, options, &mut state, shutdown.as_mut()).await;
+        let result = session(config, options, &mut state, feeding, shutdown.as_mut()).await;
         if state.stats.batches > batches_before {
             // This session committed on production: a failure now starts the backoff afresh.
             attempt = 0;
@@ -184,11 +230,12 @@ where
                 if options.max_attempts.is_some_and(|max| attempt >= max) {
                     return Err(e);
                 }
-                let delay = Duration::from_millis((500u64 << attempt.min(6)).min(30_000));
+                let delay = backoff(attempt);
                 tracing::warn!(
                     attempt,
-                    "{e}; retrying in {:.1} s (nothing is lost: staging keeps what production has not confirmed)",
-                    delay.as_secs_f64()
+                    "{e}; retrying in {:.1} s (nothing is lost: {})",
+                    delay.as_secs_f64(),
+                    feeding.holder()
                 );
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -210,6 +257,11 @@ where
             Err(e) => return Err(e),
         }
     }
+}
+
+/// The pause before retry `attempt` (from 1): doubling from 1 s up to 30 s.
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis((500u64 << attempt.min(6)).min(30_000))
 }
 
 /// A future that, once resolved, stays resolved: polling it again returns `Ready` at once.
@@ -269,31 +321,56 @@ async fn emit_heartbeat(staging: &Endpoint, s: &tokio_postgres::Client) -> Resul
     Ok(())
 }
 
-/// Loads and compares the managed tables on both sides.
+/// Staging's side of validation: the managed tables as staging defines them, and the foreign
+/// keys that say which columns follow a remapped key.
+struct StagingSchema {
+    tables: Vec<Option<TableMeta>>,
+    references: Vec<ColumnReference>,
+}
+
+impl StagingSchema {
+    /// Reads them from `client` (staging, or a copy of it standing in while staging is down).
+    async fn load(
+        config: &Config,
+        endpoint: &Endpoint,
+        client: &tokio_postgres::Client,
+    ) -> Result<StagingSchema, SyncError> {
+        let mut tables = Vec::with_capacity(config.tables.len());
+        for table in &config.tables {
+            tables.push(
+                schema::load_table(client, &table.name)
+                    .await
+                    .map_err(database_error(endpoint, "reading table definitions"))?,
+            );
+        }
+        let references = schema::column_references(client)
+            .await
+            .map_err(database_error(endpoint, "reading foreign keys"))?;
+        Ok(StagingSchema { tables, references })
+    }
+}
+
+/// Compares the managed tables on both sides.
 async fn validate(
     config: &Config,
-    staging: &Endpoint,
-    s: &tokio_postgres::Client,
+    staging: &StagingSchema,
     production: &Endpoint,
     p: &tokio_postgres::Client,
 ) -> Result<(Vec<TableMeta>, Option<Remapper>), SyncError> {
     let mut problems = Vec::new();
     let mut metas = Vec::new();
-    for table in &config.tables {
-        let on_staging = schema::load_table(s, &table.name)
-            .await
-            .map_err(database_error(staging, "reading table definitions"))?;
+    for (table, on_staging) in config.tables.iter().zip(&staging.tables) {
         let on_production = schema::load_table(p, &table.name)
             .await
             .map_err(database_error(production, "reading table definitions"))?;
         match (on_staging, on_production) {
             (None, _) => problems.push(format!("staging: table {} does not exist", table.name)),
             (Some(_), None) => problems.push(format!(
-                "production: table {} does not exist; create it with the same columns as on staging",
-                table.name
+                "{}: table {} does not exist; create it with the same columns as on staging",
+                production.role, table.name
             )),
             (Some(st), Some(pr)) => {
-                problems.extend(schema::compare(&st, &pr));
+                problems.extend(schema::compare(st, &pr));
                 metas.push(pr);
             }
         }
@@ -301,10 +378,7 @@ async fn validate(
     if !problems.is_empty() {
         return Err(SyncError::Schema(problems));
     }
-    let declared = schema::column_references(s)
-        .await
-        .map_err(database_error(staging, "reading foreign keys"))?;
-    let remapper = Remapper::new(config, &metas, &declared).map_err(SyncError::Rules)?;
+    let remapper = Remapper::new(config, &metas, &staging.references).map_err(SyncError::Rules)?;
     Ok((metas, remapper))
 }
 
@@ -367,44 +441,94 @@ async fn session<S>(
     config: &Config,
     options: &SyncOptions,
     state: &mut RunState,
+    feeding: &Feeding,
     mut shutdown: std::pin::Pin<&mut S>,
 ) -> Result<SessionEnd, SyncError>
 where
     S: Future<Output = ()>,
 {
     let staging = Endpoint::from_db_config(&config.staging)?;
-    let production = Endpoint::from_db_config(&config.production)?;
+    let target = match feeding {
+        Feeding::Replay(plan) => plan.target.clone(),
+        _ => Endpoint::from_db_config(&config.production)?,
+    };
     let s = staging
         .connect()
         .await
-        .map_err(database_error(&staging, "connect"))?;
-    let p = production
+        .map_err(database_error(&staging, "connect"));
+    let s = match (s, feeding) {
+        (Ok(s), _) => Some(s),
+        (Err(e), Feeding::Slot) => return Err(e),
+        (Err(e), _) => {
+            // The spool has what the target needs; staging is only asked for its table
+            // definitions, which the target (a copy of it) stands in for.
+            tracing::warn!(
+                "{e}; applying from the spool without staging, checking tables against {}",
+                if state.staging_schema.is_some() {
+                    "staging's definitions as read before"
+                } else {
+                    "the target's own definitions"
+                }
+            );
+            None
+        }
+    };
+    let p = target
         .connect()
         .await
-        .map_err(database_error(&production, "connect"))?;
+        .map_err(database_error(&target, "connect"))?;
     apply::ensure_state_tables(&p).await?;
-    let (metas, remapper) = validate(config, &staging, &s, &production, &p).await?;
-    let confirmed = check_slot(config, &staging, &s).await?;
+    let staging_schema = match (&s, &state.staging_schema) {
+        (Some(s), _) => Arc::new(StagingSchema::load(config, &staging, s).await?),
+        (None, Some(cached)) => cached.clone(),
+        (None, None) => Arc::new(StagingSchema::load(config, &target, &p).await?),
+    };
+    if s.is_some() {
+        state.staging_schema = Some(staging_schema.clone());
+    }
+    let (metas, remapper) = validate(config, &staging_schema, &target, &p).await?;
     let progress = apply::read_progress(&p, &config.sync.slot).await?;
     if progress.is_some_and(|p| !p.end_lsn.is_valid()) {
         return Err(SyncError::Slot(format!(
-            "a `stagingprop copy` into {} started but did not complete, so production is not a \
+            "a `stagingprop copy` into {} started but did not complete, so it is not a \
              consistent copy of staging: run the copy again (with --truncate) before sync",
-            production.describe()
+            target.describe()
         )));
     }
     let applied_end = progress.map(|p| p.end_lsn).unwrap_or_default();
-    if applied_end.is_valid() && confirmed > applied_end {
-        // sync confirms only what production committed, so production lost commits it had:
-        // restored from a backup, or its progress table was changed.
-        return Err(SyncError::Slot(format!(
-            "production's progress ({applied_end}) is behind what the slot {} already released \
-             ({confirmed}): production lacks changes staging no longer has (was it restored from \
-             a backup?). Re-seed production with `stagingprop copy`",
-            config.sync.slot
-        )));
+    match (feeding, &s) {
+        (Feeding::Slot, Some(s)) => {
+            let confirmed = check_slot(config, &staging, s).await?;
+            if applied_end.is_valid() && confirmed > applied_end {
+                // sync confirms only what production committed, so production lost commits
+                // it had: restored from a backup, or its progress table was changed.
+                return Err(SyncError::Slot(format!(
+                    "production's progress ({applied_end}) is behind what the slot {} already \
+                     released ({confirmed}): production lacks changes staging no longer has (was \
+                     it restored from a backup?). With a [spool] that holds them, `stagingprop \
+                     replay` brings it up to date; otherwise re-seed production with `stagingprop copy`",
+                    config.sync.slot
+                )));
+            }
+        }
+        (Feeding::Replay(_), _) if progress.is_none() => {
+            return Err(SyncError::Replay(format!(
+                "{} has no row for slot {} in stagingprop.progress, so nothing says which staging \
+                 transactions it already has: replay needs a target seeded by `stagingprop copy` \
+                 (or restored from a backup of one)",
+                target.describe(),
+                config.sync.slot
+            )));
+        }
+        _ => {}
     }
     if matches!(options.stop_at, Some(StopAt::CaughtUp)) && state.stop_lsn.is_none() {
+        let Some(s) = &s else {
+            return Err(SyncError::Slot(
+                "--until-caught-up needs staging, to know where it is: staging is unreachable"
+                    .into(),
+            ));
+        };
         let lsn: String = s
             .query_one("SELECT pg_current_wal_lsn()::text", &[])
             .await
@@ -412,7 +536,7 @@ where
             .get(0);
         state.stop_lsn = lsn.parse().ok();
         // Something to apply past that point even if no managed table changes.
-        emit_heartbeat(&staging, &s).await?;
+        emit_heartbeat(&staging, s).await?;
     }
     if let (Some(stop), true) = (state.stop_lsn, applied_end.is_valid()) {
         if applied_end >= stop {
@@ -432,29 +556,56 @@ where
     }
     if !applier.replica_role {
         tracing::info!(
-            "production checks foreign keys during apply (the role may not set session_replication_role); tables are applied parents first"
+            "{} checks foreign keys during apply (the role may not set session_replication_role); tables are applied parents first",
+            target.role
         );
     }
 
-    let mut replication = ReplicationClient::connect(&staging).await?;
-    let _ = replication.identify_system().await?;
-    let mut pgoutput = PgOutputOptions::new(vec![config.sync.publication.clone()]);
-    pgoutput.status_interval = Duration::from_secs(config.sync.status_interval_secs);
-    let mut stream = replication
-        .start_logical(&config.sync.slot, applied_end, &pgoutput)
-        .await?;
-    let flush = stream.flush_handle();
+    let (mut feed, confirm) = match feeding {
+        Feeding::Slot => {
+            let mut replication = ReplicationClient::connect(&staging).await?;
+            let _ = replication.identify_system().await?;
+            let mut pgoutput = PgOutputOptions::new(vec![config.sync.publication.clone()]);
+            pgoutput.status_interval = Duration::from_secs(config.sync.status_interval_secs);
+            let stream = replication
+                .start_logical(&config.sync.slot, applied_end, &pgoutput)
+                .await?;
+            let flush = stream.flush_handle();
+            (Feed::Slot(stream), Confirm::Slot(flush))
+        }
+        Feeding::Spool(shared) => {
+            let reader = SpoolReader::open(&shared.dir, applied_end)?;
+            (
+                Feed::Spool {
+                    reader,
+                    shared: shared.clone(),
+                    mark: shared.mark.subscribe(),
+                },
+                Confirm::Spool(shared.clone()),
+            )
+        }
+        Feeding::Replay(plan) => {
+            let reader = SpoolReader::open(&plan.dir, applied_end)?;
+            (
+                Feed::Replay {
+                    reader,
+                    until: plan.until,
+                },
+                Confirm::Nothing,
+            )
+        }
+    };
     if applied_end.is_valid() {
         // What production has is durable: staging may release it even if it was applied by an
         // earlier run that died before confirming.
-        flush.confirm(DurablePosition::after_durable_commit(applied_end));
+        confirm.applied(applied_end);
     }
     tracing::info!(
         slot = %config.sync.slot,
         from = %applied_end,
-        "streaming from {} to {}",
-        staging.describe(),
-        production.describe()
+        "applying {} to {}",
+        feed.describe(&staging),
+        target.describe()
     );
 
     let mut pipeline = Pipeline {
@@ -466,7 +617,7 @@ where
         batch_last: None,
         batch_started: None,
         applied_end,
-        flush,
+        confirm,
         last_activity: Instant::now(),
         one_by_one_until: state.one_by_one_until,
         last_received: state.last_received,
@@ -477,7 +628,7 @@ where
             + state.stats.rows_deleted,
     };
     let result = pipeline
-        .run(&mut stream, &s, state, shutdown.as_mut())
+        .run(&mut feed, s.as_ref(), state, shutdown.as_mut())
         .await;
     state.stats = pipeline.applier.stats;
     state.last_received = pipeline.last_received;
@@ -488,10 +639,36 @@ where
     if result.is_err() {
         let _ = pipeline.applier.rollback().await;
     }
-    let closed = stream.close().await;
+    let closed = feed.close().await;
     let end = result?;
     closed?;
     Ok(end)
+}
+
+/// Where the applier reports what the target committed.
+enum Confirm {
+    /// Staging may release it.
+    Slot(FlushHandle),
+    /// The spool's receiver may delete it (and, over `max_bytes`, confirm it to staging).
+    Spool(Arc<receiver::SpoolShared>),
+    /// Replay: nobody.
+    Nothing,
+}
+
+impl Confirm {
+    fn applied(&self, end: Lsn) {
+        match self {
+            Confirm::Slot(flush) => flush.confirm(DurablePosition::after_durable_commit(end)),
+            Confirm::Spool(shared) => {
+                shared.applied.send_if_modified(|applied| {
+                    let newer = end > *applied;
+                    *applied = (*applied).max(end);
+                    newer
+                });
+            }
+            Confirm::Nothing => {}
+        }
+    }
 }
 
 struct Pipeline<'a> {
@@ -504,7 +681,7 @@ struct Pipeline<'a> {
     batch_last: Option<Progress>,
     batch_started: Option<Instant>,
     applied_end: Lsn,
-    flush: FlushHandle,
+    confirm: Confirm,
     last_activity: Instant,
     one_by_one_until: Option<Lsn>,
     last_received: Lsn,
@@ -516,8 +693,8 @@ struct Pipeline<'a> {
 impl Pipeline<'_> {
     async fn run<S>(
         &mut self,
-        stream: &mut ReplicationStream,
-        staging: &tokio_postgres::Client,
+        feed: &mut Feed,
+        staging: Option<&tokio_postgres::Client>,
         state: &mut RunState,
         mut shutdown: std::pin::Pin<&mut S>,
     ) -> Result<SessionEnd, SyncError>
@@ -536,9 +713,10 @@ impl Pipeline<'_> {
             }
             if report.elapsed() >= Duration::from_secs(10) || !self.sequences_synced {
                 report = Instant::now();
-                if !self.applier.in_transaction() {
+                if let (false, Some(staging)) = (self.applier.in_transaction(), staging) {
                     self.sync_sequences(staging).await?;
                 }
+                self.sequences_synced = true;
                 let st = self.applier.stats;
                 tracing::info!(
                     applied = %self.applied_end,
@@ -547,11 +725,11 @@ impl Pipeline<'_> {
                     updated = st.rows_updated,
                     deleted = st.rows_deleted,
                     skipped_conflicts = st.conflicts_skipped,
-                    lag_bytes = stream.server_wal_end().0.saturating_sub(self.applied_end.0),
+                    lag_bytes = feed.server_wal_end().0.saturating_sub(self.applied_end.0),
                     "sync progress"
                 );
             }
-            let lag_bytes = stream.server_wal_end().0.saturating_sub(self.applied_end.0);
+            let lag_bytes = feed.server_wal_end().0.saturating_sub(self.applied_end.0);
             metrics::gauge!("stagingprop_lag_bytes").set(lag_bytes as f64);
             let lag_seconds = match self.last_commit_time {
                 Some(t) if lag_bytes > 64 * 1024 => {
@@ -567,15 +745,10 @@ impl Pipeline<'_> {
                 (false, _) => heartbeat,
             };
             let next = tokio::select! {
-                next = tokio::time::timeout(wait, stream.next()) => next,
+                next = tokio::time::timeout(wait, feed.next()) => next,
                 _ = shutdown.as_mut() => {
-                    if self.txn.is_none() {
-                        self.commit_batch().await?;
-                    } else {
-                        // Mid-transaction: roll back; the slot resends it next time.
-                        self.applier.rollback().await?;
-                    }
-                    tracing::info!(applied = %self.applied_end, "stopping: everything applied is confirmed to staging");
+                    self.finish().await?;
+                    tracing::info!(applied = %self.applied_end, "stopping: everything applied is confirmed");
                     return Ok(SessionEnd::Stopped);
                 }
             };
@@ -585,26 +758,44 @@ impl Pipeline<'_> {
                         self.commit_batch().await?;
                     } else if self.txn.is_none() && self.last_activity.elapsed() >= heartbeat {
                         // Idle: a transactional message gives the slot something to confirm,
-                        // so staging never keeps WAL for an idle sync.
+                        // so staging never keeps WAL for an idle sync (in spool mode the
+                        // receiver does this).
                         // Best effort: failing to emit only delays the slot's advance.
-                        if let Err(e) = emit_heartbeat(self.staging, staging).await {
-                            tracing::warn!("cannot emit a heartbeat on staging: {e}");
+                        if let (Feed::Slot(_), Some(staging)) = (&*feed, staging) {
+                            if let Err(e) = emit_heartbeat(self.staging, staging).await {
+                                tracing::warn!("cannot emit a heartbeat on staging: {e}");
+                            }
                         }
                         self.last_activity = Instant::now();
                     }
                 }
-                Ok(Err(e)) => return Err(e.into()),
+                Ok(Err(e)) => return Err(e),
                 Ok(Ok(None)) => {
+                    if feed.ends() {
+                        self.finish().await?;
+                        tracing::info!(applied = %self.applied_end, "reached the end of what to replay");
+                        return Ok(SessionEnd::Stopped);
+                    }
                     return Err(SyncError::Replication(ReplicationError::Closed {
                         target: "staging".into(),
                     }));
                 }
-                Ok(Ok(Some(message))) => {
+                Ok(Ok(Some((lsn, message)))) => {
                     self.last_activity = Instant::now();
-                    self.last_received = self.last_received.max(message.wal_start);
-                    self.handle(message.wal_start, message.message).await?;
+                    self.last_received = self.last_received.max(lsn);
+                    self.handle(lsn, message).await?;
                 }
             }
+        }
+    }
+
+    /// Commits the open batch, or rolls back a transaction received only in part (it comes
+    /// again next time).
+    async fn finish(&mut self) -> Result<(), SyncError> {
+        if self.txn.is_none() {
+            self.commit_batch().await
+        } else {
+            Ok(self.applier.rollback().await?)
         }
     }
 
@@ -626,8 +817,7 @@ impl Pipeline<'_> {
                 .record(started.elapsed().as_secs_f64());
         }
         metrics::gauge!("stagingprop_transactions_applied_total").set(st.transactions as f64);
-        self.flush
-            .confirm(DurablePosition::after_durable_commit(end));
+        self.confirm.applied(end);
         if self.one_by_one_until.is_some_and(|until| end >= until) {
             self.one_by_one_until = None;
             self.applier.one_by_one = false;
@@ -775,7 +965,6 @@ impl Pipeline<'_> {
         if raised > 0 {
             tracing::debug!(raised, "raised production sequences to staging's values");
         }
-        self.sequences_synced = true;
         Ok(())
     }
 

@@ -1,0 +1,118 @@
+//! What the applier reads staging's transactions from: the slot, the spool a receiver of this
+//! process writes, or a spool on disk being replayed.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::sync::watch;
+
+use super::SyncError;
+use super::receiver::SpoolShared;
+use crate::model::{Lsn, PgTimestamp};
+use crate::pg::connect::Endpoint;
+use crate::pg::replication::ReplicationStream;
+use crate::pgoutput::LogicalMessage;
+use crate::spool::files::{SpoolMark, SpoolReader};
+
+/// Where a replay stops: the first transaction past it is not applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Until {
+    /// Transactions whose commit record lies at or before this position.
+    Lsn(Lsn),
+    /// Transactions committed at or before this time.
+    Time(PgTimestamp),
+}
+
+impl Until {
+    fn passed_by(self, commit_lsn: Lsn, commit_time: PgTimestamp) -> bool {
+        match self {
+            Until::Lsn(lsn) => commit_lsn > lsn,
+            Until::Time(time) => commit_time > time,
+        }
+    }
+}
+
+pub(super) enum Feed {
+    Slot(ReplicationStream),
+    Spool {
+        reader: SpoolReader,
+        shared: Arc<SpoolShared>,
+        /// The receiver's durable mark: nothing past it is read.
+        mark: watch::Receiver<SpoolMark>,
+    },
+    Replay {
+        reader: SpoolReader,
+        until: Option<Until>,
+    },
+}
+
+impl Feed {
+    /// The next message and its position. `None`: the stream ended (an error for the slot), or
+    /// the replay is complete.
+    pub(super) async fn next(&mut self) -> Result<Option<(Lsn, LogicalMessage)>, SyncError> {
+        match self {
+            Feed::Slot(stream) => Ok(stream.next().await?.map(|m| (m.wal_start, m.message))),
+            Feed::Spool { reader, mark, .. } => loop {
+                let limit = *mark.borrow_and_update();
+                if let Some(message) = reader.next_message_within(Some(limit))? {
+                    return Ok(Some(message));
+                }
+                // Cancel-safe: nothing was taken from the reader.
+                if mark.changed().await.is_err() {
+                    return Ok(None);
+                }
+            },
+            Feed::Replay { reader, until } => {
+                let next = reader.next_message()?;
+                if let (
+                    Some((
+                        _,
+                        LogicalMessage::Begin {
+                            final_lsn,
+                            commit_time,
+                            ..
+                        },
+                    )),
+                    Some(until),
+                ) = (&next, until)
+                {
+                    if until.passed_by(*final_lsn, *commit_time) {
+                        return Ok(None);
+                    }
+                }
+                Ok(next)
+            }
+        }
+    }
+
+    /// Whether running out is the end of the work rather than a lost connection.
+    pub(super) fn ends(&self) -> bool {
+        matches!(self, Feed::Replay { .. })
+    }
+
+    /// Staging's WAL end as last heard (for lag); invalid when replaying.
+    pub(super) fn server_wal_end(&self) -> Lsn {
+        match self {
+            Feed::Slot(stream) => stream.server_wal_end(),
+            Feed::Spool { shared, .. } => Lsn(shared.server_wal_end.load(Ordering::Relaxed)),
+            Feed::Replay { .. } => Lsn::INVALID,
+        }
+    }
+
+    pub(super) fn describe(&self, staging: &Endpoint) -> String {
+        match self {
+            Feed::Slot(_) => format!("staging's stream from {}", staging.describe()),
+            Feed::Spool { shared, .. } => {
+                format!("the spool in {}", shared.dir.display())
+            }
+            Feed::Replay { .. } => "the spool".into(),
+        }
+    }
+
+    pub(super) async fn close(self) -> Result<(), SyncError> {
+        match self {
+            Feed::Slot(stream) => Ok(stream.close().await?),
+            Feed::Spool { .. } | Feed::Replay { .. } => Ok(()),
+        }
+    }
+}

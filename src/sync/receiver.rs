@@ -1,0 +1,369 @@
+//! Sync with the spool on: a receiver writes staging's stream to the spool and tells staging
+//! each position once it is fsynced there, whatever production is doing, while the applier
+//! applies the spool to production. Each has its own retry loop, so an outage of production
+//! never stops staging's WAL from being released, and one of staging never stops production
+//! from catching up on what is spooled.
+//!
+//! When the spool grows past `max_bytes` with production behind, the receiver stops reading
+//! (and confirming) ahead of production: staging keeps the WAL again instead of our disk
+//! filling up.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use super::{
+    Feeding, Latch, SyncError, SyncOptions, SyncSummary, apply_loop, backoff, check_slot,
+    database_error, emit_heartbeat,
+};
+use crate::apply;
+use crate::config::{Config, SpoolConfig};
+use crate::model::Lsn;
+use crate::pg::connect::Endpoint;
+use crate::pg::replication::{
+    DurablePosition, FlushHandle, PgOutputOptions, ReplicationClient, ReplicationError,
+};
+use crate::pgoutput::LogicalMessage;
+use crate::spool::files::{SpoolMark, SpoolWriter};
+
+/// A durable write at most this long after a transaction was received: the time a
+/// transaction may wait to be applied, and fsyncs spread over that many milliseconds.
+const FLUSH_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Buffered bytes written out (and fsynced) even inside a transaction: memory stays bounded.
+const FLUSH_BYTES: usize = 4 << 20;
+
+/// How often applied segments past retention (or over `max_bytes`) are removed.
+const CLEANUP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What the receiver and the applier tell each other.
+pub(super) struct SpoolShared {
+    pub dir: PathBuf,
+    /// Where the spool's durable part ends (receiver -> applier).
+    pub mark: watch::Sender<SpoolMark>,
+    /// The end of the last transaction production committed (applier -> receiver).
+    pub applied: watch::Sender<Lsn>,
+    /// Staging's WAL end as last heard (for the applier's lag).
+    pub server_wal_end: AtomicU64,
+}
+
+/// Runs the receiver and the applier until `shutdown` (or the applier reaching its stop),
+/// then stops both; the first fatal error of either stops the other.
+pub(super) async fn spooled<S>(
+    config: &Config,
+    spool: &SpoolConfig,
+    options: &SyncOptions,
+    shutdown: S,
+) -> Result<SyncSummary, SyncError>
+where
+    S: Future<Output = ()>,
+{
+    let shared = Arc::new(SpoolShared {
+        dir: spool.dir.clone(),
+        mark: watch::Sender::new(SpoolMark::default()),
+        applied: watch::Sender::new(Lsn::INVALID),
+        server_wal_end: AtomicU64::new(0),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let receiver = receive_loop(config, spool, &shared, options, stopped(stop_rx.clone()));
+    let feeding = Feeding::Spool(shared.clone());
+    let applier = apply_loop(config, options, &feeding, stopped(stop_rx));
+    tokio::pin!(receiver, applier, shutdown);
+    let (mut received, mut applied) = (None, None);
+    while received.is_none() || applied.is_none() {
+        tokio::select! {
+            _ = &mut shutdown, if !*stop_tx.borrow() => {
+                stop_tx.send_replace(true);
+            }
+            r = &mut receiver, if received.is_none() => {
+                received = Some(r);
+                stop_tx.send_replace(true);
+            }
+            r = &mut applier, if applied.is_none() => {
+                applied = Some(r);
+                stop_tx.send_replace(true);
+            }
+        }
+    }
+    match (received, applied) {
+        (Some(Err(e)), _) | (_, Some(Err(e))) => Err(e),
+        (_, Some(Ok(summary))) => Ok(summary),
+        _ => unreachable!("the loop ends when both ended"),
+    }
+}
+
+/// The receiver's retry loop.
+async fn receive_loop<S>(
+    config: &Config,
+    spool: &SpoolConfig,
+    shared: &SpoolShared,
+    options: &SyncOptions,
+    stop: S,
+) -> Result<(), SyncError>
+where
+    S: Future<Output = ()>,
+{
+    let mut stop = Latch::new(stop);
+    let mut stop = Pin::new(&mut stop);
+    let mut attempt: u32 = 0;
+    loop {
+        // Opened afresh after a failure: it cuts a transaction received only in part, which
+        // staging sends again (the applier never saw it: it reads up to the durable mark).
+        let (mut writer, recovered) = SpoolWriter::open(&spool.dir, spool.segment_bytes)?;
+        if recovered.cut_bytes > 0 {
+            tracing::warn!(
+                cut_bytes = recovered.cut_bytes,
+                "the spool ended inside a record or a transaction (a crash while writing): cut \
+                 back to the last complete transaction; staging sends the rest again"
+            );
+        }
+        shared.mark.send_replace(writer.durable_mark());
+        let mut received = false;
+        let result = receive(
+            config,
+            spool,
+            &mut writer,
+            shared,
+            stop.as_mut(),
+            &mut received,
+        )
+        .await;
+        drop(writer);
+        if received {
+            attempt = 0;
+        }
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_transient() => {
+                attempt += 1;
+                metrics::counter!("stagingprop_retries_total").increment(1);
+                if options.max_attempts.is_some_and(|max| attempt >= max) {
+                    return Err(e);
+                }
+                let delay = backoff(attempt);
+                tracing::warn!(
+                    attempt,
+                    "spool receiver: {e}; retrying in {:.1} s (nothing is lost: staging keeps what the spool has not confirmed)",
+                    delay.as_secs_f64()
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.as_mut() => return Ok(()),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Production's progress, asked when the spool lacks part of what the slot released: only
+/// production can say whether it has it.
+async fn production_progress(config: &Config) -> Result<Option<Lsn>, SyncError> {
+    let production = Endpoint::from_db_config(&config.production)?;
+    let p = production
+        .connect()
+        .await
+        .map_err(database_error(&production, "connect"))?;
+    apply::ensure_state_tables(&p).await?;
+    Ok(apply::read_progress(&p, &config.sync.slot)
+        .await?
+        .map(|p| p.end_lsn))
+}
+
+/// One receiving session: staging's stream into the spool until stopped or failed.
+async fn receive<S>(
+    config: &Config,
+    spool: &SpoolConfig,
+    writer: &mut SpoolWriter,
+    shared: &SpoolShared,
+    mut stop: Pin<&mut S>,
+    received: &mut bool,
+) -> Result<(), SyncError>
+where
+    S: Future<Output = ()>,
+{
+    let staging = Endpoint::from_db_config(&config.staging)?;
+    let s = staging
+        .connect()
+        .await
+        .map_err(database_error(&staging, "connect"))?;
+    let slot = &config.sync.slot;
+    let confirmed = check_slot(config, &staging, &s).await?;
+    let spooled = writer.durable_end();
+    if confirmed > spooled {
+        // The slot released more than the spool holds: fine only if production has it (the
+        // spool is new, or was emptied).
+        match production_progress(config).await? {
+            Some(applied) if applied.is_valid() && applied < confirmed => {
+                return Err(SyncError::Slot(format!(
+                    "the spool in {} ends at {spooled} and production's progress is {applied}, \
+                     but the slot {slot} already released everything up to {confirmed}: the \
+                     transactions in between are lost (was the spool deleted?). Re-seed \
+                     production with `stagingprop copy`",
+                    spool.dir.display()
+                )));
+            }
+            _ => writer.resume_from(confirmed),
+        }
+    }
+    let mut replication = ReplicationClient::connect(&staging).await?;
+    let _ = replication.identify_system().await?;
+    let mut pgoutput = PgOutputOptions::new(vec![config.sync.publication.clone()]);
+    pgoutput.status_interval = Duration::from_secs(config.sync.status_interval_secs);
+    let mut stream = replication.start_logical(slot, spooled, &pgoutput).await?;
+    let flush = stream.flush_handle();
+    tracing::info!(
+        slot = %slot,
+        from = %spooled.max(confirmed),
+        bytes = writer.bytes(),
+        "spooling {} into {}",
+        staging.describe(),
+        spool.dir.display()
+    );
+
+    let heartbeat = Duration::from_secs(config.sync.heartbeat_interval_secs);
+    let retain = Duration::from_secs(spool.retain_secs);
+    let mut applied_rx = shared.applied.subscribe();
+    let mut skip = false;
+    let mut last_flush = Instant::now();
+    let mut last_activity = Instant::now();
+    let mut last_cleanup: Option<Instant> = None;
+    let mut full = false;
+    let result = loop {
+        shared
+            .server_wal_end
+            .store(stream.server_wal_end().0, Ordering::Relaxed);
+        let applied = *applied_rx.borrow_and_update();
+        if last_cleanup.is_none_or(|t| t.elapsed() >= CLEANUP_INTERVAL) && applied.is_valid() {
+            last_cleanup = Some(Instant::now());
+            let removed = writer.remove_applied(applied, retain, spool.max_bytes)?;
+            if removed > 0 {
+                tracing::debug!(removed, "removed applied spool segments");
+            }
+        }
+        metrics::gauge!("stagingprop_spool_bytes").set(writer.bytes() as f64);
+        let over = writer.bytes() > spool.max_bytes;
+        confirm(&flush, writer, over, applied);
+        // Over the limit with production behind: read no further, so staging keeps the WAL.
+        let now_full = over && applied < writer.durable_end();
+        if now_full != full {
+            full = now_full;
+            metrics::gauge!("stagingprop_spool_full").set(if full { 1.0 } else { 0.0 });
+            if full {
+                tracing::warn!(
+                    bytes = writer.bytes(),
+                    max_bytes = spool.max_bytes,
+                    applied = %applied,
+                    spooled = %writer.durable_end(),
+                    "the spool is full (over spool.max_bytes) while production is behind it: \
+                     not reading staging's stream until production catches up, so staging keeps \
+                     WAL from here on; nothing is lost"
+                );
+            } else {
+                tracing::info!(
+                    bytes = writer.bytes(),
+                    "the spool has room again: reading staging's stream"
+                );
+            }
+        }
+        if full {
+            tokio::select! {
+                _ = applied_rx.changed() => {}
+                _ = tokio::time::sleep(CLEANUP_INTERVAL) => {}
+                _ = stop.as_mut() => break Ok(()),
+            }
+            continue;
+        }
+        let wait = if writer.unflushed() {
+            FLUSH_INTERVAL.saturating_sub(last_flush.elapsed())
+        } else {
+            heartbeat.saturating_sub(last_activity.elapsed())
+        };
+        let next = tokio::select! {
+            next = tokio::time::timeout(wait, stream.next()) => next,
+            _ = stop.as_mut() => break Ok(()),
+        };
+        match next {
+            Err(_) => {
+                if writer.unflushed() {
+                    flush_durably(writer, shared, &mut last_flush)?;
+                } else if last_activity.elapsed() >= heartbeat {
+                    // Idle: a transaction to spool and confirm, so the slot advances.
+                    if let Err(e) = emit_heartbeat(&staging, &s).await {
+                        tracing::warn!("cannot emit a heartbeat on staging: {e}");
+                    }
+                    last_activity = Instant::now();
+                }
+            }
+            Ok(Err(e)) => break Err(e.into()),
+            Ok(Ok(None)) => {
+                break Err(SyncError::Replication(ReplicationError::Closed {
+                    target: "staging".into(),
+                }));
+            }
+            Ok(Ok(Some(m))) => {
+                last_activity = Instant::now();
+                if let LogicalMessage::Begin { final_lsn, .. } = &m.message {
+                    // Already spooled by an earlier session (confirmed or not).
+                    skip = spooled.is_valid() && *final_lsn < writer.durable_end();
+                }
+                let relation = matches!(m.message, LogicalMessage::Relation { .. });
+                if !skip || relation {
+                    writer.append(m.wal_start, &m.message)?;
+                }
+                if let LogicalMessage::Commit { .. } = m.message {
+                    *received = true;
+                    skip = false;
+                    if last_flush.elapsed() >= FLUSH_INTERVAL {
+                        flush_durably(writer, shared, &mut last_flush)?;
+                    }
+                } else if writer.buffered_bytes() >= FLUSH_BYTES {
+                    flush_durably(writer, shared, &mut last_flush)?;
+                }
+            }
+        }
+    };
+    if result.is_ok() {
+        flush_durably(writer, shared, &mut last_flush)?;
+        let applied = *shared.applied.borrow();
+        confirm(&flush, writer, writer.bytes() > spool.max_bytes, applied);
+        tracing::info!(spooled = %writer.durable_end(), "spool receiver stopping: everything spooled is confirmed to staging");
+    }
+    let closed = stream.close().await;
+    result?;
+    Ok(closed?)
+}
+
+/// Writes and fsyncs what was received, and lets the applier read it.
+fn flush_durably(
+    writer: &mut SpoolWriter,
+    shared: &SpoolShared,
+    last_flush: &mut Instant,
+) -> Result<(), SyncError> {
+    writer.flush()?;
+    shared.mark.send_replace(writer.durable_mark());
+    *last_flush = Instant::now();
+    Ok(())
+}
+
+/// Tells staging what it may release: what the spool holds durably, or, when the spool is over
+/// its limit, no more than production applied.
+fn confirm(flush: &FlushHandle, writer: &SpoolWriter, over_limit: bool, applied: Lsn) {
+    let spooled = writer.durable_end();
+    let position = if over_limit {
+        spooled.min(applied)
+    } else {
+        spooled
+    };
+    if position.is_valid() {
+        flush.confirm(DurablePosition::after_spool_fsync(position));
+    }
+}

@@ -1,0 +1,114 @@
+//! `stagingprop replay`: applies spooled transactions to a target from the position its own
+//! progress table holds, e.g. a production restored from a backup taken before an outage.
+//! Exactly once as sync is: the target's progress row moves in the same transaction as the
+//! rows, so a replay that stops part way (or is run twice) goes on where it stopped.
+
+use std::future::Future;
+use std::path::PathBuf;
+
+use super::feed::Until;
+use super::{Feeding, SyncError, SyncOptions, SyncSummary, apply_loop, database_error};
+use crate::config::{Config, DbConfig};
+use crate::model::{Lsn, PgTimestamp};
+use crate::pg::connect::Endpoint;
+use crate::spool::files::{self, SpoolError};
+
+/// The target of a replay.
+#[derive(Clone, Debug)]
+pub enum ReplayTo {
+    Production,
+    Database(DbConfig),
+}
+
+#[derive(Clone, Debug)]
+pub struct ReplayOptions {
+    pub to: ReplayTo,
+    /// `--until`: an LSN (`0/1A2B3C4`) or a time PostgreSQL reads as a `timestamptz`.
+    pub until: Option<String>,
+}
+
+pub(super) struct ReplayPlan {
+    pub dir: PathBuf,
+    pub target: Endpoint,
+    pub until: Option<Until>,
+}
+
+/// Applies the spool to the target until its end (or `--until`).
+pub async fn replay<S>(
+    config: &Config,
+    options: &ReplayOptions,
+    shutdown: S,
+) -> Result<SyncSummary, SyncError>
+where
+    S: Future<Output = ()>,
+{
+    let Some(spool) = &config.spool else {
+        return Err(SyncError::Replay(
+            "replay reads the spool, and the config has no [spool] section: set [spool] dir to \
+             the directory sync spools into"
+                .into(),
+        ));
+    };
+    let target = match &options.to {
+        ReplayTo::Production => Endpoint::from_db_config(&config.production)?,
+        ReplayTo::Database(db) => Endpoint::from_db_config(db)?,
+    };
+    let held = files::summary(&spool.dir)?;
+    let (Some(oldest), Some(newest)) = (held.oldest, held.newest_end) else {
+        return Err(SyncError::Replay(format!(
+            "the spool in {} holds no complete transaction: nothing to replay",
+            spool.dir.display()
+        )));
+    };
+    let until = match &options.until {
+        None => None,
+        Some(text) => Some(parse_until(text, &target).await?),
+    };
+    let plan = ReplayPlan {
+        dir: spool.dir.clone(),
+        target,
+        until,
+    };
+    let sync_options = SyncOptions {
+        stop_at: None,
+        max_attempts: Some(5),
+    };
+    match apply_loop(config, &sync_options, &Feeding::Replay(plan), shutdown).await {
+        Err(SyncError::Spool(SpoolError::Gap { covered, .. })) => Err(SyncError::Replay(format!(
+            "the target has staging's transactions up to {covered}, but the spool in {} holds \
+             them only from the transaction committing at {oldest} (complete up to {newest}), and \
+             not all of those in between: they were removed after production applied them \
+             (spool.retain_secs), or spooled before the target's backup was taken by another \
+             spool. Restore a newer backup, or re-seed the target with `stagingprop copy`",
+            spool.dir.display()
+        ))),
+        other => other,
+    }
+}
+
+/// An LSN, or a time read by the target's PostgreSQL (so every format and time zone it knows
+/// works) as microseconds since PostgreSQL's epoch.
+async fn parse_until(text: &str, target: &Endpoint) -> Result<Until, SyncError> {
+    if let Ok(lsn) = text.parse::<Lsn>() {
+        return Ok(Until::Lsn(lsn));
+    }
+    let client = target
+        .connect()
+        .await
+        .map_err(database_error(target, "connect"))?;
+    let row = client
+        .query_one(
+            "SELECT ((extract(epoch FROM $1::text::timestamptz) - 946684800) * 1000000)::int8",
+            &[&text],
+        )
+        .await
+        .map_err(|e| {
+            SyncError::Replay(format!(
+                "--until {text:?} is neither an LSN (like 0/1A2B3C4) nor a time PostgreSQL reads \
+                 (like '2026-11-25 04:00:00+00'): {}",
+                e.as_db_error()
+                    .map_or_else(|| e.to_string(), |d| d.message().to_owned())
+            ))
+        })?;
+    Ok(Until::Time(PgTimestamp(row.get(0))))
+}
