@@ -56,6 +56,9 @@ pub struct SpoolStatus {
     pub held: crate::spool::files::SpoolSummary,
     /// Bytes of staging WAL between production's progress and the newest spooled transaction.
     pub production_behind_bytes: Option<u64>,
+    pub max_bytes: u64,
+    /// Over `max_bytes` with production behind: sync reads no further and staging keeps WAL.
+    pub full: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -214,10 +217,23 @@ pub async fn status(config: &Config, thresholds: &Thresholds) -> Result<Status, 
             (Some(end), Some(applied)) => Some(end.0.saturating_sub(applied.0)),
             _ => None,
         };
+        let full = held.bytes > spool.max_bytes && production_behind_bytes.is_some_and(|b| b > 0);
+        if full {
+            st.problems.push(format!(
+                "the spool in {} is full ({} of spool.max_bytes {}) and production is behind it: \
+                 sync stopped reading staging's stream, so staging keeps WAL until production \
+                 catches up (or raise max_bytes)",
+                spool.dir.display(),
+                mb(held.bytes as i64),
+                mb(spool.max_bytes as i64)
+            ));
+        }
         st.spool = Some(SpoolStatus {
             dir: spool.dir.display().to_string(),
             held,
             production_behind_bytes,
+            max_bytes: spool.max_bytes,
+            full,
         });
     }
 
@@ -266,10 +282,13 @@ pub async fn status(config: &Config, thresholds: &Thresholds) -> Result<Status, 
     Ok(st)
 }
 
+fn mb(bytes: i64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1e6)
+}
+
 /// The human-readable report.
 pub fn render(st: &Status) -> String {
     let mut out = String::new();
-    let mb = |b: i64| format!("{:.1} MB", b as f64 / 1e6);
     out.push_str(&format!(
         "slot {}: {}\n",
         st.slot.name,
@@ -313,10 +332,12 @@ pub fn render(st: &Status) -> String {
         let held = &spool.held;
         match (held.oldest, held.newest_end) {
             (Some(oldest), Some(newest)) => out.push_str(&format!(
-                "spool {}: {} segment(s), {}, transactions committing from {oldest} to {newest}{}\n",
+                "spool {}: {} segment(s), {} of {}{}, transactions committing from {oldest} to {newest}{}\n",
                 spool.dir,
                 held.segments,
                 mb(held.bytes as i64),
+                mb(spool.max_bytes as i64),
+                if spool.full { " (full)" } else { "" },
                 spool
                     .production_behind_bytes
                     .map_or(String::new(), |b| format!("; production is {b} bytes behind it"))

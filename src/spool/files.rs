@@ -483,6 +483,9 @@ fn start_of(segments: &[(Lsn, PathBuf)], from: Lsn) -> usize {
         .unwrap_or(0)
 }
 
+/// A spooled message and the position staging sent it at.
+type Spooled = (Lsn, LogicalMessage);
+
 /// Reads spooled messages in order, from the segment holding a position on.
 pub struct SpoolReader {
     dir: PathBuf,
@@ -585,7 +588,7 @@ impl SpoolReader {
     fn next_record(
         &mut self,
         limit: Option<SpoolMark>,
-    ) -> Result<Option<(Lsn, (Lsn, LogicalMessage))>, SpoolError> {
+    ) -> Result<Option<(Lsn, Spooled)>, SpoolError> {
         loop {
             if self.current.is_none() {
                 if self.next_segment >= self.segments.len() {

@@ -169,7 +169,7 @@ enum Feeding {
     /// The spool a receiver of this process writes; the receiver confirms to staging.
     Spool(Arc<receiver::SpoolShared>),
     /// A spool on disk, applied to a target up to its end or a limit (`replay`).
-    Replay(replay::ReplayPlan),
+    Replay(Box<replay::ReplayPlan>),
 }
 
 impl Feeding {

@@ -73,7 +73,14 @@ where
         stop_at: None,
         max_attempts: Some(5),
     };
-    match apply_loop(config, &sync_options, &Feeding::Replay(plan), shutdown).await {
+    match apply_loop(
+        config,
+        &sync_options,
+        &Feeding::Replay(Box::new(plan)),
+        shutdown,
+    )
+    .await
+    {
         Err(SyncError::Spool(SpoolError::Gap { covered, .. })) => Err(SyncError::Replay(format!(
             "the target has staging's transactions up to {covered}, but the spool in {} holds \
              them only from the transaction committing at {oldest} (complete up to {newest}), and \

@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# End-to-end benchmark: what the spool costs `sync`. The same staging backlog is applied by
+# stagingprop to two targets holding the same seed, each through its own slot: "plain" (sync
+# applies staging's stream and confirms production's commits) and "spool" (with [spool] on: a
+# receiver writes the stream to the spool, fsyncs it and confirms it to staging, while the
+# applier applies the spool to production).
+#
+#   benches/e2e_spool.sh                       # from the repository root
+#   BACKLOG_TXNS=5000 PRODUCTS=20000 benches/e2e_spool.sh   # a quicker, smaller run
+#
+# Each round commits BACKLOG_TXNS pgbench OLTP transactions (the workload of e2e_sync.sh) while
+# sync is stopped, then times `sync --until-caught-up` on each target, one after the other; the
+# order alternates between rounds. The result is the rows/s of both, their ratio (target: spool
+# at least 0.9x plain), and the spool's write throughput (bytes spooled / seconds of the spool
+# run). Afterwards both targets are compared with staging row by row; a mismatch fails the run.
+#
+# Knobs (environment): PRODUCTS=50000, BACKLOG_TXNS=20000 (per round), ROUNDS=2, CLIENTS=2,
+# PG_EXTRA_CONF, KEEP=1, STAGINGPROP_PG_BIN, CARGO_TARGET_DIR (as in e2e_sync.sh).
+set -euo pipefail
+
+PRODUCTS=${PRODUCTS:-50000}
+BACKLOG_TXNS=${BACKLOG_TXNS:-20000}
+ROUNDS=${ROUNDS:-2}
+CLIENTS=${CLIENTS:-2}
+BIG_ROWS=0
+PG_EXTRA_CONF=${PG_EXTRA_CONF:-}
+KEEP=${KEEP:-0}
+
+cd "$(dirname "$0")/.."
+REPO=$PWD
+
+# shellcheck source=benches/common.sh
+source "$REPO/benches/common.sh"
+require_pg_tools initdb pg_ctl psql pgbench
+build_stagingprop
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/stagingprop-spool.XXXXXX")
+chmod 755 "$WORK"
+trap 'rc=$?; set +e; stop_clusters; exit $rc' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# shellcheck source=benches/catalogue.sh
+source "$REPO/benches/catalogue.sh"
+
+write_config() {
+    local name=$1
+    cat >"$WORK/$name.toml" <<EOF
+[staging]
+url = "host=127.0.0.1 port=${PORT[staging]} dbname=shop user=postgres"
+sslmode = "disable"
+
+[production]
+url = "host=127.0.0.1 port=${PORT[$name]} dbname=shop user=postgres"
+sslmode = "disable"
+
+[sync]
+slot = "sp_$name"
+publication = "stagingprop"
+
+[[tables]]
+name = "public.catentry"
+
+[[tables]]
+name = "public.catentdesc"
+
+[[tables]]
+name = "public.offer"
+
+[[tables]]
+name = "public.offerprice"
+
+[[tables]]
+name = "public.bench_marker"
+EOF
+    if [[ $name == spool ]]; then
+        printf '\n[spool]\ndir = "%s"\n' "$WORK/spool" >>"$WORK/$name.toml"
+    fi
+}
+
+spool_bytes() {
+    du -sb "$WORK/spool" 2>/dev/null | awk '{ print $1 }' || echo 0
+}
+
+# run_sync NAME ROUND: times `sync --until-caught-up`; adds to SECONDS_OF[NAME].
+declare -A SECONDS_OF=([plain]=0 [spool]=0)
+SPOOLED=0
+run_sync() {
+    local name=$1 round=$2 t0 t1 rc=0 before after
+    q staging -c "CHECKPOINT"
+    q "$name" -c "VACUUM ANALYZE" -c "CHECKPOINT"
+    before=$(spool_bytes)
+    t0=$(now)
+    "$BIN" --config "$WORK/$name.toml" sync --until-caught-up 2>"$WORK/sync.$name.$round.log" || rc=$?
+    t1=$(now)
+    if (( rc != 0 )); then
+        tail -n 30 "$WORK/sync.$name.$round.log" >&2
+        die "stagingprop sync to $name failed (exit $rc)"
+    fi
+    local s
+    s=$(elapsed "$t0" "$t1")
+    SECONDS_OF[$name]=$(awk -v a="${SECONDS_OF[$name]}" -v b="$s" 'BEGIN { print a + b }')
+    if [[ $name == spool ]]; then
+        after=$(spool_bytes)
+        SPOOLED=$(( SPOOLED + after - before ))
+        log "round $round: $name caught up in $s s, $(( (after - before) / 1000000 )) MB spooled"
+    else
+        log "round $round: $name caught up in $s s"
+    fi
+}
+
+log "work directory $WORK; PostgreSQL binaries $PGBIN"
+for c in staging plain spool; do
+    start_cluster "$c"
+    qpg "$c" -c "CREATE DATABASE shop"
+done
+log "loading $PRODUCTS products into all three"
+pids=()
+for c in staging plain spool; do
+    q "$c" -c "$SCHEMA_SQL" -c "$SEED_SQL" -c "VACUUM ANALYZE" &
+    pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid" || die "loading the seed failed"; done
+
+for c in plain spool; do
+    write_config "$c"
+    "$BIN" --config "$WORK/$c.toml" init >"$WORK/init.$c.log" 2>&1 || { cat "$WORK/init.$c.log" >&2; die "init ($c) failed"; }
+done
+
+ROWS=0
+for round in $(seq 1 "$ROUNDS"); do
+    before=$(rows_written)
+    "$PGBIN/pgbench" -n -h 127.0.0.1 -p "${PORT[staging]}" -U postgres -c "$CLIENTS" -j "$CLIENTS" \
+        -t $(( BACKLOG_TXNS / CLIENTS )) -D products="$PRODUCTS" -D clients="$CLIENTS" -f "$WORK/oltp.sql" shop \
+        >"$WORK/pgbench.$round.log" 2>&1 || { cat "$WORK/pgbench.$round.log" >&2; die "pgbench failed"; }
+    q staging -c "INSERT INTO bench_marker VALUES ($round, now())"
+    rows=$(( $(rows_written) - before ))
+    ROWS=$(( ROWS + rows ))
+    log "round $round: staging committed $BACKLOG_TXNS transactions changing $rows rows"
+    if (( round % 2 == 1 )); then
+        run_sync plain "$round"; run_sync spool "$round"
+    else
+        run_sync spool "$round"; run_sync plain "$round"
+    fi
+done
+
+FAILED=0
+s=$(fingerprint staging)
+for c in plain spool; do
+    t=$(fingerprint "$c")
+    if [[ $t == "$s" ]]; then log "$c target MATCH"; else log "$c target MISMATCH: staging $s / $c $t"; FAILED=1; fi
+done
+(( FAILED == 0 )) || die "a target differs from staging"
+
+{
+    echo
+    echo "stagingprop spool cost, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, PostgreSQL $(q staging -c 'SHOW server_version')"
+    echo "$ROUNDS rounds of $BACKLOG_TXNS OLTP transactions, $ROWS rows; $(( SPOOLED / 1000000 )) MB spooled"
+    printf '%-8s %10s %12s\n' target seconds rows/s
+    for c in plain spool; do
+        printf '%-8s %10.2f %12.0f\n' "$c" "${SECONDS_OF[$c]}" "$(awk -v r="$ROWS" -v t="${SECONDS_OF[$c]}" 'BEGIN { print r / t }')"
+    done
+    awk -v a="${SECONDS_OF[plain]}" -v b="${SECONDS_OF[spool]}" -v bytes="$SPOOLED" \
+        'BEGIN { printf "spool rows/s = %.2f x plain rows/s (target: at least 0.9x); spool written at %.1f MB/s while catching up\n", a / b, bytes / 1e6 / b }'
+}
