@@ -15,6 +15,8 @@
 # run). Afterwards both targets are compared with staging row by row; a mismatch fails the run.
 #
 # Knobs (environment): PRODUCTS=50000, BACKLOG_TXNS=20000 (per round), ROUNDS=2, CLIENTS=2,
+# SPOOL_CONF='' (extra [spool] lines, e.g. "segment_bytes = 16777216"), PERF=1 (perf record each
+# sync run into the work directory; use with KEEP=1),
 # PG_EXTRA_CONF, KEEP=1, STAGINGPROP_PG_BIN, CARGO_TARGET_DIR (as in e2e_sync.sh).
 set -euo pipefail
 
@@ -74,7 +76,7 @@ name = "public.offerprice"
 name = "public.bench_marker"
 EOF
     if [[ $name == spool ]]; then
-        printf '\n[spool]\ndir = "%s"\n' "$WORK/spool" >>"$WORK/$name.toml"
+        printf '\n[spool]\ndir = "%s"\n%s\n' "$WORK/spool" "${SPOOL_CONF:-}" >>"$WORK/$name.toml"
     fi
 }
 
@@ -83,7 +85,7 @@ spool_bytes() {
 }
 
 # run_sync NAME ROUND: times `sync --until-caught-up`; adds to SECONDS_OF[NAME].
-declare -A SECONDS_OF=([plain]=0 [spool]=0)
+declare -A SECONDS_OF=([plain]=0 [spool]=0) CPU_OF=([plain]=0 [spool]=0)
 SPOOLED=0
 run_sync() {
     local name=$1 round=$2 t0 t1 rc=0 before after
@@ -91,7 +93,10 @@ run_sync() {
     q "$name" -c "VACUUM ANALYZE" -c "CHECKPOINT"
     before=$(spool_bytes)
     t0=$(now)
-    "$BIN" --config "$WORK/$name.toml" sync --until-caught-up 2>"$WORK/sync.$name.$round.log" || rc=$?
+    local wrapper=()
+    [[ -n ${PERF:-} ]] && wrapper=(perf record -F 2000 -g -o "$WORK/perf.$name.$round" --)
+    /usr/bin/time -f '%U %S' -o "$WORK/cpu.$name.$round" \
+        "${wrapper[@]}" "$BIN" --config "$WORK/$name.toml" sync --until-caught-up 2>"$WORK/sync.$name.$round.log" || rc=$?
     t1=$(now)
     if (( rc != 0 )); then
         tail -n 30 "$WORK/sync.$name.$round.log" >&2
@@ -100,6 +105,7 @@ run_sync() {
     local s
     s=$(elapsed "$t0" "$t1")
     SECONDS_OF[$name]=$(awk -v a="${SECONDS_OF[$name]}" -v b="$s" 'BEGIN { print a + b }')
+    CPU_OF[$name]=$(tail -n 1 "$WORK/cpu.$name.$round" | awk -v a="${CPU_OF[$name]}" '{ print a + $1 + $2 }')
     if [[ $name == spool ]]; then
         after=$(spool_bytes)
         SPOOLED=$(( SPOOLED + after - before ))
@@ -156,9 +162,9 @@ done
     echo
     echo "stagingprop spool cost, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, PostgreSQL $(q staging -c 'SHOW server_version')"
     echo "$ROUNDS rounds of $BACKLOG_TXNS OLTP transactions, $ROWS rows; $(( SPOOLED / 1000000 )) MB spooled"
-    printf '%-8s %10s %12s\n' target seconds rows/s
+    printf '%-8s %10s %12s %18s\n' target seconds rows/s "stagingprop CPU s"
     for c in plain spool; do
-        printf '%-8s %10.2f %12.0f\n' "$c" "${SECONDS_OF[$c]}" "$(awk -v r="$ROWS" -v t="${SECONDS_OF[$c]}" 'BEGIN { print r / t }')"
+        printf '%-8s %10.2f %12.0f %18.2f\n' "$c" "${SECONDS_OF[$c]}" "$(awk -v r="$ROWS" -v t="${SECONDS_OF[$c]}" 'BEGIN { print r / t }')" "${CPU_OF[$c]}"
     done
     awk -v a="${SECONDS_OF[plain]}" -v b="${SECONDS_OF[spool]}" -v bytes="$SPOOLED" \
         'BEGIN { printf "spool rows/s = %.2f x plain rows/s (target: at least 0.9x); spool written at %.1f MB/s while catching up\n", a / b, bytes / 1e6 / b }'

@@ -2220,3 +2220,68 @@ async fn replay_brings_a_restored_backup_up_to_production() {
         started.elapsed().as_secs_f64()
     );
 }
+
+/// Two appliers on one target would apply the same transactions twice: a second process on the
+/// same spool is refused, and a sync whose progress row another writer moved stops, rolling its
+/// batch back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_applier_on_the_same_target_is_refused() {
+    let mut p = setup(
+        shared_staging(),
+        shared_production(),
+        "faults_second",
+        LEDGER,
+        LEDGER_TABLES,
+        "",
+    )
+    .await;
+    let plain_config = std::fs::read_to_string(&p.config_path).unwrap();
+    p.enable_spool("");
+    let (mut child, log) = spawn_sync(&p, &[], "sync-spool.log");
+    p.staging.sql(&(1..=10).map(ledger_txn).collect::<String>());
+    let lsn = p.staging_lsn();
+    p.wait_applied(&lsn, Duration::from_secs(30)).await;
+    let (code, out) = run_replay(&p, &[]);
+    assert_eq!(code, Some(10), "{out}");
+    assert!(
+        out.contains("another stagingprop process is using the spool"),
+        "{out}"
+    );
+    let (mut second, second_log) = spawn_sync(&p, &[], "sync-second.log");
+    let status = wait_exit(&mut second, Duration::from_secs(30));
+    let text = read_log(&second_log);
+    assert_eq!(status.and_then(|s| s.code()), Some(10), "{text}");
+    assert!(text.contains("another stagingprop process"), "{text}");
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(kill.success());
+    let status = wait_exit(&mut child, Duration::from_secs(20));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", read_log(&log));
+
+    // Without the spool: production's progress row moved by someone else.
+    std::fs::write(&p.config_path, plain_config).unwrap();
+    p.wait_slot_inactive(Duration::from_secs(15));
+    let (mut child, log) = spawn_sync(&p, &[], "sync-plain.log");
+    p.staging
+        .sql(&(11..=20).map(ledger_txn).collect::<String>());
+    let lsn = p.staging_lsn();
+    p.wait_applied(&lsn, Duration::from_secs(30)).await;
+    p.production.sql(&format!(
+        "UPDATE stagingprop.progress SET end_lsn = end_lsn + 1 WHERE slot = '{}'",
+        p.slot
+    ));
+    let before = p.production.value("SELECT value FROM counter");
+    p.staging
+        .sql(&(21..=30).map(ledger_txn).collect::<String>());
+    let status = wait_exit(&mut child, Duration::from_secs(30));
+    let text = read_log(&log);
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{text}");
+    assert!(text.contains("another stagingprop"), "{text}");
+    assert_eq!(
+        p.production.value("SELECT value FROM counter"),
+        before,
+        "the batch was rolled back"
+    );
+}

@@ -92,6 +92,12 @@ pub enum ApplyError {
         "staging sent a value that is not UTF-8 text in {table}; check staging's server_encoding"
     )]
     NotUtf8 { table: TableName },
+    #[error(
+        "the progress row of slot {slot} moved from {expected} while this batch was applied: \
+         another stagingprop (a second sync, or a replay) is applying to the same database. \
+         This batch was rolled back; stop the other one, then start sync again"
+    )]
+    ProgressMoved { slot: String, expected: Lsn },
 }
 
 impl ApplyError {
@@ -247,6 +253,9 @@ pub struct Applier {
     pub replica_role: bool,
     /// Translates keys when some table does not keep staging's keys.
     remap: Option<Remapper>,
+    /// The progress row as this applier last saw it: a commit moves it only from there, so two
+    /// appliers never both apply the same transactions.
+    progress_at: Lsn,
 }
 
 /// Creates stagingprop's schema and tables on production if missing.
@@ -309,11 +318,13 @@ pub async fn read_progress(client: &Client, slot: &str) -> Result<Option<Progres
 
 impl Applier {
     /// Prepares the production session for `tables` (metadata already loaded and validated).
+    /// `progress_at` is the slot's progress row as read (invalid when there is none).
     pub async fn new(
         client: Client,
         slot: &str,
         tables: Vec<(TableMeta, ConflictPolicy)>,
         remap: Option<Remapper>,
+        progress_at: Lsn,
     ) -> Result<Applier, ApplyError> {
         let tables: Vec<TableState> = tables
             .into_iter()
@@ -359,6 +370,7 @@ impl Applier {
             stats: ApplyStats::default(),
             replica_role,
             remap,
+            progress_at,
         })
     }
 
@@ -974,27 +986,38 @@ impl Applier {
         self.begin().await?;
         self.flush().await?;
         self.settle().await?;
+        let progress = qualified(STATE_SCHEMA, "progress");
         let sql = format!(
-            "INSERT INTO {} (slot, end_lsn, commit_lsn, xid, commit_time, applied_at) \
+            "INSERT INTO {progress} (slot, end_lsn, commit_lsn, xid, commit_time, applied_at) \
              VALUES ($1, $2::text::pg_lsn, $3::text::pg_lsn, $4, to_timestamp($5::float8 / 1000000), now()) \
              ON CONFLICT (slot) DO UPDATE SET end_lsn = EXCLUDED.end_lsn, commit_lsn = EXCLUDED.commit_lsn, \
-             xid = EXCLUDED.xid, commit_time = EXCLUDED.commit_time, applied_at = now()",
-            qualified(STATE_SCHEMA, "progress")
+             xid = EXCLUDED.xid, commit_time = EXCLUDED.commit_time, applied_at = now() \
+             WHERE {progress}.end_lsn = $6::text::pg_lsn"
         );
         let end = last.end_lsn.to_string();
         let commit = last.commit_lsn.to_string();
         let xid = i64::from(last.xid);
         let micros = last.commit_time.unix_micros() as f64;
-        self.client
-            .execute(&sql, &[&self.slot, &end, &commit, &xid, &micros])
+        let expected = self.progress_at.to_string();
+        let written = self
+            .client
+            .execute(&sql, &[&self.slot, &end, &commit, &xid, &micros, &expected])
             .await
             .map_err(query_error("updating the progress table"))?;
+        if written == 0 {
+            self.rollback().await?;
+            return Err(ApplyError::ProgressMoved {
+                slot: self.slot.clone(),
+                expected: self.progress_at,
+            });
+        }
         self.client
             .batch_execute("COMMIT")
             .await
             .map_err(query_error("COMMIT"))?;
         self.in_transaction = false;
         self.stats.batches += 1;
+        self.progress_at = last.end_lsn;
         Ok(last.end_lsn)
     }
 

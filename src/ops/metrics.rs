@@ -5,7 +5,8 @@
 //! `stagingprop_conflicts_total{table,policy}`, `stagingprop_batch_rows`,
 //! `stagingprop_batch_seconds`, `stagingprop_transactions_applied_total`,
 //! `stagingprop_lag_bytes`, `stagingprop_lag_seconds`, `stagingprop_retries_total`,
-//! `stagingprop_copy_bytes_total{table}`, `stagingprop_copy_rows_total{table}`.
+//! `stagingprop_copy_bytes_total{table}`, `stagingprop_copy_rows_total{table}`,
+//! `stagingprop_spool_bytes`, `stagingprop_spool_full`.
 
 use std::net::SocketAddr;
 

@@ -32,6 +32,12 @@ pub enum SpoolError {
         offset: u64,
         reason: String,
     },
+    #[error(
+        "another stagingprop process is using the spool in {} (a sync with this spool, or a \
+         replay into production): stop it first, since two would apply the same transactions",
+        dir.display()
+    )]
+    Locked { dir: PathBuf },
     #[error(transparent)]
     TooLarge(#[from] segment::TooLarge),
     #[error("staging sent a {0} outside a transaction; it cannot be spooled")]
@@ -130,6 +136,33 @@ fn last_commit(path: &Path, data: &[u8]) -> Result<(usize, Option<Lsn>), SpoolEr
                     reason: reason.to_owned(),
                 });
             }
+        }
+    }
+}
+
+/// An exclusive lock on a spool directory (a `lock` file in it), held by a sync that writes the
+/// spool and by a replay into production for as long as they run: two of them would apply the
+/// same transactions. Released when dropped, or when the process dies.
+pub struct SpoolLock {
+    _file: File,
+}
+
+impl SpoolLock {
+    pub fn acquire(dir: &Path) -> Result<SpoolLock, SpoolError> {
+        fs::create_dir_all(dir).map_err(io_error(dir))?;
+        let path = dir.join("lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_error(&path))?;
+        match file.try_lock() {
+            Ok(()) => Ok(SpoolLock { _file: file }),
+            Err(fs::TryLockError::WouldBlock) => Err(SpoolError::Locked {
+                dir: dir.to_owned(),
+            }),
+            Err(fs::TryLockError::Error(e)) => Err(io_error(&path)(e)),
         }
     }
 }
@@ -813,6 +846,18 @@ mod tests {
             }
         }
         Ok(rows)
+    }
+
+    #[test]
+    fn one_lock_holder_at_a_time() {
+        let dir = TempDir::new("lock");
+        let held = SpoolLock::acquire(&dir.0).unwrap();
+        let err = SpoolLock::acquire(&dir.0)
+            .err()
+            .expect("a second holder is refused");
+        assert!(matches!(err, SpoolError::Locked { .. }), "{err}");
+        drop(held);
+        assert!(SpoolLock::acquire(&dir.0).is_ok());
     }
 
     #[test]

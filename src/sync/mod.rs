@@ -549,7 +549,7 @@ where
         .zip(&config.tables)
         .map(|(meta, t)| (meta, t.on_conflict))
         .collect();
-    let mut applier = Applier::new(p, &config.sync.slot, tables, remapper).await?;
+    let mut applier = Applier::new(p, &config.sync.slot, tables, remapper, applied_end).await?;
     applier.stats = state.stats;
     if let Some(until) = state.one_by_one_until {
         applier.one_by_one = applied_end < until;

@@ -29,7 +29,7 @@ use crate::pg::replication::{
     DurablePosition, FlushHandle, PgOutputOptions, ReplicationClient, ReplicationError,
 };
 use crate::pgoutput::LogicalMessage;
-use crate::spool::files::{SpoolMark, SpoolWriter};
+use crate::spool::files::{SpoolLock, SpoolMark, SpoolWriter};
 
 /// A durable write at most this long after a transaction was received: the time a
 /// transaction may wait to be applied, and fsyncs spread over that many milliseconds.
@@ -63,6 +63,7 @@ pub(super) async fn spooled<S>(
 where
     S: Future<Output = ()>,
 {
+    let _lock = SpoolLock::acquire(&spool.dir)?;
     let shared = Arc::new(SpoolShared {
         dir: spool.dir.clone(),
         mark: watch::Sender::new(SpoolMark::default()),
@@ -73,9 +74,17 @@ where
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let receiver = receive_loop(config, spool, &shared, options, stopped(stop_rx.clone()));
-    let feeding = Feeding::Spool(shared.clone());
-    let applier = apply_loop(config, options, &feeding, stopped(stop_rx));
+    // Two tasks, so that spooling and applying use two cores.
+    let receiver = tokio::spawn({
+        let (config, spool, options) = (config.clone(), spool.clone(), options.clone());
+        let (shared, stop) = (shared.clone(), stopped(stop_rx.clone()));
+        async move { receive_loop(&config, &spool, &shared, &options, stop).await }
+    });
+    let applier = tokio::spawn({
+        let (config, options) = (config.clone(), options.clone());
+        let (feeding, stop) = (Feeding::Spool(shared), stopped(stop_rx));
+        async move { apply_loop(&config, &options, &feeding, stop).await }
+    });
     tokio::pin!(receiver, applier, shutdown);
     let (mut received, mut applied) = (None, None);
     while received.is_none() || applied.is_none() {
@@ -84,11 +93,11 @@ where
                 stop_tx.send_replace(true);
             }
             r = &mut receiver, if received.is_none() => {
-                received = Some(r);
+                received = Some(joined(r));
                 stop_tx.send_replace(true);
             }
             r = &mut applier, if applied.is_none() => {
-                applied = Some(r);
+                applied = Some(joined(r));
                 stop_tx.send_replace(true);
             }
         }
@@ -97,6 +106,14 @@ where
         (Some(Err(e)), _) | (_, Some(Err(e))) => Err(e),
         (_, Some(Ok(summary))) => Ok(summary),
         _ => unreachable!("the loop ends when both ended"),
+    }
+}
+
+/// A task's result; a panic in it goes on in the caller.
+fn joined<T>(result: Result<T, tokio::task::JoinError>) -> T {
+    match result {
+        Ok(value) => value,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
 }
 

@@ -49,9 +49,13 @@ where
                 .into(),
         ));
     };
-    let target = match &options.to {
-        ReplayTo::Production => Endpoint::from_db_config(&config.production)?,
-        ReplayTo::Database(db) => Endpoint::from_db_config(db)?,
+    let (target, _lock) = match &options.to {
+        // A sync applying the same spool to production would apply what replay applies.
+        ReplayTo::Production => (
+            Endpoint::from_db_config(&config.production)?,
+            Some(files::SpoolLock::acquire(&spool.dir)?),
+        ),
+        ReplayTo::Database(db) => (Endpoint::from_db_config(db)?, None),
     };
     let held = files::summary(&spool.dir)?;
     let (Some(oldest), Some(newest)) = (held.oldest, held.newest_end) else {
