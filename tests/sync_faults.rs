@@ -622,12 +622,12 @@ const LEDGER_TABLES: &[(&str, &str)] = &[("ledger", "id"), ("counter", "id")];
 /// unchanged) and, every third time, a delete of an older row. Under `on_conflict = "error"` a
 /// duplicated insert or delete is a conflict; a lost or duplicated one changes the counter.
 fn ledger_txn(i: u64) -> String {
-    let blob = if i % 7 == 0 {
+    let blob = if i.is_multiple_of(7) {
         format!("repeat('blob{i}', 2000)")
     } else {
         "NULL".to_owned()
     };
-    let delete = if i % 3 == 0 && i > 20 {
+    let delete = if i.is_multiple_of(3) && i > 20 {
         format!("DELETE FROM ledger WHERE id = {};", i - 20)
     } else {
         String::new()
@@ -889,10 +889,10 @@ impl Catalogue {
     fn forget_offer(&mut self, offer: (i64, i32)) {
         self.offers.remove(&offer);
         self.prices.remove(&offer);
-        if let Some(parent) = self.offer_parent.remove(&offer) {
-            if let Some(list) = self.offers_of.get_mut(&parent) {
-                list.retain(|o| *o != offer);
-            }
+        if let Some(parent) = self.offer_parent.remove(&offer)
+            && let Some(list) = self.offers_of.get_mut(&parent)
+        {
+            list.retain(|o| *o != offer);
         }
     }
 

@@ -931,17 +931,15 @@ fn rewrite_reference(
         |text: &[u8]| parse_key(text).and_then(|s| targets.get(&s).copied().filter(|&t| t != s));
     if let NetChange::Insert(row) | NetChange::Update(row) | NetChange::Replace(row) =
         &mut entry.change
+        && let Value::Text(b) = &row[column]
+        && let Some(target) = translate(b)
     {
-        if let Value::Text(b) = &row[column] {
-            if let Some(target) = translate(b) {
-                row[column] = Value::Text(format_key(target));
-            }
-        }
+        row[column] = Value::Text(format_key(target));
     }
-    if let Some(k) = key_slot {
-        if let Some(target) = entry.key[k].as_deref().and_then(translate) {
-            entry.key[k] = Some(format_key(target));
-        }
+    if let Some(k) = key_slot
+        && let Some(target) = entry.key[k].as_deref().and_then(translate)
+    {
+        entry.key[k] = Some(format_key(target));
     }
 }
 

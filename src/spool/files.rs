@@ -597,15 +597,15 @@ impl SpoolReader {
         let (previous_end, message) = message;
         match &message.1 {
             LogicalMessage::Begin { final_lsn, .. } => {
-                if let (Some(covered), true) = (self.covered, previous_end.is_valid()) {
-                    if previous_end > covered {
-                        return Err(SpoolError::Gap {
-                            dir: self.dir.clone(),
-                            covered,
-                            previous_end,
-                            commit: *final_lsn,
-                        });
-                    }
+                if let (Some(covered), true) = (self.covered, previous_end.is_valid())
+                    && previous_end > covered
+                {
+                    return Err(SpoolError::Gap {
+                        dir: self.dir.clone(),
+                        covered,
+                        previous_end,
+                        commit: *final_lsn,
+                    });
                 }
             }
             LogicalMessage::Commit { end_lsn, .. } => {

@@ -75,10 +75,9 @@ impl Feed {
                     )),
                     Some(until),
                 ) = (&next, until)
+                    && until.passed_by(*final_lsn, *commit_time)
                 {
-                    if until.passed_by(*final_lsn, *commit_time) {
-                        return Ok(None);
-                    }
+                    return Ok(None);
                 }
                 Ok(next)
             }

@@ -538,10 +538,10 @@ where
         // Something to apply past that point even if no managed table changes.
         emit_heartbeat(&staging, s).await?;
     }
-    if let (Some(stop), true) = (state.stop_lsn, applied_end.is_valid()) {
-        if applied_end >= stop {
-            return Ok(SessionEnd::Stopped);
-        }
+    if let (Some(stop), true) = (state.stop_lsn, applied_end.is_valid())
+        && applied_end >= stop
+    {
+        return Ok(SessionEnd::Stopped);
     }
 
     let tables: Vec<(TableMeta, _)> = metas
@@ -705,11 +705,13 @@ impl Pipeline<'_> {
         let max_delay = Duration::from_millis(self.config.sync.batch_max_delay_ms);
         let mut report = Instant::now();
         loop {
-            if let Some(stop) = state.stop_lsn {
-                if self.applied_end.is_valid() && self.applied_end >= stop && self.txn.is_none() {
-                    self.commit_batch().await?;
-                    return Ok(SessionEnd::Stopped);
-                }
+            if let Some(stop) = state.stop_lsn
+                && self.applied_end.is_valid()
+                && self.applied_end >= stop
+                && self.txn.is_none()
+            {
+                self.commit_batch().await?;
+                return Ok(SessionEnd::Stopped);
             }
             if report.elapsed() >= Duration::from_secs(10) || !self.sequences_synced {
                 report = Instant::now();
@@ -761,10 +763,10 @@ impl Pipeline<'_> {
                         // so staging never keeps WAL for an idle sync (in spool mode the
                         // receiver does this).
                         // Best effort: failing to emit only delays the slot's advance.
-                        if let (Feed::Slot(_), Some(staging)) = (&*feed, staging) {
-                            if let Err(e) = emit_heartbeat(self.staging, staging).await {
-                                tracing::warn!("cannot emit a heartbeat on staging: {e}");
-                            }
+                        if let (Feed::Slot(_), Some(staging)) = (&*feed, staging)
+                            && let Err(e) = emit_heartbeat(self.staging, staging).await
+                        {
+                            tracing::warn!("cannot emit a heartbeat on staging: {e}");
                         }
                         self.last_activity = Instant::now();
                     }
