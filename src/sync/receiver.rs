@@ -153,12 +153,34 @@ where
             &mut received,
         )
         .await;
-        drop(writer);
         if received {
             attempt = 0;
         }
         match result {
-            Ok(()) => return Ok(()),
+            Ok(Received::Stopped) => return Ok(()),
+            Ok(Received::Full) => {
+                // Over the limit with production behind: no stream until there is room, so
+                // staging keeps the WAL (an open stream left unread would also keep staging
+                // from shutting down).
+                metrics::gauge!("stagingprop_spool_full").set(1.0);
+                tracing::warn!(
+                    bytes = writer.bytes(),
+                    max_bytes = spool.max_bytes,
+                    applied = %*shared.applied.borrow(),
+                    spooled = %writer.durable_end(),
+                    "the spool is full (over spool.max_bytes) while production is behind it: \
+                     not reading staging's stream until production catches up, so staging \
+                     keeps WAL from here on; nothing is lost"
+                );
+                if wait_for_room(&mut writer, spool, shared, stop.as_mut()).await? {
+                    return Ok(());
+                }
+                metrics::gauge!("stagingprop_spool_full").set(0.0);
+                tracing::info!(
+                    bytes = writer.bytes(),
+                    "the spool has room again: reading staging's stream"
+                );
+            }
             Err(e) if e.is_transient() => {
                 attempt += 1;
                 metrics::counter!("stagingprop_retries_total").increment(1);
@@ -203,7 +225,7 @@ async fn receive<S>(
     shared: &SpoolShared,
     mut stop: Pin<&mut S>,
     received: &mut bool,
-) -> Result<(), SyncError>
+) -> Result<Received, SyncError>
 where
     S: Future<Output = ()>,
 {
@@ -253,8 +275,7 @@ where
     let mut last_flush = Instant::now();
     let mut last_activity = Instant::now();
     let mut last_cleanup: Option<Instant> = None;
-    let mut full = false;
-    let result = loop {
+    let result: Result<Received, SyncError> = loop {
         shared
             .server_wal_end
             .store(stream.server_wal_end().0, Ordering::Relaxed);
@@ -269,35 +290,8 @@ where
         metrics::gauge!("stagingprop_spool_bytes").set(writer.bytes() as f64);
         let over = writer.bytes() > spool.max_bytes;
         confirm(&flush, writer, over, applied);
-        // Over the limit with production behind: read no further, so staging keeps the WAL.
-        let now_full = over && applied < writer.durable_end();
-        if now_full != full {
-            full = now_full;
-            metrics::gauge!("stagingprop_spool_full").set(if full { 1.0 } else { 0.0 });
-            if full {
-                tracing::warn!(
-                    bytes = writer.bytes(),
-                    max_bytes = spool.max_bytes,
-                    applied = %applied,
-                    spooled = %writer.durable_end(),
-                    "the spool is full (over spool.max_bytes) while production is behind it: \
-                     not reading staging's stream until production catches up, so staging keeps \
-                     WAL from here on; nothing is lost"
-                );
-            } else {
-                tracing::info!(
-                    bytes = writer.bytes(),
-                    "the spool has room again: reading staging's stream"
-                );
-            }
-        }
-        if full {
-            tokio::select! {
-                _ = applied_rx.changed() => {}
-                _ = tokio::time::sleep(CLEANUP_INTERVAL) => {}
-                _ = stop.as_mut() => break Ok(()),
-            }
-            continue;
+        if spool_full(writer, spool, applied) {
+            break Ok(Received::Full);
         }
         let wait = if writer.unflushed() {
             FLUSH_INTERVAL.saturating_sub(last_flush.elapsed())
@@ -306,7 +300,7 @@ where
         };
         let next = tokio::select! {
             next = tokio::time::timeout(wait, stream.next()) => next,
-            _ = stop.as_mut() => break Ok(()),
+            _ = stop.as_mut() => break Ok(Received::Stopped),
         };
         match next {
             Err(_) => {
@@ -348,15 +342,59 @@ where
             }
         }
     };
-    if result.is_ok() {
+    if let Ok(received) = &result {
         flush_durably(writer, shared, &mut last_flush)?;
         let applied = *shared.applied.borrow();
         confirm(&flush, writer, writer.bytes() > spool.max_bytes, applied);
-        tracing::info!(spooled = %writer.durable_end(), "spool receiver stopping: everything spooled is confirmed to staging");
+        if let Received::Stopped = received {
+            tracing::info!(spooled = %writer.durable_end(), "spool receiver stopping: everything spooled is confirmed to staging");
+        }
     }
     let closed = stream.close().await;
-    result?;
-    Ok(closed?)
+    let received = result?;
+    closed?;
+    Ok(received)
+}
+
+/// How a receiving session ended without an error.
+enum Received {
+    Stopped,
+    /// The spool is over `max_bytes` with production behind it.
+    Full,
+}
+
+fn spool_full(writer: &SpoolWriter, spool: &SpoolConfig, applied: Lsn) -> bool {
+    writer.bytes() > spool.max_bytes && applied < writer.durable_end()
+}
+
+/// Waits until production applied enough for applied segments to go and the spool to be under
+/// `max_bytes` again (or production caught up). Returns whether a stop came first.
+async fn wait_for_room<S>(
+    writer: &mut SpoolWriter,
+    spool: &SpoolConfig,
+    shared: &SpoolShared,
+    mut stop: Pin<&mut S>,
+) -> Result<bool, SyncError>
+where
+    S: Future<Output = ()>,
+{
+    let retain = Duration::from_secs(spool.retain_secs);
+    let mut applied_rx = shared.applied.subscribe();
+    loop {
+        let applied = *applied_rx.borrow_and_update();
+        if applied.is_valid() {
+            writer.remove_applied(applied, retain, spool.max_bytes)?;
+        }
+        metrics::gauge!("stagingprop_spool_bytes").set(writer.bytes() as f64);
+        if !spool_full(writer, spool, applied) {
+            return Ok(false);
+        }
+        tokio::select! {
+            _ = applied_rx.changed() => {}
+            _ = tokio::time::sleep(CLEANUP_INTERVAL) => {}
+            _ = stop.as_mut() => return Ok(true),
+        }
+    }
 }
 
 /// Writes and fsyncs what was received, and lets the applier read it.
