@@ -7,6 +7,11 @@
 //! position only after the production commit covering it returned (the session commits
 //! synchronously), through [`DurablePosition`].
 //!
+//! With `[spool]` (`receiver.rs`), staging's stream goes to the spool first and staging is told
+//! what the spool holds durably; the applier reads the spool (`feed.rs`) and production's
+//! progress table remains the truth of what production has. `replay` (`replay.rs`) is the same
+//! applier reading a spool into any target until the spool's end.
+//!
 //! Batching: consecutive staging transactions share one production transaction until
 //! `batch_max_rows` / `batch_max_bytes` are reached or `batch_max_delay_ms` passed; changes are
 //! consolidated per row and sent set-based. A large staging transaction is sent in pieces inside
