@@ -1623,6 +1623,7 @@ table = "public.catentry"
         let config = parse(include_str!("../stagingprop.example.toml")).unwrap();
         assert!(config.tables.len() >= 5);
         assert!(config.tables.iter().any(|t| t.files.is_some() && !t.copy));
+        assert!(config.spool.is_some());
         for rule in [
             "identity",
             "remap-on-conflict",
