@@ -1005,7 +1005,8 @@ impl Applier {
             .await
             .map_err(query_error("updating the progress table"))?;
         if written == 0 {
-            self.rollback().await?;
+            // The error to report is the moved row, whatever the rollback says.
+            let _ = self.rollback().await;
             return Err(ApplyError::ProgressMoved {
                 slot: self.slot.clone(),
                 expected: self.progress_at,

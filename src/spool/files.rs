@@ -207,7 +207,15 @@ pub struct SpoolWriter {
 impl SpoolWriter {
     /// Opens (creating) the spool in `dir`, cutting what follows its last complete transaction.
     pub fn open(dir: &Path, segment_bytes: u64) -> Result<(SpoolWriter, Recovered), SpoolError> {
-        fs::create_dir_all(dir).map_err(io_error(dir))?;
+        if !dir.is_dir() {
+            fs::create_dir_all(dir).map_err(io_error(dir))?;
+            // The directory itself must survive a power cut before anything in it is confirmed.
+            let parent = dir
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            sync_dir(parent)?;
+        }
         let mut found = segments(dir)?;
         let mut recovered = Recovered::default();
         let mut active = None;
@@ -453,14 +461,28 @@ pub fn summary(dir: &Path) -> Result<SpoolSummary, SpoolError> {
     for (_, path) in &found {
         out.bytes += fs::metadata(path).map_err(io_error(path))?.len();
     }
-    for (_, path) in found.iter().rev() {
-        let data = fs::read(path).map_err(io_error(path))?;
-        if let (_, Some(end)) = last_commit(path, &data)? {
-            out.newest_end = Some(end);
-            break;
+    out.newest_end = complete_mark(dir)?.map(|m| m.end);
+    Ok(out)
+}
+
+/// Where the last complete transaction in the spool ends (the newest segments are scanned back
+/// to it); what a reader of a spool another process may be writing reads up to.
+pub fn complete_mark(dir: &Path) -> Result<Option<SpoolMark>, SpoolError> {
+    for (first, path) in segments(dir)?.iter().rev() {
+        let data = match fs::read(path) {
+            Ok(data) => data,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_error(path)(e)),
+        };
+        if let (offset, Some(end)) = last_commit(path, &data)? {
+            return Ok(Some(SpoolMark {
+                segment: *first,
+                offset: offset as u64,
+                end,
+            }));
         }
     }
-    Ok(out)
+    Ok(None)
 }
 
 /// Removes segments production no longer needs: every transaction in them applied (the next
@@ -523,12 +545,17 @@ type Spooled = (Lsn, LogicalMessage);
 pub struct SpoolReader {
     dir: PathBuf,
     from: Lsn,
+    /// The segments as last listed (the directory is listed again at every segment change:
+    /// the writer adds segments, retention removes them).
     segments: Vec<(Lsn, PathBuf)>,
-    next_segment: usize,
+    /// The first commit of the segment read last (what names it).
+    last_segment: Option<Lsn>,
     current: Option<Reading>,
     /// Everything committed up to here was read (or was before `from`): a Begin whose
     /// `previous_end_lsn` lies beyond it follows a gap.
     covered: Option<Lsn>,
+    /// Whether a Begin was read yet.
+    begun: bool,
 }
 
 /// The segment being read.
@@ -544,15 +571,14 @@ impl SpoolReader {
     /// (the caller skips the earlier ones of that segment). With `from` valid, the spool must
     /// hold every transaction committed after it: a gap is an error, not a silent skip.
     pub fn open(dir: &Path, from: Lsn) -> Result<SpoolReader, SpoolError> {
-        let segments = segments(dir)?;
-        let start = start_of(&segments, from);
         Ok(SpoolReader {
             dir: dir.to_owned(),
             from,
-            segments,
-            next_segment: start,
+            segments: segments(dir)?,
+            last_segment: None,
             current: None,
             covered: from.is_valid().then_some(from),
+            begun: false,
         })
     }
 
@@ -561,20 +587,29 @@ impl SpoolReader {
         self.segments.first().map(|(lsn, _)| *lsn)
     }
 
-    /// Whether segments newer than the one being read appeared (the writer moved on, so the
-    /// current one is complete). Re-reads the directory: retention may also have removed
-    /// older ones.
-    fn newer_segments(&mut self) -> Result<bool, SpoolError> {
-        let listed = segments(&self.dir)?;
-        let current = self.current.as_ref().map(|r| r.path.clone());
-        let at = current.and_then(|c| listed.iter().position(|(_, p)| *p == c));
-        let Some(at) = at else {
-            return Ok(false);
-        };
-        let newer = at + 1 < listed.len();
-        self.segments = listed;
-        self.next_segment = at + 1;
-        Ok(newer)
+    /// The segment to read next, from a fresh listing: the one holding `from` at first, then
+    /// the one after the segment read last.
+    fn next_segment(&mut self) -> Result<Option<(Lsn, PathBuf)>, SpoolError> {
+        self.segments = segments(&self.dir)?;
+        Ok(match self.last_segment {
+            None => self
+                .segments
+                .get(start_of(&self.segments, self.from))
+                .cloned(),
+            Some(last) => self.segments.iter().find(|(f, _)| *f > last).cloned(),
+        })
+    }
+
+    /// Lists the segments again; whether one newer than `first` appeared (the writer moved on,
+    /// so the segment `first` names is complete).
+    fn next_segment_listed(&mut self, first: Lsn) -> Result<bool, SpoolError> {
+        self.segments = segments(&self.dir)?;
+        Ok(self.has_newer(first))
+    }
+
+    /// Whether a segment newer than `first` was listed last time.
+    fn has_newer(&self, first: Lsn) -> bool {
+        self.segments.iter().any(|(f, _)| *f > first)
     }
 
     /// The next message and the position staging sent it at; `None` at the end of the spool
@@ -586,7 +621,7 @@ impl SpoolReader {
     }
 
     /// [`Self::next_message`], reading nothing at or past `limit` (the writer's durable mark
-    /// when it runs in the same process).
+    /// when it runs in the same process, or the last complete transaction when replaying).
     pub fn next_message_within(
         &mut self,
         limit: Option<SpoolMark>,
@@ -597,15 +632,19 @@ impl SpoolReader {
         let (previous_end, message) = message;
         match &message.1 {
             LogicalMessage::Begin { final_lsn, .. } => {
-                if let (Some(covered), true) = (self.covered, previous_end.is_valid())
-                    && previous_end > covered
-                {
-                    return Err(SpoolError::Gap {
-                        dir: self.dir.clone(),
-                        covered,
-                        previous_end,
-                        commit: *final_lsn,
-                    });
+                let first = !std::mem::replace(&mut self.begun, true);
+                if let Some(covered) = self.covered {
+                    // A Begin that does not say what precedes it (an old spool) proves nothing
+                    // when the reader starts after the spool's first transaction.
+                    let unknown = !previous_end.is_valid() && first && *final_lsn > covered;
+                    if previous_end > covered || unknown {
+                        return Err(SpoolError::Gap {
+                            dir: self.dir.clone(),
+                            covered,
+                            previous_end: if unknown { *final_lsn } else { previous_end },
+                            commit: *final_lsn,
+                        });
+                    }
                 }
             }
             LogicalMessage::Commit { end_lsn, .. } => {
@@ -624,27 +663,31 @@ impl SpoolReader {
     ) -> Result<Option<(Lsn, Spooled)>, SpoolError> {
         loop {
             if self.current.is_none() {
-                if self.next_segment >= self.segments.len() {
-                    // Nothing was there yet: look again, and start as `open` would.
-                    self.segments = segments(&self.dir)?;
-                    self.next_segment = start_of(&self.segments, self.from);
-                }
-                let Some((first, path)) = self.segments.get(self.next_segment) else {
+                let Some((first, path)) = self.next_segment()? else {
                     return Ok(None);
                 };
-                if limit.is_some_and(|l| *first > l.segment) {
+                if limit.is_some_and(|l| first > l.segment) {
                     return Ok(None);
                 }
-                let file = File::open(path).map_err(io_error(path))?;
+                let file = match File::open(&path) {
+                    Ok(file) => file,
+                    // Removed since it was listed (applied and past retention): list again.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io_error(&path)(e)),
+                };
                 self.current = Some(Reading {
                     reader: BufReader::with_capacity(1 << 20, file),
-                    path: path.clone(),
-                    first: *first,
+                    path,
+                    first,
                     offset: 0,
                 });
-                self.next_segment += 1;
+                self.last_segment = Some(first);
             }
-            let last = self.next_segment == self.segments.len();
+            let newer = self
+                .current
+                .as_ref()
+                .is_some_and(|r| self.has_newer(r.first));
+            let last = !newer;
             let Reading {
                 reader,
                 path,
@@ -652,12 +695,18 @@ impl SpoolReader {
                 offset,
             } = self.current.as_mut().expect("opened above");
             if limit.is_some_and(|l| *first == l.segment && *offset >= l.offset) {
+                // Drop what the buffer read past the limit: the writer may still cut and
+                // rewrite it (a transaction received in part when a session failed).
+                reader
+                    .seek(SeekFrom::Start(*offset))
+                    .map_err(io_error(path))?;
                 return Ok(None);
             }
             let mut header = [0u8; HEADER];
             let got = read_full(reader, &mut header).map_err(io_error(path))?;
             if got == 0 {
-                if !last || self.newer_segments()? {
+                let first = *first;
+                if !last || self.next_segment_listed(first)? {
                     self.current = None;
                     continue;
                 }
@@ -900,6 +949,85 @@ mod tests {
             }
         }
         assert_eq!(ends, vec![Lsn(108), Lsn(208)]);
+    }
+
+    /// Commits (and the rows inserted, as `Lsn(row)`) of the transactions read up to `limit`.
+    fn read_commits(reader: &mut SpoolReader, limit: Option<SpoolMark>) -> Vec<Lsn> {
+        let mut read = Vec::new();
+        while let Some((_, m)) = reader.next_message_within(limit).unwrap() {
+            match m {
+                LogicalMessage::Commit { commit_lsn, .. } => read.push(commit_lsn),
+                LogicalMessage::Insert { new, .. } => {
+                    let Value::Text(b) = &new[0] else { panic!() };
+                    read.push(Lsn(std::str::from_utf8(b).unwrap().parse().unwrap()));
+                }
+                _ => {}
+            }
+        }
+        read
+    }
+
+    #[test]
+    fn bytes_cut_and_written_again_past_the_mark_are_read_as_they_are_now() {
+        let dir = TempDir::new("rewritten");
+        let (mut writer, _) = SpoolWriter::open(&dir.0, 1 << 20).unwrap();
+        for (lsn, m) in transaction(1) {
+            writer.append(lsn, &m).unwrap();
+        }
+        writer.flush().unwrap();
+        // Half of transaction 2 reaches the file, then the session fails.
+        for (lsn, m) in transaction(2).into_iter().take(3) {
+            writer.append(lsn, &m).unwrap();
+        }
+        writer.write_buffer().unwrap();
+        let mut reader = SpoolReader::open(&dir.0, Lsn::INVALID).unwrap();
+        assert_eq!(
+            read_commits(&mut reader, Some(writer.durable_mark())),
+            vec![Lsn(1), Lsn(100)]
+        );
+        drop(writer);
+        // Reopened: the half transaction is cut, and what follows is different.
+        let (mut writer, recovered) = SpoolWriter::open(&dir.0, 1 << 20).unwrap();
+        assert!(recovered.cut_bytes > 0);
+        for (lsn, m) in transaction(3) {
+            writer.append(lsn, &m).unwrap();
+        }
+        writer.flush().unwrap();
+        assert_eq!(
+            read_commits(&mut reader, Some(writer.durable_mark())),
+            vec![Lsn(3), Lsn(300)]
+        );
+    }
+
+    #[test]
+    fn a_reader_goes_on_when_the_segment_it_finished_is_removed() {
+        let dir = TempDir::new("removed");
+        let (mut writer, _) = SpoolWriter::open(&dir.0, 1).unwrap();
+        for (lsn, m) in transaction(1) {
+            writer.append(lsn, &m).unwrap();
+        }
+        writer.flush().unwrap();
+        let mut reader = SpoolReader::open(&dir.0, Lsn::INVALID).unwrap();
+        assert_eq!(
+            read_commits(&mut reader, Some(writer.durable_mark())),
+            vec![Lsn(1), Lsn(100)]
+        );
+        // Two more segments, and the one read is applied and removed.
+        for n in [2, 3] {
+            for (lsn, m) in transaction(n) {
+                writer.append(lsn, &m).unwrap();
+            }
+        }
+        writer.flush().unwrap();
+        let removed = writer
+            .remove_applied(Lsn(208), std::time::Duration::ZERO, u64::MAX)
+            .unwrap();
+        assert!(removed > 0);
+        assert_eq!(segments(&dir.0).unwrap().len(), 2);
+        assert_eq!(
+            read_commits(&mut reader, Some(writer.durable_mark())),
+            vec![Lsn(2), Lsn(200), Lsn(3), Lsn(300)]
+        );
     }
 
     #[test]

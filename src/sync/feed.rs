@@ -43,6 +43,9 @@ pub(super) enum Feed {
     Replay {
         reader: SpoolReader,
         until: Option<Until>,
+        /// The last complete transaction when the replay started: a transaction a running
+        /// sync is still writing is not part of it.
+        end: SpoolMark,
     },
 }
 
@@ -62,8 +65,8 @@ impl Feed {
                     return Ok(None);
                 }
             },
-            Feed::Replay { reader, until } => {
-                let next = reader.next_message()?;
+            Feed::Replay { reader, until, end } => {
+                let next = reader.next_message_within(Some(*end))?;
                 if let (
                     Some((
                         _,

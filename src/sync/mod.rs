@@ -595,6 +595,7 @@ where
                 Feed::Replay {
                     reader,
                     until: plan.until,
+                    end: plan.end,
                 },
                 Confirm::Nothing,
             )

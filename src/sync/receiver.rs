@@ -1,8 +1,9 @@
 //! Sync with the spool on: a receiver writes staging's stream to the spool and tells staging
 //! each position once it is fsynced there, whatever production is doing, while the applier
 //! applies the spool to production. Each has its own retry loop, so an outage of production
-//! never stops staging's WAL from being released, and one of staging never stops production
-//! from catching up on what is spooled.
+//! does not stop staging's WAL from being released (up to `max_bytes`), and one of staging does
+//! not stop production from catching up on what is spooled. (A receiver that starts with less
+//! in the spool than the slot released needs production once, to learn that it has the rest.)
 //!
 //! When the spool grows past `max_bytes` with production behind, the receiver stops reading
 //! (and confirming) ahead of production: staging keeps the WAL again instead of our disk
@@ -31,8 +32,9 @@ use crate::pg::replication::{
 use crate::pgoutput::LogicalMessage;
 use crate::spool::files::{SpoolLock, SpoolMark, SpoolWriter};
 
-/// A durable write at most this long after a transaction was received: the time a
-/// transaction may wait to be applied, and fsyncs spread over that many milliseconds.
+/// The spool is made durable when a transaction ends and this long has passed since the last
+/// time, or when the stream pauses this long: fsyncs at most this often, and an idle stream's
+/// last transaction waits no longer than this to be applied.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(20);
 
 /// Buffered bytes written out (and fsynced) even inside a transaction: memory stays bounded.
@@ -211,10 +213,12 @@ async fn production_progress(config: &Config) -> Result<Option<Lsn>, SyncError> 
         .connect()
         .await
         .map_err(database_error(&production, "connect"))?;
-    apply::ensure_state_tables(&p).await?;
-    Ok(apply::read_progress(&p, &config.sync.slot)
-        .await?
-        .map(|p| p.end_lsn))
+    // No progress table yet (the applier creates it): production has nothing.
+    match apply::read_progress(&p, &config.sync.slot).await {
+        Ok(progress) => Ok(progress.map(|p| p.end_lsn)),
+        Err(e) if e.sqlstate() == Some("42P01") => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// One receiving session: staging's stream into the spool until stopped or failed.
@@ -347,7 +351,11 @@ where
         let applied = *shared.applied.borrow();
         confirm(&flush, writer, writer.bytes() > spool.max_bytes, applied);
         if let Received::Stopped = received {
-            tracing::info!(spooled = %writer.durable_end(), "spool receiver stopping: everything spooled is confirmed to staging");
+            tracing::info!(
+                spooled = %writer.durable_end(),
+                confirmed = %flush.confirmed(),
+                "spool receiver stopping: staging was told what it may release"
+            );
         }
     }
     let closed = stream.close().await;

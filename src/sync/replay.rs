@@ -31,6 +31,7 @@ pub(super) struct ReplayPlan {
     pub dir: PathBuf,
     pub target: Endpoint,
     pub until: Option<Until>,
+    pub end: files::SpoolMark,
 }
 
 /// Applies the spool to the target until its end (or `--until`).
@@ -58,12 +59,13 @@ where
         ReplayTo::Database(db) => (Endpoint::from_db_config(db)?, None),
     };
     let held = files::summary(&spool.dir)?;
-    let (Some(oldest), Some(newest)) = (held.oldest, held.newest_end) else {
+    let (Some(oldest), Some(end)) = (held.oldest, files::complete_mark(&spool.dir)?) else {
         return Err(SyncError::Replay(format!(
             "the spool in {} holds no complete transaction: nothing to replay",
             spool.dir.display()
         )));
     };
+    let newest = end.end;
     let until = match &options.until {
         None => None,
         Some(text) => Some(parse_until(text, &target).await?),
@@ -72,6 +74,7 @@ where
         dir: spool.dir.clone(),
         target,
         until,
+        end,
     };
     let sync_options = SyncOptions {
         stop_at: None,
@@ -85,12 +88,16 @@ where
     )
     .await
     {
-        Err(SyncError::Spool(SpoolError::Gap { covered, .. })) => Err(SyncError::Replay(format!(
-            "the target has staging's transactions up to {covered}, but the spool in {} holds \
-             them only from the transaction committing at {oldest} (complete up to {newest}), and \
-             not all of those in between: they were removed after production applied them \
-             (spool.retain_secs), or spooled before the target's backup was taken by another \
-             spool. Restore a newer backup, or re-seed the target with `stagingprop copy`",
+        Err(SyncError::Spool(SpoolError::Gap {
+            covered,
+            previous_end,
+            ..
+        })) => Err(SyncError::Replay(format!(
+            "the spool in {} lacks staging's transactions between {covered} and {previous_end}, \
+             which the target needs (it holds transactions committing from {oldest}, complete up \
+             to {newest}): they were removed after production applied them (spool.retain_secs), \
+             or committed before this spool started. Nothing more was applied; restore a newer \
+             backup, or re-seed the target with `stagingprop copy`",
             spool.dir.display()
         ))),
         other => other,
