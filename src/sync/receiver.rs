@@ -136,7 +136,8 @@ where
     loop {
         // Opened afresh after a failure: it cuts a transaction received only in part, which
         // staging sends again (the applier never saw it: it reads up to the durable mark).
-        let (mut writer, recovered) = SpoolWriter::open(&spool.dir, spool.segment_bytes)?;
+        let (mut writer, recovered) =
+            blocking(|| SpoolWriter::open(&spool.dir, spool.segment_bytes))?;
         if recovered.cut_bytes > 0 {
             tracing::warn!(
                 cut_bytes = recovered.cut_bytes,
@@ -286,7 +287,7 @@ where
         let applied = *applied_rx.borrow_and_update();
         if last_cleanup.is_none_or(|t| t.elapsed() >= CLEANUP_INTERVAL) && applied.is_valid() {
             last_cleanup = Some(Instant::now());
-            let removed = writer.remove_applied(applied, retain, spool.max_bytes)?;
+            let removed = blocking(|| writer.remove_applied(applied, retain, spool.max_bytes))?;
             if removed > 0 {
                 tracing::debug!(removed, "removed applied spool segments");
             }
@@ -391,7 +392,7 @@ where
     loop {
         let applied = *applied_rx.borrow_and_update();
         if applied.is_valid() {
-            writer.remove_applied(applied, retain, spool.max_bytes)?;
+            blocking(|| writer.remove_applied(applied, retain, spool.max_bytes))?;
         }
         metrics::gauge!("stagingprop_spool_bytes").set(writer.bytes() as f64);
         if !spool_full(writer, spool, applied) {
@@ -405,13 +406,23 @@ where
     }
 }
 
+/// Runs file-system work that may wait on the disk (fsync, reading a whole segment) without
+/// holding up the runtime's other tasks (the replication stream, the applier), where the
+/// runtime allows it.
+fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
+    }
+}
+
 /// Writes and fsyncs what was received, and lets the applier read it.
 fn flush_durably(
     writer: &mut SpoolWriter,
     shared: &SpoolShared,
     last_flush: &mut Instant,
 ) -> Result<(), SyncError> {
-    writer.flush()?;
+    blocking(|| writer.flush())?;
     shared.mark.send_replace(writer.durable_mark());
     *last_flush = Instant::now();
     Ok(())
