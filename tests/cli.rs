@@ -171,8 +171,18 @@ fn init_reports_every_failed_check_and_changes_nothing() {
         ],
         "init_bad",
     );
+    // A spool directory under a regular file can never be created, even by root.
+    let not_a_dir = scratch.0.join("a-file");
+    std::fs::write(&not_a_dir, "").unwrap();
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "\n[spool]\ndir = \"{}\"\n",
+        not_a_dir.join("spool").display()
+    ));
+    std::fs::write(&config, text).unwrap();
     let (code, stdout, stderr) = run(&config, &["init"]);
     assert_eq!(code, 4, "expected exit 4 (checks failed): {stdout}{stderr}");
+    assert!(stderr.contains("spool: cannot write to"), "{stderr}");
     assert!(
         stderr.contains("staging: table public.nokey has no primary key"),
         "{stderr}"

@@ -114,6 +114,14 @@ pub async fn init(config: &Config, options: &InitOptions) -> Result<InitReport, 
         check_staging_table(&s, &staging, &table.name, &mut problems).await?;
         check_production_table(&p, &production, &table.name, &mut problems).await?;
     }
+    if let Some(spool) = &config.spool
+        && let Err(e) = check_spool_dir(&spool.dir)
+    {
+        problems.push(format!(
+            "spool: cannot write to {} ({e}); create it, writable by the user sync runs as, on a local disk with room for spool.max_bytes",
+            spool.dir.display()
+        ));
+    }
 
     let publication = &config.sync.publication;
     let pub_row = s
@@ -191,6 +199,17 @@ pub async fn init(config: &Config, options: &InitOptions) -> Result<InitReport, 
         .lines
         .push(format!("production: schema {STATE_SCHEMA} is ready"));
     Ok(report)
+}
+
+/// The spool directory exists (or can be made) and takes a durable write.
+fn check_spool_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir)?;
+    let probe = dir.join(".init-probe");
+    let mut file = std::fs::File::create(&probe)?;
+    file.write_all(b"stagingprop")?;
+    file.sync_all()?;
+    std::fs::remove_file(&probe)
 }
 
 async fn staging_facts(s: &Client, staging: &Endpoint) -> Result<StagingFacts, OpsError> {
