@@ -230,23 +230,14 @@ where
                 });
             }
             Err(e) if e.is_transient() => {
-                attempt += 1;
-                metrics::counter!("stagingprop_retries_total").increment(1);
-                if options.max_attempts.is_some_and(|max| attempt >= max) {
-                    return Err(e);
-                }
-                let delay = backoff(attempt);
-                tracing::warn!(
-                    attempt,
-                    "{e}; retrying in {:.1} s (nothing is lost: {})",
-                    delay.as_secs_f64(),
-                    feeding.holder()
-                );
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.as_mut() => {
-                        return Ok(SyncSummary { stats: state.stats, last_applied: state.last_applied });
-                    }
+                let what = format!("nothing is lost: {}", feeding.holder());
+                if pause_before_retry(e, &mut attempt, options, "", &what, shutdown.as_mut())
+                    .await?
+                {
+                    return Ok(SyncSummary {
+                        stats: state.stats,
+                        last_applied: state.last_applied,
+                    });
                 }
             }
             Err(SyncError::Apply(e)) if e.may_be_ordering() && state.one_by_one_until.is_none() => {
@@ -264,9 +255,35 @@ where
     }
 }
 
-/// The pause before retry `attempt` (from 1): doubling from 1 s up to 30 s.
-fn backoff(attempt: u32) -> Duration {
-    Duration::from_millis((500u64 << attempt.min(6)).min(30_000))
+/// After a transient failure `error`: counts the attempt, says what happened and waits before
+/// the next one (1 s doubling up to 30 s). `Err(error)` when attempts are used up; `Ok(true)`
+/// when `stop` came first.
+async fn pause_before_retry<S>(
+    error: SyncError,
+    attempt: &mut u32,
+    options: &SyncOptions,
+    who: &str,
+    why_nothing_is_lost: &str,
+    stop: std::pin::Pin<&mut S>,
+) -> Result<bool, SyncError>
+where
+    S: Future<Output = ()>,
+{
+    *attempt += 1;
+    metrics::counter!("stagingprop_retries_total").increment(1);
+    if options.max_attempts.is_some_and(|max| *attempt >= max) {
+        return Err(error);
+    }
+    let delay = Duration::from_millis((500u64 << (*attempt).min(6)).min(30_000));
+    tracing::warn!(
+        attempt = *attempt,
+        "{who}{error}; retrying in {:.1} s ({why_nothing_is_lost})",
+        delay.as_secs_f64()
+    );
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => Ok(false),
+        _ = stop => Ok(true),
+    }
 }
 
 /// A future that, once resolved, stays resolved: polling it again returns `Ready` at once.

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use super::{
-    Feeding, Latch, SyncError, SyncOptions, SyncSummary, apply_loop, backoff, check_slot,
-    database_error, emit_heartbeat,
+    Feeding, Latch, SyncError, SyncOptions, SyncSummary, apply_loop, check_slot, database_error,
+    emit_heartbeat, pause_before_retry,
 };
 use crate::apply;
 use crate::config::{Config, SpoolConfig};
@@ -185,20 +185,18 @@ where
                 );
             }
             Err(e) if e.is_transient() => {
-                attempt += 1;
-                metrics::counter!("stagingprop_retries_total").increment(1);
-                if options.max_attempts.is_some_and(|max| attempt >= max) {
-                    return Err(e);
-                }
-                let delay = backoff(attempt);
-                tracing::warn!(
-                    attempt,
-                    "spool receiver: {e}; retrying in {:.1} s (nothing is lost: staging keeps what the spool has not confirmed)",
-                    delay.as_secs_f64()
-                );
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = stop.as_mut() => return Ok(()),
+                let what = "nothing is lost: staging keeps what the spool has not confirmed";
+                if pause_before_retry(
+                    e,
+                    &mut attempt,
+                    options,
+                    "spool receiver: ",
+                    what,
+                    stop.as_mut(),
+                )
+                .await?
+                {
+                    return Ok(());
                 }
             }
             Err(e) => return Err(e),
