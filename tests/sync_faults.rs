@@ -2055,6 +2055,15 @@ async fn outages_with_the_spool_release_staging_wal_until_the_spool_is_full() {
         "the spool stopped growing near max_bytes: {bytes_full}"
     );
     assert!(child.try_wait().unwrap().is_none(), "{}", read_log(&log));
+    // status still tells what the slot and the spool hold while production is down.
+    let (code, out) = run_command(&p, "status", &[]);
+    assert_eq!(code, Some(8), "{out}");
+    assert!(
+        out.contains("production's progress, lag and quarantine are unknown"),
+        "{out}"
+    );
+    assert!(out.contains("(full)"), "{out}");
+    assert!(out.contains(&format!("slot {}: ", p.slot)), "{out}");
 
     // Staging away too, then production back: production catches up on what is spooled
     // without staging.
@@ -2109,15 +2118,20 @@ async fn outages_with_the_spool_release_staging_wal_until_the_spool_is_full() {
 
 /// Runs `stagingprop replay` with `args`; returns (exit code, stdout + stderr).
 fn run_replay(p: &Pair, args: &[&str]) -> (Option<i32>, String) {
+    run_command(p, "replay", args)
+}
+
+/// Runs `stagingprop COMMAND` with `args`; returns (exit code, stdout + stderr).
+fn run_command(p: &Pair, command: &str, args: &[&str]) -> (Option<i32>, String) {
     let out = Command::new(BIN)
         .arg("--config")
         .arg(&p.config_path)
-        .arg("replay")
+        .arg(command)
         .args(args)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .output()
-        .expect("run stagingprop replay");
+        .expect("run stagingprop");
     (
         out.status.code(),
         format!(

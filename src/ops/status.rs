@@ -89,7 +89,11 @@ pub async fn status(config: &Config, thresholds: &Thresholds) -> Result<Status, 
     let staging = Endpoint::from_db_config(&config.staging)?;
     let production = Endpoint::from_db_config(&config.production)?;
     let s = connect(&staging).await?;
-    let p = connect(&production).await?;
+    // Production down is what the slot and the spool are for: report them anyway.
+    let (p, production_down) = match connect(&production).await {
+        Ok(p) => (Some(p), None),
+        Err(e) => (None, Some(e)),
+    };
     let slot_name = &config.sync.slot;
     let mut st = Status::default();
 
@@ -117,94 +121,102 @@ pub async fn status(config: &Config, thresholds: &Thresholds) -> Result<Status, 
         st.slot.retained_wal_bytes = row.get(3);
     }
 
-    let has_state: bool = p
-        .query_one(
-            "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",
-            &[
-                &qualified(STATE_SCHEMA, "progress"),
-                &qualified(STATE_SCHEMA, "quarantine"),
-            ],
-        )
-        .await
-        .map_err(query_error(&production, "looking for stagingprop's tables"))?
-        .get(0);
-    if has_state {
-        let row = p
-            .query_opt(
-                &format!(
-                    "SELECT end_lsn::text, xid, commit_time::text, applied_at::text,
-                            extract(epoch FROM now() - commit_time)::float8
-                       FROM {} WHERE slot = $1",
-                    qualified(STATE_SCHEMA, "progress")
-                ),
-                &[slot_name],
-            )
-            .await
-            .map_err(query_error(&production, "reading the progress table"))?;
-        let mut since_commit = None;
-        if let Some(row) = row {
-            st.last_applied = Some(AppliedStatus {
-                end_lsn: row.get(0),
-                xid: row.get(1),
-                commit_time: row.get(2),
-                applied_at: row.get(3),
-            });
-            since_commit = Some(row.get::<_, f64>(4));
-        }
-        st.quarantined_changes = p
+    if let Some(p) = &p {
+        let has_state: bool = p
             .query_one(
-                &format!(
-                    "SELECT count(*) FROM {} WHERE slot = $1",
-                    qualified(STATE_SCHEMA, "quarantine")
-                ),
-                &[slot_name],
+                "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",
+                &[
+                    &qualified(STATE_SCHEMA, "progress"),
+                    &qualified(STATE_SCHEMA, "quarantine"),
+                ],
             )
             .await
-            .map_err(query_error(&production, "reading the quarantine table"))?
+            .map_err(query_error(&production, "looking for stagingprop's tables"))?
             .get(0);
-        let key_map: bool = p
-            .query_one(
-                "SELECT to_regclass($1) IS NOT NULL",
-                &[&crate::remap::store::key_map_table()],
-            )
-            .await
-            .map_err(query_error(&production, "looking for the key map"))?
-            .get(0);
-        if key_map {
-            st.key_map = p
-                .query(
+        if has_state {
+            let row = p
+                .query_opt(
                     &format!(
-                        "SELECT table_name, count(*) FROM {} GROUP BY 1 ORDER BY 1",
-                        crate::remap::store::key_map_table()
+                        "SELECT end_lsn::text, xid, commit_time::text, applied_at::text,
+                                extract(epoch FROM now() - commit_time)::float8
+                           FROM {} WHERE slot = $1",
+                        qualified(STATE_SCHEMA, "progress")
                     ),
-                    &[],
+                    &[slot_name],
                 )
                 .await
-                .map_err(query_error(&production, "reading the key map"))?
-                .iter()
-                .map(|r| KeyMapSize {
-                    table: r.get(0),
-                    entries: r.get(1),
-                })
-                .collect();
-        }
-        if let Some(applied) = &st.last_applied {
-            let lag: i64 = s
+                .map_err(query_error(&production, "reading the progress table"))?;
+            let mut since_commit = None;
+            if let Some(row) = row {
+                st.last_applied = Some(AppliedStatus {
+                    end_lsn: row.get(0),
+                    xid: row.get(1),
+                    commit_time: row.get(2),
+                    applied_at: row.get(3),
+                });
+                since_commit = Some(row.get::<_, f64>(4));
+            }
+            st.quarantined_changes = p
                 .query_one(
-                    "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::bigint",
-                    &[&applied.end_lsn],
+                    &format!(
+                        "SELECT count(*) FROM {} WHERE slot = $1",
+                        qualified(STATE_SCHEMA, "quarantine")
+                    ),
+                    &[slot_name],
                 )
                 .await
-                .map_err(query_error(&staging, "computing the lag"))?
+                .map_err(query_error(&production, "reading the quarantine table"))?
                 .get(0);
-            st.lag_bytes = Some(lag.max(0));
-            // Idle staging writes heartbeats, so a small WAL distance means "caught up".
-            st.lag_seconds = Some(if lag > 64 * 1024 {
-                since_commit.unwrap_or(0.0).max(0.0)
-            } else {
-                0.0
-            });
+            let key_map: bool = p
+                .query_one(
+                    "SELECT to_regclass($1) IS NOT NULL",
+                    &[&crate::remap::store::key_map_table()],
+                )
+                .await
+                .map_err(query_error(&production, "looking for the key map"))?
+                .get(0);
+            if key_map {
+                st.key_map = p
+                    .query(
+                        &format!(
+                            "SELECT table_name, count(*) FROM {} GROUP BY 1 ORDER BY 1",
+                            crate::remap::store::key_map_table()
+                        ),
+                        &[],
+                    )
+                    .await
+                    .map_err(query_error(&production, "reading the key map"))?
+                    .iter()
+                    .map(|r| KeyMapSize {
+                        table: r.get(0),
+                        entries: r.get(1),
+                    })
+                    .collect();
+            }
+            if let Some(applied) = &st.last_applied {
+                let lag: i64 = s
+                    .query_one(
+                        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::bigint",
+                        &[&applied.end_lsn],
+                    )
+                    .await
+                    .map_err(query_error(&staging, "computing the lag"))?
+                    .get(0);
+                st.lag_bytes = Some(lag.max(0));
+                // Idle staging writes heartbeats, so a small WAL distance means "caught up".
+                st.lag_seconds = Some(if lag > 64 * 1024 {
+                    since_commit.unwrap_or(0.0).max(0.0)
+                } else {
+                    0.0
+                });
+            }
         }
+    }
+    if let Some(e) = production_down {
+        st.problems.push(format!(
+            "{e}: production's progress, lag and quarantine are unknown; while it is down the \
+             slot (or the spool) keeps what it has not applied"
+        ));
     }
 
     if let Some(spool) = &config.spool {
@@ -217,7 +229,8 @@ pub async fn status(config: &Config, thresholds: &Thresholds) -> Result<Status, 
             (Some(end), Some(applied)) => Some(end.0.saturating_sub(applied.0)),
             _ => None,
         };
-        let full = held.bytes > spool.max_bytes && production_behind_bytes.is_some_and(|b| b > 0);
+        // Unknown when production is down: over the limit is then full.
+        let full = held.bytes > spool.max_bytes && production_behind_bytes.is_none_or(|b| b > 0);
         if full {
             st.problems.push(format!(
                 "the spool in {} is full ({} of spool.max_bytes {}) and production is behind it: \
