@@ -109,30 +109,54 @@ pub struct Recovered {
     pub bytes: u64,
 }
 
-/// Where the last complete transaction of a segment ends: (byte offset, end LSN).
-fn last_commit(path: &Path, data: &[u8]) -> Result<(usize, Option<Lsn>), SpoolError> {
-    let mut at = 0;
-    let mut last = (0, None);
+/// Bytes of a segment read at a time when scanning it: memory stays at this (or the largest
+/// record) whatever the segment's size; one huge transaction makes a huge segment.
+const SCAN_CHUNK: usize = 8 << 20;
+
+/// Where the last complete transaction of a segment ends: (byte offset, its end LSN, the
+/// segment's length). Reads the segment in chunks.
+fn last_commit(path: &Path) -> Result<(u64, Option<Lsn>, u64), SpoolError> {
+    let mut file = File::open(path).map_err(io_error(path))?;
+    let len = file.metadata().map_err(io_error(path))?.len();
+    let mut window: Vec<u8> = Vec::new();
+    // The file offset of window[0], and the offset in the window being scanned.
+    let (mut window_start, mut at) = (0u64, 0usize);
+    let mut eof = false;
+    let mut last = (0u64, None);
     loop {
-        match segment::next_frame(data, at) {
+        let scan = segment::next_frame(&window, at);
+        if !eof && !matches!(scan, Scan::Frame { .. }) {
+            // Not decided until the rest of the file is seen: drop what was scanned, read on.
+            window.drain(..at);
+            window_start += at as u64;
+            at = 0;
+            let had = window.len();
+            window.resize(had + SCAN_CHUNK, 0);
+            let got = read_full(&mut file, &mut window[had..]).map_err(io_error(path))?;
+            window.truncate(had + got);
+            eof = got < SCAN_CHUNK;
+            continue;
+        }
+        match scan {
             Scan::Frame { payload, next } => {
-                let record = record::decode(Bytes::copy_from_slice(&data[payload]))
+                let offset = window_start + at as u64;
+                let record = record::decode(Bytes::copy_from_slice(&window[payload]))
                     .and_then(record::from_record)
                     .map_err(|source| SpoolError::Record {
                         path: path.to_owned(),
-                        offset: at as u64,
+                        offset,
                         source,
                     })?;
                 if let (_, LogicalMessage::Commit { end_lsn, .. }) = record {
-                    last = (next, Some(end_lsn));
+                    last = (window_start + next as u64, Some(end_lsn));
                 }
                 at = next;
             }
-            Scan::End | Scan::Torn => return Ok(last),
+            Scan::End | Scan::Torn => return Ok((last.0, last.1, len)),
             Scan::Corrupt { reason } => {
                 return Err(SpoolError::Corrupt {
                     path: path.to_owned(),
-                    offset: at as u64,
+                    offset: window_start + at as u64,
                     reason: reason.to_owned(),
                 });
             }
@@ -221,9 +245,8 @@ impl SpoolWriter {
         let mut active = None;
         let mut durable = SpoolMark::default();
         while let Some((first, path)) = found.last().cloned() {
-            let data = fs::read(&path).map_err(io_error(&path))?;
-            let (keep, end) = last_commit(&path, &data)?;
-            recovered.cut_bytes += (data.len() - keep) as u64;
+            let (keep, end, len) = last_commit(&path)?;
+            recovered.cut_bytes += len - keep;
             if end.is_none() {
                 // Nothing complete in it: the crash came before its first commit.
                 fs::remove_file(&path).map_err(io_error(&path))?;
@@ -234,21 +257,21 @@ impl SpoolWriter {
                 .append(true)
                 .open(&path)
                 .map_err(io_error(&path))?;
-            if keep < data.len() {
-                file.set_len(keep as u64).map_err(io_error(&path))?;
+            if keep < len {
+                file.set_len(keep).map_err(io_error(&path))?;
                 file.sync_all().map_err(io_error(&path))?;
             }
             recovered.durable_end = end.unwrap_or_default();
             durable = SpoolMark {
                 segment: first,
-                offset: keep as u64,
+                offset: keep,
                 end: recovered.durable_end,
             };
             active = Some(Active {
                 file,
                 path,
                 first,
-                len: keep as u64,
+                len: keep,
             });
             break;
         }
@@ -469,15 +492,16 @@ pub fn summary(dir: &Path) -> Result<SpoolSummary, SpoolError> {
 /// to it); what a reader of a spool another process may be writing reads up to.
 pub fn complete_mark(dir: &Path) -> Result<Option<SpoolMark>, SpoolError> {
     for (first, path) in segments(dir)?.iter().rev() {
-        let data = match fs::read(path) {
-            Ok(data) => data,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(io_error(path)(e)),
+        let scanned = match last_commit(path) {
+            Err(SpoolError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                continue;
+            }
+            other => other?,
         };
-        if let (offset, Some(end)) = last_commit(path, &data)? {
+        if let (offset, Some(end), _) = scanned {
             return Ok(Some(SpoolMark {
                 segment: *first,
-                offset: offset as u64,
+                offset,
                 end,
             }));
         }
@@ -1028,6 +1052,44 @@ mod tests {
             read_commits(&mut reader, Some(writer.durable_mark())),
             vec![Lsn(2), Lsn(200), Lsn(3), Lsn(300)]
         );
+    }
+
+    #[test]
+    fn a_segment_larger_than_a_scan_chunk_is_recovered_in_chunks() {
+        let dir = TempDir::new("bigsegment");
+        let (mut writer, _) = SpoolWriter::open(&dir.0, u64::MAX).unwrap();
+        // One transaction of 12 MB in rows of 100 KB: records straddle the 8 MB chunks.
+        let mut big = transaction(1);
+        let commit = big.pop().unwrap();
+        for i in 0..120u32 {
+            let value = Bytes::from(vec![b'a' + (i % 26) as u8; 100_000]);
+            big.push((
+                Lsn(60),
+                LogicalMessage::Insert {
+                    xid: None,
+                    relation: 1,
+                    new: vec![Value::Text(value)],
+                },
+            ));
+        }
+        big.push(commit);
+        for (lsn, m) in big.into_iter().chain(transaction(2)) {
+            writer.append(lsn, &m).unwrap();
+        }
+        writer.flush().unwrap();
+        let whole = writer.durable_mark();
+        assert!(whole.offset > 2 * SCAN_CHUNK as u64, "{whole:?}");
+        // Half of a third transaction, then a crash.
+        for (lsn, m) in transaction(3).into_iter().take(3) {
+            writer.append(lsn, &m).unwrap();
+        }
+        writer.flush().unwrap();
+        drop(writer);
+        assert_eq!(complete_mark(&dir.0).unwrap(), Some(whole));
+        let (writer, recovered) = SpoolWriter::open(&dir.0, u64::MAX).unwrap();
+        assert_eq!(recovered.durable_end, Lsn(208));
+        assert!(recovered.cut_bytes > 0);
+        assert_eq!(writer.durable_mark(), whole);
     }
 
     #[test]
