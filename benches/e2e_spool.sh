@@ -14,7 +14,11 @@
 # at least 0.9x plain), and the spool's write throughput (bytes spooled / seconds of the spool
 # run). Afterwards both targets are compared with staging row by row; a mismatch fails the run.
 #
+# Then (b): one staging transaction updating BIG_ROWS offer prices, timed the same way: with the
+# spool, the applier starts it only once it is all spooled (not overlapped).
+#
 # Knobs (environment): PRODUCTS=50000, BACKLOG_TXNS=20000 (per round), ROUNDS=2, CLIENTS=2,
+# BIG_ROWS=200000 (0 skips (b)),
 # SPOOL_CONF='' (extra [spool] lines, e.g. "segment_bytes = 16777216"), PERF=1 (perf record each
 # sync run into the work directory; use with KEEP=1),
 # PG_EXTRA_CONF, KEEP=1, STAGINGPROP_PG_BIN, CARGO_TARGET_DIR (as in e2e_sync.sh).
@@ -24,7 +28,8 @@ PRODUCTS=${PRODUCTS:-50000}
 BACKLOG_TXNS=${BACKLOG_TXNS:-20000}
 ROUNDS=${ROUNDS:-2}
 CLIENTS=${CLIENTS:-2}
-BIG_ROWS=0
+# (b): one staging transaction updating this many offer prices, applied by both afterwards.
+BIG_ROWS=${BIG_ROWS:-200000}
 PG_EXTRA_CONF=${PG_EXTRA_CONF:-}
 KEEP=${KEEP:-0}
 
@@ -150,6 +155,23 @@ for round in $(seq 1 "$ROUNDS"); do
     fi
 done
 
+BIG_SECONDS=''
+if (( BIG_ROWS > 0 )); then
+    declare -A BACKLOG_SECONDS=([plain]=${SECONDS_OF[plain]} [spool]=${SECONDS_OF[spool]})
+    SECONDS_OF=([plain]=0 [spool]=0)
+    before=$(rows_written)
+    q staging -c "UPDATE offerprice p SET price = p.price + 1
+                    FROM (SELECT offer_id, currency FROM offerprice ORDER BY offer_id, currency LIMIT $BIG_ROWS) s
+                   WHERE p.offer_id = s.offer_id AND p.currency = s.currency" \
+              -c "INSERT INTO bench_marker VALUES (1000, now())"
+    BIG=$(( $(rows_written) - before ))
+    log "(b): staging committed one transaction changing $BIG rows"
+    run_sync plain big
+    run_sync spool big
+    BIG_SECONDS="${SECONDS_OF[plain]} ${SECONDS_OF[spool]}"
+    SECONDS_OF=([plain]=${BACKLOG_SECONDS[plain]} [spool]=${BACKLOG_SECONDS[spool]})
+fi
+
 FAILED=0
 s=$(fingerprint staging)
 for c in plain spool; do
@@ -168,4 +190,9 @@ done
     done
     awk -v a="${SECONDS_OF[plain]}" -v b="${SECONDS_OF[spool]}" -v bytes="$SPOOLED" \
         'BEGIN { printf "spool rows/s = %.2f x plain rows/s (target: at least 0.9x); spool written at %.1f MB/s while catching up\n", a / b, bytes / 1e6 / b }'
+    if [[ -n $BIG_SECONDS ]]; then
+        read -r bp bs <<<"$BIG_SECONDS"
+        awk -v rows="$BIG" -v p="$bp" -v s="$bs" \
+            'BEGIN { printf "(b) one transaction of %d rows: plain %.2f s, spool %.2f s: spool = %.2f x plain rows/s\n", rows, p, s, p / s }'
+    fi
 }

@@ -40,6 +40,9 @@ const FLUSH_INTERVAL: Duration = Duration::from_millis(20);
 /// Buffered bytes written out (and fsynced) even inside a transaction: memory stays bounded.
 const FLUSH_BYTES: usize = 4 << 20;
 
+/// Messages received between two rounds of confirming and cleaning up during a backlog.
+const HOUSEKEEPING_MESSAGES: u32 = 1024;
+
 /// How often applied segments past retention (or over `max_bytes`) are removed.
 const CLEANUP_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -278,23 +281,30 @@ where
     let mut last_flush = Instant::now();
     let mut last_activity = Instant::now();
     let mut last_cleanup: Option<Instant> = None;
+    // Confirming, cleaning up and the full check run after a flush, when the stream pauses,
+    // and every HOUSEKEEPING_MESSAGES messages: not for every message of a large backlog.
+    let mut due = true;
+    let mut messages = 0u32;
     let result: Result<Received, SyncError> = loop {
-        shared
-            .server_wal_end
-            .store(stream.server_wal_end().0, Ordering::Relaxed);
-        let applied = *applied_rx.borrow_and_update();
-        if last_cleanup.is_none_or(|t| t.elapsed() >= CLEANUP_INTERVAL) && applied.is_valid() {
-            last_cleanup = Some(Instant::now());
-            let removed = blocking(|| writer.remove_applied(applied, retain, spool.max_bytes))?;
-            if removed > 0 {
-                tracing::debug!(removed, "removed applied spool segments");
+        if due || messages >= HOUSEKEEPING_MESSAGES {
+            (due, messages) = (false, 0);
+            shared
+                .server_wal_end
+                .store(stream.server_wal_end().0, Ordering::Relaxed);
+            let applied = *applied_rx.borrow_and_update();
+            if last_cleanup.is_none_or(|t| t.elapsed() >= CLEANUP_INTERVAL) && applied.is_valid() {
+                last_cleanup = Some(Instant::now());
+                let removed = blocking(|| writer.remove_applied(applied, retain, spool.max_bytes))?;
+                if removed > 0 {
+                    tracing::debug!(removed, "removed applied spool segments");
+                }
             }
-        }
-        metrics::gauge!("stagingprop_spool_bytes").set(writer.bytes() as f64);
-        let over = writer.bytes() > spool.max_bytes;
-        confirm(&flush, writer, over, applied);
-        if spool_full(writer, spool, applied) {
-            break Ok(Received::Full);
+            metrics::gauge!("stagingprop_spool_bytes").set(writer.bytes() as f64);
+            let over = writer.bytes() > spool.max_bytes;
+            confirm(&flush, writer, over, applied);
+            if spool_full(writer, spool, applied) {
+                break Ok(Received::Full);
+            }
         }
         let wait = if writer.unflushed() {
             FLUSH_INTERVAL.saturating_sub(last_flush.elapsed())
@@ -307,6 +317,7 @@ where
         };
         match next {
             Err(_) => {
+                due = true;
                 if writer.unflushed() {
                     flush_durably(writer, shared, &mut last_flush)?;
                 } else if last_activity.elapsed() >= heartbeat {
@@ -324,7 +335,7 @@ where
                 }));
             }
             Ok(Ok(Some(m))) => {
-                last_activity = Instant::now();
+                messages += 1;
                 if let LogicalMessage::Begin { final_lsn, .. } = &m.message {
                     // Already spooled by an earlier session (confirmed or not).
                     skip = spooled.is_valid() && *final_lsn < writer.durable_end();
@@ -336,11 +347,15 @@ where
                 if let LogicalMessage::Commit { .. } = m.message {
                     *received = true;
                     skip = false;
-                    if last_flush.elapsed() >= FLUSH_INTERVAL {
+                    // Idleness is measured from the last transaction.
+                    last_activity = Instant::now();
+                    if last_activity.duration_since(last_flush) >= FLUSH_INTERVAL {
                         flush_durably(writer, shared, &mut last_flush)?;
+                        due = true;
                     }
                 } else if writer.buffered_bytes() >= FLUSH_BYTES {
                     flush_durably(writer, shared, &mut last_flush)?;
+                    due = true;
                 }
             }
         }
@@ -421,7 +436,13 @@ fn flush_durably(
     last_flush: &mut Instant,
 ) -> Result<(), SyncError> {
     blocking(|| writer.flush())?;
-    shared.mark.send_replace(writer.durable_mark());
+    // Wake the applier only when there is more to read (not for a part of a transaction).
+    let mark = writer.durable_mark();
+    shared.mark.send_if_modified(|current| {
+        let moved = *current != mark;
+        *current = mark;
+        moved
+    });
     *last_flush = Instant::now();
     Ok(())
 }
