@@ -548,6 +548,15 @@ fn spawn_sync(pair: &Pair, args: &[&str], log: &str) -> (Child, PathBuf) {
     (child, log_path)
 }
 
+/// Sends SIGTERM to the child (sync finishes its batch, confirms and exits 0).
+fn sigterm(child: &Child) {
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(kill.success());
+}
+
 /// Waits for the child to exit, at most `within` (then kills it and returns None).
 fn wait_exit(child: &mut Child, within: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + within;
@@ -1830,11 +1839,7 @@ async fn sigterm_stops_cleanly_with_the_slot_confirmed_at_production_progress() 
         .sql(&(31..=40).map(ledger_txn).collect::<String>());
 
     let signalled = Instant::now();
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill -TERM");
-    assert!(kill.success());
+    sigterm(&child);
     let status = wait_exit(&mut child, Duration::from_secs(20));
     let took = signalled.elapsed();
     let text = read_log(&log);
@@ -2093,11 +2098,7 @@ async fn outages_with_the_spool_release_staging_wal_until_the_spool_is_full() {
         assert!(Instant::now() < deadline, "{}", read_log(&log));
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill -TERM");
-    assert!(kill.success());
+    sigterm(&child);
     let status = wait_exit(&mut child, Duration::from_secs(20));
     let text = read_log(&log);
     assert_eq!(status.and_then(|s| s.code()), Some(0), "{text}");
@@ -2286,11 +2287,7 @@ async fn a_second_applier_on_the_same_target_is_refused() {
     let text = read_log(&second_log);
     assert_eq!(status.and_then(|s| s.code()), Some(10), "{text}");
     assert!(text.contains("another stagingprop process"), "{text}");
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill -TERM");
-    assert!(kill.success());
+    sigterm(&child);
     let status = wait_exit(&mut child, Duration::from_secs(20));
     assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", read_log(&log));
 

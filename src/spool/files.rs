@@ -588,6 +588,9 @@ struct Reading {
     path: PathBuf,
     first: Lsn,
     offset: u64,
+    /// No newer segment was listed when it was opened: a record cut short at its end is where
+    /// the writer is, not damage.
+    last: bool,
 }
 
 impl SpoolReader {
@@ -704,20 +707,18 @@ impl SpoolReader {
                     path,
                     first,
                     offset: 0,
+                    last: !self.has_newer(first),
                 });
                 self.last_segment = Some(first);
             }
-            let newer = self
-                .current
-                .as_ref()
-                .is_some_and(|r| self.has_newer(r.first));
-            let last = !newer;
             let Reading {
                 reader,
                 path,
                 first,
                 offset,
+                last,
             } = self.current.as_mut().expect("opened above");
+            let last = *last;
             if limit.is_some_and(|l| *first == l.segment && *offset >= l.offset) {
                 // Drop what the buffer read past the limit: the writer may still cut and
                 // rewrite it (a transaction received in part when a session failed).
