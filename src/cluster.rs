@@ -239,6 +239,8 @@ impl LocalCluster {
             "max_replication_slots = 20".to_owned(),
             "max_wal_senders = 20".to_owned(),
             "max_connections = 100".to_owned(),
+            // copy commits the parts of a table loaded by several workers together.
+            "max_prepared_transactions = 20".to_owned(),
             "logging_collector = off".to_owned(),
             "log_min_messages = warning".to_owned(),
             "shared_buffers = 128MB".to_owned(),

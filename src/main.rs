@@ -153,6 +153,10 @@ enum Command {
         /// Parallel workers (default: the number of cores).
         #[arg(long)]
         jobs: Option<usize>,
+        /// Tables of at least this many MB are copied in block ranges by several workers at once,
+        /// committed together (needs max_prepared_transactions >= --jobs on the target).
+        #[arg(long, value_name = "MB", default_value_t = 256)]
+        split_mb: u64,
         /// A shell command to run after a successful copy (e.g. a search-index rebuild).
         #[arg(long, value_name = "CMD")]
         after: Option<String>,
@@ -363,6 +367,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             exclude,
             truncate,
             jobs,
+            split_mb,
             after,
         } => {
             let parse = |names: Vec<String>| -> Result<Vec<TableName>, Failure> {
@@ -384,22 +389,24 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 truncate,
                 jobs: jobs
                     .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+                split_bytes: split_mb.saturating_mul(1 << 20),
                 after,
             };
             let report = stagingprop::copy::copy(&config, &options)
                 .await
                 .map_err(copy_failure)?;
             println!(
-                "{:<40} {:>12} {:>10} {:>8}",
-                "table", "rows", "MB", "seconds"
+                "{:<40} {:>12} {:>10} {:>8} {:>7}",
+                "table", "rows", "MB", "seconds", "ranges"
             );
             for t in &report.tables {
                 println!(
-                    "{:<40} {:>12} {:>10.1} {:>8.1}",
+                    "{:<40} {:>12} {:>10.1} {:>8.1} {:>7}",
                     t.table.to_string(),
                     t.rows,
                     t.bytes as f64 / 1e6,
-                    t.seconds
+                    t.seconds,
+                    t.ranges
                 );
             }
             if let Some(lsn) = report.handoff {

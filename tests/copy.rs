@@ -1,5 +1,7 @@
 //! `copy` against real clusters: both directions, the exact hand-off to sync under concurrent
-//! writes, refusal of non-empty targets, a connection killed mid-copy.
+//! writes, refusal of non-empty targets, a connection killed mid-copy; tables split into block
+//! ranges loaded by several workers and committed together (two-phase commit), a part failing,
+//! a copy killed with its parts prepared, and what an interrupted copy left being finished.
 
 mod support;
 
@@ -39,6 +41,7 @@ struct Pair {
     staging: String,
     production: String,
     config: Config,
+    config_text: String,
 }
 
 fn pair(prefix: &str) -> Pair {
@@ -60,6 +63,7 @@ fn pair(prefix: &str) -> Pair {
         staging,
         production,
         config: Config::from_toml_str(&text, "test").unwrap(),
+        config_text: text,
     }
 }
 
@@ -353,4 +357,392 @@ async fn sync_refuses_a_production_whose_seeding_copy_failed() {
     .expect("sync in time")
     .expect("sync after a complete copy");
     assert_equal(&p);
+}
+
+/// Options that split every table of more than one block across `jobs` workers.
+fn split_options(from: Side, to: Side, jobs: usize) -> CopyOptions {
+    let mut opts = options(from, to);
+    opts.jobs = jobs;
+    opts.split_bytes = 0;
+    opts
+}
+
+/// Rolls back whatever is left prepared in a database when a test ends, passed or not: a prepared
+/// transaction holds back every slot created on the cluster, which other tests share.
+struct RollbackPreparedOnDrop(String);
+
+impl Drop for RollbackPreparedOnDrop {
+    fn drop(&mut self) {
+        let c = clusters();
+        let gids = psql(
+            &c.staging,
+            &self.0,
+            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database()",
+        );
+        for gid in gids.lines().filter(|g| !g.is_empty()) {
+            let _ = c
+                .staging
+                .psql(&self.0, &format!("ROLLBACK PREPARED '{gid}'"));
+        }
+    }
+}
+
+fn prepared_count(cluster: &stagingprop::cluster::LocalCluster, db: &str) -> u64 {
+    psql(
+        cluster,
+        db,
+        "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()",
+    )
+    .trim()
+    .parse()
+    .unwrap()
+}
+
+const BIG_STATICFILE: &str = "INSERT INTO staticfile SELECT '/f/' || g, convert_to(repeat(md5(g::text), 10), 'UTF8') FROM generate_series(1, 100000) g";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_copy_loads_ranges_in_parallel_and_hands_off_exactly() {
+    let c = clusters();
+    let p = pair("copy_split");
+    psql(&c.staging, &p.staging, SEED);
+    init(&p.config, &InitOptions { create_slot: false })
+        .await
+        .expect("init");
+    let staging_db = p.staging.clone();
+    let writer = std::thread::spawn(move || {
+        let c = clusters();
+        for i in 0..40 {
+            psql(
+                &c.staging,
+                &staging_db,
+                &format!(
+                    "UPDATE catentry SET counter = counter + 1 WHERE catentry_id % 40 = {i};
+                     INSERT INTO catentry (catentry_id, partnumber) VALUES (200000 + {i}, 'LIVE-{i}');
+                     INSERT INTO catentdesc VALUES (200000 + {i}, -1, 'live');
+                     DELETE FROM catentry WHERE catentry_id = {d};",
+                    d = 3000 + i
+                ),
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let report = copy::copy(
+        &p.config,
+        &split_options(Side::Staging, Side::Production, 3),
+    )
+    .await
+    .expect("split copy");
+    writer.join().unwrap();
+    let ranges = |name: &str| {
+        report
+            .tables
+            .iter()
+            .find(|t| t.table.to_string() == name)
+            .map(|t| t.ranges)
+            .unwrap_or_else(|| panic!("{name} missing from {:?}", report.tables))
+    };
+    // Each table is reported once, with the ranges it was cut into.
+    assert_eq!(report.tables.len(), 4, "{:?}", report.tables);
+    assert_eq!(ranges("public.catentry"), 3);
+    assert_eq!(ranges("public.catentdesc"), 3);
+    let rows = |name: &str| {
+        report
+            .tables
+            .iter()
+            .find(|t| t.table.to_string() == name)
+            .unwrap()
+            .rows
+    };
+    assert!(rows("public.catentry") >= 19_900, "{:?}", report.tables);
+    assert_eq!(prepared_count(&c.production, &p.production), 0);
+    assert_eq!(
+        psql(
+            &c.production,
+            &p.production,
+            "SELECT count(*) FROM stagingprop.copy_commits"
+        )
+        .trim(),
+        "0"
+    );
+    // Nothing the snapshot held is applied twice, nothing after it is lost.
+    support::caught_up(&p.config)
+        .await
+        .expect("sync after a split copy: a doubled insert or delete would be a conflict error");
+    assert_equal(&p);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_part_rolls_back_every_part_of_its_group() {
+    let c = clusters();
+    let p = pair("copy_split_killed");
+    let _cleanup = RollbackPreparedOnDrop(p.staging.clone());
+    psql(&c.production, &p.production, SEED);
+    psql(&c.production, &p.production, BIG_STATICFILE);
+    let config = p.config.clone();
+    let running = tokio::spawn(async move {
+        copy::copy(&config, &split_options(Side::Production, Side::Staging, 2)).await
+    });
+    // Kill the target session of one of staticfile's parts only.
+    let mut killed = false;
+    for _ in 0..400 {
+        let n = psql(
+            &c.staging,
+            &p.staging,
+            "SELECT count(pg_terminate_backend(pid)) FROM (SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'COPY \"public\".\"staticfile\"%' LIMIT 1) one",
+        );
+        if n.trim() != "0" {
+            killed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        killed,
+        "a staticfile part was never seen loading on the target"
+    );
+    let result = tokio::time::timeout(Duration::from_secs(120), running)
+        .await
+        .expect("copy ends")
+        .unwrap();
+    let Err(CopyError::Partial { failed, .. }) = result else {
+        panic!("expected a partial failure, got {result:?}");
+    };
+    assert!(
+        failed.contains(&"public.staticfile".to_owned()),
+        "{failed:?}"
+    );
+    // The other part of staticfile, whether it was prepared or still loading, is gone too.
+    assert_eq!(prepared_count(&c.staging, &p.staging), 0);
+    for (table, key) in TABLES {
+        let target = dump(&c.staging, &p.staging, table, key);
+        let source = dump(&c.production, &p.production, table, key);
+        assert!(
+            target == source || target.starts_with("0:"),
+            "{table} is neither untouched nor complete: {target} vs {source}"
+        );
+    }
+    let mut again = split_options(Side::Production, Side::Staging, 2);
+    again.truncate = true;
+    copy::copy(&p.config, &again).await.expect("re-run");
+    for (table, key) in TABLES {
+        assert_eq!(
+            dump(&c.staging, &p.staging, table, key),
+            dump(&c.production, &p.production, table, key),
+            "{table}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_killed_with_its_parts_prepared_is_finished_by_the_next() {
+    let c = clusters();
+    let p = pair("copy_split_kill9");
+    let _cleanup = RollbackPreparedOnDrop(p.staging.clone());
+    psql(&c.production, &p.production, SEED);
+    psql(&c.production, &p.production, BIG_STATICFILE);
+    // A first split copy creates the decision table; the target is then emptied again.
+    copy::copy(
+        &p.config,
+        &split_options(Side::Production, Side::Staging, 2),
+    )
+    .await
+    .expect("first copy");
+    psql(
+        &c.staging,
+        &p.staging,
+        "TRUNCATE catentry, catentdesc, attribute, staticfile",
+    );
+    // Holding the decision table makes the copy stop with every part of a group prepared.
+    let (holder, connection) = tokio_postgres::connect(
+        &c.staging.conninfo(&p.staging, "postgres"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    holder
+        .batch_execute("BEGIN; LOCK TABLE stagingprop.copy_commits IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("stagingprop-copy-kill9-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config_path = dir.join("stagingprop.toml");
+    std::fs::write(&config_path, &p.config_text).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_stagingprop"))
+        .arg("--config")
+        .arg(&config_path)
+        .args([
+            "copy",
+            "--from",
+            "production",
+            "--to",
+            "staging",
+            "--jobs",
+            "2",
+            "--split-mb",
+            "0",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn stagingprop copy");
+    // (Polled from another session: pg_stat_activity is read once per transaction.)
+    let mut waiting = false;
+    for _ in 0..600 {
+        let n = psql(
+            &c.staging,
+            &p.staging,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock' AND query LIKE 'INSERT INTO \"stagingprop\".\"copy_commits\"%'",
+        );
+        if n.trim() != "0" {
+            waiting = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child.kill().expect("kill -9 the copy");
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(waiting, "the copy never reached its commit decision");
+    assert!(prepared_count(&c.staging, &p.staging) >= 2);
+    // A prepared part is invisible: its tables are still empty; the rest is complete.
+    let mut invisible = 0;
+    for (table, key) in TABLES {
+        let target = dump(&c.staging, &p.staging, table, key);
+        let source = dump(&c.production, &p.production, table, key);
+        if target.starts_with("0:") {
+            invisible += 1;
+        } else {
+            assert_eq!(target, source, "{table} is neither untouched nor complete");
+        }
+    }
+    assert!(invisible >= 1);
+    holder.batch_execute("COMMIT").await.unwrap();
+
+    // The next copy finds the parts (rolled back, or committed if the killed copy's decision
+    // still went through) and then completes every table.
+    let mut again = split_options(Side::Production, Side::Staging, 2);
+    again.truncate = true;
+    let mut result = copy::copy(&p.config, &again).await;
+    for _ in 0..50 {
+        match &result {
+            // The killed copy's session may take a moment to end and release its lock.
+            Err(e) if e.to_string().contains("another stagingprop copy") => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                result = copy::copy(&p.config, &again).await;
+            }
+            _ => break,
+        }
+    }
+    result.expect("copy after the killed one");
+    assert_eq!(prepared_count(&c.staging, &p.staging), 0);
+    for (table, key) in TABLES {
+        assert_eq!(
+            dump(&c.staging, &p.staging, table, key),
+            dump(&c.production, &p.production, table, key),
+            "{table}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parts_left_prepared_are_committed_when_decided_and_rolled_back_otherwise() {
+    let c = clusters();
+    let p = pair("copy_leftovers");
+    let _cleanup = RollbackPreparedOnDrop(p.staging.clone());
+    psql(&c.production, &p.production, SEED);
+    // What a copy killed mid-commit leaves: group 0 undecided, group 1 decided; and a prepared
+    // transaction that is not stagingprop's, which must be left alone.
+    psql(
+        &c.staging,
+        &p.staging,
+        "CREATE SCHEMA stagingprop;
+         CREATE TABLE stagingprop.copy_commits (group_id text PRIMARY KEY, decided_at timestamptz NOT NULL DEFAULT now());
+         INSERT INTO stagingprop.copy_commits VALUES ('stagingprop_copy:9-1:1');",
+    );
+    for (gid, sql) in [
+        (
+            "stagingprop_copy:9-1:0:0",
+            "INSERT INTO attribute (name) VALUES ('undecided')",
+        ),
+        (
+            "stagingprop_copy:9-1:1:0",
+            "INSERT INTO staticfile VALUES ('/decided', 'x')",
+        ),
+        (
+            "stagingprop_copy:9-1:1:1",
+            "INSERT INTO staticfile VALUES ('/decided-2', 'y')",
+        ),
+        (
+            "someone_else",
+            "INSERT INTO staticfile VALUES ('/not-ours', 'z')",
+        ),
+    ] {
+        psql(
+            &c.staging,
+            &p.staging,
+            &format!("BEGIN; {sql}; PREPARE TRANSACTION '{gid}'"),
+        );
+    }
+    assert_eq!(prepared_count(&c.staging, &p.staging), 4);
+
+    // The copy resolves them first; the committed group's table is then not empty.
+    let err = copy::copy(&p.config, &options(Side::Production, Side::Staging))
+        .await
+        .expect_err("staticfile holds the decided group's rows");
+    assert!(err.to_string().contains("public.staticfile"), "{err}");
+    assert_eq!(
+        psql(
+            &c.staging,
+            &p.staging,
+            "SELECT string_agg(path, ',' ORDER BY path) FROM staticfile"
+        )
+        .trim(),
+        "/decided,/decided-2"
+    );
+    assert_eq!(
+        psql(&c.staging, &p.staging, "SELECT count(*) FROM attribute").trim(),
+        "0"
+    );
+    assert_eq!(
+        psql(
+            &c.staging,
+            &p.staging,
+            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database()"
+        )
+        .trim(),
+        "someone_else"
+    );
+    assert_eq!(
+        psql(
+            &c.staging,
+            &p.staging,
+            "SELECT count(*) FROM stagingprop.copy_commits"
+        )
+        .trim(),
+        "0"
+    );
+    psql(&c.staging, &p.staging, "ROLLBACK PREPARED 'someone_else'");
+
+    // Two copies into one database at once: the second is refused.
+    let (holder, connection) = tokio_postgres::connect(
+        &c.staging.conninfo(&p.staging, "postgres"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    holder
+        .execute("SELECT pg_advisory_lock($1)", &[&0x7374_6167_636f_7079i64])
+        .await
+        .unwrap();
+    let err = copy::copy(&p.config, &options(Side::Production, Side::Staging))
+        .await
+        .expect_err("the copy lock is taken");
+    assert!(
+        err.to_string().contains("another stagingprop copy"),
+        "{err}"
+    );
 }

@@ -18,9 +18,15 @@
 //!
 //! Atomicity: tables linked by foreign keys are loaded together in one target transaction (and
 //! truncated together with `--truncate`, since PostgreSQL cannot truncate a referenced table
-//! alone), so a failed copy leaves every table either untouched or complete.
+//! alone), so a failed copy leaves every table either untouched or complete. A group holding a
+//! table of at least `--split-mb` is cut into block ranges ([`split`]) loaded by several workers
+//! at once, each part a prepared transaction, all committed together once every part is in
+//! ([`prepared`]); that needs `max_prepared_transactions` on the target, and with `--truncate`
+//! an empty target group (TRUNCATE's lock would make the parts wait for each other).
 
+mod prepared;
 pub mod rewrite;
+pub mod split;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::IsTerminal;
@@ -32,6 +38,7 @@ use futures_util::{SinkExt, StreamExt, pin_mut};
 use tokio_postgres::Client;
 
 use self::rewrite::{ColumnRewrite, KeyRewriter, Translate};
+use self::split::Piece;
 use crate::apply::schema::{self, TableMeta};
 use crate::apply::{self, Progress};
 use crate::config::{Config, KeyRule, TableName};
@@ -41,7 +48,7 @@ use crate::pg::connect::{Endpoint, EndpointError};
 use crate::pg::replication::{ReplicationClient, ReplicationError, SnapshotAction};
 use crate::remap::Remapper;
 use crate::remap::store::{self as key_map, Statements};
-use crate::sql::{qualified, quote_ident};
+use crate::sql::{qualified, quote_ident, quote_literal};
 
 /// One of the two configured databases.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,6 +66,9 @@ impl std::fmt::Display for Side {
     }
 }
 
+/// Default of [`CopyOptions::split_bytes`] (`--split-mb 256`).
+pub const DEFAULT_SPLIT_BYTES: u64 = 256 << 20;
+
 #[derive(Clone, Debug)]
 pub struct CopyOptions {
     pub from: Side,
@@ -69,6 +79,9 @@ pub struct CopyOptions {
     /// Empty each target table in the transaction that loads it.
     pub truncate: bool,
     pub jobs: usize,
+    /// Tables of at least this many bytes (heap and TOAST) are copied in block ranges by several
+    /// workers at once.
+    pub split_bytes: u64,
     /// A shell command to run after a successful copy.
     pub after: Option<String>,
 }
@@ -112,6 +125,8 @@ pub struct TableReport {
     pub rows: u64,
     pub bytes: u64,
     pub seconds: f64,
+    /// Block ranges it was copied in by parallel workers (1: the whole table at once).
+    pub ranges: usize,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -195,6 +210,30 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
         .connect()
         .await
         .map_err(db_error(&target, "connect"))?;
+
+    // One copy at a time into a database: it owns whatever copy parts it finds prepared there.
+    let locked: bool = t
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&COPY_LOCK])
+        .await
+        .map_err(db_error(&target, "taking the copy lock"))?
+        .get(0);
+    if !locked {
+        return Err(CopyError::Refused(format!(
+            "another stagingprop copy is writing into {}; wait for it to end",
+            target.describe()
+        )));
+    }
+    let leftovers = prepared::resolve_leftovers(&t).await.map_err(db_error(
+        &target,
+        "finishing what an interrupted copy left prepared",
+    ))?;
+    for leftover in leftovers {
+        if leftover.committed {
+            tracing::warn!(gid = %leftover.gid, "committed a part an interrupted copy had prepared (its group's commit had been decided)");
+        } else {
+            tracing::warn!(gid = %leftover.gid, "rolled back a part an interrupted copy had prepared but not committed");
+        }
+    }
 
     // Validation before anything is written.
     let mut problems = Vec::new();
@@ -302,32 +341,29 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
         plan_keys(config, options, &metas, &source, &s, &target, &t, &snapshot).await?;
     let plans = Arc::new(plans);
 
-    // Largest groups first, so the long ones start early.
-    let mut sized: Vec<(i64, Vec<usize>)> = Vec::new();
-    for group in groups {
-        let mut size = 0i64;
-        for &i in &group {
-            let bytes: i64 = s
-                .query_one(
-                    "SELECT pg_table_size($1::text::regclass)",
-                    &[&metas[i].qualified()],
-                )
-                .await
-                .map_err(db_error(&source, "reading table sizes"))?
-                .get(0);
-            size += bytes;
-        }
-        sized.push((size, group));
+    let mut sizes = Vec::with_capacity(metas.len());
+    for meta in &metas {
+        let row = s
+            .query_one(
+                "SELECT pg_table_size(c), pg_relation_size(c) / current_setting('block_size')::bigint \
+                 FROM (SELECT $1::text::regclass AS c) r",
+                &[&meta.qualified()],
+            )
+            .await
+            .map_err(db_error(&source, "reading table sizes"))?;
+        sizes.push(TableSize {
+            bytes: row.get::<_, i64>(0).max(0) as u64,
+            blocks: row.get::<_, i64>(1).max(0) as u64,
+        });
     }
-    sized.sort_by_key(|(size, _)| std::cmp::Reverse(*size));
+    let jobs = plan_jobs(&t, &target, &metas, groups, &sizes, options).await?;
     let progress = Arc::new(CopyProgress {
-        estimate: sized.iter().map(|(size, _)| *size as u64).sum(),
+        estimate: sizes.iter().map(|size| size.bytes).sum(),
         tables: metas.len(),
         ..CopyProgress::default()
     });
     let reporter = tokio::spawn(report_progress(progress.clone()));
-    let queue: Arc<Mutex<VecDeque<Vec<usize>>>> =
-        Arc::new(Mutex::new(sized.into_iter().map(|(_, g)| g).collect()));
+    let queue: Arc<Mutex<VecDeque<Job>>> = Arc::new(Mutex::new(jobs.into()));
     let metas = Arc::new(metas);
     let jobs = options
         .jobs
@@ -343,7 +379,6 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
             source: source.clone(),
             target: target.clone(),
             snapshot: snapshot.clone(),
-            truncate: options.truncate,
             queue: queue.clone(),
             metas: metas.clone(),
             plans: plans.clone(),
@@ -394,6 +429,8 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
             Err(e) => errors.push(format!("a copy worker stopped: {e}")),
         }
     }
+    failed.sort();
+    failed.dedup();
     if !failed.is_empty() || !errors.is_empty() {
         for e in &errors {
             tracing::error!("{e}");
@@ -534,13 +571,256 @@ async fn report_progress(progress: Arc<CopyProgress>) {
 /// Bytes gathered before they are sent to the target as one CopyData message.
 const COALESCE_BYTES: usize = 256 * 1024;
 
+/// Advisory lock key held on the target for a copy's duration ("stagcopy").
+const COPY_LOCK: i64 = 0x7374_6167_636f_7079;
+
+#[derive(Clone, Copy, Debug)]
+struct TableSize {
+    /// Heap and TOAST bytes on disk.
+    bytes: u64,
+    /// Heap blocks.
+    blocks: u64,
+}
+
+/// Tables linked by foreign keys, which become visible on the target together.
+struct GroupJob {
+    tables: Vec<usize>,
+    /// Empty the tables first (never for a split group: its tables are empty).
+    truncate: bool,
+    /// Set when several prepared transactions load the group.
+    split: Option<SplitGroup>,
+}
+
+struct SplitGroup {
+    /// What the parts' global ids and the commit decision are named by.
+    id: String,
+    parts: usize,
+    state: Mutex<SplitState>,
+}
+
+#[derive(Default)]
+struct SplitState {
+    prepared: Vec<String>,
+    reports: Vec<TableReport>,
+    failed: bool,
+}
+
+impl SplitGroup {
+    fn state(&self) -> std::sync::MutexGuard<'_, SplitState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// What one worker transaction loads: a whole group, or one part of a split group.
+struct Job {
+    group: Arc<GroupJob>,
+    part: usize,
+    pieces: Vec<Piece>,
+}
+
+impl Job {
+    fn bytes(&self) -> u64 {
+        self.pieces.iter().map(|p| p.bytes).sum()
+    }
+}
+
+/// Cuts the copy into worker transactions, largest first: one per group, or one per part for
+/// groups holding a table of at least `split_bytes` when the target can commit parts together.
+async fn plan_jobs(
+    t: &Client,
+    target: &Endpoint,
+    metas: &[TableMeta],
+    groups: Vec<Vec<usize>>,
+    sizes: &[TableSize],
+    options: &CopyOptions,
+) -> Result<Vec<Job>, CopyError> {
+    let workers = options.jobs.max(1);
+    let run = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis())
+    );
+    let large = |tables: &[usize]| -> Vec<usize> {
+        tables
+            .iter()
+            .copied()
+            .filter(|&i| sizes[i].bytes >= options.split_bytes && sizes[i].blocks > 1)
+            .collect()
+    };
+    // Whether the target can take split groups at all: free prepared slots, or why not.
+    let mut capacity = if workers > 1 && groups.iter().any(|g| !large(g).is_empty()) {
+        split_capacity(t).await
+    } else {
+        Err(String::new())
+    };
+    let mut jobs = Vec::new();
+    for (g, tables) in groups.into_iter().enumerate() {
+        let whole = |tables: Vec<usize>| Job {
+            pieces: tables
+                .iter()
+                .map(|&table| Piece {
+                    table,
+                    range: None,
+                    bytes: sizes[table].bytes,
+                })
+                .collect(),
+            group: Arc::new(GroupJob {
+                tables,
+                truncate: options.truncate,
+                split: None,
+            }),
+            part: 0,
+        };
+        let large = large(&tables);
+        if workers < 2 || large.is_empty() {
+            jobs.push(whole(tables));
+            continue;
+        }
+        let mut pieces = Vec::new();
+        for &table in &tables {
+            if large.contains(&table) {
+                let ranges = split::block_ranges(sizes[table].blocks, workers);
+                let bytes = sizes[table].bytes / ranges.len() as u64;
+                pieces.extend(ranges.into_iter().map(|range| Piece {
+                    table,
+                    range: Some(range),
+                    bytes,
+                }));
+            } else {
+                pieces.push(Piece {
+                    table,
+                    range: None,
+                    bytes: sizes[table].bytes,
+                });
+            }
+        }
+        let parts = split::pack(pieces, workers);
+        let names = || {
+            large
+                .iter()
+                .map(|&i| metas[i].table_name().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let refusal = match &mut capacity {
+            Err(why) => Some(why.clone()),
+            Ok(free) if *free < parts.len() => Some(format!(
+                "the target has {free} free prepared-transaction slot(s) and {} are needed; raise max_prepared_transactions (a restart) to at least --jobs",
+                parts.len()
+            )),
+            _ if options.truncate && !all_empty(t, target, metas, &tables).await? => Some(
+                "--truncate on tables with rows empties and loads them in one transaction".into(),
+            ),
+            Ok(free) => {
+                *free -= parts.len();
+                None
+            }
+        };
+        if let Some(why) = refusal {
+            tracing::info!(tables = %names(), "copying with one worker: {why}");
+            jobs.push(whole(tables));
+            continue;
+        }
+        tracing::info!(tables = %names(), parts = parts.len(), "copying in block ranges by several workers, committed together");
+        let group = Arc::new(GroupJob {
+            tables,
+            truncate: false,
+            split: Some(SplitGroup {
+                id: split::group_id(&run, g),
+                parts: parts.len(),
+                state: Mutex::default(),
+            }),
+        });
+        for (part, pieces) in parts.into_iter().enumerate() {
+            jobs.push(Job {
+                group: group.clone(),
+                part,
+                pieces,
+            });
+        }
+    }
+    jobs.sort_by_key(|job| std::cmp::Reverse(job.bytes()));
+    Ok(jobs)
+}
+
+/// How many parts the target can hold prepared, or why it cannot take split groups.
+async fn split_capacity(t: &Client) -> Result<usize, String> {
+    // Parts see neither each other's rows nor the other tables' of their group: foreign keys
+    // must not be checked while loading.
+    if let Err(e) = t
+        .batch_execute("SET session_replication_role = replica; RESET session_replication_role")
+        .await
+    {
+        return Err(format!(
+            "the target role may not set session_replication_role ({}), so foreign keys would be checked against rows other workers have not committed",
+            QueryError::new("SET", &e)
+        ));
+    }
+    let free = prepared::free_slots(t)
+        .await
+        .map_err(|e| QueryError::new("reading max_prepared_transactions", &e).to_string())?;
+    if free < 2 {
+        return Err(format!(
+            "max_prepared_transactions leaves {free} free slot(s) on the target; set it to at least --jobs (a restart) to let several workers load one table"
+        ));
+    }
+    prepared::ensure_decisions_table(t).await.map_err(|e| {
+        format!(
+            "cannot create the copy's commit-decision table on the target ({})",
+            QueryError::new("CREATE TABLE", &e)
+        )
+    })?;
+    Ok(free as usize)
+}
+
+async fn all_empty(
+    t: &Client,
+    target: &Endpoint,
+    metas: &[TableMeta],
+    tables: &[usize],
+) -> Result<bool, CopyError> {
+    for &i in tables {
+        let has_rows: bool = t
+            .query_one(
+                &format!("SELECT EXISTS (SELECT 1 FROM {})", metas[i].qualified()),
+                &[],
+            )
+            .await
+            .map_err(db_error(target, "checking target tables"))?
+            .get(0);
+        if has_rows {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// One table's figures from the reports of its ranges (rows and bytes add up; they ran side by
+/// side, so the longest range's time).
+fn merge_reports(reports: Vec<TableReport>) -> Vec<TableReport> {
+    let mut merged: Vec<TableReport> = Vec::with_capacity(reports.len());
+    for report in reports {
+        match merged.iter_mut().find(|m| m.table == report.table) {
+            Some(m) => {
+                m.rows += report.rows;
+                m.bytes += report.bytes;
+                m.seconds = m.seconds.max(report.seconds);
+                m.ranges += report.ranges;
+            }
+            None => merged.push(report),
+        }
+    }
+    merged
+}
+
 struct Worker {
     id: usize,
     source: Endpoint,
     target: Endpoint,
     snapshot: String,
-    truncate: bool,
-    queue: Arc<Mutex<VecDeque<Vec<usize>>>>,
+    queue: Arc<Mutex<VecDeque<Job>>>,
     metas: Arc<Vec<TableMeta>>,
     plans: Arc<Vec<KeyPlan>>,
     progress: Arc<CopyProgress>,
@@ -572,16 +852,26 @@ impl Worker {
         drop(imported);
         loop {
             let next = self.queue.lock().ok().and_then(|mut q| q.pop_front());
-            let Some(group) = next else { break };
-            match self.copy_group(&s, &t, &group).await {
+            let Some(job) = next else { break };
+            let result = match &job.group.split {
+                None => self.copy_group(&s, &t, &job).await,
+                Some(split) => self.copy_part(&s, &t, &job, split).await,
+            };
+            match result {
                 Ok(reports) => outcome.done.extend(reports),
                 Err(e) => {
                     let _ = t.batch_execute("ROLLBACK").await;
-                    let names = group
+                    let mut error = e.to_string();
+                    if let Some(split) = &job.group.split {
+                        error.push_str(&self.abandon(split).await);
+                    }
+                    let names = job
+                        .group
+                        .tables
                         .iter()
                         .map(|&i| self.metas[i].table_name().to_string())
                         .collect();
-                    outcome.failed.push((names, e.to_string()));
+                    outcome.failed.push((names, error));
                 }
             }
         }
@@ -597,7 +887,7 @@ impl Worker {
             .map_err(db_error(&self.source, "connect"))?;
         s.batch_execute(&format!(
             "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT {}",
-            crate::sql::quote_literal(&self.snapshot)
+            quote_literal(&self.snapshot)
         ))
         .await
         .map_err(db_error(&self.source, "importing the snapshot"))?;
@@ -606,24 +896,28 @@ impl Worker {
             .connect()
             .await
             .map_err(db_error(&self.target, "connect"))?;
-        // Foreign keys are satisfied by the snapshot; without the privilege, groups load parents first.
+        // Foreign keys are satisfied by the snapshot; without the privilege, groups load parents
+        // first (and are not split).
         let _ = t
             .batch_execute("SET session_replication_role = replica")
             .await;
         Ok((s, t))
     }
 
+    /// A whole group in one transaction.
     async fn copy_group(
         &self,
         s: &Client,
         t: &Client,
-        group: &[usize],
+        job: &Job,
     ) -> Result<Vec<TableReport>, CopyError> {
         t.batch_execute("BEGIN")
             .await
             .map_err(db_error(&self.target, "BEGIN"))?;
-        if self.truncate {
-            let list = group
+        if job.group.truncate {
+            let list = job
+                .group
+                .tables
                 .iter()
                 .map(|&i| self.metas[i].qualified())
                 .collect::<Vec<_>>()
@@ -632,23 +926,128 @@ impl Worker {
                 .await
                 .map_err(db_error(&self.target, "emptying the target tables"))?;
         }
-        for &i in group {
-            if let Some(entries) = &self.plans[i].key_map {
-                write_key_map(t, &self.metas[i].table_name(), entries)
+        let reports = self.load(s, t, &job.pieces).await?;
+        t.batch_execute("COMMIT")
+            .await
+            .map_err(db_error(&self.target, "COMMIT"))?;
+        self.committed(t, &job.group.tables, reports).await
+    }
+
+    /// One part of a split group, prepared; the worker preparing the last part commits them all.
+    async fn copy_part(
+        &self,
+        s: &Client,
+        t: &Client,
+        job: &Job,
+        split: &SplitGroup,
+    ) -> Result<Vec<TableReport>, CopyError> {
+        if split.state().failed {
+            return Ok(Vec::new());
+        }
+        t.batch_execute("BEGIN")
+            .await
+            .map_err(db_error(&self.target, "BEGIN"))?;
+        let reports = self.load(s, t, &job.pieces).await?;
+        if split.state().failed {
+            t.batch_execute("ROLLBACK")
+                .await
+                .map_err(db_error(&self.target, "ROLLBACK"))?;
+            return Ok(Vec::new());
+        }
+        let gid = split::part_gid(&split.id, job.part);
+        t.batch_execute(&format!("PREPARE TRANSACTION {}", quote_literal(&gid)))
+            .await
+            .map_err(db_error(&self.target, "PREPARE TRANSACTION"))?;
+        let all = {
+            let mut state = split.state();
+            if state.failed {
+                None
+            } else {
+                state.prepared.push(gid.clone());
+                state.reports.extend(reports);
+                (state.prepared.len() == split.parts).then(|| {
+                    (
+                        std::mem::take(&mut state.prepared),
+                        std::mem::take(&mut state.reports),
+                    )
+                })
+            }
+        };
+        let Some((gids, reports)) = all else {
+            if split.state().failed {
+                // Another part failed after this one checked: this part goes too.
+                prepared::rollback_parts(t, &[gid]).await;
+            }
+            return Ok(Vec::new());
+        };
+        if let Err(e) = prepared::commit_group(t, &split.id, &gids).await {
+            if matches!(e, prepared::CommitError::Undecided(_)) {
+                // Nothing committed: the caller's abandon() rolls every part back.
+                split.state().prepared = gids;
+            }
+            return Err(CopyError::Refused(format!(
+                "on {}: {e}",
+                self.target.describe()
+            )));
+        }
+        self.committed(t, &job.group.tables, merge_reports(reports))
+            .await
+    }
+
+    /// Marks a split group failed and rolls back its prepared parts, through a new session (this
+    /// worker's may be what failed). Says what is left for the next copy, if anything.
+    async fn abandon(&self, split: &SplitGroup) -> String {
+        let gids = {
+            let mut state = split.state();
+            state.failed = true;
+            std::mem::take(&mut state.prepared)
+        };
+        if gids.is_empty() {
+            return String::new();
+        }
+        let left = match self.target.connect().await {
+            Ok(t) => prepared::rollback_parts(&t, &gids).await,
+            Err(_) => gids,
+        };
+        if left.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; {} part(s) stay prepared (holding their locks) until the next `stagingprop copy` into this database rolls them back: {}",
+                left.len(),
+                left.join(", ")
+            )
+        }
+    }
+
+    /// Key-map entries, then every piece's rows, in the caller's transaction.
+    async fn load(
+        &self,
+        s: &Client,
+        t: &Client,
+        pieces: &[Piece],
+    ) -> Result<Vec<TableReport>, CopyError> {
+        for piece in pieces.iter().filter(|p| p.first_of_table()) {
+            if let Some(entries) = &self.plans[piece.table].key_map {
+                write_key_map(t, &self.metas[piece.table].table_name(), entries)
                     .await
                     .map_err(db_error(&self.target, "writing the key map"))?;
             }
         }
-        let mut reports = Vec::with_capacity(group.len());
-        for &i in group {
-            reports.push(
-                self.copy_table(s, t, &self.metas[i], &self.plans[i])
-                    .await?,
-            );
+        let mut reports = Vec::with_capacity(pieces.len());
+        for piece in pieces {
+            reports.push(self.copy_piece(s, t, piece).await?);
         }
-        t.batch_execute("COMMIT")
-            .await
-            .map_err(db_error(&self.target, "COMMIT"))?;
+        Ok(reports)
+    }
+
+    /// After a group's commit: the log lines, the counters and `ANALYZE`.
+    async fn committed(
+        &self,
+        t: &Client,
+        tables: &[usize],
+        reports: Vec<TableReport>,
+    ) -> Result<Vec<TableReport>, CopyError> {
         for report in &reports {
             tracing::info!(
                 worker = self.id,
@@ -659,7 +1058,10 @@ impl Worker {
                 "copied"
             );
         }
-        for &i in group {
+        self.progress
+            .tables_done
+            .fetch_add(tables.len(), Ordering::Relaxed);
+        for &i in tables {
             t.batch_execute(&format!("ANALYZE {}", self.metas[i].qualified()))
                 .await
                 .map_err(db_error(&self.target, "ANALYZE"))?;
@@ -667,14 +1069,15 @@ impl Worker {
         Ok(reports)
     }
 
-    /// Streams one table as binary COPY, chunk by chunk, from source to target.
-    async fn copy_table(
+    /// Streams one table, or one block range of it, as binary COPY from source to target.
+    async fn copy_piece(
         &self,
         s: &Client,
         t: &Client,
-        meta: &TableMeta,
-        plan: &KeyPlan,
+        piece: &Piece,
     ) -> Result<TableReport, CopyError> {
+        let meta = &self.metas[piece.table];
+        let plan = &self.plans[piece.table];
         let started = Instant::now();
         let columns = meta
             .columns
@@ -682,8 +1085,12 @@ impl Worker {
             .map(|c| quote_ident(&c.name))
             .collect::<Vec<_>>()
             .join(", ");
+        let range = piece
+            .range
+            .map(|r| format!(" WHERE {}", r.condition()))
+            .unwrap_or_default();
         let out_sql = format!(
-            "COPY (SELECT {columns} FROM ONLY {}) TO STDOUT (FORMAT binary)",
+            "COPY (SELECT {columns} FROM ONLY {}{range}) TO STDOUT (FORMAT binary)",
             meta.qualified()
         );
         let in_sql = format!(
@@ -763,12 +1170,12 @@ impl Worker {
         let table = meta.table_name().to_string();
         metrics::counter!("stagingprop_copy_rows_total", "table" => table.clone()).increment(rows);
         metrics::counter!("stagingprop_copy_bytes_total", "table" => table).increment(bytes);
-        self.progress.tables_done.fetch_add(1, Ordering::Relaxed);
         Ok(TableReport {
             table: meta.table_name(),
             rows,
             bytes,
             seconds: started.elapsed().as_secs_f64(),
+            ranges: 1,
         })
     }
 }

@@ -147,6 +147,7 @@ where
             exclude: Vec::new(),
             truncate: false,
             jobs: 2,
+            split_bytes: crate::copy::DEFAULT_SPLIT_BYTES,
             after: None,
         },
     )

@@ -108,6 +108,7 @@ pub fn copy_options(
         exclude: Vec::new(),
         truncate: false,
         jobs: 2,
+        split_bytes: stagingprop::copy::DEFAULT_SPLIT_BYTES,
         after: None,
     }
 }
