@@ -46,6 +46,8 @@
 #   SCALE_MB=1000       approximate size of the source data (heap + TOAST, without indexes)
 #   JOBS=2              parallel workers for every method (stagingprop --jobs, xargs -P,
 #                       pgcopydb --table-jobs; the native sync has its own default of 2)
+#   SPLIT_MB=256        stagingprop --split-mb: tables at least this large are copied in block
+#                       ranges by all workers (the clusters allow 10 prepared transactions)
 #   PHASES='stagingprop pipe native pgcopydb'   which phases run, in that order
 #   WAIT_FOR=e2e_sync.sh   before measuring, wait while a process matching this runs (pgrep -f;
 #                       empty: do not wait), so that two benchmarks never share the cores
@@ -60,6 +62,7 @@ set -euo pipefail
 
 SCALE_MB=${SCALE_MB:-1000}
 JOBS=${JOBS:-2}
+SPLIT_MB=${SPLIT_MB:-256}
 PHASES=${PHASES:-stagingprop pipe native pgcopydb}
 WAIT_FOR=${WAIT_FOR-e2e_sync.sh}
 PG_EXTRA_CONF=${PG_EXTRA_CONF:-}
@@ -255,7 +258,7 @@ client_wall() { awk '{ print $1 }' "$1"; }
 run_stagingprop() {
     local rc=0
     /usr/bin/time -f '%e %U %S %M' -o "$WORK/time.stagingprop" \
-        "$BIN" --config "$WORK/stagingprop.toml" copy --from production --to staging --jobs "$JOBS" \
+        "$BIN" --config "$WORK/stagingprop.toml" copy --from production --to staging --jobs "$JOBS" --split-mb "$SPLIT_MB" \
         >"$WORK/stagingprop.log" 2>&1 || rc=$?
     if (( rc != 0 )); then
         tail -n 30 "$WORK/stagingprop.log" >&2
@@ -411,7 +414,8 @@ write_config
 SETTINGS_SQL="SELECT string_agg(name || '=' || current_setting(name), ' ' ORDER BY name) FROM pg_settings
              WHERE name IN ('fsync', 'synchronous_commit', 'full_page_writes', 'wal_sync_method', 'shared_buffers',
                             'max_wal_size', 'checkpoint_timeout', 'autovacuum', 'wal_level', 'work_mem',
-                            'maintenance_work_mem', 'max_sync_workers_per_subscription', 'max_logical_replication_workers')"
+                            'maintenance_work_mem', 'max_sync_workers_per_subscription', 'max_logical_replication_workers',
+                            'max_prepared_transactions')"
 SETTINGS=$(qpg source -c "$SETTINGS_SQL")
 [[ $(qpg target -c "$SETTINGS_SQL") == "$SETTINGS" ]] || die "settings of the target differ from the source's"
 log "settings on both clusters: $SETTINGS"

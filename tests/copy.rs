@@ -607,6 +607,20 @@ async fn a_copy_killed_with_its_parts_prepared_is_finished_by_the_next() {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(waiting, "the copy never reached its commit decision");
     assert!(prepared_count(&c.staging, &p.staging) >= 2);
+    // status tells the operator what is left and what to do.
+    let st = stagingprop::ops::status::status(
+        &p.config,
+        &stagingprop::ops::status::Thresholds::default(),
+    )
+    .await
+    .expect("status");
+    assert!(
+        st.problems
+            .iter()
+            .any(|p| p.contains("of an interrupted copy are still prepared on staging")),
+        "{:?}",
+        st.problems
+    );
     // A prepared part is invisible: its tables are still empty; the rest is complete.
     let mut invisible = 0;
     for (table, key) in TABLES {

@@ -24,7 +24,7 @@
 //! ([`prepared`]); that needs `max_prepared_transactions` on the target, and with `--truncate`
 //! an empty target group (TRUNCATE's lock would make the parts wait for each other).
 
-mod prepared;
+pub(crate) mod prepared;
 pub mod rewrite;
 pub mod split;
 

@@ -44,6 +44,25 @@ pub(super) async fn free_slots(t: &Client) -> Result<i64, tokio_postgres::Error>
     Ok(row.get(0))
 }
 
+/// The ids of copy parts prepared in the connected database, oldest first.
+async fn prepared_parts(t: &Client) -> Result<Vec<String>, tokio_postgres::Error> {
+    Ok(t
+        .query(
+            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() AND starts_with(gid, $1) ORDER BY prepared",
+            &[&format!("{}:", split::GID_PREFIX)],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .filter(|gid: &String| split::parse_gid(gid).is_some())
+        .collect())
+}
+
+/// How many copy parts an interrupted copy left prepared in the connected database.
+pub(crate) async fn leftover_count(client: &Client) -> Result<usize, tokio_postgres::Error> {
+    Ok(prepared_parts(client).await?.len())
+}
+
 /// What [`resolve_leftovers`] did with one prepared transaction.
 #[derive(Debug)]
 pub(super) struct Resolved {
@@ -55,15 +74,7 @@ pub(super) struct Resolved {
 /// group whose commit was decided, rolls back the rest. The caller holds the copy lock, so no
 /// running copy's parts are touched.
 pub(super) async fn resolve_leftovers(t: &Client) -> Result<Vec<Resolved>, tokio_postgres::Error> {
-    let gids: Vec<String> = t
-        .query(
-            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() AND starts_with(gid, $1) ORDER BY prepared",
-            &[&format!("{}:", split::GID_PREFIX)],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let gids = prepared_parts(t).await?;
     let has_decisions: bool = t
         .query_one("SELECT to_regclass($1) IS NOT NULL", &[&decisions_table()])
         .await?

@@ -212,6 +212,23 @@ pub async fn status(config: &Config, thresholds: &Thresholds) -> Result<Status, 
             }
         }
     }
+    // Parts of an interrupted copy hold locks and the cluster's xmin horizon until resolved.
+    for (side, client, endpoint) in [
+        ("staging", Some(&s), &staging),
+        ("production", p.as_ref(), &production),
+    ] {
+        let Some(client) = client else { continue };
+        let parts = crate::copy::prepared::leftover_count(client)
+            .await
+            .map_err(query_error(endpoint, "reading pg_prepared_xacts"))?;
+        if parts > 0 {
+            st.problems.push(format!(
+                "{parts} part(s) of an interrupted copy are still prepared on {side}; they hold \
+                 their locks and hold back vacuum and slot creation on that cluster: run \
+                 `stagingprop copy` into {side} again, which finishes them first"
+            ));
+        }
+    }
     if let Some(e) = production_down {
         st.problems.push(format!(
             "{e}: production's progress, lag and quarantine are unknown; while it is down the \
