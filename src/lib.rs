@@ -15,6 +15,7 @@
 //! - [`copy`]: consistent parallel snapshot copy with the hand-off to sync.
 //! - [`remap`]: key remapping rules, the key map on production and its cache.
 //! - [`cluster`]: throwaway local clusters for tests and the demo.
+//! - [`progress`]: progress bars on a terminal that log lines do not tear.
 
 pub mod apply;
 pub mod cluster;
@@ -24,6 +25,7 @@ pub mod model;
 pub mod ops;
 pub mod pg;
 pub mod pgoutput;
+pub mod progress;
 pub mod remap;
 pub mod spool;
 pub mod sql;

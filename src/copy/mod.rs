@@ -29,7 +29,6 @@ pub mod rewrite;
 pub mod split;
 
 use std::collections::{HashMap, VecDeque};
-use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -412,9 +411,7 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
         workers_done.push(worker.await);
     }
     reporter.abort();
-    if std::io::stderr().is_terminal() {
-        eprintln!();
-    }
+    crate::progress::clear();
     let mut failed = Vec::new();
     let mut errors = Vec::new();
     for worker in workers_done {
@@ -529,41 +526,119 @@ struct CopyProgress {
     bytes: AtomicU64,
     rows: AtomicU64,
     tables_done: AtomicUsize,
+    /// Tables (or ranges) being copied right now.
+    active: Mutex<Vec<Arc<PieceProgress>>>,
 }
 
-/// A progress line redrawn every second on a terminal; a log line every 10 s otherwise.
+/// One table or range in flight.
+struct PieceProgress {
+    label: String,
+    /// Its share of the source's on-disk size.
+    estimate: u64,
+    bytes: AtomicU64,
+    rows: AtomicU64,
+}
+
+impl CopyProgress {
+    fn start(&self, label: String, estimate: u64) -> Arc<PieceProgress> {
+        let piece = Arc::new(PieceProgress {
+            label,
+            estimate,
+            bytes: AtomicU64::new(0),
+            rows: AtomicU64::new(0),
+        });
+        self.active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(piece.clone());
+        piece
+    }
+}
+
+/// A table or range on the board while it is copied, however its copy ends.
+struct OnBoard<'a> {
+    progress: &'a CopyProgress,
+    piece: Arc<PieceProgress>,
+}
+
+impl Drop for OnBoard<'_> {
+    fn drop(&mut self) {
+        self.progress
+            .active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|p| !Arc::ptr_eq(p, &self.piece));
+    }
+}
+
+impl CopyProgress {
+    fn show(&self, label: String, estimate: u64) -> OnBoard<'_> {
+        OnBoard {
+            progress: self,
+            piece: self.start(label, estimate),
+        }
+    }
+
+    /// The overall line, then a line per table or range in flight.
+    fn lines(&self, elapsed: f64, bars: bool) -> Vec<String> {
+        let bar = |fraction: f64, width: usize| {
+            if bars {
+                crate::progress::bar(fraction, width) + " "
+            } else {
+                String::new()
+            }
+        };
+        let bytes = self.bytes.load(Ordering::Relaxed);
+        let rate = bytes as f64 / elapsed.max(0.001);
+        // COPY's binary size differs from the on-disk size: never claim to be done early.
+        let fraction = |done: u64, of: u64| (done as f64 / of.max(1) as f64).min(0.99);
+        let eta = if rate > 0.0 {
+            self.estimate.saturating_sub(bytes) as f64 / rate
+        } else {
+            0.0
+        };
+        let mut lines = vec![format!(
+            "copy {}{:>3.0}%  {:.0} MB at {:.1} MB/s  {} rows  {}/{} tables  ETA {:.0} s",
+            bar(fraction(bytes, self.estimate), 30),
+            fraction(bytes, self.estimate) * 100.0,
+            bytes as f64 / 1e6,
+            rate / 1e6,
+            crate::progress::thousands(self.rows.load(Ordering::Relaxed)),
+            self.tables_done.load(Ordering::Relaxed),
+            self.tables,
+            eta
+        )];
+        for piece in self.active.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let bytes = piece.bytes.load(Ordering::Relaxed);
+            lines.push(format!(
+                "  {}{:>3.0}%  {:.1} MB  {} rows  {}",
+                bar(fraction(bytes, piece.estimate), 20),
+                fraction(bytes, piece.estimate) * 100.0,
+                bytes as f64 / 1e6,
+                crate::progress::thousands(piece.rows.load(Ordering::Relaxed)),
+                piece.label
+            ));
+        }
+        lines
+    }
+}
+
+/// Progress bars redrawn every second on a terminal; log lines every 10 s otherwise.
 async fn report_progress(progress: Arc<CopyProgress>) {
     let started = Instant::now();
-    let terminal = std::io::stderr().is_terminal();
+    let terminal = crate::progress::on_terminal();
     let every = if terminal { 1 } else { 10 };
     let mut tick = tokio::time::interval(Duration::from_secs(every));
     tick.tick().await;
     loop {
         tick.tick().await;
-        let bytes = progress.bytes.load(Ordering::Relaxed);
-        let rows = progress.rows.load(Ordering::Relaxed);
-        let done = progress.tables_done.load(Ordering::Relaxed);
-        let elapsed = started.elapsed().as_secs_f64().max(0.001);
-        let rate = bytes as f64 / elapsed;
-        // COPY's binary size differs from the on-disk size: never claim to be done early.
-        let fraction = (bytes as f64 / progress.estimate.max(1) as f64).min(0.99);
-        let eta = if rate > 0.0 {
-            (progress.estimate.saturating_sub(bytes)) as f64 / rate
-        } else {
-            0.0
-        };
-        let line = format!(
-            "copy: {:>5.1}% {:.0} MB at {:.1} MB/s, {done}/{} tables, {rows} rows in finished tables, ETA {:.0} s",
-            fraction * 100.0,
-            bytes as f64 / 1e6,
-            rate / 1e6,
-            progress.tables,
-            eta
-        );
+        let lines = progress.lines(started.elapsed().as_secs_f64(), terminal);
         if terminal {
-            eprint!("\r{line}   ");
+            crate::progress::draw(&lines);
         } else {
-            tracing::info!("{line}");
+            for line in lines {
+                tracing::info!("{}", line.trim_start());
+            }
         }
     }
 }
@@ -1107,8 +1182,17 @@ impl Worker {
             .map_err(db_error(&self.target, "writing the table"))?;
         pin_mut!(stream);
         pin_mut!(sink);
+        let label = match piece.range {
+            None => meta.table_name().to_string(),
+            Some(r) => format!(
+                "{}, blocks {}-{}",
+                meta.table_name(),
+                r.start,
+                r.end.map_or("end".into(), |e| e.to_string())
+            ),
+        };
+        let board = self.progress.show(label, piece.bytes);
         let mut bytes = 0u64;
-        let mut last_log = Instant::now();
         // The source sends a message per row; the target gets them coalesced into large
         // messages (COPY data is one byte stream, message boundaries carry no meaning), which
         // saves a channel hand-off and a frame per row.
@@ -1123,9 +1207,14 @@ impl Worker {
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(db_error(&self.source, "reading the table"))?;
             bytes += chunk.len() as u64;
-            self.progress
-                .bytes
-                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            // A message per row (the header and trailer ride along): close enough for progress.
+            for counters in [
+                (&self.progress.bytes, &self.progress.rows),
+                (&board.piece.bytes, &board.piece.rows),
+            ] {
+                counters.0.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                counters.1.fetch_add(1, Ordering::Relaxed);
+            }
             pending.extend_from_slice(&chunk);
             let ready = match &mut rewriter {
                 Some(r) => {
@@ -1142,10 +1231,6 @@ impl Worker {
                     .map_err(db_error(&self.target, "writing the table"))?;
                 rewritten = 0;
                 pending.reserve(COALESCE_BYTES);
-            }
-            if last_log.elapsed() >= Duration::from_secs(5) {
-                last_log = Instant::now();
-                tracing::info!(table = %meta.table_name(), mb = format!("{:.0}", bytes as f64 / 1e6), "copying");
             }
         }
         if rewriter
@@ -1166,7 +1251,6 @@ impl Worker {
             .finish()
             .await
             .map_err(db_error(&self.target, "finishing the table"))?;
-        self.progress.rows.fetch_add(rows, Ordering::Relaxed);
         let table = meta.table_name().to_string();
         metrics::counter!("stagingprop_copy_rows_total", "table" => table.clone()).increment(rows);
         metrics::counter!("stagingprop_copy_bytes_total", "table" => table).increment(bytes);
