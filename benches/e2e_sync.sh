@@ -27,6 +27,14 @@
 # After every scenario the four catalogue tables (and the marker table) of both targets are
 # compared with staging (md5 of every row in key order); a mismatch fails the run (exit 1).
 #
+# The ceiling: two more slots, created with the others, are drained after each scenario by
+# pg_recvlogical into /dev/null up to the marker's position, once with pgoutput protocol 1 (what
+# both appliers receive) and once with protocol 2 and streaming=on (in-progress transactions are
+# sent while decoding instead of spilled to disk first). No applier can catch up faster than
+# staging's walsender sends; native seconds / ceiling seconds is the most any applier could beat
+# native replication by here. (The ceiling runs with a consumer that does nothing, so on a
+# machine where the walsender shares cores with the target it is generous.)
+#
 # Knobs (environment):
 #   PRODUCTS=50000        catalogue size (2 descriptions, 2 offers per product)
 #   BACKLOG_TXNS=30000    OLTP transactions in scenario (a)
@@ -263,11 +271,24 @@ run_native() {
     log "native: caught up in $NATIVE_SECONDS s (remote_lsn $(q native -c "SELECT remote_lsn FROM pg_replication_origin_status")); CPU s: apply worker $NATIVE_BACKEND_CPU, staging walsender $NATIVE_WALSENDER_CPU"
 }
 
+# Drains slot $1 with pg_recvlogical up to LSN $2 (extra -o options follow); sets DRAIN_SECONDS.
+drain() {
+    local slot=$1 endpos=$2 t0 t1
+    shift 2
+    t0=$(now)
+    "$PGBIN/pg_recvlogical" -h 127.0.0.1 -p "${PORT[staging]}" -U postgres -d shop --slot "$slot" \
+        --start --endpos "$endpos" -F 0 -f /dev/null -o publication_names=stagingprop "$@" \
+        2>"$WORK/recvlogical.$slot.log" || { cat "$WORK/recvlogical.$slot.log" >&2; die "pg_recvlogical $slot failed"; }
+    t1=$(now)
+    DRAIN_SECONDS=$(elapsed "$t0" "$t1")
+}
+
 # Both appliers on the same backlog; the order alternates between scenarios.
-declare -A RESULT CPU
+declare -A RESULT CPU CEILING
 measure() {
-    local scenario=$1 marker=$2 rows=$3 first=$4 who
+    local scenario=$1 marker=$2 rows=$3 first=$4 who endpos
     q staging -c "INSERT INTO bench_marker VALUES ($marker, now())"
+    endpos=$(q staging -c "SELECT pg_current_wal_lsn()")
     log "backlog (WAL behind confirmed_flush_lsn / restart_lsn): $(q staging -c "SELECT string_agg(slot_name || ' ' ||
             pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)) || ' / ' ||
             pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)), ', ' ORDER BY slot_name) FROM pg_replication_slots")"
@@ -282,6 +303,11 @@ measure() {
         fi
         q staging -c "CHECKPOINT"
     done
+    drain bench_ceiling "$endpos" -o proto_version=1
+    local plain=$DRAIN_SECONDS
+    drain bench_ceiling_streaming "$endpos" -o proto_version=2 -o streaming=on
+    CEILING[$scenario]="$plain $DRAIN_SECONDS"
+    log "ceiling: staging's walsender alone sends it in $plain s (protocol 1), $DRAIN_SECONDS s (protocol 2, streaming)"
     verify "$scenario"
     RESULT[$scenario]="$rows $SP_SECONDS $NATIVE_SECONDS $SP_RSS_MB $VERIFY_SP $VERIFY_NATIVE"
     CPU[$scenario]="$SP_PROCESS_CPU $SP_BACKEND_CPU $SP_WALSENDER_CPU $NATIVE_BACKEND_CPU $NATIVE_WALSENDER_CPU"
@@ -313,6 +339,8 @@ q native -c "CREATE SUBSCRIPTION bench_native
                PUBLICATION stagingprop
                WITH (copy_data = false, enabled = false, slot_name = 'bench_native',
                      synchronous_commit = '$NATIVE_SYNCHRONOUS_COMMIT')"
+q staging -c "SELECT pg_create_logical_replication_slot('bench_ceiling', 'pgoutput')" \
+    -c "SELECT pg_create_logical_replication_slot('bench_ceiling_streaming', 'pgoutput')" >/dev/null
 
 SETTINGS=$(q staging -F ' ' -c "SELECT string_agg(name || '=' || current_setting(name), ' ' ORDER BY name) FROM pg_settings
              WHERE name IN ('fsync', 'synchronous_commit', 'full_page_writes', 'wal_sync_method', 'shared_buffers',
@@ -385,5 +413,16 @@ describe() {
     done
     echo "(sp total = stagingprop process + its production backend; CPU ratio = sp total / native apply worker;"
     echo " the walsender columns are the decoding work on staging, the same job for both)"
+    echo
+    echo "Ceiling: staging's walsender alone (pg_recvlogical into /dev/null); the most any applier can beat native by here:"
+    printf '%-36s | %10s %13s | %10s %13s | %s\n' scenario "proto 1 s" "native/proto1" "stream s" "native/stream" "sp/ceiling (proto 1)"
+    for s in a b; do
+        read -r cp cs <<<"${CEILING[$s]}"
+        read -r rows sps ns rss vsp vn <<<"${RESULT[$s]}"
+        printf '%-36s | %10.2f %12.2fx | %10.2f %12.2fx | %.2f\n' "$(describe "$s")" "$cp" \
+            "$(awk -v n="$ns" -v c="$cp" 'BEGIN { print n / c }')" "$cs" \
+            "$(awk -v n="$ns" -v c="$cs" 'BEGIN { print n / c }')" \
+            "$(awk -v a="$sps" -v c="$cp" 'BEGIN { print a / c }')"
+    done
 }
 (( FAILED == 0 )) || die "a target differs from staging"
