@@ -40,6 +40,13 @@ require_pg_tools() {
 
 # Builds the release binary; sets BIN.
 build_stagingprop() {
+    if [[ -n ${SP_BIN:-} ]]; then
+        # A given binary (e.g. an older version's, to compare): no build.
+        BIN=$SP_BIN
+        [[ -x $BIN ]] || die "SP_BIN=$BIN is not an executable"
+        log "using $BIN"
+        return
+    fi
     log "building stagingprop (release)"
     cargo build --release --bin stagingprop >&2
     BIN=${CARGO_TARGET_DIR:-$REPO/target}/release/stagingprop

@@ -44,6 +44,8 @@
 #   NATIVE_SYNCHRONOUS_COMMIT=off   the subscription's synchronous_commit (PostgreSQL's default
 #                         for subscriptions is off; stagingprop commits synchronously)
 #   PG_EXTRA_CONF=''      extra postgresql.conf lines for all three clusters (';'-separated)
+#   SYNC_CONF=''          extra [sync] lines of stagingprop's config (';'-separated), e.g.
+#                         SYNC_CONF='batch_max_delay_ms = 1000'
 #   KEEP=1                keep the work directory (server logs, stagingprop logs) at exit
 #   SP_WRAPPER=''         a command prefix for `stagingprop sync` (diagnosis), e.g.
 #                         SP_WRAPPER="perf record -F 999 -g -o /tmp/sp.perf --"
@@ -58,6 +60,7 @@ CLIENTS=${CLIENTS:-2}
 BIG_ROWS=${BIG_ROWS:-1000000}
 NATIVE_SYNCHRONOUS_COMMIT=${NATIVE_SYNCHRONOUS_COMMIT:-off}
 PG_EXTRA_CONF=${PG_EXTRA_CONF:-}
+SYNC_CONF=${SYNC_CONF:-}
 KEEP=${KEEP:-0}
 read -r -a SP_WRAPPER <<<"${SP_WRAPPER:-}"
 
@@ -131,6 +134,7 @@ sslmode = "disable"
 [sync]
 slot = "stagingprop"
 publication = "stagingprop"
+$(tr ';' '\n' <<<"$SYNC_CONF")
 
 [[tables]]
 name = "public.catentry"

@@ -258,6 +258,17 @@ pub struct Applier {
     progress_at: Lsn,
 }
 
+/// A batch committed on production, not necessarily flushed yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Committed {
+    /// End of the last staging transaction in it.
+    pub end: Lsn,
+    /// Production's WAL position at or past its commit record: durable once flushed this far.
+    pub durable_at: Lsn,
+    /// Production's WAL flush position right after the commit.
+    pub flushed: Lsn,
+}
+
 /// Creates stagingprop's schema and tables on production if missing.
 pub async fn ensure_state_tables(client: &Client) -> Result<(), ApplyError> {
     let schema = quote_ident(STATE_SCHEMA);
@@ -351,8 +362,14 @@ impl Applier {
             .batch_execute("SET session_replication_role = replica")
             .await
             .is_ok();
+        // Commits do not wait for production's WAL flush (as PostgreSQL's own apply worker): the
+        // caller confirms a staging position only once production reports its WAL flushed past
+        // the commit ([`Committed`]), so a production crash loses nothing staging released.
         client
-            .batch_execute("SET datestyle = ISO; SET intervalstyle = postgres; SET timezone = UTC")
+            .batch_execute(
+                "SET datestyle = ISO; SET intervalstyle = postgres; SET timezone = UTC; \
+                 SET synchronous_commit = off",
+            )
             .await
             .map_err(query_error("setting up the session"))?;
         Ok(Applier {
@@ -982,7 +999,17 @@ impl Applier {
 
     /// Records the last applied staging transaction and commits. Returns the end LSN now durable
     /// on production (the session commits synchronously, so COMMIT returning means durable).
-    pub async fn commit(&mut self, last: &Progress) -> Result<Lsn, ApplyError> {
+    /// Production's WAL flush position now.
+    pub async fn wal_flushed(&self) -> Result<Lsn, ApplyError> {
+        let row = self
+            .client
+            .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+            .await
+            .map_err(query_error("reading production's WAL flush position"))?;
+        Ok(row.get::<_, &str>(0).parse().unwrap_or_default())
+    }
+
+    pub async fn commit(&mut self, last: &Progress) -> Result<Committed, ApplyError> {
         self.begin().await?;
         self.flush().await?;
         self.settle().await?;
@@ -1012,14 +1039,36 @@ impl Applier {
                 expected: self.progress_at,
             });
         }
-        self.client
-            .batch_execute("COMMIT")
+        // In the same round trip: where production's WAL ends after the commit record (durable
+        // once flushed that far) and how far it is flushed already.
+        let replies = self
+            .client
+            .simple_query(
+                "COMMIT; SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text",
+            )
             .await
             .map_err(query_error("COMMIT"))?;
         self.in_transaction = false;
         self.stats.batches += 1;
         self.progress_at = last.end_lsn;
-        Ok(last.end_lsn)
+        let row = replies.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => Some(row),
+            _ => None,
+        });
+        let lsn = |i: usize| -> Result<Lsn, ApplyError> {
+            row.and_then(|r| r.get(i))
+                .and_then(|text| text.parse().ok())
+                .ok_or_else(|| {
+                    ApplyError::Schema(
+                        "production did not report its WAL position after COMMIT".into(),
+                    )
+                })
+        };
+        Ok(Committed {
+            end: last.end_lsn,
+            durable_at: lsn(0)?,
+            flushed: lsn(1)?,
+        })
     }
 
     /// Abandons the open transaction and everything pending.

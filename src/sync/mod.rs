@@ -21,7 +21,7 @@ mod feed;
 mod receiver;
 mod replay;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -649,6 +649,7 @@ where
         rows_at_batch_start: state.stats.rows_inserted
             + state.stats.rows_updated
             + state.stats.rows_deleted,
+        unflushed: Unflushed::default(),
     };
     let result = pipeline
         .run(&mut feed, s.as_ref(), state, shutdown.as_mut())
@@ -711,7 +712,44 @@ struct Pipeline<'a> {
     sequences_synced: bool,
     last_commit_time: Option<crate::model::PgTimestamp>,
     rows_at_batch_start: u64,
+    unflushed: Unflushed,
 }
+
+/// Batches committed on production whose commit record production may not have flushed yet:
+/// (production WAL position to be flushed past, staging end), oldest first.
+#[derive(Debug, Default)]
+struct Unflushed(VecDeque<(Lsn, Lsn)>);
+
+impl Unflushed {
+    fn committed(&mut self, durable_at: Lsn, end: Lsn) {
+        self.0.push_back((durable_at, end));
+    }
+
+    /// Drops the batches production has flushed past; the staging end of the newest of them.
+    fn flushed(&mut self, flushed: Lsn) -> Option<Lsn> {
+        let mut durable = None;
+        while let Some(&(at, end)) = self.0.front() {
+            if at > flushed {
+                break;
+            }
+            durable = Some(end);
+            self.0.pop_front();
+        }
+        durable
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// How often an idle pipeline asks production how far its WAL is flushed, while batches wait
+/// to be confirmed (the WAL writer flushes asynchronous commits within 3 x wal_writer_delay).
+const FLUSH_POLL: Duration = Duration::from_millis(200);
+
+/// How long stopping waits for production to flush the last batches before it confirms what is
+/// flushed (the rest is sent again by staging next time and skipped).
+const FLUSH_WAIT_AT_STOP: Duration = Duration::from_secs(5);
 
 impl Pipeline<'_> {
     async fn run<S>(
@@ -733,7 +771,7 @@ impl Pipeline<'_> {
                 && self.applied_end >= stop
                 && self.txn.is_none()
             {
-                self.commit_batch().await?;
+                self.finish().await?;
                 return Ok(SessionEnd::Stopped);
             }
             if report.elapsed() >= Duration::from_secs(10) || !self.sequences_synced {
@@ -764,11 +802,14 @@ impl Pipeline<'_> {
             };
             metrics::gauge!("stagingprop_lag_seconds").set(lag_seconds);
             // Between transactions with a batch open, wait no longer than the batch may.
-            let wait = match (self.txn.is_none(), self.batch_started) {
+            let mut wait = match (self.txn.is_none(), self.batch_started) {
                 (true, Some(started)) => max_delay.saturating_sub(started.elapsed()),
                 (true, None) => heartbeat.saturating_sub(self.last_activity.elapsed()),
                 (false, _) => heartbeat,
             };
+            if !self.unflushed.is_empty() && self.txn.is_none() {
+                wait = wait.min(FLUSH_POLL);
+            }
             let next = tokio::select! {
                 next = tokio::time::timeout(wait, feed.next()) => next,
                 _ = shutdown.as_mut() => {
@@ -781,6 +822,9 @@ impl Pipeline<'_> {
                 Err(_) => {
                     if self.batch_started.is_some() && self.txn.is_none() {
                         self.commit_batch().await?;
+                    } else if !self.unflushed.is_empty() && self.txn.is_none() {
+                        let flushed = self.applier.wal_flushed().await?;
+                        self.confirm_flushed(flushed);
                     } else if self.txn.is_none() && self.last_activity.elapsed() >= heartbeat {
                         // Idle: a transactional message gives the slot something to confirm,
                         // so staging never keeps WAL for an idle sync (in spool mode the
@@ -818,10 +862,41 @@ impl Pipeline<'_> {
     /// again next time).
     async fn finish(&mut self) -> Result<(), SyncError> {
         if self.txn.is_none() {
-            self.commit_batch().await
+            self.commit_batch().await?;
         } else {
-            Ok(self.applier.rollback().await?)
+            self.applier.rollback().await?;
         }
+        self.wait_flushed().await
+    }
+
+    /// Confirms every batch production has flushed past.
+    fn confirm_flushed(&mut self, flushed: Lsn) {
+        if let Some(end) = self.unflushed.flushed(flushed) {
+            self.confirm.applied(end);
+        }
+    }
+
+    /// Waits (a few seconds at most) until production has flushed every committed batch, and
+    /// confirms them. Best effort: what stays unconfirmed is sent again and skipped next time.
+    async fn wait_flushed(&mut self) -> Result<(), SyncError> {
+        let started = Instant::now();
+        while !self.unflushed.is_empty() {
+            let flushed = match self.applier.wal_flushed().await {
+                Ok(flushed) => flushed,
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot confirm the last batches: {e}; staging sends them again next time and they are skipped"
+                    );
+                    return Ok(());
+                }
+            };
+            self.confirm_flushed(flushed);
+            if self.unflushed.is_empty() || started.elapsed() >= FLUSH_WAIT_AT_STOP {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
     }
 
     async fn commit_batch(&mut self) -> Result<(), SyncError> {
@@ -829,7 +904,8 @@ impl Pipeline<'_> {
             return Ok(());
         };
         let started = self.batch_started.take();
-        let end = self.applier.commit(&last).await?;
+        let committed = self.applier.commit(&last).await?;
+        let end = committed.end;
         self.applied_end = end;
         self.last_commit_time = Some(last.commit_time);
         let st = &self.applier.stats;
@@ -842,7 +918,8 @@ impl Pipeline<'_> {
                 .record(started.elapsed().as_secs_f64());
         }
         metrics::gauge!("stagingprop_transactions_applied_total").set(st.transactions as f64);
-        self.confirm.applied(end);
+        self.unflushed.committed(committed.durable_at, end);
+        self.confirm_flushed(committed.flushed);
         if self.one_by_one_until.is_some_and(|until| end >= until) {
             self.one_by_one_until = None;
             self.applier.one_by_one = false;
@@ -1082,6 +1159,20 @@ impl Pipeline<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_is_confirmed_only_once_production_flushed_past_its_commit() {
+        let mut unflushed = Unflushed::default();
+        unflushed.committed(Lsn(1000), Lsn(10));
+        unflushed.committed(Lsn(2000), Lsn(20));
+        unflushed.committed(Lsn(3000), Lsn(30));
+        assert_eq!(unflushed.flushed(Lsn(999)), None);
+        assert_eq!(unflushed.flushed(Lsn(2500)), Some(Lsn(20)));
+        assert!(!unflushed.is_empty());
+        assert_eq!(unflushed.flushed(Lsn(2500)), None);
+        assert_eq!(unflushed.flushed(Lsn(3000)), Some(Lsn(30)));
+        assert!(unflushed.is_empty());
+    }
 
     /// A shutdown request seen once is seen again: `run` polls it after a session that failed
     /// while stopping, and an `async` block polled after completion panics.
