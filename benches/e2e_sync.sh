@@ -42,7 +42,7 @@
 #   BIG_ROWS=1000000      rows updated by the one transaction of scenario (b); offerprice gets
 #                         enough currencies per offer to hold them
 #   NATIVE_SYNCHRONOUS_COMMIT=off   the subscription's synchronous_commit (PostgreSQL's default
-#                         for subscriptions is off; stagingprop commits synchronously)
+#                         for subscriptions is off; stagingprop commits asynchronously too and confirms once flushed)
 #   PG_EXTRA_CONF=''      extra postgresql.conf lines for all three clusters (';'-separated)
 #   SYNC_CONF=''          extra [sync] lines of stagingprop's config (';'-separated), e.g.
 #                         SYNC_CONF='batch_max_delay_ms = 1000'
@@ -393,7 +393,7 @@ describe() {
     echo
     echo "stagingprop e2e sync benchmark, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, PostgreSQL $(q staging -c 'SHOW server_version')"
     echo "settings (all clusters): $SETTINGS"
-    echo "native subscription: synchronous_commit=$NATIVE_SYNCHRONOUS_COMMIT, streaming=off, binary=false; stagingprop: synchronous commits, default [sync] batching"
+    echo "native subscription: synchronous_commit=$NATIVE_SYNCHRONOUS_COMMIT, streaming=off, binary=false; stagingprop: asynchronous commits confirmed once flushed, default [sync] batching"
     echo "seconds = time to catch up (ratio = stagingprop s / native s; < 1 means stagingprop is faster)"
     echo
     printf '%-36s %9s | %9s %10s | %9s %10s | %7s | %8s | %s\n' \
