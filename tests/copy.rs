@@ -90,18 +90,10 @@ fn assert_equal(p: &Pair) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn copy_then_sync_loses_and_doubles_nothing_under_concurrent_writes() {
-    let c = clusters();
-    let p = pair("copy_handoff");
-    psql(&c.staging, &p.staging, SEED);
-    init(&p.config, &InitOptions { create_slot: false })
-        .await
-        .expect("init");
-
-    // Staging keeps changing while the copy runs; every change must arrive exactly once.
-    let staging_db = p.staging.clone();
-    let writer = std::thread::spawn(move || {
+/// Changes staging for a while (updates, inserts, deletes, a sequence), as merchandisers would
+/// during a copy.
+fn write_during_copy(staging_db: String) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
         let c = clusters();
         for i in 0..60 {
             psql(
@@ -119,7 +111,20 @@ async fn copy_then_sync_loses_and_doubles_nothing_under_concurrent_writes() {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-    });
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_then_sync_loses_and_doubles_nothing_under_concurrent_writes() {
+    let c = clusters();
+    let p = pair("copy_handoff");
+    psql(&c.staging, &p.staging, SEED);
+    init(&p.config, &InitOptions { create_slot: false })
+        .await
+        .expect("init");
+
+    // Staging keeps changing while the copy runs; every change must arrive exactly once.
+    let writer = write_during_copy(p.staging.clone());
     let report = copy::copy(&p.config, &options(Side::Staging, Side::Production))
         .await
         .expect("copy");
@@ -408,24 +413,7 @@ async fn a_split_copy_loads_ranges_in_parallel_and_hands_off_exactly() {
     init(&p.config, &InitOptions { create_slot: false })
         .await
         .expect("init");
-    let staging_db = p.staging.clone();
-    let writer = std::thread::spawn(move || {
-        let c = clusters();
-        for i in 0..40 {
-            psql(
-                &c.staging,
-                &staging_db,
-                &format!(
-                    "UPDATE catentry SET counter = counter + 1 WHERE catentry_id % 40 = {i};
-                     INSERT INTO catentry (catentry_id, partnumber) VALUES (200000 + {i}, 'LIVE-{i}');
-                     INSERT INTO catentdesc VALUES (200000 + {i}, -1, 'live');
-                     DELETE FROM catentry WHERE catentry_id = {d};",
-                    d = 3000 + i
-                ),
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    });
+    let writer = write_during_copy(p.staging.clone());
     let report = copy::copy(
         &p.config,
         &split_options(Side::Staging, Side::Production, 3),
