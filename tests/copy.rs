@@ -90,6 +90,19 @@ fn assert_equal(p: &Pair) {
     }
 }
 
+/// After a failed copy into staging: every table is still empty or equals production's.
+fn assert_untouched_or_complete(p: &Pair) {
+    let c = clusters();
+    for (table, key) in TABLES {
+        let target = dump(&c.staging, &p.staging, table, key);
+        let source = dump(&c.production, &p.production, table, key);
+        assert!(
+            target == source || target.starts_with("0:"),
+            "{table} is neither untouched nor complete: {target} vs {source}"
+        );
+    }
+}
+
 /// Changes staging for a while (updates, inserts, deletes, a sequence), as merchandisers would
 /// during a copy.
 fn write_during_copy(staging_db: String) -> std::thread::JoinHandle<()> {
@@ -276,25 +289,12 @@ async fn a_connection_killed_mid_copy_leaves_tables_untouched_or_complete() {
         failed.contains(&"public.staticfile".to_owned()),
         "{failed:?}"
     );
-    for (table, key) in TABLES {
-        let target = dump(&c.staging, &p.staging, table, key);
-        let source = dump(&c.production, &p.production, table, key);
-        assert!(
-            target == source || target.starts_with("0:"),
-            "{table} is neither untouched nor complete: {target} vs {source}"
-        );
-    }
+    assert_untouched_or_complete(&p);
     // Re-running with --truncate finishes the job.
     let mut again = options(Side::Production, Side::Staging);
     again.truncate = true;
     copy::copy(&p.config, &again).await.expect("re-run");
-    for (table, key) in TABLES {
-        assert_eq!(
-            dump(&c.staging, &p.staging, table, key),
-            dump(&c.production, &p.production, table, key),
-            "{table}"
-        );
-    }
+    assert_equal(&p);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -501,24 +501,11 @@ async fn a_failed_part_rolls_back_every_part_of_its_group() {
     );
     // The other part of staticfile, whether it was prepared or still loading, is gone too.
     assert_eq!(prepared_count(&c.staging, &p.staging), 0);
-    for (table, key) in TABLES {
-        let target = dump(&c.staging, &p.staging, table, key);
-        let source = dump(&c.production, &p.production, table, key);
-        assert!(
-            target == source || target.starts_with("0:"),
-            "{table} is neither untouched nor complete: {target} vs {source}"
-        );
-    }
+    assert_untouched_or_complete(&p);
     let mut again = split_options(Side::Production, Side::Staging, 2);
     again.truncate = true;
     copy::copy(&p.config, &again).await.expect("re-run");
-    for (table, key) in TABLES {
-        assert_eq!(
-            dump(&c.staging, &p.staging, table, key),
-            dump(&c.production, &p.production, table, key),
-            "{table}"
-        );
-    }
+    assert_equal(&p);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -640,13 +627,7 @@ async fn a_copy_killed_with_its_parts_prepared_is_finished_by_the_next() {
     }
     result.expect("copy after the killed one");
     assert_eq!(prepared_count(&c.staging, &p.staging), 0);
-    for (table, key) in TABLES {
-        assert_eq!(
-            dump(&c.staging, &p.staging, table, key),
-            dump(&c.production, &p.production, table, key),
-            "{table}"
-        );
-    }
+    assert_equal(&p);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
