@@ -90,6 +90,27 @@ fn assert_equal(p: &Pair) {
     }
 }
 
+/// Terminates the target session(s) loading staticfile (`only_one`: one of them) as soon as one
+/// shows up (4 s at most); whether one was seen.
+async fn kill_staticfile_copy(
+    cluster: &stagingprop::cluster::LocalCluster,
+    db: &str,
+    only_one: bool,
+) -> bool {
+    let limit = if only_one { " LIMIT 1" } else { "" };
+    let sql = format!(
+        "SELECT count(pg_terminate_backend(pid)) FROM (SELECT pid FROM pg_stat_activity \
+         WHERE datname = current_database() AND query LIKE 'COPY \"public\".\"staticfile\"%'{limit}) copying"
+    );
+    for _ in 0..400 {
+        if psql(cluster, db, &sql).trim() != "0" {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
 /// After a failed copy into staging: every table is still empty or equals production's.
 fn assert_untouched_or_complete(p: &Pair) {
     let c = clusters();
@@ -264,19 +285,7 @@ async fn a_connection_killed_mid_copy_leaves_tables_untouched_or_complete() {
         copy::copy(&config, &opts).await
     });
     // Kill the target session loading the big table.
-    let mut killed = false;
-    for _ in 0..400 {
-        let n = psql(
-            &c.staging,
-            &p.staging,
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'COPY \"public\".\"staticfile\"%'",
-        );
-        if n.trim() != "0" {
-            killed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let killed = kill_staticfile_copy(&c.staging, &p.staging, false).await;
     assert!(killed, "the big table's COPY was never seen on the target");
     let result = tokio::time::timeout(Duration::from_secs(120), running)
         .await
@@ -314,19 +323,7 @@ async fn sync_refuses_a_production_whose_seeding_copy_failed() {
     let running = tokio::spawn(async move {
         copy::copy(&config, &options(Side::Staging, Side::Production)).await
     });
-    let mut killed = false;
-    for _ in 0..400 {
-        let n = psql(
-            &c.production,
-            &p.production,
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'COPY \"public\".\"staticfile\"%'",
-        );
-        if n.trim() != "0" {
-            killed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let killed = kill_staticfile_copy(&c.production, &p.production, false).await;
     assert!(killed, "the big table's COPY was never seen on production");
     let result = tokio::time::timeout(Duration::from_secs(120), running)
         .await
@@ -471,19 +468,7 @@ async fn a_failed_part_rolls_back_every_part_of_its_group() {
         copy::copy(&config, &split_options(Side::Production, Side::Staging, 2)).await
     });
     // Kill the target session of one of staticfile's parts only.
-    let mut killed = false;
-    for _ in 0..400 {
-        let n = psql(
-            &c.staging,
-            &p.staging,
-            "SELECT count(pg_terminate_backend(pid)) FROM (SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'COPY \"public\".\"staticfile\"%' LIMIT 1) one",
-        );
-        if n.trim() != "0" {
-            killed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let killed = kill_staticfile_copy(&c.staging, &p.staging, true).await;
     assert!(
         killed,
         "a staticfile part was never seen loading on the target"

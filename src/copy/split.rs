@@ -66,12 +66,10 @@ pub fn pack(mut pieces: Vec<Piece>, bins: usize) -> Vec<Vec<Piece>> {
     pieces.sort_by_key(|p| std::cmp::Reverse(p.bytes));
     let mut packed: Vec<(u64, Vec<Piece>)> = vec![(0, Vec::new()); bins];
     for piece in pieces {
-        let lightest = packed
-            .iter_mut()
-            .min_by_key(|(bytes, _)| *bytes)
-            .expect("at least one bin");
-        lightest.0 += piece.bytes;
-        lightest.1.push(piece);
+        if let Some(lightest) = packed.iter_mut().min_by_key(|(bytes, _)| *bytes) {
+            lightest.0 += piece.bytes;
+            lightest.1.push(piece);
+        }
     }
     packed
         .into_iter()
