@@ -256,6 +256,10 @@ pub struct Applier {
     /// The progress row as this applier last saw it: a commit moves it only from there, so two
     /// appliers never both apply the same transactions.
     progress_at: Lsn,
+    /// A closed batch ([`Applier::close`]): every statement sent, its COMMIT not yet.
+    closing: Option<Progress>,
+    /// Batches committed that the caller has not taken yet ([`Applier::take_committed`]).
+    committed: Vec<Committed>,
 }
 
 /// A batch committed on production, not necessarily flushed yet.
@@ -388,6 +392,8 @@ impl Applier {
             replica_role,
             remap,
             progress_at,
+            closing: None,
+            committed: Vec::new(),
         })
     }
 
@@ -407,6 +413,11 @@ impl Applier {
         self.in_transaction
     }
 
+    /// Whether a closed batch waits for its COMMIT ([`Applier::complete`]).
+    pub fn closing(&self) -> bool {
+        self.closing.is_some()
+    }
+
     /// Rows consolidated but not yet sent.
     pub fn pending_rows(&self) -> usize {
         self.pending_rows
@@ -416,7 +427,9 @@ impl Applier {
         self.pending_bytes.max(0) as usize
     }
 
+    /// Makes sure a transaction of the current batch is open: a closed batch commits first.
     async fn begin(&mut self) -> Result<(), ApplyError> {
+        self.complete().await?;
         if !self.in_transaction {
             self.client
                 .batch_execute("BEGIN")
@@ -429,6 +442,7 @@ impl Applier {
 
     /// Takes one row change (production column order; `UnchangedToast` for columns not to be
     /// touched). Applies what is pending first when the change cannot be consolidated with it.
+    /// Only consolidates in memory otherwise: a closed batch keeps running on production.
     pub async fn row_change(
         &mut self,
         table: usize,
@@ -436,7 +450,6 @@ impl Applier {
         op: RowOp,
         source: Source,
     ) -> Result<(), ApplyError> {
-        self.begin().await?;
         let rows_before = self.tables[table].changes.len();
         match self.tables[table].changes.absorb(key, op, source) {
             Ok(delta) => self.account(table, rows_before, delta),
@@ -565,14 +578,17 @@ impl Applier {
     }
 
     /// Sends every pending change to production (inside the open transaction) without waiting
-    /// for the statements to finish: they run on production while the pipeline gathers the next
-    /// batch. Their results (and conflicts) are settled by the next flush, a key change, a
-    /// truncate, or the commit.
+    /// for the statements to finish: they run on production while the pipeline gathers more.
+    /// Their results (and conflicts) are settled by the next flush, a key change, a truncate,
+    /// or the commit. A closed batch commits first.
     pub async fn flush(&mut self) -> Result<(), ApplyError> {
-        self.settle().await?;
         if self.pending_rows == 0 {
             return Ok(());
         }
+        self.begin().await?;
+        // One statement group in flight at a time: a conflict is judged (an update's missing
+        // row looked up) before anything later in the batch could change the answer.
+        self.settle().await?;
         let mut drained: Vec<Vec<Entry>> =
             self.tables.iter_mut().map(|t| t.changes.drain()).collect();
         self.pending_rows = 0;
@@ -997,8 +1013,6 @@ impl Applier {
         }
     }
 
-    /// Records the last applied staging transaction and commits. Returns the end LSN now durable
-    /// on production (the session commits synchronously, so COMMIT returning means durable).
     /// Production's WAL flush position now.
     pub async fn wal_flushed(&self) -> Result<Lsn, ApplyError> {
         let row = self
@@ -1009,9 +1023,46 @@ impl Applier {
         Ok(row.get::<_, &str>(0).parse().unwrap_or_default())
     }
 
-    pub async fn commit(&mut self, last: &Progress) -> Result<Committed, ApplyError> {
+    /// Makes production flush its WAL as far as it goes now and returns the flush position: a
+    /// transaction that writes (this slot's progress row, unchanged) commits synchronously, and
+    /// the flush of its commit record covers every asynchronous commit before it.
+    pub async fn flush_wal(&self) -> Result<Lsn, ApplyError> {
+        let touch = format!(
+            "UPDATE {} SET applied_at = applied_at WHERE slot = $1",
+            qualified(STATE_SCHEMA, "progress")
+        );
+        let flush = async {
+            self.client
+                .batch_execute("BEGIN; SET LOCAL synchronous_commit = on")
+                .await?;
+            self.client.execute(&touch, &[&self.slot]).await?;
+            self.client.batch_execute("COMMIT").await
+        };
+        if let Err(e) = flush.await {
+            let _ = self.client.batch_execute("ROLLBACK").await;
+            return Err(query_error("flushing production's WAL")(e));
+        }
+        self.wal_flushed().await
+    }
+
+    /// Ends the batch whose last staging transaction is `last`: sends what is pending and
+    /// returns without waiting for production. The batch commits ([`Applier::complete`]) when
+    /// the next batch first needs the session, so production runs one batch's statements while
+    /// the pipeline reads and consolidates the next.
+    pub async fn close(&mut self, last: &Progress) -> Result<(), ApplyError> {
         self.begin().await?;
         self.flush().await?;
+        self.closing = Some(*last);
+        Ok(())
+    }
+
+    /// Commits the closed batch, if there is one: settles its statements (conflict policy),
+    /// records its last staging transaction in the progress table, and commits (asynchronously:
+    /// see [`Committed`]). The caller takes the result from [`Applier::take_committed`].
+    pub async fn complete(&mut self) -> Result<(), ApplyError> {
+        let Some(last) = self.closing.take() else {
+            return Ok(());
+        };
         self.settle().await?;
         let progress = qualified(STATE_SCHEMA, "progress");
         let sql = format!(
@@ -1064,15 +1115,22 @@ impl Applier {
                     )
                 })
         };
-        Ok(Committed {
+        self.committed.push(Committed {
             end: last.end_lsn,
             durable_at: lsn(0)?,
             flushed: lsn(1)?,
-        })
+        });
+        Ok(())
     }
 
-    /// Abandons the open transaction and everything pending.
+    /// The batches committed since the last call, oldest first.
+    pub fn take_committed(&mut self) -> Vec<Committed> {
+        std::mem::take(&mut self.committed)
+    }
+
+    /// Abandons the open transaction (a closed batch included) and everything pending.
     pub async fn rollback(&mut self) -> Result<(), ApplyError> {
+        self.closing = None;
         for flight in self.in_flight.drain(..) {
             flight.result.abort();
         }

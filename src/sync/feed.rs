@@ -87,6 +87,19 @@ impl Feed {
         }
     }
 
+    /// The next message if it can be had without waiting; `None` otherwise (nothing is lost:
+    /// [`Feed::next`] is cancel-safe).
+    pub(super) async fn next_ready(
+        &mut self,
+    ) -> Option<Result<Option<(Lsn, LogicalMessage)>, SyncError>> {
+        let mut next = std::pin::pin!(self.next());
+        std::future::poll_fn(|cx| match next.as_mut().poll(cx) {
+            std::task::Poll::Ready(result) => std::task::Poll::Ready(Some(result)),
+            std::task::Poll::Pending => std::task::Poll::Ready(None),
+        })
+        .await
+    }
+
     /// Whether running out is the end of the work rather than a lost connection.
     pub(super) fn ends(&self) -> bool {
         matches!(self, Feed::Replay { .. })

@@ -654,6 +654,8 @@ where
     let result = pipeline
         .run(&mut feed, s.as_ref(), state, shutdown.as_mut())
         .await;
+    // A batch may have committed just before an error.
+    pipeline.record_committed();
     state.stats = pipeline.applier.stats;
     state.last_received = pipeline.last_received;
     state.one_by_one_until = pipeline.one_by_one_until;
@@ -743,13 +745,13 @@ impl Unflushed {
     }
 }
 
+/// At most how many received messages are handled one after the other without looking at the
+/// clock, the shutdown signal or the gauges.
+const READY_BURST: usize = 256;
+
 /// How often an idle pipeline asks production how far its WAL is flushed, while batches wait
 /// to be confirmed (the WAL writer flushes asynchronous commits within 3 x wal_writer_delay).
 const FLUSH_POLL: Duration = Duration::from_millis(200);
-
-/// How long stopping waits for production to flush the last batches before it confirms what is
-/// flushed (the rest is sent again by staging next time and skipped).
-const FLUSH_WAIT_AT_STOP: Duration = Duration::from_secs(5);
 
 impl Pipeline<'_> {
     async fn run<S>(
@@ -765,6 +767,7 @@ impl Pipeline<'_> {
         let heartbeat = Duration::from_secs(self.config.sync.heartbeat_interval_secs);
         let max_delay = Duration::from_millis(self.config.sync.batch_max_delay_ms);
         let mut report = Instant::now();
+        let mut burst: usize = 0;
         loop {
             if let Some(stop) = state.stop_lsn
                 && self.applied_end.is_valid()
@@ -774,53 +777,79 @@ impl Pipeline<'_> {
                 self.finish().await?;
                 return Ok(SessionEnd::Stopped);
             }
-            if report.elapsed() >= Duration::from_secs(10) || !self.sequences_synced {
-                report = Instant::now();
-                if let (false, Some(staging)) = (self.applier.in_transaction(), staging) {
-                    self.sync_sequences(staging).await?;
+            // Messages already received are taken in bursts, past the timers, gauges and
+            // reports below: per message those would cost more than decoding it does.
+            let ready = match burst.checked_sub(1) {
+                Some(left) => {
+                    burst = left;
+                    feed.next_ready().await
                 }
-                self.sequences_synced = true;
-                let st = self.applier.stats;
-                tracing::info!(
-                    applied = %self.applied_end,
-                    transactions = st.transactions,
-                    inserted = st.rows_inserted,
-                    updated = st.rows_updated,
-                    deleted = st.rows_deleted,
-                    skipped_conflicts = st.conflicts_skipped,
-                    lag_bytes = feed.server_wal_end().0.saturating_sub(self.applied_end.0),
-                    "sync progress"
-                );
-            }
-            let lag_bytes = feed.server_wal_end().0.saturating_sub(self.applied_end.0);
-            metrics::gauge!("stagingprop_lag_bytes").set(lag_bytes as f64);
-            let lag_seconds = match self.last_commit_time {
-                Some(t) if lag_bytes > 64 * 1024 => {
-                    (crate::model::PgTimestamp::now().0 - t.0).max(0) as f64 / 1e6
-                }
-                _ => 0.0,
+                None => None,
             };
-            metrics::gauge!("stagingprop_lag_seconds").set(lag_seconds);
-            // Between transactions with a batch open, wait no longer than the batch may.
-            let mut wait = match (self.txn.is_none(), self.batch_started) {
-                (true, Some(started)) => max_delay.saturating_sub(started.elapsed()),
-                (true, None) => heartbeat.saturating_sub(self.last_activity.elapsed()),
-                (false, _) => heartbeat,
-            };
-            if !self.unflushed.is_empty() && self.txn.is_none() {
-                wait = wait.min(FLUSH_POLL);
-            }
-            let next = tokio::select! {
-                next = tokio::time::timeout(wait, feed.next()) => next,
-                _ = shutdown.as_mut() => {
-                    self.finish().await?;
-                    tracing::info!(applied = %self.applied_end, "stopping: everything applied is confirmed");
-                    return Ok(SessionEnd::Stopped);
+            let next = match ready {
+                Some(next) => Ok::<_, tokio::time::error::Elapsed>(next),
+                None => {
+                    if report.elapsed() >= Duration::from_secs(10) || !self.sequences_synced {
+                        report = Instant::now();
+                        // Between staging transactions a closed batch may commit early, so
+                        // that a long backlog does not keep sequences from following.
+                        if self.txn.is_none() {
+                            self.complete_batch().await?;
+                        }
+                        if let (false, Some(staging)) = (self.applier.in_transaction(), staging) {
+                            self.sync_sequences(staging).await?;
+                        }
+                        self.sequences_synced = true;
+                        let st = self.applier.stats;
+                        tracing::info!(
+                            applied = %self.applied_end,
+                            transactions = st.transactions,
+                            inserted = st.rows_inserted,
+                            updated = st.rows_updated,
+                            deleted = st.rows_deleted,
+                            skipped_conflicts = st.conflicts_skipped,
+                            lag_bytes = feed.server_wal_end().0.saturating_sub(self.applied_end.0),
+                            "sync progress"
+                        );
+                    }
+                    let lag_bytes = feed.server_wal_end().0.saturating_sub(self.applied_end.0);
+                    metrics::gauge!("stagingprop_lag_bytes").set(lag_bytes as f64);
+                    let lag_seconds = match self.last_commit_time {
+                        Some(t) if lag_bytes > 64 * 1024 => {
+                            (crate::model::PgTimestamp::now().0 - t.0).max(0) as f64 / 1e6
+                        }
+                        _ => 0.0,
+                    };
+                    metrics::gauge!("stagingprop_lag_seconds").set(lag_seconds);
+                    // Between transactions with a batch open, wait no longer than the batch may.
+                    let mut wait = match (self.txn.is_none(), self.batch_started) {
+                        (true, Some(started)) => max_delay.saturating_sub(started.elapsed()),
+                        (true, None) => heartbeat.saturating_sub(self.last_activity.elapsed()),
+                        (false, _) => heartbeat,
+                    };
+                    if !self.unflushed.is_empty() && self.txn.is_none() {
+                        wait = wait.min(FLUSH_POLL);
+                    }
+                    // A closed batch commits as soon as nothing is ready to read (in a
+                    // backlog, when the next batch needs the session).
+                    if self.applier.closing() {
+                        wait = Duration::ZERO;
+                    }
+                    tokio::select! {
+                        next = tokio::time::timeout(wait, feed.next()) => next,
+                        _ = shutdown.as_mut() => {
+                            self.finish().await?;
+                            tracing::info!(applied = %self.applied_end, "stopping: everything applied is confirmed");
+                            return Ok(SessionEnd::Stopped);
+                        }
+                    }
                 }
             };
             match next {
                 Err(_) => {
-                    if self.batch_started.is_some() && self.txn.is_none() {
+                    if self.applier.closing() {
+                        self.complete_batch().await?;
+                    } else if self.batch_started.is_some() && self.txn.is_none() {
                         self.commit_batch().await?;
                     } else if !self.unflushed.is_empty() && self.txn.is_none() {
                         let flushed = self.applier.wal_flushed().await?;
@@ -850,9 +879,13 @@ impl Pipeline<'_> {
                     }));
                 }
                 Ok(Ok(Some((lsn, message)))) => {
+                    burst = burst.max(READY_BURST);
                     self.last_activity = Instant::now();
                     self.last_received = self.last_received.max(lsn);
-                    self.handle(lsn, message).await?;
+                    let handled = self.handle(lsn, message).await;
+                    // The message may have made a closed batch commit.
+                    self.record_committed();
+                    handled?;
                 }
             }
         }
@@ -863,10 +896,12 @@ impl Pipeline<'_> {
     async fn finish(&mut self) -> Result<(), SyncError> {
         if self.txn.is_none() {
             self.commit_batch().await?;
-        } else {
+        }
+        self.complete_batch().await?;
+        if self.txn.is_some() {
             self.applier.rollback().await?;
         }
-        self.wait_flushed().await
+        self.flush_committed().await
     }
 
     /// Confirms every batch production has flushed past.
@@ -876,56 +911,65 @@ impl Pipeline<'_> {
         }
     }
 
-    /// Waits (a few seconds at most) until production has flushed every committed batch, and
-    /// confirms them. Best effort: what stays unconfirmed is sent again and skipped next time.
-    async fn wait_flushed(&mut self) -> Result<(), SyncError> {
-        let started = Instant::now();
-        while !self.unflushed.is_empty() {
-            let flushed = match self.applier.wal_flushed().await {
-                Ok(flushed) => flushed,
-                Err(e) => {
-                    tracing::warn!(
-                        "cannot confirm the last batches: {e}; staging sends them again next time and they are skipped"
-                    );
-                    return Ok(());
-                }
-            };
-            self.confirm_flushed(flushed);
-            if self.unflushed.is_empty() || started.elapsed() >= FLUSH_WAIT_AT_STOP {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    /// Has production flush its WAL now (rather than wait for its WAL writer) and confirms
+    /// every batch committed. Best effort: what stays unconfirmed is sent again and skipped
+    /// next time.
+    async fn flush_committed(&mut self) -> Result<(), SyncError> {
+        if self.unflushed.is_empty() {
+            return Ok(());
+        }
+        match self.applier.flush_wal().await {
+            Ok(flushed) => self.confirm_flushed(flushed),
+            Err(e) => tracing::warn!(
+                "cannot confirm the last batches: {e}; staging sends them again next time and they are skipped"
+            ),
         }
         Ok(())
     }
 
+    /// Closes the open batch: its statements run on production while the next batch is read;
+    /// it commits in [`Pipeline::complete_batch`] or when the next batch needs the session.
     async fn commit_batch(&mut self) -> Result<(), SyncError> {
         let Some(last) = self.batch_last.take() else {
             return Ok(());
         };
         let started = self.batch_started.take();
-        let committed = self.applier.commit(&last).await?;
-        let end = committed.end;
-        self.applied_end = end;
+        self.applier.close(&last).await?;
+        self.record_committed();
         self.last_commit_time = Some(last.commit_time);
-        let st = &self.applier.stats;
-        let rows = st.rows_inserted + st.rows_updated + st.rows_deleted;
-        metrics::histogram!("stagingprop_batch_rows")
-            .record((rows - self.rows_at_batch_start) as f64);
-        self.rows_at_batch_start = rows;
         if let Some(started) = started {
             metrics::histogram!("stagingprop_batch_seconds")
                 .record(started.elapsed().as_secs_f64());
         }
-        metrics::gauge!("stagingprop_transactions_applied_total").set(st.transactions as f64);
-        self.unflushed.committed(committed.durable_at, end);
-        self.confirm_flushed(committed.flushed);
-        if self.one_by_one_until.is_some_and(|until| end >= until) {
-            self.one_by_one_until = None;
-            self.applier.one_by_one = false;
-            tracing::info!("past the replayed stretch; applying set-based again");
-        }
         Ok(())
+    }
+
+    /// Commits the closed batch now, if there is one.
+    async fn complete_batch(&mut self) -> Result<(), SyncError> {
+        let completed = self.applier.complete().await;
+        self.record_committed();
+        Ok(completed?)
+    }
+
+    /// Takes note of the batches production committed: applied, and confirmed once flushed.
+    fn record_committed(&mut self) {
+        for committed in self.applier.take_committed() {
+            let end = committed.end;
+            self.applied_end = end;
+            let st = &self.applier.stats;
+            let rows = st.rows_inserted + st.rows_updated + st.rows_deleted;
+            metrics::histogram!("stagingprop_batch_rows")
+                .record((rows - self.rows_at_batch_start) as f64);
+            self.rows_at_batch_start = rows;
+            metrics::gauge!("stagingprop_transactions_applied_total").set(st.transactions as f64);
+            self.unflushed.committed(committed.durable_at, end);
+            self.confirm_flushed(committed.flushed);
+            if self.one_by_one_until.is_some_and(|until| end >= until) {
+                self.one_by_one_until = None;
+                self.applier.one_by_one = false;
+                tracing::info!("past the replayed stretch; applying set-based again");
+            }
+        }
     }
 
     fn source(&self, lsn: Lsn) -> Source {
