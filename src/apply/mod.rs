@@ -369,10 +369,13 @@ impl Applier {
         // Commits do not wait for production's WAL flush (as PostgreSQL's own apply worker): the
         // caller confirms a staging position only once production reports its WAL flushed past
         // the commit ([`Committed`]), so a production crash loses nothing staging released.
+        // Every statement of this session finds rows by key. Costed for uncached pages, a
+        // statement of a few thousand keys would hash the whole table instead of probing its
+        // key index (measured: 90 of 125 ms hashing offerprice's 200,000 rows to update 2,210).
         client
             .batch_execute(
                 "SET datestyle = ISO; SET intervalstyle = postgres; SET timezone = UTC; \
-                 SET synchronous_commit = off",
+                 SET synchronous_commit = off; SET enable_seqscan = off",
             )
             .await
             .map_err(query_error("setting up the session"))?;
