@@ -3,9 +3,9 @@
 //!
 //! Exactly once: production's progress table holds the end LSN of the last applied staging
 //! transaction, written in the same production transaction as its changes. A session starts the
-//! slot there and skips every transaction whose commit record lies before it. Staging is told a
-//! position only after the production commit covering it returned (the session commits
-//! synchronously), through [`DurablePosition`].
+//! slot there and skips every transaction whose commit record lies before it. Production commits
+//! asynchronously; staging is told a position (through [`DurablePosition`]) only once
+//! production's WAL is flushed past the commit covering it.
 //!
 //! With `[spool]` (`receiver.rs`), staging's stream goes to the spool first and staging is told
 //! what the spool holds durably; the applier reads the spool (`feed.rs`) and production's
@@ -15,7 +15,9 @@
 //! Batching: consecutive staging transactions share one production transaction until
 //! `batch_max_rows` / `batch_max_bytes` are reached or `batch_max_delay_ms` passed; changes are
 //! consolidated per row and sent set-based. A large staging transaction is sent in pieces inside
-//! one production transaction, so memory stays bounded whatever its size.
+//! one production transaction, so memory stays bounded whatever its size. A closed batch's
+//! statements run on production while the next batch is read and consolidated; it commits when
+//! the next batch first needs production, or as soon as nothing more is ready to read.
 
 mod feed;
 mod receiver;
