@@ -767,7 +767,6 @@ impl Pipeline<'_> {
         S: Future<Output = ()>,
     {
         let heartbeat = Duration::from_secs(self.config.sync.heartbeat_interval_secs);
-        let max_delay = Duration::from_millis(self.config.sync.batch_max_delay_ms);
         let mut report = Instant::now();
         let mut burst: usize = 0;
         loop {
@@ -791,52 +790,8 @@ impl Pipeline<'_> {
             let next = match ready {
                 Some(next) => Ok::<_, tokio::time::error::Elapsed>(next),
                 None => {
-                    if report.elapsed() >= Duration::from_secs(10) || !self.sequences_synced {
-                        report = Instant::now();
-                        // Between staging transactions a closed batch may commit early, so
-                        // that a long backlog does not keep sequences from following.
-                        if self.txn.is_none() {
-                            self.complete_batch().await?;
-                        }
-                        if let (false, Some(staging)) = (self.applier.in_transaction(), staging) {
-                            self.sync_sequences(staging).await?;
-                        }
-                        self.sequences_synced = true;
-                        let st = self.applier.stats;
-                        tracing::info!(
-                            applied = %self.applied_end,
-                            transactions = st.transactions,
-                            inserted = st.rows_inserted,
-                            updated = st.rows_updated,
-                            deleted = st.rows_deleted,
-                            skipped_conflicts = st.conflicts_skipped,
-                            lag_bytes = feed.server_wal_end().0.saturating_sub(self.applied_end.0),
-                            "sync progress"
-                        );
-                    }
-                    let lag_bytes = feed.server_wal_end().0.saturating_sub(self.applied_end.0);
-                    metrics::gauge!("stagingprop_lag_bytes").set(lag_bytes as f64);
-                    let lag_seconds = match self.last_commit_time {
-                        Some(t) if lag_bytes > 64 * 1024 => {
-                            (crate::model::PgTimestamp::now().0 - t.0).max(0) as f64 / 1e6
-                        }
-                        _ => 0.0,
-                    };
-                    metrics::gauge!("stagingprop_lag_seconds").set(lag_seconds);
-                    // Between transactions with a batch open, wait no longer than the batch may.
-                    let mut wait = match (self.txn.is_none(), self.batch_started) {
-                        (true, Some(started)) => max_delay.saturating_sub(started.elapsed()),
-                        (true, None) => heartbeat.saturating_sub(self.last_activity.elapsed()),
-                        (false, _) => heartbeat,
-                    };
-                    if !self.unflushed.is_empty() && self.txn.is_none() {
-                        wait = wait.min(FLUSH_POLL);
-                    }
-                    // A closed batch commits as soon as nothing is ready to read (in a
-                    // backlog, when the next batch needs the session).
-                    if self.applier.closing() {
-                        wait = Duration::ZERO;
-                    }
+                    let wait = self.between_bursts(feed, staging, &mut report).await?;
+                    burst = READY_BURST;
                     tokio::select! {
                         next = tokio::time::timeout(wait, feed.next()) => next,
                         _ = shutdown.as_mut() => {
@@ -881,7 +836,6 @@ impl Pipeline<'_> {
                     }));
                 }
                 Ok(Ok(Some((lsn, message)))) => {
-                    burst = burst.max(READY_BURST);
                     self.last_activity = Instant::now();
                     self.last_received = self.last_received.max(lsn);
                     let handled = self.handle(lsn, message).await;
@@ -891,6 +845,66 @@ impl Pipeline<'_> {
                 }
             }
         }
+    }
+
+    /// What the loop does between bursts of received messages (when none is ready, and at
+    /// least every [`READY_BURST`] messages): the progress report and sequence sync every 10 s,
+    /// the lag gauges, and how long to wait for the next message.
+    async fn between_bursts(
+        &mut self,
+        feed: &Feed,
+        staging: Option<&tokio_postgres::Client>,
+        report: &mut Instant,
+    ) -> Result<Duration, SyncError> {
+        let heartbeat = Duration::from_secs(self.config.sync.heartbeat_interval_secs);
+        let max_delay = Duration::from_millis(self.config.sync.batch_max_delay_ms);
+        if report.elapsed() >= Duration::from_secs(10) || !self.sequences_synced {
+            *report = Instant::now();
+            // Between staging transactions a closed batch may commit early, so that a long
+            // backlog does not keep sequences from following.
+            if self.txn.is_none() {
+                self.complete_batch().await?;
+            }
+            if let (false, Some(staging)) = (self.applier.in_transaction(), staging) {
+                self.sync_sequences(staging).await?;
+            }
+            self.sequences_synced = true;
+            let st = self.applier.stats;
+            tracing::info!(
+                applied = %self.applied_end,
+                transactions = st.transactions,
+                inserted = st.rows_inserted,
+                updated = st.rows_updated,
+                deleted = st.rows_deleted,
+                skipped_conflicts = st.conflicts_skipped,
+                lag_bytes = feed.server_wal_end().0.saturating_sub(self.applied_end.0),
+                "sync progress"
+            );
+        }
+        let lag_bytes = feed.server_wal_end().0.saturating_sub(self.applied_end.0);
+        metrics::gauge!("stagingprop_lag_bytes").set(lag_bytes as f64);
+        let lag_seconds = match self.last_commit_time {
+            Some(t) if lag_bytes > 64 * 1024 => {
+                (crate::model::PgTimestamp::now().0 - t.0).max(0) as f64 / 1e6
+            }
+            _ => 0.0,
+        };
+        metrics::gauge!("stagingprop_lag_seconds").set(lag_seconds);
+        // Between transactions with a batch open, wait no longer than the batch may.
+        let mut wait = match (self.txn.is_none(), self.batch_started) {
+            (true, Some(started)) => max_delay.saturating_sub(started.elapsed()),
+            (true, None) => heartbeat.saturating_sub(self.last_activity.elapsed()),
+            (false, _) => heartbeat,
+        };
+        if !self.unflushed.is_empty() && self.txn.is_none() {
+            wait = wait.min(FLUSH_POLL);
+        }
+        // A closed batch commits as soon as nothing is ready to read (in a
+        // backlog, when the next batch needs the session).
+        if self.applier.closing() {
+            wait = Duration::ZERO;
+        }
+        Ok(wait)
     }
 
     /// Commits the open batch, or rolls back a transaction received only in part (it comes
