@@ -1866,9 +1866,72 @@ async fn sigterm_stops_cleanly_with_the_slot_confirmed_at_production_progress() 
     assert!(status.is_some_and(|s| s.success()), "{}", read_log(&log));
     p.assert_equal();
     assert_eq!(p.production.value("SELECT value FROM counter"), "40");
+
+    // A signal while a backlog streams in (every message ready at once) is still seen within a
+    // few hundred messages, not once the backlog is drained.
+    let big_txns = 6;
+    let rows_per_txn = 40_000;
+    let backlog: String = (0..big_txns)
+        .map(|t| {
+            let first = 1_000 + t * rows_per_txn;
+            format!(
+                "BEGIN; INSERT INTO ledger (id, txn, note) SELECT i, i, 'bulk' FROM \
+                 generate_series({first}, {}) i; \
+                 UPDATE counter SET value = value + 1, last_txn = {first} WHERE id = 1; COMMIT;\n",
+                first + rows_per_txn - 1
+            )
+        })
+        .collect();
+    p.staging.sql(&backlog);
+    let (mut child, log) = spawn_sync(&p, &[], "sync-3.log");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while p.production.value("SELECT value FROM counter") == "40" {
+        assert!(
+            Instant::now() < deadline,
+            "the first bulk transaction was not applied within 60 s:\n{}",
+            read_log(&log)
+        );
+        assert!(child.try_wait().unwrap().is_none(), "{}", read_log(&log));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let signalled = Instant::now();
+    sigterm(&child);
+    let status = wait_exit(&mut child, Duration::from_secs(30));
+    let took_in_backlog = signalled.elapsed();
+    let text = read_log(&log);
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{text}");
+    assert!(
+        took_in_backlog < Duration::from_secs(3),
+        "SIGTERM during a backlog took {took_in_backlog:?}\n{text}"
+    );
+    let applied_at_exit: u64 = p
+        .production
+        .value("SELECT value FROM counter")
+        .parse()
+        .unwrap();
+    assert!(
+        applied_at_exit < 40 + big_txns,
+        "sync went on to the end of the backlog ({applied_at_exit}) instead of stopping\n{text}"
+    );
+    p.wait_slot_inactive(Duration::from_secs(10));
+    let confirmed = p.slot_column("confirmed_flush_lsn");
+    let progress = p.production.value(&format!(
+        "SELECT end_lsn FROM stagingprop.progress WHERE slot = '{}'",
+        p.slot
+    ));
+    assert_eq!(confirmed, progress, "{text}");
+    let (mut child, log) = spawn_sync(&p, &["--until-caught-up"], "sync-4.log");
+    let status = wait_exit(&mut child, Duration::from_secs(120));
+    assert!(status.is_some_and(|s| s.success()), "{}", read_log(&log));
+    p.assert_equal();
+    assert_eq!(
+        p.production.value("SELECT value FROM counter"),
+        (40 + big_txns).to_string()
+    );
     println!(
-        "sigterm: exited in {:.2} s, {:.1} s",
+        "sigterm: exited in {:.2} s, in a backlog in {:.2} s, {:.1} s",
         took.as_secs_f64(),
+        took_in_backlog.as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
 }
