@@ -1838,33 +1838,15 @@ async fn sigterm_stops_cleanly_with_the_slot_confirmed_at_production_progress() 
     p.staging
         .sql(&(31..=40).map(ledger_txn).collect::<String>());
 
-    let signalled = Instant::now();
-    sigterm(&child);
-    let status = wait_exit(&mut child, Duration::from_secs(20));
-    let took = signalled.elapsed();
-    let text = read_log(&log);
-    assert_eq!(status.and_then(|s| s.code()), Some(0), "{text}");
+    let (took, text) = sigterm_and_wait(&mut child, &log, Duration::from_secs(20));
     assert!(
         took < Duration::from_secs(5),
         "SIGTERM took {took:?}\n{text}"
     );
-
-    p.wait_slot_inactive(Duration::from_secs(10));
-    let confirmed = p.slot_column("confirmed_flush_lsn");
-    let progress = p.production.value(&format!(
-        "SELECT end_lsn FROM stagingprop.progress WHERE slot = '{}'",
-        p.slot
-    ));
-    assert_eq!(
-        confirmed, progress,
-        "the slot must be confirmed exactly at what production committed\n{text}"
-    );
+    assert_slot_at_progress(&p, &text);
 
     // What was not applied yet is still there for the next run.
-    let (mut child, log) = spawn_sync(&p, &["--until-caught-up"], "sync-2.log");
-    let status = wait_exit(&mut child, Duration::from_secs(60));
-    assert!(status.is_some_and(|s| s.success()), "{}", read_log(&log));
-    p.assert_equal();
+    catch_up(&p, "sync-2.log", Duration::from_secs(60));
     assert_eq!(p.production.value("SELECT value FROM counter"), "40");
 
     // A signal while a backlog streams in (every message ready at once) is still seen within a
@@ -1894,12 +1876,7 @@ async fn sigterm_stops_cleanly_with_the_slot_confirmed_at_production_progress() 
         assert!(child.try_wait().unwrap().is_none(), "{}", read_log(&log));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let signalled = Instant::now();
-    sigterm(&child);
-    let status = wait_exit(&mut child, Duration::from_secs(30));
-    let took_in_backlog = signalled.elapsed();
-    let text = read_log(&log);
-    assert_eq!(status.and_then(|s| s.code()), Some(0), "{text}");
+    let (took_in_backlog, text) = sigterm_and_wait(&mut child, &log, Duration::from_secs(30));
     assert!(
         took_in_backlog < Duration::from_secs(3),
         "SIGTERM during a backlog took {took_in_backlog:?}\n{text}"
@@ -1913,17 +1890,8 @@ async fn sigterm_stops_cleanly_with_the_slot_confirmed_at_production_progress() 
         applied_at_exit < 40 + big_txns,
         "sync went on to the end of the backlog ({applied_at_exit}) instead of stopping\n{text}"
     );
-    p.wait_slot_inactive(Duration::from_secs(10));
-    let confirmed = p.slot_column("confirmed_flush_lsn");
-    let progress = p.production.value(&format!(
-        "SELECT end_lsn FROM stagingprop.progress WHERE slot = '{}'",
-        p.slot
-    ));
-    assert_eq!(confirmed, progress, "{text}");
-    let (mut child, log) = spawn_sync(&p, &["--until-caught-up"], "sync-4.log");
-    let status = wait_exit(&mut child, Duration::from_secs(120));
-    assert!(status.is_some_and(|s| s.success()), "{}", read_log(&log));
-    p.assert_equal();
+    assert_slot_at_progress(&p, &text);
+    catch_up(&p, "sync-4.log", Duration::from_secs(120));
     assert_eq!(
         p.production.value("SELECT value FROM counter"),
         (40 + big_txns).to_string()
@@ -1934,6 +1902,39 @@ async fn sigterm_stops_cleanly_with_the_slot_confirmed_at_production_progress() 
         took_in_backlog.as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
+}
+
+/// Sends SIGTERM and waits for the exit, which must be 0; how long it took, and the log.
+fn sigterm_and_wait(child: &mut Child, log: &Path, within: Duration) -> (Duration, String) {
+    let signalled = Instant::now();
+    sigterm(child);
+    let status = wait_exit(child, within);
+    let took = signalled.elapsed();
+    let text = read_log(log);
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{text}");
+    (took, text)
+}
+
+/// After a stop: the slot is confirmed exactly at production's progress row.
+fn assert_slot_at_progress(p: &Pair, text: &str) {
+    p.wait_slot_inactive(Duration::from_secs(10));
+    let confirmed = p.slot_column("confirmed_flush_lsn");
+    let progress = p.production.value(&format!(
+        "SELECT end_lsn FROM stagingprop.progress WHERE slot = '{}'",
+        p.slot
+    ));
+    assert_eq!(
+        confirmed, progress,
+        "the slot must be confirmed exactly at what production committed\n{text}"
+    );
+}
+
+/// Runs `sync --until-caught-up` to a successful end; production then equals staging.
+fn catch_up(p: &Pair, log_name: &str, within: Duration) {
+    let (mut child, log) = spawn_sync(p, &["--until-caught-up"], log_name);
+    let status = wait_exit(&mut child, within);
+    assert!(status.is_some_and(|s| s.success()), "{}", read_log(&log));
+    p.assert_equal();
 }
 
 // ---------------------------------------------------------------------------------------------
