@@ -887,6 +887,9 @@ const EVENT_QUEUE: usize = 256;
 /// Messages handed over at once: one wake-up of the consumer per chunk, not per message.
 const CHUNK_MESSAGES: usize = 1024;
 
+/// How long a closing stream waits for the server to acknowledge its end.
+const FINISH_WAIT: Duration = Duration::from_secs(5);
+
 type Chunk = Result<Vec<RawWal>, ReplicationError>;
 
 /// The consumer's end of a streaming replication connection.
@@ -1167,14 +1170,39 @@ impl Driver {
         self.client.flush().await
     }
 
-    /// Last status update, CopyDone, then wait (briefly) for the server to end the copy.
+    /// Last status update and CopyDone, then waits (at most [`FINISH_WAIT`]) for the server to
+    /// end the copy too. The walsender answers CopyDone only after it took in the status update
+    /// sent before it, so the slot is confirmed by the time this returns; closing at once would
+    /// leave unread data on our side, the kernel would reset the connection, and a walsender
+    /// still sending would exit on the reset without reading the update.
     async fn finish(&mut self) -> Result<(), ReplicationError> {
         self.send_status(false).await?;
         frontend::copy_done(&mut self.client.outbuf);
+        self.client.flush().await?;
+        match tokio::time::timeout(FINISH_WAIT, self.skip_to_copy_end()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!("while ending the stream: {e}"),
+            Err(_) => tracing::warn!(
+                server = %self.client.target,
+                "the server did not end the stream within {} s; the last confirmation may be \
+                 lost (staging then sends those changes again and they are skipped)",
+                FINISH_WAIT.as_secs()
+            ),
+        }
         frontend::terminate(&mut self.client.outbuf);
         self.client.flush().await?;
         let _ = self.client.io.shutdown().await;
         Ok(())
+    }
+
+    /// Reads past what the server still sends until it ends the copy (or fails).
+    async fn skip_to_copy_end(&mut self) -> Result<(), ReplicationError> {
+        loop {
+            let frame = self.client.read_frame().await?;
+            if matches!(frame.tag, b'c' | b'C' | b'E') {
+                return Ok(());
+            }
+        }
     }
 }
 
