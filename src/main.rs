@@ -324,6 +324,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 updated = st.rows_updated,
                 deleted = st.rows_deleted,
                 conflicts_skipped = st.conflicts_skipped,
+                files_written = st.files.written,
+                files_removed = st.files.removed,
                 applied = %summary.last_applied.unwrap_or_default(),
                 "sync stopped"
             );
@@ -551,12 +553,16 @@ async fn shutdown_signal() {
 
 fn sync_failure(error: SyncError) -> Failure {
     use stagingprop::apply::ApplyError;
+    use stagingprop::apply::files::FileError;
     use stagingprop::remap::RemapError;
     let code = match &error {
         SyncError::Endpoint(_) => exit::CONFIG,
         SyncError::Schema(_)
         | SyncError::UnknownTable(_)
         | SyncError::Apply(ApplyError::Schema(_))
+        | SyncError::Apply(ApplyError::Files(
+            FileError::NoColumn { .. } | FileError::PathNotInIdentity { .. },
+        ))
         | SyncError::Rules(_) => exit::SCHEMA,
         SyncError::Apply(
             ApplyError::Conflict { .. } | ApplyError::Remap(RemapError::UnmappedReference(_)),

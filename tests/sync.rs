@@ -556,3 +556,243 @@ async fn verify_names_rows_missing_extra_and_different_on_each_side() {
     assert_eq!(offers.missing_keys, vec!["offer_id=7,currency=USD"]);
     assert!(diffs[1].matches() && diffs[3].matches());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Managed files
+
+const FILE_TABLES: &str = "
+CREATE TABLE managedfile (managedfile_id bigint PRIMARY KEY, filename text NOT NULL,
+  storeent_id int, content bytea);
+ALTER TABLE managedfile ALTER content SET STORAGE EXTERNAL;
+ALTER TABLE managedfile REPLICA IDENTITY FULL;
+CREATE TABLE cmspage (path text PRIMARY KEY, body text);
+";
+
+/// What `dir` holds: every file's path under it and its content in hex, sorted.
+fn published(dir: &std::path::Path) -> Vec<String> {
+    fn walk(dir: &std::path::Path, root: &std::path::Path, out: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, root, out);
+            } else {
+                let hex: String = std::fs::read(&path)
+                    .unwrap()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                let name = path.strip_prefix(root).unwrap().to_string_lossy();
+                out.push(format!("{name}|{hex}"));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+/// What staging says `dir` should hold, in the form of [`published`].
+fn expected_files(db: &str, sql: &str) -> Vec<String> {
+    let mut rows: Vec<String> = psql(&clusters().staging, db, sql)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect();
+    rows.sort();
+    rows
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managed_files_follow_their_rows_batch_by_batch() {
+    let c = clusters();
+    let staging = fresh_db(&c.staging, "files_sync");
+    let production = fresh_db(&c.production, "files_sync");
+    psql(&c.staging, &staging, FILE_TABLES);
+    psql(&c.production, &production, FILE_TABLES);
+    let root = std::env::temp_dir().join(format!("stagingprop-{staging}"));
+    let _ = std::fs::remove_dir_all(&root);
+    let (assets, pages) = (root.join("assets"), root.join("pages"));
+    let text = format!(
+        "[staging]\nurl = \"{}\"\nsslmode = \"disable\"\n[production]\nurl = \"{}\"\nsslmode = \"disable\"\n\
+         [sync]\nslot = \"{staging}\"\npublication = \"{staging}\"\nheartbeat_interval_secs = 1\nbatch_max_rows = 7\n\
+         [[tables]]\nname = \"public.managedfile\"\n\
+         files = {{ dir = \"{}\", path_column = \"filename\", content_column = \"content\" }}\n\
+         [[tables]]\nname = \"public.cmspage\"\n\
+         files = {{ dir = \"{}\", path_column = \"path\", content_column = \"body\" }}\n",
+        c.staging.conninfo(&staging, "postgres"),
+        c.production.conninfo(&production, "postgres"),
+        assets.display(),
+        pages.display(),
+    );
+    let config = Config::from_toml_str(&text, "test").unwrap();
+    init(&config, &InitOptions::default()).await.expect("init");
+    let assets_sql = "SELECT filename || '|' || encode(content, 'hex') FROM managedfile \
+                      WHERE content IS NOT NULL AND filename NOT LIKE '../%'";
+    let pages_sql = "SELECT path || '|' || encode(convert_to(body, 'UTF8'), 'hex') FROM cmspage \
+                     WHERE body IS NOT NULL";
+
+    // Rows in several batches (7 rows each), one large enough to be stored out of line.
+    psql(
+        &c.staging,
+        &staging,
+        "INSERT INTO managedfile SELECT g, 'img/f' || g || '.bin', 1, decode(md5(g::text), 'hex')
+           FROM generate_series(1, 20) g;
+         UPDATE managedfile SET content = decode(repeat(md5('big'), 2000), 'hex') WHERE managedfile_id = 1;
+         INSERT INTO cmspage VALUES ('index.html', 'hello'), ('/about/us.html', 'about us');",
+    );
+    let summary = caught_up(&config).await.expect("first sync");
+    assert_eq!(published(&assets), expected_files(&staging, assets_sql));
+    assert_eq!(
+        published(&pages),
+        expected_files(&staging, pages_sql)
+            .iter()
+            .map(|l| l.trim_start_matches('/').to_owned())
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(summary.stats.files.written, 20 + 1 + 2);
+
+    // Unchanged (out-of-line) content: a rename moves the file; content, NULL content,
+    // delete, a path that leaves the directory, a row that comes and goes in one transaction,
+    // TRUNCATE with a new row after it.
+    psql(
+        &c.staging,
+        &staging,
+        "UPDATE managedfile SET storeent_id = 2 WHERE managedfile_id = 1;
+         UPDATE managedfile SET filename = 'moved/f1.bin' WHERE managedfile_id = 1;
+         UPDATE managedfile SET content = '\\x0102' WHERE managedfile_id = 2;
+         DELETE FROM managedfile WHERE managedfile_id = 3;
+         UPDATE managedfile SET content = NULL WHERE managedfile_id = 4;
+         INSERT INTO managedfile VALUES (99, '../escape.bin', 1, '\\x00');
+         BEGIN;
+         INSERT INTO managedfile VALUES (50, 'brief.bin', 1, '\\x05');
+         UPDATE managedfile SET content = '\\x0505' WHERE managedfile_id = 50;
+         DELETE FROM managedfile WHERE managedfile_id = 50;
+         COMMIT;
+         BEGIN; TRUNCATE cmspage; INSERT INTO cmspage VALUES ('new.html', 'new'); COMMIT;",
+    );
+    let summary = caught_up(&config).await.expect("second sync");
+    let assets_now = published(&assets);
+    assert_eq!(assets_now, expected_files(&staging, assets_sql));
+    assert!(assets_now.iter().any(|l| l.starts_with("moved/f1.bin|")));
+    assert_eq!(published(&pages), expected_files(&staging, pages_sql));
+    assert!(
+        !root.join("escape.bin").exists(),
+        "a path with '..' must not be written outside the directory"
+    );
+    assert_eq!(summary.stats.files.refused, 1);
+    // Every row reached production, the refused one too.
+    let rows = |cluster, db: &str| {
+        psql(
+            cluster,
+            db,
+            "SELECT string_agg(managedfile_id || ':' || filename || ':' || coalesce(md5(content), '-'), ',' ORDER BY managedfile_id) FROM managedfile",
+        )
+    };
+    assert_eq!(rows(&c.staging, &staging), rows(&c.production, &production));
+
+    // `copy` into a new production publishes every file from the copied rows, and removes
+    // what no row names; then sync goes on from the hand-off.
+    let seeded = fresh_db(&c.production, "files_seeded");
+    psql(&c.production, &seeded, FILE_TABLES);
+    let copied = root.join("copied");
+    std::fs::create_dir_all(copied.join("assets/img")).unwrap();
+    std::fs::write(copied.join("assets/img/stray.bin"), b"old").unwrap();
+    let text = text
+        .replace(&production, &seeded)
+        .replace(&format!("\"{staging}\""), &format!("\"{staging}_seeded\""))
+        .replace(&root.display().to_string(), &copied.display().to_string());
+    let seeded_config = Config::from_toml_str(&text, "test").unwrap();
+    init(&seeded_config, &InitOptions::default())
+        .await
+        .expect("init of the seeded pair");
+    let report = stagingprop::copy::copy(
+        &seeded_config,
+        &support::copy_options(
+            stagingprop::copy::Side::Staging,
+            stagingprop::copy::Side::Production,
+        ),
+    )
+    .await
+    .expect("copy");
+    assert!(report.handoff.is_some());
+    assert_eq!(
+        published(&copied.join("assets")),
+        expected_files(&staging, assets_sql)
+    );
+    assert_eq!(
+        published(&copied.join("pages")),
+        expected_files(&staging, pages_sql)
+    );
+    psql(
+        &c.staging,
+        &staging,
+        "UPDATE managedfile SET content = '\\x0a0b' WHERE managedfile_id = 5",
+    );
+    caught_up(&seeded_config)
+        .await
+        .expect("sync after the copy");
+    assert_eq!(
+        published(&copied.join("assets")),
+        expected_files(&staging, assets_sql)
+    );
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_managed_file_table_without_the_path_in_its_identity_is_refused() {
+    let c = clusters();
+    let staging = fresh_db(&c.staging, "files_identity");
+    let production = fresh_db(&c.production, "files_identity");
+    let table = "CREATE TABLE asset (id int PRIMARY KEY, filename text, content bytea);";
+    psql(&c.staging, &staging, table);
+    psql(&c.production, &production, table);
+    let dir = std::env::temp_dir().join(format!("stagingprop-{staging}"));
+    let text = format!(
+        "[staging]\nurl = \"{}\"\nsslmode = \"disable\"\n[production]\nurl = \"{}\"\nsslmode = \"disable\"\n\
+         [sync]\nslot = \"{staging}\"\npublication = \"{staging}\"\n\
+         [[tables]]\nname = \"public.asset\"\n\
+         files = {{ dir = \"{}\", path_column = \"filename\", content_column = \"content\" }}\n",
+        c.staging.conninfo(&staging, "postgres"),
+        c.production.conninfo(&production, "postgres"),
+        dir.display(),
+    );
+    let config = Config::from_toml_str(&text, "test").unwrap();
+    // init names the problem and the fix...
+    let err = init(&config, &InitOptions::default())
+        .await
+        .expect_err("init must refuse the table");
+    assert!(
+        err.to_string().contains("files.path_column filename")
+            && err.to_string().contains("REPLICA IDENTITY FULL"),
+        "{err}"
+    );
+    // ...and so does sync, before applying a change whose delete it could not publish.
+    psql(
+        &c.staging,
+        &staging,
+        &format!("CREATE PUBLICATION {staging} FOR TABLE asset"),
+    );
+    psql(
+        &c.staging,
+        &staging,
+        &format!("SELECT pg_create_logical_replication_slot('{staging}', 'pgoutput')"),
+    );
+    psql(
+        &c.staging,
+        &staging,
+        "INSERT INTO asset VALUES (1, 'a.bin', '\\x01')",
+    );
+    let err = caught_up(&config).await.expect_err("sync must stop");
+    assert!(
+        matches!(err, SyncError::Apply(ApplyError::Files(_))),
+        "{err}"
+    );
+    assert!(err.to_string().contains("REPLICA IDENTITY FULL"), "{err}");
+    assert_eq!(
+        psql(&c.production, &production, "SELECT count(*) FROM asset").trim(),
+        "0"
+    );
+    assert!(!dir.join("a.bin").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -4,6 +4,7 @@
 //! makes apply exactly-once (it is updated in the same transaction as the changes).
 
 pub mod batch;
+pub mod files;
 pub mod schema;
 pub mod sequences;
 pub mod sql;
@@ -16,6 +17,7 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Statement};
 
 use self::batch::{Entry, Key, NetChange, RowOp, Source, TableChanges};
+use self::files::{FileError, FileStats, Publisher};
 use self::schema::TableMeta;
 use crate::config::{ConflictPolicy, TableName};
 use crate::model::{Lsn, PgTimestamp, Tuple, Value, Xid};
@@ -88,6 +90,8 @@ pub enum ApplyError {
     Query(QueryError),
     #[error("key remapping: {0}")]
     Remap(#[from] RemapError),
+    #[error(transparent)]
+    Files(#[from] FileError),
     #[error(
         "staging sent a value that is not UTF-8 text in {table}; check staging's server_encoding"
     )]
@@ -144,6 +148,8 @@ pub struct ApplyStats {
     pub conflicts_overwritten: u64,
     pub transactions: u64,
     pub batches: u64,
+    /// Managed files published, as of the last committed batch.
+    pub files: FileStats,
 }
 
 /// The last staging transaction production has, as recorded in the progress table.
@@ -260,6 +266,8 @@ pub struct Applier {
     closing: Option<Progress>,
     /// Batches committed that the caller has not taken yet ([`Applier::take_committed`]).
     committed: Vec<Committed>,
+    /// Publishes the managed-file tables' rows as files, batch by batch.
+    pub files: Publisher,
 }
 
 /// A batch committed on production, not necessarily flushed yet.
@@ -397,6 +405,7 @@ impl Applier {
             progress_at,
             closing: None,
             committed: Vec::new(),
+            files: Publisher::default(),
         })
     }
 
@@ -562,6 +571,9 @@ impl Applier {
             .batch_execute(&sql::truncate(&metas, restart_identity))
             .await
             .map_err(query_error("applying TRUNCATE"))?;
+        for &t in tables {
+            self.files.clear(t);
+        }
         let mapped = self
             .remap
             .as_mut()
@@ -1056,6 +1068,7 @@ impl Applier {
         self.begin().await?;
         self.flush().await?;
         self.closing = Some(*last);
+        self.files.close();
         Ok(())
     }
 
@@ -1093,6 +1106,13 @@ impl Applier {
                 expected: self.progress_at,
             });
         }
+        // Files go into place before the COMMIT: a crash between the two leaves them ahead of
+        // production, and applying the batch again rewrites the same content.
+        if let Err(e) = self.files.publish() {
+            let _ = self.rollback().await;
+            return Err(e.into());
+        }
+        self.stats.files.add(std::mem::take(&mut self.files.stats));
         // In the same round trip: where production's WAL ends after the commit record (durable
         // once flushed that far) and how far it is flushed already.
         let replies = self
@@ -1134,6 +1154,7 @@ impl Applier {
     /// Abandons the open transaction (a closed batch included) and everything pending.
     pub async fn rollback(&mut self) -> Result<(), ApplyError> {
         self.closing = None;
+        self.files.discard();
         for flight in self.in_flight.drain(..) {
             flight.result.abort();
         }

@@ -95,6 +95,8 @@ pub enum CopyError {
     Replication(#[from] ReplicationError),
     #[error("{0}")]
     Refused(String),
+    #[error("{0}; the copy did not record its hand-off: run it again")]
+    Files(#[from] apply::files::FileError),
     #[error("source and target differ, nothing was copied:\n  - {}", .0.join("\n  - "))]
     Schema(Vec<String>),
     #[error("key remapping cannot work with these tables, nothing was copied:\n  - {}", .0.join("\n  - "))]
@@ -447,6 +449,12 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
         .await
         .map_err(db_error(&target, "setting sequences"))?;
 
+    // Production's managed files are published from what was copied, before the hand-off:
+    // sync then keeps them current.
+    if options.to == Side::Production {
+        publish_files(config, &tables, &t, &target).await?;
+    }
+
     if let Some(point) = consistent_point {
         let progress = Progress {
             end_lsn: point,
@@ -470,6 +478,63 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
         report.after_status = Some(status.code().unwrap_or(-1));
     }
     Ok(report)
+}
+
+/// Writes the files of every copied managed-file table from the target's rows; files under
+/// each directory that no row names are removed.
+async fn publish_files(
+    config: &Config,
+    copied: &[TableName],
+    t: &Client,
+    target: &Endpoint,
+) -> Result<(), CopyError> {
+    for table in config.tables.iter().filter(|t| copied.contains(&t.name)) {
+        let Some(files) = &table.files else { continue };
+        let from = qualified(&table.name.schema, &table.name.name);
+        let (path, content) = (
+            quote_ident(&files.path_column),
+            quote_ident(&files.content_column),
+        );
+        let read = db_error(target, "reading managed files");
+        let mut statement = t
+            .prepare(&format!("SELECT {path}::text, {content} FROM {from}"))
+            .await
+            .map_err(read)?;
+        // bytea is written as is; any other type as its text.
+        let bytea = statement.columns()[1].type_() == &tokio_postgres::types::Type::BYTEA;
+        if !bytea {
+            statement = t
+                .prepare(&format!("SELECT {path}::text, {content}::text FROM {from}"))
+                .await
+                .map_err(db_error(target, "reading managed files"))?;
+        }
+        let no_params: [&(dyn tokio_postgres::types::ToSql + Sync); 0] = [];
+        let rows = t
+            .query_raw(&statement, no_params)
+            .await
+            .map_err(db_error(target, "reading managed files"))?;
+        pin_mut!(rows);
+        let mut publish = apply::files::Republish::new(table.name.clone(), files)?;
+        while let Some(row) = rows.next().await {
+            let row = row.map_err(db_error(target, "reading managed files"))?;
+            let content: Option<&[u8]> = if bytea {
+                row.get(1)
+            } else {
+                row.get::<_, Option<&str>>(1).map(str::as_bytes)
+            };
+            publish.row(row.get(0), content)?;
+        }
+        let stats = publish.finish()?;
+        tracing::info!(
+            table = %table.name,
+            written = stats.written,
+            removed = stats.removed,
+            refused = stats.refused,
+            "published managed files into {}",
+            files.dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// Makes room for a fresh sync slot: refuses when sync could be using production already, drops

@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::apply::batch::{Key, RowOp, Source};
+use crate::apply::files::Publisher;
 use crate::apply::schema::{self, ColumnMap, ColumnReference, TableMeta};
 use crate::apply::{self, Applier, ApplyError, Progress};
 use crate::config::{Config, TableName};
@@ -574,6 +575,12 @@ where
         .map(|(meta, t)| (meta, t.on_conflict))
         .collect();
     let mut applier = Applier::new(p, &config.sync.slot, tables, remapper, applied_end).await?;
+    let file_tables = config
+        .tables
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| t.files.as_ref().map(|files| (i, files, applier.meta(i))));
+    applier.files = Publisher::new(file_tables.collect()).map_err(ApplyError::from)?;
     applier.stats = state.stats;
     if let Some(until) = state.one_by_one_until {
         applier.one_by_one = applied_end < until;
@@ -1043,6 +1050,7 @@ impl Pipeline<'_> {
                 }
                 let (table, row) = self.to_production(relation, new)?;
                 let key = self.key_of(table, &row)?;
+                self.stage_file(table, None, Some(&row))?;
                 self.applier
                     .row_change(table, key, RowOp::Insert(row), self.source(lsn))
                     .await?;
@@ -1056,13 +1064,17 @@ impl Pipeline<'_> {
                 }
                 let (table, row) = self.to_production(relation, new)?;
                 let new_key = self.key_of(table, &row)?;
-                let old_key = match old {
+                let old_row = match old {
                     Some(OldTuple::Key(t) | OldTuple::Full(t)) => {
-                        let (_, old_row) = self.to_production(relation, t)?;
-                        Some(self.key_of(table, &old_row)?)
+                        Some(self.to_production(relation, t)?.1)
                     }
                     None => None,
                 };
+                let old_key = match &old_row {
+                    Some(old_row) => Some(self.key_of(table, old_row)?),
+                    None => None,
+                };
+                self.stage_file(table, old_row.as_ref(), Some(&row))?;
                 let source = self.source(lsn);
                 match old_key {
                     Some(old_key) if old_key != new_key => {
@@ -1082,6 +1094,7 @@ impl Pipeline<'_> {
                 }
                 let (table, old_row) = self.to_production(relation, old.tuple().clone())?;
                 let key = self.key_of(table, &old_row)?;
+                self.stage_file(table, Some(&old_row), None)?;
                 self.applier
                     .row_change(table, key, RowOp::Delete, self.source(lsn))
                     .await?;
@@ -1130,6 +1143,20 @@ impl Pipeline<'_> {
         Ok(())
     }
 
+    /// A change of a managed-file table: its file is written aside now, put in place with
+    /// its batch.
+    fn stage_file(
+        &mut self,
+        table: usize,
+        old: Option<&Tuple>,
+        new: Option<&Tuple>,
+    ) -> Result<(), SyncError> {
+        self.applier
+            .files
+            .stage(table, old, new)
+            .map_err(|e| SyncError::Apply(e.into()))
+    }
+
     fn skipping(&self) -> bool {
         self.txn.as_ref().is_some_and(|t| t.skip)
     }
@@ -1154,6 +1181,17 @@ impl Pipeline<'_> {
         let meta = self.applier.meta(table);
         let map = schema::map_relation(&relation, meta)
             .map_err(|m| SyncError::Apply(ApplyError::Schema(m)))?;
+        if let Some(path) = self.applier.files.path_column(table) {
+            let in_identity = map
+                .to_production
+                .iter()
+                .zip(&relation.columns)
+                .any(|(&p, column)| p == path && column.is_key);
+            self.applier
+                .files
+                .check_identity(table, in_identity)
+                .map_err(|e| SyncError::Apply(e.into()))?;
+        }
         let production_width = meta.columns.len();
         let identity = map.to_production.len() == production_width
             && map.to_production.iter().enumerate().all(|(i, &p)| i == p);
