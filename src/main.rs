@@ -561,7 +561,7 @@ fn sync_failure(error: SyncError) -> Failure {
         | SyncError::UnknownTable(_)
         | SyncError::Apply(ApplyError::Schema(_))
         | SyncError::Apply(ApplyError::Files(
-            FileError::NoColumn { .. } | FileError::PathNotInIdentity { .. },
+            FileError::NoColumn { .. } | FileError::NotFullIdentity { .. },
         ))
         | SyncError::Rules(_) => exit::SCHEMA,
         SyncError::Apply(

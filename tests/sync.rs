@@ -7,7 +7,7 @@ use stagingprop::apply::ApplyError;
 use stagingprop::config::Config;
 use stagingprop::ops::init::{InitOptions, init};
 use stagingprop::sync::{self, SyncError, SyncOptions};
-use support::{caught_up, clusters, fresh_db, psql};
+use support::{caught_up, clusters, fresh_db, psql, published};
 
 const CATALOGUE: &str = "
 CREATE TABLE catentry (catentry_id bigint PRIMARY KEY, partnumber varchar(64) NOT NULL UNIQUE,
@@ -566,31 +566,8 @@ CREATE TABLE managedfile (managedfile_id bigint PRIMARY KEY, filename text NOT N
 ALTER TABLE managedfile ALTER content SET STORAGE EXTERNAL;
 ALTER TABLE managedfile REPLICA IDENTITY FULL;
 CREATE TABLE cmspage (path text PRIMARY KEY, body text);
+ALTER TABLE cmspage REPLICA IDENTITY FULL;
 ";
-
-/// What `dir` holds: every file's path under it and its content in hex, sorted.
-fn published(dir: &std::path::Path) -> Vec<String> {
-    fn walk(dir: &std::path::Path, root: &std::path::Path, out: &mut Vec<String>) {
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                walk(&path, root, out);
-            } else {
-                let hex: String = std::fs::read(&path)
-                    .unwrap()
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect();
-                let name = path.strip_prefix(root).unwrap().to_string_lossy();
-                out.push(format!("{name}|{hex}"));
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(dir, dir, &mut out);
-    out.sort();
-    out
-}
 
 /// What staging says `dir` should hold, in the form of [`published`].
 fn expected_files(db: &str, sql: &str) -> Vec<String> {
@@ -740,7 +717,7 @@ async fn managed_files_follow_their_rows_batch_by_batch() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_managed_file_table_without_the_path_in_its_identity_is_refused() {
+async fn a_managed_file_table_without_full_replica_identity_is_refused() {
     let c = clusters();
     let staging = fresh_db(&c.staging, "files_identity");
     let production = fresh_db(&c.production, "files_identity");
@@ -763,7 +740,7 @@ async fn a_managed_file_table_without_the_path_in_its_identity_is_refused() {
         .await
         .expect_err("init must refuse the table");
     assert!(
-        err.to_string().contains("files.path_column filename")
+        err.to_string().contains("publishes files")
             && err.to_string().contains("REPLICA IDENTITY FULL"),
         "{err}"
     );

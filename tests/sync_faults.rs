@@ -265,6 +265,23 @@ async fn setup_remapped(
 }
 
 impl Pair {
+    /// Publishes the ledger's rows as files (path: note, content: blob) into the scratch
+    /// directory; staging then sends whole old rows of the ledger.
+    fn publish_ledger_files(&mut self) -> PathBuf {
+        let dir = self.scratch.0.join("files");
+        self.staging.sql("ALTER TABLE ledger REPLICA IDENTITY FULL");
+        let text = std::fs::read_to_string(&self.config_path).unwrap().replace(
+            "name = \"public.ledger\"\n",
+            &format!(
+                "name = \"public.ledger\"\nfiles = {{ dir = \"{}\", path_column = \"note\", content_column = \"blob\" }}\n",
+                dir.display()
+            ),
+        );
+        std::fs::write(&self.config_path, &text).unwrap();
+        self.config = Config::from_toml_str(&text, "test").expect("test config with files");
+        dir
+    }
+
     /// Turns the spool on (`[spool]` with `extra` settings), in the scratch directory.
     fn enable_spool(&mut self, extra: &str) -> PathBuf {
         let dir = self.scratch.0.join("spool");
@@ -1581,6 +1598,8 @@ async fn sigkill_rounds(
     )
     .await;
     let spool_dir = spool.then(|| p.enable_spool("segment_bytes = 32768"));
+    // Kills land between a batch's files and its COMMIT too: the files must still end equal.
+    let files_dir = p.publish_ledger_files();
 
     let stop = Arc::new(AtomicBool::new(false));
     let workload = ledger_workload(p.staging.clone(), stop.clone(), false);
@@ -1651,6 +1670,20 @@ async fn sigkill_rounds(
     assert_eq!(counter(&p.staging), committed.to_string());
     assert_eq!(counter(&p.production), committed.to_string());
     assert_eq!(p.quarantined(), "0");
+    let mut expected: Vec<String> = p
+        .staging
+        .sql("SELECT note || '|' || encode(convert_to(blob, 'UTF8'), 'hex') FROM ledger WHERE blob IS NOT NULL")
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect();
+    expected.sort();
+    assert!(!expected.is_empty());
+    assert_eq!(
+        support::published(&files_dir),
+        expected,
+        "the published files are staging's rows"
+    );
     if let Some(dir) = &spool_dir {
         let held = stagingprop::spool::files::summary(dir).expect("spool summary");
         assert!(held.segments > 1, "the spool was used: {held:?}");

@@ -16,7 +16,7 @@ use std::path::{Component, Path, PathBuf};
 
 use super::schema::TableMeta;
 use crate::config::{FilesConfig, TableName};
-use crate::model::{Tuple, Value};
+use crate::model::{ReplicaIdentity, Tuple, Value};
 
 /// Temporary files end with this; left over by a crash, they are removed at the next start.
 const STAGED_SUFFIX: &str = ".stagingprop-tmp";
@@ -33,12 +33,13 @@ pub enum FileError {
         column: String,
     },
     #[error(
-        "managed files of {table}: staging's replica identity does not include {column}, so a \
-         DELETE or a path change would not say which file to remove. On staging run \
-         ALTER TABLE {table} REPLICA IDENTITY FULL (or make {column} part of the primary key), \
-         then start sync again; nothing was applied past the last committed batch"
+        "managed files of {table}: staging sends changes of the table without its whole old \
+         row, so a DELETE or a path change would not say which file to remove or what the moved \
+         file holds. On staging run ALTER TABLE {table} REPLICA IDENTITY FULL; changes made \
+         before that still lack it: take files = out of the table's config to get past them (its \
+         rows keep replicating), then put it back and publish the files again with `copy`"
     )]
-    PathNotInIdentity { table: TableName, column: String },
+    NotFullIdentity { table: TableName },
     #[error(
         "managed files of {table}: cannot {what} {}: {source}. Fix the directory (permissions, \
          space) and run the command again: sync rolls back the batch on production and applies \
@@ -84,25 +85,21 @@ struct FileTable {
     name: TableName,
     dir: PathBuf,
     path: usize,
-    path_name: String,
     content: usize,
     /// bytea content arrives as hex text and is decoded; any other type is written as its
     /// text output.
     bytea: bool,
 }
 
-/// What publishing a batch does, in staging's order.
+/// What publishing a batch does, in staging's order. Each sets what a path holds (or that it
+/// holds nothing), whatever was there: applying any tail of a sequence of them again, as a
+/// replay after a crash does, ends in the same files.
 #[derive(Debug)]
 enum FileOp {
     /// Moves `staged` (written and synced already) to `target`.
     Write {
         staged: PathBuf,
         target: PathBuf,
-    },
-    /// The path changed, the content did not (staging did not even send it).
-    Move {
-        from: PathBuf,
-        to: PathBuf,
     },
     Remove {
         target: PathBuf,
@@ -147,7 +144,6 @@ impl Publisher {
                 name,
                 dir: files.dir.clone(),
                 path,
-                path_name: files.path_column.clone(),
                 content,
             };
             fs::create_dir_all(&table.dir).map_err(|e| table.io("create", &table.dir, e))?;
@@ -164,26 +160,21 @@ impl Publisher {
         Ok(publisher)
     }
 
-    /// The production column of `table` that holds the path, if it publishes files.
-    pub fn path_column(&self, table: usize) -> Option<usize> {
-        self.tables.get(&table).map(|t| t.path)
-    }
-
-    /// Staging must send the old path with every DELETE and path change: refused unless the
-    /// path column is part of the relation's replica identity.
-    pub fn check_identity(&self, table: usize, path_in_identity: bool) -> Result<(), FileError> {
+    /// Staging must send the whole old row with every UPDATE and DELETE of a managed-file
+    /// table (`REPLICA IDENTITY FULL`): its path says which file goes, and its content (sent
+    /// in full even when TOASTed) what a file moved to a new path holds.
+    pub fn check_identity(&self, table: usize, identity: ReplicaIdentity) -> Result<(), FileError> {
         match self.tables.get(&table) {
-            Some(t) if !path_in_identity => Err(FileError::PathNotInIdentity {
+            Some(t) if identity != ReplicaIdentity::Full => Err(FileError::NotFullIdentity {
                 table: t.name.clone(),
-                column: t.path_name.clone(),
             }),
             _ => Ok(()),
         }
     }
 
-    /// Takes one row change in production column order: `old` is the old row or key as
-    /// staging sent it (`None` for an INSERT, or an UPDATE that left the identity alone),
-    /// `new` the new row (`None` for a DELETE). Writes new content to a temporary file now.
+    /// Takes one row change in production column order: `old` is the old row as staging sent
+    /// it (`None` for an INSERT), `new` the new row (`None` for a DELETE). Writes new content
+    /// to a temporary file now.
     pub fn stage(
         &mut self,
         table: usize,
@@ -200,19 +191,30 @@ impl Publisher {
             Some(value) => text(value),
             None => None,
         };
+        let moved = old_path.is_some_and(|p| Some(p) != new_path);
+        let content = match new.map(|row| &row[content_column]) {
+            // Unchanged and not sent: a file that stays where it is stays as it is; one that
+            // moves takes the old row's content.
+            Some(Value::UnchangedToast) if moved => old.map(|row| &row[content_column]),
+            content => content,
+        };
         let mut ops = Vec::new();
-        let content = new.map(|row| &row[content_column]);
-        if let Some(from) = old_path.filter(|&p| Some(p) != new_path) {
-            let from = self.target(table, from);
-            match (content, new_path.and_then(|p| self.target(table, p))) {
-                (Some(Value::UnchangedToast), Some(to)) => {
-                    ops.extend(from.map(|from| FileOp::Move { from, to }))
-                }
-                _ => ops.extend(from.map(|target| FileOp::Remove { target })),
-            }
+        if let Some(from) = old_path.filter(|_| moved) {
+            ops.extend(
+                self.target(table, from)
+                    .map(|target| FileOp::Remove { target }),
+            );
         }
         if let (Some(content), Some(path)) = (content, new_path) {
             match content {
+                Value::UnchangedToast if moved => {
+                    tracing::warn!(
+                        table = %self.tables[&table].name,
+                        "staging did not send the content of the file moved to {:?}; it is \
+                         published with the row's next content change",
+                        String::from_utf8_lossy(path)
+                    );
+                }
                 Value::UnchangedToast => {}
                 Value::Null => {
                     if let Some(target) = self.target(table, path) {
@@ -311,25 +313,6 @@ impl Publisher {
                 fs::rename(staged, target).map_err(|e| self.io_error(table, "write", target, e))?;
                 self.stats.written += 1;
                 dirs.insert(parent(target), table);
-            }
-            FileOp::Move { from, to } => {
-                create_parent(to).map_err(|e| self.io_error(table, "create", to, e))?;
-                match fs::rename(from, to) {
-                    Ok(()) => self.stats.written += 1,
-                    // Never published (copy does not write files): nothing to move, and the
-                    // content is not known here. It appears with the row's next content change.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        tracing::warn!(
-                            "managed file {} to move to {} does not exist; {} is published with the row's next content change",
-                            from.display(),
-                            to.display(),
-                            to.display()
-                        );
-                    }
-                    Err(e) => return Err(self.io_error(table, "move", from, e)),
-                }
-                dirs.insert(parent(from), table);
-                dirs.insert(parent(to), table);
             }
             FileOp::Remove { target } => {
                 match fs::remove_file(target) {
@@ -744,8 +727,9 @@ mod tests {
             pairs(&[("a/one.txt", "second"), ("two.txt", "2")])
         );
 
-        // A path change with unchanged content moves the file; a delete removes it.
-        let old = row("1", Some("a/one.txt"), Value::Null);
+        // A path change with unchanged content writes the old row's content at the new path;
+        // a delete removes the file.
+        let old = row("1", Some("a/one.txt"), content("second"));
         let moved = row("1", Some("b/one.txt"), Value::UnchangedToast);
         p.stage(3, Some(&old), Some(&moved)).unwrap();
         p.stage(3, Some(&row("2", Some("two.txt"), Value::Null)), None)
@@ -754,7 +738,16 @@ mod tests {
         p.publish().unwrap();
         assert_eq!(tree(&dir), pairs(&[("b/one.txt", "second")]));
         assert_eq!(p.stats.written, 4);
-        assert_eq!(p.stats.removed, 1);
+        assert_eq!(p.stats.removed, 2);
+
+        // Published again from the start of the second batch (a replay after a crash before
+        // its COMMIT): the same files.
+        p.stage(3, Some(&old), Some(&moved)).unwrap();
+        p.stage(3, Some(&row("2", Some("two.txt"), Value::Null)), None)
+            .unwrap();
+        p.close();
+        p.publish().unwrap();
+        assert_eq!(tree(&dir), pairs(&[("b/one.txt", "second")]));
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -111,8 +111,8 @@ pub async fn init(config: &Config, options: &InitOptions) -> Result<InitReport, 
     };
 
     for table in &config.tables {
-        let path_column = table.files.as_ref().map(|f| f.path_column.as_str());
-        check_staging_table(&s, &staging, &table.name, path_column, &mut problems).await?;
+        let files = table.files.is_some();
+        check_staging_table(&s, &staging, &table.name, files, &mut problems).await?;
         check_production_table(&p, &production, &table.name, &mut problems).await?;
     }
     if let Some(spool) = &config.spool
@@ -238,27 +238,22 @@ async fn staging_facts(s: &Client, staging: &Endpoint) -> Result<StagingFacts, O
     })
 }
 
-/// `path_column`: set for a managed-file table, whose DELETEs must carry the file's path.
+/// `publishes_files`: a managed-file table, whose UPDATEs and DELETEs must carry the whole old
+/// row (the file's path and content).
 async fn check_staging_table(
     s: &Client,
     staging: &Endpoint,
     table: &TableName,
-    path_column: Option<&str>,
+    publishes_files: bool,
     problems: &mut Vec<String>,
 ) -> Result<(), OpsError> {
     let row = s
         .query_opt(
             "SELECT c.relkind::text, c.relreplident::text,
-                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
-                    c.relreplident = 'f' OR EXISTS (
-                        SELECT 1 FROM pg_index i
-                          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
-                         WHERE i.indrelid = c.oid AND a.attname = $3
-                           AND CASE c.relreplident WHEN 'd' THEN i.indisprimary
-                                                   WHEN 'i' THEN i.indisreplident ELSE false END)
+                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
                FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
               WHERE n.nspname = $1 AND c.relname = $2",
-            &[&table.schema, &table.name, &path_column.unwrap_or("")],
+            &[&table.schema, &table.name],
         )
         .await
         .map_err(query_error(staging, "reading pg_class"))?;
@@ -271,12 +266,11 @@ async fn check_staging_table(
     let relkind: String = row.get(0);
     let identity: String = row.get(1);
     let has_pk: bool = row.get(2);
-    let path_in_identity: bool = row.get(3);
-    if let (Some(column), false) = (path_column, path_in_identity) {
+    if publishes_files && identity != "f" {
         problems.push(format!(
-            "staging: table {table} publishes files, but its replica identity does not include \
-             files.path_column {column}, so a DELETE would not say which file to remove; run \
-             ALTER TABLE {} REPLICA IDENTITY FULL",
+            "staging: table {table} publishes files, so its UPDATEs and DELETEs must carry the \
+             whole old row (which file to remove, what a moved file holds); run ALTER TABLE {} \
+             REPLICA IDENTITY FULL",
             qualified(&table.schema, &table.name)
         ));
     }

@@ -1181,17 +1181,10 @@ impl Pipeline<'_> {
         let meta = self.applier.meta(table);
         let map = schema::map_relation(&relation, meta)
             .map_err(|m| SyncError::Apply(ApplyError::Schema(m)))?;
-        if let Some(path) = self.applier.files.path_column(table) {
-            let in_identity = map
-                .to_production
-                .iter()
-                .zip(&relation.columns)
-                .any(|(&p, column)| p == path && column.is_key);
-            self.applier
-                .files
-                .check_identity(table, in_identity)
-                .map_err(|e| SyncError::Apply(e.into()))?;
-        }
+        self.applier
+            .files
+            .check_identity(table, relation.replica_identity)
+            .map_err(|e| SyncError::Apply(e.into()))?;
         let production_width = meta.columns.len();
         let identity = map.to_production.len() == production_width
             && map.to_production.iter().enumerate().all(|(i, &p)| i == p);

@@ -129,3 +129,27 @@ pub async fn wait_for_tail_slot(cluster: &LocalCluster, dbname: &str) {
     }
     panic!("tail did not create its slot within 15 s");
 }
+
+/// What `dir` holds: every file's path under it and its content in hex, sorted.
+pub fn published(dir: &std::path::Path) -> Vec<String> {
+    fn walk(dir: &std::path::Path, root: &std::path::Path, out: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, root, out);
+            } else {
+                let hex: String = std::fs::read(&path)
+                    .unwrap()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                let name = path.strip_prefix(root).unwrap().to_string_lossy();
+                out.push(format!("{name}|{hex}"));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
