@@ -7,6 +7,9 @@
 //! rest of its batch just before production commits that batch. A crash in between leaves the
 //! files ahead of production, never behind: the batch is applied again and rewrites identical
 //! content. A batch rolled back (conflict, error, stop) removes its temporary files.
+//!
+//! The file I/O blocks the pipeline's task while it runs, which is deliberate: managed-file
+//! tables change rarely, and the replication reader goes on in a task of its own meanwhile.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
