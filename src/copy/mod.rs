@@ -1121,14 +1121,20 @@ impl Worker {
             return Ok(Vec::new());
         };
         if let Err(e) = prepared::commit_group(t, &split.id, &gids).await {
-            if matches!(e, prepared::CommitError::Undecided(_)) {
-                // Nothing committed: the caller's abandon() rolls every part back.
-                split.state().prepared = gids;
-            }
-            return Err(CopyError::Refused(format!(
-                "on {}: {e}",
-                self.target.describe()
-            )));
+            // As a database error, so the server's SQLSTATE reaches the operator.
+            let (what, source) = match e {
+                prepared::CommitError::Undecided(source) => {
+                    // Nothing committed: the caller's abandon() rolls every part back.
+                    split.state().prepared = gids;
+                    ("recording the commit decision", source)
+                }
+                prepared::CommitError::Decided(source) => (
+                    "committing the prepared parts (part of the data may be visible until the \
+                     next `stagingprop copy` into this database commits the rest)",
+                    source,
+                ),
+            };
+            return Err(db_error(&self.target, what)(source));
         }
         self.committed(t, &job.group.tables, merge_reports(reports))
             .await

@@ -108,15 +108,11 @@ pub(super) async fn resolve_leftovers(t: &Client) -> Result<Vec<Resolved>, tokio
 }
 
 /// Why committing a group's parts failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug)]
 pub(super) enum CommitError {
     /// Nothing was committed; the parts are still prepared (the caller rolls them back).
-    #[error("recording the commit decision: {0}")]
     Undecided(tokio_postgres::Error),
     /// Some parts may be committed; the next copy commits the rest.
-    #[error(
-        "committing the prepared parts: {0}; part of the data may be visible until the next `stagingprop copy` into this database commits the rest"
-    )]
     Decided(tokio_postgres::Error),
 }
 
