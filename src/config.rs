@@ -137,6 +137,9 @@ pub struct SyncConfig {
     pub batch_max_delay_ms: u64,
     pub heartbeat_interval_secs: u64,
     pub status_interval_secs: u64,
+    /// Ask staging to stream large transactions while they are in progress, and apply them
+    /// as they arrive (in a production session of their own, committed with them).
+    pub streaming: bool,
 }
 
 /// `[spool]`: where sync keeps staging's transactions on local disk.
@@ -165,6 +168,7 @@ impl Default for SyncConfig {
             batch_max_delay_ms: DEFAULT_BATCH_MAX_DELAY_MS,
             heartbeat_interval_secs: DEFAULT_HEARTBEAT_INTERVAL_SECS,
             status_interval_secs: DEFAULT_STATUS_INTERVAL_SECS,
+            streaming: true,
         }
     }
 }
@@ -620,6 +624,7 @@ struct RawSync {
     batch_max_delay_ms: Option<u64>,
     heartbeat_interval_secs: Option<u64>,
     status_interval_secs: Option<u64>,
+    streaming: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -1026,7 +1031,9 @@ impl Validator<'_> {
             .status_interval_secs
             .unwrap_or(defaults.status_interval_secs);
         at_least_one("status_interval_secs", status_interval_secs)?;
+        let streaming = raw.streaming.unwrap_or(defaults.streaming);
         Ok(SyncConfig {
+            streaming,
             slot,
             publication,
             batch_max_rows,

@@ -773,3 +773,154 @@ async fn a_managed_file_table_without_full_replica_identity_is_refused() {
     assert!(!dir.join("a.bin").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Streamed transactions
+
+async fn connect(cluster: &stagingprop::cluster::LocalCluster, db: &str) -> tokio_postgres::Client {
+    let (client, connection) =
+        tokio_postgres::connect(&cluster.conninfo(db, "postgres"), tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+    tokio::spawn(connection);
+    client
+}
+
+/// Starts sync in the background; it stops when the returned sender is dropped or sent to.
+fn spawn_sync(
+    config: &Config,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<sync::SyncSummary, SyncError>>,
+) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let config = config.clone();
+    let running = tokio::spawn(async move {
+        let options = SyncOptions {
+            stop_at: None,
+            max_attempts: Some(3),
+        };
+        sync::run(&config, &options, async move {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    (stop, running)
+}
+
+/// Waits (30 s at most) until production has a transaction open for over a second that wrote:
+/// a streamed transaction being applied before staging committed it.
+async fn wait_for_open_streamed_txn(db: &str) {
+    wait_for(
+        db,
+        &format!(
+            "SELECT count(*) > 0 FROM pg_stat_activity WHERE datname = '{db}' \
+             AND backend_xid IS NOT NULL AND xact_start < now() - interval '1 second'"
+        ),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_transactions_are_applied_while_staging_streams_them() {
+    let c = clusters();
+    let p = pair("stream_sync", &[]);
+    // Staging streams any transaction past 64 kB of changes.
+    psql(
+        &c.staging,
+        &p.staging,
+        &format!(
+            "ALTER DATABASE {} SET logical_decoding_work_mem = '64kB'",
+            p.staging
+        ),
+    );
+    init(&p.config, &InitOptions::default())
+        .await
+        .expect("init");
+    psql(
+        &c.staging,
+        &p.staging,
+        "INSERT INTO catentry (catentry_id, partnumber, price) SELECT g, 'PN-' || g, g FROM generate_series(1, 100) g",
+    );
+    caught_up(&p.config).await.expect("first rows");
+    let (stop, running) = spawn_sync(&p.config);
+
+    // A large transaction with subtransactions, while small ones commit beside it.
+    let big = connect(&c.staging, &p.staging).await;
+    big.batch_execute(
+        "BEGIN;
+         INSERT INTO catentry (catentry_id, partnumber, descr) SELECT g, 'BIG-' || g, repeat('d', 200) FROM generate_series(1000, 4999) g;
+         SAVEPOINT a;
+         INSERT INTO catentry (catentry_id, partnumber) SELECT g, 'GONE-' || g FROM generate_series(5000, 6999) g;
+         SAVEPOINT a2;
+         UPDATE catentry SET price = 1 WHERE catentry_id BETWEEN 1000 AND 1999;
+         ROLLBACK TO SAVEPOINT a;
+         SAVEPOINT b;
+         UPDATE catentry SET price = 2, descr = repeat('e', 200) WHERE catentry_id BETWEEN 2000 AND 3999;
+         RELEASE SAVEPOINT b;
+         DELETE FROM catentry WHERE catentry_id BETWEEN 4000 AND 4499;",
+    )
+    .await
+    .unwrap();
+    psql(
+        &c.staging,
+        &p.staging,
+        "UPDATE catentry SET counter = counter + 1 WHERE catentry_id <= 50;
+         INSERT INTO offerprice VALUES (1, 'USD', 10), (2, 'USD', 20);",
+    );
+    // Small transactions that committed are on production while the large one is still open
+    // on both sides, applied in a production transaction of its own.
+    wait_for(&p.production, "SELECT count(*) = 2 FROM offerprice").await;
+    wait_for_open_streamed_txn(&p.production).await;
+    assert_eq!(
+        psql(
+            &c.production,
+            &p.production,
+            "SELECT count(*) FROM catentry WHERE catentry_id >= 1000"
+        )
+        .trim(),
+        "0",
+        "nothing of an uncommitted transaction is visible on production"
+    );
+    big.batch_execute(
+        "INSERT INTO catentdesc SELECT g, -1, 'name ' || g, repeat('l', 100) FROM generate_series(1000, 1999) g;
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+
+    // One that aborts leaves nothing; one in progress when sync stops comes again.
+    big.batch_execute(
+        "BEGIN; INSERT INTO catentry (catentry_id, partnumber) SELECT g, 'ABORT-' || g FROM generate_series(10000, 13999) g; ROLLBACK;",
+    )
+    .await
+    .unwrap();
+    big.batch_execute(
+        "BEGIN; UPDATE catentry SET counter = counter + 100 WHERE catentry_id BETWEEN 1000 AND 3999;",
+    )
+    .await
+    .unwrap();
+    wait_for_open_streamed_txn(&p.production).await;
+    stop.send(()).unwrap();
+    let summary = tokio::time::timeout(std::time::Duration::from_secs(60), running)
+        .await
+        .expect("sync stops")
+        .unwrap()
+        .expect("sync");
+    assert!(summary.stats.rows_inserted >= 4000, "{:?}", summary.stats);
+    big.batch_execute("COMMIT").await.unwrap();
+    caught_up(&p.config).await.expect("after the stop");
+    assert_equal(&p);
+    let streamed: i64 = psql(
+        &c.staging,
+        &p.staging,
+        &format!(
+            "SELECT stream_txns FROM pg_stat_replication_slots WHERE slot_name = '{}'",
+            p.config.sync.slot
+        ),
+    )
+    .trim()
+    .parse()
+    .unwrap();
+    assert!(streamed >= 3, "staging streamed {streamed} transactions");
+}

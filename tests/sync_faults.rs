@@ -658,11 +658,21 @@ fn ledger_txn(i: u64) -> String {
     } else {
         String::new()
     };
+    // Now and then a larger one: past a small logical_decoding_work_mem staging streams it.
+    let bulk = if i.is_multiple_of(50) {
+        format!(
+            "UPDATE ledger SET txn = txn + 1 WHERE id BETWEEN {} AND {};",
+            i.saturating_sub(45),
+            i.saturating_sub(6)
+        )
+    } else {
+        String::new()
+    };
     format!(
         "BEGIN; INSERT INTO ledger VALUES ({i}, {i}, 'note {i}', {blob});
          UPDATE counter SET value = value + 1, last_txn = {i} WHERE id = 1;
          UPDATE ledger SET note = note || '+' WHERE id = {};
-         {delete} COMMIT;\n",
+         {bulk} {delete} COMMIT;\n",
         i.saturating_sub(5)
     )
 }
@@ -1415,6 +1425,16 @@ async fn random_catalogue_workload(
     )
     .await;
 
+    // Without remapping, staging streams every transaction past 64 kB (the bulk ones, some
+    // truncates) and sync applies them while they stream.
+    let streaming = remapping.is_none();
+    if streaming {
+        p.staging.sql(&format!(
+            "ALTER DATABASE {} SET logical_decoding_work_mem = '64kB'",
+            p.staging.name
+        ));
+    }
+
     // Sync follows staging while the workload runs.
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let config = p.config.clone();
@@ -1476,6 +1496,17 @@ async fn random_catalogue_workload(
     assert!(summary.stats.transactions > 0);
     p.assert_equal();
     assert_eq!(p.quarantined(), "0", "nothing quarantined");
+    if streaming {
+        let streamed: u64 = p
+            .staging
+            .value(&format!(
+                "SELECT stream_txns FROM pg_stat_replication_slots WHERE slot_name = '{}'",
+                p.slot
+            ))
+            .parse()
+            .unwrap();
+        assert!(streamed > 0, "staging streamed no transaction");
+    }
 
     // A new run applies nothing twice.
     let again = tokio::time::timeout(
@@ -1600,6 +1631,14 @@ async fn sigkill_rounds(
     let spool_dir = spool.then(|| p.enable_spool("segment_bytes = 32768"));
     // Kills land between a batch's files and its COMMIT too: the files must still end equal.
     let files_dir = p.publish_ledger_files();
+    // And while staging streams a transaction in progress (without the spool or remapping).
+    let streaming = !spool && remapping.is_none();
+    if streaming {
+        p.staging.sql(&format!(
+            "ALTER DATABASE {} SET logical_decoding_work_mem = '64kB'",
+            p.staging.name
+        ));
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     let workload = ledger_workload(p.staging.clone(), stop.clone(), false);
@@ -1684,6 +1723,17 @@ async fn sigkill_rounds(
         expected,
         "the published files are staging's rows"
     );
+    if streaming {
+        let streamed: u64 = p
+            .staging
+            .value(&format!(
+                "SELECT stream_txns FROM pg_stat_replication_slots WHERE slot_name = '{}'",
+                p.slot
+            ))
+            .parse()
+            .unwrap();
+        assert!(streamed > 0, "staging streamed no transaction");
+    }
     if let Some(dir) = &spool_dir {
         let held = stagingprop::spool::files::summary(dir).expect("spool summary");
         assert!(held.segments > 1, "the spool was used: {held:?}");

@@ -127,7 +127,7 @@ pub struct Publisher {
 
 impl Publisher {
     /// Sets up publishing for `tables` (applier table index, files config, production
-    /// metadata): creates the directories and removes temporary files a crash left behind.
+    /// metadata) and creates the directories.
     pub fn new(tables: Vec<(usize, &FilesConfig, &TableMeta)>) -> Result<Publisher, FileError> {
         let mut publisher = Publisher::default();
         for (index, files, meta) in tables {
@@ -150,6 +150,15 @@ impl Publisher {
                 content,
             };
             fs::create_dir_all(&table.dir).map_err(|e| table.io("create", &table.dir, e))?;
+            publisher.tables.insert(index, table);
+        }
+        Ok(publisher)
+    }
+
+    /// Removes the temporary files a crash left behind (at the start of a session, before any
+    /// other publisher of the same tables stages files).
+    pub fn remove_leftovers(&self) -> Result<(), FileError> {
+        for table in self.tables.values() {
             let left = remove_staged(&table.dir).map_err(|(p, e)| table.io("remove", &p, e))?;
             if left > 0 {
                 tracing::info!(
@@ -158,9 +167,8 @@ impl Publisher {
                     table.dir.display()
                 );
             }
-            publisher.tables.insert(index, table);
         }
-        Ok(publisher)
+        Ok(())
     }
 
     /// Staging must send the whole old row with every UPDATE and DELETE of a managed-file
@@ -267,6 +275,20 @@ impl Publisher {
                 table: t.name.clone(),
                 path: String::from_utf8_lossy(path).into_owned(),
             })
+    }
+
+    /// A point in the open batch to [`Publisher::rewind`] to.
+    pub fn mark(&self) -> usize {
+        self.open.len()
+    }
+
+    /// Forgets the open batch's operations after `mark` (a subtransaction rolled back).
+    pub fn rewind(&mut self, mark: usize) {
+        for (_, op) in self.open.drain(mark.min(self.open.len())..) {
+            if let FileOp::Write { staged, .. } = op {
+                let _ = fs::remove_file(staged);
+            }
+        }
     }
 
     /// The open batch ends: its operations wait for [`Publisher::publish`].
@@ -798,7 +820,7 @@ mod tests {
 
         // A temporary file left by a crash goes at the next start.
         fs::write(dir.join(format!(".x.1.1{STAGED_SUFFIX}")), b"x").unwrap();
-        let _ = publisher(&dir, "bytea");
+        publisher(&dir, "bytea").remove_leftovers().unwrap();
         assert_eq!(tree(&dir), pairs(&[("after.bin", "A")]));
         fs::remove_dir_all(&dir).unwrap();
     }

@@ -152,6 +152,28 @@ pub struct ApplyStats {
     pub files: FileStats,
 }
 
+impl ApplyStats {
+    /// Adds what another session applied.
+    pub fn add(&mut self, other: &ApplyStats) {
+        self.rows_inserted += other.rows_inserted;
+        self.rows_updated += other.rows_updated;
+        self.rows_deleted += other.rows_deleted;
+        self.truncates += other.truncates;
+        self.conflicts_skipped += other.conflicts_skipped;
+        self.conflicts_overwritten += other.conflicts_overwritten;
+        self.transactions += other.transactions;
+        self.batches += other.batches;
+        self.files.add(other.files);
+    }
+}
+
+/// Where a savepoint was set ([`Applier::savepoint`]): what rolling back to it restores.
+#[derive(Clone, Copy, Debug)]
+pub struct Savepoint {
+    stats: ApplyStats,
+    files: usize,
+}
+
 /// The last staging transaction production has, as recorded in the progress table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Progress {
@@ -1144,6 +1166,48 @@ impl Applier {
             flushed: lsn(1)?,
         });
         Ok(())
+    }
+
+    /// What this session takes the progress row to hold; a commit moves it only from there.
+    pub fn progress_at(&self) -> Lsn {
+        self.progress_at
+    }
+
+    /// Another session of the same sync committed and moved the progress row to `lsn`.
+    pub fn set_progress_at(&mut self, lsn: Lsn) {
+        self.progress_at = lsn;
+    }
+
+    /// Sends and settles everything pending, then sets savepoint `name` in the open
+    /// transaction (a staging subtransaction starts: it may be rolled back alone).
+    pub async fn savepoint(&mut self, name: &str) -> Result<Savepoint, ApplyError> {
+        self.begin().await?;
+        self.flush().await?;
+        self.settle().await?;
+        self.client
+            .batch_execute(&format!("SAVEPOINT {}", quote_ident(name)))
+            .await
+            .map_err(query_error("SAVEPOINT"))?;
+        Ok(Savepoint {
+            stats: self.stats,
+            files: self.files.mark(),
+        })
+    }
+
+    /// Undoes everything since savepoint `name`, what is pending in memory included.
+    pub async fn rollback_to(&mut self, name: &str, at: Savepoint) -> Result<(), ApplyError> {
+        self.settle().await?;
+        for t in &mut self.tables {
+            t.changes.drain();
+        }
+        self.pending_rows = 0;
+        self.pending_bytes = 0;
+        self.files.rewind(at.files);
+        self.stats = at.stats;
+        self.client
+            .batch_execute(&format!("ROLLBACK TO SAVEPOINT {}", quote_ident(name)))
+            .await
+            .map_err(query_error("ROLLBACK TO SAVEPOINT"))
     }
 
     /// The batches committed since the last call, oldest first.

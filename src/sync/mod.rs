@@ -33,8 +33,8 @@ use bytes::Bytes;
 use crate::apply::batch::{Key, RowOp, Source};
 use crate::apply::files::Publisher;
 use crate::apply::schema::{self, ColumnMap, ColumnReference, TableMeta};
-use crate::apply::{self, Applier, ApplyError, Progress};
-use crate::config::{Config, TableName};
+use crate::apply::{self, Applier, ApplyError, Progress, Savepoint};
+use crate::config::{Config, ConflictPolicy, TableName};
 use crate::model::{Lsn, Oid, OldTuple, Relation, Tuple, Value, Xid};
 use crate::pg::QueryError;
 use crate::pg::connect::{Endpoint, EndpointError};
@@ -574,13 +574,17 @@ where
         .zip(&config.tables)
         .map(|(meta, t)| (meta, t.on_conflict))
         .collect();
+    // Large transactions are applied while staging still decodes them, each in a production
+    // session of its own. Not with key remapping: two sessions would allocate keys apart.
+    let streaming = config.sync.streaming && remapper.is_none() && matches!(feeding, Feeding::Slot);
+    let stream_sessions = streaming.then(|| StreamSessions {
+        target: target.clone(),
+        tables: tables.clone(),
+        idle: Vec::new(),
+    });
     let mut applier = Applier::new(p, &config.sync.slot, tables, remapper, applied_end).await?;
-    let file_tables = config
-        .tables
-        .iter()
-        .enumerate()
-        .filter_map(|(i, t)| t.files.as_ref().map(|files| (i, files, applier.meta(i))));
-    applier.files = Publisher::new(file_tables.collect()).map_err(ApplyError::from)?;
+    applier.files = file_publisher(config, &applier)?;
+    applier.files.remove_leftovers().map_err(ApplyError::from)?;
     applier.stats = state.stats;
     if let Some(until) = state.one_by_one_until {
         applier.one_by_one = applied_end < until;
@@ -598,6 +602,10 @@ where
             let _ = replication.identify_system().await?;
             let mut pgoutput = PgOutputOptions::new(vec![config.sync.publication.clone()]);
             pgoutput.status_interval = Duration::from_secs(config.sync.status_interval_secs);
+            if streaming {
+                pgoutput.proto_version = 2;
+                pgoutput.streaming = true;
+            }
             let stream = replication
                 .start_logical(&config.sync.slot, applied_end, &pgoutput)
                 .await?;
@@ -659,6 +667,9 @@ where
             + state.stats.rows_updated
             + state.stats.rows_deleted,
         unflushed: Unflushed::default(),
+        stream_sessions,
+        streams: HashMap::new(),
+        in_stream: None,
     };
     let result = pipeline
         .run(&mut feed, s.as_ref(), state, shutdown.as_mut())
@@ -678,6 +689,38 @@ where
     let end = result?;
     closed?;
     Ok(end)
+}
+
+/// The managed-file publisher for a production session.
+fn file_publisher(config: &Config, applier: &Applier) -> Result<Publisher, ApplyError> {
+    let file_tables = config
+        .tables
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| t.files.as_ref().map(|files| (i, files, applier.meta(i))));
+    Ok(Publisher::new(file_tables.collect())?)
+}
+
+/// How sync opens production sessions for streamed transactions, and the ones it may reuse.
+struct StreamSessions {
+    target: Endpoint,
+    tables: Vec<(TableMeta, ConflictPolicy)>,
+    idle: Vec<Applier>,
+}
+
+/// A large staging transaction staging streams while it is in progress: applied as it
+/// arrives in a production transaction of its own, committed when staging's commits.
+struct StreamedTxn {
+    applier: Applier,
+    /// Its subtransactions seen so far, in order, with the savepoint each started at: a
+    /// subtransaction that aborts rolls back to its savepoint, which also undoes the ones
+    /// nested in it (they all came after it).
+    savepoints: Vec<(Xid, Savepoint)>,
+}
+
+/// The savepoint a streamed subtransaction starts at.
+fn savepoint_name(subxact: Xid) -> String {
+    format!("stagingprop_subxact_{subxact}")
 }
 
 /// Where the applier reports what the target committed.
@@ -724,6 +767,13 @@ struct Pipeline<'a> {
     last_commit_time: Option<crate::model::PgTimestamp>,
     rows_at_batch_start: u64,
     unflushed: Unflushed,
+    /// Set when staging streams large transactions in progress.
+    stream_sessions: Option<StreamSessions>,
+    /// Streamed transactions in progress.
+    streams: HashMap<Xid, StreamedTxn>,
+    /// The streamed transaction whose block is open (between Stream Start and Stream Stop):
+    /// the changes that arrive belong to it.
+    in_stream: Option<Xid>,
 }
 
 /// Batches committed on production whose commit record production may not have flushed yet:
@@ -924,6 +974,10 @@ impl Pipeline<'_> {
         if self.txn.is_some() {
             self.applier.rollback().await?;
         }
+        // Streamed transactions not committed yet come again, from their start.
+        for (_, mut streamed) in self.streams.drain() {
+            let _ = streamed.applier.rollback().await;
+        }
         self.flush_committed().await
     }
 
@@ -977,6 +1031,12 @@ impl Pipeline<'_> {
     /// Takes note of the batches production committed: applied, and confirmed once flushed.
     fn record_committed(&mut self) {
         for committed in self.applier.take_committed() {
+            self.note_committed(committed);
+        }
+    }
+
+    fn note_committed(&mut self, committed: apply::Committed) {
+        {
             let end = committed.end;
             self.applied_end = end;
             let st = &self.applier.stats;
@@ -998,7 +1058,146 @@ impl Pipeline<'_> {
     fn source(&self, lsn: Lsn) -> Source {
         Source {
             lsn,
-            xid: self.txn.as_ref().map_or(0, |t| t.xid),
+            xid: self
+                .txn
+                .as_ref()
+                .map(|t| t.xid)
+                .or(self.in_stream)
+                .unwrap_or(0),
+        }
+    }
+
+    /// The session a row change goes to: a streamed transaction's while its block is open.
+    fn target(&mut self) -> &mut Applier {
+        match self.in_stream.and_then(|xid| self.streams.get_mut(&xid)) {
+            Some(streamed) => &mut streamed.applier,
+            None => &mut self.applier,
+        }
+    }
+
+    /// In a streamed block, a change of a subtransaction not seen before starts a savepoint.
+    async fn enter_subxact(&mut self, xid: Option<Xid>) -> Result<(), SyncError> {
+        let (Some(top), Some(xid)) = (self.in_stream, xid) else {
+            return Ok(());
+        };
+        let Some(streamed) = self.streams.get_mut(&top) else {
+            return Ok(());
+        };
+        if xid == top || streamed.savepoints.iter().any(|(x, _)| *x == xid) {
+            return Ok(());
+        }
+        let at = streamed.applier.savepoint(&savepoint_name(xid)).await?;
+        streamed.savepoints.push((xid, at));
+        Ok(())
+    }
+
+    /// Stream Start: the changes that follow belong to `xid`, in a session of its own.
+    async fn stream_start(&mut self, xid: Xid) -> Result<(), SyncError> {
+        // What committed on staging before this block may hold row locks its changes need (it
+        // committed first there): it commits on production first, or the two sessions would
+        // wait for each other.
+        self.commit_batch().await?;
+        self.complete_batch().await?;
+        if !self.streams.contains_key(&xid) {
+            let Some(sessions) = &mut self.stream_sessions else {
+                return Err(SyncError::Protocol(format!(
+                    "staging streamed transaction {xid}, which sync did not ask for"
+                )));
+            };
+            let mut applier = match sessions.idle.pop() {
+                Some(applier) => applier,
+                None => {
+                    let p = sessions
+                        .target
+                        .connect()
+                        .await
+                        .map_err(database_error(&sessions.target, "connect"))?;
+                    let mut applier = Applier::new(
+                        p,
+                        &self.config.sync.slot,
+                        sessions.tables.clone(),
+                        None,
+                        Lsn::INVALID,
+                    )
+                    .await?;
+                    applier.files = file_publisher(self.config, &applier)?;
+                    applier
+                }
+            };
+            applier.one_by_one = self.applier.one_by_one;
+            self.streams.insert(
+                xid,
+                StreamedTxn {
+                    applier,
+                    savepoints: Vec::new(),
+                },
+            );
+        }
+        self.in_stream = Some(xid);
+        Ok(())
+    }
+
+    /// Stream Abort: of the whole transaction, or of a subtransaction (back to its savepoint).
+    async fn stream_abort(&mut self, xid: Xid, subxact: Xid) -> Result<(), SyncError> {
+        if subxact == xid {
+            if let Some(mut streamed) = self.streams.remove(&xid) {
+                streamed.applier.rollback().await?;
+                self.reuse(streamed.applier);
+            }
+            return Ok(());
+        }
+        let Some(streamed) = self.streams.get_mut(&xid) else {
+            return Ok(());
+        };
+        // A subtransaction with no change of a managed table has no savepoint: nothing to undo.
+        if let Some(i) = streamed.savepoints.iter().position(|(x, _)| *x == subxact) {
+            let at = streamed.savepoints[i].1;
+            streamed
+                .applier
+                .rollback_to(&savepoint_name(subxact), at)
+                .await?;
+            streamed.savepoints.truncate(i);
+        }
+        Ok(())
+    }
+
+    /// Stream Commit: everything committed before it is committed first, then its session
+    /// commits with the progress row (or rolls back: already applied by an earlier run).
+    async fn stream_commit(&mut self, xid: Xid, last: Progress) -> Result<(), SyncError> {
+        let Some(mut streamed) = self.streams.remove(&xid) else {
+            return Err(SyncError::Protocol(format!(
+                "Stream Commit of transaction {xid} at {}, which was never streamed",
+                last.commit_lsn
+            )));
+        };
+        self.commit_batch().await?;
+        self.complete_batch().await?;
+        if self.applied_end.is_valid() && last.commit_lsn < self.applied_end {
+            streamed.applier.rollback().await?;
+            self.reuse(streamed.applier);
+            return Ok(());
+        }
+        let applier = &mut streamed.applier;
+        applier.set_progress_at(self.applier.progress_at());
+        applier.close(&last).await?;
+        applier.complete().await?;
+        self.applier.set_progress_at(last.end_lsn);
+        applier.stats.transactions += 1;
+        self.applier.stats.add(&applier.stats);
+        applier.stats = apply::ApplyStats::default();
+        let committed = applier.take_committed();
+        self.reuse(streamed.applier);
+        self.last_commit_time = Some(last.commit_time);
+        for committed in committed {
+            self.note_committed(committed);
+        }
+        Ok(())
+    }
+
+    /// Keeps a streamed transaction's session, its transaction ended, for the next one.
+    fn reuse(&mut self, applier: Applier) {
+        if let Some(sessions) = &mut self.stream_sessions {
+            sessions.idle.push(applier);
         }
     }
 
@@ -1044,24 +1243,32 @@ impl Pipeline<'_> {
                 }
             }
             LogicalMessage::Relation { relation, .. } => self.relation(relation)?,
-            LogicalMessage::Insert { relation, new, .. } => {
-                if self.skipping() {
-                    return Ok(());
-                }
-                let (table, row) = self.to_production(relation, new)?;
-                let key = self.key_of(table, &row)?;
-                self.stage_file(table, None, Some(&row))?;
-                self.applier
-                    .row_change(table, key, RowOp::Insert(row), self.source(lsn))
-                    .await?;
-                self.flush_if_large().await?;
-            }
-            LogicalMessage::Update {
-                relation, old, new, ..
+            LogicalMessage::Insert {
+                xid, relation, new, ..
             } => {
                 if self.skipping() {
                     return Ok(());
                 }
+                self.enter_subxact(xid).await?;
+                let (table, row) = self.to_production(relation, new)?;
+                let key = self.key_of(table, &row)?;
+                self.stage_file(table, None, Some(&row))?;
+                let source = self.source(lsn);
+                self.target()
+                    .row_change(table, key, RowOp::Insert(row), source)
+                    .await?;
+                self.flush_if_large().await?;
+            }
+            LogicalMessage::Update {
+                xid,
+                relation,
+                old,
+                new,
+            } => {
+                if self.skipping() {
+                    return Ok(());
+                }
+                self.enter_subxact(xid).await?;
                 let (table, row) = self.to_production(relation, new)?;
                 let new_key = self.key_of(table, &row)?;
                 let old_row = match old {
@@ -1078,29 +1285,36 @@ impl Pipeline<'_> {
                 let source = self.source(lsn);
                 match old_key {
                     Some(old_key) if old_key != new_key => {
-                        self.applier.key_change(table, old_key, row, source).await?
+                        self.target()
+                            .key_change(table, old_key, row, source)
+                            .await?
                     }
                     _ => {
-                        self.applier
+                        self.target()
                             .row_change(table, new_key, RowOp::Update(row), source)
                             .await?
                     }
                 }
                 self.flush_if_large().await?;
             }
-            LogicalMessage::Delete { relation, old, .. } => {
+            LogicalMessage::Delete {
+                xid, relation, old, ..
+            } => {
                 if self.skipping() {
                     return Ok(());
                 }
+                self.enter_subxact(xid).await?;
                 let (table, old_row) = self.to_production(relation, old.tuple().clone())?;
                 let key = self.key_of(table, &old_row)?;
                 self.stage_file(table, Some(&old_row), None)?;
-                self.applier
-                    .row_change(table, key, RowOp::Delete, self.source(lsn))
+                let source = self.source(lsn);
+                self.target()
+                    .row_change(table, key, RowOp::Delete, source)
                     .await?;
                 self.flush_if_large().await?;
             }
             LogicalMessage::Truncate {
+                xid,
                 relations,
                 restart_identity,
                 ..
@@ -1108,21 +1322,36 @@ impl Pipeline<'_> {
                 if self.skipping() {
                     return Ok(());
                 }
+                self.enter_subxact(xid).await?;
                 let mut tables = Vec::with_capacity(relations.len());
                 for oid in relations {
                     tables.push(self.relation_info(oid)?.table);
                 }
-                self.applier.truncate(&tables, restart_identity).await?;
+                self.target().truncate(&tables, restart_identity).await?;
+            }
+            LogicalMessage::StreamStart { xid, .. } => self.stream_start(xid).await?,
+            LogicalMessage::StreamStop => self.in_stream = None,
+            LogicalMessage::StreamAbort {
+                xid, subxact_xid, ..
+            } => self.stream_abort(xid, subxact_xid).await?,
+            LogicalMessage::StreamCommit {
+                xid,
+                commit_lsn,
+                end_lsn,
+                commit_time,
+                ..
+            } => {
+                let last = Progress {
+                    end_lsn,
+                    commit_lsn,
+                    xid,
+                    commit_time,
+                };
+                self.stream_commit(xid, last).await?;
             }
             LogicalMessage::Message { .. }
             | LogicalMessage::Origin { .. }
             | LogicalMessage::Type { .. } => {}
-            other => {
-                return Err(SyncError::Protocol(format!(
-                    "unexpected {} message at {lsn}: sync does not ask for streamed transactions",
-                    other.name()
-                )));
-            }
         }
         Ok(())
     }
@@ -1151,7 +1380,7 @@ impl Pipeline<'_> {
         old: Option<&Tuple>,
         new: Option<&Tuple>,
     ) -> Result<(), SyncError> {
-        self.applier
+        self.target()
             .files
             .stage(table, old, new)
             .map_err(|e| SyncError::Apply(e.into()))
@@ -1163,11 +1392,13 @@ impl Pipeline<'_> {
 
     /// Bounded memory: a large transaction is sent in pieces inside the open transaction.
     async fn flush_if_large(&mut self) -> Result<(), SyncError> {
-        let sync = &self.config.sync;
-        if self.applier.pending_rows() >= sync.batch_max_rows
-            || self.applier.pending_bytes() >= sync.batch_max_bytes
-        {
-            self.applier.flush().await?;
+        let (max_rows, max_bytes) = (
+            self.config.sync.batch_max_rows,
+            self.config.sync.batch_max_bytes,
+        );
+        let target = self.target();
+        if target.pending_rows() >= max_rows || target.pending_bytes() >= max_bytes {
+            target.flush().await?;
         }
         Ok(())
     }
