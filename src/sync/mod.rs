@@ -1035,23 +1035,22 @@ impl Pipeline<'_> {
         }
     }
 
+    /// One batch committed, by the main session or a streamed transaction's.
     fn note_committed(&mut self, committed: apply::Committed) {
-        {
-            let end = committed.end;
-            self.applied_end = end;
-            let st = &self.applier.stats;
-            let rows = st.rows_inserted + st.rows_updated + st.rows_deleted;
-            metrics::histogram!("stagingprop_batch_rows")
-                .record((rows - self.rows_at_batch_start) as f64);
-            self.rows_at_batch_start = rows;
-            metrics::gauge!("stagingprop_transactions_applied_total").set(st.transactions as f64);
-            self.unflushed.committed(committed.durable_at, end);
-            self.confirm_flushed(committed.flushed);
-            if self.one_by_one_until.is_some_and(|until| end >= until) {
-                self.one_by_one_until = None;
-                self.applier.one_by_one = false;
-                tracing::info!("past the replayed stretch; applying set-based again");
-            }
+        let end = committed.end;
+        self.applied_end = end;
+        let st = &self.applier.stats;
+        let rows = st.rows_inserted + st.rows_updated + st.rows_deleted;
+        metrics::histogram!("stagingprop_batch_rows")
+            .record((rows - self.rows_at_batch_start) as f64);
+        self.rows_at_batch_start = rows;
+        metrics::gauge!("stagingprop_transactions_applied_total").set(st.transactions as f64);
+        self.unflushed.committed(committed.durable_at, end);
+        self.confirm_flushed(committed.flushed);
+        if self.one_by_one_until.is_some_and(|until| end >= until) {
+            self.one_by_one_until = None;
+            self.applier.one_by_one = false;
+            tracing::info!("past the replayed stretch; applying set-based again");
         }
     }
 
@@ -1184,7 +1183,6 @@ impl Pipeline<'_> {
         self.applier.set_progress_at(last.end_lsn);
         applier.stats.transactions += 1;
         self.applier.stats.add(&applier.stats);
-        applier.stats = apply::ApplyStats::default();
         let committed = applier.take_committed();
         self.reuse(streamed.applier);
         self.last_commit_time = Some(last.commit_time);
@@ -1194,8 +1192,10 @@ impl Pipeline<'_> {
         Ok(())
     }
 
-    /// Keeps a streamed transaction's session, its transaction ended, for the next one.
-    fn reuse(&mut self, applier: Applier) {
+    /// Keeps a streamed transaction's session, its transaction ended (its counts taken or
+    /// void), for the next one.
+    fn reuse(&mut self, mut applier: Applier) {
+        applier.stats = apply::ApplyStats::default();
         if let Some(sessions) = &mut self.stream_sessions {
             sessions.idle.push(applier);
         }
