@@ -265,6 +265,28 @@ async fn setup_remapped(
 }
 
 impl Pair {
+    /// Has staging stream every transaction past 64 kB of changes (sync's walsender reads the
+    /// database's setting when it connects).
+    fn stream_past_64kb(&self) {
+        self.staging.sql(&format!(
+            "ALTER DATABASE {} SET logical_decoding_work_mem = '64kB'",
+            self.staging.name
+        ));
+    }
+
+    /// Staging streamed at least one transaction to sync's slot.
+    fn assert_streamed(&self) {
+        let streamed: u64 = self
+            .staging
+            .value(&format!(
+                "SELECT stream_txns FROM pg_stat_replication_slots WHERE slot_name = '{}'",
+                self.slot
+            ))
+            .parse()
+            .unwrap();
+        assert!(streamed > 0, "staging streamed no transaction");
+    }
+
     /// Publishes the ledger's rows as files (path: note, content: blob) into the scratch
     /// directory; staging then sends whole old rows of the ledger.
     fn publish_ledger_files(&mut self) -> PathBuf {
@@ -1429,10 +1451,7 @@ async fn random_catalogue_workload(
     // truncates) and sync applies them while they stream.
     let streaming = remapping.is_none();
     if streaming {
-        p.staging.sql(&format!(
-            "ALTER DATABASE {} SET logical_decoding_work_mem = '64kB'",
-            p.staging.name
-        ));
+        p.stream_past_64kb();
     }
 
     // Sync follows staging while the workload runs.
@@ -1497,15 +1516,7 @@ async fn random_catalogue_workload(
     p.assert_equal();
     assert_eq!(p.quarantined(), "0", "nothing quarantined");
     if streaming {
-        let streamed: u64 = p
-            .staging
-            .value(&format!(
-                "SELECT stream_txns FROM pg_stat_replication_slots WHERE slot_name = '{}'",
-                p.slot
-            ))
-            .parse()
-            .unwrap();
-        assert!(streamed > 0, "staging streamed no transaction");
+        p.assert_streamed();
     }
 
     // A new run applies nothing twice.
@@ -1634,10 +1645,7 @@ async fn sigkill_rounds(
     // And while staging streams a transaction in progress (without the spool or remapping).
     let streaming = !spool && remapping.is_none();
     if streaming {
-        p.staging.sql(&format!(
-            "ALTER DATABASE {} SET logical_decoding_work_mem = '64kB'",
-            p.staging.name
-        ));
+        p.stream_past_64kb();
     }
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -1724,15 +1732,7 @@ async fn sigkill_rounds(
         "the published files are staging's rows"
     );
     if streaming {
-        let streamed: u64 = p
-            .staging
-            .value(&format!(
-                "SELECT stream_txns FROM pg_stat_replication_slots WHERE slot_name = '{}'",
-                p.slot
-            ))
-            .parse()
-            .unwrap();
-        assert!(streamed > 0, "staging streamed no transaction");
+        p.assert_streamed();
     }
     if let Some(dir) = &spool_dir {
         let held = stagingprop::spool::files::summary(dir).expect("spool summary");
