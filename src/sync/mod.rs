@@ -1067,10 +1067,15 @@ impl Pipeline<'_> {
     }
 
     /// The session a row change goes to: a streamed transaction's while its block is open.
-    fn target(&mut self) -> &mut Applier {
-        match self.in_stream.and_then(|xid| self.streams.get_mut(&xid)) {
-            Some(streamed) => &mut streamed.applier,
-            None => &mut self.applier,
+    fn target(&mut self) -> Result<&mut Applier, SyncError> {
+        match self.in_stream {
+            None => Ok(&mut self.applier),
+            Some(xid) => match self.streams.get_mut(&xid) {
+                Some(streamed) => Ok(&mut streamed.applier),
+                None => Err(SyncError::Protocol(format!(
+                    "a change in the stream of transaction {xid}, which was already aborted"
+                ))),
+            },
         }
     }
 
@@ -1254,7 +1259,7 @@ impl Pipeline<'_> {
                 let key = self.key_of(table, &row)?;
                 self.stage_file(table, None, Some(&row))?;
                 let source = self.source(lsn);
-                self.target()
+                self.target()?
                     .row_change(table, key, RowOp::Insert(row), source)
                     .await?;
                 self.flush_if_large().await?;
@@ -1285,12 +1290,12 @@ impl Pipeline<'_> {
                 let source = self.source(lsn);
                 match old_key {
                     Some(old_key) if old_key != new_key => {
-                        self.target()
+                        self.target()?
                             .key_change(table, old_key, row, source)
                             .await?
                     }
                     _ => {
-                        self.target()
+                        self.target()?
                             .row_change(table, new_key, RowOp::Update(row), source)
                             .await?
                     }
@@ -1308,7 +1313,7 @@ impl Pipeline<'_> {
                 let key = self.key_of(table, &old_row)?;
                 self.stage_file(table, Some(&old_row), None)?;
                 let source = self.source(lsn);
-                self.target()
+                self.target()?
                     .row_change(table, key, RowOp::Delete, source)
                     .await?;
                 self.flush_if_large().await?;
@@ -1327,7 +1332,7 @@ impl Pipeline<'_> {
                 for oid in relations {
                     tables.push(self.relation_info(oid)?.table);
                 }
-                self.target().truncate(&tables, restart_identity).await?;
+                self.target()?.truncate(&tables, restart_identity).await?;
             }
             LogicalMessage::StreamStart { xid, .. } => self.stream_start(xid).await?,
             LogicalMessage::StreamStop => self.in_stream = None,
@@ -1380,7 +1385,7 @@ impl Pipeline<'_> {
         old: Option<&Tuple>,
         new: Option<&Tuple>,
     ) -> Result<(), SyncError> {
-        self.target()
+        self.target()?
             .files
             .stage(table, old, new)
             .map_err(|e| SyncError::Apply(e.into()))
@@ -1396,7 +1401,7 @@ impl Pipeline<'_> {
             self.config.sync.batch_max_rows,
             self.config.sync.batch_max_bytes,
         );
-        let target = self.target();
+        let target = self.target()?;
         if target.pending_rows() >= max_rows || target.pending_bytes() >= max_bytes {
             target.flush().await?;
         }
