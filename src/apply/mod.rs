@@ -1134,7 +1134,16 @@ impl Applier {
             let _ = self.rollback().await;
             return Err(e.into());
         }
-        self.stats.files.add(std::mem::take(&mut self.files.stats));
+        let files = std::mem::take(&mut self.files.stats);
+        if files != FileStats::default() {
+            metrics::counter!("stagingprop_files_total", "op" => "written")
+                .increment(files.written);
+            metrics::counter!("stagingprop_files_total", "op" => "removed")
+                .increment(files.removed);
+            metrics::counter!("stagingprop_files_total", "op" => "refused")
+                .increment(files.refused);
+        }
+        self.stats.files.add(files);
         // In the same round trip: where production's WAL ends after the commit record (durable
         // once flushed that far) and how far it is flushed already.
         let replies = self

@@ -6,7 +6,9 @@
 //! `stagingprop_batch_seconds`, `stagingprop_transactions_applied_total`,
 //! `stagingprop_lag_bytes`, `stagingprop_lag_seconds`, `stagingprop_retries_total`,
 //! `stagingprop_copy_bytes_total{table}`, `stagingprop_copy_rows_total{table}`,
-//! `stagingprop_spool_bytes`, `stagingprop_spool_full`.
+//! `stagingprop_spool_bytes`, `stagingprop_spool_full`,
+//! `stagingprop_streamed_transactions_total{outcome}`, `stagingprop_streamed_transactions_open`,
+//! `stagingprop_files_total{op}`.
 
 use std::net::SocketAddr;
 

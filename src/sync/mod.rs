@@ -718,6 +718,11 @@ struct StreamedTxn {
     savepoints: Vec<(Xid, Savepoint)>,
 }
 
+fn streamed_transaction_ended(outcome: &'static str, open: usize) {
+    metrics::counter!("stagingprop_streamed_transactions_total", "outcome" => outcome).increment(1);
+    metrics::gauge!("stagingprop_streamed_transactions_open").set(open as f64);
+}
+
 /// The savepoint a streamed subtransaction starts at.
 fn savepoint_name(subxact: Xid) -> String {
     format!("stagingprop_subxact_{subxact}")
@@ -1136,6 +1141,8 @@ impl Pipeline<'_> {
                     savepoints: Vec::new(),
                 },
             );
+            metrics::gauge!("stagingprop_streamed_transactions_open")
+                .set(self.streams.len() as f64);
         }
         self.in_stream = Some(xid);
         Ok(())
@@ -1147,6 +1154,7 @@ impl Pipeline<'_> {
             if let Some(mut streamed) = self.streams.remove(&xid) {
                 streamed.applier.rollback().await?;
                 self.reuse(streamed.applier);
+                streamed_transaction_ended("aborted", self.streams.len());
             }
             return Ok(());
         }
@@ -1179,6 +1187,7 @@ impl Pipeline<'_> {
         if self.applied_end.is_valid() && last.commit_lsn < self.applied_end {
             streamed.applier.rollback().await?;
             self.reuse(streamed.applier);
+            streamed_transaction_ended("already_applied", self.streams.len());
             return Ok(());
         }
         let applier = &mut streamed.applier;
@@ -1190,6 +1199,7 @@ impl Pipeline<'_> {
         self.applier.stats.add(&applier.stats);
         let committed = applier.take_committed();
         self.reuse(streamed.applier);
+        streamed_transaction_ended("committed", self.streams.len());
         self.last_commit_time = Some(last.commit_time);
         for committed in committed {
             self.note_committed(committed);
