@@ -60,6 +60,7 @@ impl KeyCache {
             return false;
         }
         self.entries.clear();
+        self.entries.reserve(mappings.len());
         self.entries
             .extend(mappings.map(|(source, target)| (source, Known::Mapped(target))));
         self.complete = true;

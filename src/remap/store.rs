@@ -194,8 +194,11 @@ impl Statements {
         table: &TableName,
         limit: usize,
     ) -> Result<Option<Vec<(i64, i64)>>, StoreError> {
+        // Two arrays in one row: a row per mapping costs the client several times more to
+        // receive and decode (this runs at the start of every session, on the whole key map).
         let sql = format!(
-            "SELECT source_key, target_key FROM {} WHERE table_name = $1 LIMIT $2",
+            "SELECT array_agg(source_key), array_agg(target_key) \
+             FROM (SELECT source_key, target_key FROM {} WHERE table_name = $1 LIMIT $2) m",
             key_map_table()
         );
         let name = table.to_string();
@@ -209,10 +212,15 @@ impl Statements {
                 &[&name, &over],
             )
             .await?;
-        if rows.len() > limit {
+        let (sources, targets): (Option<Vec<i64>>, Option<Vec<i64>>) = match rows.first() {
+            Some(row) => (row.get(0), row.get(1)),
+            None => (None, None),
+        };
+        let (sources, targets) = (sources.unwrap_or_default(), targets.unwrap_or_default());
+        if sources.len() > limit {
             return Ok(None);
         }
-        Ok(Some(rows.iter().map(|r| (r.get(0), r.get(1))).collect()))
+        Ok(Some(sources.into_iter().zip(targets).collect()))
     }
 
     /// Which of `keys` production's `table` has a row under (its key column `key_column`).
