@@ -403,7 +403,7 @@ describe() {
     echo
     echo "stagingprop e2e sync benchmark, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, PostgreSQL $(q staging -c 'SHOW server_version')"
     echo "settings (all clusters): $SETTINGS"
-    echo "native subscription: synchronous_commit=$NATIVE_SYNCHRONOUS_COMMIT, streaming=off, binary=false; stagingprop: asynchronous commits confirmed once flushed, default [sync] batching"
+    echo "native subscription: synchronous_commit=$NATIVE_SYNCHRONOUS_COMMIT, streaming=off, binary=false; stagingprop: asynchronous commits confirmed once flushed, default [sync] batching and streaming=on${SYNC_CONF:+, plus: $SYNC_CONF}"
     echo "seconds = time to catch up (ratio = stagingprop s / native s; < 1 means stagingprop is faster)"
     echo
     printf '%-36s %9s | %9s %10s | %9s %10s | %7s | %8s | %s\n' \
