@@ -677,11 +677,16 @@ impl Applier {
             return Ok(statement.clone());
         }
         let types = vec![Type::TEXT_ARRAY; params];
-        let statement = self
-            .client
-            .prepare_typed(&sql, &types)
-            .await
-            .map_err(query_error("preparing a statement"))?;
+        let statement = match self.client.prepare_typed(&sql, &types).await {
+            Ok(statement) => statement,
+            Err(e) => {
+                // A statement sent before may have failed and aborted the transaction, and the
+                // prepare failed only because of that: that statement's error is the one to
+                // report (a unique violation there may be an ordering artefact to replay).
+                Box::pin(self.settle()).await?;
+                return Err(query_error("preparing a statement")(e));
+            }
+        };
         self.statements.insert(sql, statement.clone());
         Ok(statement)
     }
