@@ -932,3 +932,50 @@ async fn large_transactions_are_applied_while_staging_streams_them() {
     .unwrap();
     assert!(streamed >= 3, "staging streamed {streamed} transactions");
 }
+
+/// A set-based UPDATE trips a unique check only because of its order (two rows swap a unique
+/// value), after another statement of the same batch found a row missing: the missing row's
+/// lookup then fails only because the transaction is aborted. Sync must see the ordering error,
+/// replay the stretch one change at a time, and name the real conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflict_behind_an_ordering_error_is_still_named() {
+    let c = clusters();
+    let p = pair("order_conflict", &[]);
+    init(&p.config, &InitOptions::default())
+        .await
+        .expect("init");
+    psql(
+        &c.staging,
+        &p.staging,
+        "INSERT INTO catentry (catentry_id, partnumber, descr) VALUES
+           (1, 'A', repeat('x', 30000)), (2, 'B', repeat('y', 30000)), (3, 'C', NULL)",
+    );
+    caught_up(&p.config).await.expect("first rows");
+    psql(
+        &c.production,
+        &p.production,
+        "DELETE FROM catentry WHERE catentry_id = 3",
+    );
+    // Row 3's update sends every column; rows 1 and 2 leave their (out-of-line) descr unsent:
+    // two UPDATE statements, row 3's first.
+    psql(
+        &c.staging,
+        &p.staging,
+        "BEGIN;
+         UPDATE catentry SET price = 9 WHERE catentry_id = 3;
+         UPDATE catentry SET partnumber = 'tmp' WHERE catentry_id = 1;
+         UPDATE catentry SET partnumber = 'A' WHERE catentry_id = 2;
+         UPDATE catentry SET partnumber = 'B' WHERE catentry_id = 1;
+         COMMIT;",
+    );
+    let err = caught_up(&p.config)
+        .await
+        .expect_err("the missing row is a conflict");
+    assert!(
+        matches!(
+            &err,
+            SyncError::Apply(ApplyError::Conflict { key, .. }) if key.contains('3')
+        ),
+        "{err}"
+    );
+}

@@ -252,6 +252,28 @@ enum Purpose {
     KeyMap,
 }
 
+/// SQLSTATE of a statement sent after another failed in the same transaction.
+const IN_FAILED_TRANSACTION: &str = "25P02";
+
+impl Purpose {
+    /// What the statement does, for errors.
+    fn what(&self) -> &'static str {
+        match self {
+            Purpose::Deletes { .. } => "applying deletes",
+            Purpose::Inserts { .. } => "applying inserts",
+            Purpose::Updates { .. } => "applying updates",
+            Purpose::KeyMap => "writing the key map",
+        }
+    }
+}
+
+/// A statement's response, unless the task reading it was lost.
+fn lost_response<T>(
+    joined: Result<Result<T, tokio_postgres::Error>, tokio::task::JoinError>,
+) -> Result<Result<T, tokio_postgres::Error>, ApplyError> {
+    joined.map_err(|e| ApplyError::Schema(format!("a statement's response was lost: {e}")))
+}
+
 /// A statement sent and not yet settled. Its response is read by a task of its own: the
 /// connection hands responses over through small channels, so a response nobody reads would
 /// stall every later one (the next prepare included).
@@ -735,20 +757,27 @@ impl Applier {
     /// Waits for every statement sent and applies the conflict policy to what they reported.
     /// The first error is the root cause: statements are awaited in the order they ran.
     async fn settle(&mut self) -> Result<(), ApplyError> {
-        let in_flight = std::mem::take(&mut self.in_flight);
-        for flight in in_flight {
-            let result = flight
-                .result
-                .await
-                .map_err(|e| ApplyError::Schema(format!("a statement's response was lost: {e}")))?;
-            let what = match &flight.purpose {
-                Purpose::Deletes { .. } => "applying deletes",
-                Purpose::Inserts { .. } => "applying inserts",
-                Purpose::Updates { .. } => "applying updates",
-                Purpose::KeyMap => "writing the key map",
-            };
-            let reported = result.map_err(query_error(what))?;
-            self.settle_one(flight.purpose, reported).await?;
+        let mut in_flight = std::mem::take(&mut self.in_flight).into_iter();
+        while let Some(flight) = in_flight.next() {
+            let what = flight.purpose.what();
+            let reported = lost_response(flight.result.await)?.map_err(query_error(what))?;
+            if let Err(e) = self.settle_one(flight.purpose, reported).await {
+                // A conflict lookup fails with "transaction is aborted" when a later statement,
+                // already run, failed: that statement's error is the one to report (a unique
+                // violation there may be an ordering artefact to replay one by one).
+                if e.sqlstate() == Some(IN_FAILED_TRANSACTION) {
+                    for later in in_flight {
+                        let what = later.purpose.what();
+                        if let Err(source) = lost_response(later.result.await)? {
+                            let root = query_error(what)(source);
+                            if root.sqlstate() != Some(IN_FAILED_TRANSACTION) {
+                                return Err(root);
+                            }
+                        }
+                    }
+                }
+                return Err(e);
+            }
         }
         Ok(())
     }
