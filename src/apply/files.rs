@@ -121,7 +121,6 @@ pub struct Publisher {
     open: Vec<(usize, FileOp)>,
     /// The closed batch's operations, published just before its COMMIT.
     closed: Vec<(usize, FileOp)>,
-    staged: u64,
     pub stats: FileStats,
 }
 
@@ -383,8 +382,7 @@ impl Publisher {
         target: &Path,
         body: &[u8],
     ) -> Result<PathBuf, FileError> {
-        self.staged += 1;
-        write_aside(target, body, self.staged).map_err(|e| self.io_error(table, "write", target, e))
+        write_aside(target, body).map_err(|e| self.io_error(table, "write", target, e))
     }
 
     fn io_error(
@@ -433,7 +431,6 @@ pub struct Republish {
     dir: PathBuf,
     seen: HashSet<PathBuf>,
     dirs: HashSet<PathBuf>,
-    written: u64,
     pub stats: FileStats,
 }
 
@@ -447,7 +444,6 @@ impl Republish {
             dir,
             seen: HashSet::new(),
             dirs: HashSet::new(),
-            written: 0,
             stats: FileStats::default(),
         })
     }
@@ -466,8 +462,7 @@ impl Republish {
             );
             return Ok(());
         };
-        self.written += 1;
-        write_aside(&target, content, self.written)
+        write_aside(&target, content)
             .and_then(|staged| fs::rename(&staged, &target))
             .map_err(|e| io_error(&self.table, "write", &target, e))?;
         self.stats.written += 1;
@@ -494,8 +489,11 @@ impl Republish {
     }
 }
 
-/// Writes `body` to a new temporary file beside `target` (numbered `n`) and syncs it.
-fn write_aside(target: &Path, body: &[u8], n: u64) -> std::io::Result<PathBuf> {
+/// Writes `body` to a new temporary file beside `target` and syncs it. The name is unique in
+/// the process: the sessions of a streamed transaction and of the main batch stage at once.
+fn write_aside(target: &Path, body: &[u8]) -> std::io::Result<PathBuf> {
+    static STAGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = STAGED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let name = target.file_name().unwrap_or_default().to_string_lossy();
     let staged = parent(target).join(format!(".{name}.{}.{n}{STAGED_SUFFIX}", std::process::id()));
     let write = || -> std::io::Result<()> {
