@@ -70,6 +70,15 @@ fn pair_as(prefix: &str, policies: &[(&str, &str)], production_user: &str) -> Pa
     }
 }
 
+/// A pair with every table under `on_conflict = "error"`, set up by `init`.
+async fn initialized_pair(prefix: &str) -> Pair {
+    let p = pair(prefix, &[]);
+    init(&p.config, &InitOptions::default())
+        .await
+        .expect("init");
+    p
+}
+
 /// Polls production until `sql` returns true (30 s at most).
 async fn wait_for(db: &str, sql: &str) {
     let c = clusters();
@@ -113,10 +122,7 @@ fn assert_equal(p: &Pair) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_applies_every_change_shape_and_resumes_exactly_once() {
     let c = clusters();
-    let p = pair("shapes_sync", &[]);
-    init(&p.config, &InitOptions::default())
-        .await
-        .expect("init");
+    let p = initialized_pair("shapes_sync").await;
     let long = "x".repeat(30_000);
     psql(
         &c.staging,
@@ -217,10 +223,7 @@ async fn sync_applies_every_change_shape_and_resumes_exactly_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conflict_policy_error_stops_and_applies_nothing_of_the_batch() {
     let c = clusters();
-    let p = pair("conflict_error", &[]);
-    init(&p.config, &InitOptions::default())
-        .await
-        .expect("init");
+    let p = initialized_pair("conflict_error").await;
     // A production-born row with a key staging is about to use.
     psql(
         &c.production,
@@ -497,10 +500,7 @@ async fn without_superuser_foreign_keys_hold_at_every_statement() {
 async fn verify_names_rows_missing_extra_and_different_on_each_side() {
     use stagingprop::ops::verify::{VerifyOptions, verify};
     let c = clusters();
-    let p = pair("verify", &[]);
-    init(&p.config, &InitOptions::default())
-        .await
-        .expect("init");
+    let p = initialized_pair("verify").await;
     psql(
         &c.staging,
         &p.staging,
@@ -940,10 +940,7 @@ async fn large_transactions_are_applied_while_staging_streams_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conflict_behind_an_ordering_error_is_still_named() {
     let c = clusters();
-    let p = pair("order_conflict", &[]);
-    init(&p.config, &InitOptions::default())
-        .await
-        .expect("init");
+    let p = initialized_pair("order_conflict").await;
     psql(
         &c.staging,
         &p.staging,

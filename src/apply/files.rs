@@ -668,6 +668,12 @@ mod tests {
         ]
     }
 
+    /// Stages the insert of row `id` with a file at `path`.
+    fn insert(p: &mut Publisher, id: &str, path: &str, body: &str) {
+        p.stage(3, None, Some(&row(id, Some(path), content(body))))
+            .unwrap();
+    }
+
     fn content(text: &str) -> Value {
         Value::Text(Bytes::from(text.to_owned()))
     }
@@ -734,14 +740,8 @@ mod tests {
         let mut p = publisher(&dir, "text");
         let a = row("1", Some("a/one.txt"), content("first"));
         p.stage(3, None, Some(&a)).unwrap();
-        p.stage(
-            3,
-            None,
-            Some(&row("1", Some("a/one.txt"), content("second"))),
-        )
-        .unwrap();
-        p.stage(3, None, Some(&row("2", Some("two.txt"), content("2"))))
-            .unwrap();
+        insert(&mut p, "1", "a/one.txt", "second");
+        insert(&mut p, "2", "two.txt", "2");
         // Staged, not published: only temporary files exist.
         assert!(tree(&dir).iter().all(|(p, _)| p.ends_with(STAGED_SUFFIX)));
         p.close();
@@ -779,40 +779,23 @@ mod tests {
     fn a_discarded_batch_leaves_nothing_and_truncate_clears() {
         let dir = scratch("discard");
         let mut p = publisher(&dir, "bytea");
-        p.stage(
-            3,
-            None,
-            Some(&row("1", Some("kept.bin"), content("\\x6b6570"))),
-        )
-        .unwrap();
+        insert(&mut p, "1", "kept.bin", "\\x6b6570");
         p.close();
         p.publish().unwrap();
-        p.stage(3, None, Some(&row("2", Some("gone.bin"), content("\\x00"))))
-            .unwrap();
+        insert(&mut p, "2", "gone.bin", "\\x00");
         p.close();
-        p.stage(3, None, Some(&row("3", Some("open.bin"), content("\\x01"))))
-            .unwrap();
+        insert(&mut p, "3", "open.bin", "\\x01");
         p.discard();
         assert_eq!(tree(&dir), pairs(&[("kept.bin", "kep")]));
 
         // Refused paths are counted, not written.
-        p.stage(
-            3,
-            None,
-            Some(&row("4", Some("../escape"), content("\\x01"))),
-        )
-        .unwrap();
+        insert(&mut p, "4", "../escape", "\\x01");
         assert_eq!(p.stats.refused, 1);
         assert!(!dir.parent().unwrap().join("escape").exists());
 
         // TRUNCATE, then an insert in the same batch: only the insert remains.
         p.clear(3);
-        p.stage(
-            3,
-            None,
-            Some(&row("5", Some("after.bin"), content("\\x41"))),
-        )
-        .unwrap();
+        insert(&mut p, "5", "after.bin", "\\x41");
         p.close();
         p.publish().unwrap();
         assert_eq!(tree(&dir), pairs(&[("after.bin", "A")]));
