@@ -13,7 +13,9 @@
 //! - [`ops`]: operator commands (`init`, `tail`).
 //! - [`apply`]: set-based, exactly-once apply to production, conflicts, progress.
 //! - [`copy`]: consistent parallel snapshot copy with the hand-off to sync.
-//! - [`remap`]: key remapping rules, the key map on production and its cache.
+//! - [`remap`]: key remapping rules, the key map's cache and the queries remapping runs.
+//! - [`state`]: stagingprop's own tables on production (progress, key map, quarantine, copy
+//!   decisions, layout version): their DDL and every statement on them.
 //! - [`cluster`]: throwaway local clusters for tests and the demo.
 //! - [`progress`]: progress bars on a terminal that log lines do not tear.
 
@@ -29,4 +31,5 @@ pub mod progress;
 pub mod remap;
 pub mod spool;
 pub mod sql;
+pub mod state;
 pub mod sync;

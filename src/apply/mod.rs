@@ -20,14 +20,12 @@ use self::batch::{Entry, Key, NetChange, RowOp, Source, TableChanges};
 use self::files::{FileError, FileStats, Publisher};
 use self::schema::TableMeta;
 use crate::config::{ConflictPolicy, TableName};
-use crate::model::{Lsn, PgTimestamp, Tuple, Value, Xid};
+use crate::model::{Lsn, Tuple, Value, Xid};
 use crate::pg::QueryError;
-use crate::remap::store::{self as key_map, StoreError};
+use crate::remap::store::StoreError;
 use crate::remap::{MapWrites, RemapError, Remapper};
-use crate::sql::{qualified, quote_ident};
-
-/// The schema on production holding stagingprop's own tables.
-pub const STATE_SCHEMA: &str = "stagingprop";
+use crate::sql::quote_ident;
+use crate::state::{self, Progress, StateError, key_map, quarantine};
 
 /// What production must not be left with: a change that cannot be applied as the policy says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,6 +86,8 @@ pub enum ApplyError {
     Schema(String),
     #[error("on production: {0}")]
     Query(QueryError),
+    #[error("on production: {0}")]
+    State(#[from] StateError),
     #[error("key remapping: {0}")]
     Remap(#[from] RemapError),
     #[error(transparent)]
@@ -109,6 +109,7 @@ impl ApplyError {
     pub fn is_transient(&self) -> bool {
         match self {
             ApplyError::Query(q) => q.transient,
+            ApplyError::State(e) => e.is_transient(),
             ApplyError::Remap(RemapError::Store(e)) => match e.as_ref() {
                 StoreError::Query { source, .. } => QueryError::new("", source).transient,
                 _ => false,
@@ -128,6 +129,7 @@ impl ApplyError {
     pub fn sqlstate(&self) -> Option<&str> {
         match self {
             ApplyError::Query(q) => q.sqlstate(),
+            ApplyError::State(e) => e.sqlstate(),
             _ => None,
         }
     }
@@ -172,15 +174,6 @@ impl ApplyStats {
 pub struct Savepoint {
     stats: ApplyStats,
     files: usize,
-}
-
-/// The last staging transaction production has, as recorded in the progress table.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Progress {
-    pub end_lsn: Lsn,
-    pub commit_lsn: Lsn,
-    pub xid: Xid,
-    pub commit_time: PgTimestamp,
 }
 
 struct TableState {
@@ -323,64 +316,6 @@ pub struct Committed {
     pub durable_at: Lsn,
     /// Production's WAL flush position right after the commit.
     pub flushed: Lsn,
-}
-
-/// Creates stagingprop's schema and tables on production if missing.
-pub async fn ensure_state_tables(client: &Client) -> Result<(), ApplyError> {
-    let schema = quote_ident(STATE_SCHEMA);
-    client
-        .batch_execute(&format!(
-            "CREATE SCHEMA IF NOT EXISTS {schema};
-             CREATE TABLE IF NOT EXISTS {schema}.progress (
-                 slot text PRIMARY KEY,
-                 end_lsn pg_lsn NOT NULL,
-                 commit_lsn pg_lsn NOT NULL,
-                 xid bigint NOT NULL,
-                 commit_time timestamptz NOT NULL,
-                 applied_at timestamptz NOT NULL DEFAULT now());
-             CREATE TABLE IF NOT EXISTS {schema}.quarantine (
-                 id bigserial PRIMARY KEY,
-                 slot text NOT NULL,
-                 lsn pg_lsn NOT NULL,
-                 xid bigint NOT NULL,
-                 table_name text NOT NULL,
-                 operation text NOT NULL,
-                 reason text NOT NULL,
-                 key jsonb NOT NULL,
-                 row_data jsonb,
-                 quarantined_at timestamptz NOT NULL DEFAULT now());
-             {key_map};",
-            key_map = key_map::create_key_map()
-        ))
-        .await
-        .map_err(query_error("creating stagingprop's tables"))
-}
-
-/// Reads what production already has from this slot.
-pub async fn read_progress(client: &Client, slot: &str) -> Result<Option<Progress>, ApplyError> {
-    let row = client
-        .query_opt(
-            &format!(
-                "SELECT end_lsn::text, commit_lsn::text, xid, \
-                 (extract(epoch FROM commit_time) * 1000000)::bigint FROM {}.progress WHERE slot = $1",
-                quote_ident(STATE_SCHEMA)
-            ),
-            &[&slot],
-        )
-        .await
-        .map_err(query_error("reading the progress table"))?;
-    Ok(row.map(|r| {
-        let end: String = r.get(0);
-        let commit: String = r.get(1);
-        let xid: i64 = r.get(2);
-        let unix_micros: i64 = r.get(3);
-        Progress {
-            end_lsn: end.parse().unwrap_or_default(),
-            commit_lsn: commit.parse().unwrap_or_default(),
-            xid: xid as Xid,
-            commit_time: PgTimestamp(unix_micros - PgTimestamp(0).unix_micros()),
-        }
-    }))
 }
 
 impl Applier {
@@ -1048,36 +983,26 @@ impl Applier {
                     }
                     NetChange::Delete => None,
                 };
-                let sql = format!(
-                    "INSERT INTO {} (slot, lsn, xid, table_name, operation, reason, key, row_data) \
-                     VALUES ($1, $2::text::pg_lsn, $3, $4, $5, $6, $7::text::jsonb, $8::text::jsonb)",
-                    qualified(STATE_SCHEMA, "quarantine")
-                );
-                let lsn = entry.source.lsn.to_string();
-                let xid = i64::from(entry.source.xid);
                 let table = meta.table_name().to_string();
-                let key_text = key_json.to_string();
-                let row_text = row_json.map(|r| r.to_string());
-                self.client
-                    .execute(
-                        &sql,
-                        &[
-                            &self.slot,
-                            &lsn,
-                            &xid,
-                            &table,
-                            &kind.operation(),
-                            &reason,
-                            &key_text,
-                            &row_text,
-                        ],
-                    )
-                    .await
-                    .map_err(query_error("writing to the quarantine table"))?;
+                quarantine::insert(
+                    &self.client,
+                    &quarantine::Entry {
+                        slot: &self.slot,
+                        lsn: entry.source.lsn,
+                        xid: entry.source.xid,
+                        table: &table,
+                        operation: kind.operation(),
+                        reason: &reason,
+                        key: &key_json,
+                        row: row_json.as_ref(),
+                    },
+                )
+                .await?;
                 self.stats.conflicts_skipped += 1;
                 tracing::warn!(
-                    table = %table, key = %key_text, lsn = %lsn, xid,
-                    "conflict: {reason}; the change was written to {STATE_SCHEMA}.quarantine and skipped"
+                    table = %table, key = %key_json, lsn = %entry.source.lsn, xid = entry.source.xid,
+                    "conflict: {reason}; the change was written to {}.quarantine and skipped",
+                    state::SCHEMA
                 );
                 Ok(())
             }
@@ -1098,15 +1023,11 @@ impl Applier {
     /// transaction that writes (this slot's progress row, unchanged) commits synchronously, and
     /// the flush of its commit record covers every asynchronous commit before it.
     pub async fn flush_wal(&self) -> Result<Lsn, ApplyError> {
-        let touch = format!(
-            "UPDATE {} SET applied_at = applied_at WHERE slot = $1",
-            qualified(STATE_SCHEMA, "progress")
-        );
         let flush = async {
             self.client
                 .batch_execute("BEGIN; SET LOCAL synchronous_commit = on")
                 .await?;
-            self.client.execute(&touch, &[&self.slot]).await?;
+            state::progress::touch(&self.client, &self.slot).await?;
             self.client.batch_execute("COMMIT").await
         };
         if let Err(e) = flush.await {
@@ -1136,25 +1057,9 @@ impl Applier {
             return Ok(());
         };
         self.settle().await?;
-        let progress = qualified(STATE_SCHEMA, "progress");
-        let sql = format!(
-            "INSERT INTO {progress} (slot, end_lsn, commit_lsn, xid, commit_time, applied_at) \
-             VALUES ($1, $2::text::pg_lsn, $3::text::pg_lsn, $4, to_timestamp($5::float8 / 1000000), now()) \
-             ON CONFLICT (slot) DO UPDATE SET end_lsn = EXCLUDED.end_lsn, commit_lsn = EXCLUDED.commit_lsn, \
-             xid = EXCLUDED.xid, commit_time = EXCLUDED.commit_time, applied_at = now() \
-             WHERE {progress}.end_lsn = $6::text::pg_lsn"
-        );
-        let end = last.end_lsn.to_string();
-        let commit = last.commit_lsn.to_string();
-        let xid = i64::from(last.xid);
-        let micros = last.commit_time.unix_micros() as f64;
-        let expected = self.progress_at.to_string();
-        let written = self
-            .client
-            .execute(&sql, &[&self.slot, &end, &commit, &xid, &micros, &expected])
-            .await
-            .map_err(query_error("updating the progress table"))?;
-        if written == 0 {
+        let written =
+            state::progress::advance(&self.client, &self.slot, &last, self.progress_at).await?;
+        if !written {
             // The error to report is the moved row, whatever the rollback says.
             let _ = self.rollback().await;
             return Err(ApplyError::ProgressMoved {

@@ -38,16 +38,17 @@ use tokio_postgres::Client;
 
 use self::rewrite::{ColumnRewrite, KeyRewriter, Translate};
 use self::split::Piece;
+use crate::apply;
 use crate::apply::schema::{self, TableMeta};
-use crate::apply::{self, Progress};
 use crate::config::{Config, KeyRule, TableName};
-use crate::model::{Lsn, PgTimestamp};
+use crate::model::Lsn;
 use crate::pg::QueryError;
 use crate::pg::connect::{Endpoint, EndpointError};
 use crate::pg::replication::{ReplicationClient, ReplicationError, SnapshotAction};
 use crate::remap::Remapper;
 use crate::remap::store::{self as key_map, Statements};
 use crate::sql::{qualified, quote_ident, quote_literal};
+use crate::state::{self, Progress};
 
 /// One of the two configured databases.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -295,19 +296,17 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
     let handoff = options.from == Side::Staging && options.to == Side::Production;
     let slot = &config.sync.slot;
     let (exporter, snapshot, consistent_point) = if handoff {
-        apply::ensure_state_tables(&t)
+        state::ensure(&t)
             .await
             .map_err(|e| CopyError::Refused(format!("on {}: {e}", target.describe())))?;
         prepare_slot(config, &source, &s).await?;
         // Until the copy completes, production's progress says "copy in progress" (0/0), so
         // sync refuses to stream onto a half-seeded production.
-        let marker = Progress {
-            end_lsn: Lsn::INVALID,
-            commit_lsn: Lsn::INVALID,
-            xid: 0,
-            commit_time: PgTimestamp::now(),
-        };
-        record_handoff(&t, &target, slot, &marker).await?;
+        let found = state::progress::read(&t, slot)
+            .await
+            .map_err(|e| CopyError::Refused(format!("on {}: {e}", target.describe())))?;
+        let was = found.map_or(Lsn::INVALID, |p| p.end_lsn);
+        record_handoff(&t, &target, slot, &Progress::copy_in_progress(), was).await?;
         let mut repl = ReplicationClient::connect(&source).await?;
         let created = repl
             .create_logical_slot(slot, false, SnapshotAction::Export)
@@ -456,13 +455,7 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
     }
 
     if let Some(point) = consistent_point {
-        let progress = Progress {
-            end_lsn: point,
-            commit_lsn: point,
-            xid: 0,
-            commit_time: PgTimestamp::now(),
-        };
-        record_handoff(&t, &target, slot, &progress).await?;
+        record_handoff(&t, &target, slot, &Progress::handoff(point), Lsn::INVALID).await?;
         report.handoff = Some(point);
         tracing::info!(slot = %slot, at = %point, "hand-off recorded: sync starts exactly after the copied snapshot");
     }
@@ -563,22 +556,25 @@ async fn prepare_slot(config: &Config, staging: &Endpoint, s: &Client) -> Result
     Ok(())
 }
 
+/// Moves the target's progress row from `expected` to `progress` with the same guarded write
+/// sync's commits use: a sync or another copy that moved it meanwhile makes this copy stop.
 async fn record_handoff(
     t: &Client,
     target: &Endpoint,
     slot: &str,
     progress: &Progress,
+    expected: Lsn,
 ) -> Result<(), CopyError> {
-    let sql = format!(
-        "INSERT INTO {} (slot, end_lsn, commit_lsn, xid, commit_time, applied_at) \
-         VALUES ($1, $2::text::pg_lsn, $2::text::pg_lsn, 0, now(), now()) \
-         ON CONFLICT (slot) DO UPDATE SET end_lsn = EXCLUDED.end_lsn, commit_lsn = EXCLUDED.commit_lsn, \
-         xid = 0, commit_time = now(), applied_at = now()",
-        qualified(apply::STATE_SCHEMA, "progress")
-    );
-    t.execute(&sql, &[&slot, &progress.end_lsn.to_string()])
+    let written = state::progress::advance(t, slot, progress, expected)
         .await
-        .map_err(db_error(target, "recording the hand-off position"))?;
+        .map_err(|e| CopyError::Refused(format!("on {}: {e}", target.describe())))?;
+    if !written {
+        return Err(CopyError::Refused(format!(
+            "the progress row of slot {slot} on {} changed while this copy ran: another \
+             stagingprop (a sync, a replay or a copy) writes to it. Stop it, then copy again",
+            target.describe()
+        )));
+    }
     Ok(())
 }
 
@@ -906,11 +902,8 @@ async fn split_capacity(t: &Client) -> Result<usize, String> {
             "max_prepared_transactions leaves {free} free slot(s) on the target; set it to at least --jobs (a restart) to let several workers load one table"
         ));
     }
-    prepared::ensure_decisions_table(t).await.map_err(|e| {
-        format!(
-            "cannot create the copy's commit-decision table on the target ({})",
-            QueryError::new("CREATE TABLE", &e)
-        )
+    state::ensure(t).await.map_err(|e| {
+        format!("cannot create the copy's commit-decision table on the target ({e})")
     })?;
     Ok(free as usize)
 }
@@ -1175,7 +1168,7 @@ impl Worker {
     ) -> Result<Vec<TableReport>, CopyError> {
         for piece in pieces.iter().filter(|p| p.first_of_table()) {
             if let Some(entries) = &self.plans[piece.table].key_map {
-                write_key_map(t, &self.metas[piece.table].table_name(), entries)
+                state::key_map::replace_table(t, &self.metas[piece.table].table_name(), entries)
                     .await
                     .map_err(db_error(&self.target, "writing the key map"))?;
             }
@@ -1517,7 +1510,7 @@ async fn plan_keys(
                     Some(map) => Translate::Map(map.clone()),
                     None => {
                         // Not copied now: production's key map says where its rows are.
-                        let stored = read_key_map(p, &config.tables[parent].name)
+                        let stored = state::key_map::read_table(p, &config.tables[parent].name)
                             .await
                             .map_err(db_error(production, "reading the key map"))?;
                         let map = Arc::new(stored);
@@ -1538,39 +1531,6 @@ async fn plan_keys(
     Ok((plans, Vec::new()))
 }
 
-async fn read_key_map(
-    client: &Client,
-    table: &TableName,
-) -> Result<HashMap<i64, i64>, tokio_postgres::Error> {
-    let rows = client
-        .query(
-            &format!(
-                "SELECT source_key, target_key FROM {} WHERE table_name = $1",
-                key_map::key_map_table()
-            ),
-            &[&table.to_string()],
-        )
-        .await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-}
-
-/// Replaces a table's key-map entries (inside the transaction that loads it).
-async fn write_key_map(
-    t: &Client,
-    table: &TableName,
-    entries: &[(i64, i64)],
-) -> Result<(), tokio_postgres::Error> {
-    let name = table.to_string();
-    t.execute(&key_map::delete_table_mappings(), &[&vec![name.clone()]])
-        .await?;
-    let insert = t.prepare(&key_map::insert_table_mappings()).await?;
-    for chunk in entries.chunks(100_000) {
-        let (sources, targets): (Vec<i64>, Vec<i64>) = chunk.iter().copied().unzip();
-        t.execute(&insert, &[&name, &sources, &targets]).await?;
-    }
-    Ok(())
-}
-
 /// After a copy to staging, staging's keys are production's: production's key map is reset to
 /// say so (no entries for remap-on-conflict tables, `key = key` for allocating ones).
 async fn reset_production_key_map(
@@ -1579,17 +1539,13 @@ async fn reset_production_key_map(
     production: &Endpoint,
     tables: &[usize],
 ) -> Result<(), CopyError> {
-    apply::ensure_state_tables(p)
+    state::ensure(p)
         .await
         .map_err(|e| CopyError::Refused(format!("on {}: {e}", production.describe())))?;
     let mut sql = String::from("BEGIN;");
     for &ci in tables {
         let table = &config.tables[ci];
-        let name = crate::sql::quote_literal(&table.name.to_string());
-        sql.push_str(&format!(
-            "DELETE FROM {} WHERE table_name = {name};",
-            key_map::key_map_table()
-        ));
+        let mut identity_key = None;
         if matches!(
             table.key,
             KeyRule::Allocate { .. } | KeyRule::Natural { .. }
@@ -1600,14 +1556,12 @@ async fn reset_production_key_map(
                 .ok_or_else(|| {
                     CopyError::Refused(format!("production: no table {}", table.name))
                 })?;
-            let key = meta
-                .key
-                .first()
-                .map(|&k| meta.columns[k].name.clone())
-                .unwrap_or_default();
-            sql.push_str(&key_map::identity_mappings(&table.name, &key));
-            sql.push(';');
+            identity_key = meta.key.first().map(|&k| meta.columns[k].name.clone());
         }
+        sql.push_str(&state::key_map::reset_table(
+            &table.name,
+            identity_key.as_deref(),
+        ));
     }
     sql.push_str("COMMIT;");
     p.batch_execute(&sql)

@@ -1,6 +1,6 @@
 //! Two-phase commit on the copy target, for a group of tables loaded by several workers at once
 //! ([`super::split`]): each part is prepared, and when all are, a commit decision is recorded
-//! (a row in `stagingprop.copy_commits`, committed before any part) and the parts are committed.
+//! ([`crate::state::copy_commits`], committed before any part) and the parts are committed.
 //! A copy that dies in between leaves prepared transactions holding their locks; the next copy
 //! into the same database commits those whose group was decided and rolls back the others, so
 //! every table ends untouched or complete.
@@ -8,30 +8,8 @@
 use tokio_postgres::Client;
 
 use super::split;
-use crate::apply::STATE_SCHEMA;
-use crate::sql::{qualified, quote_ident, quote_literal};
-
-fn decisions_table() -> String {
-    qualified(STATE_SCHEMA, "copy_commits")
-}
-
-/// Creates the decision table (and stagingprop's schema) when missing.
-pub(super) async fn ensure_decisions_table(t: &Client) -> Result<(), tokio_postgres::Error> {
-    let exists: bool = t
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&decisions_table()])
-        .await?
-        .get(0);
-    if exists {
-        return Ok(());
-    }
-    t.batch_execute(&format!(
-        "CREATE SCHEMA IF NOT EXISTS {};
-         CREATE TABLE IF NOT EXISTS {} (group_id text PRIMARY KEY, decided_at timestamptz NOT NULL DEFAULT now())",
-        quote_ident(STATE_SCHEMA),
-        decisions_table()
-    ))
-    .await
-}
+use crate::sql::quote_literal;
+use crate::state::copy_commits;
 
 /// How many more transactions the target can hold prepared.
 pub(super) async fn free_slots(t: &Client) -> Result<i64, tokio_postgres::Error> {
@@ -75,34 +53,20 @@ pub(super) struct Resolved {
 /// running copy's parts are touched.
 pub(super) async fn resolve_leftovers(t: &Client) -> Result<Vec<Resolved>, tokio_postgres::Error> {
     let gids = prepared_parts(t).await?;
-    let has_decisions: bool = t
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&decisions_table()])
-        .await?
-        .get(0);
     let mut resolved = Vec::new();
     for gid in gids {
         let Some(group) = split::parse_gid(&gid) else {
             continue;
         };
-        let committed = has_decisions
-            && t.query_one(
-                &format!(
-                    "SELECT EXISTS (SELECT 1 FROM {} WHERE group_id = $1)",
-                    decisions_table()
-                ),
-                &[&group],
-            )
-            .await?
-            .get::<_, bool>(0);
+        let committed = copy_commits::decided(t, group).await?;
         let verb = if committed { "COMMIT" } else { "ROLLBACK" };
         t.batch_execute(&format!("{verb} PREPARED {}", quote_literal(&gid)))
             .await?;
         resolved.push(Resolved { gid, committed });
     }
-    if has_decisions && !resolved.is_empty() {
+    if !resolved.is_empty() {
         // Nothing of any group is prepared any more: every decision is carried out.
-        t.batch_execute(&format!("DELETE FROM {}", decisions_table()))
-            .await?;
+        copy_commits::forget_all(t).await?;
     }
     Ok(resolved)
 }
@@ -122,25 +86,16 @@ pub(super) async fn commit_group(
     group_id: &str,
     gids: &[String],
 ) -> Result<(), CommitError> {
-    t.execute(
-        &format!("INSERT INTO {} (group_id) VALUES ($1)", decisions_table()),
-        &[&group_id],
-    )
-    .await
-    .map_err(CommitError::Undecided)?;
+    copy_commits::decide(t, group_id)
+        .await
+        .map_err(CommitError::Undecided)?;
     for gid in gids {
         t.batch_execute(&format!("COMMIT PREPARED {}", quote_literal(gid)))
             .await
             .map_err(CommitError::Decided)?;
     }
     // Every part is committed; a decision row left behind is removed by the next copy.
-    if let Err(e) = t
-        .execute(
-            &format!("DELETE FROM {} WHERE group_id = $1", decisions_table()),
-            &[&group_id],
-        )
-        .await
-    {
+    if let Err(e) = copy_commits::forget(t, group_id).await {
         tracing::warn!(
             group = group_id,
             "could not remove a carried-out commit decision: {e}"

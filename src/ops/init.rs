@@ -5,11 +5,11 @@
 
 use tokio_postgres::Client;
 
-use super::{OpsError, connect, query_error};
-use crate::apply::{STATE_SCHEMA, ensure_state_tables};
+use super::{OpsError, connect, query_error, state_error};
 use crate::config::{Config, TableName};
 use crate::pg::connect::Endpoint;
 use crate::sql::{qualified, quote_ident};
+use crate::state::{self, SCHEMA as STATE_SCHEMA};
 
 #[derive(Clone, Debug)]
 pub struct InitOptions {
@@ -193,12 +193,11 @@ pub async fn init(config: &Config, options: &InitOptions) -> Result<InitReport, 
         ));
     }
 
-    ensure_state_tables(&p)
-        .await
-        .map_err(|e| OpsError::Refused(format!("on {}: {e}", production.describe())))?;
-    report
-        .lines
-        .push(format!("production: schema {STATE_SCHEMA} is ready"));
+    state::ensure(&p).await.map_err(state_error(&production))?;
+    report.lines.push(format!(
+        "production: schema {STATE_SCHEMA} is ready (layout version {})",
+        state::LAYOUT_VERSION
+    ));
     Ok(report)
 }
 

@@ -31,6 +31,11 @@ pub enum OpsError {
     Output(#[from] std::io::Error),
     #[error(transparent)]
     Spool(#[from] crate::spool::files::SpoolError),
+    #[error("on {target}: {source}")]
+    State {
+        target: String,
+        source: crate::state::StateError,
+    },
 }
 
 impl OpsError {
@@ -39,6 +44,7 @@ impl OpsError {
         match self {
             OpsError::Connect { source, .. } | OpsError::Query { source, .. } => source.sqlstate(),
             OpsError::Replication(e) => e.sqlstate(),
+            OpsError::State { source, .. } => source.sqlstate(),
             _ => None,
         }
     }
@@ -62,5 +68,16 @@ pub(crate) fn query_error(
     move |e| OpsError::Query {
         target,
         source: QueryError::new(what, &e),
+    }
+}
+
+/// Maps an error on stagingprop's tables to one naming the database.
+pub(crate) fn state_error(
+    endpoint: &Endpoint,
+) -> impl Fn(crate::state::StateError) -> OpsError + use<> {
+    let target = endpoint.describe();
+    move |source| OpsError::State {
+        target: target.clone(),
+        source,
     }
 }

@@ -4,11 +4,10 @@
 
 use serde::Serialize;
 
-use super::{OpsError, connect, query_error};
-use crate::apply::STATE_SCHEMA;
+use super::{OpsError, connect, query_error, state_error};
 use crate::config::Config;
 use crate::pg::connect::Endpoint;
-use crate::sql::qualified;
+use crate::state;
 
 /// When `status` calls replication unhealthy.
 #[derive(Clone, Copy, Debug)]
@@ -122,94 +121,42 @@ pub async fn status(config: &Config, thresholds: &Thresholds) -> Result<Status, 
     }
 
     if let Some(p) = &p {
-        let has_state: bool = p
-            .query_one(
-                "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",
-                &[
-                    &qualified(STATE_SCHEMA, "progress"),
-                    &qualified(STATE_SCHEMA, "quarantine"),
-                ],
-            )
+        let state_error = state_error(&production);
+        let applied = state::progress::applied(p, slot_name)
             .await
-            .map_err(query_error(&production, "looking for stagingprop's tables"))?
-            .get(0);
-        if has_state {
-            let row = p
-                .query_opt(
-                    &format!(
-                        "SELECT end_lsn::text, xid, commit_time::text, applied_at::text,
-                                extract(epoch FROM now() - commit_time)::float8
-                           FROM {} WHERE slot = $1",
-                        qualified(STATE_SCHEMA, "progress")
-                    ),
-                    &[slot_name],
-                )
-                .await
-                .map_err(query_error(&production, "reading the progress table"))?;
-            let mut since_commit = None;
-            if let Some(row) = row {
-                st.last_applied = Some(AppliedStatus {
-                    end_lsn: row.get(0),
-                    xid: row.get(1),
-                    commit_time: row.get(2),
-                    applied_at: row.get(3),
-                });
-                since_commit = Some(row.get::<_, f64>(4));
-            }
-            st.quarantined_changes = p
+            .map_err(&state_error)?;
+        let since_commit = applied.as_ref().map(|a| a.since_commit);
+        st.last_applied = applied.map(|a| AppliedStatus {
+            end_lsn: a.end_lsn,
+            xid: a.xid,
+            commit_time: a.commit_time,
+            applied_at: a.applied_at,
+        });
+        st.quarantined_changes = state::quarantine::count(p, slot_name)
+            .await
+            .map_err(&state_error)?;
+        st.key_map = state::key_map::sizes(p)
+            .await
+            .map_err(&state_error)?
+            .into_iter()
+            .map(|(table, entries)| KeyMapSize { table, entries })
+            .collect();
+        if let Some(applied) = &st.last_applied {
+            let lag: i64 = s
                 .query_one(
-                    &format!(
-                        "SELECT count(*) FROM {} WHERE slot = $1",
-                        qualified(STATE_SCHEMA, "quarantine")
-                    ),
-                    &[slot_name],
+                    "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::bigint",
+                    &[&applied.end_lsn],
                 )
                 .await
-                .map_err(query_error(&production, "reading the quarantine table"))?
+                .map_err(query_error(&staging, "computing the lag"))?
                 .get(0);
-            let key_map: bool = p
-                .query_one(
-                    "SELECT to_regclass($1) IS NOT NULL",
-                    &[&crate::remap::store::key_map_table()],
-                )
-                .await
-                .map_err(query_error(&production, "looking for the key map"))?
-                .get(0);
-            if key_map {
-                st.key_map = p
-                    .query(
-                        &format!(
-                            "SELECT table_name, count(*) FROM {} GROUP BY 1 ORDER BY 1",
-                            crate::remap::store::key_map_table()
-                        ),
-                        &[],
-                    )
-                    .await
-                    .map_err(query_error(&production, "reading the key map"))?
-                    .iter()
-                    .map(|r| KeyMapSize {
-                        table: r.get(0),
-                        entries: r.get(1),
-                    })
-                    .collect();
-            }
-            if let Some(applied) = &st.last_applied {
-                let lag: i64 = s
-                    .query_one(
-                        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::bigint",
-                        &[&applied.end_lsn],
-                    )
-                    .await
-                    .map_err(query_error(&staging, "computing the lag"))?
-                    .get(0);
-                st.lag_bytes = Some(lag.max(0));
-                // Idle staging writes heartbeats, so a small WAL distance means "caught up".
-                st.lag_seconds = Some(if lag > 64 * 1024 {
-                    since_commit.unwrap_or(0.0).max(0.0)
-                } else {
-                    0.0
-                });
-            }
+            st.lag_bytes = Some(lag.max(0));
+            // Idle staging writes heartbeats, so a small WAL distance means "caught up".
+            st.lag_seconds = Some(if lag > 64 * 1024 {
+                since_commit.unwrap_or(0.0).max(0.0)
+            } else {
+                0.0
+            });
         }
     }
     // Parts of an interrupted copy hold locks and the cluster's xmin horizon until resolved.

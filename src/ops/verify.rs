@@ -26,8 +26,8 @@ use crate::apply::schema::{self, TableMeta};
 use crate::config::{Config, KeyRule};
 use crate::pg::connect::Endpoint;
 use crate::remap::Remapper;
-use crate::remap::store::key_map_table;
-use crate::sql::{quote_ident, quote_literal};
+use crate::sql::quote_ident;
+use crate::state::key_map;
 
 #[derive(Clone, Debug)]
 pub struct VerifyOptions {
@@ -374,20 +374,18 @@ fn translation(config: &Config, remapper: &Remapper, t: usize) -> Option<Transla
     for (i, (column, parent)) in columns.into_iter().enumerate() {
         let name = remapper.column_name(t, column);
         let value = format!("t.{}", quote_ident(name));
-        let parent_name = quote_literal(&config.tables[parent].name.to_string());
+        let parent_name = &config.tables[parent].name;
         let expr = match remapper.rule(parent) {
             KeyRule::Identity => continue,
             KeyRule::Offset { offset } => format!("({value} - ({offset})::bigint)"),
             rule => {
                 let alias = format!("m{i}");
-                tr.joins.push(format!(
-                    "LEFT JOIN {map} {alias} ON {alias}.table_name = {parent_name} AND {alias}.target_key = {value}",
-                    map = key_map_table()
-                ));
+                tr.joins
+                    .push(key_map::join_to_source(&alias, parent_name, &value));
                 tr.production_born.push(match rule {
                     KeyRule::RemapOnConflict { .. } => format!(
-                        "({alias}.source_key IS NULL AND EXISTS (SELECT 1 FROM {map} x WHERE x.table_name = {parent_name} AND x.source_key = {value}))",
-                        map = key_map_table()
+                        "({alias}.source_key IS NULL AND {})",
+                        key_map::is_mapped(parent_name, &value)
                     ),
                     _ => format!("({value} IS NOT NULL AND {alias}.source_key IS NULL)"),
                 });

@@ -1,84 +1,15 @@
-//! The key map on production and the queries remapping needs there: stored mappings, whether
-//! keys are taken, natural-key matches, and fresh keys from a sequence or a KEYS-style table.
-//! Every statement's SQL text is built here.
+//! The queries remapping runs on production: stored mappings (the key map's statements come
+//! from [`crate::state::key_map`]), whether keys are taken, natural-key matches, and fresh keys
+//! from a sequence or a KEYS-style table. Prepared once per session.
 
 use std::collections::HashMap;
 
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Statement};
 
-use crate::apply::STATE_SCHEMA;
 use crate::config::{KeySource, TableName};
-use crate::sql::{qualified, quote_ident, quote_literal};
-
-/// The key map: one row per remapped row, staging key to production key. Only the staging key
-/// is indexed (every lookup goes that way); two mappings to one production key would make the
-/// second row's insert conflict on production's own primary key.
-pub fn key_map_table() -> String {
-    qualified(STATE_SCHEMA, "key_map")
-}
-
-/// DDL of the key map (part of stagingprop's schema on production).
-pub fn create_key_map() -> String {
-    format!(
-        "CREATE TABLE IF NOT EXISTS {} (
-             table_name text NOT NULL,
-             source_key bigint NOT NULL,
-             target_key bigint NOT NULL,
-             mapped_at timestamptz NOT NULL DEFAULT now(),
-             PRIMARY KEY (table_name, source_key))",
-        key_map_table()
-    )
-}
-
-/// Records mappings: parameters are text arrays of table names, staging keys, production keys.
-/// A mapping left from a row staging no longer has is replaced.
-pub fn insert_mappings() -> String {
-    format!(
-        "INSERT INTO {} (table_name, source_key, target_key) \
-         SELECT u.t, u.s::bigint, u.g::bigint FROM unnest($1::text[], $2::text[], $3::text[]) AS u(t, s, g) \
-         ON CONFLICT (table_name, source_key) DO UPDATE SET target_key = EXCLUDED.target_key, mapped_at = now()",
-        key_map_table()
-    )
-}
-
-/// Removes mappings: parameters are text arrays of table names and staging keys.
-pub fn delete_mappings() -> String {
-    format!(
-        "DELETE FROM {} k USING unnest($1::text[], $2::text[]) AS u(t, s) \
-         WHERE k.table_name = u.t AND k.source_key = u.s::bigint",
-        key_map_table()
-    )
-}
-
-/// Records the mappings of one table: $1 the table's name, $2 and $3 arrays of staging and
-/// production keys.
-pub fn insert_table_mappings() -> String {
-    format!(
-        "INSERT INTO {} (table_name, source_key, target_key) \
-         SELECT $1, u.s, u.g FROM unnest($2::bigint[], $3::bigint[]) AS u(s, g)",
-        key_map_table()
-    )
-}
-
-/// Maps every row of `table` to itself (no parameters).
-pub fn identity_mappings(table: &TableName, key_column: &str) -> String {
-    format!(
-        "INSERT INTO {} (table_name, source_key, target_key) SELECT {}, t.{key}, t.{key} FROM {} t",
-        key_map_table(),
-        quote_literal(&table.to_string()),
-        qualified(&table.schema, &table.name),
-        key = quote_ident(key_column)
-    )
-}
-
-/// Removes every mapping of the tables named in the text array parameter.
-pub fn delete_table_mappings() -> String {
-    format!(
-        "DELETE FROM {} WHERE table_name = ANY($1::text[])",
-        key_map_table()
-    )
-}
+use crate::sql::{qualified, quote_ident};
+use crate::state::key_map;
 
 /// Why a query of remapping failed or found nothing usable.
 #[derive(Debug, thiserror::Error)]
@@ -170,10 +101,7 @@ impl Statements {
         table: &TableName,
         sources: &[i64],
     ) -> Result<Vec<(i64, i64)>, StoreError> {
-        let sql = format!(
-            "SELECT source_key, target_key FROM {} WHERE table_name = $1 AND source_key = ANY($2)",
-            key_map_table()
-        );
+        let sql = key_map::lookup();
         let name = table.to_string();
         let rows = self
             .rows(
@@ -194,13 +122,7 @@ impl Statements {
         table: &TableName,
         limit: usize,
     ) -> Result<Option<Vec<(i64, i64)>>, StoreError> {
-        // Two arrays in one row: a row per mapping costs the client several times more to
-        // receive and decode (this runs at the start of every session, on the whole key map).
-        let sql = format!(
-            "SELECT array_agg(source_key), array_agg(target_key) \
-             FROM (SELECT source_key, target_key FROM {} WHERE table_name = $1 LIMIT $2) m",
-            key_map_table()
-        );
+        let sql = key_map::whole_table();
         let name = table.to_string();
         let over = limit as i64 + 1;
         let rows = self

@@ -33,7 +33,7 @@ use bytes::Bytes;
 use crate::apply::batch::{Key, RowOp, Source};
 use crate::apply::files::Publisher;
 use crate::apply::schema::{self, ColumnMap, ColumnReference, TableMeta};
-use crate::apply::{self, Applier, ApplyError, Progress, Savepoint};
+use crate::apply::{self, Applier, ApplyError, Savepoint};
 use crate::config::{Config, ConflictPolicy, TableName};
 use crate::model::{Lsn, Oid, OldTuple, Relation, Tuple, Value, Xid};
 use crate::pg::QueryError;
@@ -44,6 +44,7 @@ use crate::pg::replication::{
 use crate::pgoutput::LogicalMessage;
 use crate::remap::Remapper;
 use crate::spool::files::{SpoolError, SpoolReader};
+use crate::state::{self, Progress};
 use feed::Feed;
 pub use replay::{ReplayOptions, ReplayTo, replay};
 
@@ -502,7 +503,7 @@ where
         .connect()
         .await
         .map_err(database_error(&target, "connect"))?;
-    apply::ensure_state_tables(&p).await?;
+    state::ensure(&p).await.map_err(ApplyError::from)?;
     let staging_schema = match (&s, &state.staging_schema) {
         (Some(s), _) => Arc::new(StagingSchema::load(config, &staging, s).await?),
         (None, Some(cached)) => cached.clone(),
@@ -512,8 +513,10 @@ where
         state.staging_schema = Some(staging_schema.clone());
     }
     let (metas, remapper) = validate(config, &staging_schema, &target, &p).await?;
-    let progress = apply::read_progress(&p, &config.sync.slot).await?;
-    if progress.is_some_and(|p| !p.end_lsn.is_valid()) {
+    let progress = state::progress::read(&p, &config.sync.slot)
+        .await
+        .map_err(ApplyError::from)?;
+    if progress.is_some_and(|p| p.is_copy_in_progress()) {
         return Err(SyncError::Slot(format!(
             "a `stagingprop copy` into {} started but did not complete, so it is not a \
              consistent copy of staging: run the copy again (with --truncate) before sync",

@@ -22,7 +22,7 @@ use super::{
     Feeding, Latch, SyncError, SyncOptions, SyncSummary, apply_loop, check_slot, database_error,
     emit_heartbeat, pause_before_retry,
 };
-use crate::apply;
+use crate::apply::ApplyError;
 use crate::config::{Config, SpoolConfig};
 use crate::model::Lsn;
 use crate::pg::connect::Endpoint;
@@ -216,10 +216,10 @@ async fn production_progress(config: &Config) -> Result<Option<Lsn>, SyncError> 
         .await
         .map_err(database_error(&production, "connect"))?;
     // No progress table yet (the applier creates it): production has nothing.
-    match apply::read_progress(&p, &config.sync.slot).await {
+    match crate::state::progress::read(&p, &config.sync.slot).await {
         Ok(progress) => Ok(progress.map(|p| p.end_lsn)),
         Err(e) if e.sqlstate() == Some("42P01") => Ok(None),
-        Err(e) => Err(e.into()),
+        Err(e) => Err(ApplyError::from(e).into()),
     }
 }
 

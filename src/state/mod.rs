@@ -1,0 +1,56 @@
+//! stagingprop's own tables on production, in schema `stagingprop`: the progress row per slot
+//! ([`progress`]), the key map ([`key_map`]), the quarantine of skipped changes
+//! ([`quarantine`]), copy's two-phase commit decisions ([`copy_commits`]) and the layout
+//! version row ([`layout`]). This is the only module that names them: their DDL and every
+//! statement that reads or writes them are built here, and everything else calls in.
+
+pub mod copy_commits;
+pub mod key_map;
+pub mod layout;
+pub mod progress;
+pub mod quarantine;
+
+use crate::pg::QueryError;
+use crate::sql::qualified;
+
+pub use layout::{LAYOUT_VERSION, ensure};
+pub use progress::Progress;
+
+/// The schema on production holding stagingprop's own tables.
+pub const SCHEMA: &str = "stagingprop";
+
+/// `"stagingprop"."name"`.
+fn table(name: &str) -> String {
+    qualified(SCHEMA, name)
+}
+
+/// Why reading or writing stagingprop's tables failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{0}")]
+    Query(QueryError),
+    #[error(
+        "production's {SCHEMA} tables have layout version {found}, newer than this stagingprop \
+         knows (up to {known}): a newer stagingprop release upgraded them. Run that release (or a \
+         newer one); nothing was changed"
+    )]
+    NewerLayout { found: i32, known: i32 },
+}
+
+impl StateError {
+    /// Worth retrying on a new connection.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StateError::Query(q) if q.transient)
+    }
+
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            StateError::Query(q) => q.sqlstate(),
+            StateError::NewerLayout { .. } => None,
+        }
+    }
+}
+
+fn query_error(what: &str) -> impl FnOnce(tokio_postgres::Error) -> StateError + '_ {
+    move |e| StateError::Query(QueryError::new(what, &e))
+}
