@@ -6,7 +6,7 @@ use std::hint::black_box;
 
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use stagingprop::apply::batch::{RowOp, Source, TableChanges};
+use stagingprop::change::{RowOp, Source, TableChanges};
 use stagingprop::model::{Lsn, Value};
 
 fn text(s: String) -> Value {

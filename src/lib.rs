@@ -11,6 +11,9 @@
 //! - [`sync`]: the sync command's pipeline: stream, skip what is applied, batch, apply, confirm.
 //! - [`sql`]: the one place identifiers and literals are quoted.
 //! - [`ops`]: operator commands (`init`, `tail`).
+//! - [`catalog`]: what a managed table is, read from a database's catalogs, and the one
+//!   comparison of two sides' tables.
+//! - [`change`]: row changes and their consolidation per key (sans-IO).
 //! - [`apply`]: set-based, exactly-once apply to production, conflicts, progress.
 //! - [`copy`]: consistent parallel snapshot copy with the hand-off to sync.
 //! - [`remap`]: key remapping rules, the key map's cache and the queries remapping runs.
@@ -20,6 +23,8 @@
 //! - [`progress`]: progress bars on a terminal that log lines do not tear.
 
 pub mod apply;
+pub mod catalog;
+pub mod change;
 pub mod cluster;
 pub mod config;
 pub mod copy;

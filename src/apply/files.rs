@@ -17,7 +17,7 @@ use std::fs;
 use std::io::Write;
 use std::path::{Component, Path, PathBuf};
 
-use super::schema::TableMeta;
+use crate::catalog::TableMeta;
 use crate::config::{FilesConfig, TableName};
 use crate::model::{ReplicaIdentity, Tuple, Value};
 
@@ -624,7 +624,7 @@ fn remove_where(dir: &Path, staged: bool) -> Result<Vec<PathBuf>, (PathBuf, std:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::apply::schema::ColumnMeta;
+    use crate::catalog::ColumnMeta;
     use bytes::Bytes;
 
     fn scratch(name: &str) -> PathBuf {

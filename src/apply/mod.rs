@@ -3,10 +3,7 @@
 //! conflicts with their per-table policy and the quarantine table, and the progress table that
 //! makes apply exactly-once (it is updated in the same transaction as the changes).
 
-pub mod batch;
 pub mod files;
-pub mod schema;
-pub mod sequences;
 pub mod sql;
 
 use std::collections::{HashMap, HashSet};
@@ -16,9 +13,9 @@ use bytes::Bytes;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Statement};
 
-use self::batch::{Entry, Key, NetChange, RowOp, Source, TableChanges};
 use self::files::{FileError, FileStats, Publisher};
-use self::schema::TableMeta;
+use crate::catalog::{self as schema, TableMeta};
+use crate::change::{Entry, Key, NetChange, RowOp, Source, TableChanges};
 use crate::config::{ConflictPolicy, TableName};
 use crate::model::{Lsn, Tuple, Value, Xid};
 use crate::pg::QueryError;
@@ -444,7 +441,7 @@ impl Applier {
         let rows_before = self.tables[table].changes.len();
         match self.tables[table].changes.absorb(key, op, source) {
             Ok(delta) => self.account(table, rows_before, delta),
-            Err(batch::NeedsFlush { key, op }) => {
+            Err(crate::change::NeedsFlush { key, op }) => {
                 self.flush().await?;
                 // After a flush nothing is pending, and an empty table takes any change.
                 if let Ok(delta) = self.tables[table].changes.absorb(key, op, source) {

@@ -10,7 +10,7 @@
 
 use std::fmt::Write;
 
-use super::schema::TableMeta;
+use crate::catalog::TableMeta;
 use crate::sql::{qualified, quote_ident};
 
 /// `unnest($1::text[], ..., $n::text[]) WITH ORDINALITY AS u(a0, ..., ord)` for `n` arrays
@@ -233,7 +233,7 @@ pub fn truncate(tables: &[&TableMeta], restart_identity: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::apply::schema::ColumnMeta;
+    use crate::catalog::ColumnMeta;
 
     fn meta() -> TableMeta {
         let col = |name: &str, ty: &str| ColumnMeta {

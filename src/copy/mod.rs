@@ -39,7 +39,7 @@ use tokio_postgres::Client;
 use self::rewrite::{ColumnRewrite, KeyRewriter, Translate};
 use self::split::Piece;
 use crate::apply;
-use crate::apply::schema::{self, TableMeta};
+use crate::catalog::{self, TableMeta};
 use crate::config::{Config, KeyRule, TableName};
 use crate::model::Lsn;
 use crate::pg::QueryError;
@@ -238,30 +238,23 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
     }
 
     // Validation before anything is written.
-    let mut problems = Vec::new();
-    let mut metas = Vec::new();
-    for name in &tables {
-        let on_source = schema::load_table(&s, name)
-            .await
-            .map_err(db_error(&source, "reading table definitions"))?;
-        let on_target = schema::load_table(&t, name)
-            .await
-            .map_err(db_error(&target, "reading table definitions"))?;
-        match (on_source, on_target) {
-            (None, _) => problems.push(format!("{}: table {name} does not exist", options.from)),
-            (Some(_), None) => problems.push(format!(
-                "{}: table {name} does not exist; create it first",
-                options.to
-            )),
-            (Some(src), Some(dst)) => {
-                problems.extend(schema::compare(&src, &dst));
-                metas.push(src);
-            }
-        }
-    }
-    if !problems.is_empty() {
-        return Err(CopyError::Schema(problems));
-    }
+    let names: Vec<&TableName> = tables.iter().collect();
+    let on_source = catalog::load_tables(&s, &names)
+        .await
+        .map_err(db_error(&source, "reading table definitions"))?;
+    let on_target = catalog::load_tables(&t, &names)
+        .await
+        .map_err(db_error(&target, "reading table definitions"))?;
+    let (from, to) = (options.from.to_string(), options.to.to_string());
+    let sides = catalog::compare::Sides {
+        source: &from,
+        target: &to,
+    };
+    let metas: Vec<TableMeta> = catalog::compare::compare_all(&names, &on_source, on_target, sides)
+        .map_err(CopyError::Schema)?
+        .into_iter()
+        .map(|(on_source, _)| on_source)
+        .collect();
     if !options.truncate {
         let mut non_empty = Vec::new();
         for meta in &metas {
@@ -287,10 +280,10 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
         }
     }
     let meta_refs: Vec<&TableMeta> = metas.iter().collect();
-    let edges = schema::foreign_keys(&t, &meta_refs)
+    let edges = catalog::foreign_keys(&t, &meta_refs)
         .await
         .map_err(db_error(&target, "reading foreign keys"))?;
-    let groups = schema::linked_groups(metas.len(), &edges);
+    let groups = catalog::linked_groups(metas.len(), &edges);
 
     // The snapshot, and for the sync hand-off the slot it comes from.
     let handoff = options.from == Side::Staging && options.to == Side::Production;
@@ -441,10 +434,10 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
     }
 
     // Sequences of identity-keyed tables follow the source (never lowered on the target).
-    let values = apply::sequences::read_owned(&s, config)
+    let values = catalog::sequences::read_owned(&s, config)
         .await
         .map_err(db_error(&source, "reading sequences"))?;
-    apply::sequences::raise(&t, &values)
+    catalog::sequences::raise(&t, &values)
         .await
         .map_err(db_error(&target, "setting sequences"))?;
 
@@ -1359,7 +1352,7 @@ async fn plan_keys(
     let (staging, st) = if forward { (source, s) } else { (target, t) };
     let mut production_metas = Vec::with_capacity(config.tables.len());
     for table in &config.tables {
-        match schema::load_table(p, &table.name)
+        match catalog::load_table(p, &table.name)
             .await
             .map_err(db_error(production, "reading table definitions"))?
         {
@@ -1372,7 +1365,7 @@ async fn plan_keys(
             }
         }
     }
-    let declared = schema::column_references(st)
+    let declared = catalog::column_references(st)
         .await
         .map_err(db_error(staging, "reading foreign keys"))?;
     let remapper = Remapper::new(config, &production_metas, &declared).map_err(CopyError::Rules)?;
@@ -1550,7 +1543,7 @@ async fn reset_production_key_map(
             table.key,
             KeyRule::Allocate { .. } | KeyRule::Natural { .. }
         ) {
-            let meta = schema::load_table(p, &table.name)
+            let meta = catalog::load_table(p, &table.name)
                 .await
                 .map_err(db_error(production, "reading table definitions"))?
                 .ok_or_else(|| {

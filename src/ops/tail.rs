@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
 
 use super::OpsError;
-use crate::apply::schema::{self, TableMeta};
+use crate::catalog::{self, TableMeta};
 use crate::config::{Config, TableName};
 use crate::model::{Column, Lsn, Oid, OldTuple, PgTimestamp, Relation, Value, Xid};
 use crate::pg::connect::Endpoint;
@@ -62,7 +62,7 @@ impl KeyTranslator {
         };
         let mut metas = Vec::with_capacity(config.tables.len());
         for table in &config.tables {
-            let meta = schema::load_table(&p, &table.name)
+            let meta = catalog::load_table(&p, &table.name)
                 .await
                 .map_err(query_error(&production))?
                 .ok_or_else(|| {
@@ -70,7 +70,7 @@ impl KeyTranslator {
                 })?;
             metas.push(meta);
         }
-        let declared = schema::column_references(&s)
+        let declared = catalog::column_references(&s)
             .await
             .map_err(query_error(&staging))?;
         let remapper = Remapper::new(config, &metas, &declared).map_err(|problems| {

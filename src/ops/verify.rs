@@ -22,7 +22,7 @@ use tokio_postgres::Client;
 use tokio_postgres::types::ToSql;
 
 use super::{OpsError, connect, query_error};
-use crate::apply::schema::{self, TableMeta};
+use crate::catalog::{self, TableMeta};
 use crate::config::{Config, KeyRule};
 use crate::pg::connect::Endpoint;
 use crate::remap::Remapper;
@@ -596,7 +596,7 @@ async fn remapping(
     }
     let mut metas = Vec::with_capacity(config.tables.len());
     for table in &config.tables {
-        let meta = schema::load_table(p, &table.name)
+        let meta = catalog::load_table(p, &table.name)
             .await
             .map_err(query_error(production, "reading table definitions"))?
             .ok_or_else(|| {
@@ -604,7 +604,7 @@ async fn remapping(
             })?;
         metas.push(meta);
     }
-    let declared = schema::column_references(s)
+    let declared = catalog::column_references(s)
         .await
         .map_err(query_error(staging, "reading foreign keys"))?;
     Remapper::new(config, &metas, &declared).map_err(|problems| {
@@ -630,7 +630,7 @@ pub async fn verify(config: &Config, options: &VerifyOptions) -> Result<Vec<Tabl
     let remapper = remapping(config, &s, &p, &staging, &production).await?;
     let mut diffs = Vec::with_capacity(config.tables.len());
     for (t, table) in config.tables.iter().enumerate() {
-        let meta = schema::load_table(&s, &table.name)
+        let meta = catalog::load_table(&s, &table.name)
             .await
             .map_err(query_error(&staging, "reading table definitions"))?
             .ok_or_else(|| {

@@ -23,8 +23,8 @@ use tokio_postgres::Client;
 
 use self::cache::{KeyCache, Known, format_key, offset_key, parse_key};
 use self::store::{Statements, StoreError};
-use crate::apply::batch::{Entry, Key, NetChange, Source};
-use crate::apply::schema::{ColumnReference, TableMeta};
+use crate::catalog::{ColumnReference, TableMeta};
+use crate::change::{Entry, Key, NetChange, Source};
 use crate::config::{Config, KeyRule, TableName};
 use crate::model::{Lsn, Tuple, Value, Xid};
 
@@ -957,7 +957,7 @@ fn set_key(entry: &mut Entry, key_column: usize, target: i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::apply::batch::Source;
+    use crate::change::Source;
 
     fn text(s: &str) -> Value {
         Value::Text(Bytes::copy_from_slice(s.as_bytes()))

@@ -30,10 +30,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::apply::batch::{Key, RowOp, Source};
 use crate::apply::files::Publisher;
-use crate::apply::schema::{self, ColumnMap, ColumnReference, TableMeta};
 use crate::apply::{self, Applier, ApplyError, Savepoint};
+use crate::catalog::{self, ColumnMap, ColumnReference, TableMeta};
+use crate::change::{Key, RowOp, Source};
 use crate::config::{Config, ConflictPolicy, TableName};
 use crate::model::{Lsn, Oid, OldTuple, Relation, Tuple, Value, Xid};
 use crate::pg::QueryError;
@@ -361,15 +361,11 @@ impl StagingSchema {
         endpoint: &Endpoint,
         client: &tokio_postgres::Client,
     ) -> Result<StagingSchema, SyncError> {
-        let mut tables = Vec::with_capacity(config.tables.len());
-        for table in &config.tables {
-            tables.push(
-                schema::load_table(client, &table.name)
-                    .await
-                    .map_err(database_error(endpoint, "reading table definitions"))?,
-            );
-        }
-        let references = schema::column_references(client)
+        let names: Vec<&TableName> = config.tables.iter().map(|t| &t.name).collect();
+        let tables = catalog::load_tables(client, &names)
+            .await
+            .map_err(database_error(endpoint, "reading table definitions"))?;
+        let references = catalog::column_references(client)
             .await
             .map_err(database_error(endpoint, "reading foreign keys"))?;
         Ok(StagingSchema { tables, references })
@@ -383,27 +379,20 @@ async fn validate(
     production: &Endpoint,
     p: &tokio_postgres::Client,
 ) -> Result<(Vec<TableMeta>, Option<Remapper>), SyncError> {
-    let mut problems = Vec::new();
-    let mut metas = Vec::new();
-    for (table, on_staging) in config.tables.iter().zip(&staging.tables) {
-        let on_production = schema::load_table(p, &table.name)
-            .await
-            .map_err(database_error(production, "reading table definitions"))?;
-        match (on_staging, on_production) {
-            (None, _) => problems.push(format!("staging: table {} does not exist", table.name)),
-            (Some(_), None) => problems.push(format!(
-                "{}: table {} does not exist; create it with the same columns as on staging",
-                production.role, table.name
-            )),
-            (Some(st), Some(pr)) => {
-                problems.extend(schema::compare(st, &pr));
-                metas.push(pr);
-            }
-        }
-    }
-    if !problems.is_empty() {
-        return Err(SyncError::Schema(problems));
-    }
+    let names: Vec<&TableName> = config.tables.iter().map(|t| &t.name).collect();
+    let on_production = catalog::load_tables(p, &names)
+        .await
+        .map_err(database_error(production, "reading table definitions"))?;
+    let sides = catalog::compare::Sides {
+        source: "staging",
+        target: &production.role,
+    };
+    let metas: Vec<TableMeta> =
+        catalog::compare::compare_all(&names, &staging.tables, on_production, sides)
+            .map_err(SyncError::Schema)?
+            .into_iter()
+            .map(|(_, on_production)| on_production)
+            .collect();
     let remapper = Remapper::new(config, &metas, &staging.references).map_err(SyncError::Rules)?;
     Ok((metas, remapper))
 }
@@ -1376,10 +1365,10 @@ impl Pipeline<'_> {
 
     /// Keeps production's sequences of identity-keyed tables at least as high as staging's.
     async fn sync_sequences(&mut self, staging: &tokio_postgres::Client) -> Result<(), SyncError> {
-        let values = apply::sequences::read_owned(staging, self.config)
+        let values = catalog::sequences::read_owned(staging, self.config)
             .await
             .map_err(database_error(self.staging, "reading sequences"))?;
-        let raised = apply::sequences::raise(self.applier.client(), &values)
+        let raised = catalog::sequences::raise(self.applier.client(), &values)
             .await
             .map_err(|e| {
                 SyncError::Apply(ApplyError::Query(QueryError::new("raising sequences", &e)))
@@ -1428,7 +1417,7 @@ impl Pipeline<'_> {
             .table_id(&name)
             .ok_or_else(|| SyncError::UnknownTable(name.to_string()))?;
         let meta = self.applier.meta(table);
-        let map = schema::map_relation(&relation, meta)
+        let map = catalog::map_relation(&relation, meta)
             .map_err(|m| SyncError::Apply(ApplyError::Schema(m)))?;
         self.applier
             .files

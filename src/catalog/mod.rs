@@ -1,6 +1,10 @@
-//! What the apply stage knows of a table: its columns with their SQL types and its primary key,
-//! read from a database's catalogs; and the comparison of staging's tables with production's,
-//! whose every difference is one clear problem line.
+//! What stagingprop knows of a managed table, read from a database's catalogs: its columns with
+//! their SQL types and its primary key, the foreign keys among the managed tables, the columns
+//! that reference others, and sequences ([`sequences`]). Sync, copy, verify, tail and remap all
+//! read tables through here; [`compare`] holds the one comparison of two sides' tables.
+
+pub mod compare;
+pub mod sequences;
 
 use tokio_postgres::Client;
 
@@ -38,6 +42,18 @@ impl TableMeta {
     pub fn qualified(&self) -> String {
         qualified(&self.schema, &self.name)
     }
+}
+
+/// Reads each of `names` ([`load_table`]), in order.
+pub async fn load_tables(
+    client: &Client,
+    names: &[&TableName],
+) -> Result<Vec<Option<TableMeta>>, tokio_postgres::Error> {
+    let mut tables = Vec::with_capacity(names.len());
+    for name in names {
+        tables.push(load_table(client, name).await?);
+    }
+    Ok(tables)
 }
 
 /// Reads a table's columns and primary key; `None` when there is no such table.
@@ -92,71 +108,6 @@ pub async fn load_table(
         columns,
         key,
     }))
-}
-
-/// Whether production can store every value of a staging column's type.
-fn compatible(staging: &str, production: &str) -> bool {
-    if staging == production {
-        return true;
-    }
-    let length = |t: &str, prefix: &str| -> Option<Option<u32>> {
-        let rest = t.strip_prefix(prefix)?;
-        if rest.is_empty() {
-            return Some(None);
-        }
-        rest.strip_prefix('(')?
-            .strip_suffix(')')?
-            .parse()
-            .ok()
-            .map(Some)
-    };
-    const VARCHAR: &str = "character varying";
-    match (length(staging, VARCHAR), length(production, VARCHAR)) {
-        (Some(_), Some(None)) => return true,
-        (Some(Some(s)), Some(Some(p))) => return p >= s,
-        _ => {}
-    }
-    if production == "text" && (staging == "text" || staging.starts_with(VARCHAR)) {
-        return true;
-    }
-    production == "numeric" && staging.starts_with("numeric")
-}
-
-/// Every difference that would stop production from receiving staging's rows of this table.
-pub fn compare(staging: &TableMeta, production: &TableMeta) -> Vec<String> {
-    let table = staging.table_name();
-    let mut problems = Vec::new();
-    if production.key.is_empty() {
-        problems.push(format!(
-            "production: table {table} has no primary key; stagingprop finds rows by it: add one (the same as on staging)"
-        ));
-    }
-    for column in &staging.columns {
-        match production.columns.iter().find(|c| c.name == column.name) {
-            None => problems.push(format!(
-                "production: table {table} lacks column {} ({} on staging); add it: ALTER TABLE {} ADD COLUMN {} {}",
-                column.name,
-                column.type_sql,
-                production.qualified(),
-                crate::sql::quote_ident(&column.name),
-                column.type_sql
-            )),
-            Some(p) if !compatible(&column.type_sql, &p.type_sql) => problems.push(format!(
-                "production: column {table}.{} is {} but {} on staging; change it to {}",
-                column.name, p.type_sql, column.type_sql, column.type_sql
-            )),
-            Some(_) => {}
-        }
-    }
-    for &k in &production.key {
-        let name = &production.columns[k].name;
-        if staging.column_index(name).is_none() {
-            problems.push(format!(
-                "production: primary key column {table}.{name} does not exist on staging; the keys must match"
-            ));
-        }
-    }
-    problems
 }
 
 /// How a staging Relation's columns land on production: for each staging column, its index in
@@ -350,55 +301,5 @@ mod tests {
             vec![vec![0, 2, 3], vec![1]]
         );
         assert_eq!(linked_groups(2, &[]), vec![vec![0], vec![1]]);
-    }
-
-    fn table(columns: &[(&str, &str)], key: Vec<usize>) -> TableMeta {
-        TableMeta {
-            schema: "public".into(),
-            name: "t".into(),
-            columns: columns
-                .iter()
-                .map(|(n, t)| ColumnMeta {
-                    name: (*n).into(),
-                    type_sql: (*t).into(),
-                })
-                .collect(),
-            key,
-        }
-    }
-
-    #[test]
-    fn compatible_types() {
-        assert!(compatible("bigint", "bigint"));
-        assert!(compatible("character varying(10)", "character varying(20)"));
-        assert!(!compatible(
-            "character varying(20)",
-            "character varying(10)"
-        ));
-        assert!(compatible("character varying(20)", "character varying"));
-        assert!(compatible("character varying(20)", "text"));
-        assert!(compatible("numeric(12,2)", "numeric"));
-        assert!(!compatible("bigint", "integer"));
-        assert!(!compatible("text", "character varying(5)"));
-    }
-
-    #[test]
-    fn compare_names_every_problem() {
-        let staging = table(
-            &[
-                ("id", "bigint"),
-                ("name", "text"),
-                ("price", "numeric(12,2)"),
-            ],
-            vec![0],
-        );
-        let production = table(&[("id", "integer"), ("name", "text")], vec![]);
-        let problems = compare(&staging, &production);
-        assert_eq!(problems.len(), 3, "{problems:#?}");
-        assert!(problems[0].contains("no primary key"));
-        assert!(problems[1].contains("column public.t.id is integer but bigint on staging"));
-        assert!(problems[2].contains("lacks column price"));
-        assert!(problems[2].contains("ADD COLUMN \"price\" numeric(12,2)"));
-        assert!(compare(&staging, &staging).is_empty());
     }
 }

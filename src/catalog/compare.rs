@@ -1,0 +1,212 @@
+//! The comparison of one side's managed tables with another's (staging's with production's for
+//! sync, a copy's source with its target): every difference that would stop the target from
+//! receiving the source's rows is one line naming the table, the column and what to change.
+
+use super::TableMeta;
+use crate::config::TableName;
+
+/// Whether `target` can store every value of a `source` column's type: the same type, or a
+/// wider one (`varchar(n)` into `varchar(m >= n)` or `text`, `numeric(p,s)` into `numeric`).
+fn compatible(source: &str, target: &str) -> bool {
+    if source == target {
+        return true;
+    }
+    let length = |t: &str, prefix: &str| -> Option<Option<u32>> {
+        let rest = t.strip_prefix(prefix)?;
+        if rest.is_empty() {
+            return Some(None);
+        }
+        rest.strip_prefix('(')?
+            .strip_suffix(')')?
+            .parse()
+            .ok()
+            .map(Some)
+    };
+    const VARCHAR: &str = "character varying";
+    match (length(source, VARCHAR), length(target, VARCHAR)) {
+        (Some(_), Some(None)) => return true,
+        (Some(Some(s)), Some(Some(t))) => return t >= s,
+        _ => {}
+    }
+    if target == "text" && (source == "text" || source.starts_with(VARCHAR)) {
+        return true;
+    }
+    target == "numeric" && source.starts_with("numeric")
+}
+
+/// The two sides being compared, by the names the operator knows them by.
+#[derive(Clone, Copy, Debug)]
+pub struct Sides<'a> {
+    pub source: &'a str,
+    pub target: &'a str,
+}
+
+impl Sides<'_> {
+    pub const SYNC: Sides<'static> = Sides {
+        source: "staging",
+        target: "production",
+    };
+}
+
+/// Every difference that would stop `target` from receiving `source`'s rows of this table.
+pub fn compare(source: &TableMeta, target: &TableMeta, sides: Sides<'_>) -> Vec<String> {
+    let Sides {
+        source: from,
+        target: to,
+    } = sides;
+    let table = source.table_name();
+    let mut problems = Vec::new();
+    if target.key.is_empty() {
+        problems.push(format!(
+            "{to}: table {table} has no primary key; stagingprop finds rows by it: add one (the same as on {from})"
+        ));
+    }
+    for column in &source.columns {
+        match target.columns.iter().find(|c| c.name == column.name) {
+            None => problems.push(format!(
+                "{to}: table {table} lacks column {} ({} on {from}); add it: ALTER TABLE {} ADD COLUMN {} {}",
+                column.name,
+                column.type_sql,
+                target.qualified(),
+                crate::sql::quote_ident(&column.name),
+                column.type_sql
+            )),
+            Some(t) if !compatible(&column.type_sql, &t.type_sql) => problems.push(format!(
+                "{to}: column {table}.{} is {} but {} on {from}; change it to {}",
+                column.name, t.type_sql, column.type_sql, column.type_sql
+            )),
+            Some(_) => {}
+        }
+    }
+    for &k in &target.key {
+        let name = &target.columns[k].name;
+        if source.column_index(name).is_none() {
+            problems.push(format!(
+                "{to}: primary key column {table}.{name} does not exist on {from}; the keys must match"
+            ));
+        }
+    }
+    problems
+}
+
+/// Compares every table of `names` as each side has it (`None`: no such table), and returns
+/// the pairs (source's, target's) when nothing differs, else every problem.
+pub fn compare_all(
+    names: &[&TableName],
+    source: &[Option<TableMeta>],
+    target: Vec<Option<TableMeta>>,
+    sides: Sides<'_>,
+) -> Result<Vec<(TableMeta, TableMeta)>, Vec<String>> {
+    let mut problems = Vec::new();
+    let mut pairs = Vec::with_capacity(names.len());
+    for ((name, on_source), on_target) in names.iter().zip(source).zip(target) {
+        match (on_source, on_target) {
+            (None, _) => problems.push(format!("{}: table {name} does not exist", sides.source)),
+            (Some(_), None) => problems.push(format!(
+                "{}: table {name} does not exist; create it with the same columns as on {}",
+                sides.target, sides.source
+            )),
+            (Some(s), Some(t)) => {
+                problems.extend(compare(s, &t, sides));
+                pairs.push((s.clone(), t));
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(pairs)
+    } else {
+        Err(problems)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::ColumnMeta;
+
+    fn table(columns: &[(&str, &str)], key: Vec<usize>) -> TableMeta {
+        TableMeta {
+            schema: "public".into(),
+            name: "t".into(),
+            columns: columns
+                .iter()
+                .map(|(n, t)| ColumnMeta {
+                    name: (*n).into(),
+                    type_sql: (*t).into(),
+                })
+                .collect(),
+            key,
+        }
+    }
+
+    #[test]
+    fn compatible_types() {
+        assert!(compatible("bigint", "bigint"));
+        assert!(compatible("character varying(10)", "character varying(20)"));
+        assert!(!compatible(
+            "character varying(20)",
+            "character varying(10)"
+        ));
+        assert!(compatible("character varying(20)", "character varying"));
+        assert!(compatible("character varying(20)", "text"));
+        assert!(compatible("numeric(12,2)", "numeric"));
+        assert!(!compatible("bigint", "integer"));
+        assert!(!compatible("text", "character varying(5)"));
+    }
+
+    #[test]
+    fn compare_names_every_problem() {
+        let staging = table(
+            &[
+                ("id", "bigint"),
+                ("name", "text"),
+                ("price", "numeric(12,2)"),
+            ],
+            vec![0],
+        );
+        let production = table(&[("id", "integer"), ("name", "text")], vec![]);
+        let problems = compare(&staging, &production, Sides::SYNC);
+        assert_eq!(problems.len(), 3, "{problems:#?}");
+        assert!(problems[0].contains("no primary key"));
+        assert!(problems[1].contains("column public.t.id is integer but bigint on staging"));
+        assert!(problems[2].contains("lacks column price"));
+        assert!(problems[2].contains("ADD COLUMN \"price\" numeric(12,2)"));
+        assert!(compare(&staging, &staging, Sides::SYNC).is_empty());
+        // A copy into staging names the sides the other way round.
+        let into_staging = Sides {
+            source: "production",
+            target: "staging",
+        };
+        assert!(compare(&staging, &production, into_staging)[0].starts_with("staging: table"));
+    }
+
+    #[test]
+    fn every_table_is_compared_and_missing_ones_named_by_side() {
+        let a = TableName::new("public", "a");
+        let b = TableName::new("public", "b");
+        let c = TableName::new("public", "c");
+        let t = table(&[("id", "bigint")], vec![0]);
+        let problems = compare_all(
+            &[&a, &b, &c],
+            &[None, Some(t.clone()), Some(t.clone())],
+            vec![Some(t.clone()), None, Some(t.clone())],
+            Sides::SYNC,
+        )
+        .unwrap_err();
+        assert_eq!(
+            problems,
+            vec![
+                "staging: table public.a does not exist".to_owned(),
+                "production: table public.b does not exist; create it with the same columns as on staging".to_owned(),
+            ]
+        );
+        let pairs = compare_all(
+            &[&c],
+            &[Some(t.clone())],
+            vec![Some(t.clone())],
+            Sides::SYNC,
+        )
+        .unwrap();
+        assert_eq!(pairs, vec![(t.clone(), t)]);
+    }
+}
