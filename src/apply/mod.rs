@@ -285,6 +285,10 @@ pub struct Applier {
     in_transaction: bool,
     pending_rows: usize,
     pending_bytes: isize,
+    /// Rows and bytes sent in the open batch before what is pending: the batch limits count
+    /// them too.
+    sent_rows: usize,
+    sent_bytes: usize,
     /// Apply every change on its own (no consolidation), to decide whether an error the
     /// set-based path met is real.
     pub one_by_one: bool,
@@ -374,6 +378,8 @@ impl Applier {
             in_transaction: false,
             pending_rows: 0,
             pending_bytes: 0,
+            sent_rows: 0,
+            sent_bytes: 0,
             one_by_one: false,
             stats: ApplyStats::default(),
             replica_role,
@@ -413,6 +419,16 @@ impl Applier {
 
     pub fn pending_bytes(&self) -> usize {
         self.pending_bytes.max(0) as usize
+    }
+
+    /// Rows of the open batch, sent and pending: what `batch_max_rows` limits.
+    pub fn batch_rows(&self) -> usize {
+        self.sent_rows + self.pending_rows
+    }
+
+    /// Bytes of the open batch, sent and pending: what `batch_max_bytes` limits.
+    pub fn batch_bytes(&self) -> usize {
+        self.sent_bytes + self.pending_bytes()
     }
 
     /// Makes sure a transaction of the current batch is open: a closed batch commits first.
@@ -582,6 +598,8 @@ impl Applier {
         self.settle().await?;
         let mut drained: Vec<Vec<Entry>> =
             self.tables.iter_mut().map(|t| t.changes.drain()).collect();
+        self.sent_rows += self.pending_rows;
+        self.sent_bytes += self.pending_bytes();
         self.pending_rows = 0;
         self.pending_bytes = 0;
         if let Some(remap) = &mut self.remap {
@@ -1042,6 +1060,8 @@ impl Applier {
         self.begin().await?;
         self.flush().await?;
         self.closing = Some(*last);
+        self.sent_rows = 0;
+        self.sent_bytes = 0;
         self.files.close();
         Ok(())
     }
@@ -1175,6 +1195,8 @@ impl Applier {
         }
         self.pending_rows = 0;
         self.pending_bytes = 0;
+        self.sent_rows = 0;
+        self.sent_bytes = 0;
         if self.in_transaction {
             self.in_transaction = false;
             self.client

@@ -47,6 +47,9 @@ pub(super) enum Feed {
         /// sync is still writing is not part of it.
         end: SpoolMark,
     },
+    /// The pipeline's unit tests: recorded messages, then the end.
+    #[cfg(test)]
+    Script(std::collections::VecDeque<(Lsn, LogicalMessage)>),
 }
 
 impl Feed {
@@ -84,6 +87,8 @@ impl Feed {
                 }
                 Ok(next)
             }
+            #[cfg(test)]
+            Feed::Script(messages) => Ok(messages.pop_front()),
         }
     }
 
@@ -102,7 +107,12 @@ impl Feed {
 
     /// Whether running out is the end of the work rather than a lost connection.
     pub(super) fn ends(&self) -> bool {
-        matches!(self, Feed::Replay { .. })
+        match self {
+            Feed::Replay { .. } => true,
+            #[cfg(test)]
+            Feed::Script(_) => true,
+            _ => false,
+        }
     }
 
     /// Staging's WAL end as last heard (for lag); invalid when replaying.
@@ -111,6 +121,8 @@ impl Feed {
             Feed::Slot(stream) => stream.server_wal_end(),
             Feed::Spool { shared, .. } => Lsn(shared.server_wal_end.load(Ordering::Relaxed)),
             Feed::Replay { .. } => Lsn::INVALID,
+            #[cfg(test)]
+            Feed::Script(_) => Lsn::INVALID,
         }
     }
 
@@ -121,13 +133,15 @@ impl Feed {
                 format!("the spool in {}", shared.dir.display())
             }
             Feed::Replay { .. } => "the spool".into(),
+            #[cfg(test)]
+            Feed::Script(_) => "a recorded message sequence".into(),
         }
     }
 
     pub(super) async fn close(self) -> Result<(), SyncError> {
         match self {
             Feed::Slot(stream) => Ok(stream.close().await?),
-            Feed::Spool { .. } | Feed::Replay { .. } => Ok(()),
+            _ => Ok(()),
         }
     }
 }

@@ -18,10 +18,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use super::{
-    Feeding, Latch, SyncError, SyncOptions, SyncSummary, apply_loop, check_slot, database_error,
-    emit_heartbeat, pause_before_retry,
-};
+use super::retry::{Latch, apply_loop, pause_before_retry};
+use super::session::{check_slot, emit_heartbeat};
+use super::{Feeding, SyncError, SyncOptions, SyncSummary, database_error};
 use crate::apply::ApplyError;
 use crate::config::{Config, SpoolConfig};
 use crate::model::Lsn;

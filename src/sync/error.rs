@@ -1,0 +1,81 @@
+//! What sync can fail with, and which failures are worth a retry.
+
+use crate::apply::ApplyError;
+use crate::pg::QueryError;
+use crate::pg::connect::{Endpoint, EndpointError};
+use crate::pg::replication::ReplicationError;
+use crate::spool::files::SpoolError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    #[error("cannot use {target}: {source}")]
+    Database { target: String, source: QueryError },
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error("staging and production differ, nothing was applied:\n  - {}", .0.join("\n  - "))]
+    Schema(Vec<String>),
+    #[error("key remapping cannot work with these tables, nothing was applied:\n  - {}", .0.join("\n  - "))]
+    Rules(Vec<String>),
+    #[error("{0}")]
+    Slot(String),
+    #[error(
+        "staging sent changes of {0}, which is not in [[tables]]; run `stagingprop init` so the publication lists exactly the managed tables"
+    )]
+    UnknownTable(String),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    #[error("{0}")]
+    Replay(String),
+}
+
+impl SyncError {
+    /// Worth retrying after a pause: a database went away or is restarting.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SyncError::Database { source, .. } => source.transient,
+            SyncError::Apply(e) => e.is_transient(),
+            SyncError::Replication(e) => match e {
+                ReplicationError::Connect { .. }
+                | ReplicationError::ConnectTimeout { .. }
+                | ReplicationError::Io { .. }
+                | ReplicationError::Closed { .. } => true,
+                ReplicationError::Stream { source, .. }
+                | ReplicationError::Server { source, .. }
+                | ReplicationError::AuthFailed { source, .. } => {
+                    // Shutting down / starting up / slot busy with a session that is ending.
+                    matches!(source.code.as_str(), "57P01" | "57P02" | "57P03" | "55006")
+                        || source.code.starts_with("08")
+                }
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            SyncError::Database { source, .. } => source.sqlstate(),
+            SyncError::Apply(e) => e.sqlstate(),
+            SyncError::Replication(e) => e.sqlstate(),
+            _ => None,
+        }
+    }
+}
+
+pub(super) fn database_error(
+    endpoint: &Endpoint,
+    what: &str,
+) -> impl FnOnce(tokio_postgres::Error) -> SyncError {
+    let target = endpoint.describe();
+    let what = what.to_owned();
+    move |e| SyncError::Database {
+        target,
+        source: QueryError::new(what, &e),
+    }
+}

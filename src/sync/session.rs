@@ -1,0 +1,365 @@
+//! One sync session: connect both sides, check the slot and production's progress, compare the
+//! tables, open production's session and the feed, then run the pipeline until it stops or
+//! fails. The retry loop ([`super::retry`]) starts the next one.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::feed::Feed;
+use super::pipeline::{Confirm, Pipeline};
+use super::retry::{RunState, SessionEnd};
+use super::streamed::StreamSessions;
+use super::{Feeding, HEARTBEAT_PREFIX, StopAt, SyncError, SyncOptions, database_error};
+use crate::apply::files::Publisher;
+use crate::apply::{Applier, ApplyError};
+use crate::catalog::{self, ColumnReference, TableMeta};
+use crate::config::{Config, TableName};
+use crate::model::Lsn;
+use crate::pg::connect::Endpoint;
+use crate::pg::replication::{PgOutputOptions, ReplicationClient};
+use crate::remap::Remapper;
+use crate::spool::files::SpoolReader;
+use crate::state;
+
+/// A transactional message through the slot: gives an idle sync a transaction to apply and
+/// confirm, so staging never keeps WAL for it.
+pub(super) async fn emit_heartbeat(
+    staging: &Endpoint,
+    s: &tokio_postgres::Client,
+) -> Result<(), SyncError> {
+    s.execute(
+        "SELECT pg_logical_emit_message(true, $1, '')",
+        &[&HEARTBEAT_PREFIX],
+    )
+    .await
+    .map_err(database_error(staging, "emitting a heartbeat"))?;
+    Ok(())
+}
+
+/// Staging's side of validation: the managed tables as staging defines them, and the foreign
+/// keys that say which columns follow a remapped key.
+pub(super) struct StagingSchema {
+    tables: Vec<Option<TableMeta>>,
+    references: Vec<ColumnReference>,
+}
+
+impl StagingSchema {
+    /// Reads them from `client` (staging, or a copy of it standing in while staging is down).
+    async fn load(
+        config: &Config,
+        endpoint: &Endpoint,
+        client: &tokio_postgres::Client,
+    ) -> Result<StagingSchema, SyncError> {
+        let names: Vec<&TableName> = config.tables.iter().map(|t| &t.name).collect();
+        let tables = catalog::load_tables(client, &names)
+            .await
+            .map_err(database_error(endpoint, "reading table definitions"))?;
+        let references = catalog::column_references(client)
+            .await
+            .map_err(database_error(endpoint, "reading foreign keys"))?;
+        Ok(StagingSchema { tables, references })
+    }
+}
+
+/// Compares the managed tables on both sides.
+async fn validate(
+    config: &Config,
+    staging: &StagingSchema,
+    production: &Endpoint,
+    p: &tokio_postgres::Client,
+) -> Result<(Vec<TableMeta>, Option<Remapper>), SyncError> {
+    let names: Vec<&TableName> = config.tables.iter().map(|t| &t.name).collect();
+    let on_production = catalog::load_tables(p, &names)
+        .await
+        .map_err(database_error(production, "reading table definitions"))?;
+    let sides = catalog::compare::Sides {
+        source: "staging",
+        target: &production.role,
+    };
+    let metas: Vec<TableMeta> =
+        catalog::compare::compare_all(&names, &staging.tables, on_production, sides)
+            .map_err(SyncError::Schema)?
+            .into_iter()
+            .map(|(_, on_production)| on_production)
+            .collect();
+    let remapper = Remapper::new(config, &metas, &staging.references).map_err(SyncError::Rules)?;
+    Ok((metas, remapper))
+}
+
+/// The slot must exist and still hold what it promised; it is never created here. Returns its
+/// confirmed position.
+pub(super) async fn check_slot(
+    config: &Config,
+    staging: &Endpoint,
+    s: &tokio_postgres::Client,
+) -> Result<Lsn, SyncError> {
+    let slot = &config.sync.slot;
+    let row = s
+        .query_opt(
+            "SELECT wal_status, confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()",
+            &[slot],
+        )
+        .await
+        .map_err(database_error(staging, "reading pg_replication_slots"))?;
+    match row {
+        None => Err(SyncError::Slot(format!(
+            "the replication slot {slot} does not exist on {}. sync never creates it silently: \
+             changes made since it disappeared cannot be streamed. Create it and re-seed production \
+             (`stagingprop init --no-slot` then `stagingprop copy`), or `stagingprop init` if production \
+             is already equal to staging",
+            staging.describe()
+        ))),
+        Some(row) if row.get::<_, Option<String>>(0).as_deref() == Some("lost") => {
+            Err(SyncError::Slot(format!(
+                "the replication slot {slot} on {} was invalidated: staging removed WAL it still \
+                 needed (max_slot_wal_keep_size), so changes since production's last applied \
+                 transaction are lost. Drop the slot (SELECT pg_drop_replication_slot('{slot}')) and \
+                 re-seed production with `stagingprop copy`",
+                staging.describe()
+            )))
+        }
+        Some(row) => Ok(row
+            .get::<_, Option<String>>(1)
+            .and_then(|l| l.parse().ok())
+            .unwrap_or_default()),
+    }
+}
+
+pub(super) async fn session<S>(
+    config: &Config,
+    options: &SyncOptions,
+    state: &mut RunState,
+    feeding: &Feeding,
+    mut shutdown: std::pin::Pin<&mut S>,
+) -> Result<SessionEnd, SyncError>
+where
+    S: Future<Output = ()>,
+{
+    let staging = Endpoint::from_db_config(&config.staging)?;
+    let target = match feeding {
+        Feeding::Replay(plan) => plan.target.clone(),
+        _ => Endpoint::from_db_config(&config.production)?,
+    };
+    let s = staging
+        .connect()
+        .await
+        .map_err(database_error(&staging, "connect"));
+    let s = match (s, feeding) {
+        (Ok(s), _) => Some(s),
+        (Err(e), Feeding::Slot) => return Err(e),
+        (Err(e), _) => {
+            // The spool has what the target needs; staging is only asked for its table
+            // definitions, which the target (a copy of it) stands in for.
+            tracing::warn!(
+                "{e}; applying from the spool without staging, checking tables against {}",
+                if state.staging_schema.is_some() {
+                    "staging's definitions as read before"
+                } else {
+                    "the target's own definitions"
+                }
+            );
+            None
+        }
+    };
+    let p = target
+        .connect()
+        .await
+        .map_err(database_error(&target, "connect"))?;
+    state::ensure(&p).await.map_err(ApplyError::from)?;
+    let staging_schema = match (&s, &state.staging_schema) {
+        (Some(s), _) => Arc::new(StagingSchema::load(config, &staging, s).await?),
+        (None, Some(cached)) => cached.clone(),
+        (None, None) => Arc::new(StagingSchema::load(config, &target, &p).await?),
+    };
+    if s.is_some() {
+        state.staging_schema = Some(staging_schema.clone());
+    }
+    let (metas, remapper) = validate(config, &staging_schema, &target, &p).await?;
+    let progress = state::progress::read(&p, &config.sync.slot)
+        .await
+        .map_err(ApplyError::from)?;
+    if progress.is_some_and(|p| p.is_copy_in_progress()) {
+        return Err(SyncError::Slot(format!(
+            "a `stagingprop copy` into {} started but did not complete, so it is not a \
+             consistent copy of staging: run the copy again (with --truncate) before sync",
+            target.describe()
+        )));
+    }
+    let applied_end = progress.map(|p| p.end_lsn).unwrap_or_default();
+    match (feeding, &s) {
+        (Feeding::Slot, Some(s)) => {
+            let confirmed = check_slot(config, &staging, s).await?;
+            if applied_end.is_valid() && confirmed > applied_end {
+                // sync confirms only what production committed, so production lost commits
+                // it had: restored from a backup, or its progress table was changed.
+                return Err(SyncError::Slot(format!(
+                    "production's progress ({applied_end}) is behind what the slot {} already \
+                     released ({confirmed}): production lacks changes staging no longer has (was \
+                     it restored from a backup?). With a [spool] that holds them, `stagingprop \
+                     replay` brings it up to date; otherwise re-seed production with `stagingprop copy`",
+                    config.sync.slot
+                )));
+            }
+        }
+        (Feeding::Replay(_), _) if progress.is_none() => {
+            return Err(SyncError::Replay(format!(
+                "{} has no row for slot {} in stagingprop.progress, so nothing says which staging \
+                 transactions it already has: replay needs a target seeded by `stagingprop copy` \
+                 (or restored from a backup of one)",
+                target.describe(),
+                config.sync.slot
+            )));
+        }
+        _ => {}
+    }
+    if matches!(options.stop_at, Some(StopAt::CaughtUp)) && state.stop_lsn.is_none() {
+        let Some(s) = &s else {
+            return Err(SyncError::Slot(
+                "--until-caught-up needs staging, to know where it is: staging is unreachable"
+                    .into(),
+            ));
+        };
+        let lsn: String = s
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .map_err(database_error(&staging, "reading the WAL position"))?
+            .get(0);
+        state.stop_lsn = lsn.parse().ok();
+        // Something to apply past that point even if no managed table changes.
+        emit_heartbeat(&staging, s).await?;
+    }
+    if let (Some(stop), true) = (state.stop_lsn, applied_end.is_valid())
+        && applied_end >= stop
+    {
+        return Ok(SessionEnd::Stopped);
+    }
+
+    let tables: Vec<(TableMeta, _)> = metas
+        .into_iter()
+        .zip(&config.tables)
+        .map(|(meta, t)| (meta, t.on_conflict))
+        .collect();
+    // Large transactions are applied while staging still decodes them, each in a production
+    // session of its own. Not with key remapping: two sessions would allocate keys apart.
+    let streaming = config.sync.streaming && remapper.is_none() && matches!(feeding, Feeding::Slot);
+    let stream_sessions = streaming.then(|| {
+        let (target, tables, config) = (target.clone(), tables.clone(), config.clone());
+        StreamSessions::new(Box::new(move || {
+            let (target, tables, config) = (target.clone(), tables.clone(), config.clone());
+            Box::pin(async move {
+                let p = target
+                    .connect()
+                    .await
+                    .map_err(database_error(&target, "connect"))?;
+                let mut applier =
+                    Applier::new(p, &config.sync.slot, tables, None, Lsn::INVALID).await?;
+                applier.files = file_publisher(&config, &applier)?;
+                Ok(applier)
+            })
+        }))
+    });
+    let mut applier = Applier::new(p, &config.sync.slot, tables, remapper, applied_end).await?;
+    applier.files = file_publisher(config, &applier)?;
+    applier.files.remove_leftovers().map_err(ApplyError::from)?;
+    applier.stats = state.stats;
+    if let Some(until) = state.one_by_one_until {
+        applier.one_by_one = applied_end < until;
+    }
+    if !applier.replica_role {
+        tracing::info!(
+            "{} checks foreign keys during apply (the role may not set session_replication_role); tables are applied parents first",
+            target.role
+        );
+    }
+
+    let (mut feed, confirm) = match feeding {
+        Feeding::Slot => {
+            let mut replication = ReplicationClient::connect(&staging).await?;
+            let _ = replication.identify_system().await?;
+            let mut pgoutput = PgOutputOptions::new(vec![config.sync.publication.clone()]);
+            pgoutput.status_interval = Duration::from_secs(config.sync.status_interval_secs);
+            if streaming {
+                pgoutput.proto_version = 2;
+                pgoutput.streaming = true;
+            }
+            let stream = replication
+                .start_logical(&config.sync.slot, applied_end, &pgoutput)
+                .await?;
+            let flush = stream.flush_handle();
+            (Feed::Slot(stream), Confirm::Slot(flush))
+        }
+        Feeding::Spool(shared) => {
+            let reader = SpoolReader::open(&shared.dir, applied_end)?;
+            (
+                Feed::Spool {
+                    reader,
+                    shared: shared.clone(),
+                    mark: shared.mark.subscribe(),
+                },
+                Confirm::Spool(shared.clone()),
+            )
+        }
+        Feeding::Replay(plan) => {
+            let reader = SpoolReader::open(&plan.dir, applied_end)?;
+            (
+                Feed::Replay {
+                    reader,
+                    until: plan.until,
+                    end: plan.end,
+                },
+                Confirm::Nothing,
+            )
+        }
+    };
+    if applied_end.is_valid() {
+        // What production has is durable: staging may release it even if it was applied by an
+        // earlier run that died before confirming.
+        confirm.applied(applied_end);
+    }
+    tracing::info!(
+        slot = %config.sync.slot,
+        from = %applied_end,
+        "applying {} to {}",
+        feed.describe(&staging),
+        target.describe()
+    );
+
+    let mut pipeline = Pipeline::new(
+        config,
+        &staging,
+        applier,
+        applied_end,
+        confirm,
+        state,
+        stream_sessions,
+    );
+    let result = pipeline
+        .run(&mut feed, s.as_ref(), state, shutdown.as_mut())
+        .await;
+    // A batch may have committed just before an error.
+    pipeline.record_committed();
+    state.stats = pipeline.applier.stats;
+    state.last_received = pipeline.last_received;
+    state.one_by_one_until = pipeline.one_by_one_until;
+    if pipeline.applied_end.is_valid() {
+        state.last_applied = Some(pipeline.applied_end);
+    }
+    if result.is_err() {
+        let _ = pipeline.applier.rollback().await;
+    }
+    let closed = feed.close().await;
+    let end = result?;
+    closed?;
+    Ok(end)
+}
+
+/// The managed-file publisher for a production session.
+pub(super) fn file_publisher(config: &Config, applier: &Applier) -> Result<Publisher, ApplyError> {
+    let file_tables = config
+        .tables
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| t.files.as_ref().map(|files| (i, files, applier.meta(i))));
+    Ok(Publisher::new(file_tables.collect())?)
+}
