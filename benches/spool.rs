@@ -10,7 +10,7 @@ use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use stagingprop::model::{Column, Lsn, PgTimestamp, Relation, ReplicaIdentity, Value};
 use stagingprop::pgoutput::LogicalMessage;
-use stagingprop::spool::files::{SpoolReader, SpoolWriter};
+use stagingprop::spool::store::{SpoolReader, SpoolWriter};
 
 fn relation(oid: u32, name: &str, columns: &[&str]) -> Relation {
     Relation {

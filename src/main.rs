@@ -259,7 +259,7 @@ fn init_logging(format: LogFormat, default_filter: &str) {
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         // Log lines erase copy's progress bars first instead of landing inside them.
-        .with_writer(|| stagingprop::progress::LogWriter);
+        .with_writer(|| stagingprop::bars::LogWriter);
     match format {
         LogFormat::Human => builder.with_target(false).init(),
         LogFormat::Json => builder.json().init(),
@@ -553,7 +553,7 @@ async fn shutdown_signal() {
 
 fn sync_failure(error: SyncError) -> Failure {
     use stagingprop::apply::ApplyError;
-    use stagingprop::apply::files::FileError;
+    use stagingprop::apply::managed_files::FileError;
     use stagingprop::remap::RemapError;
     let code = match &error {
         SyncError::Endpoint(_) => exit::CONFIG,

@@ -16,7 +16,7 @@ use stagingprop::ops::status::{Thresholds, render, status};
 use stagingprop::ops::tail::{TailOptions, tail};
 use stagingprop::ops::verify::{VerifyOptions, render as render_diffs, verify};
 use stagingprop::pgoutput::LogicalMessage;
-use stagingprop::spool::files::SpoolWriter;
+use stagingprop::spool::store::SpoolWriter;
 use stagingprop::sync::SyncError;
 use support::{caught_up, clusters, copy_options, fresh_db, psql, wait_for_tail_slot};
 

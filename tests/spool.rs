@@ -7,7 +7,7 @@ use stagingprop::model::Lsn;
 use stagingprop::ops::tail::{TailOptions, tail, tail_spool};
 use stagingprop::pg::replication::{PgOutputOptions, ReplicationClient, SnapshotAction};
 use stagingprop::pgoutput::LogicalMessage;
-use stagingprop::spool::files::{SpoolReader, SpoolWriter, segments};
+use stagingprop::spool::store::{SpoolReader, SpoolWriter, segments};
 use support::{clusters, endpoint, fresh_db, psql, wait_for_tail_slot};
 
 const SCHEMA: &str = "

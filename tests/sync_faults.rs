@@ -1745,7 +1745,7 @@ async fn sigkill_rounds(
         p.assert_streamed();
     }
     if let Some(dir) = &spool_dir {
-        let held = stagingprop::spool::files::summary(dir).expect("spool summary");
+        let held = stagingprop::spool::store::summary(dir).expect("spool summary");
         assert!(held.segments > 1, "the spool was used: {held:?}");
         assert_eq!(
             held.newest_end.map(|l| l.to_string()),
@@ -2152,7 +2152,7 @@ async fn missing_slot_fails_fast_and_is_not_recreated() {
 
 /// The spool's segment files in bytes.
 fn spool_bytes(dir: &Path) -> u64 {
-    stagingprop::spool::files::summary(dir)
+    stagingprop::spool::store::summary(dir)
         .map(|s| s.bytes)
         .unwrap_or(0)
 }
@@ -2233,7 +2233,7 @@ async fn outages_with_the_spool_release_staging_wal_until_the_spool_is_full() {
     let committed = workload.join().expect("workload");
     p.staging.cluster.stop_server("fast").expect("stop staging");
     production.start_server().expect("start production");
-    let spooled = stagingprop::spool::files::summary(&dir)
+    let spooled = stagingprop::spool::store::summary(&dir)
         .unwrap()
         .newest_end
         .expect("spooled transactions")
@@ -2361,7 +2361,7 @@ async fn replay_brings_a_restored_backup_up_to_production() {
         marks.push(p.staging_lsn());
         sync_until_caught_up(&p, &format!("sync-{}.log", round + 2));
     }
-    assert!(stagingprop::spool::files::segments(&dir).unwrap().len() > 3);
+    assert!(stagingprop::spool::store::segments(&dir).unwrap().len() > 3);
 
     // Restored and replayed: equal to production; a second replay has nothing to do.
     let restored = restore("faults_replay_restored");
@@ -2392,7 +2392,7 @@ async fn replay_brings_a_restored_backup_up_to_production() {
     // The oldest segments gone (as retention removes them): a restored backup older than the
     // spool is an error that says what the spool holds, and nothing is applied.
     let round_two: Lsn = marks[0].parse().unwrap();
-    for (first, path) in stagingprop::spool::files::segments(&dir).unwrap() {
+    for (first, path) in stagingprop::spool::store::segments(&dir).unwrap() {
         if first < round_two {
             std::fs::remove_file(path).unwrap();
         }
@@ -2408,7 +2408,7 @@ async fn replay_brings_a_restored_backup_up_to_production() {
     assert_eq!(stale.value("SELECT value FROM counter"), "40");
     println!(
         "replay: {} spooled segments, {:.1} s",
-        stagingprop::spool::files::segments(&dir).unwrap().len(),
+        stagingprop::spool::store::segments(&dir).unwrap().len(),
         started.elapsed().as_secs_f64()
     );
 }

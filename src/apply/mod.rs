@@ -3,8 +3,8 @@
 //! conflicts with their per-table policy and the quarantine table, and the progress table that
 //! makes apply exactly-once (it is updated in the same transaction as the changes).
 
-pub mod files;
-pub mod sql;
+pub mod managed_files;
+pub mod statements;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -13,15 +13,15 @@ use bytes::Bytes;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Statement};
 
-use self::files::{FileError, FileStats, Publisher};
+use self::managed_files::{FileError, FileStats, Publisher};
 use crate::catalog::{self as schema, TableMeta};
 use crate::change::{Entry, Key, NetChange, RowOp, Source, TableChanges};
 use crate::config::{ConflictPolicy, TableName};
 use crate::model::{Lsn, Tuple, Value, Xid};
 use crate::pg::QueryError;
+use crate::quote::quote_ident;
 use crate::remap::store::StoreError;
 use crate::remap::{MapWrites, RemapError, Remapper};
-use crate::sql::quote_ident;
 use crate::state::{self, Progress, StateError, key_map, quarantine};
 
 /// What production must not be left with: a change that cannot be applied as the policy says.
@@ -519,7 +519,7 @@ impl Applier {
         let set: Vec<usize> = (0..new.len())
             .filter(|&c| !matches!(new[c], Value::UnchangedToast))
             .collect();
-        let sql = sql::update_key(meta, &set);
+        let sql = statements::update_key(meta, &set);
         let mut params: Vec<Option<&str>> = Vec::with_capacity(old_key.len() + set.len());
         let name = meta.table_name();
         for k in &old_key {
@@ -560,7 +560,7 @@ impl Applier {
         self.settle().await?;
         let metas: Vec<&TableMeta> = tables.iter().map(|&t| &self.tables[t].meta).collect();
         self.client
-            .batch_execute(&sql::truncate(&metas, restart_identity))
+            .batch_execute(&statements::truncate(&metas, restart_identity))
             .await
             .map_err(query_error("applying TRUNCATE"))?;
         for &t in tables {
@@ -801,7 +801,7 @@ impl Applier {
                 columns[k].push(value.clone());
             }
         }
-        let sql = sql::missing_keys(meta);
+        let sql = statements::missing_keys(meta);
         let columns: Vec<TextArray> = columns.into_iter().map(TextArray).collect();
         let statement = self.statement(sql, columns.len()).await?;
         let refs: Vec<&(dyn ToSql + Sync)> =
@@ -837,7 +837,7 @@ impl Applier {
         if targets.is_empty() {
             return Ok(());
         }
-        let sql = sql::delete_rows(meta);
+        let sql = statements::delete_rows(meta);
         let columns = columns.into_iter().map(TextArray).collect();
         self.send(sql, columns, Purpose::Deletes { table: t, targets })
             .await
@@ -874,7 +874,7 @@ impl Applier {
         }
         let overwrite = self.tables[t].policy == ConflictPolicy::Overwrite;
         for (present, group) in inserts {
-            let sql = sql::insert_rows(&self.tables[t].meta, &present, overwrite);
+            let sql = statements::insert_rows(&self.tables[t].meta, &present, overwrite);
             let mut columns: Vec<Vec<Option<Bytes>>> =
                 vec![Vec::with_capacity(group.len()); present.len()];
             for entry in &group {
@@ -897,7 +897,7 @@ impl Applier {
             .await?;
         }
         for (set, group) in updates {
-            let sql = sql::update_rows(&self.tables[t].meta, &set);
+            let sql = statements::update_rows(&self.tables[t].meta, &set);
             let mut columns: Vec<Vec<Option<Bytes>>> =
                 vec![Vec::with_capacity(group.len()); key_columns.len() + set.len()];
             for entry in &group {
@@ -965,7 +965,7 @@ impl Applier {
                     unreachable!()
                 };
                 let all: Vec<usize> = (0..row.len()).collect();
-                let sql = sql::insert_rows(meta, &all, true);
+                let sql = statements::insert_rows(meta, &all, true);
                 let columns = row
                     .iter()
                     .map(|v| value_bytes(v, meta).map(|b| TextArray(vec![b])))

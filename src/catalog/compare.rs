@@ -68,7 +68,7 @@ pub fn compare(source: &TableMeta, target: &TableMeta, sides: Sides<'_>) -> Vec<
                 column.name,
                 column.type_sql,
                 target.qualified(),
-                crate::sql::quote_ident(&column.name),
+                crate::quote::quote_ident(&column.name),
                 column.type_sql
             )),
             Some(t) if !compatible(&column.type_sql, &t.type_sql) => problems.push(format!(

@@ -10,7 +10,7 @@ use tokio_postgres::Client;
 
 use crate::config::TableName;
 use crate::model::Relation;
-use crate::sql::qualified;
+use crate::quote::qualified;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ColumnMeta {

@@ -45,9 +45,9 @@ use crate::model::Lsn;
 use crate::pg::QueryError;
 use crate::pg::connect::{Endpoint, EndpointError};
 use crate::pg::replication::{ReplicationClient, ReplicationError, SnapshotAction};
+use crate::quote::{qualified, quote_ident, quote_literal};
 use crate::remap::Remapper;
 use crate::remap::store::{self as key_map, Statements};
-use crate::sql::{qualified, quote_ident, quote_literal};
 use crate::state::{self, Progress};
 
 /// One of the two configured databases.
@@ -97,7 +97,7 @@ pub enum CopyError {
     #[error("{0}")]
     Refused(String),
     #[error("{0}; the copy did not record its hand-off: run it again")]
-    Files(#[from] apply::files::FileError),
+    Files(#[from] apply::managed_files::FileError),
     #[error("source and target differ, nothing was copied:\n  - {}", .0.join("\n  - "))]
     Schema(Vec<String>),
     #[error("key remapping cannot work with these tables, nothing was copied:\n  - {}", .0.join("\n  - "))]
@@ -405,7 +405,7 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
         workers_done.push(worker.await);
     }
     reporter.abort();
-    crate::progress::clear();
+    crate::bars::clear();
     let mut failed = Vec::new();
     let mut errors = Vec::new();
     for worker in workers_done {
@@ -500,7 +500,7 @@ async fn publish_files(
             .await
             .map_err(db_error(target, "reading managed files"))?;
         pin_mut!(rows);
-        let mut publish = apply::files::Republish::new(table.name.clone(), files)?;
+        let mut publish = apply::managed_files::Republish::new(table.name.clone(), files)?;
         while let Some(row) = rows.next().await {
             let row = row.map_err(db_error(target, "reading managed files"))?;
             let content: Option<&[u8]> = if bytea {
@@ -637,7 +637,7 @@ impl CopyProgress {
     fn lines(&self, elapsed: f64, bars: bool) -> Vec<String> {
         let bar = |fraction: f64, width: usize| {
             if bars {
-                crate::progress::bar(fraction, width) + " "
+                crate::bars::bar(fraction, width) + " "
             } else {
                 String::new()
             }
@@ -657,7 +657,7 @@ impl CopyProgress {
             fraction(bytes, self.estimate) * 100.0,
             bytes as f64 / 1e6,
             rate / 1e6,
-            crate::progress::thousands(self.rows.load(Ordering::Relaxed)),
+            crate::bars::thousands(self.rows.load(Ordering::Relaxed)),
             self.tables_done.load(Ordering::Relaxed),
             self.tables,
             eta
@@ -669,7 +669,7 @@ impl CopyProgress {
                 bar(fraction(bytes, piece.estimate), 20),
                 fraction(bytes, piece.estimate) * 100.0,
                 bytes as f64 / 1e6,
-                crate::progress::thousands(piece.rows.load(Ordering::Relaxed)),
+                crate::bars::thousands(piece.rows.load(Ordering::Relaxed)),
                 piece.label
             ));
         }
@@ -680,7 +680,7 @@ impl CopyProgress {
 /// Progress bars redrawn every second on a terminal; log lines every 10 s otherwise.
 async fn report_progress(progress: Arc<CopyProgress>) {
     let started = Instant::now();
-    let terminal = crate::progress::on_terminal();
+    let terminal = crate::bars::on_terminal();
     let every = if terminal { 1 } else { 10 };
     let mut tick = tokio::time::interval(Duration::from_secs(every));
     tick.tick().await;
@@ -688,7 +688,7 @@ async fn report_progress(progress: Arc<CopyProgress>) {
         tick.tick().await;
         let lines = progress.lines(started.elapsed().as_secs_f64(), terminal);
         if terminal {
-            crate::progress::draw(&lines);
+            crate::bars::draw(&lines);
         } else {
             for line in lines {
                 tracing::info!("{}", line.trim_start());
@@ -1445,7 +1445,7 @@ async fn plan_keys(
                 .map_err(db_error(source, "connect"))?;
             c.batch_execute(&format!(
                 "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT {}",
-                crate::sql::quote_literal(snapshot)
+                crate::quote::quote_literal(snapshot)
             ))
             .await
             .map_err(db_error(source, "importing the snapshot"))?;

@@ -8,7 +8,7 @@
 use tokio_postgres::Client;
 
 use super::split;
-use crate::sql::quote_literal;
+use crate::quote::quote_literal;
 use crate::state::copy_commits;
 
 /// How many more transactions the target can hold prepared.

@@ -8,7 +8,7 @@ use tokio_postgres::Client;
 use super::{OpsError, connect, query_error, state_error};
 use crate::config::{Config, TableName};
 use crate::pg::connect::Endpoint;
-use crate::sql::{qualified, quote_ident};
+use crate::quote::{qualified, quote_ident};
 use crate::state::{self, SCHEMA as STATE_SCHEMA};
 
 #[derive(Clone, Debug)]

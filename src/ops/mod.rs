@@ -30,7 +30,7 @@ pub enum OpsError {
     #[error("cannot write the output: {0}")]
     Output(#[from] std::io::Error),
     #[error(transparent)]
-    Spool(#[from] crate::spool::files::SpoolError),
+    Spool(#[from] crate::spool::store::SpoolError),
     #[error("on {target}: {source}")]
     State {
         target: String,

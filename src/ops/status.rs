@@ -52,7 +52,7 @@ pub struct AppliedStatus {
 pub struct SpoolStatus {
     pub dir: String,
     #[serde(flatten)]
-    pub held: crate::spool::files::SpoolSummary,
+    pub held: crate::spool::store::SpoolSummary,
     /// Bytes of staging WAL between production's progress and the newest spooled transaction.
     pub production_behind_bytes: Option<u64>,
     pub max_bytes: u64,
@@ -184,7 +184,7 @@ pub async fn status(config: &Config, thresholds: &Thresholds) -> Result<Status, 
     }
 
     if let Some(spool) = &config.spool {
-        let held = crate::spool::files::summary(&spool.dir)?;
+        let held = crate::spool::store::summary(&spool.dir)?;
         let applied: Option<crate::model::Lsn> = st
             .last_applied
             .as_ref()

@@ -157,7 +157,7 @@ pub fn tail_spool<W: Write>(
     limit: Option<u64>,
     out: &mut W,
 ) -> Result<TailSummary, OpsError> {
-    let mut reader = crate::spool::files::SpoolReader::open(dir, Lsn::INVALID)?;
+    let mut reader = crate::spool::store::SpoolReader::open(dir, Lsn::INVALID)?;
     let mut printer = Printer::default();
     while let Some((lsn, message)) = reader.next_message()? {
         if limit.is_some_and(|limit| printer.summary.changes >= limit) {

@@ -25,8 +25,8 @@ use super::{OpsError, connect, query_error};
 use crate::catalog::{self, TableMeta};
 use crate::config::{Config, KeyRule};
 use crate::pg::connect::Endpoint;
+use crate::quote::quote_ident;
 use crate::remap::Remapper;
-use crate::sql::quote_ident;
 use crate::state::key_map;
 
 #[derive(Clone, Debug)]

@@ -29,7 +29,7 @@ use super::connect::{Endpoint, TlsPolicy};
 use super::frames::{self, FrameError, ServerCopyData, StandbyStatus};
 use crate::model::{Lsn, PgTimestamp};
 use crate::pgoutput::{DecodeError, Decoder, LogicalMessage};
-use crate::sql::{ident_list, quote_ident, quote_literal};
+use crate::quote::{ident_list, quote_ident, quote_literal};
 
 /// Everything that can go wrong on a replication connection.
 #[derive(Debug, thiserror::Error)]

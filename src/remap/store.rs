@@ -8,7 +8,7 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Statement};
 
 use crate::config::{KeySource, TableName};
-use crate::sql::{qualified, quote_ident};
+use crate::quote::{qualified, quote_ident};
 use crate::state::key_map;
 
 /// Why a query of remapping failed or found nothing usable.

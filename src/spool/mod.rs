@@ -1,8 +1,8 @@
 //! The durable spool (DESIGN.md, "Outages and replay").
 
-pub mod files;
 pub mod record;
 pub mod segment;
+pub mod store;
 
 /// The record types generated from proto/spool.proto.
 #[allow(clippy::all, missing_docs)]

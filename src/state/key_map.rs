@@ -12,7 +12,7 @@ use tokio_postgres::Client;
 
 use super::{StateError, query_error, table};
 use crate::config::TableName;
-use crate::sql::{qualified, quote_ident, quote_literal};
+use crate::quote::{qualified, quote_ident, quote_literal};
 
 /// The key map's qualified name.
 fn key_map() -> String {

@@ -10,7 +10,7 @@
 use tokio_postgres::Client;
 
 use super::{SCHEMA, StateError, key_map, query_error, table};
-use crate::sql::quote_ident;
+use crate::quote::quote_ident;
 
 /// The layout this release writes.
 pub const LAYOUT_VERSION: i32 = 2;

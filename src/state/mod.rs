@@ -11,7 +11,7 @@ pub mod progress;
 pub mod quarantine;
 
 use crate::pg::QueryError;
-use crate::sql::qualified;
+use crate::quote::qualified;
 
 pub use layout::{LAYOUT_VERSION, ensure};
 pub use progress::Progress;

@@ -4,7 +4,7 @@ use crate::apply::ApplyError;
 use crate::pg::QueryError;
 use crate::pg::connect::{Endpoint, EndpointError};
 use crate::pg::replication::ReplicationError;
-use crate::spool::files::SpoolError;
+use crate::spool::store::SpoolError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {

@@ -12,7 +12,7 @@ use crate::model::{Lsn, PgTimestamp};
 use crate::pg::connect::Endpoint;
 use crate::pg::replication::ReplicationStream;
 use crate::pgoutput::LogicalMessage;
-use crate::spool::files::{SpoolMark, SpoolReader};
+use crate::spool::store::{SpoolMark, SpoolReader};
 
 /// Where a replay stops: the first transaction past it is not applied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

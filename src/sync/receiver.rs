@@ -29,7 +29,7 @@ use crate::pg::replication::{
     DurablePosition, FlushHandle, PgOutputOptions, ReplicationClient, ReplicationError,
 };
 use crate::pgoutput::LogicalMessage;
-use crate::spool::files::{SpoolLock, SpoolMark, SpoolWriter};
+use crate::spool::store::{SpoolLock, SpoolMark, SpoolWriter};
 
 /// The spool is made durable when a transaction ends and this long has passed since the last
 /// time, or when the stream pauses this long: fsyncs at most this often, and an idle stream's

@@ -11,7 +11,7 @@ use super::{Feeding, SyncError, SyncOptions, SyncSummary, apply_loop, database_e
 use crate::config::{Config, DbConfig};
 use crate::model::{Lsn, PgTimestamp};
 use crate::pg::connect::Endpoint;
-use crate::spool::files::{self, SpoolError};
+use crate::spool::store::{self, SpoolError};
 
 /// The target of a replay.
 #[derive(Clone, Debug)]
@@ -31,7 +31,7 @@ pub(super) struct ReplayPlan {
     pub dir: PathBuf,
     pub target: Endpoint,
     pub until: Option<Until>,
-    pub end: files::SpoolMark,
+    pub end: store::SpoolMark,
 }
 
 /// Applies the spool to the target until its end (or `--until`).
@@ -54,12 +54,12 @@ where
         // A sync applying the same spool to production would apply what replay applies.
         ReplayTo::Production => (
             Endpoint::from_db_config(&config.production)?,
-            Some(files::SpoolLock::acquire(&spool.dir)?),
+            Some(store::SpoolLock::acquire(&spool.dir)?),
         ),
         ReplayTo::Database(db) => (Endpoint::from_db_config(db)?, None),
     };
-    let held = files::summary(&spool.dir)?;
-    let (Some(oldest), Some(end)) = (held.oldest, files::complete_mark(&spool.dir)?) else {
+    let held = store::summary(&spool.dir)?;
+    let (Some(oldest), Some(end)) = (held.oldest, store::complete_mark(&spool.dir)?) else {
         return Err(SyncError::Replay(format!(
             "the spool in {} holds no complete transaction: nothing to replay",
             spool.dir.display()

@@ -11,7 +11,7 @@ use super::pipeline::{Confirm, Pipeline};
 use super::retry::{RunState, SessionEnd};
 use super::streamed::StreamSessions;
 use super::{Feeding, HEARTBEAT_PREFIX, StopAt, SyncError, SyncOptions, database_error};
-use crate::apply::files::Publisher;
+use crate::apply::managed_files::Publisher;
 use crate::apply::{Applier, ApplyError};
 use crate::catalog::{self, ColumnReference, TableMeta};
 use crate::config::{Config, TableName};
@@ -19,7 +19,7 @@ use crate::model::Lsn;
 use crate::pg::connect::Endpoint;
 use crate::pg::replication::{PgOutputOptions, ReplicationClient};
 use crate::remap::Remapper;
-use crate::spool::files::SpoolReader;
+use crate::spool::store::SpoolReader;
 use crate::state;
 
 /// A transactional message through the slot: gives an idle sync a transaction to apply and

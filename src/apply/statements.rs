@@ -11,7 +11,7 @@
 use std::fmt::Write;
 
 use crate::catalog::TableMeta;
-use crate::sql::{qualified, quote_ident};
+use crate::quote::{qualified, quote_ident};
 
 /// `unnest($1::text[], ..., $n::text[]) WITH ORDINALITY AS u(a0, ..., ord)` for `n` arrays
 /// whose aliases are `names`.
