@@ -106,6 +106,11 @@ enum Command {
         /// Stop once production has everything staging had written when sync started.
         #[arg(long)]
         until_caught_up: bool,
+        /// Apply every transaction committed on staging up to this LSN (0/1A2B3C4) or time
+        /// ('2026-11-25 18:00:00+00', any form PostgreSQL reads), then stop, the slot confirmed
+        /// exactly there. With --until-caught-up, whichever comes first.
+        #[arg(long, value_name = "LSN|TIME")]
+        until: Option<String>,
     },
     /// Apply spooled staging transactions to a target, from the position its own progress table
     /// holds: e.g. production restored from a backup taken before an outage. Stop sync first
@@ -309,10 +314,18 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             println!("init: both databases are ready");
             Ok(())
         }
-        Command::Sync { until_caught_up } => {
+        Command::Sync {
+            until_caught_up,
+            until,
+        } => {
+            let until = match until {
+                None => None,
+                Some(text) => Some(parse_cutoff(&config, &text).await?),
+            };
             let options = SyncOptions {
                 stop_at: until_caught_up.then_some(StopAt::CaughtUp),
                 max_attempts: None,
+                until,
             };
             let summary = sync::run(&config, &options, shutdown_signal())
                 .await
@@ -535,6 +548,24 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
+/// `--until` of sync: an LSN, or a time staging's PostgreSQL reads (production's when staging
+/// is unreachable).
+async fn parse_cutoff(config: &Config, text: &str) -> Result<sync::Until, Failure> {
+    let mut last = None;
+    for db in [&config.staging, &config.production] {
+        let endpoint = Endpoint::from_db_config(db).map_err(|e| Failure {
+            code: exit::CONFIG,
+            message: e.to_string(),
+        })?;
+        match sync::parse_until(text, &endpoint).await {
+            Ok(until) => return Ok(until),
+            Err(e @ SyncError::BadUntil(_)) => return Err(sync_failure(e)),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(sync_failure(last.expect("two servers were asked")))
+}
+
 /// Resolves on SIGINT or SIGTERM.
 async fn shutdown_signal() {
     let term = async {
@@ -572,6 +603,7 @@ fn sync_failure(error: SyncError) -> Failure {
         }
         SyncError::Database { .. } if error.is_transient() => exit::UNREACHABLE,
         SyncError::Spool(_) | SyncError::Replay(_) => exit::SPOOL,
+        SyncError::BadUntil(_) => exit::CONFIG,
         _ => exit::FAILED,
     };
     with_sqlstate(code, error.to_string(), error.sqlstate())

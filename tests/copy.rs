@@ -183,6 +183,7 @@ async fn copy_then_sync_loses_and_doubles_nothing_under_concurrent_writes() {
     let options = SyncOptions {
         stop_at: Some(StopAt::CaughtUp),
         max_attempts: Some(3),
+        ..Default::default()
     };
     let summary = tokio::time::timeout(
         Duration::from_secs(120),
@@ -337,6 +338,7 @@ async fn sync_refuses_a_production_whose_seeding_copy_failed() {
     let options = SyncOptions {
         stop_at: Some(StopAt::CaughtUp),
         max_attempts: Some(2),
+        ..Default::default()
     };
     let err = sync::run(&p.config, &options, std::future::pending())
         .await

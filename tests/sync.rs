@@ -400,6 +400,7 @@ async fn schema_mismatch_is_named_before_anything_is_applied_and_resumes_after_t
         let options = SyncOptions {
             stop_at: None,
             max_attempts: Some(3),
+            ..Default::default()
         };
         sync::run(&config, &options, std::future::pending()).await
     });
@@ -799,6 +800,7 @@ fn spawn_sync(
         let options = SyncOptions {
             stop_at: None,
             max_attempts: Some(3),
+            ..Default::default()
         };
         sync::run(&config, &options, async move {
             let _ = stopped.await;

@@ -1461,6 +1461,7 @@ async fn random_catalogue_workload(
         let options = SyncOptions {
             stop_at: None,
             max_attempts: Some(3),
+            ..Default::default()
         };
         sync::run(&config, &options, async move {
             let _ = stop_rx.await;
@@ -1537,6 +1538,7 @@ async fn random_catalogue_workload(
             &SyncOptions {
                 stop_at: Some(StopAt::CaughtUp),
                 max_attempts: Some(3),
+                ..Default::default()
             },
             std::future::pending(),
         ),
@@ -1798,6 +1800,7 @@ async fn restarts_of_production_and_staging_are_retried_and_resumed() {
             let options = SyncOptions {
                 stop_at: None,
                 max_attempts: None,
+                ..Default::default()
             };
             sync::run(&config, &options, async move {
                 let _ = stop_rx.await;
@@ -2054,6 +2057,7 @@ async fn idle_sync_keeps_the_slot_advancing_past_unrelated_wal() {
         let options = SyncOptions {
             stop_at: None,
             max_attempts: Some(3),
+            ..Default::default()
         };
         sync::run(&config, &options, async move {
             let _ = stop_rx.await;

@@ -32,6 +32,8 @@ pub enum SyncError {
     Spool(#[from] SpoolError),
     #[error("{0}")]
     Replay(String),
+    #[error("{0}")]
+    BadUntil(String),
 }
 
 impl SyncError {

@@ -8,29 +8,11 @@ use tokio::sync::watch;
 
 use super::SyncError;
 use super::receiver::SpoolShared;
-use crate::model::{Lsn, PgTimestamp};
+use crate::model::Lsn;
 use crate::pg::connect::Endpoint;
 use crate::pg::replication::ReplicationStream;
 use crate::pgoutput::LogicalMessage;
 use crate::spool::store::{SpoolMark, SpoolReader};
-
-/// Where a replay stops: the first transaction past it is not applied.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Until {
-    /// Transactions whose commit record lies at or before this position.
-    Lsn(Lsn),
-    /// Transactions committed at or before this time.
-    Time(PgTimestamp),
-}
-
-impl Until {
-    fn passed_by(self, commit_lsn: Lsn, commit_time: PgTimestamp) -> bool {
-        match self {
-            Until::Lsn(lsn) => commit_lsn > lsn,
-            Until::Time(time) => commit_time > time,
-        }
-    }
-}
 
 pub(super) enum Feed {
     Slot(ReplicationStream),
@@ -42,7 +24,6 @@ pub(super) enum Feed {
     },
     Replay {
         reader: SpoolReader,
-        until: Option<Until>,
         /// The last complete transaction when the replay started: a transaction a running
         /// sync is still writing is not part of it.
         end: SpoolMark,
@@ -68,25 +49,7 @@ impl Feed {
                     return Ok(None);
                 }
             },
-            Feed::Replay { reader, until, end } => {
-                let next = reader.next_message_within(Some(*end))?;
-                if let (
-                    Some((
-                        _,
-                        LogicalMessage::Begin {
-                            final_lsn,
-                            commit_time,
-                            ..
-                        },
-                    )),
-                    Some(until),
-                ) = (&next, until)
-                    && until.passed_by(*final_lsn, *commit_time)
-                {
-                    return Ok(None);
-                }
-                Ok(next)
-            }
+            Feed::Replay { reader, end } => Ok(reader.next_message_within(Some(*end))?),
             #[cfg(test)]
             Feed::Script(messages) => Ok(messages.pop_front()),
         }

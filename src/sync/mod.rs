@@ -36,6 +36,7 @@ mod retry;
 mod session;
 mod streamed;
 mod target;
+mod until;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -47,6 +48,7 @@ pub use error::SyncError;
 use error::database_error;
 pub use replay::{ReplayOptions, ReplayTo, replay};
 use retry::apply_loop;
+pub use until::{Until, parse_until};
 
 /// The prefix of the heartbeat messages sync emits on an idle staging.
 pub const HEARTBEAT_PREFIX: &str = "stagingprop-heartbeat";
@@ -59,6 +61,9 @@ pub struct SyncOptions {
     pub stop_at: Option<StopAt>,
     /// Give up after this many consecutive failed attempts (None: keep trying).
     pub max_attempts: Option<u32>,
+    /// `--until`: apply what committed up to this position or time, then stop (with
+    /// `stop_at`, whichever comes first).
+    pub until: Option<Until>,
 }
 
 #[derive(Clone, Copy, Debug)]

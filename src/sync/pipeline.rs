@@ -17,6 +17,7 @@ use super::retry::{RunState, SessionEnd};
 use super::session::emit_heartbeat;
 use super::streamed::{StreamSessions, StreamedTxn};
 use super::target::Target;
+use super::until::Until;
 use super::{SyncError, database_error};
 use crate::apply::{self, ApplyError};
 use crate::catalog::{self, ColumnMap};
@@ -98,6 +99,10 @@ pub(super) struct Pipeline<'a, T: Target> {
     pub(super) stream_sessions: Option<StreamSessions<T>>,
     /// Streamed transactions in progress.
     pub(super) streams: HashMap<Xid, StreamedTxn<T>>,
+    /// `--until`: the cutoff, and whether a transaction past it has arrived (the run then ends
+    /// once everything before it is committed).
+    pub(super) until: Option<Until>,
+    pub(super) reached_until: bool,
     /// The streamed transaction whose block is open (between Stream Start and Stream Stop):
     /// the changes that arrive belong to it.
     pub(super) in_stream: Option<Xid>,
@@ -173,6 +178,8 @@ impl<'a, T: Target> Pipeline<'a, T> {
             unflushed: Unflushed::default(),
             stream_sessions,
             streams: HashMap::new(),
+            until: None,
+            reached_until: false,
             in_stream: None,
         }
     }
@@ -263,6 +270,11 @@ impl<'a, T: Target> Pipeline<'a, T> {
                     // The message may have made a closed batch commit.
                     self.record_committed();
                     handled?;
+                    if self.reached_until {
+                        self.finish().await?;
+                        tracing::info!(applied = %self.applied_end, "reached the cutoff: everything committed on staging up to it is applied");
+                        return Ok(SessionEnd::Stopped);
+                    }
                 }
             }
         }
@@ -446,7 +458,19 @@ impl<'a, T: Target> Pipeline<'a, T> {
     /// In a streamed block, a change of a subtransaction not seen before starts a savepoint.
     async fn handle(&mut self, lsn: Lsn, message: LogicalMessage) -> Result<(), SyncError> {
         match message {
-            LogicalMessage::Begin { final_lsn, xid, .. } => {
+            LogicalMessage::Begin {
+                final_lsn,
+                xid,
+                commit_time,
+            } => {
+                if self
+                    .until
+                    .is_some_and(|until| until.passed_by(final_lsn, commit_time))
+                {
+                    // Not applied, nor anything after it.
+                    self.reached_until = true;
+                    return Ok(());
+                }
                 // Its commit record lies before the end of the last applied transaction: applied.
                 let skip = self.applied_end.is_valid() && final_lsn < self.applied_end;
                 self.txn = Some(OpenTxn { xid, skip });
@@ -850,6 +874,16 @@ mod tests {
     /// `applied_end`, with `[sync]` settings `sync_conf` (batches close only on their limits
     /// unless it says otherwise).
     async fn apply_script(script: Script, applied_end: Lsn, sync_conf: &str) -> Run {
+        apply_until(script, applied_end, sync_conf, None).await
+    }
+
+    /// [`apply_script`] with a cutoff.
+    async fn apply_until(
+        script: Script,
+        applied_end: Lsn,
+        sync_conf: &str,
+        until: Option<Until>,
+    ) -> Run {
         let config = Config::from_toml_str(
             &format!(
                 "[staging]\nurl = \"host=127.0.0.1 dbname=s user=u\"\n\
@@ -895,6 +929,7 @@ mod tests {
             &state,
             Some(sessions),
         );
+        pipeline.until = until;
         let mut feed = Feed::Script(script.messages);
         let mut shutdown = std::pin::pin!(std::future::pending::<()>());
         let result = pipeline
@@ -1081,6 +1116,53 @@ mod tests {
             ])
         );
         assert_eq!(run.confirmed, vec![Lsn(108), Lsn(208), Lsn(308), Lsn(408)]);
+    }
+
+    #[tokio::test]
+    async fn a_cutoff_applies_what_committed_up_to_it_and_nothing_after() {
+        let mut script = Script::default();
+        script.push(relation());
+        script.transaction(701, 100, &[1]);
+        script.transaction(702, 200, &[2]);
+        script.transaction(703, 300, &[3]);
+        script.transaction(704, 400, &[4]);
+        let run = apply_until(script, Lsn::INVALID, "", Some(Until::Lsn(Lsn(200)))).await;
+        run.result.unwrap();
+        assert_eq!(
+            run.log,
+            lines(&[
+                "main BEGIN",
+                "main insert 1",
+                "main insert 2",
+                "main flush 2 rows",
+                "main COMMIT 0/D0 (progress from 0/0)",
+            ])
+        );
+        assert_eq!(run.confirmed, vec![Lsn(208)]);
+
+        // A streamed transaction committing past the cutoff is rolled back; what committed
+        // before it stays applied.
+        let mut script = Script::default();
+        script.push(relation());
+        script.streamed(900, 900, &[1]);
+        script.transaction(701, 100, &[2]);
+        script.push(stream_commit(900, 300));
+        script.transaction(702, 400, &[3]);
+        let run = apply_until(script, Lsn::INVALID, "", Some(Until::Lsn(Lsn(250)))).await;
+        run.result.unwrap();
+        assert_eq!(
+            run.log,
+            lines(&[
+                "s1 BEGIN",
+                "s1 insert 1",
+                "main BEGIN",
+                "main insert 2",
+                "main flush 1 rows",
+                "main COMMIT 0/6C (progress from 0/0)",
+                "s1 ROLLBACK",
+            ])
+        );
+        assert_eq!(run.confirmed, vec![Lsn(108)]);
     }
 
     #[tokio::test]

@@ -6,10 +6,9 @@
 use std::future::Future;
 use std::path::PathBuf;
 
-use super::feed::Until;
-use super::{Feeding, SyncError, SyncOptions, SyncSummary, apply_loop, database_error};
+use super::until::parse_until;
+use super::{Feeding, SyncError, SyncOptions, SyncSummary, apply_loop};
 use crate::config::{Config, DbConfig};
-use crate::model::{Lsn, PgTimestamp};
 use crate::pg::connect::Endpoint;
 use crate::spool::store::{self, SpoolError};
 
@@ -30,7 +29,6 @@ pub struct ReplayOptions {
 pub(super) struct ReplayPlan {
     pub dir: PathBuf,
     pub target: Endpoint,
-    pub until: Option<Until>,
     pub end: store::SpoolMark,
 }
 
@@ -73,12 +71,12 @@ where
     let plan = ReplayPlan {
         dir: spool.dir.clone(),
         target,
-        until,
         end,
     };
     let sync_options = SyncOptions {
-        stop_at: None,
+        until,
         max_attempts: Some(5),
+        ..SyncOptions::default()
     };
     match apply_loop(
         config,
@@ -102,31 +100,4 @@ where
         ))),
         other => other,
     }
-}
-
-/// An LSN, or a time read by the target's PostgreSQL (so every format and time zone it knows
-/// works) as microseconds since PostgreSQL's epoch.
-async fn parse_until(text: &str, target: &Endpoint) -> Result<Until, SyncError> {
-    if let Ok(lsn) = text.parse::<Lsn>() {
-        return Ok(Until::Lsn(lsn));
-    }
-    let client = target
-        .connect()
-        .await
-        .map_err(database_error(target, "connect"))?;
-    let row = client
-        .query_one(
-            "SELECT ((extract(epoch FROM $1::text::timestamptz) - 946684800) * 1000000)::int8",
-            &[&text],
-        )
-        .await
-        .map_err(|e| {
-            SyncError::Replay(format!(
-                "--until {text:?} is neither an LSN (like 0/1A2B3C4) nor a time PostgreSQL reads \
-                 (like '2026-11-25 04:00:00+00'): {}",
-                e.as_db_error()
-                    .map_or_else(|| e.to_string(), |d| d.message().to_owned())
-            ))
-        })?;
-    Ok(Until::Time(PgTimestamp(row.get(0))))
 }

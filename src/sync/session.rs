@@ -10,6 +10,7 @@ use super::feed::Feed;
 use super::pipeline::{Confirm, Pipeline};
 use super::retry::{RunState, SessionEnd};
 use super::streamed::StreamSessions;
+use super::until::Until;
 use super::{Feeding, HEARTBEAT_PREFIX, StopAt, SyncError, SyncOptions, database_error};
 use crate::apply::managed_files::Publisher;
 use crate::apply::{Applier, ApplyError};
@@ -234,6 +235,17 @@ where
     {
         return Ok(SessionEnd::Stopped);
     }
+    if let (Some(Until::Lsn(cutoff)), true) = (options.until, applied_end.is_valid())
+        && applied_end > cutoff
+    {
+        tracing::info!(applied = %applied_end, "production already has everything committed up to the cutoff {cutoff}");
+        return Ok(SessionEnd::Stopped);
+    }
+    if let (Some(_), Feeding::Slot, Some(s)) = (options.until, feeding, &s) {
+        // A transaction committed now: past a cutoff in the past, it ends the run as soon as
+        // everything before it is applied, even if no managed table changes.
+        emit_heartbeat(&staging, s).await?;
+    }
 
     let tables: Vec<(TableMeta, _)> = metas
         .into_iter()
@@ -305,7 +317,6 @@ where
             (
                 Feed::Replay {
                     reader,
-                    until: plan.until,
                     end: plan.end,
                 },
                 Confirm::Nothing,
@@ -334,6 +345,7 @@ where
         state,
         stream_sessions,
     );
+    pipeline.until = options.until;
     let result = pipeline
         .run(&mut feed, s.as_ref(), state, shutdown.as_mut())
         .await;

@@ -147,6 +147,17 @@ impl<T: Target> Pipeline<'_, T> {
             streamed_transaction_ended("already_applied", self.streams.len());
             return Ok(());
         }
+        if self
+            .until
+            .is_some_and(|until| until.passed_by(last.commit_lsn, last.commit_time))
+        {
+            // Committed past the cutoff: not applied, nor anything after it.
+            streamed.applier.rollback().await?;
+            self.reuse(streamed.applier);
+            streamed_transaction_ended("past_cutoff", self.streams.len());
+            self.reached_until = true;
+            return Ok(());
+        }
         let applier = &mut streamed.applier;
         applier.set_progress_at(self.applier.progress_at());
         applier.close(&last).await?;

@@ -87,6 +87,7 @@ pub async fn caught_up(
     let options = stagingprop::sync::SyncOptions {
         stop_at: Some(stagingprop::sync::StopAt::CaughtUp),
         max_attempts: Some(3),
+        ..Default::default()
     };
     tokio::time::timeout(
         std::time::Duration::from_secs(120),
@@ -152,4 +153,103 @@ pub fn published(dir: &std::path::Path) -> Vec<String> {
     walk(dir, dir, &mut out);
     out.sort();
     out
+}
+
+/// A staging and a production database with the same schema, and a config that manages some
+/// of their tables: built by [`PairBuilder`].
+pub struct Pair {
+    pub staging: String,
+    pub production: String,
+    /// The config file's text (for tests that run the binary).
+    pub text: String,
+    pub config: stagingprop::config::Config,
+}
+
+/// Builds a [`Pair`]: `schema` on both sides, each managed table with its own TOML lines, and
+/// `[sync]` settings beyond the defaults (slot and publication are named after `prefix`).
+pub struct PairBuilder {
+    prefix: String,
+    schema: String,
+    tables: Vec<(String, String)>,
+    sync: String,
+    production_user: String,
+}
+
+impl PairBuilder {
+    pub fn new(prefix: &str, schema: &str) -> Self {
+        PairBuilder {
+            prefix: prefix.to_owned(),
+            schema: schema.to_owned(),
+            tables: Vec::new(),
+            sync: String::new(),
+            production_user: "postgres".into(),
+        }
+    }
+
+    /// Manages `name` with the extra `[[tables]]` lines `rules` (e.g. `on_conflict = "skip"`).
+    pub fn table(mut self, name: &str, rules: &str) -> Self {
+        self.tables.push((name.to_owned(), rules.to_owned()));
+        self
+    }
+
+    /// Extra `[sync]` lines.
+    pub fn sync(mut self, lines: &str) -> Self {
+        self.sync.push_str(lines);
+        self.sync.push('\n');
+        self
+    }
+
+    pub fn production_user(mut self, user: &str) -> Self {
+        self.production_user = user.to_owned();
+        self
+    }
+
+    pub fn build(self) -> Pair {
+        let c = clusters();
+        let staging = fresh_db(&c.staging, &self.prefix);
+        let production = fresh_db(&c.production, &self.prefix);
+        psql(&c.staging, &staging, &self.schema);
+        psql(&c.production, &production, &self.schema);
+        let mut text = format!(
+            "[staging]\nurl = \"{}\"\nsslmode = \"disable\"\n\
+             [production]\nurl = \"{}\"\nsslmode = \"disable\"\n\
+             [sync]\nslot = \"{prefix}\"\npublication = \"{prefix}\"\nheartbeat_interval_secs = 1\n{sync}",
+            c.staging.conninfo(&staging, "postgres"),
+            c.production.conninfo(&production, &self.production_user),
+            prefix = self.prefix,
+            sync = self.sync,
+        );
+        for (name, rules) in &self.tables {
+            text.push_str(&format!("[[tables]]\nname = \"{name}\"\n{rules}\n"));
+        }
+        let config = stagingprop::config::Config::from_toml_str(&text, "test")
+            .unwrap_or_else(|e| panic!("test config: {e}\n{text}"));
+        Pair {
+            staging,
+            production,
+            text,
+            config,
+        }
+    }
+
+    /// Builds the pair and runs `init` on it.
+    pub async fn init(self) -> Pair {
+        let pair = self.build();
+        stagingprop::ops::init::init(&pair.config, &Default::default())
+            .await
+            .expect("init");
+        pair
+    }
+}
+
+impl Pair {
+    /// Runs `sql` on staging.
+    pub fn on_staging(&self, sql: &str) -> String {
+        psql(&clusters().staging, &self.staging, sql)
+    }
+
+    /// Runs `sql` on production.
+    pub fn on_production(&self, sql: &str) -> String {
+        psql(&clusters().production, &self.production, sql)
+    }
 }
