@@ -111,6 +111,9 @@ enum Command {
         /// exactly there. With --until-caught-up, whichever comes first.
         #[arg(long, value_name = "LSN|TIME")]
         until: Option<String>,
+        /// Print the run report (rows per table and operation) as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Apply spooled staging transactions to a target, from the position its own progress table
     /// holds: e.g. production restored from a backup taken before an outage. Stop sync first
@@ -317,7 +320,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Sync {
             until_caught_up,
             until,
+            json,
         } => {
+            let started = std::time::Instant::now();
             let until = match until {
                 None => None,
                 Some(text) => Some(parse_cutoff(&config, &text).await?),
@@ -342,7 +347,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 applied = %summary.last_applied.unwrap_or_default(),
                 "sync stopped"
             );
-            Ok(())
+            let report =
+                sync::RunReport::of(&config, &summary, "sync", started.elapsed().as_secs_f64());
+            print_report(&report, json)
         }
         Command::Replay {
             to,
@@ -546,6 +553,20 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+/// The run report on stdout: a table, or one JSON object.
+fn print_report(report: &sync::RunReport, json: bool) -> Result<(), Failure> {
+    if json {
+        let text = serde_json::to_string(report).map_err(|e| Failure {
+            code: exit::FAILED,
+            message: format!("cannot write the report: {e}"),
+        })?;
+        println!("{text}");
+    } else {
+        print!("{}", report.render());
+    }
+    Ok(())
 }
 
 /// `--until` of sync: an LSN, or a time staging's PostgreSQL reads (production's when staging

@@ -142,3 +142,54 @@ async fn a_cutoff_by_lsn_stops_before_the_first_transaction_past_it() {
     assert_eq!(summary.stats.transactions, 0);
     assert_eq!(p.on_production("SELECT count(*) FROM catentry").trim(), "1");
 }
+
+#[test]
+fn the_run_report_counts_every_change_applied() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let p = rt.block_on(catalogue_pair("report"));
+    let scratch = support::Scratch::new("report");
+    let config = p.write_config(&scratch.0);
+    p.on_staging(
+        "INSERT INTO catentry SELECT g, 'PN-' || g, g FROM generate_series(1, 30) g;
+         INSERT INTO offerprice SELECT g, 'USD', g FROM generate_series(1, 7) g;",
+    );
+    p.on_staging("UPDATE catentry SET price = price + 1 WHERE catentry_id <= 5");
+    p.on_staging("DELETE FROM catentry WHERE catentry_id > 27");
+    p.on_staging("TRUNCATE offerprice");
+    let (code, stdout, stderr) =
+        support::stagingprop(&config, &["sync", "--until-caught-up", "--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).expect(&stdout);
+    let catentry = &report["tables"][0];
+    assert_eq!(catentry["table"], "public.catentry");
+    assert_eq!(
+        (
+            &catentry["inserted"],
+            &catentry["updated"],
+            &catentry["deleted"]
+        ),
+        (&30.into(), &5.into(), &3.into())
+    );
+    let offerprice = &report["tables"][1];
+    assert_eq!(offerprice["inserted"], 7);
+    assert_eq!(offerprice["truncated"], 1);
+    assert_eq!(report["total"]["inserted"], 37);
+    assert!(report["transactions"].as_u64().unwrap() >= 4, "{report}");
+    // The counts are what production received.
+    assert_eq!(
+        p.on_production("SELECT count(*) FROM catentry").trim(),
+        "27"
+    );
+
+    // The table form for people.
+    p.on_staging("UPDATE catentry SET price = 0 WHERE catentry_id = 1");
+    let (code, stdout, stderr) = support::stagingprop(&config, &["sync", "--until-caught-up"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("public.catentry"), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("total") && l.split_whitespace().nth(2) == Some("1")),
+        "{stdout}"
+    );
+}

@@ -147,6 +147,8 @@ pub struct ApplyStats {
     pub conflicts_overwritten: u64,
     pub transactions: u64,
     pub batches: u64,
+    /// Key mappings written (remapping rules).
+    pub keys_remapped: u64,
     /// Managed files published, as of the last committed batch.
     pub files: FileStats,
 }
@@ -162,6 +164,7 @@ impl ApplyStats {
         self.conflicts_overwritten += other.conflicts_overwritten;
         self.transactions += other.transactions;
         self.batches += other.batches;
+        self.keys_remapped += other.keys_remapped;
         self.files.add(other.files);
     }
 }
@@ -637,6 +640,7 @@ impl Applier {
                 .await?;
         }
         if !mapped[0].is_empty() {
+            self.stats.keys_remapped += mapped[0].len() as u64;
             let columns = mapped.into_iter().map(TextArray).collect();
             self.send(key_map::insert_mappings(), columns, Purpose::KeyMap)
                 .await?;

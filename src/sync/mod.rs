@@ -32,6 +32,7 @@ mod receiver;
 #[cfg(test)]
 mod recorder;
 mod replay;
+mod report;
 mod retry;
 mod session;
 mod streamed;
@@ -47,6 +48,7 @@ use crate::model::Lsn;
 pub use error::SyncError;
 use error::database_error;
 pub use replay::{ReplayOptions, ReplayTo, replay};
+pub use report::{ChangeCounts, OpCounts, RunReport, TableLine};
 use retry::apply_loop;
 pub use until::{Until, parse_until};
 
@@ -74,10 +76,12 @@ pub enum StopAt {
 }
 
 /// What a sync run did.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct SyncSummary {
     pub stats: apply::ApplyStats,
     pub last_applied: Option<Lsn>,
+    /// Staging's changes applied, per table and operation (committed batches only).
+    pub changes: ChangeCounts,
 }
 
 /// Runs sync until `shutdown` resolves (or `options.stop_at` is reached), retrying transient

@@ -13,6 +13,7 @@ use bytes::Bytes;
 
 use super::feed::Feed;
 use super::receiver;
+use super::report::{ChangeCounts, Op};
 use super::retry::{RunState, SessionEnd};
 use super::session::emit_heartbeat;
 use super::streamed::{StreamSessions, StreamedTxn};
@@ -99,6 +100,11 @@ pub(super) struct Pipeline<'a, T: Target> {
     pub(super) stream_sessions: Option<StreamSessions<T>>,
     /// Streamed transactions in progress.
     pub(super) streams: HashMap<Xid, StreamedTxn<T>>,
+    /// Staging's changes of the open batch, of closed batches waiting for their commit (oldest
+    /// first), and of every batch committed (what the run report shows).
+    open_counts: ChangeCounts,
+    closed_counts: VecDeque<ChangeCounts>,
+    pub(super) committed_counts: ChangeCounts,
     /// `--until`: the cutoff, and whether a transaction past it has arrived (the run then ends
     /// once everything before it is committed).
     pub(super) until: Option<Until>,
@@ -178,6 +184,9 @@ impl<'a, T: Target> Pipeline<'a, T> {
             unflushed: Unflushed::default(),
             stream_sessions,
             streams: HashMap::new(),
+            open_counts: ChangeCounts::default(),
+            closed_counts: VecDeque::new(),
+            committed_counts: ChangeCounts::default(),
             until: None,
             reached_until: false,
             in_stream: None,
@@ -349,6 +358,7 @@ impl<'a, T: Target> Pipeline<'a, T> {
         self.complete_batch().await?;
         if self.txn.is_some() {
             self.applier.rollback().await?;
+            self.open_counts = ChangeCounts::default();
         }
         // Streamed transactions not committed yet come again, from their start.
         for (_, mut streamed) in self.streams.drain() {
@@ -388,6 +398,8 @@ impl<'a, T: Target> Pipeline<'a, T> {
         };
         let started = self.batch_started.take();
         self.applier.close(&last).await?;
+        self.closed_counts
+            .push_back(std::mem::take(&mut self.open_counts));
         self.record_committed();
         self.last_commit_time = Some(last.commit_time);
         if let Some(started) = started {
@@ -407,7 +419,19 @@ impl<'a, T: Target> Pipeline<'a, T> {
     /// Takes note of the batches production committed: applied, and confirmed once flushed.
     pub(super) fn record_committed(&mut self) {
         for committed in self.applier.take_committed() {
+            if let Some(counts) = self.closed_counts.pop_front() {
+                self.committed_counts.add(&counts);
+            }
             self.note_committed(committed);
+        }
+    }
+
+    /// Counts one of staging's changes of `table` into the batch (or streamed transaction) it
+    /// goes to.
+    fn count(&mut self, table: usize, op: Op) {
+        match self.in_stream.and_then(|xid| self.streams.get_mut(&xid)) {
+            Some(streamed) => streamed.counts.count(table, op),
+            None => self.open_counts.count(table, op),
         }
     }
 
@@ -524,6 +548,7 @@ impl<'a, T: Target> Pipeline<'a, T> {
                 self.target()?
                     .row_change(table, key, RowOp::Insert(row), source)
                     .await?;
+                self.count(table, Op::Insert);
                 self.flush_if_large().await?;
             }
             LogicalMessage::Update {
@@ -562,6 +587,7 @@ impl<'a, T: Target> Pipeline<'a, T> {
                             .await?
                     }
                 }
+                self.count(table, Op::Update);
                 self.flush_if_large().await?;
             }
             LogicalMessage::Delete {
@@ -578,6 +604,7 @@ impl<'a, T: Target> Pipeline<'a, T> {
                 self.target()?
                     .row_change(table, key, RowOp::Delete, source)
                     .await?;
+                self.count(table, Op::Delete);
                 self.flush_if_large().await?;
             }
             LogicalMessage::Truncate {
@@ -595,6 +622,9 @@ impl<'a, T: Target> Pipeline<'a, T> {
                     tables.push(self.relation_info(oid)?.table);
                 }
                 self.target()?.truncate(&tables, restart_identity).await?;
+                for table in tables {
+                    self.count(table, Op::Truncate);
+                }
             }
             LogicalMessage::StreamStart { xid, .. } => self.stream_start(xid).await?,
             LogicalMessage::StreamStop => self.in_stream = None,
@@ -868,6 +898,8 @@ mod tests {
         result: Result<(), SyncError>,
         log: Vec<String>,
         confirmed: Vec<Lsn>,
+        /// Staging's inserts the run counts as applied.
+        inserted: u64,
     }
 
     /// Runs a pipeline over `script` to its end, production having everything up to
@@ -919,6 +951,7 @@ mod tests {
             last_received: Lsn::INVALID,
             stop_lsn: None,
             staging_schema: None,
+            changes: ChangeCounts::default(),
         };
         let mut pipeline = Pipeline::new(
             &config,
@@ -940,6 +973,7 @@ mod tests {
             result,
             log: log.lines(),
             confirmed: confirmed.lock().unwrap().clone(),
+            inserted: pipeline.committed_counts.total().inserted,
         }
     }
 
@@ -1003,6 +1037,7 @@ mod tests {
         // The first batch is confirmed once the second commit shows it flushed, the second
         // when the stop flushes production's WAL.
         assert_eq!(run.confirmed, vec![Lsn(208), Lsn(308)]);
+        assert_eq!(run.inserted, 5);
     }
 
     #[tokio::test]
@@ -1026,6 +1061,7 @@ mod tests {
             lines(&["main BEGIN", "main insert 1", "main ROLLBACK"])
         );
         assert!(run.confirmed.is_empty());
+        assert_eq!(run.inserted, 0);
     }
 
     #[tokio::test]
@@ -1139,6 +1175,7 @@ mod tests {
             ])
         );
         assert_eq!(run.confirmed, vec![Lsn(208)]);
+        assert_eq!(run.inserted, 2);
 
         // A streamed transaction committing past the cutoff is rolled back; what committed
         // before it stays applied.

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::report::ChangeCounts;
 use super::session::{StagingSchema, session};
 use super::{Feeding, StopAt, SyncError, SyncOptions, SyncSummary};
 use crate::apply;
@@ -23,6 +24,18 @@ pub(super) struct RunState {
     pub(super) stop_lsn: Option<Lsn>,
     /// Staging's table definitions as last read, for a spool applier while staging is down.
     pub(super) staging_schema: Option<Arc<StagingSchema>>,
+    /// Staging's changes applied by every session of the run.
+    pub(super) changes: ChangeCounts,
+}
+
+impl RunState {
+    fn summary(&mut self) -> SyncSummary {
+        SyncSummary {
+            stats: self.stats,
+            last_applied: self.last_applied,
+            changes: std::mem::take(&mut self.changes),
+        }
+    }
 }
 
 pub(super) enum SessionEnd {
@@ -54,6 +67,7 @@ where
             _ => None,
         },
         staging_schema: None,
+        changes: ChangeCounts::default(),
     };
     let mut attempt: u32 = 0;
     loop {
@@ -65,20 +79,14 @@ where
         }
         match result {
             Ok(SessionEnd::Stopped) => {
-                return Ok(SyncSummary {
-                    stats: state.stats,
-                    last_applied: state.last_applied,
-                });
+                return Ok(state.summary());
             }
             Err(e) if e.is_transient() => {
                 let what = format!("nothing is lost: {}", feeding.holder());
                 if pause_before_retry(e, &mut attempt, options, "", &what, shutdown.as_mut())
                     .await?
                 {
-                    return Ok(SyncSummary {
-                        stats: state.stats,
-                        last_applied: state.last_applied,
-                    });
+                    return Ok(state.summary());
                 }
             }
             Err(SyncError::Apply(e)) if e.may_be_ordering() && state.one_by_one_until.is_none() => {

@@ -352,6 +352,7 @@ where
     // A batch may have committed just before an error.
     pipeline.record_committed();
     state.stats = pipeline.applier.stats;
+    state.changes.add(&pipeline.committed_counts);
     state.last_received = pipeline.last_received;
     state.one_by_one_until = pipeline.one_by_one_until;
     if pipeline.applied_end.is_valid() {

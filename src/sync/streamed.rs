@@ -8,6 +8,7 @@ use std::pin::Pin;
 
 use super::SyncError;
 use super::pipeline::Pipeline;
+use super::report::ChangeCounts;
 use super::target::Target;
 use crate::apply::ApplyStats;
 use crate::model::Xid;
@@ -36,10 +37,12 @@ impl<T> StreamSessions<T> {
 /// arrives in a production transaction of its own, committed when staging's commits.
 pub(super) struct StreamedTxn<T: Target> {
     pub(super) applier: T,
+    /// Staging's changes applied in it so far (the run's count once it commits).
+    pub(super) counts: ChangeCounts,
     /// Its subtransactions seen so far, in order, with the savepoint each started at: a
     /// subtransaction that aborts rolls back to its savepoint, which also undoes the ones
     /// nested in it (they all came after it).
-    savepoints: Vec<(Xid, T::Savepoint)>,
+    savepoints: Vec<(Xid, T::Savepoint, ChangeCounts)>,
 }
 
 fn streamed_transaction_ended(outcome: &'static str, open: usize) {
@@ -61,11 +64,11 @@ impl<T: Target> Pipeline<'_, T> {
         let Some(streamed) = self.streams.get_mut(&top) else {
             return Ok(());
         };
-        if xid == top || streamed.savepoints.iter().any(|(x, _)| *x == xid) {
+        if xid == top || streamed.savepoints.iter().any(|(x, _, _)| *x == xid) {
             return Ok(());
         }
         let at = streamed.applier.savepoint(&savepoint_name(xid)).await?;
-        streamed.savepoints.push((xid, at));
+        streamed.savepoints.push((xid, at, streamed.counts.clone()));
         Ok(())
     }
 
@@ -91,6 +94,7 @@ impl<T: Target> Pipeline<'_, T> {
                 xid,
                 StreamedTxn {
                     applier,
+                    counts: ChangeCounts::default(),
                     savepoints: Vec::new(),
                 },
             );
@@ -115,8 +119,13 @@ impl<T: Target> Pipeline<'_, T> {
             return Ok(());
         };
         // A subtransaction with no change of a managed table has no savepoint: nothing to undo.
-        if let Some(i) = streamed.savepoints.iter().position(|(x, _)| *x == subxact) {
+        if let Some(i) = streamed
+            .savepoints
+            .iter()
+            .position(|(x, _, _)| *x == subxact)
+        {
             let at = streamed.savepoints[i].1;
+            streamed.counts = streamed.savepoints[i].2.clone();
             streamed
                 .applier
                 .rollback_to(&savepoint_name(subxact), at)
@@ -166,6 +175,7 @@ impl<T: Target> Pipeline<'_, T> {
         applier.stats_mut().transactions += 1;
         let stats = applier.stats();
         self.applier.stats_mut().add(&stats);
+        self.committed_counts.add(&streamed.counts);
         let committed = applier.take_committed();
         self.reuse(streamed.applier);
         streamed_transaction_ended("committed", self.streams.len());

@@ -253,3 +253,46 @@ impl Pair {
         psql(&clusters().production, &self.production, sql)
     }
 }
+
+/// A scratch directory for one test's files, removed at the end.
+pub struct Scratch(pub std::path::PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("stagingprop-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Pair {
+    /// Writes the pair's config into `dir`; its path.
+    pub fn write_config(&self, dir: &std::path::Path) -> std::path::PathBuf {
+        let path = dir.join("stagingprop.toml");
+        std::fs::write(&path, &self.text).unwrap();
+        path
+    }
+}
+
+/// Runs the stagingprop binary with `--config config` and `args`: (exit code, stdout, stderr).
+pub fn stagingprop(config: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stagingprop"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run stagingprop");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
