@@ -114,6 +114,10 @@ enum Command {
         /// Print the run report (rows per table and operation) as JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Read staging's slot up to where staging is now (or --until) and report what would be
+        /// applied; nothing is written to production and the slot does not move.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Apply spooled staging transactions to a target, from the position its own progress table
     /// holds: e.g. production restored from a backup taken before an outage. Stop sync first
@@ -321,6 +325,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             until_caught_up,
             until,
             json,
+            dry_run,
         } => {
             let started = std::time::Instant::now();
             let until = match until {
@@ -331,6 +336,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 stop_at: until_caught_up.then_some(StopAt::CaughtUp),
                 max_attempts: None,
                 until,
+                dry_run,
             };
             let summary = sync::run(&config, &options, shutdown_signal())
                 .await
@@ -347,8 +353,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 applied = %summary.last_applied.unwrap_or_default(),
                 "sync stopped"
             );
+            let run = if dry_run { sync::DRY_RUN } else { "sync" };
             let report =
-                sync::RunReport::of(&config, &summary, "sync", started.elapsed().as_secs_f64());
+                sync::RunReport::of(&config, &summary, run, started.elapsed().as_secs_f64());
             print_report(&report, json)
         }
         Command::Replay {

@@ -193,3 +193,50 @@ fn the_run_report_counts_every_change_applied() {
         "{stdout}"
     );
 }
+
+#[test]
+fn a_dry_run_changes_nothing_and_counts_what_a_real_run_then_applies() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let p = rt.block_on(catalogue_pair("dry_run"));
+    let scratch = support::Scratch::new("dry_run");
+    let config = p.write_config(&scratch.0);
+    p.on_staging(
+        "INSERT INTO catentry SELECT g, 'PN-' || g, g FROM generate_series(1, 12) g;
+         INSERT INTO offerprice SELECT g, 'EUR', g FROM generate_series(1, 4) g;",
+    );
+    p.on_staging("UPDATE catentry SET price = 0 WHERE catentry_id IN (1, 2)");
+    p.on_staging("DELETE FROM offerprice WHERE offer_id = 4");
+    let slot_before = slot_confirmed(&p);
+
+    let (code, dry, stderr) = support::stagingprop(&config, &["sync", "--dry-run", "--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    let dry: serde_json::Value = serde_json::from_str(dry.trim()).expect(&dry);
+    assert_eq!(dry["run"], "dry run");
+    assert_eq!(dry["total"]["inserted"], 16);
+    assert_eq!(
+        slot_confirmed(&p),
+        slot_before,
+        "a dry run confirms nothing"
+    );
+    assert_eq!(p.on_production("SELECT count(*) FROM catentry").trim(), "0");
+    assert_eq!(
+        p.on_production("SELECT count(*) FROM stagingprop.progress")
+            .trim(),
+        "0"
+    );
+
+    let (code, real, stderr) =
+        support::stagingprop(&config, &["sync", "--until-caught-up", "--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    let real: serde_json::Value = serde_json::from_str(real.trim()).expect(&real);
+    assert_eq!(dry["tables"], real["tables"], "dry {dry}\nreal {real}");
+    assert_eq!(dry["total"], real["total"]);
+    assert_eq!(
+        p.on_production("SELECT count(*) FROM catentry").trim(),
+        "12"
+    );
+    assert_eq!(
+        p.on_production("SELECT count(*) FROM offerprice").trim(),
+        "3"
+    );
+}

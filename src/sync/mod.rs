@@ -25,6 +25,7 @@
 //! trait between the pipeline and production's session), `feed.rs` (slot, spool or replay),
 //! `receiver.rs` (staging's stream into the spool), `replay.rs`.
 
+mod dry_run;
 mod error;
 mod feed;
 mod pipeline;
@@ -48,7 +49,7 @@ use crate::model::Lsn;
 pub use error::SyncError;
 use error::database_error;
 pub use replay::{ReplayOptions, ReplayTo, replay};
-pub use report::{ChangeCounts, OpCounts, RunReport, TableLine};
+pub use report::{ChangeCounts, DRY_RUN, OpCounts, RunReport, TableLine};
 use retry::apply_loop;
 pub use until::{Until, parse_until};
 
@@ -66,6 +67,9 @@ pub struct SyncOptions {
     /// `--until`: apply what committed up to this position or time, then stop (with
     /// `stop_at`, whichever comes first).
     pub until: Option<Until>,
+    /// `--dry-run`: read staging's slot up to where staging is now (or `until`), apply and
+    /// confirm nothing; the summary says what a real run would apply.
+    pub dry_run: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -96,6 +100,8 @@ where
     S: Future<Output = ()>,
 {
     match &config.spool {
+        // A dry run reads the slot itself: the spool's receiver would confirm what it spools.
+        _ if options.dry_run => apply_loop(config, options, &Feeding::Slot, shutdown).await,
         None => apply_loop(config, options, &Feeding::Slot, shutdown).await,
         Some(spool) => receiver::spooled(config, spool, options, shutdown).await,
     }

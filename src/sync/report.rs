@@ -8,7 +8,17 @@ use std::fmt::Write;
 use serde::Serialize;
 
 use super::SyncSummary;
-use crate::config::Config;
+use crate::config::{Config, KeyRule};
+
+/// The name of a dry run's report.
+pub const DRY_RUN: &str = "dry run";
+
+fn allocates(rule: &KeyRule) -> bool {
+    matches!(
+        rule,
+        KeyRule::RemapOnConflict { .. } | KeyRule::Allocate { .. } | KeyRule::Natural { .. }
+    )
+}
 
 /// Staging's changes of one table.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -118,6 +128,18 @@ impl RunReport {
             })
             .collect();
         let total = summary.changes.total();
+        // A dry run allocates nothing; what a real run would is at most one key per insert into
+        // a table whose rule allocates.
+        let keys_to_allocate = (run == DRY_RUN && config.tables.iter().any(|t| allocates(&t.key)))
+            .then(|| {
+                config
+                    .tables
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, t)| allocates(&t.key))
+                    .map(|(i, _)| summary.changes.table(i).inserted)
+                    .sum()
+            });
         RunReport {
             run: run.to_owned(),
             tables,
@@ -125,7 +147,7 @@ impl RunReport {
             transactions: summary.stats.transactions,
             quarantined: summary.stats.conflicts_skipped,
             keys_remapped: summary.stats.keys_remapped,
-            keys_to_allocate: None,
+            keys_to_allocate,
             elapsed_secs,
             rows_per_sec: total.rows() as f64 / elapsed_secs.max(0.001),
             applied: summary.last_applied.map(|l| l.to_string()),
@@ -201,6 +223,30 @@ mod tests {
         assert_eq!(run.table(2), OpCounts::default());
         assert_eq!(run.total().rows(), 6);
         assert_eq!(run.total().truncated, 1);
+    }
+
+    #[test]
+    fn a_dry_run_reports_the_keys_a_real_run_could_allocate() {
+        let config = Config::from_toml_str(
+            "[staging]\nurl = \"host=h dbname=s user=u\"\n[production]\nurl = \"host=h dbname=p user=u\"\n\
+             [[tables]]\nname = \"public.a\"\nkey = { rule = \"allocate\", sequence = \"public.a_seq\" }\n\
+             [[tables]]\nname = \"public.b\"\n",
+            "test.toml",
+        )
+        .unwrap();
+        let mut summary = SyncSummary::default();
+        for _ in 0..3 {
+            summary.changes.count(0, Op::Insert);
+        }
+        summary.changes.count(1, Op::Insert);
+        summary.changes.count(0, Op::Update);
+        let dry = RunReport::of(&config, &summary, DRY_RUN, 1.0);
+        assert_eq!(dry.keys_to_allocate, Some(3));
+        assert!(dry.render().contains("at most 3 keys to allocate"));
+        assert_eq!(
+            RunReport::of(&config, &summary, "sync", 1.0).keys_to_allocate,
+            None
+        );
     }
 
     #[test]

@@ -6,10 +6,12 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::dry_run::DryRun;
 use super::feed::Feed;
 use super::pipeline::{Confirm, Pipeline};
 use super::retry::{RunState, SessionEnd};
 use super::streamed::StreamSessions;
+use super::target::Target;
 use super::until::Until;
 use super::{Feeding, HEARTBEAT_PREFIX, StopAt, SyncError, SyncOptions, database_error};
 use crate::apply::managed_files::Publisher;
@@ -132,7 +134,7 @@ pub(super) async fn session<S>(
     options: &SyncOptions,
     state: &mut RunState,
     feeding: &Feeding,
-    mut shutdown: std::pin::Pin<&mut S>,
+    shutdown: std::pin::Pin<&mut S>,
 ) -> Result<SessionEnd, SyncError>
 where
     S: Future<Output = ()>,
@@ -167,7 +169,9 @@ where
         .connect()
         .await
         .map_err(database_error(&target, "connect"))?;
-    state::ensure(&p).await.map_err(ApplyError::from)?;
+    if !options.dry_run {
+        state::ensure(&p).await.map_err(ApplyError::from)?;
+    }
     let staging_schema = match (&s, &state.staging_schema) {
         (Some(s), _) => Arc::new(StagingSchema::load(config, &staging, s).await?),
         (None, Some(cached)) => cached.clone(),
@@ -177,9 +181,11 @@ where
         state.staging_schema = Some(staging_schema.clone());
     }
     let (metas, remapper) = validate(config, &staging_schema, &target, &p).await?;
-    let progress = state::progress::read(&p, &config.sync.slot)
-        .await
-        .map_err(ApplyError::from)?;
+    let progress = match state::progress::read(&p, &config.sync.slot).await {
+        // A dry run creates nothing: no progress table yet means production has nothing.
+        Err(e) if options.dry_run && e.sqlstate() == Some("42P01") => None,
+        read => read.map_err(ApplyError::from)?,
+    };
     if progress.is_some_and(|p| p.is_copy_in_progress()) {
         return Err(SyncError::Slot(format!(
             "a `stagingprop copy` into {} started but did not complete, so it is not a \
@@ -214,7 +220,9 @@ where
         }
         _ => {}
     }
-    if matches!(options.stop_at, Some(StopAt::CaughtUp)) && state.stop_lsn.is_none() {
+    if (options.dry_run || matches!(options.stop_at, Some(StopAt::CaughtUp)))
+        && state.stop_lsn.is_none()
+    {
         let Some(s) = &s else {
             return Err(SyncError::Slot(
                 "--until-caught-up needs staging, to know where it is: staging is unreachable"
@@ -254,7 +262,10 @@ where
         .collect();
     // Large transactions are applied while staging still decodes them, each in a production
     // session of its own. Not with key remapping: two sessions would allocate keys apart.
-    let streaming = config.sync.streaming && remapper.is_none() && matches!(feeding, Feeding::Slot);
+    let streaming = config.sync.streaming
+        && remapper.is_none()
+        && matches!(feeding, Feeding::Slot)
+        && !options.dry_run;
     let stream_sessions = streaming.then(|| {
         let (target, tables, config) = (target.clone(), tables.clone(), config.clone());
         StreamSessions::new(Box::new(move || {
@@ -271,21 +282,7 @@ where
             })
         }))
     });
-    let mut applier = Applier::new(p, &config.sync.slot, tables, remapper, applied_end).await?;
-    applier.files = file_publisher(config, &applier)?;
-    applier.files.remove_leftovers().map_err(ApplyError::from)?;
-    applier.stats = state.stats;
-    if let Some(until) = state.one_by_one_until {
-        applier.one_by_one = applied_end < until;
-    }
-    if !applier.replica_role {
-        tracing::info!(
-            "{} checks foreign keys during apply (the role may not set session_replication_role); tables are applied parents first",
-            target.role
-        );
-    }
-
-    let (mut feed, confirm) = match feeding {
+    let (feed, confirm) = match feeding {
         Feeding::Slot => {
             let mut replication = ReplicationClient::connect(&staging).await?;
             let _ = replication.identify_system().await?;
@@ -299,7 +296,13 @@ where
                 .start_logical(&config.sync.slot, applied_end, &pgoutput)
                 .await?;
             let flush = stream.flush_handle();
-            (Feed::Slot(stream), Confirm::Slot(flush))
+            // A dry run confirms nothing: the slot stays where it is.
+            let confirm = if options.dry_run {
+                Confirm::Nothing
+            } else {
+                Confirm::Slot(flush)
+            };
+            (Feed::Slot(stream), confirm)
         }
         Feeding::Spool(shared) => {
             let reader = SpoolReader::open(&shared.dir, applied_end)?;
@@ -331,40 +334,96 @@ where
     tracing::info!(
         slot = %config.sync.slot,
         from = %applied_end,
-        "applying {} to {}",
+        "{} {} to {}",
+        if options.dry_run { "reading (dry run: nothing is applied or confirmed)" } else { "applying" },
         feed.describe(&staging),
         target.describe()
     );
-
-    let mut pipeline = Pipeline::new(
+    let run = Run {
         config,
-        &staging,
-        applier,
+        staging: &staging,
         applied_end,
         confirm,
-        state,
-        stream_sessions,
-    );
-    pipeline.until = options.until;
-    let result = pipeline
-        .run(&mut feed, s.as_ref(), state, shutdown.as_mut())
-        .await;
-    // A batch may have committed just before an error.
-    pipeline.record_committed();
-    state.stats = pipeline.applier.stats;
-    state.changes.add(&pipeline.committed_counts);
-    state.last_received = pipeline.last_received;
-    state.one_by_one_until = pipeline.one_by_one_until;
-    if pipeline.applied_end.is_valid() {
-        state.last_applied = Some(pipeline.applied_end);
+        until: options.until,
+        staging_client: s.as_ref(),
+    };
+    if options.dry_run {
+        let metas = tables.into_iter().map(|(meta, _)| meta).collect();
+        let dry = DryRun::new(metas, applied_end, state.stats);
+        return run.drive(dry, None, feed, state, shutdown).await;
     }
-    if result.is_err() {
-        let _ = pipeline.applier.rollback().await;
+    let mut applier = Applier::new(p, &config.sync.slot, tables, remapper, applied_end).await?;
+    applier.files = file_publisher(config, &applier)?;
+    applier.files.remove_leftovers().map_err(ApplyError::from)?;
+    applier.stats = state.stats;
+    if let Some(until) = state.one_by_one_until {
+        applier.one_by_one = applied_end < until;
     }
-    let closed = feed.close().await;
-    let end = result?;
-    closed?;
-    Ok(end)
+    if !applier.replica_role {
+        tracing::info!(
+            "{} checks foreign keys during apply (the role may not set session_replication_role); tables are applied parents first",
+            target.role
+        );
+    }
+
+    run.drive(applier, stream_sessions, feed, state, shutdown)
+        .await
+}
+
+/// What a session's pipeline runs with, its target aside.
+struct Run<'a> {
+    config: &'a Config,
+    staging: &'a Endpoint,
+    applied_end: Lsn,
+    confirm: Confirm,
+    until: Option<Until>,
+    staging_client: Option<&'a tokio_postgres::Client>,
+}
+
+impl Run<'_> {
+    /// Runs the pipeline into `target` until it stops or fails, and keeps what survives the
+    /// session in `state`.
+    async fn drive<T: Target, S>(
+        self,
+        target: T,
+        stream_sessions: Option<StreamSessions<T>>,
+        mut feed: Feed,
+        state: &mut RunState,
+        mut shutdown: std::pin::Pin<&mut S>,
+    ) -> Result<SessionEnd, SyncError>
+    where
+        S: Future<Output = ()>,
+    {
+        let mut pipeline = Pipeline::new(
+            self.config,
+            self.staging,
+            target,
+            self.applied_end,
+            self.confirm,
+            state,
+            stream_sessions,
+        );
+        pipeline.until = self.until;
+        let result = pipeline
+            .run(&mut feed, self.staging_client, state, shutdown.as_mut())
+            .await;
+        // A batch may have committed just before an error.
+        pipeline.record_committed();
+        state.stats = pipeline.applier.stats();
+        state.changes.add(&pipeline.committed_counts);
+        state.last_received = pipeline.last_received;
+        state.one_by_one_until = pipeline.one_by_one_until;
+        if pipeline.applied_end.is_valid() {
+            state.last_applied = Some(pipeline.applied_end);
+        }
+        if result.is_err() {
+            let _ = pipeline.applier.rollback().await;
+        }
+        let closed = feed.close().await;
+        let end = result?;
+        closed?;
+        Ok(end)
+    }
 }
 
 /// The managed-file publisher for a production session.
