@@ -16,6 +16,7 @@ use stagingprop::ops::tail::{TailOptions, tail};
 use stagingprop::ops::verify::{VerifyOptions, render as render_diffs, verify};
 use stagingprop::pg::connect::{Endpoint, EndpointError};
 use stagingprop::pg::replication::ReplicationError;
+use stagingprop::state::quarantine::Selection;
 use stagingprop::sync::{self, ReplayOptions, ReplayTo, StopAt, SyncError, SyncOptions};
 
 /// Exit codes, documented in README.
@@ -82,6 +83,56 @@ impl From<SideArg> for Side {
 enum LogFormat {
     Human,
     Json,
+}
+
+/// Which quarantined changes a command takes: exactly one of --id, --table, --all.
+#[derive(clap::Args, Debug)]
+#[group(required = true, multiple = false)]
+struct QuarantineSelection {
+    /// One change, by the id `quarantine list` shows.
+    #[arg(long)]
+    id: Option<i64>,
+    /// Every change of one managed table (schema.table).
+    #[arg(long)]
+    table: Option<TableName>,
+    /// Every change.
+    #[arg(long)]
+    all: bool,
+}
+
+impl QuarantineSelection {
+    fn selection(&self) -> Selection {
+        match (&self.id, &self.table) {
+            (Some(id), _) => Selection::Id(*id),
+            (None, Some(table)) => Selection::Table(table.to_string()),
+            (None, None) => Selection::All,
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum QuarantineAction {
+    /// List the quarantined changes, oldest first.
+    List {
+        /// Only this table's (schema.table).
+        #[arg(long)]
+        table: Option<TableName>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply quarantined changes now, in staging's order, under each table's conflict policy;
+    /// each leaves the quarantine in the transaction that applies it. A change that still
+    /// conflicts stays with the new reason (exit 7).
+    Retry {
+        #[command(flatten)]
+        which: QuarantineSelection,
+    },
+    /// Delete quarantined changes without applying them.
+    Discard {
+        #[command(flatten)]
+        which: QuarantineSelection,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -186,6 +237,12 @@ enum Command {
         /// Unhealthy when production is more than this many seconds behind.
         #[arg(long, default_value_t = 300.0)]
         max_lag_seconds: f64,
+    },
+    /// The changes `on_conflict = "skip"` set aside on production: list them, apply them again
+    /// (after fixing what they conflicted with), or discard them.
+    Quarantine {
+        #[command(subcommand)]
+        action: QuarantineAction,
     },
     /// Compare every managed table on staging and production (chunked hashes over key ranges,
     /// drilling into differing chunks). Exits 9 when they differ.
@@ -455,6 +512,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
+        Command::Quarantine { action } => run_quarantine(&config, action).await,
         Command::Status {
             json,
             max_lag_bytes,
@@ -557,6 +615,63 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 transactions = summary.transactions,
                 "tail finished"
             );
+            Ok(())
+        }
+    }
+}
+
+async fn run_quarantine(config: &Config, action: QuarantineAction) -> Result<(), Failure> {
+    use stagingprop::ops::quarantine;
+    match action {
+        QuarantineAction::List { table, json } => {
+            let selection = table.map_or(Selection::All, |t| Selection::Table(t.to_string()));
+            let entries = quarantine::list(config, &selection)
+                .await
+                .map_err(ops_failure)?;
+            for e in &entries {
+                if json {
+                    println!("{}", serde_json::to_string(e).unwrap_or_default());
+                } else {
+                    println!(
+                        "{:>6}  {}  {:<10} {:<6} {}  key {}  ({})",
+                        e.id, e.lsn, e.table, e.operation, e.quarantined_at, e.key, e.reason
+                    );
+                }
+            }
+            if !json {
+                println!("{} quarantined change(s)", entries.len());
+            }
+            Ok(())
+        }
+        QuarantineAction::Retry { which } => {
+            let report = quarantine::retry(config, &which.selection())
+                .await
+                .map_err(ops_failure)?;
+            println!(
+                "quarantine retry: {} applied and removed, {} still conflicting",
+                report.applied.len(),
+                report.kept.len()
+            );
+            for (id, reason) in &report.kept {
+                println!("{id:>6}  {reason}");
+            }
+            if report.kept.is_empty() {
+                Ok(())
+            } else {
+                Err(Failure {
+                    code: exit::CONFLICT,
+                    message: format!(
+                        "{} quarantined change(s) still conflict; they stay in the quarantine with the new reason",
+                        report.kept.len()
+                    ),
+                })
+            }
+        }
+        QuarantineAction::Discard { which } => {
+            let removed = quarantine::discard(config, &which.selection())
+                .await
+                .map_err(ops_failure)?;
+            println!("quarantine discard: {removed} change(s) removed");
             Ok(())
         }
     }

@@ -240,3 +240,182 @@ fn a_dry_run_changes_nothing_and_counts_what_a_real_run_then_applies() {
         "3"
     );
 }
+
+fn quarantine_ids(config: &std::path::Path) -> Vec<serde_json::Value> {
+    let (code, out, err) = support::stagingprop(config, &["quarantine", "list", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    out.lines()
+        .map(|l| serde_json::from_str(l).expect(l))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quarantined_changes_are_listed_retried_once_fixed_and_discarded() {
+    let p = PairBuilder::new("quarantine", CATALOGUE)
+        .table("public.catentry", "on_conflict = \"skip\"")
+        .table("public.offerprice", "")
+        .init()
+        .await;
+    p.on_production("INSERT INTO catentry SELECT g, 'PROD-' || g, 0 FROM generate_series(1, 5) g");
+    p.on_staging("INSERT INTO catentry SELECT g, 'PN-' || g, g FROM generate_series(1, 6) g");
+    p.on_production("DELETE FROM catentry WHERE catentry_id = 6");
+    support::caught_up(&p.config).await.unwrap();
+    // 6 went in; 1..5 collided. Now staging updates 6, which production lost meanwhile.
+    p.on_production("DELETE FROM catentry WHERE catentry_id = 6");
+    p.on_staging("UPDATE catentry SET price = 60 WHERE catentry_id = 6");
+    support::caught_up(&p.config).await.unwrap();
+
+    let scratch = support::Scratch::new("quarantine");
+    let config = p.write_config(&scratch.0);
+    let entries = quarantine_ids(&config);
+    assert_eq!(entries.len(), 6, "{entries:?}");
+    assert_eq!(entries[0]["operation"], "insert");
+    assert_eq!(entries[0]["key"]["catentry_id"], "1");
+    assert_eq!(entries[0]["row"]["partnumber"], "PN-1");
+    assert_eq!(entries[5]["operation"], "update");
+    let (code, text, _) = support::stagingprop(
+        &config,
+        &["quarantine", "list", "--table", "public.catentry"],
+    );
+    assert_eq!(code, 0);
+    assert!(text.contains("6 quarantined change(s)"), "{text}");
+
+    // Fix four of the five collisions; 5 still collides and 6 is still missing.
+    p.on_production("DELETE FROM catentry WHERE catentry_id <= 4");
+    let (code, out, err) = support::stagingprop(&config, &["quarantine", "retry", "--all"]);
+    assert_eq!(code, 7, "{out}{err}");
+    assert!(
+        out.contains("4 applied and removed, 2 still conflicting"),
+        "{out}"
+    );
+    assert_eq!(
+        p.on_production("SELECT string_agg(catentry_id || ':' || partnumber, ',' ORDER BY catentry_id) FROM catentry")
+            .trim(),
+        "1:PN-1,2:PN-2,3:PN-3,4:PN-4,5:PROD-5"
+    );
+    let left = quarantine_ids(&config);
+    assert_eq!(left.len(), 2);
+    assert!(
+        left.iter()
+            .all(|e| e["reason"].as_str().unwrap().starts_with("retried:")),
+        "{left:?}"
+    );
+    // Retrying again changes nothing and applies nothing twice.
+    let (code, out, _) = support::stagingprop(&config, &["quarantine", "retry", "--all"]);
+    assert_eq!(code, 7, "{out}");
+    assert_eq!(p.on_production("SELECT count(*) FROM catentry").trim(), "5");
+
+    // The update of 6 applies once the row is back; the insert of 5 is discarded.
+    p.on_production("INSERT INTO catentry VALUES (6, 'PN-6', 6)");
+    let id5 = left[0]["id"].as_i64().unwrap();
+    let (code, out, _) = support::stagingprop(
+        &config,
+        &["quarantine", "discard", "--id", &id5.to_string()],
+    );
+    assert_eq!(code, 0);
+    assert!(out.contains("1 change(s) removed"), "{out}");
+    let (code, out, err) = support::stagingprop(
+        &config,
+        &["quarantine", "retry", "--table", "public.catentry"],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("1 applied and removed, 0 still conflicting"),
+        "{out}"
+    );
+    assert_eq!(
+        p.on_production("SELECT price FROM catentry WHERE catentry_id = 6")
+            .trim(),
+        "60.00"
+    );
+    assert!(quarantine_ids(&config).is_empty());
+    let (code, _, err) = support::stagingprop(&config, &["quarantine", "retry"]);
+    assert_eq!(code, 2, "a selection is required: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_killed_part_way_neither_loses_nor_repeats_an_entry() {
+    const N: u32 = 400;
+    let p = PairBuilder::new("quarantine_kill", CATALOGUE)
+        .table("public.catentry", "on_conflict = \"skip\"")
+        .table("public.offerprice", "")
+        .init()
+        .await;
+    p.on_production(&format!(
+        "INSERT INTO catentry SELECT g, 'PROD-' || g, 0 FROM generate_series(1, {N}) g"
+    ));
+    // One transaction per row: quarantined one by one.
+    for chunk in 0..(N / 100) {
+        let mut sql = String::new();
+        for g in chunk * 100 + 1..=chunk * 100 + 100 {
+            sql.push_str(&format!(
+                "INSERT INTO catentry VALUES ({g}, 'PN-{g}', {g});\n"
+            ));
+        }
+        p.on_staging(&sql);
+    }
+    support::caught_up(&p.config).await.unwrap();
+    assert_eq!(
+        p.on_production("SELECT count(*) FROM stagingprop.quarantine")
+            .trim(),
+        N.to_string()
+    );
+    p.on_production("DELETE FROM catentry");
+    let scratch = support::Scratch::new("quarantine_kill");
+    let config = p.write_config(&scratch.0);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_stagingprop"))
+        .arg("--config")
+        .arg(&config)
+        .args(["quarantine", "retry", "--all"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut killed_at = None;
+    while started.elapsed() < Duration::from_secs(60) {
+        let left: u32 = p
+            .on_production("SELECT count(*) FROM stagingprop.quarantine")
+            .trim()
+            .parse()
+            .unwrap();
+        if left < N - 20 {
+            child.kill().unwrap();
+            killed_at = Some(left);
+            break;
+        }
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = child.wait();
+    let left_after_kill: u32 = p
+        .on_production("SELECT count(*) FROM stagingprop.quarantine")
+        .trim()
+        .parse()
+        .unwrap();
+    let applied: u32 = p
+        .on_production("SELECT count(*) FROM catentry")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        killed_at.is_some(),
+        "the retry ended before it could be killed"
+    );
+    assert!(left_after_kill > 0, "killed before the end");
+    assert_eq!(
+        applied + left_after_kill,
+        N,
+        "each entry is either applied or still quarantined"
+    );
+    let (code, out, err) = support::stagingprop(&config, &["quarantine", "retry", "--all"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        p.on_production("SELECT count(*) || ':' || sum(price) FROM catentry")
+            .trim(),
+        format!("{N}:{}.00", N * (N + 1) / 2)
+    );
+    assert!(quarantine_ids(&config).is_empty());
+}

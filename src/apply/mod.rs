@@ -309,6 +309,9 @@ pub struct Applier {
     committed: Vec<Committed>,
     /// Publishes the managed-file tables' rows as files, batch by batch.
     pub files: Publisher,
+    /// Whether a commit moves the progress row (off for `quarantine retry`, which applies
+    /// old changes and leaves the position alone).
+    pub record_progress: bool,
 }
 
 /// A batch committed on production, not necessarily flushed yet.
@@ -391,7 +394,20 @@ impl Applier {
             closing: None,
             committed: Vec::new(),
             files: Publisher::default(),
+            record_progress: true,
         })
+    }
+
+    /// Publishes the managed-file tables of `config` (`files = {...}`) from this session's
+    /// batches.
+    pub fn publish_files(&mut self, config: &crate::config::Config) -> Result<(), ApplyError> {
+        let file_tables = config.tables.iter().enumerate().filter_map(|(i, t)| {
+            t.files
+                .as_ref()
+                .map(|files| (i, files, &self.tables[i].meta))
+        });
+        self.files = Publisher::new(file_tables.collect())?;
+        Ok(())
     }
 
     pub fn table_id(&self, name: &TableName) -> Option<usize> {
@@ -1078,8 +1094,8 @@ impl Applier {
             return Ok(());
         };
         self.settle().await?;
-        let written =
-            state::progress::advance(&self.client, &self.slot, &last, self.progress_at).await?;
+        let written = !self.record_progress
+            || state::progress::advance(&self.client, &self.slot, &last, self.progress_at).await?;
         if !written {
             // The error to report is the moved row, whatever the rollback says.
             let _ = self.rollback().await;

@@ -4,6 +4,7 @@
 pub mod demo;
 pub mod init;
 pub mod metrics;
+pub mod quarantine;
 pub mod status;
 pub mod tail;
 pub mod verify;

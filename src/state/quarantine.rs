@@ -74,3 +74,130 @@ pub async fn count(client: &Client, slot: &str) -> Result<i64, StateError> {
         .map_err(query_error("reading the quarantine table"))?
         .get(0))
 }
+
+/// A quarantined change as stored.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Stored {
+    pub id: i64,
+    pub lsn: String,
+    pub xid: i64,
+    pub table: String,
+    pub operation: String,
+    pub reason: String,
+    pub key: serde_json::Value,
+    pub row: Option<serde_json::Value>,
+    pub quarantined_at: String,
+}
+
+/// Which quarantined changes of a slot a command works on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Selection {
+    Id(i64),
+    Table(String),
+    All,
+}
+
+impl Selection {
+    /// `AND ...` restricting a query whose $1 is the slot to this selection ($2).
+    fn condition(&self) -> &'static str {
+        match self {
+            Selection::Id(_) => " AND id = $2",
+            Selection::Table(_) => " AND table_name = $2",
+            Selection::All => "",
+        }
+    }
+}
+
+/// The selected changes of `slot`, in staging's order. Empty when there is no quarantine.
+pub async fn list(
+    client: &Client,
+    slot: &str,
+    selection: &Selection,
+) -> Result<Vec<Stored>, StateError> {
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass($1) IS NOT NULL",
+            &[&table("quarantine")],
+        )
+        .await
+        .map_err(query_error("looking for stagingprop's tables"))?
+        .get(0);
+    if !exists {
+        return Ok(Vec::new());
+    }
+    let sql = format!(
+        "SELECT id, lsn::text, xid, table_name, operation, reason, key::text, row_data::text, \
+         quarantined_at::text FROM {} WHERE slot = $1{} ORDER BY lsn, id",
+        table("quarantine"),
+        selection.condition()
+    );
+    let rows = match selection {
+        Selection::Id(id) => client.query(&sql, &[&slot, id]).await,
+        Selection::Table(name) => client.query(&sql, &[&slot, name]).await,
+        Selection::All => client.query(&sql, &[&slot]).await,
+    }
+    .map_err(query_error("reading the quarantine table"))?;
+    let json = |text: Option<String>| {
+        text.map(|t| serde_json::from_str(&t).unwrap_or(serde_json::Value::String(t)))
+    };
+    Ok(rows
+        .iter()
+        .map(|r| Stored {
+            id: r.get(0),
+            lsn: r.get(1),
+            xid: r.get(2),
+            table: r.get(3),
+            operation: r.get(4),
+            reason: r.get(5),
+            key: json(r.get(6)).unwrap_or(serde_json::Value::Null),
+            row: json(r.get(7)),
+            quarantined_at: r.get(8),
+        })
+        .collect())
+}
+
+/// Removes change `id` (in the caller's transaction: the one that applied it).
+pub async fn remove(client: &Client, id: i64) -> Result<(), StateError> {
+    client
+        .execute(
+            &format!("DELETE FROM {} WHERE id = $1", table("quarantine")),
+            &[&id],
+        )
+        .await
+        .map_err(query_error("removing a change from the quarantine"))?;
+    Ok(())
+}
+
+/// Records why change `id` still cannot be applied.
+pub async fn set_reason(client: &Client, id: i64, reason: &str) -> Result<(), StateError> {
+    client
+        .execute(
+            &format!(
+                "UPDATE {} SET reason = $2 WHERE id = $1",
+                table("quarantine")
+            ),
+            &[&id, &reason],
+        )
+        .await
+        .map_err(query_error("updating the quarantine table"))?;
+    Ok(())
+}
+
+/// Deletes the selected changes of `slot`; how many.
+pub async fn discard(
+    client: &Client,
+    slot: &str,
+    selection: &Selection,
+) -> Result<u64, StateError> {
+    let sql = format!(
+        "DELETE FROM {} WHERE slot = $1{}",
+        table("quarantine"),
+        selection.condition()
+    );
+    match selection {
+        Selection::Id(id) => client.execute(&sql, &[&slot, id]).await,
+        Selection::Table(name) => client.execute(&sql, &[&slot, name]).await,
+        Selection::All => client.execute(&sql, &[&slot]).await,
+    }
+    .map_err(query_error("discarding quarantined changes"))
+}

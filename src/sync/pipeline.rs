@@ -105,6 +105,8 @@ pub(super) struct Pipeline<'a, T: Target> {
     open_counts: ChangeCounts,
     closed_counts: VecDeque<ChangeCounts>,
     pub(super) committed_counts: ChangeCounts,
+    /// Quarantined changes the progress report has mentioned.
+    quarantine_reported: u64,
     /// `--until`: the cutoff, and whether a transaction past it has arrived (the run then ends
     /// once everything before it is committed).
     pub(super) until: Option<Until>,
@@ -162,6 +164,7 @@ impl<'a, T: Target> Pipeline<'a, T> {
         state: &RunState,
         stream_sessions: Option<StreamSessions<T>>,
     ) -> Self {
+        let quarantine_reported = applier.stats().conflicts_skipped;
         let rows = applier.stats().rows_inserted
             + applier.stats().rows_updated
             + applier.stats().rows_deleted;
@@ -184,6 +187,7 @@ impl<'a, T: Target> Pipeline<'a, T> {
             unflushed: Unflushed::default(),
             stream_sessions,
             streams: HashMap::new(),
+            quarantine_reported,
             open_counts: ChangeCounts::default(),
             closed_counts: VecDeque::new(),
             committed_counts: ChangeCounts::default(),
@@ -322,6 +326,16 @@ impl<'a, T: Target> Pipeline<'a, T> {
                 lag_bytes = feed.server_wal_end().0.saturating_sub(self.applied_end.0),
                 "sync progress"
             );
+            if st.conflicts_skipped > self.quarantine_reported {
+                tracing::warn!(
+                    new = st.conflicts_skipped - self.quarantine_reported,
+                    total = st.conflicts_skipped,
+                    "{} more change(s) quarantined since the last report (conflicts under on_conflict = \"skip\"); \
+                     see `stagingprop quarantine list`, fix the rows, then `stagingprop quarantine retry`",
+                    st.conflicts_skipped - self.quarantine_reported
+                );
+                self.quarantine_reported = st.conflicts_skipped;
+            }
         }
         let lag_bytes = feed.server_wal_end().0.saturating_sub(self.applied_end.0);
         metrics::gauge!("stagingprop_lag_bytes").set(lag_bytes as f64);

@@ -14,7 +14,6 @@ use super::streamed::StreamSessions;
 use super::target::Target;
 use super::until::Until;
 use super::{Feeding, HEARTBEAT_PREFIX, StopAt, SyncError, SyncOptions, database_error};
-use crate::apply::managed_files::Publisher;
 use crate::apply::{Applier, ApplyError};
 use crate::catalog::{self, ColumnReference, TableMeta};
 use crate::config::{Config, TableName};
@@ -277,7 +276,7 @@ where
                     .map_err(database_error(&target, "connect"))?;
                 let mut applier =
                     Applier::new(p, &config.sync.slot, tables, None, Lsn::INVALID).await?;
-                applier.files = file_publisher(&config, &applier)?;
+                applier.publish_files(&config)?;
                 Ok(applier)
             })
         }))
@@ -353,7 +352,7 @@ where
         return run.drive(dry, None, feed, state, shutdown).await;
     }
     let mut applier = Applier::new(p, &config.sync.slot, tables, remapper, applied_end).await?;
-    applier.files = file_publisher(config, &applier)?;
+    applier.publish_files(config)?;
     applier.files.remove_leftovers().map_err(ApplyError::from)?;
     applier.stats = state.stats;
     if let Some(until) = state.one_by_one_until {
@@ -424,14 +423,4 @@ impl Run<'_> {
         closed?;
         Ok(end)
     }
-}
-
-/// The managed-file publisher for a production session.
-pub(super) fn file_publisher(config: &Config, applier: &Applier) -> Result<Publisher, ApplyError> {
-    let file_tables = config
-        .tables
-        .iter()
-        .enumerate()
-        .filter_map(|(i, t)| t.files.as_ref().map(|files| (i, files, applier.meta(i))));
-    Ok(Publisher::new(file_tables.collect())?)
 }
