@@ -140,6 +140,11 @@ pub struct SyncConfig {
     /// Ask staging to stream large transactions while they are in progress, and apply them
     /// as they arrive (in a production session of their own, committed with them).
     pub streaming: bool,
+    /// The channel of the cache-invalidation notifications of tables with `notify = true`.
+    pub notify_channel: String,
+    /// SQL run in every batch's production transaction before its commit; `$1` is the batch's
+    /// changes as JSON text (tables, operations, production keys).
+    pub after_batch_sql: Option<String>,
 }
 
 /// `[spool]`: where sync keeps staging's transactions on local disk.
@@ -169,9 +174,14 @@ impl Default for SyncConfig {
             heartbeat_interval_secs: DEFAULT_HEARTBEAT_INTERVAL_SECS,
             status_interval_secs: DEFAULT_STATUS_INTERVAL_SECS,
             streaming: true,
+            notify_channel: DEFAULT_NOTIFY_CHANNEL.into(),
+            after_batch_sql: None,
         }
     }
 }
+
+/// The default `[sync] notify_channel`.
+pub const DEFAULT_NOTIFY_CHANNEL: &str = "stagingprop";
 
 /// A schema-qualified table (or sequence) name, as the catalogs spell it: written `schema.table`
 /// in the file, unqualified meaning `public`, unquoted parts folded to lower case and
@@ -271,6 +281,8 @@ pub struct TableConfig {
     pub copy: bool,
     /// Set for tables whose rows are published as files.
     pub files: Option<FilesConfig>,
+    /// Send a cache-invalidation notification (`NOTIFY`) naming the keys each batch changed.
+    pub notify: bool,
 }
 
 /// How a staging key becomes a production key (see DESIGN.md, "Key remapping").
@@ -625,6 +637,8 @@ struct RawSync {
     heartbeat_interval_secs: Option<u64>,
     status_interval_secs: Option<u64>,
     streaming: Option<bool>,
+    notify_channel: Option<String>,
+    after_batch_sql: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -644,6 +658,7 @@ struct RawTable {
     on_conflict: Option<ConflictPolicy>,
     copy: Option<bool>,
     files: Option<RawFiles>,
+    notify: Option<bool>,
 }
 
 #[derive(Clone, Copy, Deserialize)]
@@ -1032,8 +1047,18 @@ impl Validator<'_> {
             .unwrap_or(defaults.status_interval_secs);
         at_least_one("status_interval_secs", status_interval_secs)?;
         let streaming = raw.streaming.unwrap_or(defaults.streaming);
+        let notify_channel = raw.notify_channel.unwrap_or(defaults.notify_channel);
+        if let Err(problem) = check_slot_name(&notify_channel) {
+            return Err(self.invalid(
+                "sync.notify_channel",
+                format!("{notify_channel:?} is not a usable channel name: {problem}"),
+            ));
+        }
+        let after_batch_sql = raw.after_batch_sql.filter(|sql| !sql.trim().is_empty());
         Ok(SyncConfig {
             streaming,
+            notify_channel,
+            after_batch_sql,
             slot,
             publication,
             batch_max_rows,
@@ -1061,6 +1086,7 @@ impl Validator<'_> {
             on_conflict: raw.on_conflict.unwrap_or_default(),
             copy: raw.copy.unwrap_or(true),
             files,
+            notify: raw.notify.unwrap_or(false),
         })
     }
 

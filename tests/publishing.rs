@@ -419,3 +419,148 @@ async fn a_retry_killed_part_way_neither_loses_nor_repeats_an_entry() {
     );
     assert!(quarantine_ids(&config).is_empty());
 }
+
+/// Collects every notification production sends on `channel` to a listening session.
+struct Listener {
+    received: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    _client: tokio_postgres::Client,
+}
+
+impl Listener {
+    async fn start(p: &Pair, channel: &str) -> Listener {
+        use futures_util::StreamExt;
+        let (client, mut connection) = tokio_postgres::connect(
+            &support::clusters()
+                .production
+                .conninfo(&p.production, "postgres"),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .unwrap();
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = received.clone();
+        tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(Ok(message)) = messages.next().await {
+                if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                    sink.lock().unwrap().push(
+                        serde_json::from_str(n.payload())
+                            .unwrap_or_else(|e| panic!("{e}: {}", n.payload())),
+                    );
+                }
+            }
+        });
+        client
+            .batch_execute(&format!("LISTEN {channel}"))
+            .await
+            .unwrap();
+        Listener {
+            received,
+            _client: client,
+        }
+    }
+
+    /// What arrived since the last call (after a moment for delivery).
+    async fn take(&self) -> Vec<serde_json::Value> {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        std::mem::take(&mut *self.received.lock().unwrap())
+    }
+}
+
+/// (op, key) of every key the notifications name, sorted: a key named twice appears twice.
+fn notified(notifications: &[serde_json::Value]) -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    for n in notifications {
+        assert_eq!(
+            n["table"], "public.catentry",
+            "only notify = true tables: {n}"
+        );
+        for key in n["keys"].as_array().unwrap() {
+            out.push((
+                n["op"].as_str().unwrap().to_owned(),
+                key[0].as_str().unwrap().parse().unwrap(),
+            ));
+        }
+    }
+    out.sort();
+    out
+}
+
+fn expected(op: &str, keys: std::ops::RangeInclusive<i64>) -> Vec<(String, i64)> {
+    keys.map(|k| (op.to_owned(), k)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_hear_each_committed_change_once_and_nothing_of_a_rolled_back_batch() {
+    let p = PairBuilder::new("notify", CATALOGUE)
+        .table("public.catentry", "notify = true")
+        .table("public.offerprice", "")
+        .sync("notify_channel = \"catalogue_cache\"")
+        .sync("after_batch_sql = \"INSERT INTO cache_log (changes) SELECT $1::jsonb\"")
+        .init()
+        .await;
+    p.on_production("CREATE TABLE cache_log (id bigserial PRIMARY KEY, changes jsonb NOT NULL)");
+    let listener = Listener::start(&p, "catalogue_cache").await;
+
+    for chunk in 0..5 {
+        p.on_staging(&format!(
+            "INSERT INTO catentry SELECT g, 'PN-' || g, g FROM generate_series({}, {}) g;
+             INSERT INTO offerprice VALUES ({chunk}, 'USD', 1);",
+            chunk * 10 + 1,
+            chunk * 10 + 10
+        ));
+    }
+    support::caught_up(&p.config).await.unwrap();
+    assert_eq!(notified(&listener.take().await), expected("insert", 1..=50));
+
+    p.on_staging("UPDATE catentry SET price = 0 WHERE catentry_id <= 10");
+    p.on_staging("DELETE FROM catentry WHERE catentry_id >= 41");
+    support::caught_up(&p.config).await.unwrap();
+    let mut want = expected("delete", 41..=50);
+    want.extend(expected("update", 1..=10));
+    assert_eq!(notified(&listener.take().await), want);
+    let logged = p.on_production("SELECT count(*) FROM cache_log");
+
+    // A batch rolled back by a conflict notifies nothing and logs nothing.
+    p.on_production("INSERT INTO catentry VALUES (100, 'PROD-100', 0)");
+    p.on_staging("INSERT INTO catentry VALUES (101, 'PN-101', 1), (100, 'PN-100', 1)");
+    let failed = support::caught_up(&p.config).await;
+    assert!(failed.is_err(), "the conflict stops sync");
+    assert!(listener.take().await.is_empty());
+    assert_eq!(p.on_production("SELECT count(*) FROM cache_log"), logged);
+
+    p.on_production("DELETE FROM catentry WHERE catentry_id = 100");
+    support::caught_up(&p.config).await.unwrap();
+    assert_eq!(
+        notified(&listener.take().await),
+        expected("insert", 100..=101)
+    );
+
+    // after_batch_sql saw every table's changes, in the same transactions.
+    let logged_keys = p.on_production(
+        "SELECT string_agg(DISTINCT c->>'table' || ':' || (c->>'op'), ',') FROM cache_log, jsonb_array_elements(changes) c",
+    );
+    assert_eq!(
+        logged_keys.trim(),
+        "public.catentry:delete,public.catentry:insert,public.catentry:update,public.offerprice:insert"
+    );
+    let logged_inserts = p.on_production(
+        "SELECT count(*) FROM cache_log, jsonb_array_elements(changes) c, jsonb_array_elements(c->'keys') k
+          WHERE c->>'table' = 'public.catentry' AND c->>'op' = 'insert'",
+    );
+    assert_eq!(logged_inserts.trim(), "52");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_after_batch_sql_rolls_the_batch_back() {
+    let p = PairBuilder::new("after_batch_fails", CATALOGUE)
+        .table("public.catentry", "")
+        .table("public.offerprice", "")
+        .sync("after_batch_sql = \"INSERT INTO missing_table VALUES ($1)\"")
+        .init()
+        .await;
+    p.on_staging("INSERT INTO catentry VALUES (1, 'PN-1', 1)");
+    let error = support::caught_up(&p.config).await.unwrap_err();
+    assert!(error.to_string().contains("after_batch_sql"), "{error}");
+    assert_eq!(p.on_production("SELECT count(*) FROM catentry").trim(), "0");
+}

@@ -3,6 +3,7 @@
 //! conflicts with their per-table policy and the quarantine table, and the progress table that
 //! makes apply exactly-once (it is updated in the same transaction as the changes).
 
+pub mod invalidate;
 pub mod managed_files;
 pub mod statements;
 
@@ -13,6 +14,7 @@ use bytes::Bytes;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Statement};
 
+use self::invalidate::{Invalidations, NotifiedTable};
 use self::managed_files::{FileError, FileStats, Publisher};
 use crate::catalog::{self as schema, TableMeta};
 use crate::change::{Entry, Key, NetChange, RowOp, Source, TableChanges};
@@ -174,6 +176,7 @@ impl ApplyStats {
 pub struct Savepoint {
     stats: ApplyStats,
     files: usize,
+    invalidations: usize,
 }
 
 struct TableState {
@@ -309,9 +312,22 @@ pub struct Applier {
     committed: Vec<Committed>,
     /// Publishes the managed-file tables' rows as files, batch by batch.
     pub files: Publisher,
+    /// Cache invalidation (`notify`, `after_batch_sql`): what to run before each COMMIT, and
+    /// the keys the open batch changed. `None` when the config asks for neither.
+    hooks: Option<Hooks>,
+    invalidations: Invalidations,
     /// Whether a commit moves the progress row (off for `quarantine retry`, which applies
     /// old changes and leaves the position alone).
     pub record_progress: bool,
+}
+
+/// What runs in every batch's transaction before its COMMIT.
+struct Hooks {
+    channel: String,
+    tables: Vec<NotifiedTable>,
+    any_notify: bool,
+    after_batch_sql: Option<String>,
+    after_batch: Option<Statement>,
 }
 
 /// A batch committed on production, not necessarily flushed yet.
@@ -395,6 +411,8 @@ impl Applier {
             committed: Vec::new(),
             files: Publisher::default(),
             record_progress: true,
+            hooks: None,
+            invalidations: Invalidations::default(),
         })
     }
 
@@ -407,6 +425,74 @@ impl Applier {
                 .map(|files| (i, files, &self.tables[i].meta))
         });
         self.files = Publisher::new(file_tables.collect())?;
+        Ok(())
+    }
+
+    /// Sends cache invalidations with each batch as `config` asks (`notify` tables,
+    /// `[sync] after_batch_sql`).
+    pub fn set_hooks(&mut self, config: &crate::config::Config) {
+        let tables: Vec<NotifiedTable> = config
+            .tables
+            .iter()
+            .zip(&self.tables)
+            .map(|(t, state)| NotifiedTable {
+                name: t.name.to_string(),
+                key_columns: state
+                    .meta
+                    .key
+                    .iter()
+                    .map(|&k| state.meta.columns[k].name.clone())
+                    .collect(),
+                notify: t.notify,
+            })
+            .collect();
+        let any_notify = tables.iter().any(|t| t.notify);
+        let after_batch_sql = config.sync.after_batch_sql.clone();
+        self.hooks = (any_notify || after_batch_sql.is_some()).then(|| Hooks {
+            channel: config.sync.notify_channel.clone(),
+            tables,
+            any_notify,
+            after_batch_sql,
+            after_batch: None,
+        });
+    }
+
+    /// Notifies listeners and runs `after_batch_sql`, in the batch's transaction.
+    async fn run_hooks(&mut self) -> Result<(), ApplyError> {
+        let Some(hooks) = &mut self.hooks else {
+            return Ok(());
+        };
+        if self.invalidations.is_empty() {
+            return Ok(());
+        }
+        if hooks.any_notify {
+            for payload in self.invalidations.payloads(&hooks.tables) {
+                self.client
+                    .execute("SELECT pg_notify($1, $2)", &[&hooks.channel, &payload])
+                    .await
+                    .map_err(query_error("notifying listeners (notify = true)"))?;
+            }
+        }
+        if let Some(sql) = &hooks.after_batch_sql {
+            let statement = match &hooks.after_batch {
+                Some(statement) => statement.clone(),
+                None => {
+                    let statement = self
+                        .client
+                        .prepare_typed(sql, &[Type::TEXT])
+                        .await
+                        .map_err(query_error("preparing [sync] after_batch_sql"))?;
+                    hooks.after_batch = Some(statement.clone());
+                    statement
+                }
+            };
+            let changes = self.invalidations.as_json(&hooks.tables).to_string();
+            self.client
+                .execute(&statement, &[&changes])
+                .await
+                .map_err(query_error("running [sync] after_batch_sql"))?;
+        }
+        self.invalidations.clear();
         Ok(())
     }
 
@@ -564,6 +650,19 @@ impl Applier {
                 .await?;
         } else {
             self.stats.rows_updated += 1;
+            if self.hooks.is_some() {
+                let meta = &self.tables[table].meta;
+                let new_key: Key = meta
+                    .key
+                    .iter()
+                    .map(|&k| match &new[k] {
+                        Value::Text(b) | Value::Binary(b) => Some(b.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                self.invalidations.record(table, "update", old_key);
+                self.invalidations.record(table, "update", new_key);
+            }
         }
         Ok(())
     }
@@ -584,6 +683,9 @@ impl Applier {
             .map_err(query_error("applying TRUNCATE"))?;
         for &t in tables {
             self.files.clear(t);
+            if self.hooks.is_some() {
+                self.invalidations.truncated(t);
+            }
         }
         let mapped = self
             .remap
@@ -634,6 +736,18 @@ impl Applier {
                     .await?;
             }
             self.send_key_map(translated.writes).await?;
+        }
+        if self.hooks.is_some() {
+            for (t, entries) in drained.iter().enumerate() {
+                for entry in entries {
+                    let op = match entry.change {
+                        NetChange::Insert(_) => "insert",
+                        NetChange::Update(_) | NetChange::Replace(_) => "update",
+                        NetChange::Delete => "delete",
+                    };
+                    self.invalidations.record(t, op, entry.key.clone());
+                }
+            }
         }
         // Children's deletes before parents', parents' inserts and updates before children's.
         let order = self.order.clone();
@@ -1104,6 +1218,10 @@ impl Applier {
                 expected: self.progress_at,
             });
         }
+        if let Err(e) = self.run_hooks().await {
+            let _ = self.rollback().await;
+            return Err(e);
+        }
         // Files go into place before the COMMIT: a crash between the two leaves them ahead of
         // production, and applying the batch again rewrites the same content.
         if let Err(e) = self.files.publish() {
@@ -1176,6 +1294,7 @@ impl Applier {
         Ok(Savepoint {
             stats: self.stats,
             files: self.files.mark(),
+            invalidations: self.invalidations.mark(),
         })
     }
 
@@ -1188,6 +1307,7 @@ impl Applier {
         self.pending_rows = 0;
         self.pending_bytes = 0;
         self.files.rewind(at.files);
+        self.invalidations.rewind(at.invalidations);
         self.stats = at.stats;
         self.client
             .batch_execute(&format!("ROLLBACK TO SAVEPOINT {}", quote_ident(name)))
@@ -1204,6 +1324,7 @@ impl Applier {
     pub async fn rollback(&mut self) -> Result<(), ApplyError> {
         self.closing = None;
         self.files.discard();
+        self.invalidations.clear();
         for flight in self.in_flight.drain(..) {
             flight.result.abort();
         }

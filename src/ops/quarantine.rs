@@ -84,6 +84,7 @@ pub async fn retry(config: &Config, selection: &Selection) -> Result<RetryReport
     applier
         .publish_files(config)
         .map_err(|e| apply_error(&production, e))?;
+    applier.set_hooks(config);
     for entry in entries {
         let change = decode(config, &applier, &entry).map_err(OpsError::Refused)?;
         match apply_one(&mut applier, &entry, change).await {

@@ -277,6 +277,7 @@ where
                 let mut applier =
                     Applier::new(p, &config.sync.slot, tables, None, Lsn::INVALID).await?;
                 applier.publish_files(&config)?;
+                applier.set_hooks(&config);
                 Ok(applier)
             })
         }))
@@ -353,6 +354,7 @@ where
     }
     let mut applier = Applier::new(p, &config.sync.slot, tables, remapper, applied_end).await?;
     applier.publish_files(config)?;
+    applier.set_hooks(config);
     applier.files.remove_leftovers().map_err(ApplyError::from)?;
     applier.stats = state.stats;
     if let Some(until) = state.one_by_one_until {
