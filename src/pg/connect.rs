@@ -9,7 +9,50 @@ use rustls::ClientConfig;
 use tokio_postgres::config::{Host, SslMode as PgSslMode};
 
 use super::tls::{CertCheck, MakeRustls, TlsSetupError, client_config};
-use crate::config::{ConfigError, DbConfig, SslMode};
+use crate::config::{
+    APPLICATION_NAME, ConfigError, DbConfig, SslMode, split_connection_string, with_causes,
+};
+
+/// The tokio-postgres connection settings of a config section: the url, the resolved password,
+/// the connect timeout and `application_name = stagingprop` (unless the url names one).
+/// `sslmode` is the section's: `verify-ca` and `verify-full` map to tokio-postgres's `Require`,
+/// and the TLS connector does the verification with `sslrootcert`.
+pub fn driver_config(db: &DbConfig) -> Result<tokio_postgres::Config, ConfigError> {
+    let url_error = |message: String| ConfigError::Url {
+        section: db.section.clone(),
+        message,
+    };
+    let parts = split_connection_string(&db.url).map_err(url_error)?;
+    if parts.has_password {
+        return Err(url_error(
+            "holds a password: remove it and use password_env or password_file".into(),
+        ));
+    }
+    let mut pg: tokio_postgres::Config = parts
+        .rest
+        .parse()
+        .map_err(|err| url_error(format!("does not parse: {}", with_causes(&err))))?;
+    if pg.get_password().is_some() {
+        return Err(url_error(
+            "holds a password: remove it and use password_env or password_file".into(),
+        ));
+    }
+    if let Some(password) = db.resolve_password()? {
+        pg.password(password);
+    }
+    pg.ssl_mode(match db.sslmode {
+        SslMode::Disable => PgSslMode::Disable,
+        SslMode::Prefer => PgSslMode::Prefer,
+        SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => PgSslMode::Require,
+    });
+    if db.connect_timeout_secs > 0 {
+        pg.connect_timeout(Duration::from_secs(db.connect_timeout_secs));
+    }
+    if pg.get_application_name().is_none() {
+        pg.application_name(APPLICATION_NAME);
+    }
+    Ok(pg)
+}
 
 /// A database section that cannot be turned into connection settings.
 #[derive(Debug, thiserror::Error)]
@@ -71,7 +114,7 @@ impl Endpoint {
     /// The connection settings for a `[staging]` / `[production]` section: password resolved
     /// from its env var or file, TLS as its sslmode says.
     pub fn from_db_config(db: &DbConfig) -> Result<Endpoint, EndpointError> {
-        let pg = db.pg_config()?;
+        let pg = driver_config(db)?;
         let tls_error = |source| EndpointError::Tls {
             section: db.section.clone(),
             source,

@@ -1,0 +1,424 @@
+//! The TOML configuration file: connections to staging and production, the sync tunables, the
+//! staging-managed tables with their key rules and conflict policies, and the extra references
+//! that have no declared foreign key. Everything is validated when the file is loaded, so a
+//! command never starts with a configuration it would trip over later; every error names the key
+//! (and, for syntax errors, the line) and says what to do. Passwords never live in the file: they
+//! are read from an environment variable or a secrets file when a connection is made.
+
+mod conninfo;
+mod names;
+mod secrets;
+#[cfg(test)]
+mod tests;
+mod validate;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::Deserialize;
+
+pub(crate) use conninfo::split_connection_string;
+pub use names::{ColumnName, TableName};
+use names::{check_slot_name, parse_identifier};
+pub(crate) use validate::with_causes;
+use validate::{RawConfig, Validator, syntax_message};
+
+/// The `application_name` stagingprop's connections report (visible in `pg_stat_activity`),
+/// unless the url sets its own.
+pub const APPLICATION_NAME: &str = "stagingprop";
+
+const DEFAULT_SLOT: &str = "stagingprop";
+const DEFAULT_PUBLICATION: &str = "stagingprop";
+const DEFAULT_BATCH_MAX_ROWS: usize = 20_000;
+const DEFAULT_BATCH_MAX_BYTES: usize = 64 * 1024 * 1024;
+const DEFAULT_BATCH_MAX_DELAY_MS: u64 = 100;
+const DEFAULT_HEARTBEAT_INTERVAL_SECS: u64 = 10;
+const DEFAULT_STATUS_INTERVAL_SECS: u64 = 10;
+const DEFAULT_CONNECT_TIMEOUT_SECS: u64 = 10;
+
+/// PostgreSQL's `NAMEDATALEN - 1`: the longest identifier the server keeps without truncating.
+const MAX_IDENTIFIER_BYTES: usize = 63;
+
+/// The whole configuration file, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub staging: DbConfig,
+    pub production: DbConfig,
+    pub sync: SyncConfig,
+    /// The durable spool (`[spool]`); off when absent.
+    pub spool: Option<SpoolConfig>,
+    /// The staging-managed tables, in file order, each listed once.
+    pub tables: Vec<TableConfig>,
+    /// Columns holding keys of a managed table without a declared foreign key.
+    pub references: Vec<ReferenceConfig>,
+}
+
+/// How to reach one database (`[staging]` or `[production]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DbConfig {
+    /// The config section this came from (`staging`, `production`); used in messages.
+    pub section: String,
+    /// libpq key=value string or postgres:// URL, without a password. It may carry `sslmode`
+    /// and `sslrootcert`; those are lifted into the fields below (and must agree with them).
+    pub url: String,
+    pub password: PasswordSource,
+    pub sslmode: SslMode,
+    /// CA bundle (PEM) that verifies the server certificate for `verify-ca` / `verify-full`.
+    pub sslrootcert: Option<PathBuf>,
+    /// 0 waits indefinitely, like libpq.
+    pub connect_timeout_secs: u64,
+}
+
+/// Where a database password comes from. Never from the config file itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PasswordSource {
+    /// No password (trust, peer or certificate authentication).
+    None,
+    /// `password_env = "VAR"`: the value of an environment variable.
+    Env(String),
+    /// `password_file = "path"`: the contents of a file, minus one trailing newline.
+    File(PathBuf),
+}
+
+/// libpq's `sslmode`, less `allow` (which tokio-postgres cannot do and nobody should want).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    Disable,
+    #[default]
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl SslMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+
+    /// Whether the server certificate must be checked against `sslrootcert`.
+    pub fn verifies_certificate(self) -> bool {
+        matches!(self, SslMode::VerifyCa | SslMode::VerifyFull)
+    }
+}
+
+impl fmt::Display for SslMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for SslMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "disable" => Ok(SslMode::Disable),
+            "prefer" => Ok(SslMode::Prefer),
+            "require" => Ok(SslMode::Require),
+            "verify-ca" => Ok(SslMode::VerifyCa),
+            "verify-full" => Ok(SslMode::VerifyFull),
+            "allow" => {
+                Err("sslmode \"allow\" is not supported: use \"prefer\" or \"disable\"".into())
+            }
+            other => Err(format!(
+                "unknown sslmode {other:?}: use disable, prefer, require, verify-ca or verify-full"
+            )),
+        }
+    }
+}
+
+/// `[sync]`: the replication slot, the publication and the batching tunables.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncConfig {
+    pub slot: String,
+    pub publication: String,
+    pub batch_max_rows: usize,
+    pub batch_max_bytes: usize,
+    pub batch_max_delay_ms: u64,
+    pub heartbeat_interval_secs: u64,
+    pub status_interval_secs: u64,
+    /// Ask staging to stream large transactions while they are in progress, and apply them
+    /// as they arrive (in a production session of their own, committed with them).
+    pub streaming: bool,
+    /// The channel of the cache-invalidation notifications of tables with `notify = true`.
+    pub notify_channel: String,
+    /// SQL run in every batch's production transaction before its commit; `$1` is the batch's
+    /// changes as JSON text (tables, operations, production keys).
+    pub after_batch_sql: Option<String>,
+}
+
+/// `[spool]`: where sync keeps staging's transactions on local disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpoolConfig {
+    pub dir: PathBuf,
+    /// Past this many bytes sync stops reading ahead of production.
+    pub max_bytes: u64,
+    /// How long applied transactions stay for `replay`.
+    pub retain_secs: u64,
+    /// A new segment file starts past this size.
+    pub segment_bytes: u64,
+}
+
+pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 4 << 30;
+pub const DEFAULT_SPOOL_RETAIN_SECS: u64 = 24 * 3600;
+pub const DEFAULT_SPOOL_SEGMENT_BYTES: u64 = 64 << 20;
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            slot: DEFAULT_SLOT.into(),
+            publication: DEFAULT_PUBLICATION.into(),
+            batch_max_rows: DEFAULT_BATCH_MAX_ROWS,
+            batch_max_bytes: DEFAULT_BATCH_MAX_BYTES,
+            batch_max_delay_ms: DEFAULT_BATCH_MAX_DELAY_MS,
+            heartbeat_interval_secs: DEFAULT_HEARTBEAT_INTERVAL_SECS,
+            status_interval_secs: DEFAULT_STATUS_INTERVAL_SECS,
+            streaming: true,
+            notify_channel: DEFAULT_NOTIFY_CHANNEL.into(),
+            after_batch_sql: None,
+        }
+    }
+}
+
+/// The default `[sync] notify_channel`.
+pub const DEFAULT_NOTIFY_CHANNEL: &str = "stagingprop";
+
+/// One `[[tables]]` entry: a staging-managed table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableConfig {
+    pub name: TableName,
+    pub key: KeyRule,
+    pub on_conflict: ConflictPolicy,
+    /// Whether `copy` includes the table (default true).
+    pub copy: bool,
+    /// Set for tables whose rows are published as files.
+    pub files: Option<FilesConfig>,
+    /// Send a cache-invalidation notification (`NOTIFY`) naming the keys each batch changed.
+    pub notify: bool,
+}
+
+/// How a staging key becomes a production key (see DESIGN.md, "Key remapping").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyRule {
+    /// The key is kept; a collision follows the conflict policy.
+    Identity,
+    /// The key is kept unless it collides with a production-born row; then a fresh key is
+    /// allocated from `source` and recorded.
+    RemapOnConflict { source: KeySource },
+    /// Every new row gets a fresh production key from `source`.
+    Allocate { source: KeySource },
+    /// target = source + offset; nothing stored.
+    Offset { offset: i64 },
+    /// Match an existing production row on `columns`; allocate from `source` when none matches.
+    Natural {
+        columns: Vec<String>,
+        source: KeySource,
+    },
+}
+
+impl KeyRule {
+    /// The rule's name as written in the file.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            KeyRule::Identity => "identity",
+            KeyRule::RemapOnConflict { .. } => "remap-on-conflict",
+            KeyRule::Allocate { .. } => "allocate",
+            KeyRule::Offset { .. } => "offset",
+            KeyRule::Natural { .. } => "natural",
+        }
+    }
+
+    /// Where fresh production keys come from, for the rules that allocate.
+    pub fn source(&self) -> Option<&KeySource> {
+        match self {
+            KeyRule::RemapOnConflict { source }
+            | KeyRule::Allocate { source }
+            | KeyRule::Natural { source, .. } => Some(source),
+            KeyRule::Identity | KeyRule::Offset { .. } => None,
+        }
+    }
+}
+
+/// Where fresh production keys are allocated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeySource {
+    /// A sequence on production (`sequence = "schema.seq"`).
+    Sequence(TableName),
+    /// A row of a KEYS-style table (counter with lower/upper bounds) on production
+    /// (`keys_table = "schema.keys", keys_name = "catentry"`).
+    KeysTable { table: TableName, name: String },
+}
+
+/// What to do when a change conflicts with production's rows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConflictPolicy {
+    /// Stop, report the row and the staging LSN, apply nothing of that batch.
+    #[default]
+    Error,
+    /// Skip the change, writing it to the quarantine table.
+    Skip,
+    /// Overwrite production's row.
+    Overwrite,
+}
+
+/// A table whose rows are published as files into `dir`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FilesConfig {
+    pub dir: PathBuf,
+    pub path_column: String,
+    pub content_column: String,
+}
+
+/// One `[[references]]` entry: `column` holds keys of the managed `table`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReferenceConfig {
+    pub column: ColumnName,
+    pub table: TableName,
+}
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// TOML syntax, a wrong type or an unknown key; the message carries the line and column.
+    #[error("{origin}: {message}")]
+    Syntax { origin: String, message: String },
+    /// A value that parses but cannot be used.
+    #[error("{origin}: {key}: {message}")]
+    Invalid {
+        origin: String,
+        key: String,
+        message: String,
+    },
+    /// A password written into the file (a `password` key or inside the url).
+    #[error(
+        "{origin}: {found_in} holds a password; passwords are never read from the config file: \
+         set password_env or password_file in [{section}] and remove it from {found_in}"
+    )]
+    InlinePassword {
+        origin: String,
+        section: String,
+        found_in: String,
+    },
+    #[error("[{section}] password_env: environment variable {var} {problem}")]
+    PasswordEnv {
+        section: String,
+        var: String,
+        problem: String,
+    },
+    #[error("[{section}] password_file: {}: {problem}", path.display())]
+    PasswordFile {
+        section: String,
+        path: PathBuf,
+        problem: String,
+    },
+    /// The url of a hand-built [`DbConfig`] that does not parse.
+    #[error("[{section}] url: {message}")]
+    Url { section: String, message: String },
+}
+
+impl Config {
+    /// Reads, parses and validates the file. Relative paths in it (`password_file`,
+    /// `sslrootcert`, `files.dir`) are taken relative to the file's directory, so the result
+    /// does not depend on where the command was started.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config = Config::from_toml_str(&text, &path.display().to_string())?;
+        if let Some(base) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            config.resolve_relative_paths(base);
+        }
+        Ok(config)
+    }
+
+    /// Parses and validates `text`; `origin` names it in errors (usually the file path).
+    /// Relative paths are kept as written.
+    pub fn from_toml_str(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|err| ConfigError::Syntax {
+            origin: origin.to_owned(),
+            message: syntax_message(text, &err),
+        })?;
+        Validator { text, origin }.config(raw)
+    }
+
+    /// The managed table called `name`, if any.
+    pub fn table(&self, name: &TableName) -> Option<&TableConfig> {
+        self.tables.iter().find(|t| &t.name == name)
+    }
+
+    fn resolve_relative_paths(&mut self, base: &Path) {
+        let rebase = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        for db in [&mut self.staging, &mut self.production] {
+            if let PasswordSource::File(p) = &mut db.password {
+                rebase(p);
+            }
+            if let Some(p) = &mut db.sslrootcert {
+                rebase(p);
+            }
+        }
+        for table in &mut self.tables {
+            if let Some(files) = &mut table.files {
+                rebase(&mut files.dir);
+            }
+        }
+    }
+}
+
+impl DbConfig {
+    /// A printable description with no password: "host=... port=... dbname=... user=...".
+    pub fn describe(&self) -> String {
+        let parsed = split_connection_string(&self.url)
+            .ok()
+            .and_then(|parts| parts.rest.parse::<tokio_postgres::Config>().ok());
+        let Some(pg) = parsed else {
+            return format!("[{}] (unparseable url)", self.section);
+        };
+        let mut hosts: Vec<String> = pg
+            .get_hosts()
+            .iter()
+            .map(|host| match host {
+                tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                #[cfg(unix)]
+                tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+            })
+            .collect();
+        if hosts.is_empty() {
+            hosts = pg.get_hostaddrs().iter().map(|a| a.to_string()).collect();
+        }
+        let ports: Vec<String> = if pg.get_ports().is_empty() {
+            vec!["5432".into()]
+        } else {
+            pg.get_ports().iter().map(|p| p.to_string()).collect()
+        };
+        let mut out = format!("host={} port={}", hosts.join(","), ports.join(","));
+        if let Some(dbname) = pg.get_dbname() {
+            out.push_str(&format!(" dbname={dbname}"));
+        }
+        if let Some(user) = pg.get_user() {
+            out.push_str(&format!(" user={user}"));
+        }
+        out.push_str(&format!(" sslmode={}", self.sslmode));
+        out
+    }
+}
