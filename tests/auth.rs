@@ -323,3 +323,257 @@ async fn tls_modes_and_keepalives() {
     drop(cluster);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn staging_section(url: &str, extra: &str) -> Endpoint {
+    let text = format!(
+        "[staging]\nurl = \"{url}\"\nsslmode = \"disable\"\n{extra}\n[production]\nurl = \"host=127.0.0.1 dbname=p\"\n[[tables]]\nname = \"t\"\n"
+    );
+    let config = Config::from_toml_str(&text, "test").unwrap();
+    Endpoint::from_db_config(&config.staging).unwrap()
+}
+
+#[tokio::test]
+async fn the_password_file_is_matched_like_libpq_and_ignored_when_others_may_read_it() {
+    let c = clusters();
+    let dir = scratch("pgpass");
+    let pgpass = dir.join("pgpass");
+    let port = c.staging.port;
+    let escaped = TEST_PASSWORD.replace('\\', "\\\\").replace(':', "\\:");
+    std::fs::write(
+        &pgpass,
+        format!(
+            "# lines that do not match come first\n\
+             127.0.0.1:{}:*:{MD5_USER}:wrong\n\
+             127.0.0.1:{port}:postgres:{MD5_USER}:{escaped}\n\
+             *:*:*:{SCRAM_USER}:{escaped}\n",
+            port + 1
+        ),
+    )
+    .unwrap();
+    set_mode(&pgpass, 0o600);
+    for user in [MD5_USER, SCRAM_USER] {
+        let url = format!(
+            "{} passfile={}",
+            c.staging.conninfo("postgres", user),
+            pgpass.display()
+        );
+        let endpoint = staging_section(&url, "");
+        let mut repl = ReplicationClient::connect(&endpoint)
+            .await
+            .unwrap_or_else(|e| panic!("{user}: {e}"));
+        repl.identify_system().await.unwrap();
+        repl.close().await.unwrap();
+        endpoint.connect().await.unwrap();
+    }
+    // Readable by others: ignored, as libpq does, so the server asks for a password in vain.
+    set_mode(&pgpass, 0o644);
+    let url = format!(
+        "{} passfile={}",
+        c.staging.conninfo("postgres", SCRAM_USER),
+        pgpass.display()
+    );
+    let endpoint = staging_section(&url, "");
+    match ReplicationClient::connect(&endpoint).await {
+        Err(ReplicationError::PasswordMissing { .. }) => {}
+        Err(e) => panic!("expected a missing password, got {e}"),
+        Ok(_) => panic!("an exposed password file was used"),
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_service_file_supplies_host_port_database_and_user() {
+    let c = clusters();
+    let dir = scratch("service");
+    let services = dir.join("pg_service.conf");
+    std::fs::write(
+        &services,
+        format!(
+            "# test services\n[stg]\nhost=127.0.0.1\nport={}\ndbname=postgres\nuser={SCRAM_USER}\n\n\
+             [prod]\nhost=127.0.0.1\nport={}\ndbname=postgres\nuser=postgres\n\n\
+             [leaky]\nhost=127.0.0.1\npassword=secret\n",
+            c.staging.port, c.production.port
+        ),
+    )
+    .unwrap();
+    let config = dir.join("stagingprop.toml");
+    let write = |staging_url: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "[staging]\nurl = \"{staging_url}\"\npassword_env = \"STAGINGPROP_TEST_PW\"\nsslmode = \"disable\"\n\
+                 [production]\nurl = \"service=prod\"\nsslmode = \"disable\"\n[[tables]]\nname = \"t\"\n"
+            ),
+        )
+        .unwrap();
+    };
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_stagingprop"))
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .env("PGSERVICEFILE", &services)
+            .env("STAGINGPROP_TEST_PW", TEST_PASSWORD)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    write("service=stg");
+    // status reaches both databases (it is unhealthy: there is no slot).
+    let (code, out, err) = run(&["status", "--json"]);
+    assert_eq!(code, Some(8), "{out}{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["slot"]["exists"], false);
+    assert!(
+        !status["problems"].to_string().contains("production:"),
+        "production was reached: {status}"
+    );
+    // The url's own settings win over the service's.
+    write(&format!("service=stg port={}", c.production.port + 1000));
+    let (code, _, err) = run(&["status"]);
+    assert_eq!(code, Some(3), "an unreachable port is exit 3: {err}");
+    // A password in a service file is refused like one in the config.
+    write("service=leaky");
+    let (code, _, err) = run(&["status"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("service \"leaky\"") && !err.contains("secret"),
+        "{err}"
+    );
+    write("service=nowhere");
+    let (code, _, err) = run(&["status"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("no service file defines"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_authenticate_both_kinds_of_connection() {
+    let dir = scratch("clientcert");
+    make_certificates(&dir);
+    // A client certificate for role certuser, signed by the test CA.
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut csr = vec![
+        "req",
+        "-subj",
+        "/CN=certuser",
+        "-keyout",
+        "client.key",
+        "-out",
+        "client.csr",
+    ];
+    csr.extend(ec);
+    openssl(&dir, &csr);
+    // Extensions make it an X.509 v3 certificate, which rustls requires.
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    openssl(
+        &dir,
+        &[
+            "x509",
+            "-req",
+            "-extfile",
+            "client.ext",
+            "-in",
+            "client.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            "client.crt",
+        ],
+    );
+    let mut options = ClusterOptions::new("clientcert");
+    options.hba = vec!["hostssl all certuser 127.0.0.1/32 cert".into()];
+    let cluster = LocalCluster::start(&options).expect("start the client certificate cluster");
+    for (name, mode) in [
+        ("server.crt", 0o644),
+        ("server.key", 0o600),
+        ("ca.crt", 0o644),
+    ] {
+        cluster
+            .install_file(name, &std::fs::read(dir.join(name)).unwrap(), mode)
+            .unwrap();
+    }
+    for sql in [
+        "CREATE ROLE certuser LOGIN REPLICATION",
+        "ALTER SYSTEM SET ssl = on",
+        "ALTER SYSTEM SET ssl_ca_file = 'ca.crt'",
+    ] {
+        psql(&cluster, "postgres", sql);
+    }
+    psql(&cluster, "postgres", "SELECT pg_reload_conf()");
+    std::thread::sleep(Duration::from_millis(500));
+
+    let key = dir.join("client.key");
+    set_mode(&key, 0o600);
+    let section = |extra: &str| {
+        let text = format!(
+            "[staging]\nurl = \"{}\"\nsslmode = \"verify-ca\"\nsslrootcert = \"{}\"\n{extra}\n[production]\nurl = \"host=127.0.0.1 dbname=p\"\n[[tables]]\nname = \"t\"\n",
+            cluster.conninfo("postgres", "certuser"),
+            dir.join("ca.crt").display()
+        );
+        Config::from_toml_str(&text, "test").map_err(|e| e.to_string())
+    };
+    let config = section(&format!(
+        "sslcert = \"{}\"\nsslkey = \"{}\"",
+        dir.join("client.crt").display(),
+        key.display()
+    ))
+    .unwrap();
+    let endpoint = Endpoint::from_db_config(&config.staging).unwrap();
+    let mut repl = ReplicationClient::connect(&endpoint).await.unwrap();
+    let who = repl.simple_query("SELECT current_user").await.unwrap();
+    assert_eq!(who.rows[0][0].as_deref(), Some("certuser"));
+    repl.close().await.unwrap();
+    let client = endpoint.connect().await.unwrap();
+    let user: String = client
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(user, "certuser");
+
+    // Without the certificate the server refuses.
+    let plain = Endpoint::from_db_config(&section("").unwrap().staging).unwrap();
+    assert!(ReplicationClient::connect(&plain).await.is_err());
+    // Half a certificate is a config error; a key others may read is refused.
+    let err = section(&format!(
+        "sslcert = \"{}\"",
+        dir.join("client.crt").display()
+    ))
+    .unwrap_err();
+    assert!(
+        err.contains("both sslcert") && err.contains("sslkey"),
+        "{err}"
+    );
+    set_mode(&key, 0o644);
+    let err = match Endpoint::from_db_config(&config.staging) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a key readable by others was used"),
+    };
+    assert!(
+        err.contains("group or world access") && err.contains("chmod 0600"),
+        "{err}"
+    );
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -9,11 +9,140 @@ pub(crate) struct ConnectionParts {
     pub(crate) rest: String,
     pub(crate) sslmode: Option<String>,
     pub(crate) sslrootcert: Option<String>,
+    /// The client certificate and its key (libpq's `sslcert`, `sslkey`).
+    pub(crate) sslcert: Option<String>,
+    pub(crate) sslkey: Option<String>,
+    /// libpq's `service`: defaults from the connection service file.
+    pub(crate) service: Option<String>,
+    /// libpq's `passfile`: the password file to use instead of `~/.pgpass`.
+    pub(crate) passfile: Option<String>,
     /// Whether a password was seen (its value is dropped on the spot).
     pub(crate) has_password: bool,
 }
 
-/// Lifts `sslmode` and `sslrootcert` out of a libpq key=value string or postgres:// URL and
+impl ConnectionParts {
+    /// Takes `key`'s value if it is one of the settings stagingprop handles itself; false when
+    /// tokio-postgres should see it.
+    fn lift(&mut self, key: &str, value: String) -> bool {
+        let slot = match key {
+            "password" => {
+                self.has_password = true;
+                return true;
+            }
+            "sslmode" => &mut self.sslmode,
+            "sslrootcert" => &mut self.sslrootcert,
+            "sslcert" => &mut self.sslcert,
+            "sslkey" => &mut self.sslkey,
+            "service" => &mut self.service,
+            "passfile" => &mut self.passfile,
+            _ => return false,
+        };
+        *slot = Some(value);
+        true
+    }
+
+    /// Fills what this string does not set from `defaults` (a service's settings).
+    fn default_from(&mut self, defaults: ConnectionParts) {
+        self.sslmode = self.sslmode.take().or(defaults.sslmode);
+        self.sslrootcert = self.sslrootcert.take().or(defaults.sslrootcert);
+        self.sslcert = self.sslcert.take().or(defaults.sslcert);
+        self.sslkey = self.sslkey.take().or(defaults.sslkey);
+        self.passfile = self.passfile.take().or(defaults.passfile);
+    }
+}
+
+/// Why a connection string cannot be used. Never quotes a value.
+#[derive(Debug)]
+pub(crate) enum ConnError {
+    /// A password was found in `found_in` (the url, or a service file).
+    Password {
+        found_in: String,
+    },
+    Invalid(String),
+}
+
+/// Splits `url` ([`split_connection_string`]), applies its `service` (the service file's
+/// settings are defaults the string overrides, as in libpq) and parses what tokio-postgres
+/// takes.
+pub(crate) fn resolve(url: &str) -> Result<(ConnectionParts, tokio_postgres::Config), ConnError> {
+    let mut parts = split_connection_string(url).map_err(ConnError::Invalid)?;
+    if parts.has_password {
+        return Err(ConnError::Password {
+            found_in: "url".into(),
+        });
+    }
+    let parse = |rest: &str| {
+        rest.parse::<tokio_postgres::Config>().map_err(|err| {
+            ConnError::Invalid(format!(
+                "does not parse as a libpq connection string or postgres:// URL: {}",
+                super::with_causes(&err)
+            ))
+        })
+    };
+    let mut pg = parse(&parts.rest)?;
+    if pg.get_password().is_some() {
+        return Err(ConnError::Password {
+            found_in: "url".into(),
+        });
+    }
+    if let Some(name) = parts.service.clone() {
+        let (file, settings) = super::libpq::service(&name).map_err(ConnError::Invalid)?;
+        let service = split_key_value(&settings).map_err(|m| {
+            ConnError::Invalid(format!("service {name:?} in {}: {m}", file.display()))
+        })?;
+        if service.has_password {
+            return Err(ConnError::Password {
+                found_in: format!("service {name:?} in {}", file.display()),
+            });
+        }
+        let defaults = parse(&service.rest)?;
+        overlay(&mut pg, &defaults);
+        parts.default_from(service);
+    }
+    Ok((parts, pg))
+}
+
+/// Sets what `pg` does not from `defaults`.
+fn overlay(pg: &mut tokio_postgres::Config, defaults: &tokio_postgres::Config) {
+    use tokio_postgres::config::{Host, TargetSessionAttrs};
+    if pg.get_hosts().is_empty() && pg.get_hostaddrs().is_empty() {
+        for host in defaults.get_hosts() {
+            match host {
+                Host::Tcp(name) => pg.host(name),
+                #[cfg(unix)]
+                Host::Unix(path) => pg.host_path(path),
+            };
+        }
+        for addr in defaults.get_hostaddrs() {
+            pg.hostaddr(*addr);
+        }
+    }
+    if pg.get_ports().is_empty() {
+        for &port in defaults.get_ports() {
+            pg.port(port);
+        }
+    }
+    if let (None, Some(v)) = (pg.get_dbname(), defaults.get_dbname()) {
+        pg.dbname(v);
+    }
+    if let (None, Some(v)) = (pg.get_user(), defaults.get_user()) {
+        pg.user(v);
+    }
+    if let (None, Some(v)) = (pg.get_options(), defaults.get_options()) {
+        pg.options(v);
+    }
+    if let (None, Some(v)) = (pg.get_application_name(), defaults.get_application_name()) {
+        pg.application_name(v);
+    }
+    if let (None, Some(v)) = (pg.get_connect_timeout(), defaults.get_connect_timeout()) {
+        pg.connect_timeout(*v);
+    }
+    if pg.get_target_session_attrs() == TargetSessionAttrs::Any {
+        pg.target_session_attrs(defaults.get_target_session_attrs());
+    }
+}
+
+/// Lifts `sslmode`, `sslrootcert`, `sslcert`, `sslkey`, `service` and `passfile` out of a libpq key=value string or postgres:// URL and
 /// notes whether it carries a password. Errors never quote values.
 pub(crate) fn split_connection_string(url: &str) -> Result<ConnectionParts, String> {
     let trimmed = url.trim();
@@ -42,11 +171,8 @@ fn split_url(url: &str, after_scheme: &str) -> Result<ConnectionParts, String> {
             kept.push(param);
             continue;
         };
-        match percent_decode(key)?.as_str() {
-            "password" => parts.has_password = true,
-            "sslmode" => parts.sslmode = Some(percent_decode(value)?),
-            "sslrootcert" => parts.sslrootcert = Some(percent_decode(value)?),
-            _ => kept.push(param),
+        if !parts.lift(&percent_decode(key)?, percent_decode(value)?) {
+            kept.push(param);
         }
     }
     parts.rest = if kept.is_empty() {
@@ -122,11 +248,8 @@ fn split_key_value(text: &str) -> Result<ConnectionParts, String> {
                 return Err(format!("has no value for {key:?}"));
             }
         }
-        match key.as_str() {
-            "password" => parts.has_password = true,
-            "sslmode" => parts.sslmode = Some(value),
-            "sslrootcert" => parts.sslrootcert = Some(value),
-            _ => kept.push((key, value)),
+        if !parts.lift(&key, value.clone()) {
+            kept.push((key, value));
         }
     }
     let quoted: Vec<String> = kept

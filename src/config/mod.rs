@@ -6,6 +6,7 @@
 //! are read from an environment variable or a secrets file when a connection is made.
 
 mod conninfo;
+pub mod libpq;
 mod names;
 mod secrets;
 #[cfg(test)]
@@ -18,7 +19,7 @@ use std::str::FromStr;
 
 use serde::Deserialize;
 
-pub(crate) use conninfo::split_connection_string;
+pub(crate) use conninfo::{ConnError, resolve as resolve_connection_string};
 pub use names::{ColumnName, TableName};
 use names::{check_slot_name, parse_identifier};
 pub(crate) use validate::with_causes;
@@ -66,6 +67,12 @@ pub struct DbConfig {
     pub sslmode: SslMode,
     /// CA bundle (PEM) that verifies the server certificate for `verify-ca` / `verify-full`.
     pub sslrootcert: Option<PathBuf>,
+    /// A client certificate (PEM) and its private key (PEM, not readable by group or others),
+    /// for servers that authenticate clients by certificate.
+    pub sslcert: Option<PathBuf>,
+    pub sslkey: Option<PathBuf>,
+    /// libpq's `passfile` from the url: the password file instead of `~/.pgpass`.
+    pub passfile: Option<PathBuf>,
     /// 0 waits indefinitely, like libpq.
     pub connect_timeout_secs: u64,
 }
@@ -373,7 +380,10 @@ impl Config {
             if let PasswordSource::File(p) = &mut db.password {
                 rebase(p);
             }
-            if let Some(p) = &mut db.sslrootcert {
+            for p in [&mut db.sslrootcert, &mut db.sslcert, &mut db.sslkey]
+                .into_iter()
+                .flatten()
+            {
                 rebase(p);
             }
         }
@@ -388,9 +398,7 @@ impl Config {
 impl DbConfig {
     /// A printable description with no password: "host=... port=... dbname=... user=...".
     pub fn describe(&self) -> String {
-        let parsed = split_connection_string(&self.url)
-            .ok()
-            .and_then(|parts| parts.rest.parse::<tokio_postgres::Config>().ok());
+        let parsed = resolve_connection_string(&self.url).ok().map(|(_, pg)| pg);
         let Some(pg) = parsed else {
             return format!("[{}] (unparseable url)", self.section);
         };

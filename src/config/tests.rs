@@ -760,6 +760,9 @@ fn db_config(url: &str, password: PasswordSource) -> DbConfig {
         password,
         sslmode: SslMode::VerifyFull,
         sslrootcert: Some("/ca.pem".into()),
+        sslcert: None,
+        sslkey: None,
+        passfile: None,
         connect_timeout_secs: 7,
     }
 }
@@ -786,6 +789,9 @@ fn pg_config_and_describe() {
     let url_db = DbConfig {
         sslmode: SslMode::Disable,
         sslrootcert: None,
+        sslcert: None,
+        sslkey: None,
+        passfile: None,
         connect_timeout_secs: 0,
         ..db_config(
             "postgres://sp@h1:5432,h2:5433/shop?application_name=mine",

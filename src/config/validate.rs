@@ -37,6 +37,8 @@ struct RawDb {
     password_file: Option<PathBuf>,
     sslmode: Option<SslMode>,
     sslrootcert: Option<PathBuf>,
+    sslcert: Option<PathBuf>,
+    sslkey: Option<PathBuf>,
     connect_timeout_secs: Option<u64>,
 }
 
@@ -148,6 +150,8 @@ impl DbConfig {
             password_file,
             sslmode: None,
             sslrootcert: None,
+            sslcert: None,
+            sslkey: None,
             connect_timeout_secs: None,
         };
         Validator { text: "", origin }.db("target", Some(raw))
@@ -250,26 +254,17 @@ impl Validator<'_> {
                 "is empty: set it to a libpq key=value string or a postgres:// URL",
             ));
         }
-        let parts = split_connection_string(&url).map_err(|m| self.invalid(&url_key, m))?;
-        if parts.has_password {
-            return Err(inline_password(url_key));
-        }
-        let pg: tokio_postgres::Config = parts.rest.parse().map_err(|err| {
-            self.invalid(
-                &url_key,
-                format!(
-                    "does not parse as a libpq connection string or postgres:// URL: {}",
-                    with_causes(&err)
-                ),
-            )
+        let (parts, pg) = conninfo::resolve(&url).map_err(|e| match e {
+            conninfo::ConnError::Password { found_in } if found_in == "url" => {
+                inline_password(url_key.clone())
+            }
+            conninfo::ConnError::Password { found_in } => inline_password(found_in),
+            conninfo::ConnError::Invalid(m) => self.invalid(&url_key, m),
         })?;
-        if pg.get_password().is_some() {
-            return Err(inline_password(url_key));
-        }
         if pg.get_hosts().is_empty() && pg.get_hostaddrs().is_empty() {
             return Err(self.invalid(
                 url_key,
-                "names no host: add host=... (or a host in the postgres:// URL)",
+                "names no host: add host=... (or a host in the postgres:// URL, or service=NAME with a host)",
             ));
         }
 
@@ -362,6 +357,43 @@ impl Validator<'_> {
             _ => {}
         }
 
+        let in_one_place = |key: &str, field: Option<PathBuf>, in_url: Option<String>| {
+            let in_url = in_url.map(PathBuf::from);
+            match (field, in_url) {
+                (Some(field), Some(in_url)) if field != in_url => Err(self.invalid(
+                    format!("{section}.{key}"),
+                    format!(
+                        "{key} = {:?} conflicts with {key}={} in {url_key}: give it in one place",
+                        field.display().to_string(),
+                        in_url.display()
+                    ),
+                )),
+                (Some(p), _) | (None, Some(p)) if p.as_os_str().is_empty() => Err(self.invalid(
+                    format!("{section}.{key}"),
+                    "is empty: set it to a file, or remove it",
+                )),
+                (field, in_url) => Ok(field.or(in_url)),
+            }
+        };
+        let sslcert = in_one_place("sslcert", raw.sslcert, parts.sslcert)?;
+        let sslkey = in_one_place("sslkey", raw.sslkey, parts.sslkey)?;
+        let passfile = in_one_place("passfile", None, parts.passfile)?;
+        match (&sslcert, &sslkey) {
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(self.invalid(
+                    format!("[{section}]"),
+                    "a client certificate needs both sslcert (the certificate, PEM) and sslkey (its private key, PEM): set both",
+                ));
+            }
+            (Some(_), Some(_)) if sslmode == SslMode::Disable => {
+                return Err(self.invalid(
+                    format!("{section}.sslcert"),
+                    "is a TLS client certificate, but sslmode is \"disable\": set sslmode = \"require\" or stronger",
+                ));
+            }
+            _ => {}
+        }
+
         let url_timeout = pg.get_connect_timeout().map(Duration::as_secs);
         let connect_timeout_secs = match (raw.connect_timeout_secs, url_timeout) {
             (Some(field), Some(in_url)) if field != in_url => {
@@ -381,6 +413,9 @@ impl Validator<'_> {
             password,
             sslmode,
             sslrootcert,
+            sslcert,
+            sslkey,
+            passfile,
             connect_timeout_secs,
         })
     }

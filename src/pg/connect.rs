@@ -8,10 +8,76 @@ use std::time::Duration;
 use rustls::ClientConfig;
 use tokio_postgres::config::{Host, SslMode as PgSslMode};
 
-use super::tls::{CertCheck, MakeRustls, TlsSetupError, client_config};
+use super::tls::{CertCheck, ClientCert, MakeRustls, TlsSetupError, client_config};
+use crate::config::libpq::{self, PasswordFor, PgpassSkipped};
 use crate::config::{
-    APPLICATION_NAME, ConfigError, DbConfig, SslMode, split_connection_string, with_causes,
+    APPLICATION_NAME, ConfigError, ConnError, DbConfig, SslMode, resolve_connection_string,
 };
+
+/// The password for `pg`'s first host from the password file (libpq's rules: the connection's
+/// `passfile`, `PGPASSFILE` or `~/.pgpass`; a file others may read is ignored, with a warning).
+fn password_from_file(db: &DbConfig, pg: &tokio_postgres::Config) -> Option<String> {
+    let path = libpq::pgpass_file(db.passfile.as_deref())?;
+    let host = match pg.get_hosts().first() {
+        Some(Host::Tcp(name)) => name.clone(),
+        #[cfg(unix)]
+        Some(Host::Unix(path)) => {
+            // libpq: the default socket directory is looked up as "localhost".
+            let dir = path.display().to_string();
+            if dir == "/var/run/postgresql" || dir == "/run/postgresql" || dir == "/tmp" {
+                "localhost".to_owned()
+            } else {
+                dir
+            }
+        }
+        None => pg
+            .get_hostaddrs()
+            .first()
+            .map_or_else(|| "localhost".to_owned(), |a| a.to_string()),
+    };
+    let user = pg
+        .get_user()
+        .map(str::to_owned)
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or_default();
+    let dbname = pg.get_dbname().map_or_else(|| user.clone(), str::to_owned);
+    let want = PasswordFor {
+        host: &host,
+        port: pg.get_ports().first().copied().unwrap_or(5432),
+        dbname: &dbname,
+        user: &user,
+    };
+    match libpq::read_pgpass(&path, &want) {
+        Ok(password) => password,
+        Err(PgpassSkipped::Missing) => None,
+        Err(PgpassSkipped::Exposed { path, mode }) => {
+            tracing::warn!(
+                "[{}]: the password file {} has group or world access (mode {mode:04o}), so it is \
+                 ignored (as libpq does): chmod 0600 {}",
+                db.section,
+                path.display(),
+                path.display()
+            );
+            None
+        }
+        Err(PgpassSkipped::NotAFile { path }) => {
+            tracing::warn!(
+                "[{}]: the password file {} is not a plain file; it is ignored",
+                db.section,
+                path.display()
+            );
+            None
+        }
+        Err(PgpassSkipped::Unreadable { path, problem }) => {
+            tracing::warn!(
+                "[{}]: cannot read the password file {} ({problem}); it is ignored",
+                db.section,
+                path.display()
+            );
+            None
+        }
+    }
+}
 
 /// The tokio-postgres connection settings of a config section: the url, the resolved password,
 /// the connect timeout and `application_name = stagingprop` (unless the url names one).
@@ -22,23 +88,23 @@ pub fn driver_config(db: &DbConfig) -> Result<tokio_postgres::Config, ConfigErro
         section: db.section.clone(),
         message,
     };
-    let parts = split_connection_string(&db.url).map_err(url_error)?;
-    if parts.has_password {
-        return Err(url_error(
-            "holds a password: remove it and use password_env or password_file".into(),
-        ));
-    }
-    let mut pg: tokio_postgres::Config = parts
-        .rest
-        .parse()
-        .map_err(|err| url_error(format!("does not parse: {}", with_causes(&err))))?;
-    if pg.get_password().is_some() {
-        return Err(url_error(
-            "holds a password: remove it and use password_env or password_file".into(),
-        ));
-    }
-    if let Some(password) = db.resolve_password()? {
-        pg.password(password);
+    let (_, mut pg) = resolve_connection_string(&db.url).map_err(|e| {
+        url_error(match e {
+            ConnError::Password { found_in } => format!(
+                "holds a password ({found_in}): remove it and use password_env, password_file or the password file (~/.pgpass)"
+            ),
+            ConnError::Invalid(m) => m,
+        })
+    })?;
+    match db.resolve_password()? {
+        Some(password) => {
+            pg.password(password);
+        }
+        None => {
+            if let Some(password) = password_from_file(db, &pg) {
+                pg.password(password);
+            }
+        }
     }
     pg.ssl_mode(match db.sslmode {
         SslMode::Disable => PgSslMode::Disable,
@@ -120,22 +186,18 @@ impl Endpoint {
             source,
         };
         let root = db.sslrootcert.as_deref();
+        let client = match (&db.sslcert, &db.sslkey) {
+            (Some(cert), Some(key)) => Some(ClientCert { cert, key }),
+            _ => None,
+        };
+        let chain_if_root = root.map_or(CertCheck::None, |_| CertCheck::Chain);
+        let config = |check| client_config(check, root, client).map_err(tls_error);
         let tls = match db.sslmode {
             SslMode::Disable => TlsPolicy::Disable,
-            SslMode::Prefer => TlsPolicy::Prefer(
-                client_config(root.map_or(CertCheck::None, |_| CertCheck::Chain), root)
-                    .map_err(tls_error)?,
-            ),
-            SslMode::Require => TlsPolicy::Require(
-                client_config(root.map_or(CertCheck::None, |_| CertCheck::Chain), root)
-                    .map_err(tls_error)?,
-            ),
-            SslMode::VerifyCa => {
-                TlsPolicy::Require(client_config(CertCheck::Chain, root).map_err(tls_error)?)
-            }
-            SslMode::VerifyFull => {
-                TlsPolicy::Require(client_config(CertCheck::Full, root).map_err(tls_error)?)
-            }
+            SslMode::Prefer => TlsPolicy::Prefer(config(chain_if_root)?),
+            SslMode::Require => TlsPolicy::Require(config(chain_if_root)?),
+            SslMode::VerifyCa => TlsPolicy::Require(config(CertCheck::Chain)?),
+            SslMode::VerifyFull => TlsPolicy::Require(config(CertCheck::Full)?),
         };
         Ok(Endpoint::new(db.section.clone(), pg, tls))
     }

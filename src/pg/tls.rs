@@ -43,6 +43,71 @@ pub enum TlsSetupError {
     RootsMissing,
     #[error("TLS setup failed: {0}")]
     Rustls(#[from] rustls::Error),
+    #[error("cannot read the TLS client {what} file {path}: {problem}")]
+    ReadClient {
+        what: &'static str,
+        path: String,
+        problem: String,
+    },
+    #[error(
+        "the TLS client key file {path} has group or world access (mode {mode:04o}); like libpq, \
+         stagingprop refuses it: chmod 0600 {path}"
+    )]
+    ExposedKey { path: String, mode: u32 },
+}
+
+/// A client certificate and its private key, both PEM files.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientCert<'a> {
+    pub cert: &'a Path,
+    pub key: &'a Path,
+}
+
+/// Reads a client certificate chain and its key; the key file must not be readable by group
+/// or others (0640 when owned by root, as libpq allows).
+fn load_client_cert(
+    client: ClientCert<'_>,
+) -> Result<
+    (
+        Vec<CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    ),
+    TlsSetupError,
+> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let read_error = |what: &'static str, path: &Path, problem: String| TlsSetupError::ReadClient {
+        what,
+        path: path.display().to_string(),
+        problem,
+    };
+    let pem = std::fs::read(client.cert)
+        .map_err(|e| read_error("certificate", client.cert, e.to_string()))?;
+    let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|e| read_error("certificate", client.cert, e.to_string()))?;
+    if certs.is_empty() {
+        return Err(read_error(
+            "certificate",
+            client.cert,
+            "it holds no PEM certificate".into(),
+        ));
+    }
+    let meta =
+        std::fs::metadata(client.key).map_err(|e| read_error("key", client.key, e.to_string()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    let allowed = if meta.uid() == 0 { 0o037 } else { 0o077 };
+    if mode & allowed != 0 {
+        return Err(TlsSetupError::ExposedKey {
+            path: client.key.display().to_string(),
+            mode,
+        });
+    }
+    let pem =
+        std::fs::read(client.key).map_err(|e| read_error("key", client.key, e.to_string()))?;
+    let key = rustls_pemfile::private_key(&mut pem.as_slice())
+        .map_err(|e| read_error("key", client.key, e.to_string()))?
+        .ok_or_else(|| read_error("key", client.key, "it holds no PEM private key".into()))?;
+    Ok((certs, key))
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -75,6 +140,7 @@ fn load_roots(path: &Path) -> Result<RootCertStore, TlsSetupError> {
 pub fn client_config(
     check: CertCheck,
     root_cert: Option<&Path>,
+    client_cert: Option<ClientCert<'_>>,
 ) -> Result<Arc<ClientConfig>, TlsSetupError> {
     let provider = provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
@@ -97,10 +163,16 @@ pub fn client_config(
             }
         }
     };
-    let config = builder
+    let builder = builder
         .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(verifier);
+    let config = match client_cert {
+        None => builder.with_no_client_auth(),
+        Some(client) => {
+            let (certs, key) = load_client_cert(client)?;
+            builder.with_client_auth_cert(certs, key)?
+        }
+    };
     Ok(Arc::new(config))
 }
 
