@@ -133,6 +133,20 @@ for c in staging plain spool; do
 done
 for pid in "${pids[@]}"; do wait "$pid" || die "loading the seed failed"; done
 
+# Statements of 100 ms or more land in each target's server log, with the application name:
+# the worst of stagingprop's is reported (issue 21: no statement may hold a batch for long).
+for c in plain spool; do
+    qpg "$c" -c "ALTER SYSTEM SET log_min_duration_statement = '100ms'" \
+        -c "ALTER SYSTEM SET log_line_prefix = '%m [%p] app=%a '" -c "SELECT pg_reload_conf()" >/dev/null
+done
+
+# worst_statement NAME: the longest statement stagingprop ran on the target, in ms ("< 100"
+# when none took 100 ms).
+worst_statement() {
+    grep ' app=stagingprop ' "$WORK/$1/server.log" 2>/dev/null | grep -o 'duration: [0-9.]* ms' |
+        awk 'BEGIN { max = -1 } { if ($2 > max) max = $2 } END { if (max < 0) print "< 100"; else printf "%.0f\n", max }'
+}
+
 for c in plain spool; do
     write_config "$c"
     "$BIN" --config "$WORK/$c.toml" init >"$WORK/init.$c.log" 2>&1 || { cat "$WORK/init.$c.log" >&2; die "init ($c) failed"; }
@@ -184,9 +198,9 @@ done
     echo
     echo "stagingprop spool cost, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, PostgreSQL $(q staging -c 'SHOW server_version')"
     echo "$ROUNDS rounds of $BACKLOG_TXNS OLTP transactions, $ROWS rows; $(( SPOOLED / 1000000 )) MB spooled"
-    printf '%-8s %10s %12s %18s\n' target seconds rows/s "stagingprop CPU s"
+    printf '%-8s %10s %12s %18s %22s\n' target seconds rows/s "stagingprop CPU s" "worst statement ms"
     for c in plain spool; do
-        printf '%-8s %10.2f %12.0f %18.2f\n' "$c" "${SECONDS_OF[$c]}" "$(awk -v r="$ROWS" -v t="${SECONDS_OF[$c]}" 'BEGIN { print r / t }')" "${CPU_OF[$c]}"
+        printf '%-8s %10.2f %12.0f %18.2f %22s\n' "$c" "${SECONDS_OF[$c]}" "$(awk -v r="$ROWS" -v t="${SECONDS_OF[$c]}" 'BEGIN { print r / t }')" "${CPU_OF[$c]}" "$(worst_statement "$c")"
     done
     awk -v a="${SECONDS_OF[plain]}" -v b="${SECONDS_OF[spool]}" -v bytes="$SPOOLED" \
         'BEGIN { printf "spool rows/s = %.2f x plain rows/s (target: at least 0.9x); spool written at %.1f MB/s while catching up\n", a / b, bytes / 1e6 / b }'

@@ -6,6 +6,7 @@
 pub mod invalidate;
 pub mod managed_files;
 pub mod statements;
+pub mod statistics;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;

@@ -14,7 +14,7 @@ use super::streamed::StreamSessions;
 use super::target::Target;
 use super::until::Until;
 use super::{Feeding, HEARTBEAT_PREFIX, StopAt, SyncError, SyncOptions, database_error};
-use crate::apply::{Applier, ApplyError};
+use crate::apply::{Applier, ApplyError, statistics};
 use crate::catalog::{self, ColumnReference, TableMeta};
 use crate::config::{Config, TableName};
 use crate::model::Lsn;
@@ -254,6 +254,23 @@ where
         emit_heartbeat(&staging, s).await?;
     }
 
+    if !options.dry_run {
+        // The first statements of a session get custom plans from the statistics as they are:
+        // they must not tell the planner a managed table is empty.
+        let analyzed = statistics::analyze_misleading(&p, &metas)
+            .await
+            .map_err(database_error(&target, "checking table statistics"))?;
+        for (table, before) in analyzed {
+            tracing::info!(
+                table = %table,
+                relpages = before.relpages,
+                reltuples = before.reltuples,
+                pages = before.pages,
+                "analyzed {table} on {}: its statistics claimed {} rows over {} pages (taken during a bulk load, or never), which would make the planner scan it whole for every batch",
+                target.role, before.reltuples.max(0.0), before.relpages
+            );
+        }
+    }
     let tables: Vec<(TableMeta, _)> = metas
         .into_iter()
         .zip(&config.tables)
