@@ -141,3 +141,25 @@ qpg() {
     shift
     "$PGBIN/psql" -X -q -A -t -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "${PORT[$name]}" -U postgres -d postgres "$@"
 }
+
+# write_sp_config FILE TARGET SLOT TABLE...: a stagingprop config carrying TABLEs from the
+# staging cluster to cluster TARGET through SLOT (publication "stagingprop"). Extra [sync] lines
+# come from SP_SYNC (';'-separated), per-table lines from the associative array SP_RULES (by
+# table, e.g. SP_RULES[catentry]='key = { rule = "allocate", sequence = "public.s" }'), and
+# whole extra sections (e.g. [spool]) from SP_EXTRA.
+declare -A SP_RULES=()
+write_sp_config() {
+    local file=$1 target=$2 slot=$3 table
+    shift 3
+    {
+        printf '[staging]\nurl = "host=127.0.0.1 port=%s dbname=shop user=postgres"\nsslmode = "disable"\n\n' "${PORT[staging]}"
+        printf '[production]\nurl = "host=127.0.0.1 port=%s dbname=shop user=postgres"\nsslmode = "disable"\n\n' "${PORT[$target]}"
+        printf '[sync]\nslot = "%s"\npublication = "stagingprop"\n' "$slot"
+        [[ -n ${SP_SYNC:-} ]] && tr ';' '\n' <<<"$SP_SYNC"
+        for table in "$@"; do
+            printf '\n[[tables]]\nname = "public.%s"\n' "$table"
+            [[ -n ${SP_RULES[$table]:-} ]] && printf '%s\n' "${SP_RULES[$table]}"
+        done
+        [[ -n ${SP_EXTRA:-} ]] && printf '\n%s\n' "$SP_EXTRA"
+    } >"$file"
+}

@@ -92,7 +92,7 @@ run_sync() {
     q staging -c "CHECKPOINT"
     q "$name" -c "VACUUM ANALYZE" -c "CHECKPOINT"
     t0=$(now)
-    "$BIN" --config "$WORK/$name.toml" sync --until-caught-up 2>"$WORK/sync.$name.$round.log" || rc=$?
+    "$BIN" --config "$WORK/$name.toml" sync --until-caught-up >"$WORK/report.$name.$round.txt" 2>"$WORK/sync.$name.$round.log" || rc=$?
     t1=$(now)
     if (( rc != 0 )); then
         tail -n 30 "$WORK/sync.$name.$round.log" >&2

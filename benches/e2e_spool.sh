@@ -101,7 +101,7 @@ run_sync() {
     local wrapper=()
     [[ -n ${PERF:-} ]] && wrapper=(perf record -F 2000 -g -o "$WORK/perf.$name.$round" --)
     /usr/bin/time -f '%U %S' -o "$WORK/cpu.$name.$round" \
-        "${wrapper[@]}" "$BIN" --config "$WORK/$name.toml" sync --until-caught-up 2>"$WORK/sync.$name.$round.log" || rc=$?
+        "${wrapper[@]}" "$BIN" --config "$WORK/$name.toml" sync --until-caught-up >"$WORK/report.$name.$round.txt" 2>"$WORK/sync.$name.$round.log" || rc=$?
     t1=$(now)
     if (( rc != 0 )); then
         tail -n 30 "$WORK/sync.$name.$round.log" >&2

@@ -228,11 +228,11 @@ run_stagingprop() {
     t0=$(now)
     if (( HAVE_TIME )); then
         /usr/bin/time -f '%U %S %M' -o "$WORK/rss.$label" \
-            "${SP_WRAPPER[@]}" "$BIN" --config "$WORK/stagingprop.toml" sync --until-caught-up 2>"$WORK/stagingprop.$label.log" || rc=$?
+            "${SP_WRAPPER[@]}" "$BIN" --config "$WORK/stagingprop.toml" sync --until-caught-up >"$WORK/report.$label.txt" 2>"$WORK/stagingprop.$label.log" || rc=$?
         t1=$(now)
         read -r cpu_user cpu_sys hwm < <(tail -n 1 "$WORK/rss.$label")
     else
-        "${SP_WRAPPER[@]}" "$BIN" --config "$WORK/stagingprop.toml" sync --until-caught-up 2>"$WORK/stagingprop.$label.log" &
+        "${SP_WRAPPER[@]}" "$BIN" --config "$WORK/stagingprop.toml" sync --until-caught-up >"$WORK/report.$label.txt" 2>"$WORK/stagingprop.$label.log" &
         SYNC_PID=$!
         while kill -0 "$SYNC_PID" 2>/dev/null; do
             v=$(awk '/^VmHWM:/ { print $2 }' "/proc/$SYNC_PID/status" 2>/dev/null || true)
