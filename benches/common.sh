@@ -155,11 +155,11 @@ write_sp_config() {
         printf '[staging]\nurl = "host=127.0.0.1 port=%s dbname=shop user=postgres"\nsslmode = "disable"\n\n' "${PORT[staging]}"
         printf '[production]\nurl = "host=127.0.0.1 port=%s dbname=shop user=postgres"\nsslmode = "disable"\n\n' "${PORT[$target]}"
         printf '[sync]\nslot = "%s"\npublication = "stagingprop"\n' "$slot"
-        [[ -n ${SP_SYNC:-} ]] && tr ';' '\n' <<<"$SP_SYNC"
+        if [[ -n ${SP_SYNC:-} ]]; then tr ';' '\n' <<<"$SP_SYNC"; fi
         for table in "$@"; do
             printf '\n[[tables]]\nname = "public.%s"\n' "$table"
-            [[ -n ${SP_RULES[$table]:-} ]] && printf '%s\n' "${SP_RULES[$table]}"
+            if [[ -n ${SP_RULES[$table]:-} ]]; then printf '%s\n' "${SP_RULES[$table]}"; fi
         done
-        [[ -n ${SP_EXTRA:-} ]] && printf '\n%s\n' "$SP_EXTRA"
+        if [[ -n ${SP_EXTRA:-} ]]; then printf '\n%s\n' "$SP_EXTRA"; fi
     } >"$file"
 }

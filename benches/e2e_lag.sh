@@ -6,16 +6,18 @@
 #   benches/e2e_lag.sh                                  # from the repository root
 #   RATES="200 1000" SECONDS_PER_RATE=20 benches/e2e_lag.sh   # a quicker run
 #
-# Three throwaway clusters (staging; "prod", stagingprop's target; "native", a subscriber), all
-# with track_commit_timestamp = on, hold the catalogue of e2e_sync.sh plus a replicated
-# lag_probe table. At each rate, for each system in turn (the other one stopped), pgbench runs
-# the OLTP workload of e2e_sync.sh at that rate (-R; "max" is as fast as staging goes) for
-# SECONDS_PER_RATE seconds, with one transaction in ten a probe: a row whose staged_at is
-# clock_timestamp() at the end of its staging transaction. On the target, the commit time of the
-# transaction that made the row visible (pg_xact_commit_timestamp(xmin)) minus staged_at is that
-# probe's lag, read with the same clock (both clusters are on this machine). Each system first
-# catches up with what it missed, so only the probes of its own phase count. The script prints
-# p50, p95, p99 and max per system and rate, and the ratios.
+# Three throwaway clusters (staging; "prod", stagingprop's target; "native", a subscriber) hold
+# the catalogue of e2e_sync.sh plus a replicated lag_probe table. At each rate, for each system
+# in turn (the other one stopped), pgbench runs the OLTP workload of e2e_sync.sh at that rate
+# (-R; "max" is as fast as staging goes) for SECONDS_PER_RATE seconds, with one transaction in
+# ten a probe: a row whose staged_at is clock_timestamp() at the end of its one-statement staging
+# transaction. On the target a watcher session polls every 2 ms for probe rows it has not seen
+# and records when it first saw each (probe_seen, not replicated): seen minus staged_at is the
+# probe's lag, the time until a reader on production sees the change, read with the same clock
+# (both clusters are on this machine). (Commit timestamps cannot be used: a subscriber records
+# the origin's commit time for what it applies.) Each system first catches up with what it
+# missed, so only the probes of its own phase count. The script prints p50, p95, p99 and max per
+# system and rate, and the ratios.
 #
 # Variants (VARIANTS, space-separated): plain (stagingprop's defaults), spool ([spool] on), remap
 # (catentry remap-on-conflict: catentry and every table referencing it are translated through the
@@ -32,7 +34,7 @@ SECONDS_PER_RATE=${SECONDS_PER_RATE:-60}
 CLIENTS=${CLIENTS:-2}
 VARIANTS=${VARIANTS:-"plain spool remap"}
 SYNC_CONF=${SYNC_CONF:-}
-PG_EXTRA_CONF="track_commit_timestamp = on${PG_EXTRA_CONF:+;$PG_EXTRA_CONF}"
+PG_EXTRA_CONF=${PG_EXTRA_CONF:-}
 KEEP=${KEEP:-0}
 BIG_ROWS=0
 
@@ -82,6 +84,9 @@ for c in staging prod native; do
     pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid" || die "loading the seed failed"; done
+for c in prod native; do
+    q "$c" -c "CREATE TABLE probe_seen (id bigint PRIMARY KEY, seen_at timestamptz NOT NULL)"
+done
 
 TABLES_LAG=(catentry catentdesc offer offerprice bench_marker lag_probe)
 SP_SYNC=$SYNC_CONF
@@ -134,14 +139,41 @@ workload() {
     awk '/^tps = / { printf "%.0f", $3 }' "$WORK/pgbench.$phase.log"
 }
 
+# watch CLUSTER PHASE: in the background until $WORK/stop.PHASE exists, records when each probe
+# row of PHASE becomes visible on CLUSTER. Probe ids grow with staging's commit order up to the
+# few transactions the clients interleave, so it looks only just below the highest seen.
+WATCH_PID=''
+watch() {
+    local cluster=$1 phase=$2
+    rm -f "$WORK/stop.$phase"
+    (
+        q "$cluster" -c "DO \$\$ DECLARE hi bigint := 0; BEGIN
+              WHILE NOT EXISTS (SELECT 1 FROM bench_marker WHERE id = -$phase) LOOP
+                  INSERT INTO probe_seen SELECT p.id, clock_timestamp() FROM lag_probe p
+                   WHERE p.phase = $phase AND p.id > hi - 64 ON CONFLICT (id) DO NOTHING;
+                  SELECT coalesce(max(id), 0) INTO hi FROM probe_seen WHERE id > hi - 64;
+                  PERFORM pg_sleep(0.002);
+              END LOOP;
+          END \$\$"
+    ) &
+    WATCH_PID=$!
+}
+
+# unwatch PHASE: ends the watcher (a marker row only it waits for).
+unwatch() {
+    q staging -c "INSERT INTO bench_marker VALUES (-$1, now())"
+    wait "$WATCH_PID" || die "the probe watcher failed"
+    WATCH_PID=''
+}
+
 # lag CLUSTER PHASE: "probes p50 p95 p99 max" in ms for the phase's probes on CLUSTER.
 lag() {
     q "$1" -F ' ' -c "SELECT count(*), round(percentile_cont(0.5) WITHIN GROUP (ORDER BY l)::numeric, 1),
                              round(percentile_cont(0.95) WITHIN GROUP (ORDER BY l)::numeric, 1),
                              round(percentile_cont(0.99) WITHIN GROUP (ORDER BY l)::numeric, 1),
                              round(max(l)::numeric, 1)
-                        FROM (SELECT extract(epoch FROM pg_xact_commit_timestamp(xmin) - staged_at) * 1000 AS l
-                                FROM lag_probe WHERE phase = $2) p"
+                        FROM (SELECT extract(epoch FROM s.seen_at - p.staged_at) * 1000 AS l
+                                FROM lag_probe p JOIN probe_seen s USING (id) WHERE p.phase = $2) x"
 }
 
 PHASE=0
@@ -153,8 +185,10 @@ run_stagingprop() {
     "$BIN" --config "$config" sync >"$WORK/sync.$variant.$PHASE.out" 2>"$WORK/sync.$variant.$PHASE.log" &
     SYNC_PID=$!
     wait_marker prod
+    watch prod "$PHASE"
     tps=$(workload "$PHASE" "$rate")
     wait_marker prod
+    unwatch "$PHASE"
     kill "$SYNC_PID"
     wait "$SYNC_PID" || die "stagingprop sync ($variant) failed: $(tail -n 5 "$WORK/sync.$variant.$PHASE.log")"
     SYNC_PID=''
@@ -167,8 +201,10 @@ run_native() {
     PHASE=$((PHASE + 1))
     q native -c "ALTER SUBSCRIPTION bench_native ENABLE"
     wait_marker native
+    watch native "$PHASE"
     tps=$(workload "$PHASE" "$rate")
     wait_marker native
+    unwatch "$PHASE"
     q native -c "ALTER SUBSCRIPTION bench_native DISABLE"
     # The launcher may restart a disabled subscription's worker for a moment: let it settle.
     sleep 1
@@ -186,7 +222,7 @@ done
 {
     echo
     echo "stagingprop lag, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, PostgreSQL $(q staging -c 'SHOW server_version')"
-    echo "$SECONDS_PER_RATE s per rate and system, OLTP workload with one probe in ten transactions; lag in ms from staging commit to production commit"
+    echo "$SECONDS_PER_RATE s per rate and system, OLTP workload with one probe in ten transactions; lag in ms from staging commit to a reader on production seeing it (2 ms polls)"
     printf '%-6s %-20s %7s %7s %8s %8s %8s %8s\n' rate system tps probes p50 p95 p99 max
     for line in "${LINES[@]}"; do
         # shellcheck disable=SC2086

@@ -14,6 +14,13 @@ use crate::pg::replication::ReplicationStream;
 use crate::pgoutput::LogicalMessage;
 use crate::spool::store::{SpoolMark, SpoolReader};
 
+/// One step of a test script: a message, or staging sending nothing for this many polls.
+#[cfg(test)]
+pub(super) enum Scripted {
+    Message(Lsn, LogicalMessage),
+    Idle(u8),
+}
+
 pub(super) enum Feed {
     Slot(ReplicationStream),
     Spool {
@@ -30,7 +37,7 @@ pub(super) enum Feed {
     },
     /// The pipeline's unit tests: recorded messages, then the end.
     #[cfg(test)]
-    Script(std::collections::VecDeque<(Lsn, LogicalMessage)>),
+    Script(std::collections::VecDeque<Scripted>),
 }
 
 impl Feed {
@@ -51,7 +58,19 @@ impl Feed {
             },
             Feed::Replay { reader, end } => Ok(reader.next_message_within(Some(*end))?),
             #[cfg(test)]
-            Feed::Script(messages) => Ok(messages.pop_front()),
+            Feed::Script(script) => match script.front_mut() {
+                Some(Scripted::Idle(polls)) => {
+                    *polls -= 1;
+                    if *polls == 0 {
+                        script.pop_front();
+                    }
+                    std::future::pending().await
+                }
+                _ => Ok(script.pop_front().map(|item| match item {
+                    Scripted::Message(lsn, message) => (lsn, message),
+                    Scripted::Idle(_) => unreachable!("handled above"),
+                })),
+            },
         }
     }
 

@@ -303,7 +303,6 @@ impl<'a, T: Target> Pipeline<'a, T> {
         report: &mut Instant,
     ) -> Result<Duration, SyncError> {
         let heartbeat = Duration::from_secs(self.config.sync.heartbeat_interval_secs);
-        let max_delay = Duration::from_millis(self.config.sync.batch_max_delay_ms);
         if report.elapsed() >= Duration::from_secs(10) || !self.sequences_synced {
             *report = Instant::now();
             // Between staging transactions a closed batch may commit early, so that a long
@@ -346,9 +345,12 @@ impl<'a, T: Target> Pipeline<'a, T> {
             _ => 0.0,
         };
         metrics::gauge!("stagingprop_lag_seconds").set(lag_seconds);
-        // Between transactions with a batch open, wait no longer than the batch may.
+        // Adaptive batching: a batch grows while staging's messages are ready to read; between
+        // transactions with nothing ready (caught up), it is applied at once instead of
+        // waiting for more. batch_max_delay_ms only bounds how long it grows while changes
+        // keep coming (checked at each commit).
         let mut wait = match (self.txn.is_none(), self.batch_started) {
-            (true, Some(started)) => max_delay.saturating_sub(started.elapsed()),
+            (true, Some(_)) => Duration::ZERO,
             (true, None) => heartbeat.saturating_sub(self.last_activity.elapsed()),
             (false, _) => heartbeat,
         };
@@ -784,6 +786,7 @@ impl<'a, T: Target> Pipeline<'a, T> {
 mod tests {
     use std::sync::Mutex;
 
+    use super::super::feed::Scripted;
     use super::super::recorder::{Log, Recorder, Wal};
     use super::*;
     use crate::catalog::{ColumnMeta, TableMeta};
@@ -834,14 +837,22 @@ mod tests {
     /// A script of messages, each at the next position.
     #[derive(Default)]
     struct Script {
-        messages: VecDeque<(Lsn, LogicalMessage)>,
+        messages: VecDeque<Scripted>,
         at: u64,
     }
 
     impl Script {
         fn push(&mut self, message: LogicalMessage) -> &mut Self {
             self.at += 8;
-            self.messages.push_back((Lsn(self.at), message));
+            self.messages
+                .push_back(Scripted::Message(Lsn(self.at), message));
+            self
+        }
+
+        /// Staging sends nothing for a while (sync is caught up): as many polls as a pipeline
+        /// that waits for nothing makes to close its batch and then commit it.
+        fn idle(&mut self) -> &mut Self {
+            self.messages.push_back(Scripted::Idle(4));
             self
         }
 
@@ -1052,6 +1063,40 @@ mod tests {
         // when the stop flushes production's WAL.
         assert_eq!(run.confirmed, vec![Lsn(208), Lsn(308)]);
         assert_eq!(run.inserted, 5);
+    }
+
+    #[tokio::test]
+    async fn a_caught_up_batch_is_applied_at_once_and_a_backlog_is_batched() {
+        let mut script = Script::default();
+        script.push(relation());
+        // A backlog: both transactions are ready at once and share a batch.
+        script.transaction(701, 100, &[1]);
+        script.transaction(702, 200, &[2]);
+        // Caught up: the batch does not wait (the test's batch_max_delay_ms is an hour).
+        script.idle();
+        script.transaction(703, 300, &[3]);
+        // A pipeline that waited for more would sit on the first batch past this.
+        let run = tokio::time::timeout(
+            Duration::from_secs(5),
+            apply_script(script, Lsn::INVALID, ""),
+        )
+        .await
+        .expect("the caught-up batch was applied without waiting for more");
+        run.result.unwrap();
+        assert_eq!(
+            run.log,
+            lines(&[
+                "main BEGIN",
+                "main insert 1",
+                "main insert 2",
+                "main flush 2 rows",
+                "main COMMIT 0/D0 (progress from 0/0)",
+                "main BEGIN",
+                "main insert 3",
+                "main flush 1 rows",
+                "main COMMIT 0/134 (progress from 0/D0)",
+            ])
+        );
     }
 
     #[tokio::test]
