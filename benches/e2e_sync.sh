@@ -320,7 +320,11 @@ measure() {
     drain bench_ceiling "$endpos" -o proto_version=1
     local plain=$DRAIN_SECONDS
     drain bench_ceiling_streaming "$endpos" -o proto_version=2 -o streaming=on
-    CEILING[$scenario]="$plain $DRAIN_SECONDS"
+    local streaming=$DRAIN_SECONDS
+    # The same as protocol 1 with binary values: what binary transfer would spare the walsender.
+    drain bench_ceiling_binary "$endpos" -o proto_version=1 -o binary=true
+    CEILING[$scenario]="$plain $streaming $DRAIN_SECONDS"
+    log "ceiling with binary = true (protocol 1): $DRAIN_SECONDS s"
     log "ceiling: staging's walsender alone sends it in $plain s (protocol 1), $DRAIN_SECONDS s (protocol 2, streaming)"
     verify "$scenario"
     RESULT[$scenario]="$rows $SP_SECONDS $NATIVE_SECONDS $SP_RSS_MB $VERIFY_SP $VERIFY_NATIVE"
@@ -354,7 +358,8 @@ q native -c "CREATE SUBSCRIPTION bench_native
                WITH (copy_data = false, enabled = false, slot_name = 'bench_native',
                      synchronous_commit = '$NATIVE_SYNCHRONOUS_COMMIT')"
 q staging -c "SELECT pg_create_logical_replication_slot('bench_ceiling', 'pgoutput')" \
-    -c "SELECT pg_create_logical_replication_slot('bench_ceiling_streaming', 'pgoutput')" >/dev/null
+    -c "SELECT pg_create_logical_replication_slot('bench_ceiling_streaming', 'pgoutput')" \
+    -c "SELECT pg_create_logical_replication_slot('bench_ceiling_binary', 'pgoutput')" >/dev/null
 
 SETTINGS=$(q staging -F ' ' -c "SELECT string_agg(name || '=' || current_setting(name), ' ' ORDER BY name) FROM pg_settings
              WHERE name IN ('fsync', 'synchronous_commit', 'full_page_writes', 'wal_sync_method', 'shared_buffers',
@@ -429,14 +434,15 @@ describe() {
     echo " the walsender columns are the decoding work on staging, the same job for both)"
     echo
     echo "Ceiling: staging's walsender alone (pg_recvlogical into /dev/null); the most any applier can beat native by here:"
-    printf '%-36s | %10s %13s | %10s %13s | %s\n' scenario "proto 1 s" "native/proto1" "stream s" "native/stream" "sp/ceiling (stream)"
+    printf '%-36s | %10s %13s | %10s %13s | %s | %s\n' scenario "proto 1 s" "native/proto1" "stream s" "native/stream" "sp/ceiling (stream)" "binary s (binary/proto1)"
     for s in a b; do
-        read -r cp cs <<<"${CEILING[$s]}"
+        read -r cp cs cb <<<"${CEILING[$s]}"
         read -r rows sps ns rss vsp vn <<<"${RESULT[$s]}"
-        printf '%-36s | %10.2f %12.2fx | %10.2f %12.2fx | %.2f\n' "$(describe "$s")" "$cp" \
+        printf '%-36s | %10.2f %12.2fx | %10.2f %12.2fx | %.2f | %s\n' "$(describe "$s")" "$cp" \
             "$(awk -v n="$ns" -v c="$cp" 'BEGIN { print n / c }')" "$cs" \
             "$(awk -v n="$ns" -v c="$cs" 'BEGIN { print n / c }')" \
-            "$(awk -v a="$sps" -v c="$cs" 'BEGIN { print a / c }')"
+            "$(awk -v a="$sps" -v c="$cs" 'BEGIN { print a / c }')" \
+            "$cb ($(awk -v b="$cb" -v c="$cp" 'BEGIN { printf "%.2f", b / c }'))"
     done
 }
 (( FAILED == 0 )) || die "a target differs from staging"

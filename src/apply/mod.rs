@@ -247,6 +247,8 @@ enum Purpose {
     Updates { table: usize, entries: Vec<Entry> },
     /// Key-map writes: nothing to check beyond success.
     KeyMap,
+    /// The batch's BEGIN, sent ahead of its first statement.
+    Begin,
 }
 
 /// SQLSTATE of a statement sent after another failed in the same transaction.
@@ -260,6 +262,7 @@ impl Purpose {
             Purpose::Inserts { .. } => "applying inserts",
             Purpose::Updates { .. } => "applying updates",
             Purpose::KeyMap => "writing the key map",
+            Purpose::Begin => "BEGIN",
         }
     }
 }
@@ -317,6 +320,8 @@ pub struct Applier {
     /// the keys the open batch changed. `None` when the config asks for neither.
     hooks: Option<Hooks>,
     invalidations: Invalidations,
+    /// The progress row's guarded write, prepared once per session.
+    progress_statement: Option<Statement>,
     /// Whether a commit moves the progress row (off for `quarantine retry`, which applies
     /// old changes and leaves the position alone).
     pub record_progress: bool,
@@ -414,6 +419,7 @@ impl Applier {
             record_progress: true,
             hooks: None,
             invalidations: Invalidations::default(),
+            progress_statement: None,
         })
     }
 
@@ -541,10 +547,16 @@ impl Applier {
     async fn begin(&mut self) -> Result<(), ApplyError> {
         self.complete().await?;
         if !self.in_transaction {
-            self.client
-                .batch_execute("BEGIN")
-                .await
-                .map_err(query_error("BEGIN"))?;
+            // Not awaited: BEGIN travels with the batch's first statement (one round trip less
+            // per batch, which a caught-up sync pays on every transaction).
+            let client = self.client.clone();
+            let begin: QueryFuture = Box::pin(async move {
+                client
+                    .batch_execute("BEGIN")
+                    .await
+                    .map(|()| Reported::Count(0))
+            });
+            self.launch(begin, Purpose::Begin).await;
             self.in_transaction = true;
         }
         Ok(())
@@ -716,8 +728,15 @@ impl Applier {
         }
         self.begin().await?;
         // One statement group in flight at a time: a conflict is judged (an update's missing
-        // row looked up) before anything later in the batch could change the answer.
-        self.settle().await?;
+        // row looked up) before anything later in the batch could change the answer. A BEGIN
+        // alone in flight has nothing to judge: the statements follow it on the wire.
+        if self
+            .in_flight
+            .iter()
+            .any(|f| !matches!(f.purpose, Purpose::Begin))
+        {
+            self.settle().await?;
+        }
         let mut drained: Vec<Vec<Entry>> =
             self.tables.iter_mut().map(|t| t.changes.drain()).collect();
         self.sent_rows += self.pending_rows;
@@ -809,7 +828,7 @@ impl Applier {
         let statement = self.statement(sql, columns.len()).await?;
         let client = self.client.clone();
         let count_only = matches!(purpose, Purpose::Updates { .. } | Purpose::KeyMap);
-        let mut future: QueryFuture = Box::pin(async move {
+        let future: QueryFuture = Box::pin(async move {
             let refs: Vec<&(dyn ToSql + Sync)> =
                 columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
             if count_only {
@@ -821,8 +840,15 @@ impl Applier {
                 ))
             }
         });
-        // The first poll, here, encodes the statement and hands it to the connection, so
-        // statements reach production in the order they were sent; a task reads the response.
+        self.launch(future, purpose).await;
+        Ok(())
+    }
+
+    /// Puts a request on the wire now, in order after everything sent before it, and leaves
+    /// its response to [`Applier::settle`].
+    async fn launch(&mut self, mut future: QueryFuture, purpose: Purpose) {
+        // The first poll, here, encodes the request and hands it to the connection, so requests
+        // reach production in the order they were sent; a task reads the response.
         let mut done = None;
         std::future::poll_fn(|cx| {
             if let std::task::Poll::Ready(result) = future.as_mut().poll(cx) {
@@ -836,7 +862,6 @@ impl Applier {
             None => tokio::spawn(future),
         };
         self.in_flight.push(InFlight { result, purpose });
-        Ok(())
     }
 
     /// Waits for every statement sent and applies the conflict policy to what they reported.
@@ -907,7 +932,7 @@ impl Applier {
                         .await?;
                 }
             }
-            Purpose::KeyMap => {}
+            Purpose::KeyMap | Purpose::Begin => {}
             Purpose::Updates { table, entries } => {
                 self.stats.rows_updated += count;
                 metrics::counter!("stagingprop_rows_applied_total", "table" => self.tables[table].meta.table_name().to_string(), "op" => "update")
@@ -1209,16 +1234,6 @@ impl Applier {
             return Ok(());
         };
         self.settle().await?;
-        let written = !self.record_progress
-            || state::progress::advance(&self.client, &self.slot, &last, self.progress_at).await?;
-        if !written {
-            // The error to report is the moved row, whatever the rollback says.
-            let _ = self.rollback().await;
-            return Err(ApplyError::ProgressMoved {
-                slot: self.slot.clone(),
-                expected: self.progress_at,
-            });
-        }
         if let Err(e) = self.run_hooks().await {
             let _ = self.rollback().await;
             return Err(e);
@@ -1239,15 +1254,52 @@ impl Applier {
                 .increment(files.refused);
         }
         self.stats.files.add(files);
-        // In the same round trip: where production's WAL ends after the commit record (durable
-        // once flushed that far) and how far it is flushed already.
-        let replies = self
-            .client
-            .simple_query(
-                "COMMIT; SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text",
-            )
-            .await
-            .map_err(query_error("COMMIT"))?;
+        let statement = match (&self.progress_statement, self.record_progress) {
+            (_, false) => None,
+            (Some(statement), true) => Some(statement.clone()),
+            (None, true) => {
+                let statement = state::progress::prepare_advance(&self.client).await?;
+                self.progress_statement = Some(statement.clone());
+                Some(statement)
+            }
+        };
+        // The progress row's guarded write and the COMMIT travel together (one round trip): a
+        // write that finds the row moved fails, so the COMMIT behind it rolls back. With the
+        // COMMIT: where production's WAL ends after the commit record (durable once flushed
+        // that far) and how far it is flushed already.
+        let advance = async {
+            match &statement {
+                Some(statement) => {
+                    state::progress::advance_prepared(
+                        &self.client,
+                        statement,
+                        &self.slot,
+                        &last,
+                        self.progress_at,
+                    )
+                    .await
+                }
+                None => Ok(true),
+            }
+        };
+        let commit = self.client.simple_query(
+            "COMMIT; SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text",
+        );
+        let (written, replies) = tokio::join!(advance, commit);
+        if !matches!(written, Ok(true)) {
+            // The transaction is over (the COMMIT rolled it back, or the session is gone).
+            self.in_transaction = false;
+            let _ = self.rollback().await;
+            return Err(match written {
+                Err(e) => e.into(),
+                // The error to report is the moved row, whatever the rollback says.
+                _ => ApplyError::ProgressMoved {
+                    slot: self.slot.clone(),
+                    expected: self.progress_at,
+                },
+            });
+        }
+        let replies = replies.map_err(query_error("COMMIT"))?;
         self.in_transaction = false;
         self.stats.batches += 1;
         self.progress_at = last.end_lsn;

@@ -4,7 +4,7 @@
 //! value the writer last saw, so two writers (two syncs, a sync and a copy or a replay) never
 //! both move it.
 
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Statement};
 
 use super::{StateError, query_error, table};
 use crate::model::{Lsn, PgTimestamp, Xid};
@@ -72,33 +72,73 @@ pub async fn read(client: &Client, slot: &str) -> Result<Option<Progress>, State
     }))
 }
 
+/// What the guarded write raises when the row holds something else.
+const MOVED: &str = "stagingprop: the progress row moved";
+
+/// The guarded write of [`advance`]: $1 slot, $2 end, $3 commit LSN, $4 xid, $5 commit time
+/// (microseconds since the Unix epoch), $6 the expected end. When the row holds something else
+/// it writes nothing and fails (an invalid integer naming [`MOVED`]), which aborts the caller's
+/// transaction: a COMMIT sent right behind it, without waiting, then rolls back.
+fn advance_sql() -> String {
+    let progress = table("progress");
+    format!(
+        "WITH w AS (INSERT INTO {progress} (slot, end_lsn, commit_lsn, xid, commit_time, applied_at) \
+         VALUES ($1, $2::text::pg_lsn, $3::text::pg_lsn, $4, to_timestamp($5::float8 / 1000000), now()) \
+         ON CONFLICT (slot) DO UPDATE SET end_lsn = EXCLUDED.end_lsn, commit_lsn = EXCLUDED.commit_lsn, \
+         xid = EXCLUDED.xid, commit_time = EXCLUDED.commit_time, applied_at = now() \
+         WHERE {progress}.end_lsn = $6::text::pg_lsn RETURNING 1) \
+         SELECT CASE WHEN EXISTS (SELECT FROM w) THEN 1 \
+                     ELSE ('{MOVED} ' || (SELECT count(*) FROM w))::int END"
+    )
+}
+
+/// Prepares [`advance`]'s statement, for a session that writes the row at every commit.
+pub async fn prepare_advance(client: &Client) -> Result<Statement, StateError> {
+    client
+        .prepare(&advance_sql())
+        .await
+        .map_err(query_error("preparing the progress table's write"))
+}
+
 /// Moves `slot`'s row to `to`, only from `expected` (the value the caller last saw; invalid
 /// when it saw no row or a copy in progress). Returns false, writing nothing, when the row
-/// holds something else: another writer moved it. Runs in the caller's transaction.
+/// holds something else: another writer moved it; the caller's transaction is then aborted.
 pub async fn advance(
     client: &Client,
     slot: &str,
     to: &Progress,
     expected: Lsn,
 ) -> Result<bool, StateError> {
-    let progress = table("progress");
-    let sql = format!(
-        "INSERT INTO {progress} (slot, end_lsn, commit_lsn, xid, commit_time, applied_at) \
-         VALUES ($1, $2::text::pg_lsn, $3::text::pg_lsn, $4, to_timestamp($5::float8 / 1000000), now()) \
-         ON CONFLICT (slot) DO UPDATE SET end_lsn = EXCLUDED.end_lsn, commit_lsn = EXCLUDED.commit_lsn, \
-         xid = EXCLUDED.xid, commit_time = EXCLUDED.commit_time, applied_at = now() \
-         WHERE {progress}.end_lsn = $6::text::pg_lsn"
-    );
+    let statement = prepare_advance(client).await?;
+    advance_prepared(client, &statement, slot, to, expected).await
+}
+
+/// [`advance`] with its statement prepared by [`prepare_advance`].
+pub async fn advance_prepared(
+    client: &Client,
+    statement: &Statement,
+    slot: &str,
+    to: &Progress,
+    expected: Lsn,
+) -> Result<bool, StateError> {
     let end = to.end_lsn.to_string();
     let commit = to.commit_lsn.to_string();
     let xid = i64::from(to.xid);
     let micros = to.commit_time.unix_micros() as f64;
     let expected = expected.to_string();
-    let written = client
-        .execute(&sql, &[&slot, &end, &commit, &xid, &micros, &expected])
+    match client
+        .execute(statement, &[&slot, &end, &commit, &xid, &micros, &expected])
         .await
-        .map_err(query_error("updating the progress table"))?;
-    Ok(written > 0)
+    {
+        Ok(_) => Ok(true),
+        Err(e)
+            if e.as_db_error()
+                .is_some_and(|db| db.message().contains(MOVED)) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(query_error("updating the progress table")(e)),
+    }
 }
 
 /// Rewrites `slot`'s row unchanged: a write for a synchronous commit to flush.

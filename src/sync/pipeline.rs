@@ -228,23 +228,30 @@ impl<'a, T: Target> Pipeline<'a, T> {
                 }
                 None => None,
             };
+            // `None`: nothing arrived within the wait.
             let next = match ready {
-                Some(next) => Ok::<_, tokio::time::error::Elapsed>(next),
+                Some(next) => Some(next),
                 None => {
                     let wait = self.between_bursts(feed, staging, &mut report).await?;
                     burst = READY_BURST;
-                    tokio::select! {
-                        next = tokio::time::timeout(wait, feed.next()) => next,
-                        _ = shutdown.as_mut() => {
-                            self.finish().await?;
-                            tracing::info!(applied = %self.applied_end, "stopping: everything applied is confirmed");
-                            return Ok(SessionEnd::Stopped);
+                    if wait.is_zero() {
+                        // No timer: a zero-length one still waits for the timer's next tick
+                        // (a millisecond), which a caught-up batch would pay twice.
+                        feed.next_ready().await
+                    } else {
+                        tokio::select! {
+                            next = tokio::time::timeout(wait, feed.next()) => next.ok(),
+                            _ = shutdown.as_mut() => {
+                                self.finish().await?;
+                                tracing::info!(applied = %self.applied_end, "stopping: everything applied is confirmed");
+                                return Ok(SessionEnd::Stopped);
+                            }
                         }
                     }
                 }
             };
             match next {
-                Err(_) => {
+                None => {
                     if self.applier.closing() {
                         self.complete_batch().await?;
                     } else if self.batch_started.is_some() && self.txn.is_none() {
@@ -265,8 +272,8 @@ impl<'a, T: Target> Pipeline<'a, T> {
                         self.last_activity = Instant::now();
                     }
                 }
-                Ok(Err(e)) => return Err(e),
-                Ok(Ok(None)) => {
+                Some(Err(e)) => return Err(e),
+                Some(Ok(None)) => {
                     if feed.ends() {
                         self.finish().await?;
                         tracing::info!(applied = %self.applied_end, "reached the end of what to replay");
@@ -276,7 +283,7 @@ impl<'a, T: Target> Pipeline<'a, T> {
                         target: "staging".into(),
                     }));
                 }
-                Ok(Ok(Some((lsn, message)))) => {
+                Some(Ok(Some((lsn, message)))) => {
                     self.last_activity = Instant::now();
                     self.last_received = self.last_received.max(lsn);
                     let handled = self.handle(lsn, message).await;
@@ -418,6 +425,10 @@ impl<'a, T: Target> Pipeline<'a, T> {
             .push_back(std::mem::take(&mut self.open_counts));
         self.record_committed();
         self.last_commit_time = Some(last.commit_time);
+        tracing::trace!(
+            since_staging_commit_us = crate::model::PgTimestamp::now().0 - last.commit_time.0,
+            "batch closed"
+        );
         if let Some(started) = started {
             metrics::histogram!("stagingprop_batch_seconds")
                 .record(started.elapsed().as_secs_f64());
@@ -427,7 +438,14 @@ impl<'a, T: Target> Pipeline<'a, T> {
 
     /// Commits the closed batch now, if there is one.
     pub(super) async fn complete_batch(&mut self) -> Result<(), SyncError> {
+        let closing = self.applier.closing();
         let completed = self.applier.complete().await;
+        if closing && let Some(at) = self.last_commit_time {
+            tracing::trace!(
+                since_staging_commit_us = crate::model::PgTimestamp::now().0 - at.0,
+                "batch committed"
+            );
+        }
         self.record_committed();
         Ok(completed?)
     }
@@ -538,6 +556,10 @@ impl<'a, T: Target> Pipeline<'a, T> {
                     commit_time,
                 });
                 self.applier.stats_mut().transactions += 1;
+                tracing::trace!(
+                    since_staging_commit_us = crate::model::PgTimestamp::now().0 - commit_time.0,
+                    "commit received"
+                );
                 let sync = &self.config.sync;
                 let full = self.applier.batch_rows() >= sync.batch_max_rows
                     || self.applier.batch_bytes() >= sync.batch_max_bytes
