@@ -223,6 +223,9 @@ enum Command {
         /// A shell command to run after a successful copy (e.g. a search-index rebuild).
         #[arg(long, value_name = "CMD")]
         after: Option<String>,
+        /// Print the summary (rows and bytes per table, totals, rows/s) as one JSON object.
+        #[arg(long)]
+        json: bool,
     },
     /// Report on replication: the slot, lag, the last applied transaction, quarantined
     /// conflicts. Exits 8 when unhealthy (slot missing, invalidated or unused, lag past a
@@ -456,6 +459,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             jobs,
             split_mb,
             after,
+            json,
         } => {
             let parse = |names: Vec<String>| -> Result<Vec<TableName>, Failure> {
                 names
@@ -479,25 +483,62 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 split_bytes: split_mb.saturating_mul(1 << 20),
                 after,
             };
+            let started = std::time::Instant::now();
             let report = stagingprop::copy::copy(&config, &options)
                 .await
                 .map_err(copy_failure)?;
-            println!(
-                "{:<40} {:>12} {:>10} {:>8} {:>7}",
-                "table", "rows", "MB", "seconds", "ranges"
-            );
-            for t in &report.tables {
+            let elapsed = started.elapsed().as_secs_f64();
+            let rows: u64 = report.tables.iter().map(|t| t.rows).sum();
+            let bytes: u64 = report.tables.iter().map(|t| t.bytes).sum();
+            if json {
+                let tables: Vec<serde_json::Value> = report
+                    .tables
+                    .iter()
+                    .map(|t| {
+                        serde_json::json!({
+                            "table": t.table.to_string(),
+                            "rows": t.rows,
+                            "bytes": t.bytes,
+                            "seconds": t.seconds,
+                            "ranges": t.ranges,
+                        })
+                    })
+                    .collect();
+                let out = serde_json::json!({
+                    "run": "copy",
+                    "tables": tables,
+                    "rows": rows,
+                    "bytes": bytes,
+                    "elapsed_secs": elapsed,
+                    "rows_per_sec": rows as f64 / elapsed.max(0.001),
+                    "handoff": report.handoff.map(|l| l.to_string()),
+                    "after_status": report.after_status,
+                });
+                println!("{out}");
+            } else {
                 println!(
-                    "{:<40} {:>12} {:>10.1} {:>8.1} {:>7}",
-                    t.table.to_string(),
-                    t.rows,
-                    t.bytes as f64 / 1e6,
-                    t.seconds,
-                    t.ranges
+                    "{:<40} {:>12} {:>10} {:>8} {:>7}",
+                    "table", "rows", "MB", "seconds", "ranges"
                 );
-            }
-            if let Some(lsn) = report.handoff {
-                println!("sync will start at {lsn}, right after the copied snapshot");
+                for t in &report.tables {
+                    println!(
+                        "{:<40} {:>12} {:>10.1} {:>8.1} {:>7}",
+                        t.table.to_string(),
+                        t.rows,
+                        t.bytes as f64 / 1e6,
+                        t.seconds,
+                        t.ranges
+                    );
+                }
+                println!(
+                    "copy: {} rows, {:.1} MB in {elapsed:.1} s ({:.0} rows/s)",
+                    rows,
+                    bytes as f64 / 1e6,
+                    rows as f64 / elapsed.max(0.001)
+                );
+                if let Some(lsn) = report.handoff {
+                    println!("sync will start at {lsn}, right after the copied snapshot");
+                }
             }
             if let Some(status) = report.after_status {
                 println!("--after command exited with {status}");

@@ -497,10 +497,29 @@ fn copy_prints_a_summary_per_table() {
         .find(|l| l.starts_with("public.catentry "))
         .unwrap_or_else(|| panic!("no summary line: {stdout}"));
     assert!(line.contains(" 1234 "), "{line}");
+    assert!(stdout.contains("copy: 1234 rows"), "{stdout}");
     assert_eq!(
         psql(&c.staging, &staging, "SELECT count(*) FROM catentry").trim(),
         "1234"
     );
+    // The same for scripts, with --truncate.
+    let (code, stdout, stderr) = run(
+        &config,
+        &[
+            "copy",
+            "--from",
+            "production",
+            "--to",
+            "staging",
+            "--truncate",
+            "--json",
+        ],
+    );
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).expect(&stdout);
+    assert_eq!(report["rows"], 1234);
+    assert_eq!(report["tables"][0]["table"], "public.catentry");
+    assert_eq!(report["tables"][0]["rows"], 1234);
     // Same direction again without --truncate: refused, exit 1, nothing changed.
     let (code, _, stderr) = run(
         &config,
