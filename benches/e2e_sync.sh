@@ -325,7 +325,7 @@ measure() {
     drain bench_ceiling_binary "$endpos" -o proto_version=1 -o binary=true
     CEILING[$scenario]="$plain $streaming $DRAIN_SECONDS"
     log "ceiling with binary = true (protocol 1): $DRAIN_SECONDS s"
-    log "ceiling: staging's walsender alone sends it in $plain s (protocol 1), $DRAIN_SECONDS s (protocol 2, streaming)"
+    log "ceiling: staging's walsender alone sends it in $plain s (protocol 1), $streaming s (protocol 2, streaming)"
     verify "$scenario"
     RESULT[$scenario]="$rows $SP_SECONDS $NATIVE_SECONDS $SP_RSS_MB $VERIFY_SP $VERIFY_NATIVE"
     CPU[$scenario]="$SP_PROCESS_CPU $SP_BACKEND_CPU $SP_WALSENDER_CPU $NATIVE_BACKEND_CPU $NATIVE_WALSENDER_CPU"
