@@ -52,6 +52,10 @@ struct Cli {
         env = "STAGINGPROP_CONFIG"
     )]
     config: PathBuf,
+    /// Work on this named scope ([scopes.NAME] in the config): its publication, slot and row
+    /// filters instead of the table-level ones.
+    #[arg(long, global = true, value_name = "NAME")]
+    scope: Option<String>,
     /// Serve Prometheus metrics on this address (sync and copy); 127.0.0.1:9187 when given
     /// without a value. Off by default.
     #[arg(long, global = true, value_name = "ADDR", num_args = 0..=1,
@@ -150,6 +154,10 @@ enum Command {
         /// Do not create the replication slot (let `copy` create it with its snapshot).
         #[arg(long)]
         no_slot: bool,
+        /// Bring an existing publication's row filters and column lists in line with the config
+        /// (without it, init shows the differences and changes nothing).
+        #[arg(long)]
+        apply_changes: bool,
     },
     /// Apply every committed change of the managed tables from staging to production, in commit
     /// order and exactly once, until stopped (SIGINT/SIGTERM finish the current batch first).
@@ -213,6 +221,10 @@ enum Command {
         /// Empty each target table in the transaction that loads it (else non-empty targets are an error).
         #[arg(long)]
         truncate: bool,
+        /// With --truncate: also empty tables with a column list (their production-owned
+        /// columns are lost).
+        #[arg(long, requires = "truncate")]
+        force: bool,
         /// Parallel workers (default: the number of cores).
         #[arg(long)]
         jobs: Option<usize>,
@@ -368,11 +380,22 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         code: exit::CONFIG,
         message: e.to_string(),
     })?;
+    let config = match &cli.scope {
+        None => config,
+        Some(scope) => config.scoped(scope).map_err(|e| Failure {
+            code: exit::CONFIG,
+            message: e.to_string(),
+        })?,
+    };
     match cli.command {
         Command::Demo { .. } => unreachable!("handled before the config is loaded"),
-        Command::Init { no_slot } => {
+        Command::Init {
+            no_slot,
+            apply_changes,
+        } => {
             let options = InitOptions {
                 create_slot: !no_slot,
+                apply_changes,
             };
             let report = init(&config, &options).await.map_err(ops_failure)?;
             for line in report.lines {
@@ -456,6 +479,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             tables,
             exclude,
             truncate,
+            force,
             jobs,
             split_mb,
             after,
@@ -482,6 +506,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
                 split_bytes: split_mb.saturating_mul(1 << 20),
                 after,
+                force,
             };
             let started = std::time::Instant::now();
             let report = stagingprop::copy::copy(&config, &options)

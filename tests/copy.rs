@@ -153,9 +153,15 @@ async fn copy_then_sync_loses_and_doubles_nothing_under_concurrent_writes() {
     let c = clusters();
     let p = pair("copy_handoff");
     psql(&c.staging, &p.staging, SEED);
-    init(&p.config, &InitOptions { create_slot: false })
-        .await
-        .expect("init");
+    init(
+        &p.config,
+        &InitOptions {
+            create_slot: false,
+            ..InitOptions::default()
+        },
+    )
+    .await
+    .expect("init");
 
     // Staging keeps changing while the copy runs; every change must arrive exactly once.
     let writer = write_during_copy(p.staging.clone());
@@ -317,9 +323,15 @@ async fn sync_refuses_a_production_whose_seeding_copy_failed() {
         &p.staging,
         "INSERT INTO staticfile SELECT '/f/' || g, convert_to(repeat(md5(g::text), 10), 'UTF8') FROM generate_series(1, 100000) g",
     );
-    init(&p.config, &InitOptions { create_slot: false })
-        .await
-        .expect("init");
+    init(
+        &p.config,
+        &InitOptions {
+            create_slot: false,
+            ..InitOptions::default()
+        },
+    )
+    .await
+    .expect("init");
     let config = p.config.clone();
     let running = tokio::spawn(async move {
         copy::copy(&config, &options(Side::Staging, Side::Production)).await
@@ -409,9 +421,15 @@ async fn a_split_copy_loads_ranges_in_parallel_and_hands_off_exactly() {
     let c = clusters();
     let p = pair("copy_split");
     psql(&c.staging, &p.staging, SEED);
-    init(&p.config, &InitOptions { create_slot: false })
-        .await
-        .expect("init");
+    init(
+        &p.config,
+        &InitOptions {
+            create_slot: false,
+            ..InitOptions::default()
+        },
+    )
+    .await
+    .expect("init");
     let writer = write_during_copy(p.staging.clone());
     let report = copy::copy(
         &p.config,

@@ -542,9 +542,15 @@ async fn copy_applies_the_rules_and_sync_continues_through_the_key_map() {
          INSERT INTO promotion SELECT g, g, 'promo ' || g FROM generate_series(1, 20) g;
          INSERT INTO attachment SELECT g, 'file' || g || '.png', g FROM generate_series(1, 30) g;",
     );
-    init(&p.config, &InitOptions { create_slot: false })
-        .await
-        .expect("init");
+    init(
+        &p.config,
+        &InitOptions {
+            create_slot: false,
+            ..InitOptions::default()
+        },
+    )
+    .await
+    .expect("init");
 
     // promotion needs 20 keys and its KEYS range holds 10: refused before anything is written.
     let err = copy::copy(&p.config, &copy_options(Side::Staging, Side::Production))

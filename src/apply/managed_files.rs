@@ -635,10 +635,7 @@ mod tests {
     }
 
     fn meta(content_type: &str) -> TableMeta {
-        let column = |name: &str, type_sql: &str| ColumnMeta {
-            name: name.into(),
-            type_sql: type_sql.into(),
-        };
+        let column = |name: &str, type_sql: &str| ColumnMeta::new(name, type_sql);
         TableMeta {
             schema: "public".into(),
             name: "managedfile".into(),

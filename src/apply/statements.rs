@@ -236,10 +236,7 @@ mod tests {
     use crate::catalog::ColumnMeta;
 
     fn meta() -> TableMeta {
-        let col = |name: &str, ty: &str| ColumnMeta {
-            name: name.into(),
-            type_sql: ty.into(),
-        };
+        let col = |name: &str, ty: &str| ColumnMeta::new(name, ty);
         TableMeta {
             schema: "public".into(),
             name: "offer price".into(),

@@ -78,6 +78,16 @@ pub fn compare(source: &TableMeta, target: &TableMeta, sides: Sides<'_>) -> Vec<
             Some(_) => {}
         }
     }
+    // Columns the source does not send (production-owned, outside a column list) are left
+    // to their defaults on insert: one that must have a value cannot be.
+    for column in &target.columns {
+        if column.required && source.column_index(&column.name).is_none() {
+            problems.push(format!(
+                "{to}: column {table}.{} is NOT NULL without a default and {from} does not send it (it is outside the table's column list): give it a default, make it nullable, or add it to the column list",
+                column.name
+            ));
+        }
+    }
     for &k in &target.key {
         let name = &target.columns[k].name;
         if source.column_index(name).is_none() {
@@ -130,10 +140,7 @@ mod tests {
             name: "t".into(),
             columns: columns
                 .iter()
-                .map(|(n, t)| ColumnMeta {
-                    name: (*n).into(),
-                    type_sql: (*t).into(),
-                })
+                .map(|(n, t)| ColumnMeta::new(*n, *t))
                 .collect(),
             key,
         }

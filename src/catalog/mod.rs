@@ -4,11 +4,12 @@
 //! read tables through here; [`compare`] holds the one comparison of two sides' tables.
 
 pub mod compare;
+pub mod publication;
 pub mod sequences;
 
 use tokio_postgres::Client;
 
-use crate::config::TableName;
+use crate::config::{ColumnList, TableName};
 use crate::model::Relation;
 use crate::quote::qualified;
 
@@ -18,6 +19,18 @@ pub struct ColumnMeta {
     /// `format_type(atttypid, atttypmod)`: the type as SQL spells it, schema-qualified when
     /// needed, e.g. `numeric(12,2)` or `public.mood`.
     pub type_sql: String,
+    /// NOT NULL with no default (nor identity): an INSERT must give it a value.
+    pub required: bool,
+}
+
+impl ColumnMeta {
+    pub fn new(name: impl Into<String>, type_sql: impl Into<String>) -> ColumnMeta {
+        ColumnMeta {
+            name: name.into(),
+            type_sql: type_sql.into(),
+            required: false,
+        }
+    }
 }
 
 /// A table's replicated columns (generated and dropped columns left out) and primary key.
@@ -42,6 +55,38 @@ impl TableMeta {
     pub fn qualified(&self) -> String {
         qualified(&self.schema, &self.name)
     }
+
+    /// The part of the table stagingprop manages: only the columns of `list` (the key
+    /// columns always among them), in table order. Names a listed column the table lacks.
+    pub fn managed_part(&self, list: &ColumnList, side: &str) -> Result<TableMeta, String> {
+        for name in list.named() {
+            if self.column_index(name).is_none() {
+                return Err(format!(
+                    "{side}: table {} has no column {name}, which its column list names; fix the list",
+                    self.table_name()
+                ));
+            }
+            if let ColumnList::Except(_) = list
+                && self.key.iter().any(|&k| &self.columns[k].name == name)
+            {
+                return Err(format!(
+                    "{side}: exclude_columns of {} names key column {name}; key columns are always managed",
+                    self.table_name()
+                ));
+            }
+        }
+        let mut part = self.clone();
+        let keep: Vec<usize> = (0..self.columns.len())
+            .filter(|&i| list.includes(&self.columns[i].name, self.key.contains(&i)))
+            .collect();
+        part.columns = keep.iter().map(|&i| self.columns[i].clone()).collect();
+        part.key = self
+            .key
+            .iter()
+            .filter_map(|k| keep.iter().position(|i| i == k))
+            .collect();
+        Ok(part)
+    }
 }
 
 /// Reads each of `names` ([`load_table`]), in order.
@@ -54,6 +99,35 @@ pub async fn load_tables(
         tables.push(load_table(client, name).await?);
     }
     Ok(tables)
+}
+
+/// Narrows each loaded table to its managed part ([`TableMeta::managed_part`]), with every
+/// problem named.
+pub fn managed_parts(
+    tables: &[&crate::config::TableConfig],
+    loaded: Vec<Option<TableMeta>>,
+    side: &str,
+) -> Result<Vec<Option<TableMeta>>, Vec<String>> {
+    let mut problems = Vec::new();
+    let parts = tables
+        .iter()
+        .zip(loaded)
+        .map(|(config, meta)| {
+            let meta = meta?;
+            match meta.managed_part(&config.columns, side) {
+                Ok(part) => Some(part),
+                Err(problem) => {
+                    problems.push(problem);
+                    Some(meta)
+                }
+            }
+        })
+        .collect();
+    if problems.is_empty() {
+        Ok(parts)
+    } else {
+        Err(problems)
+    }
 }
 
 /// Reads a table's columns and primary key; `None` when there is no such table.
@@ -74,7 +148,9 @@ pub async fn load_table(
     let oid: u32 = row.get(0);
     let columns = client
         .query(
-            "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute
+            "SELECT attname::text, format_type(atttypid, atttypmod),
+                    attnotnull AND NOT atthasdef AND attidentity = ''
+               FROM pg_attribute
               WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = ''
               ORDER BY attnum",
             &[&oid],
@@ -84,6 +160,7 @@ pub async fn load_table(
         .map(|r| ColumnMeta {
             name: r.get(0),
             type_sql: r.get(1),
+            required: r.get(2),
         })
         .collect::<Vec<_>>();
     let key_names: Vec<String> = client

@@ -53,6 +53,10 @@ pub struct Config {
     pub tables: Vec<TableConfig>,
     /// Columns holding keys of a managed table without a declared foreign key.
     pub references: Vec<ReferenceConfig>,
+    /// The named scopes (`[scopes.NAME]`), in name order.
+    pub scopes: Vec<ScopeConfig>,
+    /// The scope this configuration was narrowed to ([`Config::scoped`]), if any.
+    pub scope: Option<String>,
 }
 
 /// How to reach one database (`[staging]` or `[production]`).
@@ -211,6 +215,64 @@ pub struct TableConfig {
     pub files: Option<FilesConfig>,
     /// Send a cache-invalidation notification (`NOTIFY`) naming the keys each batch changed.
     pub notify: bool,
+    /// `filter = "..."`: only the rows for which this SQL condition (over the table's columns)
+    /// is true are staging-managed; the publication's row filter, copy's and verify's WHERE.
+    pub filter: Option<String>,
+    /// `columns` / `exclude_columns`: the columns stagingprop manages; production owns the rest.
+    pub columns: ColumnList,
+}
+
+/// Which columns of a table are staging-managed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ColumnList {
+    /// Every column.
+    #[default]
+    All,
+    /// Only these (the key columns are always added).
+    Only(Vec<String>),
+    /// Every column but these (never a key column).
+    Except(Vec<String>),
+}
+
+impl ColumnList {
+    /// Whether `column` is managed; `is_key` says whether it is part of the primary key.
+    pub fn includes(&self, column: &str, is_key: bool) -> bool {
+        match self {
+            ColumnList::All => true,
+            ColumnList::Only(names) => is_key || names.iter().any(|n| n == column),
+            ColumnList::Except(names) => is_key || !names.iter().any(|n| n == column),
+        }
+    }
+
+    /// The columns named in the file (to check that the table has them).
+    pub fn named(&self) -> &[String] {
+        match self {
+            ColumnList::All => &[],
+            ColumnList::Only(names) | ColumnList::Except(names) => names,
+        }
+    }
+
+    pub fn is_all(&self) -> bool {
+        matches!(self, ColumnList::All)
+    }
+}
+
+impl TableConfig {
+    /// Whether only part of the table (some rows or some columns) is staging-managed.
+    pub fn is_partial(&self) -> bool {
+        self.filter.is_some() || !self.columns.is_all()
+    }
+}
+
+/// `[scopes.NAME]`: a named group of per-table row filters with a publication and slot of its
+/// own, chosen with `--scope NAME`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScopeConfig {
+    pub name: String,
+    pub publication: String,
+    pub slot: String,
+    /// The filter of each table the scope names (it replaces the table's own `filter`).
+    pub filters: Vec<(TableName, String)>,
 }
 
 /// How a staging key becomes a production key (see DESIGN.md, "Key remapping").
@@ -368,6 +430,37 @@ impl Config {
     /// The managed table called `name`, if any.
     pub fn table(&self, name: &TableName) -> Option<&TableConfig> {
         self.tables.iter().find(|t| &t.name == name)
+    }
+
+    /// This configuration narrowed to the scope `name` (`--scope`): the scope's publication
+    /// and slot replace `[sync]`'s, its filters replace the tables' own, and a spool gets a
+    /// directory of its own, so that two scopes can run side by side.
+    pub fn scoped(&self, name: &str) -> Result<Config, ConfigError> {
+        let Some(scope) = self.scopes.iter().find(|s| s.name == name) else {
+            let known: Vec<&str> = self.scopes.iter().map(|s| s.name.as_str()).collect();
+            return Err(ConfigError::Invalid {
+                origin: "--scope".into(),
+                key: name.into(),
+                message: if known.is_empty() {
+                    "the config defines no scopes: add a [scopes.NAME] section".into()
+                } else {
+                    format!("no such scope; the config defines: {}", known.join(", "))
+                },
+            });
+        };
+        let mut config = self.clone();
+        config.sync.publication = scope.publication.clone();
+        config.sync.slot = scope.slot.clone();
+        for (table, filter) in &scope.filters {
+            if let Some(t) = config.tables.iter_mut().find(|t| &t.name == table) {
+                t.filter = Some(filter.clone());
+            }
+        }
+        if let Some(spool) = &mut config.spool {
+            spool.dir = spool.dir.join(&scope.name);
+        }
+        config.scope = Some(scope.name.clone());
+        Ok(config)
     }
 
     fn resolve_relative_paths(&mut self, base: &Path) {

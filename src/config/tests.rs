@@ -928,3 +928,81 @@ fn load_reads_files_and_rebases_relative_paths() {
 
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn partial_tables_and_scopes() {
+    let config = with_dbs(
+        r#"
+[[tables]]
+name = "public.offer"
+filter = " storeent_id IN (10001, 10002) "
+columns = ["price", "published"]
+[[tables]]
+name = "public.catentry"
+exclude_columns = ["merchant_note"]
+[scopes.store-1]
+slot = "store_one"
+[scopes.store-1.filters]
+"public.offer" = "storeent_id = 1"
+[scopes.site]
+"#,
+    )
+    .unwrap();
+    let offer = &config.tables[0];
+    assert_eq!(
+        offer.filter.as_deref(),
+        Some("storeent_id IN (10001, 10002)")
+    );
+    assert!(offer.columns.includes("price", false));
+    assert!(
+        offer.columns.includes("offer_id", true),
+        "keys are always managed"
+    );
+    assert!(!offer.columns.includes("merchant_note", false));
+    assert!(!config.tables[1].columns.includes("merchant_note", false));
+    assert!(config.tables[1].columns.includes("partnumber", false));
+    assert_eq!(
+        config
+            .scopes
+            .iter()
+            .map(|s| (s.name.as_str(), s.slot.as_str(), s.publication.as_str()))
+            .collect::<Vec<_>>(),
+        vec![
+            ("site", "stagingprop_site", "stagingprop_site"),
+            ("store-1", "store_one", "stagingprop_store_1"),
+        ]
+    );
+    let scoped = config.scoped("store-1").unwrap();
+    assert_eq!(scoped.sync.slot, "store_one");
+    assert_eq!(scoped.tables[0].filter.as_deref(), Some("storeent_id = 1"));
+    assert_eq!(scoped.scope.as_deref(), Some("store-1"));
+    assert_error(
+        config.scoped("nope").map(|_| config.clone()),
+        &["store-1", "site"],
+    );
+}
+
+#[test]
+fn bad_partial_tables_and_scopes_are_named() {
+    assert_error(
+        with_dbs("[[tables]]\nname = \"public.t\"\ncolumns = [\"a\"]\nexclude_columns = [\"b\"]\n"),
+        &["public.t", "keep one"],
+    );
+    assert_error(
+        with_dbs("[[tables]]\nname = \"public.t\"\ncolumns = []\n"),
+        &["columns", "empty"],
+    );
+    assert_error(
+        with_dbs("[[tables]]\nname = \"public.t\"\nfilter = \"a = 1; DROP TABLE t\"\n"),
+        &["filter", "';'"],
+    );
+    assert_error(
+        with_tables("[scopes.a.filters]\n\"public.other\" = \"x = 1\"\n"),
+        &["public.other", "not a managed table"],
+    );
+    assert_error(with_tables("[scopes.A]\n"), &["scopes.A", "lower-case"]);
+    assert_error(
+        with_tables("[scopes.a]\nslot = \"stagingprop\"\n"),
+        &["scopes.a.slot", "[sync]"],
+    );
+}

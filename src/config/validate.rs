@@ -25,6 +25,17 @@ pub(super) struct RawConfig {
     tables: Vec<RawTable>,
     #[serde(default)]
     references: Vec<RawReference>,
+    #[serde(default)]
+    scopes: std::collections::BTreeMap<String, RawScope>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScope {
+    publication: Option<String>,
+    slot: Option<String>,
+    #[serde(default)]
+    filters: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -75,6 +86,9 @@ struct RawTable {
     copy: Option<bool>,
     files: Option<RawFiles>,
     notify: Option<bool>,
+    filter: Option<String>,
+    columns: Option<Vec<String>>,
+    exclude_columns: Option<Vec<String>>,
 }
 
 #[derive(Clone, Copy, Deserialize)]
@@ -214,6 +228,7 @@ impl Validator<'_> {
             tables.push(self.table(&key, name, raw_table)?);
         }
         let references = self.references(raw.references, &tables)?;
+        let scopes = self.scopes(raw.scopes, &sync, &tables)?;
         Ok(Config {
             staging,
             production,
@@ -221,7 +236,135 @@ impl Validator<'_> {
             spool,
             tables,
             references,
+            scopes,
+            scope: None,
         })
+    }
+
+    fn scopes(
+        &self,
+        raw: std::collections::BTreeMap<String, RawScope>,
+        sync: &SyncConfig,
+        tables: &[TableConfig],
+    ) -> Result<Vec<ScopeConfig>, ConfigError> {
+        let mut scopes = Vec::with_capacity(raw.len());
+        let mut taken: HashMap<String, String> = HashMap::new();
+        taken.insert(format!("slot {}", sync.slot), "[sync]".into());
+        taken.insert(format!("publication {}", sync.publication), "[sync]".into());
+        for (name, scope) in raw {
+            let key = format!("scopes.{name}");
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+            {
+                return Err(self.invalid(
+                    key,
+                    "a scope name uses only lower-case letters, digits, '-' and '_'",
+                ));
+            }
+            // Slot and publication names derived from the scope's, unless given.
+            let derived = |base: &str| format!("{base}_{}", name.replace('-', "_"));
+            let publication = scope
+                .publication
+                .unwrap_or_else(|| derived(&sync.publication));
+            let slot = scope.slot.unwrap_or_else(|| derived(&sync.slot));
+            for (what, value) in [("publication", &publication), ("slot", &slot)] {
+                if let Err(problem) = check_slot_name(value) {
+                    return Err(self.invalid(
+                        format!("{key}.{what}"),
+                        format!("{value:?} is not a usable {what} name: {problem}"),
+                    ));
+                }
+                if let Some(owner) = taken.insert(format!("{what} {value}"), key.clone()) {
+                    return Err(self.invalid(
+                        format!("{key}.{what}"),
+                        format!(
+                            "{what} {value} is also the one of {owner}: each scope needs its own {what} (set {what} = \"...\" in [{key}])"
+                        ),
+                    ));
+                }
+            }
+            let mut filters = Vec::with_capacity(scope.filters.len());
+            for (table, filter) in scope.filters {
+                let filter_key = format!("{key}.filters.{table:?}");
+                let table: TableName = table
+                    .parse()
+                    .map_err(|e: String| self.invalid(&filter_key, e))?;
+                if !tables.iter().any(|t| t.name == table) {
+                    return Err(self.invalid(
+                        filter_key,
+                        format!("{table} is not a managed table: add a [[tables]] entry for it or fix the name"),
+                    ));
+                }
+                filters.push((table, self.filter(&filter_key, filter)?));
+            }
+            scopes.push(ScopeConfig {
+                name,
+                publication,
+                slot,
+                filters,
+            });
+        }
+        Ok(scopes)
+    }
+
+    /// A row filter as written; the server checks its SQL (`init`), this only its shape.
+    fn filter(&self, key: &str, filter: String) -> Result<String, ConfigError> {
+        let trimmed = filter.trim();
+        if trimmed.is_empty() {
+            return Err(self.invalid(
+                key,
+                "the filter is empty: write a SQL condition over the table's columns, or remove it",
+            ));
+        }
+        if trimmed.contains(';') {
+            return Err(self.invalid(key, "a filter is one SQL condition; it cannot hold ';'"));
+        }
+        Ok(trimmed.to_owned())
+    }
+
+    fn column_list(
+        &self,
+        key: &str,
+        columns: Option<Vec<String>>,
+        exclude: Option<Vec<String>>,
+    ) -> Result<ColumnList, ConfigError> {
+        let check = |what: &str, names: &[String]| -> Result<(), ConfigError> {
+            if names.is_empty() {
+                return Err(self.invalid(
+                    format!("{key}.{what}"),
+                    "the list is empty: name columns, or remove it",
+                ));
+            }
+            let mut seen = HashSet::new();
+            for name in names {
+                if name.is_empty() {
+                    return Err(self.invalid(format!("{key}.{what}"), "a column name is empty"));
+                }
+                if !seen.insert(name) {
+                    return Err(self.invalid(
+                        format!("{key}.{what}"),
+                        format!("column {name} is listed twice"),
+                    ));
+                }
+            }
+            Ok(())
+        };
+        match (columns, exclude) {
+            (Some(_), Some(_)) => {
+                Err(self.invalid(key, "has both columns and exclude_columns: keep one"))
+            }
+            (Some(names), None) => {
+                check("columns", &names)?;
+                Ok(ColumnList::Only(names))
+            }
+            (None, Some(names)) => {
+                check("exclude_columns", &names)?;
+                Ok(ColumnList::Except(names))
+            }
+            (None, None) => Ok(ColumnList::All),
+        }
     }
 
     fn db(&self, section: &str, raw: Option<RawDb>) -> Result<DbConfig, ConfigError> {
@@ -530,12 +673,21 @@ impl Validator<'_> {
             Some(files) => Some(self.files(&format!("{key}.files ({name})"), files)?),
         };
         Ok(TableConfig {
-            name,
             key: key_rule,
             on_conflict: raw.on_conflict.unwrap_or_default(),
             copy: raw.copy.unwrap_or(true),
-            files,
             notify: raw.notify.unwrap_or(false),
+            filter: match raw.filter {
+                None => None,
+                Some(filter) => Some(self.filter(&format!("{key}.filter ({name})"), filter)?),
+            },
+            columns: self.column_list(
+                &format!("{key} ({name})"),
+                raw.columns,
+                raw.exclude_columns,
+            )?,
+            files,
+            name,
         })
     }
 

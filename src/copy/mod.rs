@@ -40,7 +40,7 @@ use self::rewrite::{ColumnRewrite, KeyRewriter, Translate};
 use self::split::Piece;
 use crate::apply;
 use crate::catalog::{self, TableMeta};
-use crate::config::{Config, KeyRule, TableName};
+use crate::config::{Config, KeyRule, TableConfig, TableName};
 use crate::model::Lsn;
 use crate::pg::QueryError;
 use crate::pg::connect::{Endpoint, EndpointError};
@@ -84,6 +84,8 @@ pub struct CopyOptions {
     pub split_bytes: u64,
     /// A shell command to run after a successful copy.
     pub after: Option<String>,
+    /// Allow `--truncate` of tables with a column list (it empties the columns production owns).
+    pub force: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -242,6 +244,16 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
     let on_source = catalog::load_tables(&s, &names)
         .await
         .map_err(db_error(&source, "reading table definitions"))?;
+    let configs: Vec<&TableConfig> = names
+        .iter()
+        .map(|name| {
+            config
+                .table(name)
+                .expect("copy's tables are managed tables")
+        })
+        .collect();
+    let on_source = catalog::managed_parts(&configs, on_source, &options.from.to_string())
+        .map_err(CopyError::Schema)?;
     let on_target = catalog::load_tables(&t, &names)
         .await
         .map_err(db_error(&target, "reading table definitions"))?;
@@ -255,9 +267,29 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
         .into_iter()
         .map(|(on_source, _)| on_source)
         .collect();
+    let mut parts: Vec<TablePart> = configs
+        .iter()
+        .map(|c| TablePart {
+            filter: c.filter.clone(),
+            merge: false,
+        })
+        .collect();
+    if options.truncate && !options.force {
+        let owned: Vec<String> = configs
+            .iter()
+            .filter(|c| !c.columns.is_all())
+            .map(|c| c.name.to_string())
+            .collect();
+        if !owned.is_empty() {
+            return Err(CopyError::Refused(format!(
+                "--truncate would empty the columns production owns in {} (outside their column lists); nothing was copied. Copy without --truncate to update only the managed columns, or add --force to empty them anyway",
+                owned.join(", ")
+            )));
+        }
+    }
     if !options.truncate {
         let mut non_empty = Vec::new();
-        for meta in &metas {
+        for (i, meta) in metas.iter().enumerate() {
             let has_rows: bool = t
                 .query_one(
                     &format!("SELECT EXISTS (SELECT 1 FROM {})", meta.qualified()),
@@ -266,9 +298,25 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
                 .await
                 .map_err(db_error(&target, "checking target tables"))?
                 .get(0);
-            if has_rows {
-                non_empty.push(meta.table_name().to_string());
+            if !has_rows {
+                continue;
             }
+            let table = configs[i];
+            // Production owns the other columns of a column-listed table: its rows stay, and
+            // copy updates (or inserts) only the managed columns, by key.
+            if !table.columns.is_all() {
+                if !matches!(table.key, KeyRule::Identity | KeyRule::Offset { .. }) {
+                    return Err(CopyError::Refused(format!(
+                        "{} has rows on {} and a column list; copy merges such a table by key, which its key rule {} cannot do (it allocates keys). Nothing was copied",
+                        table.name,
+                        options.to,
+                        table.key.as_str()
+                    )));
+                }
+                parts[i].merge = true;
+                continue;
+            }
+            non_empty.push(meta.table_name().to_string());
         }
         if !non_empty.is_empty() {
             return Err(CopyError::Refused(format!(
@@ -349,7 +397,7 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
             blocks: row.get::<_, i64>(1).max(0) as u64,
         });
     }
-    let jobs = plan_jobs(&t, &target, &metas, groups, &sizes, options).await?;
+    let jobs = plan_jobs(&t, &target, &metas, &parts, groups, &sizes, options).await?;
     let progress = Arc::new(CopyProgress {
         estimate: sizes.iter().map(|size| size.bytes).sum(),
         tables: metas.len(),
@@ -358,6 +406,7 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
     let reporter = tokio::spawn(report_progress(progress.clone()));
     let queue: Arc<Mutex<VecDeque<Job>>> = Arc::new(Mutex::new(jobs.into()));
     let metas = Arc::new(metas);
+    let parts = Arc::new(parts);
     let jobs = options
         .jobs
         .max(1)
@@ -375,6 +424,7 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
             queue: queue.clone(),
             metas: metas.clone(),
             plans: plans.clone(),
+            parts: parts.clone(),
             progress: progress.clone(),
         };
         let imported = imported_tx.clone();
@@ -755,10 +805,12 @@ impl Job {
 
 /// Cuts the copy into worker transactions, largest first: one per group, or one per part for
 /// groups holding a table of at least `split_bytes` when the target can commit parts together.
+#[allow(clippy::too_many_arguments)]
 async fn plan_jobs(
     t: &Client,
     target: &Endpoint,
     metas: &[TableMeta],
+    parts_of: &[TablePart],
     groups: Vec<Vec<usize>>,
     sizes: &[TableSize],
     options: &CopyOptions,
@@ -803,7 +855,8 @@ async fn plan_jobs(
             part: 0,
         };
         let large = large(&tables);
-        if workers < 2 || large.is_empty() {
+        // A merge goes through a temporary table, which a prepared transaction cannot hold.
+        if workers < 2 || large.is_empty() || tables.iter().any(|&i| parts_of[i].merge) {
             jobs.push(whole(tables));
             continue;
         }
@@ -949,7 +1002,18 @@ struct Worker {
     queue: Arc<Mutex<VecDeque<Job>>>,
     metas: Arc<Vec<TableMeta>>,
     plans: Arc<Vec<KeyPlan>>,
+    parts: Arc<Vec<TablePart>>,
     progress: Arc<CopyProgress>,
+}
+
+/// Which part of a table is copied, and how it lands.
+#[derive(Clone, Debug)]
+struct TablePart {
+    /// The table's row filter: only the rows it selects are copied.
+    filter: Option<String>,
+    /// The target table has rows and production owns some columns: the managed columns are
+    /// merged by key (insert or update) instead of loaded.
+    merge: bool,
 }
 
 #[derive(Default)]
@@ -1217,18 +1281,40 @@ impl Worker {
             .map(|c| quote_ident(&c.name))
             .collect::<Vec<_>>()
             .join(", ");
-        let range = piece
+        let part = &self.parts[piece.table];
+        let conditions: Vec<String> = piece
             .range
-            .map(|r| format!(" WHERE {}", r.condition()))
-            .unwrap_or_default();
+            .map(|r| r.condition())
+            .into_iter()
+            .chain(part.filter.as_ref().map(|f| format!("({f})")))
+            .collect();
+        let condition = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", conditions.join(" AND "))
+        };
         let out_sql = format!(
-            "COPY (SELECT {columns} FROM ONLY {}{range}) TO STDOUT (FORMAT binary)",
+            "COPY (SELECT {columns} FROM ONLY {}{condition}) TO STDOUT (FORMAT binary)",
             meta.qualified()
         );
-        let in_sql = format!(
-            "COPY {} ({columns}) FROM STDIN (FORMAT binary)",
-            meta.qualified()
-        );
+        let merge_table = part
+            .merge
+            .then(|| format!("stagingprop_merge_{}", piece.table));
+        let in_sql = match &merge_table {
+            Some(scratch) => {
+                t.batch_execute(&format!(
+                    "CREATE TEMP TABLE {scratch} ON COMMIT DROP AS SELECT {columns} FROM {} WITH NO DATA",
+                    meta.qualified()
+                ))
+                .await
+                .map_err(db_error(&self.target, "creating the merge table"))?;
+                format!("COPY {scratch} ({columns}) FROM STDIN (FORMAT binary)")
+            }
+            None => format!(
+                "COPY {} ({columns}) FROM STDIN (FORMAT binary)",
+                meta.qualified()
+            ),
+        };
         let stream = s
             .copy_out(&out_sql)
             .await
@@ -1308,6 +1394,14 @@ impl Worker {
             .finish()
             .await
             .map_err(db_error(&self.target, "finishing the table"))?;
+        if let Some(scratch) = &merge_table {
+            t.batch_execute(&merge_sql(meta, scratch))
+                .await
+                .map_err(db_error(&self.target, "merging the managed columns"))?;
+            t.batch_execute(&format!("DROP TABLE {scratch}"))
+                .await
+                .map_err(db_error(&self.target, "dropping the merge table"))?;
+        }
         let table = meta.table_name().to_string();
         metrics::counter!("stagingprop_copy_rows_total", "table" => table.clone()).increment(rows);
         metrics::counter!("stagingprop_copy_bytes_total", "table" => table).increment(bytes);
@@ -1319,6 +1413,32 @@ impl Worker {
             ranges: 1,
         })
     }
+}
+
+/// Inserts the rows of `scratch` into the table, or sets their managed columns where the key
+/// exists: the columns production owns are never written.
+fn merge_sql(meta: &TableMeta, scratch: &str) -> String {
+    let columns: Vec<String> = meta.columns.iter().map(|c| quote_ident(&c.name)).collect();
+    let keys: Vec<String> = meta
+        .key
+        .iter()
+        .map(|&k| quote_ident(&meta.columns[k].name))
+        .collect();
+    let set: Vec<String> = (0..meta.columns.len())
+        .filter(|i| !meta.key.contains(i))
+        .map(|i| format!("{0} = EXCLUDED.{0}", quote_ident(&meta.columns[i].name)))
+        .collect();
+    let action = if set.is_empty() {
+        "NOTHING".to_owned()
+    } else {
+        format!("UPDATE SET {}", set.join(", "))
+    };
+    format!(
+        "INSERT INTO {table} ({cols}) SELECT {cols} FROM {scratch} ON CONFLICT ({keys}) DO {action}",
+        table = meta.qualified(),
+        cols = columns.join(", "),
+        keys = keys.join(", "),
+    )
 }
 
 /// How copy changes one table's keys on the way.

@@ -133,7 +133,14 @@ where
     }
     let config =
         Config::from_toml_str(&text, "demo").map_err(|e| OpsError::Refused(e.to_string()))?;
-    init(&config, &InitOptions { create_slot: false }).await?;
+    init(
+        &config,
+        &InitOptions {
+            create_slot: false,
+            ..InitOptions::default()
+        },
+    )
+    .await?;
     say(
         "3. init: checked both databases, created the publication and stagingprop's schema on production",
     );
@@ -148,6 +155,7 @@ where
             truncate: false,
             jobs: 2,
             split_bytes: crate::copy::DEFAULT_SPLIT_BYTES,
+            force: false,
             after: None,
         },
     )

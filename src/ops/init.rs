@@ -6,6 +6,7 @@
 use tokio_postgres::Client;
 
 use super::{OpsError, connect, query_error, state_error};
+use crate::catalog::{self, publication};
 use crate::config::{Config, TableName};
 use crate::pg::connect::Endpoint;
 use crate::quote::{qualified, quote_ident};
@@ -15,11 +16,17 @@ use crate::state::{self, SCHEMA as STATE_SCHEMA};
 pub struct InitOptions {
     /// Create the slot if missing. Off when `copy` will create it to export its snapshot.
     pub create_slot: bool,
+    /// Change an existing publication's row filters and column lists to the config's (else a
+    /// difference is reported and nothing is changed).
+    pub apply_changes: bool,
 }
 
 impl Default for InitOptions {
     fn default() -> Self {
-        InitOptions { create_slot: true }
+        InitOptions {
+            create_slot: true,
+            apply_changes: false,
+        }
     }
 }
 
@@ -124,6 +131,8 @@ pub async fn init(config: &Config, options: &InitOptions) -> Result<InitReport, 
         ));
     }
 
+    let entries = publication_entries(&s, &staging, config, &mut problems).await?;
+
     let publication = &config.sync.publication;
     let pub_row = s
         .query_opt(
@@ -132,11 +141,26 @@ pub async fn init(config: &Config, options: &InitOptions) -> Result<InitReport, 
         )
         .await
         .map_err(query_error(&staging, "reading pg_publication"))?;
+    let mut changes = Vec::new();
     if let Some(row) = &pub_row {
         let all_tables: bool = row.get(0);
         if all_tables {
             problems.push(format!(
                 "staging: publication {publication} is FOR ALL TABLES; stagingprop needs one listing the managed tables: choose another [sync] publication name"
+            ));
+        }
+        let current = publication::published(&s, publication)
+            .await
+            .map_err(query_error(&staging, "reading the publication"))?;
+        for entry in entries.iter().flatten() {
+            if let Some(now) = current.iter().find(|c| c.table == entry.wanted.table) {
+                changes.extend(publication::differences(now, &entry.wanted));
+            }
+        }
+        if !changes.is_empty() && !options.apply_changes {
+            problems.push(format!(
+                "staging: publication {publication} differs from the config:\n    {}\n  run `stagingprop init --apply-changes` to change it. Rows already on production that a narrower filter leaves out stay there (verify counts them as outside the scope); re-seed a table with `stagingprop copy --tables NAME --truncate` to remove them",
+                changes.join("\n    ")
             ));
         }
     }
@@ -169,7 +193,24 @@ pub async fn init(config: &Config, options: &InitOptions) -> Result<InitReport, 
         config.tables.len()
     ));
 
-    sync_publication(&s, &staging, config, pub_row.is_some(), &mut report).await?;
+    let specs: Vec<String> = entries
+        .into_iter()
+        .zip(&config.tables)
+        .map(|(entry, table)| match entry {
+            Some(entry) => entry.spec,
+            None => qualified(&table.name.schema, &table.name.name),
+        })
+        .collect();
+    sync_publication(
+        &s,
+        &staging,
+        config,
+        &specs,
+        pub_row.is_some(),
+        &changes,
+        &mut report,
+    )
+    .await?;
 
     if slot_exists {
         report
@@ -199,6 +240,83 @@ pub async fn init(config: &Config, options: &InitOptions) -> Result<InitReport, 
         state::LAYOUT_VERSION
     ));
     Ok(report)
+}
+
+/// What the publication should hold for a partial table, as checked by the server.
+struct PartialEntry {
+    /// The entry as `CREATE PUBLICATION` takes it.
+    spec: String,
+    /// The entry as the server prints it back.
+    wanted: publication::PublishedTable,
+}
+
+/// For each managed table, its partial entry (`None` for a whole table), after checking what
+/// PostgreSQL requires: version 15 or later, a filter and column list the server accepts, a
+/// filter over replica-identity columns only.
+async fn publication_entries(
+    s: &Client,
+    staging: &Endpoint,
+    config: &Config,
+    problems: &mut Vec<String>,
+) -> Result<Vec<Option<PartialEntry>>, OpsError> {
+    let mut entries = Vec::with_capacity(config.tables.len());
+    let partial = config.tables.iter().any(|t| t.is_partial());
+    let version = if partial {
+        publication::server_version(s)
+            .await
+            .map_err(query_error(staging, "reading server_version_num"))?
+    } else {
+        0
+    };
+    for table in &config.tables {
+        if !table.is_partial() {
+            entries.push(None);
+            continue;
+        }
+        if version < publication::PARTIAL_TABLES_VERSION {
+            problems.push(format!(
+                "staging: {} has a row filter or column list, which needs PostgreSQL 15 or later on staging (it runs {version}): upgrade staging or manage the whole table",
+                table.name
+            ));
+            entries.push(None);
+            continue;
+        }
+        let Some(meta) = catalog::load_table(s, &table.name)
+            .await
+            .map_err(query_error(staging, "reading table definitions"))?
+        else {
+            entries.push(None); // named by check_staging_table
+            continue;
+        };
+        let probed = publication::probe(s, table, &meta)
+            .await
+            .map_err(query_error(staging, "checking the row filter"))?;
+        let probed = match probed {
+            Ok(probed) => probed,
+            Err(problem) => {
+                problems.push(problem);
+                entries.push(None);
+                continue;
+            }
+        };
+        let identity = publication::replica_identity(s, &table.name)
+            .await
+            .map_err(query_error(staging, "reading the replica identity"))?;
+        problems.extend(publication::identity_problems(
+            table,
+            identity.as_deref(),
+            &probed.filter_columns,
+        ));
+        let spec =
+            publication::table_spec(table, &meta).map_err(|problem| OpsError::ChecksFailed {
+                problems: vec![problem],
+            })?;
+        entries.push(Some(PartialEntry {
+            spec,
+            wanted: probed.published,
+        }));
+    }
+    Ok(entries)
 }
 
 /// The spool directory exists (or can be made) and takes a durable write.
@@ -309,35 +427,32 @@ async fn check_production_table(
     Ok(())
 }
 
-/// Creates the publication, or brings its table list and published actions in line with the
-/// config.
+/// Creates the publication, or brings its table list, row filters, column lists and published
+/// actions in line with the config (`changes`: the filter and column-list differences found,
+/// already allowed by `--apply-changes`).
 async fn sync_publication(
     s: &Client,
     staging: &Endpoint,
     config: &Config,
+    specs: &[String],
     exists: bool,
+    changes: &[String],
     report: &mut InitReport,
 ) -> Result<(), OpsError> {
     let name = &config.sync.publication;
     let wanted: Vec<&TableName> = config.tables.iter().map(|t| &t.name).collect();
-    let list = |tables: &[&TableName]| {
-        tables
-            .iter()
-            .map(|t| qualified(&t.schema, &t.name))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     if !exists {
         s.batch_execute(&format!(
             "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert, update, delete, truncate')",
             quote_ident(name),
-            list(&wanted)
+            specs.join(", ")
         ))
         .await
         .map_err(query_error(staging, "creating the publication"))?;
         report.lines.push(format!(
-            "staging: created publication {name} for {} table(s)",
-            wanted.len()
+            "staging: created publication {name} for {} table(s){}",
+            wanted.len(),
+            partial_note(config)
         ));
         return Ok(());
     }
@@ -362,48 +477,51 @@ async fn sync_publication(
         "ALTER PUBLICATION {} SET (publish = 'insert, update, delete, truncate')",
         quote_ident(name)
     )];
-    if !missing.is_empty() {
+    // SET TABLE replaces the whole list (with filters and column lists) in one statement.
+    if !missing.is_empty() || !extra.is_empty() || !changes.is_empty() {
         statements.push(format!(
-            "ALTER PUBLICATION {} ADD TABLE {}",
+            "ALTER PUBLICATION {} SET TABLE {}",
             quote_ident(name),
-            list(&missing)
-        ));
-    }
-    if !extra.is_empty() {
-        statements.push(format!(
-            "ALTER PUBLICATION {} DROP TABLE {}",
-            quote_ident(name),
-            list(&extra)
+            specs.join(", ")
         ));
     }
     s.batch_execute(&statements.join("; "))
         .await
         .map_err(query_error(staging, "updating the publication"))?;
-    if missing.is_empty() && extra.is_empty() {
+    if missing.is_empty() && extra.is_empty() && changes.is_empty() {
         report.lines.push(format!(
-            "staging: publication {name} already lists the {} managed table(s)",
-            wanted.len()
+            "staging: publication {name} already lists the {} managed table(s){}",
+            wanted.len(),
+            partial_note(config)
         ));
-    } else {
-        let names = |ts: &[&TableName]| {
-            ts.iter()
-                .map(|t| t.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        report.lines.push(format!(
-            "staging: publication {name} updated (added: {}; removed: {})",
-            if missing.is_empty() {
-                "none".into()
-            } else {
-                names(&missing)
-            },
-            if extra.is_empty() {
-                "none".into()
-            } else {
-                names(&extra)
-            },
-        ));
+        return Ok(());
     }
+    let names = |ts: &[&TableName]| {
+        if ts.is_empty() {
+            return "none".to_owned();
+        }
+        ts.iter()
+            .map(|t| t.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    report.lines.push(format!(
+        "staging: publication {name} updated (added: {}; removed: {}; changed: {})",
+        names(&missing),
+        names(&extra),
+        if changes.is_empty() {
+            "none".to_owned()
+        } else {
+            changes.join("; ")
+        }
+    ));
     Ok(())
+}
+
+/// ", 2 of them in part (row filter or column list)", or nothing.
+fn partial_note(config: &Config) -> String {
+    match config.tables.iter().filter(|t| t.is_partial()).count() {
+        0 => String::new(),
+        n => format!(", {n} of them in part (row filter or column list)"),
+    }
 }

@@ -59,6 +59,17 @@ pub struct TableDiff {
     pub different_keys: Vec<String>,
     pub chunks: usize,
     pub chunks_differing: usize,
+    /// Production rows the table's row filter leaves out: not compared (they are production's,
+    /// or were in scope under an earlier filter).
+    pub outside_scope: i64,
+}
+
+/// A row filter as a condition over the row (`true` without one); a NULL result is outside.
+fn scope_condition(filter: Option<&str>) -> String {
+    match filter {
+        None => "true".to_owned(),
+        Some(filter) => format!("coalesce(({filter}), false)"),
+    }
 }
 
 impl TableDiff {
@@ -77,9 +88,16 @@ struct ChunkSummary {
 /// The SQL pieces for one table: key list, row hash, and a key-range predicate.
 struct TableSql<'a> {
     meta: &'a TableMeta,
+    /// The table's row filter: only the rows it selects are compared.
+    filter: Option<&'a str>,
 }
 
 impl TableSql<'_> {
+    /// The row filter as a condition (`true` without one).
+    fn in_scope(&self) -> String {
+        scope_condition(self.filter)
+    }
+
     fn keys(&self) -> String {
         self.meta
             .key
@@ -167,10 +185,11 @@ async fn chunk_boundaries(
 ) -> Result<Vec<Vec<String>>, tokio_postgres::Error> {
     let query = format!(
         "SELECT ARRAY[{key_texts}] FROM (SELECT {keys}, row_number() OVER (ORDER BY {keys}) AS rn
-           FROM {table}) r WHERE rn > 1 AND (rn - 1) % $1 = 0 ORDER BY rn",
+           FROM {table} WHERE {scope}) r WHERE rn > 1 AND (rn - 1) % $1 = 0 ORDER BY rn",
         key_texts = sql.key_texts(),
         keys = sql.keys(),
         table = sql.meta.qualified(),
+        scope = sql.in_scope(),
     );
     let rows = s.query(&query, &[&chunk_rows]).await?;
     Ok(rows
@@ -196,10 +215,11 @@ async fn summarize_range(
 ) -> Result<ChunkSummary, tokio_postgres::Error> {
     let bounds: Vec<&Vec<String>> = lower.iter().chain(upper.iter()).copied().collect();
     let query = format!(
-        "SELECT count(*)::bigint, md5(string_agg({hash}, '' ORDER BY {keys})) FROM {table} WHERE {range}",
+        "SELECT count(*)::bigint, md5(string_agg({hash}, '' ORDER BY {keys})) FROM {table} WHERE {range} AND {scope}",
         hash = sql.row_hash(),
         keys = sql.keys(),
         table = sql.meta.qualified(),
+        scope = sql.in_scope(),
         range = sql.range(lower.is_some(), upper.is_some(), 1),
     );
     let values = params(&bounds);
@@ -246,10 +266,11 @@ async fn rows_in(
         }
     };
     let query = format!(
-        "SELECT ARRAY[{key_texts}], {hash} FROM {table} WHERE {condition}",
+        "SELECT ARRAY[{key_texts}], {hash} FROM {table} WHERE {condition} AND {scope}",
         key_texts = sql.key_texts(),
         hash = sql.row_hash(),
         table = sql.meta.qualified(),
+        scope = sql.in_scope(),
     );
     let refs: Vec<&(dyn ToSql + Sync)> = texts
         .iter()
@@ -289,8 +310,9 @@ async fn first_column_boundaries(
     let first = sql.first_key();
     let query = format!(
         "SELECT DISTINCT k FROM (SELECT {first}::bigint AS k, row_number() OVER (ORDER BY {first}) AS rn
-           FROM {table}) r WHERE rn % $1 = 0 ORDER BY k",
+           FROM {table} WHERE {scope}) r WHERE rn % $1 = 0 ORDER BY k",
         table = sql.meta.qualified(),
+        scope = sql.in_scope(),
     );
     Ok(s.query(&query, &[&chunk_rows])
         .await?
@@ -314,9 +336,10 @@ async fn summarize_buckets(
     // hashtextextended (64 bits) costs a fraction of md5: the row's text output dominates.
     let query = format!(
         "SELECT {bucket}, count(*)::bigint, sum(hashtextextended({row}, 0)::numeric)::text
-           FROM {table} GROUP BY 1",
+           FROM {table} WHERE {scope} GROUP BY 1",
         row = sql.row_text(),
         table = sql.meta.qualified(),
+        scope = sql.in_scope(),
     );
     let bounds = bounds.to_vec();
     let rows = if bounds.is_empty() {
@@ -426,10 +449,12 @@ fn compare_keys(
 
 /// Compares one table through the key map: both sides stream (staging key, row hash) sorted
 /// the same way and are merged.
+#[allow(clippy::too_many_arguments)]
 async fn verify_translated(
     s: &Client,
     p: &Client,
     meta: &TableMeta,
+    filter: Option<&str>,
     tr: &Translation,
     options: &VerifyOptions,
     endpoints: (&Endpoint, &Endpoint),
@@ -473,8 +498,9 @@ async fn verify_translated(
     };
     let (keys, columns) = select(&plain);
     let staging_sql = format!(
-        "SELECT ARRAY[{keys}], md5(ROW({columns})::text) FROM {} t ORDER BY {}",
+        "SELECT ARRAY[{keys}], md5(ROW({columns})::text) FROM {} t WHERE {} ORDER BY {}",
         meta.qualified(),
+        scope_condition(filter),
         order(&plain)
     );
     let (keys, columns) = select(&translated);
@@ -484,9 +510,10 @@ async fn verify_translated(
         tr.production_born.join(" OR ")
     };
     let production_sql = format!(
-        "SELECT ARRAY[{keys}], md5(ROW({columns})::text) FROM {} t {} WHERE NOT ({born}) ORDER BY {}",
+        "SELECT ARRAY[{keys}], md5(ROW({columns})::text) FROM {} t {} WHERE NOT ({born}) AND {} ORDER BY {}",
         meta.qualified(),
         tr.joins.join(" "),
+        scope_condition(filter),
         order(&translated)
     );
     let (staging, production) = endpoints;
@@ -635,7 +662,24 @@ pub async fn verify(config: &Config, options: &VerifyOptions) -> Result<Vec<Tabl
             .map_err(query_error(&staging, "reading table definitions"))?
             .ok_or_else(|| {
                 OpsError::Refused(format!("staging: table {} does not exist", table.name))
-            })?;
+            })?
+            .managed_part(&table.columns, "staging")
+            .map_err(OpsError::Refused)?;
+        let filter = table.filter.as_deref();
+        let outside_scope = match filter {
+            None => 0,
+            Some(filter) => p
+                .query_one(
+                    &format!(
+                        "SELECT count(*)::bigint FROM {} WHERE NOT coalesce(({filter}), false)",
+                        meta.qualified()
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(query_error(&production, "counting rows outside the filter"))?
+                .get(0),
+        };
         if meta.key.is_empty() {
             return Err(OpsError::Refused(format!(
                 "staging: table {} has no primary key; verify compares rows by key",
@@ -643,14 +687,20 @@ pub async fn verify(config: &Config, options: &VerifyOptions) -> Result<Vec<Tabl
             )));
         }
         if let Some(tr) = remapper.as_ref().and_then(|r| translation(config, r, t)) {
-            diffs.push(
-                verify_translated(&s, &p, &meta, &tr, options, (&staging, &production)).await?,
-            );
+            let mut diff =
+                verify_translated(&s, &p, &meta, filter, &tr, options, (&staging, &production))
+                    .await?;
+            diff.outside_scope = outside_scope;
+            diffs.push(diff);
             continue;
         }
-        let sql = TableSql { meta: &meta };
+        let sql = TableSql {
+            meta: &meta,
+            filter,
+        };
         let mut diff = TableDiff {
             table: table.name.to_string(),
+            outside_scope,
             ..TableDiff::default()
         };
         // (part, staging summary, production summary) for every part of the table.
@@ -764,15 +814,23 @@ pub async fn verify(config: &Config, options: &VerifyOptions) -> Result<Vec<Tabl
 pub fn render(diffs: &[TableDiff]) -> String {
     let mut out = String::new();
     for d in diffs {
+        let outside = if d.outside_scope > 0 {
+            format!(
+                "; {} production row(s) outside the filter, not compared",
+                d.outside_scope
+            )
+        } else {
+            String::new()
+        };
         if d.matches() {
             out.push_str(&format!(
-                "{}: match ({} rows, {} chunks)\n",
+                "{}: match ({} rows, {} chunks{outside})\n",
                 d.table, d.staging_rows, d.chunks
             ));
             continue;
         }
         out.push_str(&format!(
-            "{}: DIFFERS: {} rows on staging, {} on production; {} missing on production, {} extra on production, {} different ({} of {} chunks differ)\n",
+            "{}: DIFFERS: {} rows on staging, {} on production; {} missing on production, {} extra on production, {} different ({} of {} chunks differ{outside})\n",
             d.table, d.staging_rows, d.production_rows, d.missing, d.extra, d.different, d.chunks_differing, d.chunks
         ));
         for (label, keys) in [

@@ -818,10 +818,7 @@ mod tests {
     const OID: Oid = 16384;
 
     fn metas() -> Vec<TableMeta> {
-        let column = |name: &str, type_sql: &str| ColumnMeta {
-            name: name.into(),
-            type_sql: type_sql.into(),
-        };
+        let column = |name: &str, type_sql: &str| ColumnMeta::new(name, type_sql);
         vec![TableMeta {
             schema: "public".into(),
             name: "t".into(),

@@ -57,10 +57,43 @@ impl StagingSchema {
         let tables = catalog::load_tables(client, &names)
             .await
             .map_err(database_error(endpoint, "reading table definitions"))?;
+        let configs: Vec<&crate::config::TableConfig> = config.tables.iter().collect();
+        let tables =
+            catalog::managed_parts(&configs, tables, "staging").map_err(SyncError::Schema)?;
         let references = catalog::column_references(client)
             .await
             .map_err(database_error(endpoint, "reading foreign keys"))?;
         Ok(StagingSchema { tables, references })
+    }
+}
+
+/// Staging must send exactly the managed part of each partial table: never a column the
+/// config leaves to production.
+async fn check_publication(
+    config: &Config,
+    schema: &StagingSchema,
+    staging: &Endpoint,
+    s: &tokio_postgres::Client,
+) -> Result<(), SyncError> {
+    if !config.tables.iter().any(|t| t.is_partial()) {
+        return Ok(());
+    }
+    let published = catalog::publication::published(s, &config.sync.publication)
+        .await
+        .map_err(database_error(staging, "reading the publication"))?;
+    let problems: Vec<String> = config
+        .tables
+        .iter()
+        .zip(&schema.tables)
+        .filter_map(|(table, meta)| {
+            let entry = published.iter().find(|p| p.table == table.name)?;
+            catalog::publication::mismatch(table, meta.as_ref()?, entry)
+        })
+        .collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(SyncError::Schema(problems))
     }
 }
 
@@ -172,7 +205,11 @@ where
         state::ensure(&p).await.map_err(ApplyError::from)?;
     }
     let staging_schema = match (&s, &state.staging_schema) {
-        (Some(s), _) => Arc::new(StagingSchema::load(config, &staging, s).await?),
+        (Some(s), _) => {
+            let schema = StagingSchema::load(config, &staging, s).await?;
+            check_publication(config, &schema, &staging, s).await?;
+            Arc::new(schema)
+        }
         (None, Some(cached)) => cached.clone(),
         (None, None) => Arc::new(StagingSchema::load(config, &target, &p).await?),
     };

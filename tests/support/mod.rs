@@ -110,6 +110,7 @@ pub fn copy_options(
         truncate: false,
         jobs: 2,
         split_bytes: stagingprop::copy::DEFAULT_SPLIT_BYTES,
+        force: false,
         after: None,
     }
 }
@@ -173,6 +174,7 @@ pub struct PairBuilder {
     tables: Vec<(String, String)>,
     sync: String,
     production_user: String,
+    extra: String,
 }
 
 impl PairBuilder {
@@ -183,6 +185,7 @@ impl PairBuilder {
             tables: Vec::new(),
             sync: String::new(),
             production_user: "postgres".into(),
+            extra: String::new(),
         }
     }
 
@@ -196,6 +199,13 @@ impl PairBuilder {
     pub fn sync(mut self, lines: &str) -> Self {
         self.sync.push_str(lines);
         self.sync.push('\n');
+        self
+    }
+
+    /// TOML appended after the tables (e.g. `[scopes.NAME]` sections).
+    pub fn extra(mut self, toml: &str) -> Self {
+        self.extra.push_str(toml);
+        self.extra.push('\n');
         self
     }
 
@@ -222,6 +232,7 @@ impl PairBuilder {
         for (name, rules) in &self.tables {
             text.push_str(&format!("[[tables]]\nname = \"{name}\"\n{rules}\n"));
         }
+        text.push_str(&self.extra);
         let config = stagingprop::config::Config::from_toml_str(&text, "test")
             .unwrap_or_else(|e| panic!("test config: {e}\n{text}"));
         Pair {
