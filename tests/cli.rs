@@ -656,6 +656,13 @@ fn demo_runs_end_to_end_and_removes_its_clusters() {
     assert!(stdout.contains("4. copy: 6 tables"), "{stdout}");
     assert!(stdout.contains("verify: match"), "{stdout}");
     assert!(!stdout.contains("DIFFERS"), "{stdout}");
+    // The partial table: merchants' edits on production survived the live sync.
+    let kept = stdout
+        .split("merchant_note of ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse::<u32>().ok());
+    assert!(kept.is_some_and(|n| n > 0), "{stdout}");
     // Its clusters are gone: no directory or server of the demo's process is left.
     let leftovers: Vec<String> = std::fs::read_dir(std::env::temp_dir())
         .unwrap()
