@@ -16,6 +16,8 @@
 //! - [`state`]: stagingprop's own tables on production (progress, key map, quarantine, copy
 //!   decisions, layout version): their DDL and every statement on them.
 //! - [`spool`]: the durable local spool of staging's transactions (segments, records, store).
+//! - [`stream`]: fan-out through NATS JetStream: the message format, publishing the spool,
+//!   reading a target's way through the stream.
 //! - [`remap`]: key remapping rules, the key map's cache and the queries remapping runs.
 //! - [`apply`]: production's session: set-based statements, conflicts, managed files.
 //! - [`sync`]: the sync command: retry loop, sessions, the pipeline, streamed transactions,
@@ -40,4 +42,5 @@ pub mod quote;
 pub mod remap;
 pub mod spool;
 pub mod state;
+pub mod stream;
 pub mod sync;

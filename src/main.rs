@@ -175,9 +175,18 @@ enum Command {
         json: bool,
         /// Read staging's slot up to where staging is now (or --until) and report what would be
         /// applied; nothing is written to production and the slot does not move.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "from_stream")]
         dry_run: bool,
+        /// Read staging's transactions from the [stream] JetStream stream that `publish`
+        /// writes, instead of staging's slot (one of several targets; staging is only asked for
+        /// its table definitions). --until-caught-up then means: everything the stream held.
+        #[arg(long)]
+        from_stream: bool,
     },
+    /// Read staging's slot once for several targets: spool each committed transaction (fsync)
+    /// and publish it to the [stream] JetStream stream, in commit order, exactly once; staging
+    /// is told a position once it is spooled. Each target runs `sync --from-stream`.
+    Publish,
     /// Apply spooled staging transactions to a target, from the position its own progress table
     /// holds: e.g. production restored from a backup taken before an outage. Stop sync first
     /// when the target is production.
@@ -409,6 +418,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             until,
             json,
             dry_run,
+            from_stream,
         } => {
             let started = std::time::Instant::now();
             let until = match until {
@@ -420,6 +430,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 max_attempts: None,
                 until,
                 dry_run,
+                from_stream,
             };
             let summary = sync::run(&config, &options, shutdown_signal())
                 .await
@@ -440,6 +451,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let report =
                 sync::RunReport::of(&config, &summary, run, started.elapsed().as_secs_f64());
             print_report(&report, json)
+        }
+        Command::Publish => {
+            let summary = sync::publish(&config, shutdown_signal())
+                .await
+                .map_err(sync_failure)?;
+            println!(
+                "publish: the stream holds staging's transactions up to {}",
+                summary.published
+            );
+            Ok(())
         }
         Command::Replay {
             to,
@@ -795,6 +816,7 @@ fn sync_failure(error: SyncError) -> Failure {
     use stagingprop::apply::ApplyError;
     use stagingprop::apply::managed_files::FileError;
     use stagingprop::remap::RemapError;
+    use stagingprop::stream::StreamError;
     let code = match &error {
         SyncError::Endpoint(_) => exit::CONFIG,
         SyncError::Schema(_)
@@ -813,6 +835,14 @@ fn sync_failure(error: SyncError) -> Failure {
         SyncError::Database { .. } if error.is_transient() => exit::UNREACHABLE,
         SyncError::Spool(_) | SyncError::Replay(_) => exit::SPOOL,
         SyncError::BadUntil(_) => exit::CONFIG,
+        SyncError::Stream(e) => match e {
+            StreamError::Config(_) | StreamError::Subject { .. } | StreamError::Missing { .. } => {
+                exit::CONFIG
+            }
+            StreamError::Connect { .. } | StreamError::Server { .. } => exit::UNREACHABLE,
+            StreamError::Spool(_) => exit::SPOOL,
+            _ => exit::REPLICATION,
+        },
         _ => exit::FAILED,
     };
     with_sqlstate(code, error.to_string(), error.sqlstate())

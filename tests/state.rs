@@ -91,6 +91,44 @@ async fn the_layout_every_earlier_release_made_is_upgraded_in_place() {
     assert_eq!(progress.xid, 745);
 }
 
+/// Layout 2 (the version row; before `progress.stream_seq`), as releases of 2026-12 made it.
+const LAYOUT_2_EXTRA: &str = "
+CREATE TABLE stagingprop.copy_commits (group_id text PRIMARY KEY, decided_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE stagingprop.layout (only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+    version integer NOT NULL, upgraded_at timestamptz NOT NULL DEFAULT now());
+INSERT INTO stagingprop.layout (version) VALUES (2);
+";
+
+#[tokio::test]
+async fn layout_2_gains_the_stream_sequence_and_keeps_its_rows() {
+    let production = &clusters().production;
+    let db = fresh_db(production, "layout2");
+    psql(production, &db, LAYOUT_1);
+    psql(production, &db, LAYOUT_2_EXTRA);
+    let before = contents(&db);
+    let client = endpoint(production, &db, "postgres")
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(state::layout::version(&client).await.unwrap(), 2);
+    // The progress row reads on the older layout too (a receiver may ask before the upgrade).
+    let progress = state::progress::read(&client, "sp").await.unwrap().unwrap();
+    assert_eq!(progress.stream_seq, None);
+    state::ensure(&client).await.unwrap();
+    assert_eq!(state::layout::version(&client).await.unwrap(), 3);
+    assert_eq!(contents(&db), before, "the upgrade kept every row");
+    let mut moved = progress;
+    moved.end_lsn = "0/1A2B400".parse().unwrap();
+    moved.stream_seq = Some(42);
+    assert!(
+        state::progress::advance(&client, "sp", &moved, progress.end_lsn)
+            .await
+            .unwrap()
+    );
+    let read = state::progress::read(&client, "sp").await.unwrap().unwrap();
+    assert_eq!(read.stream_seq, Some(42));
+}
+
 #[tokio::test]
 async fn a_fresh_database_gets_the_current_layout_and_concurrent_upgrades_agree() {
     let production = &clusters().production;

@@ -49,6 +49,9 @@ pub struct Config {
     pub sync: SyncConfig,
     /// The durable spool (`[spool]`); off when absent.
     pub spool: Option<SpoolConfig>,
+    /// The JetStream stream of fan-out (`[stream]`): `publish` writes it, `sync --from-stream`
+    /// reads it.
+    pub stream: Option<StreamConfig>,
     /// The staging-managed tables, in file order, each listed once.
     pub tables: Vec<TableConfig>,
     /// Columns holding keys of a managed table without a declared foreign key.
@@ -178,6 +181,36 @@ pub struct SpoolConfig {
     /// A new segment file starts past this size.
     pub segment_bytes: u64,
 }
+
+/// `[stream]`: where staging's transactions are published for several targets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamConfig {
+    /// One or more `nats://` / `tls://` server addresses, comma-separated.
+    pub url: String,
+    /// The JetStream stream.
+    pub name: String,
+    /// The subject `publish` writes to (default `stagingprop.<slot>`).
+    pub subject: String,
+    /// This target's durable consumer (`sync --from-stream`).
+    pub consumer: String,
+    /// With `password`: user and password authentication; without `user`, the secret is a token.
+    pub user: Option<String>,
+    pub password: PasswordSource,
+    /// A CA bundle (PEM) that verifies the server's certificate (TLS is then required).
+    pub tls_ca: Option<PathBuf>,
+    /// The largest message payload a transaction is cut into (records are never split).
+    pub chunk_bytes: usize,
+    /// Messages published and not yet acknowledged, at most.
+    pub max_in_flight: usize,
+    /// When `publish` creates the stream: its replicas, `max_age` (0: unlimited) and
+    /// duplicate window.
+    pub replicas: usize,
+    pub max_age_secs: u64,
+    pub duplicate_window_secs: u64,
+}
+
+/// Under NATS's default `max_payload` (1 MiB), with room for the headers.
+pub const DEFAULT_STREAM_CHUNK_BYTES: usize = 512 * 1024;
 
 pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 4 << 30;
 pub const DEFAULT_SPOOL_RETAIN_SECS: u64 = 24 * 3600;
@@ -483,6 +516,14 @@ impl Config {
         for table in &mut self.tables {
             if let Some(files) = &mut table.files {
                 rebase(&mut files.dir);
+            }
+        }
+        if let Some(stream) = &mut self.stream {
+            if let PasswordSource::File(p) = &mut stream.password {
+                rebase(p);
+            }
+            if let Some(p) = &mut stream.tls_ca {
+                rebase(p);
             }
         }
     }

@@ -9,11 +9,18 @@ impl DbConfig {
     /// newline (`\n` or `\r\n`); an unset or empty variable, or an unreadable or empty file, is an
     /// error naming it. The password itself never appears in an error.
     pub fn resolve_password(&self) -> Result<Option<String>, ConfigError> {
-        match &self.password {
+        self.password.resolve(&self.section)
+    }
+}
+
+impl PasswordSource {
+    /// The secret, read now; errors name `section` and the variable or file, never the value.
+    pub fn resolve(&self, section: &str) -> Result<Option<String>, ConfigError> {
+        match self {
             PasswordSource::None => Ok(None),
             PasswordSource::Env(var) => {
                 let env_error = |problem: &str| ConfigError::PasswordEnv {
-                    section: self.section.clone(),
+                    section: section.to_owned(),
                     var: var.clone(),
                     problem: problem.to_owned(),
                 };
@@ -32,7 +39,7 @@ impl DbConfig {
             }
             PasswordSource::File(path) => {
                 let file_error = |problem: String| ConfigError::PasswordFile {
-                    section: self.section.clone(),
+                    section: section.to_owned(),
                     path: path.clone(),
                     problem,
                 };

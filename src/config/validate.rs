@@ -21,6 +21,7 @@ pub(super) struct RawConfig {
     production: Option<RawDb>,
     sync: Option<RawSync>,
     spool: Option<RawSpool>,
+    stream: Option<RawStream>,
     #[serde(default)]
     tables: Vec<RawTable>,
     #[serde(default)]
@@ -66,6 +67,27 @@ struct RawSync {
     streaming: Option<bool>,
     notify_channel: Option<String>,
     after_batch_sql: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStream {
+    url: Option<String>,
+    name: Option<String>,
+    subject: Option<String>,
+    consumer: Option<String>,
+    user: Option<String>,
+    /// Accepted only to be refused with a specific message; its value is never kept.
+    password: Option<IgnoredAny>,
+    token: Option<IgnoredAny>,
+    password_env: Option<String>,
+    password_file: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
+    chunk_bytes: Option<usize>,
+    max_in_flight: Option<usize>,
+    replicas: Option<usize>,
+    max_age_secs: Option<u64>,
+    duplicate_window_secs: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -199,6 +221,10 @@ impl Validator<'_> {
             None => None,
             Some(raw_spool) => Some(self.spool(raw_spool)?),
         };
+        let stream = match raw.stream {
+            None => None,
+            Some(raw_stream) => Some(self.stream(raw_stream, &sync)?),
+        };
         if raw.tables.is_empty() {
             return Err(self.invalid(
                 "tables",
@@ -234,6 +260,7 @@ impl Validator<'_> {
             production,
             sync,
             spool,
+            stream,
             tables,
             references,
             scopes,
@@ -411,33 +438,7 @@ impl Validator<'_> {
             ));
         }
 
-        let password = match (raw.password_env, raw.password_file) {
-            (Some(_), Some(_)) => {
-                return Err(self.invalid(
-                    format!("[{section}]"),
-                    "both password_env and password_file are set: keep only one",
-                ));
-            }
-            (Some(var), None) => {
-                if var.is_empty() || var.contains('=') || var.contains('\0') {
-                    return Err(self.invalid(
-                        format!("{section}.password_env"),
-                        format!("{var:?} is not an environment variable name: write the variable's name, e.g. \"STAGING_PASSWORD\""),
-                    ));
-                }
-                PasswordSource::Env(var)
-            }
-            (None, Some(path)) => {
-                if path.as_os_str().is_empty() {
-                    return Err(self.invalid(
-                        format!("{section}.password_file"),
-                        "is empty: set it to the path of a file holding the password",
-                    ));
-                }
-                PasswordSource::File(path)
-            }
-            (None, None) => PasswordSource::None,
-        };
+        let password = self.password_source(section, raw.password_env, raw.password_file)?;
 
         let url_sslmode = match &parts.sslmode {
             Some(text) => Some(
@@ -560,6 +561,146 @@ impl Validator<'_> {
             sslkey,
             passfile,
             connect_timeout_secs,
+        })
+    }
+
+    /// `password_env` or `password_file` of `section`, at most one of them.
+    fn password_source(
+        &self,
+        section: &str,
+        env: Option<String>,
+        file: Option<PathBuf>,
+    ) -> Result<PasswordSource, ConfigError> {
+        Ok(match (env, file) {
+            (Some(_), Some(_)) => {
+                return Err(self.invalid(
+                    format!("[{section}]"),
+                    "both password_env and password_file are set: keep only one",
+                ));
+            }
+            (Some(var), None) => {
+                if var.is_empty() || var.contains('=') || var.contains('\0') {
+                    return Err(self.invalid(
+                        format!("{section}.password_env"),
+                        format!("{var:?} is not an environment variable name: write the variable's name, e.g. \"STAGING_PASSWORD\""),
+                    ));
+                }
+                PasswordSource::Env(var)
+            }
+            (None, Some(path)) => {
+                if path.as_os_str().is_empty() {
+                    return Err(self.invalid(
+                        format!("{section}.password_file"),
+                        "is empty: set it to the path of a file holding the password",
+                    ));
+                }
+                PasswordSource::File(path)
+            }
+            (None, None) => PasswordSource::None,
+        })
+    }
+
+    fn stream(&self, raw: RawStream, sync: &SyncConfig) -> Result<StreamConfig, ConfigError> {
+        if raw.password.is_some() || raw.token.is_some() {
+            return Err(ConfigError::InlinePassword {
+                origin: self.origin.to_owned(),
+                section: "stream".into(),
+                found_in: if raw.password.is_some() {
+                    "stream.password"
+                } else {
+                    "stream.token"
+                }
+                .into(),
+            });
+        }
+        let url = raw.url.filter(|u| !u.trim().is_empty()).ok_or_else(|| {
+            self.invalid(
+                "stream.url",
+                "is missing: set it to the NATS server(s), e.g. \"nats://127.0.0.1:4222\" (several separated by commas; tls:// requires TLS)",
+            )
+        })?;
+        for server in url.split(',') {
+            let server = server.trim();
+            let scheme_ok = ["nats://", "tls://"].iter().any(|s| server.starts_with(s));
+            if !scheme_ok || server.contains('@') {
+                return Err(self.invalid(
+                    "stream.url",
+                    format!(
+                        "{server:?} is not a NATS server address: write nats://host:port or tls://host:port, without credentials (use user and password_env / password_file)"
+                    ),
+                ));
+            }
+        }
+        let name = raw.name.unwrap_or_else(|| "STAGINGPROP".into());
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(self.invalid(
+                "stream.name",
+                format!(
+                    "{name:?} is not a JetStream stream name: use letters, digits, '-' and '_'"
+                ),
+            ));
+        }
+        let subject = raw
+            .subject
+            .unwrap_or_else(|| format!("stagingprop.{}", sync.slot));
+        if subject.is_empty()
+            || subject.contains(['*', '>', ' ', '\t'])
+            || subject.split('.').any(str::is_empty)
+        {
+            return Err(self.invalid(
+                "stream.subject",
+                format!("{subject:?} is not a literal NATS subject: use dot-separated tokens without wildcards or spaces"),
+            ));
+        }
+        let consumer = raw.consumer.unwrap_or_else(|| "stagingprop".into());
+        if consumer.is_empty()
+            || !consumer
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(self.invalid(
+                "stream.consumer",
+                format!("{consumer:?} is not a consumer name: use letters, digits, '-' and '_' (one name per target)"),
+            ));
+        }
+        let password = self.password_source("stream", raw.password_env, raw.password_file)?;
+        let positive = |key: &str, value: Option<usize>, default: usize| match value {
+            Some(0) => Err(self.invalid(format!("stream.{key}"), "must be greater than 0")),
+            Some(v) => Ok(v),
+            None => Ok(default),
+        };
+        let chunk_bytes = positive("chunk_bytes", raw.chunk_bytes, DEFAULT_STREAM_CHUNK_BYTES)?;
+        if chunk_bytes < 1024 {
+            return Err(self.invalid(
+                "stream.chunk_bytes",
+                "must be at least 1024: a chunk holds whole records",
+            ));
+        }
+        let replicas = positive("replicas", raw.replicas, 1)?;
+        if replicas > 5 {
+            return Err(self.invalid("stream.replicas", "JetStream allows at most 5 replicas"));
+        }
+        Ok(StreamConfig {
+            url,
+            name,
+            subject,
+            consumer,
+            user: raw.user,
+            password,
+            tls_ca: raw.tls_ca,
+            chunk_bytes,
+            max_in_flight: positive("max_in_flight", raw.max_in_flight, 256)?,
+            replicas,
+            max_age_secs: raw.max_age_secs.unwrap_or(7 * 24 * 3600),
+            duplicate_window_secs: positive(
+                "duplicate_window_secs",
+                raw.duplicate_window_secs.map(|v| v as usize),
+                120,
+            )? as u64,
         })
     }
 

@@ -151,6 +151,7 @@ async fn apply_one(
         commit_lsn: source.lsn,
         xid: source.xid,
         commit_time: crate::model::PgTimestamp::now(),
+        stream_seq: None,
     };
     applier.close(&marker).await?;
     applier.complete().await?;

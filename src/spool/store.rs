@@ -580,6 +580,8 @@ pub struct SpoolReader {
     covered: Option<Lsn>,
     /// Whether a Begin was read yet.
     begun: bool,
+    /// What the last Begin read records as committed before it (`previous_end_lsn`).
+    previous_end: Lsn,
 }
 
 /// The segment being read.
@@ -606,7 +608,14 @@ impl SpoolReader {
             current: None,
             covered: from.is_valid().then_some(from),
             begun: false,
+            previous_end: Lsn::INVALID,
         })
+    }
+
+    /// Where everything committed before the transaction read last ends, as its Begin
+    /// records it (invalid before the first Begin, or in a spool too old to record it).
+    pub fn previous_end(&self) -> Lsn {
+        self.previous_end
     }
 
     /// The commit LSN of the first transaction the spool holds.
@@ -659,6 +668,7 @@ impl SpoolReader {
         let (previous_end, message) = message;
         match &message.1 {
             LogicalMessage::Begin { final_lsn, .. } => {
+                self.previous_end = previous_end;
                 let first = !std::mem::replace(&mut self.begun, true);
                 if let Some(covered) = self.covered {
                     // A Begin that does not say what precedes it (an old spool) proves nothing

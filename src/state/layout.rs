@@ -6,6 +6,8 @@
 //! 1. `progress`, `quarantine`, `key_map` (created by `init`, `sync` and `copy`), and
 //!    `copy_commits` (created by `copy` when it first split a table); no version row.
 //! 2. The `layout` version row; `copy_commits` is part of the layout.
+//! 3. `progress.stream_seq`: the stream sequence of the last applied transaction of a target
+//!    fed from a JetStream stream (`sync --from-stream`).
 
 use tokio_postgres::Client;
 
@@ -13,7 +15,7 @@ use super::{SCHEMA, StateError, key_map, query_error, table};
 use crate::quote::quote_ident;
 
 /// The layout this release writes.
-pub const LAYOUT_VERSION: i32 = 2;
+pub const LAYOUT_VERSION: i32 = 3;
 
 /// Serializes upgrades by concurrent stagingprop processes (any constant works: it only has to
 /// be the same in every release).
@@ -59,6 +61,10 @@ fn step(from: i32) -> String {
                  upgraded_at timestamptz NOT NULL DEFAULT now());",
             copy_commits = table("copy_commits"),
             layout = table("layout"),
+        ),
+        2 => format!(
+            "ALTER TABLE {progress} ADD COLUMN IF NOT EXISTS stream_seq bigint;",
+            progress = table("progress"),
         ),
         _ => unreachable!("no layout step from version {from}"),
     }
@@ -164,9 +170,12 @@ mod tests {
     #[test]
     fn every_version_before_the_current_one_has_a_step() {
         for from in 0..LAYOUT_VERSION {
-            assert!(step(from).contains("CREATE"), "step from {from}");
+            assert!(
+                step(from).contains("CREATE") || step(from).contains("ALTER"),
+                "step from {from}"
+            );
         }
-        // The version row comes with the last step, so an upgraded layout can say what it is.
-        assert!(step(LAYOUT_VERSION - 1).contains(&table("layout")));
+        // The version row comes with a step, so an upgraded layout can say what it is.
+        assert!((0..LAYOUT_VERSION).any(|from| step(from).contains(&table("layout"))));
     }
 }

@@ -16,6 +16,9 @@ pub struct Progress {
     pub commit_lsn: Lsn,
     pub xid: Xid,
     pub commit_time: PgTimestamp,
+    /// For a target fed from a JetStream stream: the stream sequence of the message that
+    /// ended this transaction (where reading resumes).
+    pub stream_seq: Option<u64>,
 }
 
 impl Progress {
@@ -26,6 +29,7 @@ impl Progress {
             commit_lsn: Lsn::INVALID,
             xid: 0,
             commit_time: PgTimestamp::now(),
+            stream_seq: None,
         }
     }
 
@@ -36,6 +40,7 @@ impl Progress {
             commit_lsn: point,
             xid: 0,
             commit_time: PgTimestamp::now(),
+            stream_seq: None,
         }
     }
 
@@ -51,7 +56,9 @@ pub async fn read(client: &Client, slot: &str) -> Result<Option<Progress>, State
         .query_opt(
             &format!(
                 "SELECT end_lsn::text, commit_lsn::text, xid, \
-                 (extract(epoch FROM commit_time) * 1000000)::bigint FROM {} WHERE slot = $1",
+                 (extract(epoch FROM commit_time) * 1000000)::bigint, \
+                 (to_jsonb(p) ->> 'stream_seq')::bigint \
+                 FROM {} p WHERE slot = $1",
                 table("progress")
             ),
             &[&slot],
@@ -63,11 +70,13 @@ pub async fn read(client: &Client, slot: &str) -> Result<Option<Progress>, State
         let commit: String = r.get(1);
         let xid: i64 = r.get(2);
         let unix_micros: i64 = r.get(3);
+        let stream_seq: Option<i64> = r.get(4);
         Progress {
             end_lsn: end.parse().unwrap_or_default(),
             commit_lsn: commit.parse().unwrap_or_default(),
             xid: xid as Xid,
             commit_time: PgTimestamp(unix_micros - PgTimestamp(0).unix_micros()),
+            stream_seq: stream_seq.map(|s| s as u64),
         }
     }))
 }
@@ -76,16 +85,17 @@ pub async fn read(client: &Client, slot: &str) -> Result<Option<Progress>, State
 const MOVED: &str = "stagingprop: the progress row moved";
 
 /// The guarded write of [`advance`]: $1 slot, $2 end, $3 commit LSN, $4 xid, $5 commit time
-/// (microseconds since the Unix epoch), $6 the expected end. When the row holds something else
+/// (microseconds since the Unix epoch), $6 the expected end, $7 the stream sequence (or NULL). When the row holds something else
 /// it writes nothing and fails (an invalid integer naming [`MOVED`]), which aborts the caller's
 /// transaction: a COMMIT sent right behind it, without waiting, then rolls back.
 fn advance_sql() -> String {
     let progress = table("progress");
     format!(
-        "WITH w AS (INSERT INTO {progress} (slot, end_lsn, commit_lsn, xid, commit_time, applied_at) \
-         VALUES ($1, $2::text::pg_lsn, $3::text::pg_lsn, $4, to_timestamp($5::float8 / 1000000), now()) \
+        "WITH w AS (INSERT INTO {progress} (slot, end_lsn, commit_lsn, xid, commit_time, applied_at, stream_seq) \
+         VALUES ($1, $2::text::pg_lsn, $3::text::pg_lsn, $4, to_timestamp($5::float8 / 1000000), now(), $7) \
          ON CONFLICT (slot) DO UPDATE SET end_lsn = EXCLUDED.end_lsn, commit_lsn = EXCLUDED.commit_lsn, \
-         xid = EXCLUDED.xid, commit_time = EXCLUDED.commit_time, applied_at = now() \
+         xid = EXCLUDED.xid, commit_time = EXCLUDED.commit_time, applied_at = now(), \
+         stream_seq = EXCLUDED.stream_seq \
          WHERE {progress}.end_lsn = $6::text::pg_lsn RETURNING 1) \
          SELECT CASE WHEN EXISTS (SELECT FROM w) THEN 1 \
                      ELSE ('{MOVED} ' || (SELECT count(*) FROM w))::int END"
@@ -126,8 +136,12 @@ pub async fn advance_prepared(
     let xid = i64::from(to.xid);
     let micros = to.commit_time.unix_micros() as f64;
     let expected = expected.to_string();
+    let stream_seq = to.stream_seq.map(|s| s as i64);
     match client
-        .execute(statement, &[&slot, &end, &commit, &xid, &micros, &expected])
+        .execute(
+            statement,
+            &[&slot, &end, &commit, &xid, &micros, &expected, &stream_seq],
+        )
         .await
     {
         Ok(_) => Ok(true),

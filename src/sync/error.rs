@@ -5,6 +5,7 @@ use crate::pg::QueryError;
 use crate::pg::connect::{Endpoint, EndpointError};
 use crate::pg::replication::ReplicationError;
 use crate::spool::store::SpoolError;
+use crate::stream::StreamError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -34,6 +35,8 @@ pub enum SyncError {
     Replay(String),
     #[error("{0}")]
     BadUntil(String),
+    #[error(transparent)]
+    Stream(#[from] StreamError),
 }
 
 impl SyncError {
@@ -42,6 +45,7 @@ impl SyncError {
         match self {
             SyncError::Database { source, .. } => source.transient,
             SyncError::Apply(e) => e.is_transient(),
+            SyncError::Stream(e) => e.is_transient(),
             SyncError::Replication(e) => match e {
                 ReplicationError::Connect { .. }
                 | ReplicationError::ConnectTimeout { .. }

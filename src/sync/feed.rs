@@ -13,6 +13,7 @@ use crate::pg::connect::Endpoint;
 use crate::pg::replication::ReplicationStream;
 use crate::pgoutput::LogicalMessage;
 use crate::spool::store::{SpoolMark, SpoolReader};
+use crate::stream::reader::StreamReader;
 
 /// One step of a test script: a message, or staging sending nothing for this many polls.
 #[cfg(test)]
@@ -35,6 +36,8 @@ pub(super) enum Feed {
         /// sync is still writing is not part of it.
         end: SpoolMark,
     },
+    /// A JetStream stream `publish` writes (`sync --from-stream`).
+    Stream(Box<StreamReader>),
     /// The pipeline's unit tests: recorded messages, then the end.
     #[cfg(test)]
     Script(std::collections::VecDeque<Scripted>),
@@ -57,6 +60,7 @@ impl Feed {
                 }
             },
             Feed::Replay { reader, end } => Ok(reader.next_message_within(Some(*end))?),
+            Feed::Stream(reader) => Ok(reader.next().await?),
             #[cfg(test)]
             Feed::Script(script) => match script.front_mut() {
                 Some(Scripted::Idle(polls)) => {
@@ -102,9 +106,17 @@ impl Feed {
         match self {
             Feed::Slot(stream) => stream.server_wal_end(),
             Feed::Spool { shared, .. } => Lsn(shared.server_wal_end.load(Ordering::Relaxed)),
-            Feed::Replay { .. } => Lsn::INVALID,
+            Feed::Replay { .. } | Feed::Stream(_) => Lsn::INVALID,
             #[cfg(test)]
             Feed::Script(_) => Lsn::INVALID,
+        }
+    }
+
+    /// Fed from a stream: the sequence of the message the last one handed out came from.
+    pub(super) fn stream_sequence(&self) -> Option<u64> {
+        match self {
+            Feed::Stream(reader) => Some(reader.sequence()),
+            _ => None,
         }
     }
 
@@ -115,6 +127,7 @@ impl Feed {
                 format!("the spool in {}", shared.dir.display())
             }
             Feed::Replay { .. } => "the spool".into(),
+            Feed::Stream(_) => "the JetStream stream".into(),
             #[cfg(test)]
             Feed::Script(_) => "a recorded message sequence".into(),
         }

@@ -23,12 +23,14 @@
 //! `session.rs` (one session's set-up), `pipeline.rs` (messages to transactions to batches),
 //! `streamed.rs` (large transactions applied while staging streams them), `target.rs` (the
 //! trait between the pipeline and production's session), `feed.rs` (slot, spool or replay),
-//! `receiver.rs` (staging's stream into the spool), `replay.rs`.
+//! `receiver.rs` (staging's stream into the spool), `publish.rs` (the spool into a JetStream
+//! stream), `replay.rs`.
 
 mod dry_run;
 mod error;
 mod feed;
 mod pipeline;
+mod publish;
 mod receiver;
 #[cfg(test)]
 mod recorder;
@@ -48,6 +50,7 @@ use crate::config::Config;
 use crate::model::Lsn;
 pub use error::SyncError;
 use error::database_error;
+pub use publish::{PublishSummary, publish};
 pub use replay::{ReplayOptions, ReplayTo, replay};
 pub use report::{ChangeCounts, DRY_RUN, OpCounts, RunReport, TableLine};
 use retry::apply_loop;
@@ -70,6 +73,9 @@ pub struct SyncOptions {
     /// `--dry-run`: read staging's slot up to where staging is now (or `until`), apply and
     /// confirm nothing; the summary says what a real run would apply.
     pub dry_run: bool,
+    /// `--from-stream`: read staging's transactions from the `[stream]` JetStream stream
+    /// that `publish` writes, instead of staging's slot.
+    pub from_stream: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -99,6 +105,24 @@ pub async fn run<S>(
 where
     S: Future<Output = ()>,
 {
+    if options.from_stream {
+        let Some(stream) = &config.stream else {
+            return Err(SyncError::Stream(crate::stream::StreamError::Config(
+                crate::config::ConfigError::Invalid {
+                    origin: "--from-stream".into(),
+                    key: "[stream]".into(),
+                    message: "the config has no [stream] section: add one with url and name (see README \"Fan-out\")".into(),
+                },
+            )));
+        };
+        return apply_loop(
+            config,
+            options,
+            &Feeding::Stream(Box::new(stream.clone())),
+            shutdown,
+        )
+        .await;
+    }
     match &config.spool {
         // A dry run reads the slot itself: the spool's receiver would confirm what it spools.
         _ if options.dry_run => apply_loop(config, options, &Feeding::Slot, shutdown).await,
@@ -115,6 +139,8 @@ enum Feeding {
     Spool(Arc<receiver::SpoolShared>),
     /// A spool on disk, applied to a target up to its end or a limit (`replay`).
     Replay(Box<replay::ReplayPlan>),
+    /// The JetStream stream `publish` writes; the target's progress row says where to resume.
+    Stream(Box<crate::config::StreamConfig>),
 }
 
 impl Feeding {
@@ -124,6 +150,7 @@ impl Feeding {
             Feeding::Spool(_) | Feeding::Replay(_) => {
                 "the spool keeps what the target has not applied"
             }
+            Feeding::Stream(_) => "the stream keeps what the target has not applied",
         }
     }
 }

@@ -114,6 +114,8 @@ pub(super) struct Pipeline<'a, T: Target> {
     /// The streamed transaction whose block is open (between Stream Start and Stream Stop):
     /// the changes that arrive belong to it.
     pub(super) in_stream: Option<Xid>,
+    /// Fed from a JetStream stream: the sequence of the message the last one came from.
+    feed_sequence: Option<u64>,
 }
 
 /// Batches committed on production whose commit record production may not have flushed yet:
@@ -194,6 +196,7 @@ impl<'a, T: Target> Pipeline<'a, T> {
             until: None,
             reached_until: false,
             in_stream: None,
+            feed_sequence: None,
         }
     }
 
@@ -285,6 +288,7 @@ impl<'a, T: Target> Pipeline<'a, T> {
                 }
                 Some(Ok(Some((lsn, message)))) => {
                     self.last_activity = Instant::now();
+                    self.feed_sequence = feed.stream_sequence();
                     self.last_received = self.last_received.max(lsn);
                     let handled = self.handle(lsn, message).await;
                     // The message may have made a closed batch commit.
@@ -554,6 +558,7 @@ impl<'a, T: Target> Pipeline<'a, T> {
                     commit_lsn,
                     xid: txn.xid,
                     commit_time,
+                    stream_seq: self.feed_sequence,
                 });
                 self.applier.stats_mut().transactions += 1;
                 tracing::trace!(
@@ -681,6 +686,7 @@ impl<'a, T: Target> Pipeline<'a, T> {
                     commit_lsn,
                     xid,
                     commit_time,
+                    stream_seq: self.feed_sequence,
                 };
                 self.stream_commit(xid, last).await?;
             }

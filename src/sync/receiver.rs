@@ -54,6 +54,33 @@ pub(super) struct SpoolShared {
     pub applied: watch::Sender<Lsn>,
     /// Staging's WAL end as last heard (for the applier's lag).
     pub server_wal_end: AtomicU64,
+    /// Staging's system identifier, once the receiver connected (names published messages).
+    pub system_id: watch::Sender<Option<String>>,
+    /// Who reads the spool and reports `applied`.
+    pub downstream: Downstream,
+}
+
+/// What the spool feeds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Downstream {
+    /// Production, through the applier of this process.
+    Production,
+    /// A JetStream stream, through the publisher of this process: `applied` is what the
+    /// stream acknowledged, and the publisher learns what it holds before the receiver starts.
+    Stream,
+}
+
+impl SpoolShared {
+    pub(super) fn new(dir: PathBuf, downstream: Downstream) -> SpoolShared {
+        SpoolShared {
+            dir,
+            mark: watch::Sender::new(SpoolMark::default()),
+            applied: watch::Sender::new(Lsn::INVALID),
+            server_wal_end: AtomicU64::new(0),
+            system_id: watch::Sender::new(None),
+            downstream,
+        }
+    }
 }
 
 /// Runs the receiver and the applier until `shutdown` (or the applier reaching its stop),
@@ -68,12 +95,7 @@ where
     S: Future<Output = ()>,
 {
     let _lock = SpoolLock::acquire(&spool.dir)?;
-    let shared = Arc::new(SpoolShared {
-        dir: spool.dir.clone(),
-        mark: watch::Sender::new(SpoolMark::default()),
-        applied: watch::Sender::new(Lsn::INVALID),
-        server_wal_end: AtomicU64::new(0),
-    });
+    let shared = Arc::new(SpoolShared::new(spool.dir.clone(), Downstream::Production));
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
@@ -122,7 +144,7 @@ fn joined<T>(result: Result<T, tokio::task::JoinError>) -> T {
 }
 
 /// The receiver's retry loop.
-async fn receive_loop<S>(
+pub(super) async fn receive_loop<S>(
     config: &Config,
     spool: &SpoolConfig,
     shared: &SpoolShared,
@@ -243,9 +265,13 @@ where
     let confirmed = check_slot(config, &staging, &s).await?;
     let spooled = writer.durable_end();
     if confirmed > spooled {
-        // The slot released more than the spool holds: fine only if production has it (the
-        // spool is new, or was emptied).
-        match production_progress(config).await? {
+        // The slot released more than the spool holds: fine only if production (or the
+        // stream) has it (the spool is new, or was emptied).
+        let downstream = match shared.downstream {
+            Downstream::Production => production_progress(config).await?,
+            Downstream::Stream => Some(*shared.applied.borrow()),
+        };
+        match downstream {
             Some(applied) if applied.is_valid() && applied < confirmed => {
                 return Err(SyncError::Slot(format!(
                     "the spool in {} ends at {spooled} and production's progress is {applied}, \
@@ -259,7 +285,8 @@ where
         }
     }
     let mut replication = ReplicationClient::connect(&staging).await?;
-    let _ = replication.identify_system().await?;
+    let identity = replication.identify_system().await?;
+    shared.system_id.send_replace(Some(identity.system_id));
     let mut pgoutput = PgOutputOptions::new(vec![config.sync.publication.clone()]);
     pgoutput.status_interval = Duration::from_secs(config.sync.status_interval_secs);
     let mut stream = replication.start_logical(slot, spooled, &pgoutput).await?;

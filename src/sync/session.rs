@@ -245,6 +245,15 @@ where
                 )));
             }
         }
+        (Feeding::Stream(_), _) if progress.is_none() => {
+            tracing::warn!(
+                "{} has no progress row for slot {}: reading the stream from its first message, \
+                 as if the target held what staging had before it (seed it with `stagingprop copy` \
+                 otherwise)",
+                target.describe(),
+                config.sync.slot
+            );
+        }
         (Feeding::Replay(_), _) if progress.is_none() => {
             return Err(SyncError::Replay(format!(
                 "{} has no row for slot {} in stagingprop.progress, so nothing says which staging \
@@ -255,6 +264,19 @@ where
             )));
         }
         _ => {}
+    }
+    if let (Feeding::Stream(stream), Some(StopAt::CaughtUp), None) =
+        (feeding, options.stop_at, state.stop_lsn)
+    {
+        // Caught up with the stream: everything it held whole when the run started.
+        let js = crate::stream::connect(stream).await?;
+        let opened = crate::stream::open_stream(&js, stream).await?;
+        let last = crate::stream::last_published(&opened, stream).await?;
+        let published = crate::stream::publisher::Published::after(last, 0);
+        if !published.end.is_valid() || (applied_end.is_valid() && applied_end >= published.end) {
+            return Ok(SessionEnd::Stopped);
+        }
+        state.stop_lsn = Some(published.end);
     }
     if (options.dry_run || matches!(options.stop_at, Some(StopAt::CaughtUp)))
         && state.stop_lsn.is_none()
@@ -378,6 +400,13 @@ where
                 },
                 Confirm::Nothing,
             )
+        }
+        Feeding::Stream(stream) => {
+            let js = crate::stream::connect(stream).await?;
+            let after = progress.and_then(|p| p.stream_seq);
+            let reader =
+                crate::stream::reader::StreamReader::open(&js, stream, after, applied_end).await?;
+            (Feed::Stream(Box::new(reader)), Confirm::Nothing)
         }
     };
     if applied_end.is_valid() {

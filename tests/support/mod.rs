@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod nats;
+
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 

@@ -1,0 +1,364 @@
+//! Fan-out (issue 20): one staging published once to a real NATS JetStream stream and applied
+//! to several production targets by `sync --from-stream`, each exactly once, at its own pace,
+//! with its own key rules; the publisher killed with SIGKILL at random moments; a target that
+//! fell off the stream's retention stopped with the gap error.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use stagingprop::config::Config;
+use stagingprop::model::Lsn;
+use stagingprop::stream;
+use stagingprop::sync::{self, StopAt, SyncOptions};
+use support::nats::NatsServer;
+use support::{Scratch, clusters, fresh_db, psql};
+
+const SCHEMA: &str = "
+CREATE TABLE catentry (catentry_id bigint PRIMARY KEY, partnumber text NOT NULL, price numeric(12,2));
+CREATE TABLE offer (offer_id bigint PRIMARY KEY,
+  catentry_id bigint NOT NULL REFERENCES catentry ON DELETE CASCADE, note text);
+";
+
+/// How far catentry keys move on the target with the `offset` rule.
+const OFFSET: i64 = 1_000_000;
+
+/// A small deterministic generator, so a failure can be replayed from its seed.
+struct Lcg(u64);
+
+impl Lcg {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+/// `count` staging transactions of random catalogue edits, keys from `first_id` on.
+fn workload(rng: &mut Lcg, first_id: u64, count: u64) -> String {
+    let mut sql = String::new();
+    let mut next = first_id;
+    for _ in 0..count {
+        sql.push_str("BEGIN;\n");
+        for _ in 0..1 + rng.below(4) {
+            let some = first_id.saturating_sub(200) + rng.below(next - first_id + 200);
+            match rng.below(6) {
+                0 | 1 => {
+                    sql.push_str(&format!(
+                        "INSERT INTO catentry VALUES ({next}, 'p{next}', {}.{:02});\n",
+                        rng.below(1000),
+                        rng.below(100)
+                    ));
+                    next += 1;
+                }
+                2 => sql.push_str(&format!(
+                    "UPDATE catentry SET price = coalesce(price, 0) + 1 WHERE catentry_id = {some};\n"
+                )),
+                3 => sql.push_str(&format!(
+                    "DELETE FROM catentry WHERE catentry_id = {some};\n"
+                )),
+                4 => sql.push_str(&format!(
+                    "INSERT INTO offer SELECT {}, catentry_id, 'o' FROM catentry WHERE catentry_id = {some} ON CONFLICT DO NOTHING;\n",
+                    rng.below(5000)
+                )),
+                _ => sql.push_str(&format!(
+                    "UPDATE offer SET note = note || 'x' WHERE offer_id = {};\n",
+                    rng.below(5000)
+                )),
+            }
+        }
+        sql.push_str("COMMIT;\n");
+    }
+    sql
+}
+
+/// The managed rows of a database, keys shifted back by `offset` (md5 of each table).
+fn fingerprint(cluster: &stagingprop::cluster::LocalCluster, db: &str, offset: i64) -> String {
+    psql(
+        cluster,
+        db,
+        &format!(
+            "SELECT (SELECT count(*) || ' ' || md5(coalesce(string_agg((catentry_id - {offset}) || ':' || partnumber || ':' || coalesce(price::text, '-'), ',' ORDER BY catentry_id), '')) FROM catentry) \
+             || ' | ' || (SELECT count(*) || ' ' || md5(coalesce(string_agg(offer_id || ':' || (catentry_id - {offset}) || ':' || coalesce(note, '-'), ',' ORDER BY offer_id), '')) FROM offer)"
+        ),
+    )
+    .trim()
+    .to_owned()
+}
+
+/// One staging database, its slot and publication, the spool and the stream.
+struct Fanout {
+    prefix: String,
+    staging: String,
+    nats_url: String,
+    spool: Scratch,
+    /// `[stream]` lines beyond url, name and consumer.
+    stream_extra: String,
+}
+
+impl Fanout {
+    fn new(prefix: &str, nats: &NatsServer, stream_extra: &str) -> Fanout {
+        let staging = fresh_db(&clusters().staging, prefix);
+        psql(&clusters().staging, &staging, SCHEMA);
+        Fanout {
+            prefix: prefix.into(),
+            staging,
+            nats_url: nats.url(),
+            spool: Scratch::new(&format!("{prefix}-spool")),
+            stream_extra: stream_extra.into(),
+        }
+    }
+
+    /// A target: a new production database and the config that feeds it from the stream
+    /// through its own consumer; `catentry_rules` are catentry's extra `[[tables]]` lines.
+    fn target(&self, name: &str, catentry_rules: &str) -> (String, Config) {
+        let c = clusters();
+        let production = fresh_db(&c.production, &format!("{}_{name}", self.prefix));
+        psql(&c.production, &production, SCHEMA);
+        let text = format!(
+            "[staging]\nurl = \"{staging}\"\nsslmode = \"disable\"\n\
+             [production]\nurl = \"{production}\"\nsslmode = \"disable\"\n\
+             [sync]\nslot = \"{prefix}\"\npublication = \"{prefix}\"\nheartbeat_interval_secs = 1\n\
+             [spool]\ndir = \"{spool}\"\n\
+             [stream]\nurl = \"{url}\"\nname = \"{stream}\"\nconsumer = \"{name}\"\n{extra}\n\
+             [[tables]]\nname = \"public.catentry\"\n{catentry_rules}\n\
+             [[tables]]\nname = \"public.offer\"\n",
+            staging = c.staging.conninfo(&self.staging, "postgres"),
+            production = c.production.conninfo(&production, "postgres"),
+            prefix = self.prefix,
+            spool = self.spool.0.display(),
+            url = self.nats_url,
+            stream = self.prefix.to_uppercase(),
+            extra = self.stream_extra,
+        );
+        let config = Config::from_toml_str(&text, "test")
+            .unwrap_or_else(|e| panic!("test config: {e}\n{text}"));
+        (production, config)
+    }
+
+    fn on_staging(&self, sql: &str) -> String {
+        psql(&clusters().staging, &self.staging, sql)
+    }
+}
+
+/// The end of the last transaction the stream holds whole.
+async fn published_end(config: &Config) -> Lsn {
+    let stream_config = config.stream.as_ref().unwrap();
+    let js = stream::connect(stream_config).await.expect("connect");
+    let opened = stream::open_stream(&js, stream_config)
+        .await
+        .expect("stream");
+    let last = stream::last_published(&opened, stream_config)
+        .await
+        .expect("last message");
+    stream::publisher::Published::after(last, 0).end
+}
+
+/// Waits (60 s at most) until the stream holds every transaction staging committed so far.
+async fn wait_published(fanout: &Fanout, config: &Config) {
+    let now: Lsn = fanout
+        .on_staging("SELECT pg_current_wal_lsn()")
+        .trim()
+        .parse()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // The publisher's heartbeats (every second while idle) commit past `now`.
+    while published_end(config).await < now {
+        assert!(
+            Instant::now() < deadline,
+            "the stream did not reach staging's {now} within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs `sync --from-stream` until the target has everything the stream holds.
+async fn apply_stream(config: &Config) -> sync::SyncSummary {
+    let options = SyncOptions {
+        stop_at: Some(StopAt::CaughtUp),
+        max_attempts: Some(3),
+        from_stream: true,
+        ..Default::default()
+    };
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        sync::run(config, &options, std::future::pending()),
+    )
+    .await
+    .expect("sync --from-stream did not catch up within 120 s")
+    .expect("sync --from-stream")
+}
+
+/// Starts `publish` in this process; the sender stops it.
+fn start_publisher(
+    config: &Config,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<sync::PublishSummary, sync::SyncError>>,
+) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let config = config.clone();
+    let task = tokio::spawn(async move {
+        sync::publish(&config, async move {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    (stop, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_targets_with_their_own_key_rules_each_apply_the_stream_exactly_once() {
+    // A small max_payload: the big transaction goes out in many chunks.
+    let nats = NatsServer::start("three", "max_payload: 65536");
+    let fanout = Fanout::new("fan_three", &nats, "chunk_bytes = 4096");
+    let (a_db, a) = fanout.target("a", "");
+    let (b_db, b) = fanout.target("b", "");
+    let (c_db, c) = fanout.target(
+        "c",
+        &format!("key = {{ rule = \"offset\", offset = {OFFSET} }}"),
+    );
+    for config in [&a, &b, &c] {
+        stagingprop::ops::init::init(config, &Default::default())
+            .await
+            .expect("init");
+    }
+    let (stop, publisher) = start_publisher(&a);
+    let production = &clusters().production;
+    let mut rng = Lcg(0x5eed_f00d);
+
+    // Round 1: a random workload; every target applies what the stream holds.
+    fanout.on_staging(&workload(&mut rng, 1, 150));
+    wait_published(&fanout, &a).await;
+    for config in [&a, &b, &c] {
+        apply_stream(config).await;
+    }
+    let staging = fingerprint(&clusters().staging, &fanout.staging, 0);
+    assert_eq!(fingerprint(production, &a_db, 0), staging);
+
+    // Round 2: more edits and one large transaction (hundreds of chunks); target B stays
+    // behind for a while and catches up from its own position later.
+    fanout.on_staging(&workload(&mut rng, 1000, 150));
+    fanout.on_staging(
+        "INSERT INTO catentry SELECT g, 'big' || g, g FROM generate_series(100001, 103000) g",
+    );
+    wait_published(&fanout, &a).await;
+    let a_summary = apply_stream(&a).await;
+    assert!(
+        a_summary.stats.rows_inserted >= 3000,
+        "{:?}",
+        a_summary.stats
+    );
+    apply_stream(&c).await;
+    fanout.on_staging(&workload(&mut rng, 5000, 100));
+    wait_published(&fanout, &a).await;
+    for config in [&a, &b, &c] {
+        apply_stream(config).await;
+    }
+    let staging = fingerprint(&clusters().staging, &fanout.staging, 0);
+    assert!(
+        staging.starts_with("3"),
+        "the workload left rows: {staging}"
+    );
+    assert_eq!(fingerprint(production, &a_db, 0), staging, "target a");
+    assert_eq!(fingerprint(production, &b_db, 0), staging, "target b");
+    assert_eq!(
+        fingerprint(production, &c_db, OFFSET),
+        staging,
+        "target c, through its offset"
+    );
+    // Each target's progress row names the stream sequence it resumes after.
+    for db in [&a_db, &b_db, &c_db] {
+        let seq = psql(
+            production,
+            db,
+            "SELECT stream_seq FROM stagingprop.progress",
+        );
+        assert!(seq.trim().parse::<u64>().unwrap() > 100, "{db}: {seq}");
+    }
+    // A run with nothing new applies nothing.
+    let again = apply_stream(&b).await;
+    assert_eq!(again.stats.transactions, 0, "{:?}", again.stats);
+
+    // Staging decoded its WAL once: one slot, confirmed by the publisher.
+    let slots = fanout.on_staging(
+        "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()",
+    );
+    assert_eq!(slots.trim(), "1");
+    stop.send(()).unwrap();
+    let summary = publisher.await.unwrap().expect("publish");
+    assert!(summary.published.is_valid());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_behind_the_streams_retention_stops_with_the_gap_error() {
+    let nats = NatsServer::start("gap", "");
+    let fanout = Fanout::new("fan_gap", &nats, "");
+    let (_, a) = fanout.target("a", "");
+    stagingprop::ops::init::init(&a, &Default::default())
+        .await
+        .expect("init");
+    // The stream keeps only a few messages.
+    let stream_config = a.stream.clone().unwrap();
+    let js = stream::connect(&stream_config).await.unwrap();
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: stream_config.name.clone(),
+        subjects: vec![stream_config.subject.clone()],
+        max_messages: 5,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (stop, publisher) = start_publisher(&a);
+    let mut rng = Lcg(7);
+    fanout.on_staging(&workload(&mut rng, 1, 3));
+    wait_published(&fanout, &a).await;
+    apply_stream(&a).await;
+    // Twenty transactions later the stream no longer holds what follows the target's position.
+    fanout.on_staging(&workload(&mut rng, 1000, 20));
+    wait_published(&fanout, &a).await;
+    let options = SyncOptions {
+        stop_at: Some(StopAt::CaughtUp),
+        max_attempts: Some(1),
+        from_stream: true,
+        ..Default::default()
+    };
+    let before = psql(
+        &clusters().production,
+        &a.production_db_name(),
+        "SELECT end_lsn FROM stagingprop.progress",
+    );
+    let result = sync::run(&a, &options, std::future::pending()).await;
+    match result {
+        Err(sync::SyncError::Stream(e @ stream::StreamError::Gap { .. })) => {
+            let text = e.to_string();
+            assert!(text.contains("re-seed"), "{text}");
+        }
+        other => panic!("expected the gap error, got {other:?}"),
+    }
+    let after = psql(
+        &clusters().production,
+        &a.production_db_name(),
+        "SELECT end_lsn FROM stagingprop.progress",
+    );
+    assert_eq!(before, after, "nothing was applied past the gap");
+    stop.send(()).unwrap();
+    publisher.await.unwrap().expect("publish");
+}
+
+trait ProductionDb {
+    fn production_db_name(&self) -> String;
+}
+
+impl ProductionDb for Config {
+    fn production_db_name(&self) -> String {
+        self.production
+            .url
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("dbname="))
+            .unwrap()
+            .to_owned()
+    }
+}
