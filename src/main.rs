@@ -247,6 +247,11 @@ enum Command {
         /// Print the summary (rows and bytes per table, totals, rows/s) as one JSON object.
         #[arg(long)]
         json: bool,
+        /// Seed a target of `sync --from-stream` while `publish` runs: the snapshot comes from a
+        /// temporary slot (the publisher's slot is left alone) and the hand-off recorded is its
+        /// position, where the target's `sync --from-stream` continues.
+        #[arg(long)]
+        for_stream: bool,
     },
     /// Report on replication: the slot, lag, the last applied transaction, quarantined
     /// conflicts. Exits 8 when unhealthy (slot missing, invalidated or unused, lag past a
@@ -505,6 +510,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             split_mb,
             after,
             json,
+            for_stream,
         } => {
             let parse = |names: Vec<String>| -> Result<Vec<TableName>, Failure> {
                 names
@@ -528,6 +534,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 split_bytes: split_mb.saturating_mul(1 << 20),
                 after,
                 force,
+                for_stream,
             };
             let started = std::time::Instant::now();
             let report = stagingprop::copy::copy(&config, &options)

@@ -114,6 +114,12 @@ impl Fanout {
     /// A target: a new production database and the config that feeds it from the stream
     /// through its own consumer; `catentry_rules` are catentry's extra `[[tables]]` lines.
     fn target(&self, name: &str, catentry_rules: &str) -> (String, Config) {
+        let (production, _, config) = self.target_text(name, catentry_rules);
+        (production, config)
+    }
+
+    /// [`Fanout::target`], with the config file's text.
+    fn target_text(&self, name: &str, catentry_rules: &str) -> (String, String, Config) {
         let c = clusters();
         let production = fresh_db(&c.production, &format!("{}_{name}", self.prefix));
         psql(&c.production, &production, SCHEMA);
@@ -135,7 +141,7 @@ impl Fanout {
         );
         let config = Config::from_toml_str(&text, "test")
             .unwrap_or_else(|e| panic!("test config: {e}\n{text}"));
-        (production, config)
+        (production, text, config)
     }
 
     fn on_staging(&self, sql: &str) -> String {
@@ -346,6 +352,171 @@ async fn a_target_behind_the_streams_retention_stops_with_the_gap_error() {
     assert_eq!(before, after, "nothing was applied past the gap");
     stop.send(()).unwrap();
     publisher.await.unwrap().expect("publish");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_seeded_by_copy_while_publishing_runs_continues_from_its_hand_off() {
+    let nats = NatsServer::start("seed", "");
+    let fanout = Fanout::new("fan_seed", &nats, "");
+    let (a_db, a) = fanout.target("a", "");
+    stagingprop::ops::init::init(&a, &Default::default())
+        .await
+        .expect("init");
+    let (stop, publisher) = start_publisher(&a);
+    let mut rng = Lcg(99);
+    fanout.on_staging(&workload(&mut rng, 1, 100));
+    wait_published(&fanout, &a).await;
+
+    // A new target joins: seeded by copy while staging keeps changing and the stream already
+    // holds transactions from before its snapshot.
+    let (d_db, d) = fanout.target("d", "");
+    let staging_db = fanout.staging.clone();
+    let edits = std::thread::spawn(move || {
+        let mut rng = Lcg(1234);
+        for round in 0..10 {
+            psql(
+                &clusters().staging,
+                &staging_db,
+                &workload(&mut rng, 2000 + round * 100, 10),
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let mut options = support::copy_options(
+        stagingprop::copy::Side::Staging,
+        stagingprop::copy::Side::Production,
+    );
+    options.for_stream = true;
+    let report = stagingprop::copy::copy(&d, &options).await.expect("copy");
+    let handoff = report.handoff.expect("a hand-off position");
+    edits.join().unwrap();
+    // The publisher's slot was left alone; the copy's own slot is gone.
+    let slots = fanout.on_staging(
+        "SELECT string_agg(slot_name, ',') FROM pg_replication_slots WHERE database = current_database()",
+    );
+    assert_eq!(slots.trim(), "fan_seed");
+    let production = &clusters().production;
+    assert_eq!(
+        psql(production, &d_db, "SELECT end_lsn FROM stagingprop.progress").trim(),
+        handoff.to_string()
+    );
+    wait_published(&fanout, &a).await;
+    let applied = apply_stream(&d).await;
+    assert!(applied.stats.transactions > 0, "{:?}", applied.stats);
+    apply_stream(&a).await;
+    let staging = fingerprint(&clusters().staging, &fanout.staging, 0);
+    assert_eq!(fingerprint(production, &d_db, 0), staging, "the seeded target");
+    assert_eq!(fingerprint(production, &a_db, 0), staging, "target a");
+    stop.send(()).unwrap();
+    publisher.await.unwrap().expect("publish");
+}
+
+/// Every transaction the stream holds, read through a consumer of its own: their commit
+/// LSNs, in stream order (a repeated or missing chunk fails the read).
+async fn stream_commits(config: &Config) -> Vec<Lsn> {
+    let mut stream_config = config.stream.clone().unwrap();
+    stream_config.consumer = "audit".into();
+    let js = stream::connect(&stream_config).await.unwrap();
+    let mut reader = stream::reader::StreamReader::open(&js, &stream_config, None, Lsn::INVALID)
+        .await
+        .unwrap();
+    let mut commits = Vec::new();
+    while let Ok(next) = tokio::time::timeout(Duration::from_secs(3), reader.next()).await {
+        match next.expect("the stream reads back in order") {
+            Some((_, stagingprop::pgoutput::LogicalMessage::Begin { final_lsn, .. })) => {
+                commits.push(final_lsn)
+            }
+            Some(_) => {}
+            None => break,
+        }
+    }
+    commits
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_the_publisher_and_a_nats_restart_lose_and_double_nothing() {
+    let mut nats = NatsServer::start("kill", "max_payload: 65536");
+    let fanout = Fanout::new("fan_kill", &nats, "chunk_bytes = 2048");
+    let (a_db, a_text, a) = fanout.target_text("a", "");
+    let (b_db, b) = fanout.target("b", &format!("key = {{ rule = \"offset\", offset = {OFFSET} }}"));
+    for config in [&a, &b] {
+        stagingprop::ops::init::init(config, &Default::default())
+            .await
+            .expect("init");
+    }
+    let scratch = Scratch::new("fan-kill-config");
+    let config_path = scratch.0.join("stagingprop.toml");
+    std::fs::write(&config_path, &a_text).unwrap();
+    let spawn_publisher = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_stagingprop"))
+            .arg("--config")
+            .arg(&config_path)
+            .arg("publish")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start stagingprop publish")
+    };
+    // The workload runs beside the kills: small transactions and two large ones (chunked).
+    let staging_db = fanout.staging.clone();
+    let workload_thread = std::thread::spawn(move || {
+        let mut rng = Lcg(0xdead_beef);
+        for round in 0..24u64 {
+            psql(
+                &clusters().staging,
+                &staging_db,
+                &workload(&mut rng, 1 + round * 100, 15),
+            );
+            if round % 12 == 5 {
+                psql(
+                    &clusters().staging,
+                    &staging_db,
+                    &format!(
+                        "INSERT INTO catentry SELECT g, 'big' || g, g FROM generate_series({0}, {0} + 1499) g",
+                        200_000 + round * 10_000
+                    ),
+                );
+            }
+            std::thread::sleep(Duration::from_millis(150));
+        }
+    });
+    let mut rng = Lcg(42);
+    for kill in 0..10 {
+        let mut publisher = spawn_publisher();
+        tokio::time::sleep(Duration::from_millis(300 + rng.below(700))).await;
+        if kill == 4 {
+            // The server goes away under the publisher and comes back.
+            nats.restart();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        publisher.kill().unwrap();
+        publisher.wait().unwrap();
+        if kill == 6 {
+            // Target a applies what the stream holds so far, mid-way.
+            apply_stream(&a).await;
+        }
+    }
+    workload_thread.join().unwrap();
+    let mut publisher = spawn_publisher();
+    wait_published(&fanout, &a).await;
+    for config in [&a, &b] {
+        apply_stream(config).await;
+    }
+    publisher.kill().unwrap();
+    publisher.wait().unwrap();
+    let staging = fingerprint(&clusters().staging, &fanout.staging, 0);
+    let production = &clusters().production;
+    assert_eq!(fingerprint(production, &a_db, 0), staging, "target a");
+    assert_eq!(fingerprint(production, &b_db, OFFSET), staging, "target b");
+    // The stream holds each transaction once, in commit order.
+    let commits = stream_commits(&a).await;
+    // (A transaction whose statements changed no row is not sent at all.)
+    assert!(commits.len() > 150, "{} transactions", commits.len());
+    assert!(
+        commits.windows(2).all(|w| w[0] < w[1]),
+        "a transaction is in the stream twice or out of order"
+    );
 }
 
 trait ProductionDb {

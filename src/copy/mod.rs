@@ -86,6 +86,9 @@ pub struct CopyOptions {
     pub after: Option<String>,
     /// Allow `--truncate` of tables with a column list (it empties the columns production owns).
     pub force: bool,
+    /// Seed a target fed from the JetStream stream: the snapshot comes from a temporary slot,
+    /// the publisher's own slot is left alone, and the hand-off is the temporary slot's position.
+    pub for_stream: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -340,7 +343,9 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
         state::ensure(&t)
             .await
             .map_err(|e| CopyError::Refused(format!("on {}: {e}", target.describe())))?;
-        prepare_slot(config, &source, &s).await?;
+        if !options.for_stream {
+            prepare_slot(config, &source, &s).await?;
+        }
         // Until the copy completes, production's progress says "copy in progress" (0/0), so
         // sync refuses to stream onto a half-seeded production.
         let found = state::progress::read(&t, slot)
@@ -349,13 +354,24 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
         let was = found.map_or(Lsn::INVALID, |p| p.end_lsn);
         record_handoff(&t, &target, slot, &Progress::copy_in_progress(), was).await?;
         let mut repl = ReplicationClient::connect(&source).await?;
+        // For a stream target, a slot of this copy's own, gone when the copy's connection
+        // closes: the stream carries everything committed after its position.
+        let (snapshot_slot, temporary) = if options.for_stream {
+            (format!("stagingprop_copy_{}", std::process::id()), true)
+        } else {
+            (slot.clone(), false)
+        };
         let created = repl
-            .create_logical_slot(slot, false, SnapshotAction::Export)
+            .create_logical_slot(&snapshot_slot, temporary, SnapshotAction::Export)
             .await?;
         let snapshot = created.snapshot_name.ok_or_else(|| {
             CopyError::Refused("the server exported no snapshot with the slot".into())
         })?;
-        tracing::info!(slot = %slot, consistent_point = %created.consistent_point, "created the sync slot; copying its snapshot");
+        if temporary {
+            tracing::info!(slot = %snapshot_slot, consistent_point = %created.consistent_point, "created a temporary slot for the snapshot (the publisher keeps the sync slot); copying its snapshot");
+        } else {
+            tracing::info!(slot = %slot, consistent_point = %created.consistent_point, "created the sync slot; copying its snapshot");
+        }
         (
             Exporter::Slot(repl),
             snapshot,

@@ -113,6 +113,7 @@ pub fn copy_options(
         jobs: 2,
         split_bytes: stagingprop::copy::DEFAULT_SPLIT_BYTES,
         force: false,
+        for_stream: false,
         after: None,
     }
 }
