@@ -284,18 +284,27 @@ async fn three_targets_with_their_own_key_rules_each_apply_the_stream_exactly_on
         );
         assert!(seq.trim().parse::<u64>().unwrap() > 100, "{db}: {seq}");
     }
-    // A run with nothing new applies nothing.
+    // With the publisher stopped (its idle heartbeats are transactions too), a run with
+    // nothing new applies nothing.
+    stop.send(()).unwrap();
+    let summary = publisher.await.unwrap().expect("publish");
+    assert!(summary.published.is_valid());
+    apply_stream(&b).await;
     let again = apply_stream(&b).await;
     assert_eq!(again.stats.transactions, 0, "{:?}", again.stats);
+    // status: target b has applied the whole stream.
+    let report = stagingprop::ops::status::status(&b, &Default::default())
+        .await
+        .expect("status");
+    let position = report.stream.expect("the stream's part of status");
+    assert_eq!(position.behind_messages, 0, "{position:?}");
+    assert_eq!(position.applied_sequence, Some(position.last_sequence));
 
     // Staging decoded its WAL once: one slot, confirmed by the publisher.
     let slots = fanout.on_staging(
         "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()",
     );
     assert_eq!(slots.trim(), "1");
-    stop.send(()).unwrap();
-    let summary = publisher.await.unwrap().expect("publish");
-    assert!(summary.published.is_valid());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -350,6 +359,22 @@ async fn a_target_behind_the_streams_retention_stops_with_the_gap_error() {
         "SELECT end_lsn FROM stagingprop.progress",
     );
     assert_eq!(before, after, "nothing was applied past the gap");
+    let report = stagingprop::ops::status::status(&a, &Default::default())
+        .await
+        .expect("status");
+    let stream_position = report.stream.clone().expect("the stream's part of status");
+    assert_eq!(
+        stream_position.retention_headroom, 0.0,
+        "{stream_position:?}"
+    );
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains("no longer holds the next message")),
+        "{:?}",
+        report.problems
+    );
     stop.send(()).unwrap();
     publisher.await.unwrap().expect("publish");
 }
@@ -397,7 +422,12 @@ async fn a_target_seeded_by_copy_while_publishing_runs_continues_from_its_hand_o
     assert_eq!(slots.trim(), "fan_seed");
     let production = &clusters().production;
     assert_eq!(
-        psql(production, &d_db, "SELECT end_lsn FROM stagingprop.progress").trim(),
+        psql(
+            production,
+            &d_db,
+            "SELECT end_lsn FROM stagingprop.progress"
+        )
+        .trim(),
         handoff.to_string()
     );
     wait_published(&fanout, &a).await;
@@ -405,7 +435,11 @@ async fn a_target_seeded_by_copy_while_publishing_runs_continues_from_its_hand_o
     assert!(applied.stats.transactions > 0, "{:?}", applied.stats);
     apply_stream(&a).await;
     let staging = fingerprint(&clusters().staging, &fanout.staging, 0);
-    assert_eq!(fingerprint(production, &d_db, 0), staging, "the seeded target");
+    assert_eq!(
+        fingerprint(production, &d_db, 0),
+        staging,
+        "the seeded target"
+    );
     assert_eq!(fingerprint(production, &a_db, 0), staging, "target a");
     stop.send(()).unwrap();
     publisher.await.unwrap().expect("publish");
@@ -438,7 +472,10 @@ async fn sigkill_of_the_publisher_and_a_nats_restart_lose_and_double_nothing() {
     let mut nats = NatsServer::start("kill", "max_payload: 65536");
     let fanout = Fanout::new("fan_kill", &nats, "chunk_bytes = 2048");
     let (a_db, a_text, a) = fanout.target_text("a", "");
-    let (b_db, b) = fanout.target("b", &format!("key = {{ rule = \"offset\", offset = {OFFSET} }}"));
+    let (b_db, b) = fanout.target(
+        "b",
+        &format!("key = {{ rule = \"offset\", offset = {OFFSET} }}"),
+    );
     for config in [&a, &b] {
         stagingprop::ops::init::init(config, &Default::default())
             .await

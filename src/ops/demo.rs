@@ -160,7 +160,7 @@ where
             jobs: 2,
             split_bytes: crate::copy::DEFAULT_SPLIT_BYTES,
             force: false,
-        for_stream: false,
+            for_stream: false,
             after: None,
         },
     )

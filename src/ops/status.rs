@@ -38,9 +38,14 @@ pub struct SlotStatus {
     pub staging_wal_lsn: String,
 }
 
+/// Below this share of the stream's retention left, a stream-fed target is a problem.
+const RETENTION_WARNING: f64 = 0.2;
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct AppliedStatus {
     pub end_lsn: String,
+    /// A stream-fed target's stream sequence.
+    pub stream_seq: Option<i64>,
     pub xid: i64,
     /// When the last applied transaction committed on staging.
     pub commit_time: String,
@@ -79,6 +84,8 @@ pub struct Status {
     pub key_map: Vec<KeyMapSize>,
     /// The spool, when `[spool]` is configured.
     pub spool: Option<SpoolStatus>,
+    /// With `[stream]`: the stream and this target's place in it.
+    pub stream: Option<crate::stream::TargetPosition>,
     pub healthy: bool,
     /// Why not healthy, one line each.
     pub problems: Vec<String>,
@@ -128,6 +135,7 @@ pub async fn status(config: &Config, thresholds: &Thresholds) -> Result<Status, 
         let since_commit = applied.as_ref().map(|a| a.since_commit);
         st.last_applied = applied.map(|a| AppliedStatus {
             end_lsn: a.end_lsn,
+            stream_seq: a.stream_seq,
             xid: a.xid,
             commit_time: a.commit_time,
             applied_at: a.applied_at,
@@ -212,6 +220,38 @@ pub async fn status(config: &Config, thresholds: &Thresholds) -> Result<Status, 
             max_bytes: spool.max_bytes,
             full,
         });
+    }
+
+    if let Some(stream) = &config.stream {
+        let applied = st
+            .last_applied
+            .as_ref()
+            .and_then(|a| a.stream_seq)
+            .map(|s| s as u64);
+        match crate::stream::target_position(stream, applied).await {
+            Ok(position) => {
+                if position.retention_headroom <= 0.0 {
+                    st.problems.push(format!(
+                        "the stream {} no longer holds the next message this target needs \
+                         (sequence {}; it starts at {}): re-seed the target with `stagingprop \
+                         copy --for-stream`",
+                        position.stream,
+                        applied.map_or(position.first_sequence, |s| s + 1),
+                        position.first_sequence
+                    ));
+                } else if position.retention_headroom < RETENTION_WARNING {
+                    st.problems.push(format!(
+                        "this target is {} message(s) behind in the stream {}, with {:.0}% of \
+                         its retention left before it falls off (then it must be re-seeded)",
+                        position.behind_messages,
+                        position.stream,
+                        position.retention_headroom * 100.0
+                    ));
+                }
+                st.stream = Some(position);
+            }
+            Err(e) => st.problems.push(format!("{e}")),
+        }
     }
 
     if !st.slot.exists {
@@ -321,6 +361,22 @@ pub fn render(st: &Status) -> String {
             )),
             _ => out.push_str(&format!("spool {}: empty\n", spool.dir)),
         }
+    }
+    if let Some(stream) = &st.stream {
+        out.push_str(&format!(
+            "stream {}: sequences {}..{} ({} messages, {}); this target applied up to {}, {} message(s) and {:.1} s behind, {:.0}% of retention left\n",
+            stream.stream,
+            stream.first_sequence,
+            stream.last_sequence,
+            stream.messages,
+            mb(stream.bytes as i64),
+            stream
+                .applied_sequence
+                .map_or("nothing".into(), |s| s.to_string()),
+            stream.behind_messages,
+            stream.behind_seconds,
+            stream.retention_headroom * 100.0
+        ));
     }
     if st.key_map.is_empty() {
         out.push_str("key map: empty\n");

@@ -178,6 +178,8 @@ pub struct Applied {
     pub applied_at: String,
     /// Seconds from its staging commit to now, by the database's clock.
     pub since_commit: f64,
+    /// A stream-fed target's stream sequence.
+    pub stream_seq: Option<i64>,
 }
 
 /// `slot`'s row for `status`, if the table and the row exist.
@@ -194,8 +196,9 @@ pub async fn applied(client: &Client, slot: &str) -> Result<Option<Applied>, Sta
         .query_opt(
             &format!(
                 "SELECT end_lsn::text, xid, commit_time::text, applied_at::text,
-                        extract(epoch FROM now() - commit_time)::float8
-                   FROM {} WHERE slot = $1",
+                        extract(epoch FROM now() - commit_time)::float8,
+                        (to_jsonb(p) ->> 'stream_seq')::bigint
+                   FROM {} p WHERE slot = $1",
                 table("progress")
             ),
             &[&slot],
@@ -208,5 +211,6 @@ pub async fn applied(client: &Client, slot: &str) -> Result<Option<Applied>, Sta
         commit_time: r.get(2),
         applied_at: r.get(3),
         since_commit: r.get(4),
+        stream_seq: r.get(5),
     }))
 }

@@ -263,6 +263,80 @@ pub async fn last_published(
     Ok(Some((message.sequence, headers)))
 }
 
+/// Where a target stands in the stream, for `status`.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct TargetPosition {
+    pub stream: String,
+    pub first_sequence: u64,
+    pub last_sequence: u64,
+    pub messages: u64,
+    pub bytes: u64,
+    /// The stream sequence the target's progress row records.
+    pub applied_sequence: Option<u64>,
+    /// Messages the stream holds past it.
+    pub behind_messages: u64,
+    /// Seconds since the next message the target needs was stored (0: it needs none).
+    pub behind_seconds: f64,
+    /// The share of the stream's retention (age or message count, whichever is tighter) left
+    /// before the stream removes the next message the target needs: 1 when it needs none, 0
+    /// when it is gone already.
+    pub retention_headroom: f64,
+}
+
+/// The stream's state and a target's place in it (`applied`: its progress row's sequence).
+pub async fn target_position(
+    config: &StreamConfig,
+    applied: Option<u64>,
+) -> Result<TargetPosition, StreamError> {
+    let js = connect(config).await?;
+    let mut stream = open_stream(&js, config).await?;
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| server_error(config, "reading its state")(e.to_string()))?
+        .clone();
+    let state = &info.state;
+    let next = applied.map_or(state.first_sequence, |s| s + 1);
+    let mut position = TargetPosition {
+        stream: config.name.clone(),
+        first_sequence: state.first_sequence,
+        last_sequence: state.last_sequence,
+        messages: state.messages,
+        bytes: state.bytes,
+        applied_sequence: applied,
+        behind_messages: state.last_sequence.saturating_sub(next.saturating_sub(1)),
+        behind_seconds: 0.0,
+        retention_headroom: 1.0,
+    };
+    if state.messages == 0 || next > state.last_sequence {
+        position.behind_messages = 0;
+        return Ok(position);
+    }
+    if next < state.first_sequence {
+        position.retention_headroom = 0.0;
+        return Ok(position);
+    }
+    let mut headroom: f64 = 1.0;
+    let max_messages = info.config.max_messages;
+    if max_messages > 0 {
+        let held = (state.last_sequence - next + 1) as f64;
+        headroom = headroom.min(1.0 - held / max_messages as f64);
+    }
+    if let Ok(message) = stream.get_raw_message(next).await {
+        let stored = message.time.unix_timestamp_nanos() as f64 / 1e9;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        position.behind_seconds = (now - stored).max(0.0);
+        let max_age = info.config.max_age.as_secs_f64();
+        if max_age > 0.0 {
+            headroom = headroom.min(1.0 - position.behind_seconds / max_age);
+        }
+    }
+    position.retention_headroom = headroom.clamp(0.0, 1.0);
+    Ok(position)
+}
+
 #[cfg(test)]
 mod tests {
     use super::subject_matches;

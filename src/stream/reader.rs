@@ -226,6 +226,7 @@ impl StreamReader {
             }
             self.buffered_sequence = sequence;
             self.pending = pending;
+            metrics::gauge!("stagingprop_stream_pending_messages").set(pending as f64);
             if self.buffered.is_empty() {
                 // A skipped chunk still moves the position.
                 self.sequence = sequence;
