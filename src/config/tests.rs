@@ -1006,3 +1006,42 @@ fn bad_partial_tables_and_scopes_are_named() {
         &["scopes.a.slot", "[sync]"],
     );
 }
+
+#[test]
+fn a_stream_section_gets_names_derived_from_the_slot() {
+    let config = with_tables("[stream]\nurl = \"nats://127.0.0.1:4222\"").unwrap();
+    let stream = config.stream.unwrap();
+    assert_eq!(stream.name, "STAGINGPROP");
+    assert_eq!(stream.subject, "stagingprop.stagingprop");
+    assert_eq!(stream.consumer, "stagingprop");
+    assert_eq!(stream.chunk_bytes, DEFAULT_STREAM_CHUNK_BYTES);
+    assert_eq!(stream.password, PasswordSource::None);
+}
+
+#[test]
+fn stream_credentials_never_come_from_the_file_or_the_url() {
+    assert_error(
+        with_tables("[stream]\nurl = \"nats://127.0.0.1:4222\"\npassword = \"x\""),
+        &["stream.password", "password_env"],
+    );
+    assert_error(
+        with_tables("[stream]\nurl = \"nats://user:pw@127.0.0.1:4222\""),
+        &["stream.url", "without credentials"],
+    );
+    assert_error(
+        with_tables("[stream]\nurl = \"http://127.0.0.1:4222\""),
+        &["stream.url", "nats://"],
+    );
+    assert_error(
+        with_tables("[stream]\nname = \"S\""),
+        &["stream.url", "is missing"],
+    );
+    assert_error(
+        with_tables("[stream]\nurl = \"nats://h:1\"\nsubject = \"a.*\""),
+        &["stream.subject", "wildcards"],
+    );
+    assert_error(
+        with_tables("[stream]\nurl = \"nats://h:1\"\nchunk_bytes = 10"),
+        &["stream.chunk_bytes", "1024"],
+    );
+}
