@@ -12,7 +12,7 @@ use stagingprop::model::Lsn;
 use stagingprop::stream;
 use stagingprop::sync::{self, StopAt, SyncOptions};
 use support::nats::NatsServer;
-use support::{Scratch, clusters, fresh_db, psql};
+use support::{Lcg, Scratch, clusters, fresh_db, psql};
 
 const SCHEMA: &str = "
 CREATE TABLE catentry (catentry_id bigint PRIMARY KEY, partnumber text NOT NULL, price numeric(12,2));
@@ -22,19 +22,6 @@ CREATE TABLE offer (offer_id bigint PRIMARY KEY,
 
 /// How far catentry keys move on the target with the `offset` rule.
 const OFFSET: i64 = 1_000_000;
-
-/// A small deterministic generator, so a failure can be replayed from its seed.
-struct Lcg(u64);
-
-impl Lcg {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % n
-    }
-}
 
 /// `count` staging transactions of random catalogue edits, keys from `first_id` on.
 fn workload(rng: &mut Lcg, first_id: u64, count: u64) -> String {

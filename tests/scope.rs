@@ -11,20 +11,7 @@ use stagingprop::copy::{Side, copy};
 use stagingprop::ops::init::{InitOptions, init};
 use stagingprop::ops::verify::{VerifyOptions, verify};
 use stagingprop::sync;
-use support::{Pair, PairBuilder, caught_up, copy_options};
-
-/// A small deterministic generator, so a failure can be replayed from its seed.
-struct Lcg(u64);
-
-impl Lcg {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % n
-    }
-}
+use support::{Lcg, Pair, PairBuilder, caught_up, copy_options};
 
 fn init_without_slot() -> InitOptions {
     InitOptions {

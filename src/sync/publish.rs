@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use super::receiver::{Downstream, SpoolShared, receive_loop};
+use super::receiver::{Downstream, SpoolShared, both, receive_loop};
 use super::retry::{Latch, pause_before_retry};
 use super::{SyncError, SyncOptions};
 use crate::config::{Config, ConfigError, SpoolConfig, StreamConfig};
@@ -82,36 +82,10 @@ where
         let (shared, stop) = (shared.clone(), stopped(stop_rx));
         async move { publish_loop(&config, &spool, &shared, stop).await }
     });
-    tokio::pin!(receiver, publisher);
-    let (mut received, mut published) = (None, None);
-    while received.is_none() || published.is_none() {
-        tokio::select! {
-            _ = &mut shutdown, if !*stop_tx.borrow() => {
-                stop_tx.send_replace(true);
-            }
-            r = &mut receiver, if received.is_none() => {
-                received = Some(joined(r));
-                stop_tx.send_replace(true);
-            }
-            r = &mut publisher, if published.is_none() => {
-                published = Some(joined(r));
-                stop_tx.send_replace(true);
-            }
-        }
-    }
-    match (received, published) {
-        (Some(Err(e)), _) | (_, Some(Err(e))) => Err(e),
-        _ => Ok(PublishSummary {
-            published: *shared.applied.borrow(),
-        }),
-    }
-}
-
-fn joined<T>(result: Result<T, tokio::task::JoinError>) -> T {
-    match result {
-        Ok(value) => value,
-        Err(e) => std::panic::resume_unwind(e.into_panic()),
-    }
+    both(receiver, publisher, stop_tx, shutdown).await?;
+    Ok(PublishSummary {
+        published: *shared.applied.borrow(),
+    })
 }
 
 /// What the stream holds, retried until NATS answers (`None`: stopped first).

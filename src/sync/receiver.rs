@@ -111,26 +111,40 @@ where
         let (feeding, stop) = (Feeding::Spool(shared), stopped(stop_rx));
         async move { apply_loop(&config, &options, &feeding, stop).await }
     });
-    tokio::pin!(receiver, applier, shutdown);
-    let (mut received, mut applied) = (None, None);
-    while received.is_none() || applied.is_none() {
+    both(receiver, applier, stop_tx, shutdown).await
+}
+
+/// Waits for two tasks that stop together: `shutdown` or the end of either tells both to stop
+/// (through `stop`); the first error wins, else the second task's result.
+pub(super) async fn both<T, S>(
+    first: tokio::task::JoinHandle<Result<(), SyncError>>,
+    second: tokio::task::JoinHandle<Result<T, SyncError>>,
+    stop: watch::Sender<bool>,
+    shutdown: S,
+) -> Result<T, SyncError>
+where
+    S: Future<Output = ()>,
+{
+    tokio::pin!(first, second, shutdown);
+    let (mut first_ended, mut second_ended) = (None, None);
+    while first_ended.is_none() || second_ended.is_none() {
         tokio::select! {
-            _ = &mut shutdown, if !*stop_tx.borrow() => {
-                stop_tx.send_replace(true);
+            _ = &mut shutdown, if !*stop.borrow() => {
+                stop.send_replace(true);
             }
-            r = &mut receiver, if received.is_none() => {
-                received = Some(joined(r));
-                stop_tx.send_replace(true);
+            r = &mut first, if first_ended.is_none() => {
+                first_ended = Some(joined(r));
+                stop.send_replace(true);
             }
-            r = &mut applier, if applied.is_none() => {
-                applied = Some(joined(r));
-                stop_tx.send_replace(true);
+            r = &mut second, if second_ended.is_none() => {
+                second_ended = Some(joined(r));
+                stop.send_replace(true);
             }
         }
     }
-    match (received, applied) {
+    match (first_ended, second_ended) {
         (Some(Err(e)), _) | (_, Some(Err(e))) => Err(e),
-        (_, Some(Ok(summary))) => Ok(summary),
+        (_, Some(Ok(value))) => Ok(value),
         _ => unreachable!("the loop ends when both ended"),
     }
 }

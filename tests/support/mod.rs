@@ -56,6 +56,20 @@ pub fn clusters() -> &'static Clusters {
     })
 }
 
+/// A small deterministic generator, so a failure can be replayed from its seed.
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    /// The next number below `n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
 /// A new, empty database on `cluster` with a name unique in this process.
 pub fn fresh_db(cluster: &LocalCluster, prefix: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
