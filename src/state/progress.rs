@@ -85,8 +85,8 @@ pub async fn read(client: &Client, slot: &str) -> Result<Option<Progress>, State
 const MOVED: &str = "stagingprop: the progress row moved";
 
 /// The guarded write of [`advance`]: $1 slot, $2 end, $3 commit LSN, $4 xid, $5 commit time
-/// (microseconds since the Unix epoch), $6 the expected end, $7 the stream sequence (or NULL). When the row holds something else
-/// it writes nothing and fails (an invalid integer naming [`MOVED`]), which aborts the caller's
+/// (microseconds since the Unix epoch), $6 the expected end, $7 the stream sequence (or NULL).
+/// When the row holds something else it writes nothing and fails (an invalid integer naming [`MOVED`]), which aborts the caller's
 /// transaction: a COMMIT sent right behind it, without waiting, then rolls back.
 fn advance_sql() -> String {
     let progress = table("progress");

@@ -111,13 +111,7 @@ impl Publisher<'_> {
             .await
             .map_err(|e| server_error(self.config, "reading its state")(e.to_string()))?;
         let published = Published::after(last, info.state.last_sequence);
-        if published.end.is_valid() {
-            acked.send_if_modified(|a| {
-                let newer = published.end > *a;
-                *a = (*a).max(published.end);
-                newer
-            });
-        }
+        raise(acked, published.end);
         tracing::info!(
             stream = %self.config.name,
             sequence = published.sequence,
@@ -251,11 +245,7 @@ impl Publisher<'_> {
             .increment(pending.bytes as u64);
         metrics::gauge!("stagingprop_stream_last_sequence").set(ack.sequence as f64);
         if let Some(end) = pending.end {
-            acked.send_if_modified(|a| {
-                let newer = end > *a;
-                *a = (*a).max(end);
-                newer
-            });
+            raise(acked, end);
         }
         Ok(())
     }
@@ -282,6 +272,15 @@ impl Publisher<'_> {
             }
         }
     }
+}
+
+/// Moves what the stream acknowledged forward (never back), waking whoever waits on it.
+fn raise(acked: &watch::Sender<Lsn>, end: Lsn) {
+    acked.send_if_modified(|a| {
+        let newer = end > *a;
+        *a = (*a).max(end);
+        newer
+    });
 }
 
 fn spool_error(e: SpoolError) -> StreamError {

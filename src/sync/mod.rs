@@ -106,15 +106,7 @@ where
     S: Future<Output = ()>,
 {
     if options.from_stream {
-        let Some(stream) = &config.stream else {
-            return Err(SyncError::Stream(crate::stream::StreamError::Config(
-                crate::config::ConfigError::Invalid {
-                    origin: "--from-stream".into(),
-                    key: "[stream]".into(),
-                    message: "the config has no [stream] section: add one with url and name (see README \"Fan-out\")".into(),
-                },
-            )));
-        };
+        let stream = stream_config(config, "--from-stream")?;
         return apply_loop(
             config,
             options,
@@ -129,6 +121,31 @@ where
         None => apply_loop(config, options, &Feeding::Slot, shutdown).await,
         Some(spool) => receiver::spooled(config, spool, options, shutdown).await,
     }
+}
+
+/// The `[stream]` section, which `what` needs.
+fn stream_config<'a>(
+    config: &'a Config,
+    what: &str,
+) -> Result<&'a crate::config::StreamConfig, SyncError> {
+    config.stream.as_ref().ok_or_else(|| {
+        config_refused(
+            what,
+            "[stream]",
+            "the config has no [stream] section: add one with url and name (see README \"Fan-out\")",
+        )
+    })
+}
+
+/// A configuration `what` cannot run with.
+fn config_refused(what: &str, key: &str, message: &str) -> SyncError {
+    SyncError::Stream(crate::stream::StreamError::Config(
+        crate::config::ConfigError::Invalid {
+            origin: what.into(),
+            key: key.into(),
+            message: message.into(),
+        },
+    ))
 }
 
 /// Where the applier reads staging's transactions from.

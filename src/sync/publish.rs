@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use super::receiver::{Downstream, SpoolShared, both, receive_loop};
 use super::retry::{Latch, pause_before_retry};
 use super::{SyncError, SyncOptions};
-use crate::config::{Config, ConfigError, SpoolConfig, StreamConfig};
+use crate::config::{Config, SpoolConfig, StreamConfig};
 use crate::model::Lsn;
 use crate::spool::store::SpoolLock;
 use crate::stream::publisher::{Published, Publisher};
@@ -34,21 +34,10 @@ pub async fn publish<S>(config: &Config, shutdown: S) -> Result<PublishSummary, 
 where
     S: Future<Output = ()>,
 {
-    let refused = |key: &str, message: &str| {
-        SyncError::Stream(StreamError::Config(ConfigError::Invalid {
-            origin: "publish".into(),
-            key: key.into(),
-            message: message.into(),
-        }))
-    };
-    let Some(stream_config) = &config.stream else {
-        return Err(refused(
-            "[stream]",
-            "the config has no [stream] section: add one with url and name (see README \"Fan-out\")",
-        ));
-    };
+    let stream_config = super::stream_config(config, "publish")?;
     let Some(spool) = &config.spool else {
-        return Err(refused(
+        return Err(super::config_refused(
+            "publish",
             "[spool]",
             "publish needs [spool] with dir = \"...\": the spool is the outbox in front of the stream",
         ));
@@ -78,9 +67,9 @@ where
         async move { receive_loop(&config, &spool, &shared, &options, stop).await }
     });
     let publisher = tokio::spawn({
-        let (config, spool) = (config.clone(), spool.clone());
+        let (config, spool, stream) = (config.clone(), spool.clone(), stream_config.clone());
         let (shared, stop) = (shared.clone(), stopped(stop_rx));
-        async move { publish_loop(&config, &spool, &shared, stop).await }
+        async move { publish_loop(&config, &stream, &spool, &shared, stop).await }
     });
     both(receiver, publisher, stop_tx, shutdown).await?;
     Ok(PublishSummary {
@@ -132,6 +121,7 @@ where
 /// The publisher's retry loop: publishes the spool from where the stream ends.
 async fn publish_loop<S>(
     config: &Config,
+    stream_config: &StreamConfig,
     spool: &SpoolConfig,
     shared: &SpoolShared,
     stop: S,
@@ -139,7 +129,6 @@ async fn publish_loop<S>(
 where
     S: Future<Output = ()>,
 {
-    let stream_config = config.stream.as_ref().expect("checked by publish");
     let options = SyncOptions::default();
     let mut stop = Latch::new(stop);
     let mut stop = Pin::new(&mut stop);

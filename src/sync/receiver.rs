@@ -288,11 +288,15 @@ where
         match downstream {
             Some(applied) if applied.is_valid() && applied < confirmed => {
                 return Err(SyncError::Slot(format!(
-                    "the spool in {} ends at {spooled} and production's progress is {applied}, \
+                    "the spool in {} ends at {spooled} and {} has up to {applied}, \
                      but the slot {slot} already released everything up to {confirmed}: the \
                      transactions in between are lost (was the spool deleted?). Re-seed \
                      production with `stagingprop copy`",
-                    spool.dir.display()
+                    spool.dir.display(),
+                    match shared.downstream {
+                        Downstream::Production => "production",
+                        Downstream::Stream => "the stream",
+                    }
                 )));
             }
             _ => writer.resume_from(confirmed),

@@ -265,12 +265,16 @@ where
         }
         _ => {}
     }
-    if let (Feeding::Stream(stream), Some(StopAt::CaughtUp), None) =
-        (feeding, options.stop_at, state.stop_lsn)
+    // One NATS connection per session, for what the stream holds and for reading it.
+    let stream_js = match feeding {
+        Feeding::Stream(stream) => Some(crate::stream::connect(stream).await?),
+        _ => None,
+    };
+    if let (Feeding::Stream(stream), Some(js), Some(StopAt::CaughtUp), None) =
+        (feeding, &stream_js, options.stop_at, state.stop_lsn)
     {
         // Caught up with the stream: everything it held whole when the run started.
-        let js = crate::stream::connect(stream).await?;
-        let opened = crate::stream::open_stream(&js, stream).await?;
+        let opened = crate::stream::open_stream(js, stream).await?;
         let last = crate::stream::last_published(&opened, stream).await?;
         let published = crate::stream::publisher::Published::after(last, 0);
         if !published.end.is_valid() || (applied_end.is_valid() && applied_end >= published.end) {
@@ -402,7 +406,10 @@ where
             )
         }
         Feeding::Stream(stream) => {
-            let js = crate::stream::connect(stream).await?;
+            let js = match stream_js {
+                Some(js) => js,
+                None => crate::stream::connect(stream).await?,
+            };
             let after = progress.and_then(|p| p.stream_seq);
             let reader =
                 crate::stream::reader::StreamReader::open(&js, stream, after, applied_end).await?;
