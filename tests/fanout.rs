@@ -543,6 +543,79 @@ async fn sigkill_of_the_publisher_and_a_nats_restart_lose_and_double_nothing() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_an_applier_loses_and_doubles_nothing() {
+    let nats = NatsServer::start("applier", "max_payload: 65536");
+    let fanout = Fanout::new("fan_applier", &nats, "chunk_bytes = 2048");
+    let (a_db, a_text, a) = fanout.target_text(
+        "a",
+        &format!("key = {{ rule = \"offset\", offset = {OFFSET} }}"),
+    );
+    stagingprop::ops::init::init(&a, &Default::default())
+        .await
+        .expect("init");
+    let scratch = Scratch::new("fan-applier-config");
+    let config_path = scratch.0.join("stagingprop.toml");
+    std::fs::write(&config_path, &a_text).unwrap();
+    let (stop, publisher) = start_publisher(&a);
+    let staging_db = fanout.staging.clone();
+    let workload_thread = std::thread::spawn(move || {
+        let mut rng = Lcg(0xfeed);
+        for round in 0..20u64 {
+            psql(
+                &clusters().staging,
+                &staging_db,
+                &workload(&mut rng, 1 + round * 100, 15),
+            );
+            if round % 10 == 3 {
+                psql(
+                    &clusters().staging,
+                    &staging_db,
+                    &format!(
+                        "INSERT INTO catentry SELECT g, 'big' || g, g FROM generate_series({0}, {0} + 1999) g",
+                        300_000 + round * 10_000
+                    ),
+                );
+            }
+            std::thread::sleep(Duration::from_millis(150));
+        }
+    });
+    // The applier (the binary) is killed at random moments while the stream grows.
+    let mut rng = Lcg(7);
+    for _ in 0..8 {
+        let mut applier = std::process::Command::new(env!("CARGO_BIN_EXE_stagingprop"))
+            .arg("--config")
+            .arg(&config_path)
+            .args(["sync", "--from-stream"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start stagingprop sync --from-stream");
+        tokio::time::sleep(Duration::from_millis(200 + rng.below(600))).await;
+        applier.kill().unwrap();
+        applier.wait().unwrap();
+    }
+    workload_thread.join().unwrap();
+    // The killed appliers did apply part of the stream (their progress row moved).
+    let seq = psql(
+        &clusters().production,
+        &a_db,
+        "SELECT coalesce(max(stream_seq), 0) FROM stagingprop.progress",
+    );
+    assert!(seq.trim().parse::<u64>().unwrap() > 0, "{seq}");
+    wait_published(&fanout, &a).await;
+    apply_stream(&a).await;
+    let staging = fingerprint(&clusters().staging, &fanout.staging, 0);
+    assert_eq!(
+        fingerprint(&clusters().production, &a_db, OFFSET),
+        staging,
+        "the target, through its offset"
+    );
+    stop.send(()).unwrap();
+    publisher.await.unwrap().expect("publish");
+}
+
 trait ProductionDb {
     fn production_db_name(&self) -> String;
 }
