@@ -210,6 +210,10 @@ enum Command {
         /// ('2026-11-25 04:00:00+00').
         #[arg(long, value_name = "LSN|TIME")]
         until: Option<String>,
+        /// Read the [stream] JetStream stream instead of the spool, up to where it ends when
+        /// the replay starts.
+        #[arg(long)]
+        from_stream: bool,
     },
     /// Seed one database's managed tables from the other's, from one consistent snapshot, in
     /// parallel. From staging to production it creates the sync slot with that snapshot and
@@ -472,6 +476,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             to_password_env,
             to_password_file,
             until,
+            from_stream,
         } => {
             let to = if to == "production" {
                 ReplayTo::Production
@@ -484,7 +489,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         })?;
                 ReplayTo::Database(db)
             };
-            let options = ReplayOptions { to, until };
+            let options = ReplayOptions {
+                to,
+                until,
+                from_stream,
+            };
             let summary = sync::replay(&config, &options, shutdown_signal())
                 .await
                 .map_err(sync_failure)?;

@@ -616,6 +616,97 @@ async fn sigkill_of_an_applier_loses_and_doubles_nothing() {
     publisher.await.unwrap().expect("publish");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_from_the_stream_brings_a_restored_backup_up_to_date() {
+    let nats = NatsServer::start("replay", "");
+    let fanout = Fanout::new("fan_replay", &nats, "");
+    let (a_db, a) = fanout.target("a", "");
+    stagingprop::ops::init::init(&a, &Default::default())
+        .await
+        .expect("init");
+    let (stop, publisher) = start_publisher(&a);
+    let mut rng = Lcg(31);
+    fanout.on_staging(&workload(&mut rng, 1, 60));
+    wait_published(&fanout, &a).await;
+    apply_stream(&a).await;
+    // The backup: a copy of target a as it is now.
+    let production = &clusters().production;
+    let backup = format!("{a_db}_backup");
+    let mut copied = false;
+    for _ in 0..50 {
+        if production
+            .psql(
+                "postgres",
+                &format!("CREATE DATABASE {backup} TEMPLATE {a_db}"),
+            )
+            .is_ok()
+        {
+            copied = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(copied, "cannot copy {a_db} (still in use?)");
+    // Target a goes on; the backup stays behind.
+    fanout.on_staging(&workload(&mut rng, 1000, 60));
+    let mark: Lsn = fanout
+        .on_staging("SELECT pg_current_wal_lsn()")
+        .trim()
+        .parse()
+        .unwrap();
+    fanout.on_staging(&workload(&mut rng, 2000, 60));
+    wait_published(&fanout, &a).await;
+    apply_stream(&a).await;
+    let backup_db = stagingprop::config::DbConfig::from_command_line(
+        "--to",
+        &production.conninfo(&backup, "postgres"),
+        None,
+        None,
+    )
+    .unwrap();
+    let replay = |until: Option<String>| {
+        let (a, backup_db) = (a.clone(), backup_db.clone());
+        async move {
+            let options = sync::ReplayOptions {
+                to: sync::ReplayTo::Database(backup_db),
+                until,
+                from_stream: true,
+            };
+            sync::replay(&a, &options, std::future::pending())
+                .await
+                .expect("replay --from-stream")
+        }
+    };
+    let backed_up: Lsn = psql(
+        production,
+        &backup,
+        "SELECT end_lsn FROM stagingprop.progress",
+    )
+    .trim()
+    .parse()
+    .unwrap();
+    // Up to a cutoff first: the backup stops before the first transaction past it.
+    replay(Some(mark.to_string())).await;
+    let at: Lsn = psql(
+        production,
+        &backup,
+        "SELECT end_lsn FROM stagingprop.progress",
+    )
+    .trim()
+    .parse()
+    .unwrap();
+    assert!(at <= mark, "{at} is past the cutoff {mark}");
+    assert!(at > backed_up, "the replay to the cutoff applied nothing");
+    // Then to the end: the backup equals staging (and target a).
+    let summary = replay(None).await;
+    assert!(summary.stats.transactions > 0, "{:?}", summary.stats);
+    let staging = fingerprint(&clusters().staging, &fanout.staging, 0);
+    assert_eq!(fingerprint(production, &backup, 0), staging, "the backup");
+    assert_eq!(fingerprint(production, &a_db, 0), staging, "target a");
+    stop.send(()).unwrap();
+    publisher.await.unwrap().expect("publish");
+}
+
 trait ProductionDb {
     fn production_db_name(&self) -> String;
 }

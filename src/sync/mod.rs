@@ -110,7 +110,10 @@ where
         return apply_loop(
             config,
             options,
-            &Feeding::Stream(Box::new(stream.clone())),
+            &Feeding::Stream(Box::new(StreamFeeding {
+                stream: stream.clone(),
+                replay_to: None,
+            })),
             shutdown,
         )
         .await;
@@ -157,7 +160,15 @@ enum Feeding {
     /// A spool on disk, applied to a target up to its end or a limit (`replay`).
     Replay(Box<replay::ReplayPlan>),
     /// The JetStream stream `publish` writes; the target's progress row says where to resume.
-    Stream(Box<crate::config::StreamConfig>),
+    Stream(Box<StreamFeeding>),
+}
+
+/// Reading the stream into production (`sync --from-stream`) or into any target up to the
+/// stream's end (`replay --from-stream`).
+struct StreamFeeding {
+    stream: crate::config::StreamConfig,
+    /// `replay --from-stream`: the target, which must have a progress row.
+    replay_to: Option<crate::pg::connect::Endpoint>,
 }
 
 impl Feeding {

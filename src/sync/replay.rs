@@ -7,7 +7,7 @@ use std::future::Future;
 use std::path::PathBuf;
 
 use super::until::parse_until;
-use super::{Feeding, SyncError, SyncOptions, SyncSummary, apply_loop};
+use super::{Feeding, StopAt, StreamFeeding, SyncError, SyncOptions, SyncSummary, apply_loop};
 use crate::config::{Config, DbConfig};
 use crate::pg::connect::Endpoint;
 use crate::spool::store::{self, SpoolError};
@@ -24,6 +24,8 @@ pub struct ReplayOptions {
     pub to: ReplayTo,
     /// `--until`: an LSN (`0/1A2B3C4`) or a time PostgreSQL reads as a `timestamptz`.
     pub until: Option<String>,
+    /// `--from-stream`: read the `[stream]` JetStream stream instead of the spool.
+    pub from_stream: bool,
 }
 
 pub(super) struct ReplayPlan {
@@ -41,6 +43,9 @@ pub async fn replay<S>(
 where
     S: Future<Output = ()>,
 {
+    if options.from_stream {
+        return replay_stream(config, options, shutdown).await;
+    }
     let Some(spool) = &config.spool else {
         return Err(SyncError::Replay(
             "replay reads the spool, and the config has no [spool] section: set [spool] dir to \
@@ -100,4 +105,38 @@ where
         ))),
         other => other,
     }
+}
+
+/// `replay --from-stream`: the target applies the stream from its own progress row to where
+/// the stream ended when the replay started (or `--until`), through a consumer of its own (the
+/// target's running consumer, if any, is left alone).
+async fn replay_stream<S>(
+    config: &Config,
+    options: &ReplayOptions,
+    shutdown: S,
+) -> Result<SyncSummary, SyncError>
+where
+    S: Future<Output = ()>,
+{
+    let mut stream = super::stream_config(config, "replay --from-stream")?.clone();
+    stream.consumer = format!("{}_replay", stream.consumer);
+    let target = match &options.to {
+        ReplayTo::Production => Endpoint::from_db_config(&config.production)?,
+        ReplayTo::Database(db) => Endpoint::from_db_config(db)?,
+    };
+    let until = match &options.until {
+        None => None,
+        Some(text) => Some(parse_until(text, &target).await?),
+    };
+    let sync_options = SyncOptions {
+        stop_at: Some(StopAt::CaughtUp),
+        until,
+        max_attempts: Some(5),
+        ..SyncOptions::default()
+    };
+    let feeding = Feeding::Stream(Box::new(StreamFeeding {
+        stream,
+        replay_to: Some(target),
+    }));
+    apply_loop(config, &sync_options, &feeding, shutdown).await
 }

@@ -174,6 +174,10 @@ where
     let staging = Endpoint::from_db_config(&config.staging)?;
     let target = match feeding {
         Feeding::Replay(plan) => plan.target.clone(),
+        Feeding::Stream(feeding) => match &feeding.replay_to {
+            Some(target) => target.clone(),
+            None => Endpoint::from_db_config(&config.production)?,
+        },
         _ => Endpoint::from_db_config(&config.production)?,
     };
     let s = staging
@@ -245,7 +249,7 @@ where
                 )));
             }
         }
-        (Feeding::Stream(_), _) if progress.is_none() => {
+        (Feeding::Stream(feeding), _) if progress.is_none() && feeding.replay_to.is_none() => {
             tracing::warn!(
                 "{} has no progress row for slot {}: reading the stream from its first message, \
                  as if the target held what staging had before it (seed it with `stagingprop copy` \
@@ -254,7 +258,7 @@ where
                 config.sync.slot
             );
         }
-        (Feeding::Replay(_), _) if progress.is_none() => {
+        (Feeding::Replay(_) | Feeding::Stream(_), _) if progress.is_none() => {
             return Err(SyncError::Replay(format!(
                 "{} has no row for slot {} in stagingprop.progress, so nothing says which staging \
                  transactions it already has: replay needs a target seeded by `stagingprop copy` \
@@ -267,12 +271,13 @@ where
     }
     // One NATS connection per session, for what the stream holds and for reading it.
     let stream_js = match feeding {
-        Feeding::Stream(stream) => Some(crate::stream::connect(stream).await?),
+        Feeding::Stream(feeding) => Some(crate::stream::connect(&feeding.stream).await?),
         _ => None,
     };
-    if let (Feeding::Stream(stream), Some(js), Some(StopAt::CaughtUp), None) =
+    if let (Feeding::Stream(feeding), Some(js), Some(StopAt::CaughtUp), None) =
         (feeding, &stream_js, options.stop_at, state.stop_lsn)
     {
+        let stream = &feeding.stream;
         // Caught up with the stream: everything it held whole when the run started.
         let opened = crate::stream::open_stream(js, stream).await?;
         let last = crate::stream::last_published(&opened, stream).await?;
@@ -405,7 +410,8 @@ where
                 Confirm::Nothing,
             )
         }
-        Feeding::Stream(stream) => {
+        Feeding::Stream(feeding) => {
+            let stream = &feeding.stream;
             let js = match stream_js {
                 Some(js) => js,
                 None => crate::stream::connect(stream).await?,
