@@ -11,7 +11,7 @@ use stagingprop::config::Config;
 use stagingprop::model::Lsn;
 use stagingprop::stream;
 use stagingprop::sync::{self, StopAt, SyncOptions};
-use support::nats::NatsServer;
+use support::nats::{NatsCluster, NatsServer};
 use support::{Lcg, Scratch, clusters, fresh_db, psql};
 
 const SCHEMA: &str = "
@@ -86,13 +86,13 @@ struct Fanout {
 }
 
 impl Fanout {
-    fn new(prefix: &str, nats: &NatsServer, stream_extra: &str) -> Fanout {
+    fn new(prefix: &str, nats_url: &str, stream_extra: &str) -> Fanout {
         let staging = fresh_db(&clusters().staging, prefix);
         psql(&clusters().staging, &staging, SCHEMA);
         Fanout {
             prefix: prefix.into(),
             staging,
-            nats_url: nats.url(),
+            nats_url: nats_url.to_owned(),
             spool: Scratch::new(&format!("{prefix}-spool")),
             stream_extra: stream_extra.into(),
         }
@@ -137,31 +137,33 @@ impl Fanout {
 }
 
 /// The end of the last transaction the stream holds whole.
-async fn published_end(config: &Config) -> Lsn {
+async fn published_end(config: &Config) -> Result<Lsn, stream::StreamError> {
     let stream_config = config.stream.as_ref().unwrap();
-    let js = stream::connect(stream_config).await.expect("connect");
-    let opened = stream::open_stream(&js, stream_config)
-        .await
-        .expect("stream");
-    let last = stream::last_published(&opened, stream_config)
-        .await
-        .expect("last message");
-    stream::publisher::Published::after(last, 0).end
+    let js = stream::connect(stream_config).await?;
+    let opened = stream::open_stream(&js, stream_config).await?;
+    let last = stream::last_published(&opened, stream_config).await?;
+    Ok(stream::publisher::Published::after(last, 0).end)
 }
 
-/// Waits (60 s at most) until the stream holds every transaction staging committed so far.
+/// Waits (120 s at most) until the stream holds every transaction staging committed so far
+/// (a server that does not answer, as while a cluster elects a leader, is asked again; the
+/// publisher's own retries back off up to 30 s).
 async fn wait_published(fanout: &Fanout, config: &Config) {
     let now: Lsn = fanout
         .on_staging("SELECT pg_current_wal_lsn()")
         .trim()
         .parse()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(120);
     // The publisher's heartbeats (every second while idle) commit past `now`.
-    while published_end(config).await < now {
+    loop {
+        let published = published_end(config).await;
+        if published.as_ref().is_ok_and(|end| *end >= now) {
+            return;
+        }
         assert!(
             Instant::now() < deadline,
-            "the stream did not reach staging's {now} within 60 s"
+            "the stream did not reach staging's {now} within 120 s (last: {published:?})"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -171,7 +173,7 @@ async fn wait_published(fanout: &Fanout, config: &Config) {
 async fn apply_stream(config: &Config) -> sync::SyncSummary {
     let options = SyncOptions {
         stop_at: Some(StopAt::CaughtUp),
-        max_attempts: Some(3),
+        max_attempts: Some(10),
         from_stream: true,
         ..Default::default()
     };
@@ -206,7 +208,7 @@ fn start_publisher(
 async fn three_targets_with_their_own_key_rules_each_apply_the_stream_exactly_once() {
     // A small max_payload: the big transaction goes out in many chunks.
     let nats = NatsServer::start("three", "max_payload: 65536");
-    let fanout = Fanout::new("fan_three", &nats, "chunk_bytes = 4096");
+    let fanout = Fanout::new("fan_three", &nats.url(), "chunk_bytes = 4096");
     let (a_db, a) = fanout.target("a", "");
     let (b_db, b) = fanout.target("b", "");
     let (c_db, c) = fanout.target(
@@ -297,7 +299,7 @@ async fn three_targets_with_their_own_key_rules_each_apply_the_stream_exactly_on
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_behind_the_streams_retention_stops_with_the_gap_error() {
     let nats = NatsServer::start("gap", "");
-    let fanout = Fanout::new("fan_gap", &nats, "");
+    let fanout = Fanout::new("fan_gap", &nats.url(), "");
     let (_, a) = fanout.target("a", "");
     stagingprop::ops::init::init(&a, &Default::default())
         .await
@@ -369,7 +371,7 @@ async fn a_target_behind_the_streams_retention_stops_with_the_gap_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_seeded_by_copy_while_publishing_runs_continues_from_its_hand_off() {
     let nats = NatsServer::start("seed", "");
-    let fanout = Fanout::new("fan_seed", &nats, "");
+    let fanout = Fanout::new("fan_seed", &nats.url(), "");
     let (a_db, a) = fanout.target("a", "");
     stagingprop::ops::init::init(&a, &Default::default())
         .await
@@ -437,10 +439,21 @@ async fn a_target_seeded_by_copy_while_publishing_runs_continues_from_its_hand_o
 async fn stream_commits(config: &Config) -> Vec<Lsn> {
     let mut stream_config = config.stream.clone().unwrap();
     stream_config.consumer = "audit".into();
-    let js = stream::connect(&stream_config).await.unwrap();
-    let mut reader = stream::reader::StreamReader::open(&js, &stream_config, None, Lsn::INVALID)
-        .await
-        .unwrap();
+    // A cluster electing a new leader does not answer for a while: ask again.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut reader = loop {
+        let opened = async {
+            let js = stream::connect(&stream_config).await?;
+            stream::reader::StreamReader::open(&js, &stream_config, None, Lsn::INVALID).await
+        };
+        match opened.await {
+            Ok(reader) => break reader,
+            Err(e) if e.is_transient() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("cannot read the stream back: {e}"),
+        }
+    };
     let mut commits = Vec::new();
     while let Ok(next) = tokio::time::timeout(Duration::from_secs(3), reader.next()).await {
         match next.expect("the stream reads back in order") {
@@ -457,7 +470,7 @@ async fn stream_commits(config: &Config) -> Vec<Lsn> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_the_publisher_and_a_nats_restart_lose_and_double_nothing() {
     let mut nats = NatsServer::start("kill", "max_payload: 65536");
-    let fanout = Fanout::new("fan_kill", &nats, "chunk_bytes = 2048");
+    let fanout = Fanout::new("fan_kill", &nats.url(), "chunk_bytes = 2048");
     let (a_db, a_text, a) = fanout.target_text("a", "");
     let (b_db, b) = fanout.target(
         "b",
@@ -546,7 +559,7 @@ async fn sigkill_of_the_publisher_and_a_nats_restart_lose_and_double_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_an_applier_loses_and_doubles_nothing() {
     let nats = NatsServer::start("applier", "max_payload: 65536");
-    let fanout = Fanout::new("fan_applier", &nats, "chunk_bytes = 2048");
+    let fanout = Fanout::new("fan_applier", &nats.url(), "chunk_bytes = 2048");
     let (a_db, a_text, a) = fanout.target_text(
         "a",
         &format!("key = {{ rule = \"offset\", offset = {OFFSET} }}"),
@@ -619,7 +632,7 @@ async fn sigkill_of_an_applier_loses_and_doubles_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_from_the_stream_brings_a_restored_backup_up_to_date() {
     let nats = NatsServer::start("replay", "");
-    let fanout = Fanout::new("fan_replay", &nats, "");
+    let fanout = Fanout::new("fan_replay", &nats.url(), "");
     let (a_db, a) = fanout.target("a", "");
     stagingprop::ops::init::init(&a, &Default::default())
         .await
@@ -705,6 +718,58 @@ async fn replay_from_the_stream_brings_a_restored_backup_up_to_date() {
     assert_eq!(fingerprint(production, &a_db, 0), staging, "target a");
     stop.send(()).unwrap();
     publisher.await.unwrap().expect("publish");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicated_stream_survives_a_node_killed_while_publishing() {
+    let mut cluster = NatsCluster::start("jsc", 3);
+    let fanout = Fanout::new(
+        "fan_cluster",
+        &cluster.url(),
+        "replicas = 3\nchunk_bytes = 4096",
+    );
+    let (a_db, a) = fanout.target("a", "");
+    stagingprop::ops::init::init(&a, &Default::default())
+        .await
+        .expect("init");
+    // publish creates the stream with three replicas once the cluster has elected its leader.
+    let (stop, publisher) = start_publisher(&a);
+    let staging_db = fanout.staging.clone();
+    let workload_thread = std::thread::spawn(move || {
+        let mut rng = Lcg(0xc105);
+        for round in 0..16u64 {
+            psql(
+                &clusters().staging,
+                &staging_db,
+                &workload(&mut rng, 1 + round * 100, 15),
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // One of the three servers dies mid-stream (with its replica of the stream).
+    cluster.servers[1].kill();
+    workload_thread.join().unwrap();
+    wait_published(&fanout, &a).await;
+    apply_stream(&a).await;
+    let staging = fingerprint(&clusters().staging, &fanout.staging, 0);
+    assert_eq!(fingerprint(&clusters().production, &a_db, 0), staging);
+    let info = {
+        let stream_config = a.stream.as_ref().unwrap();
+        let js = stream::connect(stream_config).await.unwrap();
+        let mut opened = stream::open_stream(&js, stream_config).await.unwrap();
+        opened.info().await.unwrap().clone()
+    };
+    assert_eq!(info.config.num_replicas, 3);
+    // Stopped first: its heartbeats would keep the audit reading.
+    stop.send(()).unwrap();
+    publisher.await.unwrap().expect("publish");
+    let commits = stream_commits(&a).await;
+    assert!(commits.len() > 50, "{} transactions", commits.len());
+    assert!(
+        commits.windows(2).all(|w| w[0] < w[1]),
+        "a transaction is in the stream twice or out of order"
+    );
 }
 
 trait ProductionDb {

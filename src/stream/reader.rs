@@ -20,6 +20,9 @@ use crate::pgoutput::LogicalMessage;
 /// How often the server tells an idle consumer it is still there.
 const HEARTBEAT: Duration = Duration::from_secs(5);
 
+/// How long opening the consumer may take.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The transaction being read: its commit LSN and the chunk expected next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Reading {
@@ -130,6 +133,25 @@ impl StreamReader {
         after_sequence: Option<u64>,
         covered: Lsn,
     ) -> Result<StreamReader, StreamError> {
+        // A cluster that lost its leader may not answer at all: a retry, not a hang.
+        tokio::time::timeout(
+            OPEN_TIMEOUT,
+            Self::open_now(js, config, after_sequence, covered),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(server_error(config, "opening this target's consumer")(
+                format!("no answer within {} s", OPEN_TIMEOUT.as_secs()),
+            ))
+        })
+    }
+
+    async fn open_now(
+        js: &jetstream::Context,
+        config: &StreamConfig,
+        after_sequence: Option<u64>,
+        covered: Lsn,
+    ) -> Result<StreamReader, StreamError> {
         let stream = open_stream(js, config).await?;
         let deliver_policy = match after_sequence {
             Some(sequence) => consumer::DeliverPolicy::ByStartSequence {
@@ -160,6 +182,9 @@ impl StreamReader {
                 deliver_policy,
                 ack_policy: consumer::AckPolicy::None,
                 filter_subject: config.subject.clone(),
+                // Its state is only a position for monitoring: one replica, so a target keeps
+                // reading while a server of a replicated stream is down.
+                num_replicas: 1,
                 ..Default::default()
             })
             .await

@@ -42,14 +42,17 @@ fn free_port() -> u16 {
 impl NatsServer {
     /// Starts a server; `extra` is appended to its configuration file (e.g. `max_payload`).
     pub fn start(name: &str, extra: &str) -> NatsServer {
+        NatsServer::start_on(name, free_port(), extra)
+    }
+
+    /// Starts a server listening on `port`.
+    fn start_on(name: &str, port: u16, extra: &str) -> NatsServer {
         let dir = std::env::temp_dir().join(format!(
-            "stagingprop-nats-{name}-{}-{}",
-            std::process::id(),
-            free_port()
+            "stagingprop-nats-{name}-{}-{port}",
+            std::process::id()
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let port = free_port();
         let config = dir.join("nats.conf");
         std::fs::write(
             &config,
@@ -119,9 +122,45 @@ impl NatsServer {
     }
 }
 
+/// A JetStream cluster of `size` servers on loopback, routed to each other.
+pub struct NatsCluster {
+    pub servers: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    pub fn start(name: &str, size: usize) -> NatsCluster {
+        let client_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let route_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let routes: Vec<String> = route_ports
+            .iter()
+            .map(|p| format!("nats-route://127.0.0.1:{p}"))
+            .collect();
+        let servers = (0..size)
+            .map(|i| {
+                let extra = format!(
+                    "server_name: {name}{i}\ncluster {{\n  name: {name}\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+                    route_ports[i],
+                    routes.join(", ")
+                );
+                NatsServer::start_on(&format!("{name}{i}"), client_ports[i], &extra)
+            })
+            .collect();
+        NatsCluster { servers }
+    }
+
+    /// Every server's address, comma-separated (as `[stream] url` takes them).
+    pub fn url(&self) -> String {
+        let urls: Vec<String> = self.servers.iter().map(NatsServer::url).collect();
+        urls.join(",")
+    }
+}
+
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // STAGINGPROP_KEEP_NATS=1 keeps the server's log and store for a look after a failure.
+        if std::env::var_os("STAGINGPROP_KEEP_NATS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
