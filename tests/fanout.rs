@@ -20,6 +20,10 @@ CREATE TABLE offer (offer_id bigint PRIMARY KEY,
   catentry_id bigint NOT NULL REFERENCES catentry ON DELETE CASCADE, note text);
 ";
 
+/// The tests of this file run one at a time: each starts NATS servers, clusters and processes
+/// that share two cores, and a JetStream cluster starved of CPU may not elect its leader.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// How far catentry keys move on the target with the `offset` rule.
 const OFFSET: i64 = 1_000_000;
 
@@ -206,6 +210,7 @@ fn start_publisher(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_targets_with_their_own_key_rules_each_apply_the_stream_exactly_once() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     // A small max_payload: the big transaction goes out in many chunks.
     let nats = NatsServer::start("three", "max_payload: 65536");
     let fanout = Fanout::new("fan_three", &nats.url(), "chunk_bytes = 4096");
@@ -298,6 +303,7 @@ async fn three_targets_with_their_own_key_rules_each_apply_the_stream_exactly_on
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_behind_the_streams_retention_stops_with_the_gap_error() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let nats = NatsServer::start("gap", "");
     let fanout = Fanout::new("fan_gap", &nats.url(), "");
     let (_, a) = fanout.target("a", "");
@@ -370,6 +376,7 @@ async fn a_target_behind_the_streams_retention_stops_with_the_gap_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_seeded_by_copy_while_publishing_runs_continues_from_its_hand_off() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let nats = NatsServer::start("seed", "");
     let fanout = Fanout::new("fan_seed", &nats.url(), "");
     let (a_db, a) = fanout.target("a", "");
@@ -469,6 +476,7 @@ async fn stream_commits(config: &Config) -> Vec<Lsn> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_the_publisher_and_a_nats_restart_lose_and_double_nothing() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let mut nats = NatsServer::start("kill", "max_payload: 65536");
     let fanout = Fanout::new("fan_kill", &nats.url(), "chunk_bytes = 2048");
     let (a_db, a_text, a) = fanout.target_text("a", "");
@@ -558,6 +566,7 @@ async fn sigkill_of_the_publisher_and_a_nats_restart_lose_and_double_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_an_applier_loses_and_doubles_nothing() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let nats = NatsServer::start("applier", "max_payload: 65536");
     let fanout = Fanout::new("fan_applier", &nats.url(), "chunk_bytes = 2048");
     let (a_db, a_text, a) = fanout.target_text(
@@ -631,6 +640,7 @@ async fn sigkill_of_an_applier_loses_and_doubles_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_from_the_stream_brings_a_restored_backup_up_to_date() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let nats = NatsServer::start("replay", "");
     let fanout = Fanout::new("fan_replay", &nats.url(), "");
     let (a_db, a) = fanout.target("a", "");
@@ -722,7 +732,9 @@ async fn replay_from_the_stream_brings_a_restored_backup_up_to_date() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replicated_stream_survives_a_node_killed_while_publishing() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let mut cluster = NatsCluster::start("jsc", 3);
+    wait_for_jetstream(&mut cluster).await;
     let fanout = Fanout::new(
         "fan_cluster",
         &cluster.url(),
@@ -770,6 +782,44 @@ async fn a_replicated_stream_survives_a_node_killed_while_publishing() {
         commits.windows(2).all(|w| w[0] < w[1]),
         "a transaction is in the stream twice or out of order"
     );
+}
+
+/// Waits until the cluster's JetStream answers (it has elected its metadata leader); a cluster
+/// that has not after 30 s is started again, once.
+async fn wait_for_jetstream(cluster: &mut NatsCluster) {
+    for attempt in 0..2 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let url = cluster.url();
+            let answered = async {
+                let servers: Vec<async_nats::ServerAddr> =
+                    url.split(',').filter_map(|u| u.parse().ok()).collect();
+                let client = async_nats::connect(servers).await.ok()?;
+                async_nats::jetstream::new(client)
+                    .query_account()
+                    .await
+                    .ok()
+            };
+            if tokio::time::timeout(Duration::from_secs(5), answered)
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        if attempt == 0 {
+            for server in &mut cluster.servers {
+                server.kill();
+            }
+            for server in &mut cluster.servers {
+                server.restart();
+            }
+        }
+    }
+    panic!("the JetStream cluster elected no leader (twice 30 s)");
 }
 
 trait ProductionDb {

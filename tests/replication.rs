@@ -386,13 +386,20 @@ async fn decodes_every_change_shape_from_a_real_server() {
         .collect();
     assert!(emitted.contains(&(true, "stagingprop-test".into(), b"hello".to_vec())));
 
-    // Origin and Type messages, and the enum value as text.
+    // Origin and Type messages, and the enum value as text. PostgreSQL 14's pgoutput sends no
+    // Origin message for this transaction (seen with 14.23; 15 to 18 send it).
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let origin = changes.iter().any(|m| {
+        matches!(m, LogicalMessage::Origin { commit_lsn, name }
+            if *commit_lsn == Lsn(0xAABBCC) && name == "shapes_origin")
+    });
     assert!(
-        changes
-            .iter()
-            .any(|m| matches!(m, LogicalMessage::Origin { commit_lsn, name }
-            if *commit_lsn == Lsn(0xAABBCC) && name == "shapes_origin")),
-        "no Origin message"
+        origin || version < 150000,
+        "no Origin message (server {version})"
     );
     assert!(
         messages.iter().any(
