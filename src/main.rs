@@ -15,7 +15,6 @@ use stagingprop::ops::status::{Thresholds, render, status};
 use stagingprop::ops::tail::{TailOptions, tail};
 use stagingprop::ops::verify::{VerifyOptions, render as render_diffs, verify};
 use stagingprop::pg::connect::{Endpoint, EndpointError};
-use stagingprop::pg::replication::ReplicationError;
 use stagingprop::state::quarantine::Selection;
 use stagingprop::sync::{self, ReplayOptions, ReplayTo, StopAt, SyncError, SyncOptions};
 
@@ -845,6 +844,8 @@ fn sync_failure(error: SyncError) -> Failure {
         SyncError::Apply(
             ApplyError::Conflict { .. } | ApplyError::Remap(RemapError::UnmappedReference(_)),
         ) => exit::CONFLICT,
+        SyncError::Replication(e) if e.is_unreachable() => exit::UNREACHABLE,
+        SyncError::Database { source, .. } if source.refused => exit::UNREACHABLE,
         SyncError::Slot(_) | SyncError::Replication(_) | SyncError::Protocol(_) => {
             exit::REPLICATION
         }
@@ -868,7 +869,10 @@ fn copy_failure(error: CopyError) -> Failure {
     let code = match &error {
         CopyError::Endpoint(_) => exit::CONFIG,
         CopyError::Schema(_) | CopyError::Rules(_) => exit::SCHEMA,
-        CopyError::Database { source, .. } if source.transient => exit::UNREACHABLE,
+        CopyError::Database { source, .. } if source.transient || source.refused => {
+            exit::UNREACHABLE
+        }
+        CopyError::Replication(e) if e.is_unreachable() => exit::UNREACHABLE,
         CopyError::Replication(_) => exit::REPLICATION,
         _ => exit::FAILED,
     };
@@ -894,17 +898,8 @@ fn ops_failure(error: OpsError) -> Failure {
         OpsError::Endpoint(EndpointError::Config(_)) | OpsError::Endpoint(_) => exit::CONFIG,
         OpsError::Connect { .. } => exit::UNREACHABLE,
         OpsError::ChecksFailed { .. } => exit::CHECKS,
-        OpsError::Replication(e) => match e {
-            ReplicationError::Connect { .. }
-            | ReplicationError::ConnectTimeout { .. }
-            | ReplicationError::TlsRefused { .. }
-            | ReplicationError::Tls { .. }
-            | ReplicationError::PasswordMissing { .. }
-            | ReplicationError::UnsupportedAuth { .. }
-            | ReplicationError::AuthFailed { .. }
-            | ReplicationError::Scram { .. } => exit::UNREACHABLE,
-            _ => exit::REPLICATION,
-        },
+        OpsError::Replication(e) if e.is_unreachable() => exit::UNREACHABLE,
+        OpsError::Replication(_) => exit::REPLICATION,
         _ => exit::FAILED,
     };
     with_sqlstate(code, error.to_string(), error.sqlstate())

@@ -577,3 +577,103 @@ async fn client_certificates_authenticate_both_kinds_of_connection() {
     drop(cluster);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A refused login (a wrong password, or TLS the server does not offer) is exit 3 for every
+/// command that connects, whichever side refuses, and the message says who refused what.
+#[test]
+fn every_command_reports_a_refused_login_as_exit_3() {
+    let c = clusters();
+    let dir = scratch("refused");
+    let config = dir.join("stagingprop.toml");
+    let staging_ok = format!(
+        "url = \"{}\"\nsslmode = \"disable\"",
+        c.staging.conninfo("postgres", "postgres")
+    );
+    let production_ok = format!(
+        "url = \"{}\"\nsslmode = \"disable\"",
+        c.production.conninfo("postgres", "postgres")
+    );
+    let wrong_password = |cluster: &LocalCluster| {
+        format!(
+            "url = \"{}\"\npassword_env = \"STAGINGPROP_TEST_PW\"\nsslmode = \"disable\"",
+            cluster.conninfo("postgres", SCRAM_USER)
+        )
+    };
+    // The test clusters have no certificates: requiring TLS is refused.
+    let no_tls = |cluster: &LocalCluster| {
+        format!(
+            "url = \"{}\"\nsslmode = \"require\"",
+            cluster.conninfo("postgres", "postgres")
+        )
+    };
+    let cases = [
+        (
+            "staging password",
+            wrong_password(&c.staging),
+            production_ok.clone(),
+            "password authentication failed",
+        ),
+        (
+            "production password",
+            staging_ok.clone(),
+            wrong_password(&c.production),
+            "password authentication failed",
+        ),
+        (
+            "staging TLS",
+            no_tls(&c.staging),
+            production_ok.clone(),
+            "TLS",
+        ),
+        (
+            "production TLS",
+            staging_ok.clone(),
+            no_tls(&c.production),
+            "TLS",
+        ),
+    ];
+    for (case, staging, production, says) in cases {
+        std::fs::write(
+            &config,
+            format!(
+                "[staging]\n{staging}\n[production]\n{production}\n\
+                 [sync]\nslot = \"refused\"\npublication = \"refused\"\n\
+                 [[tables]]\nname = \"public.t\"\n"
+            ),
+        )
+        .unwrap();
+        for args in [
+            &["init"][..],
+            &["sync", "--until-caught-up"],
+            &["copy", "--from", "staging", "--to", "production"],
+            &["status"],
+            &["verify"],
+        ] {
+            let out = Command::new(env!("CARGO_BIN_EXE_stagingprop"))
+                .arg("--config")
+                .arg(&config)
+                .args(args)
+                .env("STAGINGPROP_TEST_PW", "not the password")
+                .stdin(std::process::Stdio::null())
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(3),
+                "{case}: `{}` exits 3:\n{err}",
+                args.join(" ")
+            );
+            assert!(
+                err.contains(says),
+                "{case}: `{}` says {says:?}:\n{err}",
+                args.join(" ")
+            );
+            assert!(
+                !err.contains("not the password"),
+                "{case}: the password leaked:\n{err}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

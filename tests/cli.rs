@@ -746,3 +746,50 @@ fn metrics_endpoint_shows_applied_rows() {
         "{last}"
     );
 }
+
+/// `sync`'s exit codes for what stops it for good: a missing slot (5), tables that differ (6),
+/// a conflict under `on_conflict = "error"` (7); each message names the thing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_exit_codes_name_what_stopped_it() {
+    let schema = "CREATE TABLE t (id int PRIMARY KEY, v text);";
+    let sync = |pair: &support::Pair, name: &str| {
+        let scratch = Scratch::new(name);
+        let config = pair.write_config(&scratch.0);
+        run(&config, &["sync", "--until-caught-up"])
+    };
+
+    let pair = support::PairBuilder::new("exit_slot", schema)
+        .table("public.t", "")
+        .init()
+        .await;
+    pair.on_staging("SELECT pg_drop_replication_slot('exit_slot')");
+    let (code, _, stderr) = sync(&pair, "exit-slot");
+    assert_eq!(code, 5, "a missing slot is exit 5: {stderr}");
+    assert!(stderr.contains("exit_slot"), "{stderr}");
+
+    let pair = support::PairBuilder::new("exit_schema", schema)
+        .table("public.t", "")
+        .init()
+        .await;
+    pair.on_production("ALTER TABLE t DROP COLUMN v");
+    pair.on_staging("INSERT INTO t VALUES (1, 'a')");
+    let (code, _, stderr) = sync(&pair, "exit-schema");
+    assert_eq!(code, 6, "tables that differ are exit 6: {stderr}");
+    assert!(stderr.contains("\"v\"") || stderr.contains(" v "), "{stderr}");
+    assert_eq!(pair.on_production("SELECT count(*) FROM t").trim(), "0");
+
+    let pair = support::PairBuilder::new("exit_conflict", schema)
+        .table("public.t", "on_conflict = \"error\"")
+        .init()
+        .await;
+    pair.on_production("INSERT INTO t VALUES (1, 'production''s own')");
+    pair.on_staging("INSERT INTO t VALUES (1, 'staging''s'); INSERT INTO t VALUES (2, 'b')");
+    let (code, _, stderr) = sync(&pair, "exit-conflict");
+    assert_eq!(code, 7, "a conflict under on_conflict = error is exit 7: {stderr}");
+    assert!(stderr.contains("public.t"), "{stderr}");
+    assert_eq!(
+        pair.on_production("SELECT string_agg(v, ',') FROM t").trim(),
+        "production's own",
+        "nothing of the batch was applied"
+    );
+}

@@ -36,6 +36,7 @@ const DEFAULT_BATCH_MAX_BYTES: usize = 64 * 1024 * 1024;
 const DEFAULT_BATCH_MAX_DELAY_MS: u64 = 100;
 const DEFAULT_HEARTBEAT_INTERVAL_SECS: u64 = 10;
 const DEFAULT_STATUS_INTERVAL_SECS: u64 = 10;
+const DEFAULT_RECEIVE_TIMEOUT_SECS: u64 = 60;
 const DEFAULT_CONNECT_TIMEOUT_SECS: u64 = 10;
 
 /// PostgreSQL's `NAMEDATALEN - 1`: the longest identifier the server keeps without truncating.
@@ -160,6 +161,10 @@ pub struct SyncConfig {
     pub batch_max_delay_ms: u64,
     pub heartbeat_interval_secs: u64,
     pub status_interval_secs: u64,
+    /// A replication stream on which staging sends nothing, not even a keepalive, for this long
+    /// is given up as dead (like PostgreSQL's `wal_receiver_timeout`); at half of it staging is
+    /// asked for a keepalive.
+    pub receive_timeout_secs: u64,
     /// Ask staging to stream large transactions while they are in progress, and apply them
     /// as they arrive (in a production session of their own, committed with them).
     pub streaming: bool,
@@ -226,6 +231,7 @@ impl Default for SyncConfig {
             batch_max_delay_ms: DEFAULT_BATCH_MAX_DELAY_MS,
             heartbeat_interval_secs: DEFAULT_HEARTBEAT_INTERVAL_SECS,
             status_interval_secs: DEFAULT_STATUS_INTERVAL_SECS,
+            receive_timeout_secs: DEFAULT_RECEIVE_TIMEOUT_SECS,
             streaming: true,
             notify_channel: DEFAULT_NOTIFY_CHANNEL.into(),
             after_batch_sql: None,

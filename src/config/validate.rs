@@ -64,6 +64,7 @@ struct RawSync {
     batch_max_delay_ms: Option<u64>,
     heartbeat_interval_secs: Option<u64>,
     status_interval_secs: Option<u64>,
+    receive_timeout_secs: Option<u64>,
     streaming: Option<bool>,
     notify_channel: Option<String>,
     after_batch_sql: Option<String>,
@@ -779,6 +780,10 @@ impl Validator<'_> {
             .status_interval_secs
             .unwrap_or(defaults.status_interval_secs);
         at_least_one("status_interval_secs", status_interval_secs)?;
+        let receive_timeout_secs = raw
+            .receive_timeout_secs
+            .unwrap_or(defaults.receive_timeout_secs);
+        at_least_one("receive_timeout_secs", receive_timeout_secs)?;
         let streaming = raw.streaming.unwrap_or(defaults.streaming);
         let notify_channel = raw.notify_channel.unwrap_or(defaults.notify_channel);
         if let Err(problem) = check_slot_name(&notify_channel) {
@@ -801,6 +806,7 @@ impl Validator<'_> {
                 .unwrap_or(defaults.batch_max_delay_ms),
             heartbeat_interval_secs,
             status_interval_secs,
+            receive_timeout_secs,
         })
     }
 

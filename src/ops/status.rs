@@ -95,9 +95,13 @@ pub async fn status(config: &Config, thresholds: &Thresholds) -> Result<Status, 
     let staging = Endpoint::from_db_config(&config.staging)?;
     let production = Endpoint::from_db_config(&config.production)?;
     let s = connect(&staging).await?;
-    // Production down is what the slot and the spool are for: report them anyway.
+    // Production down is what the slot and the spool are for: report them anyway. A login it
+    // refuses is not an outage but settings to fix, and fails like any command's (exit 3).
     let (p, production_down) = match connect(&production).await {
         Ok(p) => (Some(p), None),
+        Err(OpsError::Connect { target, source }) if source.refused => {
+            return Err(OpsError::Connect { target, source });
+        }
         Err(e) => (None, Some(e)),
     };
     let slot_name = &config.sync.slot;

@@ -1,6 +1,8 @@
 //! Talking to PostgreSQL: where a database is and how to reach it ([`connect`]), TLS ([`tls`]),
-//! the replication connection ([`replication`]) and its sans-IO framing ([`frames`]).
+//! the replication connection ([`replication`]) and its sans-IO parts: backend messages
+//! ([`backend`]) and the CopyData frames of the stream ([`frames`]).
 
+pub mod backend;
 pub mod connect;
 pub mod frames;
 pub mod replication;
@@ -36,7 +38,7 @@ impl std::error::Error for ServerError {}
 impl ServerError {
     /// Parses an ErrorResponse or NoticeResponse body: (Byte1 field type, String value)* then NUL.
     /// Lenient by design: a malformed body still yields an error to report.
-    pub(crate) fn parse(mut body: &[u8]) -> ServerError {
+    pub fn parse(mut body: &[u8]) -> ServerError {
         let mut err = ServerError {
             severity: "ERROR".into(),
             code: "XX000".into(),
@@ -87,6 +89,10 @@ pub struct QueryError {
     /// The connection broke or the server is shutting down or restarting: trying again later,
     /// on a new connection, may succeed.
     pub transient: bool,
+    /// The server would not let us in: authentication failed (SQLSTATE class 28), TLS could not
+    /// be set up, or it asked for a password none is configured for. Not transient: trying again
+    /// with the same settings fails the same way.
+    pub refused: bool,
 }
 
 impl QueryError {
@@ -105,23 +111,32 @@ impl QueryError {
                 text
             }
         };
-        let transient = match &server {
-            // 08: connection exception; 57P01-57P03: shutdown, crash, starting up;
-            // 40001/40P01: serialization failure, deadlock; 53300: too many connections.
-            Some(s) => {
-                s.code.starts_with("08")
-                    || matches!(
-                        s.code.as_str(),
-                        "57P01" | "57P02" | "57P03" | "40001" | "40P01" | "53300"
-                    )
-            }
-            None => true,
-        };
+        // tokio-postgres has no public error kind; these are its words for a failed TLS
+        // set-up and for a password the server asks for but the config lacks.
+        let client_refused = server.is_none()
+            && ["error performing TLS handshake", "password missing"]
+                .iter()
+                .any(|words| reason.contains(words));
+        let refused = client_refused || server.as_ref().is_some_and(|s| s.code.starts_with("28"));
+        let transient = !refused
+            && match &server {
+                // 08: connection exception; 57P01-57P03: shutdown, crash, starting up;
+                // 40001/40P01: serialization failure, deadlock; 53300: too many connections.
+                Some(s) => {
+                    s.code.starts_with("08")
+                        || matches!(
+                            s.code.as_str(),
+                            "57P01" | "57P02" | "57P03" | "40001" | "40P01" | "53300"
+                        )
+                }
+                None => true,
+            };
         QueryError {
             what: what.into(),
             reason,
             server,
             transient,
+            refused,
         }
     }
 

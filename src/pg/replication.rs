@@ -13,9 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-#[cfg(test)]
-use bytes::BufMut;
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
 use postgres_protocol::message::frontend;
@@ -25,6 +23,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::ServerError;
+use super::backend::{self, AuthRequest, Frame};
 use super::connect::{Endpoint, TlsPolicy};
 use super::frames::{self, FrameError, ServerCopyData, StandbyStatus};
 use crate::model::{Lsn, PgTimestamp};
@@ -97,9 +96,36 @@ pub enum ReplicationError {
     },
     #[error("{target} closed the connection")]
     Closed { target: String },
+    #[error(
+        "{target} sent nothing for {secs} s, not even the keepalive asked for; the server or the \
+         network is stuck (raise [sync] receive_timeout_secs if it is only slow)"
+    )]
+    Silent { target: String, secs: f64 },
 }
 
 impl ReplicationError {
+    /// The server would not let us in (authentication or TLS); trying again will not help.
+    pub fn is_refused(&self) -> bool {
+        matches!(
+            self,
+            ReplicationError::TlsRefused { .. }
+                | ReplicationError::Tls { .. }
+                | ReplicationError::PasswordMissing { .. }
+                | ReplicationError::UnsupportedAuth { .. }
+                | ReplicationError::AuthFailed { .. }
+                | ReplicationError::Scram { .. }
+        )
+    }
+
+    /// The server could not be reached, or would not let us in.
+    pub fn is_unreachable(&self) -> bool {
+        self.is_refused()
+            || matches!(
+                self,
+                ReplicationError::Connect { .. } | ReplicationError::ConnectTimeout { .. }
+            )
+    }
+
     /// The server's SQLSTATE, when the server reported the error.
     pub fn sqlstate(&self) -> Option<&str> {
         match self {
@@ -113,40 +139,6 @@ impl ReplicationError {
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
-/// One backend message: its tag and body (without the length word).
-struct BackendFrame {
-    tag: u8,
-    body: Bytes,
-}
-
-/// Takes one complete backend message off the front of `buf`, or `None` if it is not all there.
-fn take_frame(buf: &mut BytesMut) -> Result<Option<BackendFrame>, String> {
-    if buf.len() < 5 {
-        return Ok(None);
-    }
-    let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
-    if len < 4 {
-        return Err(format!("message length {len} is invalid"));
-    }
-    let total = 1 + len as usize;
-    if buf.len() < total {
-        buf.reserve(total - buf.len());
-        return Ok(None);
-    }
-    let mut frame = buf.split_to(total).freeze();
-    let tag = frame[0];
-    frame.advance(5);
-    Ok(Some(BackendFrame { tag, body: frame }))
-}
-
-/// Reads a NUL-terminated string off `body`.
-fn take_cstr(body: &mut Bytes) -> Option<String> {
-    let end = body.iter().position(|&b| b == 0)?;
-    let s = String::from_utf8_lossy(&body[..end]).into_owned();
-    body.advance(end + 1);
-    Some(s)
-}
 
 /// Result of a simple query on the replication connection: column names and text rows.
 #[derive(Debug, Default, Clone)]
@@ -205,6 +197,8 @@ pub struct PgOutputOptions {
     pub streaming: bool,
     /// How often a standby status update is sent even when nothing changed.
     pub status_interval: Duration,
+    /// Silence after which the stream is given up (see `[sync] receive_timeout_secs`).
+    pub receive_timeout: Duration,
 }
 
 impl PgOutputOptions {
@@ -216,6 +210,7 @@ impl PgOutputOptions {
             messages: true,
             streaming: false,
             status_interval: Duration::from_secs(10),
+            receive_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -345,11 +340,8 @@ impl ReplicationClient {
             let frame = self.read_frame().await?;
             match frame.tag {
                 b'R' => {
-                    let mut body = frame.body;
-                    if body.len() < 4 {
-                        return Err(self.protocol("short authentication request".into()));
-                    }
-                    let code = body.get_i32();
+                    let request =
+                        AuthRequest::parse(frame.body).map_err(|e| self.protocol(e.to_string()))?;
                     let need_password = || {
                         password
                             .clone()
@@ -358,31 +350,20 @@ impl ReplicationClient {
                                 user: user.clone(),
                             })
                     };
-                    match code {
-                        0 => break,
-                        3 => {
+                    match request {
+                        AuthRequest::Ok => break,
+                        AuthRequest::Cleartext => {
                             let pw = need_password()?;
                             frontend::password_message(&pw, &mut self.outbuf)
                                 .map_err(|e| self.protocol(e.to_string()))?;
                         }
-                        5 => {
-                            if body.len() < 4 {
-                                return Err(self.protocol("short md5 salt".into()));
-                            }
+                        AuthRequest::Md5 { salt } => {
                             let pw = need_password()?;
-                            let salt = [body[0], body[1], body[2], body[3]];
                             let hashed = md5_hash(user.as_bytes(), &pw, salt);
                             frontend::password_message(hashed.as_bytes(), &mut self.outbuf)
                                 .map_err(|e| self.protocol(e.to_string()))?;
                         }
-                        10 => {
-                            let mut mechanisms = Vec::new();
-                            while let Some(m) = take_cstr(&mut body) {
-                                if m.is_empty() {
-                                    break;
-                                }
-                                mechanisms.push(m);
-                            }
+                        AuthRequest::Sasl { mechanisms } => {
                             if !mechanisms.iter().any(|m| m == SCRAM_SHA_256) {
                                 return Err(ReplicationError::UnsupportedAuth {
                                     target: self.target.clone(),
@@ -400,7 +381,7 @@ impl ReplicationClient {
                             .map_err(|e| self.protocol(e.to_string()))?;
                             scram = Some(state);
                         }
-                        11 => {
+                        AuthRequest::SaslContinue(body) => {
                             let state = scram.as_mut().ok_or_else(|| {
                                 self.protocol("SASL continue without SASL start".into())
                             })?;
@@ -413,7 +394,7 @@ impl ReplicationClient {
                             frontend::sasl_response(state.message(), &mut self.outbuf)
                                 .map_err(|e| self.protocol(e.to_string()))?;
                         }
-                        12 => {
+                        AuthRequest::SaslFinal(body) => {
                             let state = scram.as_mut().ok_or_else(|| {
                                 self.protocol("SASL final without SASL start".into())
                             })?;
@@ -425,10 +406,10 @@ impl ReplicationClient {
                                 })?;
                             continue;
                         }
-                        other => {
+                        AuthRequest::Other(code) => {
                             return Err(ReplicationError::UnsupportedAuth {
                                 target: self.target.clone(),
-                                method: auth_method_name(other).to_owned(),
+                                method: backend::auth_method_name(code).to_owned(),
                             });
                         }
                     }
@@ -452,14 +433,14 @@ impl ReplicationClient {
         }
         // After AuthenticationOk: parameters, key data, then ReadyForQuery (or a startup error).
         loop {
-            let mut frame = self.read_frame().await?;
+            let frame = self.read_frame().await?;
             match frame.tag {
                 b'Z' => return Ok(()),
                 b'S' => {
-                    let name = take_cstr(&mut frame.body).unwrap_or_default();
-                    let value = take_cstr(&mut frame.body).unwrap_or_default();
-                    if name == "server_version" {
-                        self.server_version_num = parse_server_version(&value);
+                    if let Some((name, value)) = backend::parameter_status(frame.body)
+                        && name == "server_version"
+                    {
+                        self.server_version_num = backend::server_version_num(&value);
                     }
                 }
                 b'E' => {
@@ -492,11 +473,11 @@ impl ReplicationClient {
         let mut result = QueryResult::default();
         let mut error = None;
         loop {
-            let mut frame = self.read_frame().await?;
+            let frame = self.read_frame().await?;
             match frame.tag {
-                b'T' => result.columns = parse_row_description(&mut frame.body),
+                b'T' => result.columns = backend::row_description(frame.body),
                 b'D' => result.rows.push(
-                    parse_data_row(&mut frame.body)
+                    backend::data_row(frame.body)
                         .ok_or_else(|| self.protocol("malformed DataRow".into()))?,
                 ),
                 b'E' => error = Some(Box::new(ServerError::parse(&frame.body))),
@@ -657,6 +638,9 @@ impl ReplicationClient {
             shared: shared.clone(),
             received: Lsn::INVALID,
             status_interval: options.status_interval,
+            receive_timeout: options.receive_timeout,
+            last_heard: tokio::time::Instant::now(),
+            pinged: false,
         };
         let driver = tokio::spawn(driver.run());
         Ok(ReplicationStream {
@@ -704,7 +688,7 @@ impl ReplicationClient {
     }
 
     /// Reads until one whole message is buffered.
-    async fn read_frame(&mut self) -> Result<BackendFrame, ReplicationError> {
+    async fn read_frame(&mut self) -> Result<Frame, ReplicationError> {
         loop {
             if let Some(frame) = self.try_frame()? {
                 return Ok(frame);
@@ -713,8 +697,8 @@ impl ReplicationClient {
         }
     }
 
-    fn try_frame(&mut self) -> Result<Option<BackendFrame>, ReplicationError> {
-        take_frame(&mut self.inbuf).map_err(|detail| self.protocol(detail))
+    fn try_frame(&mut self) -> Result<Option<Frame>, ReplicationError> {
+        backend::take_frame(&mut self.inbuf).map_err(|e| self.protocol(e.to_string()))
     }
 
     async fn fill(&mut self) -> Result<(), ReplicationError> {
@@ -735,76 +719,8 @@ impl ReplicationClient {
     }
 }
 
-fn auth_method_name(code: i32) -> &'static str {
-    match code {
-        2 => "Kerberos V5",
-        6 => "SCM credentials",
-        7 | 8 => "GSSAPI",
-        9 => "SSPI",
-        _ => "unknown",
-    }
-}
-
 fn first_word(command: &str) -> String {
     command.split_whitespace().next().unwrap_or("").to_owned()
-}
-
-/// "15.8 (Debian 15.8-1)" -> 150008; "9.6.3" -> 90603.
-fn parse_server_version(value: &str) -> u32 {
-    let numeric: String = value
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || *c == '.')
-        .collect();
-    let mut parts = numeric.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-    let major = parts.next().unwrap_or(0);
-    let second = parts.next().unwrap_or(0);
-    if major >= 10 {
-        major * 10000 + second
-    } else {
-        major * 10000 + second * 100 + parts.next().unwrap_or(0)
-    }
-}
-
-fn parse_row_description(body: &mut Bytes) -> Vec<String> {
-    if body.len() < 2 {
-        return Vec::new();
-    }
-    let count = body.get_i16().max(0) as usize;
-    let mut names = Vec::with_capacity(count.min(64));
-    for _ in 0..count {
-        let Some(name) = take_cstr(body) else { break };
-        names.push(name);
-        if body.len() < 18 {
-            break;
-        }
-        body.advance(18);
-    }
-    names
-}
-
-fn parse_data_row(body: &mut Bytes) -> Option<Vec<Option<String>>> {
-    if body.len() < 2 {
-        return None;
-    }
-    let count = body.get_i16().max(0) as usize;
-    let mut values = Vec::with_capacity(count.min(64));
-    for _ in 0..count {
-        if body.len() < 4 {
-            return None;
-        }
-        let len = body.get_i32();
-        if len < 0 {
-            values.push(None);
-            continue;
-        }
-        let len = len as usize;
-        if body.len() < len {
-            return None;
-        }
-        values.push(Some(String::from_utf8_lossy(&body[..len]).into_owned()));
-        body.advance(len);
-    }
-    Some(values)
 }
 
 /// One XLogData message as received: where it is in the WAL and its undecoded payload.
@@ -988,6 +904,11 @@ struct Driver {
     shared: Arc<StreamShared>,
     received: Lsn,
     status_interval: Duration,
+    receive_timeout: Duration,
+    /// When the server last sent anything (or the driver last stopped reading to deliver).
+    last_heard: tokio::time::Instant,
+    /// Whether a keepalive was asked for since then.
+    pinged: bool,
 }
 
 /// Why the driver's wait ended.
@@ -995,6 +916,7 @@ enum Wake {
     Read(Result<(), ReplicationError>),
     Tick,
     FlushChanged(bool),
+    Silence,
     Stop,
 }
 
@@ -1109,14 +1031,35 @@ impl Driver {
             {
                 return self.finish().await;
             }
+            // Half the timeout without a word: ask for a keepalive; the whole: give up.
+            let silence = if self.pinged {
+                self.receive_timeout
+            } else {
+                self.receive_timeout / 2
+            };
             let wake = tokio::select! {
                 r = self.client.fill() => Wake::Read(r),
+                _ = tokio::time::sleep_until(self.last_heard + silence) => Wake::Silence,
                 _ = ticker.tick() => Wake::Tick,
                 r = self.flushed.changed(), if flush_open => Wake::FlushChanged(r.is_ok()),
                 _ = self.shared.stop.notified() => Wake::Stop,
             };
             match wake {
-                Wake::Read(r) => r?,
+                Wake::Read(r) => {
+                    r?;
+                    self.last_heard = tokio::time::Instant::now();
+                    self.pinged = false;
+                }
+                Wake::Silence if self.pinged => {
+                    return Err(ReplicationError::Silent {
+                        target: self.client.target.clone(),
+                        secs: self.receive_timeout.as_secs_f64(),
+                    });
+                }
+                Wake::Silence => {
+                    self.pinged = true;
+                    self.send_status(true).await?;
+                }
                 Wake::Tick => self.send_status(false).await?,
                 Wake::FlushChanged(open) => {
                     flush_open = open;
@@ -1142,6 +1085,8 @@ impl Driver {
                     return match permit {
                         Ok(permit) => {
                             permit.send(Ok(raw));
+                            // Time spent waiting on the consumer is not the server's silence.
+                            self.last_heard = tokio::time::Instant::now();
                             Ok(true)
                         }
                         Err(_) => Ok(false),
@@ -1209,36 +1154,6 @@ impl Driver {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn frames_split_across_reads() {
-        let mut buf = BytesMut::new();
-        buf.put_slice(&[b'Z', 0, 0, 0, 5]);
-        assert!(take_frame(&mut buf).unwrap().is_none());
-        buf.put_u8(b'I');
-        buf.put_slice(&[b'C', 0, 0]);
-        let frame = take_frame(&mut buf).unwrap().unwrap();
-        assert_eq!(frame.tag, b'Z');
-        assert_eq!(&frame.body[..], b"I");
-        assert!(take_frame(&mut buf).unwrap().is_none());
-        assert_eq!(buf.len(), 3);
-    }
-
-    #[test]
-    fn rejects_bad_length() {
-        let mut buf = BytesMut::from(&[b'Z', 0, 0, 0, 3][..]);
-        assert!(take_frame(&mut buf).is_err());
-    }
-
-    #[test]
-    fn parses_versions() {
-        assert_eq!(
-            parse_server_version("15.8 (Debian 15.8-1.pgdg120+1)"),
-            150008
-        );
-        assert_eq!(parse_server_version("17devel"), 170000);
-        assert_eq!(parse_server_version("9.6.3"), 90603);
-    }
 
     /// The one path that moves a slot: a [`DurablePosition`] handed to the flush handle. Reading
     /// alone, for however long, leaves the slot where it was.
@@ -1308,18 +1223,5 @@ mod tests {
         }
         stream.close().await.unwrap();
         assert_eq!(confirmed(), end_lsn);
-    }
-
-    #[test]
-    fn parses_rows() {
-        let mut body = BytesMut::new();
-        body.put_i16(2);
-        body.put_i32(3);
-        body.put_slice(b"abc");
-        body.put_i32(-1);
-        let row = parse_data_row(&mut body.freeze()).unwrap();
-        assert_eq!(row, vec![Some("abc".to_owned()), None]);
-        let mut short = Bytes::from_static(&[0, 1, 0, 0, 0, 9, b'x']);
-        assert!(parse_data_row(&mut short).is_none());
     }
 }

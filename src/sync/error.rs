@@ -27,7 +27,13 @@ pub enum SyncError {
         "staging sent changes of {0}, which is not in [[tables]]; run `stagingprop init` so the publication lists exactly the managed tables"
     )]
     UnknownTable(String),
-    #[error("protocol: {0}")]
+    /// The stream's messages came in an order pgoutput never sends (or the stream is from
+    /// another source than it claims): nothing from the broken transaction on is applied.
+    #[error(
+        "the replication stream broke pgoutput's rules: {0}; nothing from there on was applied \
+         or confirmed, so a restart receives it again (if this repeats, look at what sits \
+         between stagingprop and the server: a proxy or pooler that alters the stream)"
+    )]
     Protocol(String),
     #[error(transparent)]
     Spool(#[from] SpoolError),
@@ -50,7 +56,8 @@ impl SyncError {
                 ReplicationError::Connect { .. }
                 | ReplicationError::ConnectTimeout { .. }
                 | ReplicationError::Io { .. }
-                | ReplicationError::Closed { .. } => true,
+                | ReplicationError::Closed { .. }
+                | ReplicationError::Silent { .. } => true,
                 ReplicationError::Stream { source, .. }
                 | ReplicationError::Server { source, .. }
                 | ReplicationError::AuthFailed { source, .. } => {

@@ -307,6 +307,7 @@ where
     shared.system_id.send_replace(Some(identity.system_id));
     let mut pgoutput = PgOutputOptions::new(vec![config.sync.publication.clone()]);
     pgoutput.status_interval = Duration::from_secs(config.sync.status_interval_secs);
+    pgoutput.receive_timeout = Duration::from_secs(config.sync.receive_timeout_secs);
     let mut stream = replication.start_logical(slot, spooled, &pgoutput).await?;
     let flush = stream.flush_handle();
     tracing::info!(

@@ -373,6 +373,7 @@ where
             let _ = replication.identify_system().await?;
             let mut pgoutput = PgOutputOptions::new(vec![config.sync.publication.clone()]);
             pgoutput.status_interval = Duration::from_secs(config.sync.status_interval_secs);
+            pgoutput.receive_timeout = Duration::from_secs(config.sync.receive_timeout_secs);
             if streaming {
                 pgoutput.proto_version = 2;
                 pgoutput.streaming = true;
