@@ -312,6 +312,92 @@ impl LocalCluster {
         Ok(path)
     }
 
+    /// A hot standby of this cluster, streaming through the physical slot `slot` (created here,
+    /// reserving WAL at once). Made with the low-level backup API (`pg_backup_start`, a file copy,
+    /// `pg_backup_stop`), so it needs no pg_basebackup: the npm builds of other majors lack it.
+    /// `settings`: extra `postgresql.conf` lines of the standby.
+    pub fn start_standby(
+        &self,
+        name: &str,
+        slot: &str,
+        settings: &[String],
+    ) -> Result<LocalCluster, ClusterError> {
+        let root = make_root(name, self.run_as)?;
+        let mut standby = LocalCluster {
+            name: name.to_owned(),
+            port: 0,
+            root,
+            bin: self.bin.clone(),
+            run_as: self.run_as,
+            watchdog: None,
+        };
+        standby.watchdog = standby.spawn_watchdog().ok();
+        self.psql(
+            "postgres",
+            &format!("SELECT pg_create_physical_replication_slot('{slot}', true)"),
+        )?;
+        let (from, to) = (self.data_dir(), standby.data_dir());
+        let (from, to) = (from.display(), to.display());
+        // One psql session: the backup must end in the session that started it. The copy leaves
+        // out what a base backup does (the pid file, WAL, slots); WAL comes through the slot.
+        // Files that vanish while they are copied (statistics' temporary files) do not matter.
+        let script = format!(
+            "SELECT pg_backup_start('{name}', true);\n\
+             \\! cp -a '{from}/.' '{to}' 2>/dev/null; rm -f '{to}/postmaster.pid' '{to}/postmaster.opts'; rm -rf '{to}'/pg_wal/* '{to}'/pg_replslot/*; mkdir -p '{to}/pg_wal/archive_status'\n\
+             \\o '{to}/backup_label'\n\
+             SELECT labelfile FROM pg_backup_stop(false);\n\
+             \\o\n"
+        );
+        let script_path = standby.root.join("backup.sql");
+        fs::write(&script_path, script).map_err(io_err("writing the backup script"))?;
+        self.run(
+            "the base backup",
+            self.command("psql")
+                .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+                .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
+                .arg("-p")
+                .arg(self.port.to_string())
+                .arg("-f")
+                .arg(&script_path),
+        )?;
+        let mut conf = vec![
+            format!("unix_socket_directories = '{}'", standby.root.display()),
+            format!(
+                "primary_conninfo = 'host=127.0.0.1 port={} user=postgres dbname=postgres application_name={name}'",
+                self.port
+            ),
+            format!("primary_slot_name = '{slot}'"),
+            "hot_standby = on".to_owned(),
+            "hot_standby_feedback = on".to_owned(),
+        ];
+        conf.extend(settings.iter().cloned());
+        append(
+            &standby.data_dir().join("postgresql.conf"),
+            &conf.join("\n"),
+        )?;
+        standby.install_file("standby.signal", b"", 0o600)?;
+        let mut last = None;
+        for _ in 0..5 {
+            standby.port = free_port().map_err(io_err("finding a free port"))?;
+            match standby.write_port_and_start() {
+                Ok(()) => return Ok(standby),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("at least one attempt"))
+    }
+
+    /// Promotes a standby to a primary and waits until it accepts writes.
+    pub fn promote(&self) -> Result<(), ClusterError> {
+        self.run(
+            "pg_ctl promote",
+            self.command("pg_ctl")
+                .arg("-D")
+                .arg(self.data_dir())
+                .args(["-w", "-t", "60", "promote"]),
+        )
+    }
+
     /// SIGKILL to the postmaster: the harshest crash, for fault tests.
     pub fn kill_postmaster(&self) -> Result<(), ClusterError> {
         let pid_file = fs::read_to_string(self.data_dir().join("postmaster.pid"))

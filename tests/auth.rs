@@ -293,7 +293,7 @@ async fn tls_modes_and_keepalives() {
     );
     let endpoint = tls_endpoint(&cluster, "verify-ca", Some(&ca)).unwrap();
     let mut repl = ReplicationClient::connect(&endpoint).await.unwrap();
-    repl.create_logical_slot("tls_slot", true, SnapshotAction::Nothing)
+    repl.create_logical_slot("tls_slot", true, SnapshotAction::Nothing, false)
         .await
         .unwrap();
     let mut pgoutput = PgOutputOptions::new(vec!["p".into()]);

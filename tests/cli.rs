@@ -775,7 +775,10 @@ async fn sync_exit_codes_name_what_stopped_it() {
     pair.on_staging("INSERT INTO t VALUES (1, 'a')");
     let (code, _, stderr) = sync(&pair, "exit-schema");
     assert_eq!(code, 6, "tables that differ are exit 6: {stderr}");
-    assert!(stderr.contains("\"v\"") || stderr.contains(" v "), "{stderr}");
+    assert!(
+        stderr.contains("\"v\"") || stderr.contains(" v "),
+        "{stderr}"
+    );
     assert_eq!(pair.on_production("SELECT count(*) FROM t").trim(), "0");
 
     let pair = support::PairBuilder::new("exit_conflict", schema)
@@ -785,11 +788,42 @@ async fn sync_exit_codes_name_what_stopped_it() {
     pair.on_production("INSERT INTO t VALUES (1, 'production''s own')");
     pair.on_staging("INSERT INTO t VALUES (1, 'staging''s'); INSERT INTO t VALUES (2, 'b')");
     let (code, _, stderr) = sync(&pair, "exit-conflict");
-    assert_eq!(code, 7, "a conflict under on_conflict = error is exit 7: {stderr}");
+    assert_eq!(
+        code, 7,
+        "a conflict under on_conflict = error is exit 7: {stderr}"
+    );
     assert!(stderr.contains("public.t"), "{stderr}");
     assert_eq!(
-        pair.on_production("SELECT string_agg(v, ',') FROM t").trim(),
+        pair.on_production("SELECT string_agg(v, ',') FROM t")
+            .trim(),
         "production's own",
         "nothing of the batch was applied"
+    );
+}
+
+/// `[sync] failover` on a server that cannot keep a failover slot safely (before 17, or without
+/// `synchronized_standby_slots`) is refused by `init` with what to change, and no slot is made.
+#[test]
+fn init_refuses_failover_where_it_cannot_hold() {
+    let pair =
+        support::PairBuilder::new("failover_refused", "CREATE TABLE t (id int PRIMARY KEY);")
+            .table("public.t", "")
+            .sync("failover = true")
+            .build();
+    let scratch = Scratch::new("failover-refused");
+    let (code, stdout, stderr) = run(&pair.write_config(&scratch.0), &["init"]);
+    assert_eq!(code, 4, "{stdout}{stderr}");
+    let said = format!("{stdout}{stderr}");
+    assert!(
+        said.contains("failover needs PostgreSQL 17")
+            || said.contains("synchronized_standby_slots"),
+        "{said}"
+    );
+    assert_eq!(
+        pair.on_staging(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'failover_refused'"
+        )
+        .trim(),
+        "0"
     );
 }

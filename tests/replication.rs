@@ -118,7 +118,7 @@ async fn start_stream(
         .await
         .expect("replication connect");
     let slot_info = repl
-        .create_logical_slot(slot, true, SnapshotAction::Nothing)
+        .create_logical_slot(slot, true, SnapshotAction::Nothing, false)
         .await
         .expect("create slot");
     assert_eq!(slot_info.output_plugin, "pgoutput");
@@ -511,7 +511,7 @@ async fn replication_commands_report_server_errors_with_sqlstate() {
     assert!(err.to_string().contains("no_such_slot"), "{err}");
     // The connection is still usable after an error.
     let created = repl
-        .create_logical_slot("exported", false, SnapshotAction::Export)
+        .create_logical_slot("exported", false, SnapshotAction::Export, false)
         .await
         .unwrap();
     let snapshot = created.snapshot_name.expect("exported snapshot");

@@ -37,7 +37,7 @@ async fn spooled_stream_reads_back_and_tails_like_staging() {
 
     // Two temporary slots see the same changes: one is spooled, one is tailed.
     let mut repl = ReplicationClient::connect(&staging).await.expect("connect");
-    repl.create_logical_slot("spooled", true, SnapshotAction::Nothing)
+    repl.create_logical_slot("spooled", true, SnapshotAction::Nothing, false)
         .await
         .expect("slot");
     let mut stream = repl

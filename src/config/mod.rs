@@ -168,6 +168,9 @@ pub struct SyncConfig {
     /// Ask staging to stream large transactions while they are in progress, and apply them
     /// as they arrive (in a production session of their own, committed with them).
     pub streaming: bool,
+    /// Create the slot as a failover slot (PostgreSQL 17+), which standbys that synchronize
+    /// slots keep, so that sync continues on a promoted standby.
+    pub failover: bool,
     /// The channel of the cache-invalidation notifications of tables with `notify = true`.
     pub notify_channel: String,
     /// SQL run in every batch's production transaction before its commit; `$1` is the batch's
@@ -233,6 +236,7 @@ impl Default for SyncConfig {
             status_interval_secs: DEFAULT_STATUS_INTERVAL_SECS,
             receive_timeout_secs: DEFAULT_RECEIVE_TIMEOUT_SECS,
             streaming: true,
+            failover: false,
             notify_channel: DEFAULT_NOTIFY_CHANNEL.into(),
             after_batch_sql: None,
         }

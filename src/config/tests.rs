@@ -167,6 +167,8 @@ fn defaults() {
     assert_eq!(config.sync.batch_max_delay_ms, 100);
     assert_eq!(config.sync.heartbeat_interval_secs, 10);
     assert_eq!(config.sync.status_interval_secs, 10);
+    assert_eq!(config.sync.receive_timeout_secs, 60);
+    assert!(!config.sync.failover);
     assert_eq!(config.staging.password, PasswordSource::None);
     assert_eq!(config.production.sslmode, SslMode::Prefer);
     assert_eq!(config.production.sslrootcert, None);
@@ -185,6 +187,8 @@ batch_max_bytes = 1048576
 batch_max_delay_ms = 0
 heartbeat_interval_secs = 30
 status_interval_secs = 5
+receive_timeout_secs = 20
+failover = true
 
 [[tables]]
 name = "catentry"
@@ -213,6 +217,8 @@ table = "catentry"
     )
     .unwrap();
     assert_eq!(config.sync.slot, "shop_1");
+    assert_eq!(config.sync.receive_timeout_secs, 20);
+    assert!(config.sync.failover);
     assert_eq!(config.sync.batch_max_delay_ms, 0);
     assert_eq!(config.sync.heartbeat_interval_secs, 30);
     assert_eq!(
@@ -517,6 +523,10 @@ fn sync_limits() {
     assert_error(
         with_tables("[sync]\nstatus_interval_secs = 0\n"),
         &["sync.status_interval_secs"],
+    );
+    assert_error(
+        with_tables("[sync]\nreceive_timeout_secs = 0\n"),
+        &["sync.receive_timeout_secs"],
     );
     assert_error(
         with_tables("[sync]\nbatch_max_rows = -1\n"),

@@ -66,6 +66,7 @@ struct RawSync {
     status_interval_secs: Option<u64>,
     receive_timeout_secs: Option<u64>,
     streaming: Option<bool>,
+    failover: Option<bool>,
     notify_channel: Option<String>,
     after_batch_sql: Option<String>,
 }
@@ -795,6 +796,7 @@ impl Validator<'_> {
         let after_batch_sql = raw.after_batch_sql.filter(|sql| !sql.trim().is_empty());
         Ok(SyncConfig {
             streaming,
+            failover: raw.failover.unwrap_or(defaults.failover),
             notify_channel,
             after_batch_sql,
             slot,

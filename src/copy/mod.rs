@@ -362,7 +362,12 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
             (slot.clone(), false)
         };
         let created = repl
-            .create_logical_slot(&snapshot_slot, temporary, SnapshotAction::Export)
+            .create_logical_slot(
+                &snapshot_slot,
+                temporary,
+                SnapshotAction::Export,
+                config.sync.failover && !temporary,
+            )
             .await?;
         let snapshot = created.snapshot_name.ok_or_else(|| {
             CopyError::Refused("the server exported no snapshot with the slot".into())

@@ -73,6 +73,10 @@ pub async fn init(config: &Config, options: &InitOptions) -> Result<InitReport, 
         ));
     }
 
+    if config.sync.failover {
+        check_failover(&s, &staging, &config.sync.slot, &mut problems).await?;
+    }
+
     let slot = &config.sync.slot;
     let slot_row = s
         .query_opt(
@@ -217,11 +221,13 @@ pub async fn init(config: &Config, options: &InitOptions) -> Result<InitReport, 
             .lines
             .push(format!("staging: slot {slot} exists (kept as it is)"));
     } else if options.create_slot {
+        let create = if config.sync.failover {
+            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)"
+        } else {
+            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')"
+        };
         let lsn: String = s
-            .query_one(
-                "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
-                &[slot],
-            )
+            .query_one(create, &[slot])
             .await
             .map_err(query_error(&staging, "creating the replication slot"))?
             .get(0);
@@ -320,6 +326,54 @@ async fn publication_entries(
 }
 
 /// The spool directory exists (or can be made) and takes a durable write.
+/// `[sync] failover`: the server must know failover slots (17+), hold back logical decoding for
+/// a standby (`synchronized_standby_slots`, or a promoted standby could lack what production
+/// already has), and an existing slot must be one.
+async fn check_failover(
+    s: &tokio_postgres::Client,
+    staging: &Endpoint,
+    slot: &str,
+    problems: &mut Vec<String>,
+) -> Result<(), OpsError> {
+    let row = s
+        .query_one(
+            "SELECT current_setting('server_version_num')::int,
+                    coalesce(current_setting('synchronized_standby_slots', true), '')",
+            &[],
+        )
+        .await
+        .map_err(query_error(staging, "reading the failover settings"))?;
+    let version: i32 = row.get(0);
+    let standby_slots: String = row.get(1);
+    if version < 170000 {
+        problems.push(format!(
+            "staging: [sync] failover needs PostgreSQL 17 or later (staging is {}); set failover = false or upgrade staging",
+            version / 10000
+        ));
+        return Ok(());
+    }
+    if standby_slots.trim().is_empty() {
+        problems.push(
+            "staging: [sync] failover is on but synchronized_standby_slots is empty, so sync could apply changes a standby has not received and a promoted standby would lack them; set synchronized_standby_slots to the standby's physical slot (ALTER SYSTEM SET synchronized_standby_slots = 'standby1'; SELECT pg_reload_conf())".into(),
+        );
+    }
+    let failover: Option<bool> = s
+        .query_opt(
+            "SELECT failover FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(query_error(staging, "reading pg_replication_slots"))?
+        .map(|row| row.get(0));
+    if failover == Some(false) {
+        problems.push(format!(
+            "staging: slot {slot} exists but is not a failover slot; on a replication connection run ALTER_REPLICATION_SLOT {} (FAILOVER true), or drop it and run init again",
+            quote_ident(slot)
+        ));
+    }
+    Ok(())
+}
+
 fn check_spool_dir(dir: &std::path::Path) -> std::io::Result<()> {
     use std::io::Write;
     std::fs::create_dir_all(dir)?;

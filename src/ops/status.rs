@@ -36,6 +36,22 @@ pub struct SlotStatus {
     pub retained_wal_bytes: Option<i64>,
     /// Staging's WAL position now.
     pub staging_wal_lsn: String,
+    /// A failover slot (PostgreSQL 17+; `None` before 17).
+    pub failover: Option<bool>,
+    /// The other servers of staging's host list (a standby to fail over to) and the slot there.
+    pub standbys: Vec<StandbySlot>,
+}
+
+/// The slot as one more server of staging's host list sees it.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StandbySlot {
+    pub host: String,
+    pub port: u16,
+    /// "standby", "primary", or "unreachable: why".
+    pub role: String,
+    /// The standby holds the slot, synchronized from the primary and ready to use once promoted.
+    pub synced: bool,
+    pub confirmed_flush_lsn: Option<String>,
 }
 
 /// Below this share of the stream's retention left, a stream-fed target is a problem.
@@ -117,8 +133,9 @@ pub async fn status(config: &Config, thresholds: &Thresholds) -> Result<Status, 
     let row = s
         .query_opt(
             "SELECT active, wal_status, confirmed_flush_lsn::text,
-                    pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint
-               FROM pg_replication_slots WHERE slot_name = $1",
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint,
+                    (to_jsonb(s) ->> 'failover')::bool
+               FROM pg_replication_slots s WHERE slot_name = $1",
             &[slot_name],
         )
         .await
@@ -129,6 +146,30 @@ pub async fn status(config: &Config, thresholds: &Thresholds) -> Result<Status, 
         st.slot.wal_status = row.get(1);
         st.slot.confirmed_flush_lsn = row.get(2);
         st.slot.retained_wal_bytes = row.get(3);
+        st.slot.failover = row.get(4);
+    }
+    let addresses = staging.addresses();
+    if addresses.len() > 1 {
+        for (host, port) in addresses {
+            st.slot
+                .standbys
+                .push(standby_slot(&staging.only(&host, port), slot_name, host, port).await);
+        }
+        // The primary is the one sync reads from; the list shows the others.
+        st.slot.standbys.retain(|s| s.role != "primary");
+    }
+    if config.sync.failover {
+        if st.slot.exists && st.slot.failover != Some(true) {
+            st.problems.push(format!(
+                "slot {slot_name} is not a failover slot, but [sync] failover is on: a promoted standby would not have it"
+            ));
+        }
+        for standby in st.slot.standbys.iter().filter(|s| !s.synced) {
+            st.problems.push(format!(
+                "slot {slot_name} is not synchronized to {}:{} ({}): failing over there now would need a re-seed (check sync_replication_slots, hot_standby_feedback, primary_slot_name and a dbname in primary_conninfo on the standby)",
+                standby.host, standby.port, standby.role
+            ));
+        }
     }
 
     if let Some(p) = &p {
@@ -303,6 +344,45 @@ pub async fn status(config: &Config, thresholds: &Thresholds) -> Result<Status, 
     Ok(st)
 }
 
+/// What one server of staging's host list says about the slot.
+async fn standby_slot(endpoint: &Endpoint, slot: &str, host: String, port: u16) -> StandbySlot {
+    let mut out = StandbySlot {
+        host,
+        port,
+        ..StandbySlot::default()
+    };
+    let client = match tokio::time::timeout(endpoint.connect_timeout(), endpoint.connect()).await {
+        Ok(Ok(client)) => client,
+        Ok(Err(e)) => {
+            out.role = format!("unreachable: {e}");
+            return out;
+        }
+        Err(_) => {
+            out.role = "unreachable: timed out".into();
+            return out;
+        }
+    };
+    let row = client
+        .query_one(
+            "SELECT pg_is_in_recovery(),
+                    (SELECT (to_jsonb(s) ->> 'synced')::bool AND NOT temporary
+                       FROM pg_replication_slots s WHERE slot_name = $1),
+                    (SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1)",
+            &[&slot],
+        )
+        .await;
+    match row {
+        Ok(row) => {
+            let in_recovery: bool = row.get(0);
+            out.role = if in_recovery { "standby" } else { "primary" }.into();
+            out.synced = in_recovery && row.get::<_, Option<bool>>(1).unwrap_or(false);
+            out.confirmed_flush_lsn = row.get(2);
+        }
+        Err(e) => out.role = format!("unreachable: {e}"),
+    }
+    out
+}
+
 fn mb(bytes: i64) -> String {
     format!("{:.1} MB", bytes as f64 / 1e6)
 }
@@ -332,6 +412,28 @@ pub fn render(st: &Status) -> String {
         "staging WAL position: {}\n",
         st.slot.staging_wal_lsn
     ));
+    if let Some(failover) = st.slot.failover {
+        out.push_str(&format!(
+            "failover slot: {}\n",
+            if failover { "yes" } else { "no" }
+        ));
+    }
+    for standby in &st.slot.standbys {
+        out.push_str(&format!(
+            "{} {}:{}: slot {}\n",
+            standby.role,
+            standby.host,
+            standby.port,
+            if standby.synced {
+                format!(
+                    "synchronized (confirmed {})",
+                    standby.confirmed_flush_lsn.as_deref().unwrap_or("-")
+                )
+            } else {
+                "not synchronized".to_owned()
+            }
+        ));
+    }
     match &st.last_applied {
         Some(a) => out.push_str(&format!(
             "last applied: transaction {} ending at {}, committed on staging {}, applied {}\n",

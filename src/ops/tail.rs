@@ -237,7 +237,7 @@ where
         None => {
             let name = format!("stagingprop_tail_{}", std::process::id());
             client
-                .create_logical_slot(&name, true, SnapshotAction::Nothing)
+                .create_logical_slot(&name, true, SnapshotAction::Nothing, false)
                 .await?;
             name
         }

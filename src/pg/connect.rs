@@ -270,6 +270,35 @@ impl Endpoint {
         )
     }
 
+    /// This endpoint narrowed to one of its hosts, whatever that server's role (for looking at
+    /// each server of a primary/standby list in turn).
+    pub fn only(&self, host: &str, port: u16) -> Endpoint {
+        let mut pg = tokio_postgres::Config::new();
+        if let Some(user) = self.pg.get_user() {
+            pg.user(user);
+        }
+        if let Some(password) = self.pg.get_password() {
+            pg.password(password);
+        }
+        if let Some(dbname) = self.pg.get_dbname() {
+            pg.dbname(dbname);
+        }
+        if let Some(options) = self.pg.get_options() {
+            pg.options(options);
+        }
+        if let Some(name) = self.pg.get_application_name() {
+            pg.application_name(name);
+        }
+        if let Some(timeout) = self.pg.get_connect_timeout() {
+            pg.connect_timeout(*timeout);
+        }
+        pg.keepalives(self.pg.get_keepalives())
+            .keepalives_idle(self.pg.get_keepalives_idle())
+            .host(host)
+            .port(port);
+        Endpoint::new(self.role.clone(), pg, self.tls.clone())
+    }
+
     /// Opens an ordinary connection; its I/O runs on a spawned task that ends with the client.
     pub async fn connect(&self) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
         let client = match self.tls.client_config() {

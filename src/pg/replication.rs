@@ -41,6 +41,14 @@ pub enum ReplicationError {
     #[error("connecting to {target} timed out after {secs} s")]
     ConnectTimeout { target: String, secs: u64 },
     #[error(
+        "{target}: {host}:{port} is a standby (in hot standby), and target_session_attrs asks for a server that accepts writes; no host listed is one"
+    )]
+    NotWritable {
+        target: String,
+        host: String,
+        port: u16,
+    },
+    #[error(
         "{target} does not accept TLS, but sslmode requires it; enable ssl on the server or relax sslmode"
     )]
     TlsRefused { target: String },
@@ -122,7 +130,9 @@ impl ReplicationError {
         self.is_refused()
             || matches!(
                 self,
-                ReplicationError::Connect { .. } | ReplicationError::ConnectTimeout { .. }
+                ReplicationError::Connect { .. }
+                    | ReplicationError::ConnectTimeout { .. }
+                    | ReplicationError::NotWritable { .. }
             )
     }
 
@@ -222,6 +232,8 @@ pub struct ReplicationClient {
     outbuf: BytesMut,
     target: String,
     server_version_num: u32,
+    /// The server said `in_hot_standby = on` (PostgreSQL 14+ reports it at startup).
+    hot_standby: bool,
 }
 
 /// Session settings for unambiguous text output, as PostgreSQL's own apply worker asks for.
@@ -232,10 +244,22 @@ impl ReplicationClient {
     /// Connects, trying each configured host in turn, each within the connect timeout.
     pub async fn connect(endpoint: &Endpoint) -> Result<ReplicationClient, ReplicationError> {
         let timeout = endpoint.connect_timeout();
+        let wants_writable = endpoint.pg.get_target_session_attrs()
+            == tokio_postgres::config::TargetSessionAttrs::ReadWrite;
         let mut last_error = None;
         for (host, port) in endpoint.addresses() {
             let attempt = Self::connect_one(endpoint, &host, port);
             match tokio::time::timeout(timeout, attempt).await {
+                // libpq's target_session_attrs=read-write: a standby is passed over (logical
+                // decoding works on a 16+ standby, but its slots are not the primary's).
+                Ok(Ok(client)) if wants_writable && client.hot_standby => {
+                    let _ = client.close().await;
+                    last_error = Some(ReplicationError::NotWritable {
+                        target: endpoint.describe(),
+                        host,
+                        port,
+                    });
+                }
                 Ok(Ok(client)) => return Ok(client),
                 // A server that answered and said no: trying the next host will not help.
                 Ok(Err(e @ ReplicationError::AuthFailed { .. }))
@@ -309,6 +333,7 @@ impl ReplicationClient {
             outbuf: BytesMut::with_capacity(1024),
             target,
             server_version_num: 0,
+            hot_standby: false,
         };
         client.startup(endpoint).await?;
         Ok(client)
@@ -436,13 +461,15 @@ impl ReplicationClient {
             let frame = self.read_frame().await?;
             match frame.tag {
                 b'Z' => return Ok(()),
-                b'S' => {
-                    if let Some((name, value)) = backend::parameter_status(frame.body)
-                        && name == "server_version"
-                    {
+                b'S' => match backend::parameter_status(frame.body) {
+                    Some((name, value)) if name == "server_version" => {
                         self.server_version_num = backend::server_version_num(&value);
                     }
-                }
+                    Some((name, value)) if name == "in_hot_standby" => {
+                        self.hot_standby = value == "on";
+                    }
+                    _ => {}
+                },
                 b'E' => {
                     return Err(ReplicationError::AuthFailed {
                         target: self.target.clone(),
@@ -519,21 +546,24 @@ impl ReplicationClient {
 
     /// Creates a pgoutput slot. With [`SnapshotAction::Export`] the snapshot stays usable by other
     /// sessions until this connection runs its next command or closes.
+    /// With `failover` (PostgreSQL 17+), standbys that synchronize slots keep this one.
     pub async fn create_logical_slot(
         &mut self,
         slot: &str,
         temporary: bool,
         snapshot: SnapshotAction,
+        failover: bool,
     ) -> Result<CreatedSlot, ReplicationError> {
         let temporary = if temporary { " TEMPORARY" } else { "" };
         // PostgreSQL 15 introduced the parenthesized option list; 14 knows only the keywords.
+        let failover = if failover { ", FAILOVER true" } else { "" };
         let snapshot_clause = match (self.server_version_num >= 150000, snapshot) {
-            (true, SnapshotAction::Export) => " (SNAPSHOT 'export')",
-            (true, SnapshotAction::Use) => " (SNAPSHOT 'use')",
-            (true, SnapshotAction::Nothing) => " (SNAPSHOT 'nothing')",
-            (false, SnapshotAction::Export) => " EXPORT_SNAPSHOT",
-            (false, SnapshotAction::Use) => " USE_SNAPSHOT",
-            (false, SnapshotAction::Nothing) => " NOEXPORT_SNAPSHOT",
+            (true, SnapshotAction::Export) => format!(" (SNAPSHOT 'export'{failover})"),
+            (true, SnapshotAction::Use) => format!(" (SNAPSHOT 'use'{failover})"),
+            (true, SnapshotAction::Nothing) => format!(" (SNAPSHOT 'nothing'{failover})"),
+            (false, SnapshotAction::Export) => " EXPORT_SNAPSHOT".into(),
+            (false, SnapshotAction::Use) => " USE_SNAPSHOT".into(),
+            (false, SnapshotAction::Nothing) => " NOEXPORT_SNAPSHOT".into(),
         };
         let command = format!(
             "CREATE_REPLICATION_SLOT {}{temporary} LOGICAL pgoutput{snapshot_clause}",

@@ -57,7 +57,8 @@ impl SyncError {
                 | ReplicationError::ConnectTimeout { .. }
                 | ReplicationError::Io { .. }
                 | ReplicationError::Closed { .. }
-                | ReplicationError::Silent { .. } => true,
+                | ReplicationError::Silent { .. }
+                | ReplicationError::NotWritable { .. } => true,
                 ReplicationError::Stream { source, .. }
                 | ReplicationError::Server { source, .. }
                 | ReplicationError::AuthFailed { source, .. } => {
