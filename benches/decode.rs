@@ -121,7 +121,7 @@ fn record_from_server(path: &std::path::Path) -> Result<(), String> {
         let mut repl = ReplicationClient::connect(&endpoint)
             .await
             .map_err(|e| e.to_string())?;
-        repl.create_logical_slot("bench", true, SnapshotAction::Nothing)
+        repl.create_logical_slot("bench", true, SnapshotAction::Nothing, false)
             .await
             .map_err(|e| e.to_string())?;
         let mut stream = repl
