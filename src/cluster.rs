@@ -116,6 +116,8 @@ pub struct ClusterOptions {
     pub hba: Vec<String>,
     /// Turn fsync off: much faster, and a process kill still loses nothing (only an OS crash would).
     pub fast_unsafe: bool,
+    /// The server binaries' directory; `None`: [`find_pg_bin`].
+    pub bin: Option<PathBuf>,
 }
 
 impl ClusterOptions {
@@ -125,6 +127,7 @@ impl ClusterOptions {
             settings: Vec::new(),
             hba: Vec::new(),
             fast_unsafe: true,
+            bin: None,
         }
     }
 }
@@ -143,7 +146,11 @@ pub struct LocalCluster {
 impl LocalCluster {
     /// initdb + start; fails with a clear error when PostgreSQL is not installed.
     pub fn start(options: &ClusterOptions) -> Result<LocalCluster, ClusterError> {
-        let bin = find_pg_bin()?;
+        let bin = match &options.bin {
+            Some(bin) if bin.join("initdb").is_file() => bin.clone(),
+            Some(_) => return Err(ClusterError::BinariesMissing),
+            None => find_pg_bin()?,
+        };
         let run_as = server_user()?;
         let root = make_root(&options.name, run_as)?;
         let mut cluster = LocalCluster {

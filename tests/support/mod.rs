@@ -24,6 +24,10 @@ pub const TEST_PASSWORD: &str = "s3cret-'pass\"word";
 
 fn start(name: &str) -> LocalCluster {
     let mut options = ClusterOptions::new(name);
+    // Mixed pairs: production on another major than staging (STAGINGPROP_PG_BIN).
+    if name == "production" {
+        options.bin = std::env::var_os("STAGINGPROP_PRODUCTION_PG_BIN").map(Into::into);
+    }
     options.hba = vec![
         format!("host all {MD5_USER} 127.0.0.1/32 md5"),
         format!("host all {SCRAM_USER} 127.0.0.1/32 scram-sha-256"),
