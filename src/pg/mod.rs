@@ -78,6 +78,18 @@ impl From<&tokio_postgres::error::DbError> for ServerError {
     }
 }
 
+/// The one classification of server errors that every retry loop uses: worth trying again on a
+/// new connection. 08: connection exception; 57P01-57P03: shutdown, crash, starting up; 53300:
+/// too many connections; 40001/40P01: serialization failure, deadlock; 55006: object in use (a
+/// slot still held by a session that is ending).
+pub fn transient_sqlstate(code: &str) -> bool {
+    code.starts_with("08")
+        || matches!(
+            code,
+            "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01" | "55006"
+        )
+}
+
 /// An error from an ordinary (tokio-postgres) connection, with the server's SQLSTATE, message,
 /// detail and hint when the server sent them; otherwise the client's own words and cause.
 #[derive(Debug, thiserror::Error)]
@@ -120,15 +132,7 @@ impl QueryError {
         let refused = client_refused || server.as_ref().is_some_and(|s| s.code.starts_with("28"));
         let transient = !refused
             && match &server {
-                // 08: connection exception; 57P01-57P03: shutdown, crash, starting up;
-                // 40001/40P01: serialization failure, deadlock; 53300: too many connections.
-                Some(s) => {
-                    s.code.starts_with("08")
-                        || matches!(
-                            s.code.as_str(),
-                            "57P01" | "57P02" | "57P03" | "40001" | "40P01" | "53300"
-                        )
-                }
+                Some(s) => transient_sqlstate(&s.code),
                 None => true,
             };
         QueryError {

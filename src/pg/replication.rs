@@ -125,6 +125,25 @@ impl ReplicationError {
         )
     }
 
+    /// Worth retrying on a new connection: the server went away, is restarting, is silent, is
+    /// not (yet) the primary, or the slot is still held by a session that is ending.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ReplicationError::Connect { .. }
+            | ReplicationError::ConnectTimeout { .. }
+            | ReplicationError::Io { .. }
+            | ReplicationError::Closed { .. }
+            | ReplicationError::Silent { .. }
+            | ReplicationError::NotWritable { .. } => true,
+            ReplicationError::Stream { source, .. }
+            | ReplicationError::Server { source, .. }
+            | ReplicationError::AuthFailed { source, .. } => {
+                super::transient_sqlstate(&source.code)
+            }
+            _ => false,
+        }
+    }
+
     /// The server could not be reached, or would not let us in.
     pub fn is_unreachable(&self) -> bool {
         self.is_refused()

@@ -52,22 +52,7 @@ impl SyncError {
             SyncError::Database { source, .. } => source.transient,
             SyncError::Apply(e) => e.is_transient(),
             SyncError::Stream(e) => e.is_transient(),
-            SyncError::Replication(e) => match e {
-                ReplicationError::Connect { .. }
-                | ReplicationError::ConnectTimeout { .. }
-                | ReplicationError::Io { .. }
-                | ReplicationError::Closed { .. }
-                | ReplicationError::Silent { .. }
-                | ReplicationError::NotWritable { .. } => true,
-                ReplicationError::Stream { source, .. }
-                | ReplicationError::Server { source, .. }
-                | ReplicationError::AuthFailed { source, .. } => {
-                    // Shutting down / starting up / slot busy with a session that is ending.
-                    matches!(source.code.as_str(), "57P01" | "57P02" | "57P03" | "55006")
-                        || source.code.starts_with("08")
-                }
-                _ => false,
-            },
+            SyncError::Replication(e) => e.is_transient(),
             _ => false,
         }
     }
