@@ -163,15 +163,8 @@ impl LocalCluster {
         };
         cluster.watchdog = cluster.spawn_watchdog().ok();
         cluster.initdb(options)?;
-        let mut last = None;
-        for _ in 0..5 {
-            cluster.port = free_port().map_err(io_err("finding a free port"))?;
-            match cluster.write_port_and_start() {
-                Ok(()) => return Ok(cluster),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.expect("at least one attempt"))
+        cluster.start_on_a_free_port()?;
+        Ok(cluster)
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -266,6 +259,19 @@ impl LocalCluster {
         ]);
         fs::write(data.join("pg_hba.conf"), hba.join("\n") + "\n")
             .map_err(io_err("writing pg_hba.conf"))
+    }
+
+    /// Starts on a free loopback port, trying another when one is taken meanwhile.
+    fn start_on_a_free_port(&mut self) -> Result<(), ClusterError> {
+        let mut last = None;
+        for _ in 0..5 {
+            self.port = free_port().map_err(io_err("finding a free port"))?;
+            match self.write_port_and_start() {
+                Ok(()) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("at least one attempt"))
     }
 
     fn write_port_and_start(&self) -> Result<(), ClusterError> {
@@ -383,15 +389,8 @@ impl LocalCluster {
             &conf.join("\n"),
         )?;
         standby.install_file("standby.signal", b"", 0o600)?;
-        let mut last = None;
-        for _ in 0..5 {
-            standby.port = free_port().map_err(io_err("finding a free port"))?;
-            match standby.write_port_and_start() {
-                Ok(()) => return Ok(standby),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.expect("at least one attempt"))
+        standby.start_on_a_free_port()?;
+        Ok(standby)
     }
 
     /// Promotes a standby to a primary and waits until it accepts writes.

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use stagingprop::cluster::{ClusterOptions, LocalCluster};
-use support::Scratch;
+use support::{Scratch, stagingprop};
 
 const BIN: &str = env!("CARGO_BIN_EXE_stagingprop");
 
@@ -69,21 +69,6 @@ fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-fn stagingprop(config: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN)
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run stagingprop");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// Inserts rows one transaction each into `t` on whichever server is primary, counting from
