@@ -7,7 +7,7 @@ use std::time::Duration;
 use stagingprop::model::{Lsn, OldTuple, ReplicaIdentity, Value};
 use stagingprop::pg::replication::{
     PgOutputOptions, ReplicationClient, ReplicationError, ReplicationStream, SnapshotAction,
-    WalMessage,
+    Streaming, WalMessage,
 };
 use stagingprop::pgoutput::LogicalMessage;
 use support::{clusters, endpoint, fresh_db, psql};
@@ -445,8 +445,11 @@ async fn streams_a_100k_row_transaction() {
     stream.close().await.expect("close");
 }
 
+/// Protocol 2 (`streaming 'on'`) before 16, protocol 4 (`streaming 'parallel'`) on 16+: what
+/// sync asks for. A large transaction that rolls back is streamed and then aborted (with its
+/// abort LSN on 16+); one that commits arrives in several segments ending in Stream Commit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn protocol_2_streams_large_in_progress_transactions() {
+async fn large_in_progress_transactions_stream_with_the_newest_protocol() {
     let c = clusters();
     let db = fresh_db(&c.staging, "streamed");
     psql(&c.staging, &db, SCHEMA);
@@ -456,16 +459,52 @@ async fn protocol_2_streams_large_in_progress_transactions() {
         &db,
         &format!("ALTER DATABASE {db} SET logical_decoding_work_mem = '64kB'"),
     );
+    let version: u32 = psql(&c.staging, &db, "SHOW server_version_num")
+        .trim()
+        .parse()
+        .expect("server_version_num");
     let mut options = PgOutputOptions::new(vec!["pub".into()]);
-    options.proto_version = 2;
-    options.streaming = true;
+    options.stream_in_progress(version);
+    let expected = if version >= 160000 {
+        (4, Streaming::Parallel)
+    } else {
+        (2, Streaming::On)
+    };
+    assert_eq!((options.proto_version, options.streaming), expected);
     let (mut stream, _) = start_stream(&db, "streamed_slot", &options).await;
+    psql(
+        &c.staging,
+        &db,
+        "BEGIN; INSERT INTO product (id, name) SELECT -g, repeat('y', 200) FROM generate_series(1, 20000) g; ROLLBACK",
+    );
     psql(
         &c.staging,
         &db,
         "INSERT INTO product (id, name) SELECT g, repeat('x', 200) FROM generate_series(1, 20000) g",
     );
     let messages = read_commits(&mut stream, 1, Duration::from_secs(60)).await;
+    let aborts: Vec<_> = messages
+        .iter()
+        .filter_map(|m| match &m.message {
+            LogicalMessage::StreamAbort {
+                xid,
+                subxact_xid,
+                abort_lsn,
+                abort_time,
+            } => Some((*xid, *subxact_xid, *abort_lsn, *abort_time)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(aborts.len(), 1, "one Stream Abort, got {aborts:?}");
+    let (aborted_xid, subxact, abort_lsn, abort_time) = aborts[0];
+    assert_eq!(aborted_xid, subxact, "the top-level transaction aborted");
+    if version >= 160000 {
+        let lsn = abort_lsn.expect("protocol 4 parallel streaming sends the abort LSN");
+        assert!(lsn.is_valid());
+        assert!(abort_time.is_some(), "and the abort time");
+    } else {
+        assert_eq!(abort_lsn, None, "protocol 2 has no abort LSN");
+    }
     let starts = messages
         .iter()
         .filter(|m| matches!(m.message, LogicalMessage::StreamStart { .. }))
@@ -475,8 +514,8 @@ async fn protocol_2_streams_large_in_progress_transactions() {
         .filter(|m| matches!(m.message, LogicalMessage::StreamStop))
         .count();
     assert!(
-        starts > 1,
-        "expected several streamed segments, got {starts}"
+        starts > 2,
+        "expected several streamed segments of both transactions, got {starts}"
     );
     assert_eq!(starts, stops);
     let LogicalMessage::StreamCommit {
@@ -485,11 +524,16 @@ async fn protocol_2_streams_large_in_progress_transactions() {
     else {
         panic!("expected Stream Commit last");
     };
+    assert_ne!(commit_xid, aborted_xid);
     let mut inserts = 0;
     for m in &messages {
-        if let LogicalMessage::Insert { xid, .. } = &m.message {
-            assert_eq!(*xid, Some(commit_xid), "streamed change carries its xid");
-            inserts += 1;
+        if let LogicalMessage::Insert { xid, new, .. } = &m.message {
+            let xid = xid.expect("a streamed change carries its xid");
+            if xid == commit_xid {
+                inserts += 1;
+            } else {
+                assert_eq!(xid, aborted_xid, "{new:?}");
+            }
         }
     }
     assert_eq!(inserts, 20_000);

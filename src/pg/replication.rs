@@ -222,22 +222,47 @@ pub struct PgOutputOptions {
     pub binary: bool,
     /// Also deliver `pg_logical_emit_message` messages (heartbeats use them).
     pub messages: bool,
-    /// Stream large in-progress transactions (needs proto_version 2).
-    pub streaming: bool,
+    /// Whether large in-progress transactions are streamed (see [`Streaming`]).
+    pub streaming: Streaming,
     /// How often a standby status update is sent even when nothing changed.
     pub status_interval: Duration,
     /// Silence after which the stream is given up (see `[sync] receive_timeout_secs`).
     pub receive_timeout: Duration,
 }
 
+/// pgoutput's `streaming` option.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Streaming {
+    /// A transaction is sent after its commit (the walsender spills large ones to disk).
+    Off,
+    /// Large transactions are sent while in progress (protocol 2+).
+    On,
+    /// As `On`, and a Stream Abort carries the abort's LSN and time (protocol 4, PostgreSQL 16+).
+    /// The walsender sends the same changes either way; `parallel` names what PostgreSQL's
+    /// own subscriber does with them, which sync already does: apply each in a session of its own.
+    Parallel,
+}
+
 impl PgOutputOptions {
+    /// Streams large in-progress transactions with the newest protocol the server speaks:
+    /// 4 with `streaming 'parallel'` on 16+ (server_version_num 160000), else 2 with `on`.
+    pub fn stream_in_progress(&mut self, server_version_num: u32) {
+        if server_version_num >= 160000 {
+            self.proto_version = self.proto_version.max(4);
+            self.streaming = Streaming::Parallel;
+        } else {
+            self.proto_version = self.proto_version.max(2);
+            self.streaming = Streaming::On;
+        }
+    }
+
     pub fn new(publications: Vec<String>) -> Self {
         PgOutputOptions {
             proto_version: 1,
             publications,
             binary: false,
             messages: true,
-            streaming: false,
+            streaming: Streaming::Off,
             status_interval: Duration::from_secs(10),
             receive_timeout: Duration::from_secs(60),
         }
@@ -641,8 +666,10 @@ impl ReplicationClient {
         if options.messages {
             plugin_options.push("messages 'true'".into());
         }
-        if options.streaming {
-            plugin_options.push("streaming 'on'".into());
+        match options.streaming {
+            Streaming::Off => {}
+            Streaming::On => plugin_options.push("streaming 'on'".into()),
+            Streaming::Parallel => plugin_options.push("streaming 'parallel'".into()),
         }
         let command = format!(
             "START_REPLICATION SLOT {} LOGICAL {start} ({})",

@@ -672,8 +672,11 @@ impl<'a, T: Target> Pipeline<'a, T> {
             LogicalMessage::StreamStart { xid, .. } => self.stream_start(xid).await?,
             LogicalMessage::StreamStop => self.in_stream = None,
             LogicalMessage::StreamAbort {
-                xid, subxact_xid, ..
-            } => self.stream_abort(xid, subxact_xid).await?,
+                xid,
+                subxact_xid,
+                abort_lsn,
+                ..
+            } => self.stream_abort(xid, subxact_xid, abort_lsn).await?,
             LogicalMessage::StreamCommit {
                 xid,
                 commit_lsn,

@@ -375,8 +375,7 @@ where
             pgoutput.status_interval = Duration::from_secs(config.sync.status_interval_secs);
             pgoutput.receive_timeout = Duration::from_secs(config.sync.receive_timeout_secs);
             if streaming {
-                pgoutput.proto_version = 2;
-                pgoutput.streaming = true;
+                pgoutput.stream_in_progress(replication.server_version_num());
             }
             let stream = replication
                 .start_logical(&config.sync.slot, applied_end, &pgoutput)

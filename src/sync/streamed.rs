@@ -11,7 +11,7 @@ use super::pipeline::Pipeline;
 use super::report::ChangeCounts;
 use super::target::Target;
 use crate::apply::ApplyStats;
-use crate::model::Xid;
+use crate::model::{Lsn, Xid};
 use crate::state::Progress;
 
 /// Opens a target session for a streamed transaction.
@@ -106,9 +106,26 @@ impl<T: Target> Pipeline<'_, T> {
     }
 
     /// Stream Abort: of the whole transaction, or of a subtransaction (back to its savepoint).
-    pub(super) async fn stream_abort(&mut self, xid: Xid, subxact: Xid) -> Result<(), SyncError> {
+    /// `abort_lsn` is known with protocol 4 only; it names the abort in the log.
+    pub(super) async fn stream_abort(
+        &mut self,
+        xid: Xid,
+        subxact: Xid,
+        abort_lsn: Option<Lsn>,
+    ) -> Result<(), SyncError> {
         if subxact == xid {
             if let Some(mut streamed) = self.streams.remove(&xid) {
+                match abort_lsn {
+                    Some(lsn) => tracing::info!(
+                        xid,
+                        %lsn,
+                        "staging rolled back streamed transaction {xid} at {lsn}; its production session rolls back"
+                    ),
+                    None => tracing::info!(
+                        xid,
+                        "staging rolled back streamed transaction {xid}; its production session rolls back"
+                    ),
+                }
                 streamed.applier.rollback().await?;
                 self.reuse(streamed.applier);
                 streamed_transaction_ended("aborted", self.streams.len());
