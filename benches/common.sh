@@ -107,8 +107,8 @@ start_cluster() {
         echo "wal_level = logical"
         echo "max_replication_slots = 10"
         echo "max_wal_senders = 10"
-        # stagingprop copy commits the ranges of a table split across workers together (2PC).
-        echo "max_prepared_transactions = 10"
+        # PostgreSQL's default is 0; `stagingprop copy --atomic` commits split groups with 2PC.
+        echo "max_prepared_transactions = ${MAX_PREPARED:-0}"
         echo "autovacuum = off"
         echo "logging_collector = off"
         echo "log_min_messages = warning"

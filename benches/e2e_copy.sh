@@ -47,7 +47,10 @@
 #   JOBS=2              parallel workers for every method (stagingprop --jobs, xargs -P,
 #                       pgcopydb --table-jobs; the native sync has its own default of 2)
 #   SPLIT_MB=256        stagingprop --split-mb: tables at least this large are copied in block
-#                       ranges by all workers (the clusters allow 10 prepared transactions)
+#                       ranges by all workers
+#   MAX_PREPARED=0      max_prepared_transactions of both clusters (PostgreSQL's default: 0)
+#   ATOMIC=0            1: stagingprop copy --atomic (each FK-linked group visible at once; its
+#                       ranges are prepared and committed together when MAX_PREPARED >= JOBS)
 #   PHASES='stagingprop pipe native pgcopydb'   which phases run, in that order
 #   WAIT_FOR=e2e_sync.sh   before measuring, wait while a process matching this runs (pgrep -f;
 #                       empty: do not wait), so that two benchmarks never share the cores
@@ -63,6 +66,8 @@ set -euo pipefail
 SCALE_MB=${SCALE_MB:-1000}
 JOBS=${JOBS:-2}
 SPLIT_MB=${SPLIT_MB:-256}
+MAX_PREPARED=${MAX_PREPARED:-0}
+ATOMIC=${ATOMIC:-0}
 PHASES=${PHASES:-stagingprop pipe native pgcopydb}
 WAIT_FOR=${WAIT_FOR-e2e_sync.sh}
 PG_EXTRA_CONF=${PG_EXTRA_CONF:-}
@@ -259,7 +264,7 @@ run_stagingprop() {
     local rc=0
     /usr/bin/time -f '%e %U %S %M' -o "$WORK/time.stagingprop" \
         "$BIN" --config "$WORK/stagingprop.toml" copy --from production --to staging --jobs "$JOBS" --split-mb "$SPLIT_MB" \
-        >"$WORK/stagingprop.log" 2>&1 || rc=$?
+        $( (( ATOMIC )) && echo --atomic ) >"$WORK/stagingprop.log" 2>&1 || rc=$?
     if (( rc != 0 )); then
         tail -n 30 "$WORK/stagingprop.log" >&2
         die "stagingprop copy failed (exit $rc)"
@@ -495,7 +500,7 @@ done
 # ---------------------------------------------------------------------------------------------
 label() {
     case $1 in
-        stagingprop) echo "stagingprop copy --jobs $JOBS" ;;
+        stagingprop) echo "stagingprop copy --jobs $JOBS$( (( ATOMIC )) && echo " --atomic")" ;;
         pipe) echo "raw COPY pipe, $JOBS at a time" ;;
         native) echo "native initial sync" ;;
         pgcopydb) echo "pgcopydb copy table-data" ;;

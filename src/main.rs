@@ -240,10 +240,16 @@ enum Command {
         /// Parallel workers (default: the number of cores).
         #[arg(long)]
         jobs: Option<usize>,
-        /// Tables of at least this many MB are copied in block ranges by several workers at once,
-        /// committed together (needs max_prepared_transactions >= --jobs on the target).
+        /// Tables of at least this many MB are copied in block ranges by several workers at once
+        /// (with --atomic or --truncate of tables with rows: committed together, which needs
+        /// max_prepared_transactions >= --jobs on the target).
         #[arg(long, value_name = "MB", default_value_t = 256)]
         split_mb: u64,
+        /// Make each group of tables linked by foreign keys appear on the target at once (one
+        /// transaction, or parts committed together), as --truncate of tables with rows does.
+        /// Without it, empty target tables load by table and block range, each committed alone.
+        #[arg(long)]
+        atomic: bool,
         /// A shell command to run after a successful copy (e.g. a search-index rebuild).
         #[arg(long, value_name = "CMD")]
         after: Option<String>,
@@ -516,6 +522,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             force,
             jobs,
             split_mb,
+            atomic,
             after,
             json,
             for_stream,
@@ -543,6 +550,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 after,
                 force,
                 for_stream,
+                atomic,
             };
             let started = std::time::Instant::now();
             let report = stagingprop::copy::copy(&config, &options)

@@ -1,7 +1,9 @@
 //! `copy` against real clusters: both directions, the exact hand-off to sync under concurrent
-//! writes, refusal of non-empty targets, a connection killed mid-copy; tables split into block
-//! ranges loaded by several workers and committed together (two-phase commit), a part failing,
-//! a copy killed with its parts prepared, and what an interrupted copy left being finished.
+//! writes, refusal of non-empty targets, a connection killed mid-copy; empty targets loaded by
+//! table and block range, each committed alone (parents first when the target checks foreign
+//! keys); with `--atomic`, ranges loaded by several workers and committed together (two-phase
+//! commit), a part failing, a copy killed with its parts prepared, and what an interrupted copy
+//! left being finished.
 
 mod support;
 
@@ -45,6 +47,11 @@ struct Pair {
 }
 
 fn pair(prefix: &str) -> Pair {
+    pair_as(prefix, "postgres")
+}
+
+/// A pair whose production connection logs in as `production_user`.
+fn pair_as(prefix: &str, production_user: &str) -> Pair {
     let c = clusters();
     let staging = fresh_db(&c.staging, prefix);
     let production = fresh_db(&c.production, prefix);
@@ -54,7 +61,7 @@ fn pair(prefix: &str) -> Pair {
         "[staging]\nurl = \"{}\"\nsslmode = \"disable\"\n[production]\nurl = \"{}\"\nsslmode = \"disable\"\n\
          [sync]\nslot = \"{prefix}\"\npublication = \"{prefix}\"\nheartbeat_interval_secs = 1\n",
         c.staging.conninfo(&staging, "postgres"),
-        c.production.conninfo(&production, "postgres"),
+        c.production.conninfo(&production, production_user),
     );
     for (table, _) in TABLES {
         text.push_str(&format!("[[tables]]\nname = \"public.{table}\"\n"));
@@ -68,7 +75,7 @@ fn pair(prefix: &str) -> Pair {
 }
 
 fn options(from: Side, to: Side) -> CopyOptions {
-    support::copy_options(from, to)
+    stagingprop::copy::CopyOptions::new(from, to)
 }
 
 fn dump(cluster: &stagingprop::cluster::LocalCluster, db: &str, table: &str, key: &str) -> String {
@@ -375,11 +382,164 @@ async fn sync_refuses_a_production_whose_seeding_copy_failed() {
     assert_equal(&p);
 }
 
-/// Options that split every table of more than one block across `jobs` workers.
+/// How many ranges `report` says `table` was loaded in.
+fn ranges_of(report: &copy::CopyReport, table: &str) -> usize {
+    report
+        .tables
+        .iter()
+        .find(|t| t.table.to_string() == table)
+        .map(|t| t.ranges)
+        .unwrap_or_else(|| panic!("{table} missing from {:?}", report.tables))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_tables_load_range_by_range_each_committed_alone() {
+    let c = clusters();
+    let p = pair("copy_alone");
+    psql(&c.staging, &p.staging, SEED);
+    init(
+        &p.config,
+        &InitOptions {
+            create_slot: false,
+            ..InitOptions::default()
+        },
+    )
+    .await
+    .expect("init");
+    // Holding catentdesc (SHARE: readers pass, COPY waits) keeps its ranges from loading.
+    let (holder, connection) = tokio_postgres::connect(
+        &c.production.conninfo(&p.production, "postgres"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    holder
+        .batch_execute("BEGIN; LOCK TABLE catentdesc IN SHARE MODE")
+        .await
+        .unwrap();
+    let writer = write_during_copy(p.staging.clone());
+    let config = p.config.clone();
+    let running = tokio::spawn(async move {
+        let mut opts = options(Side::Staging, Side::Production);
+        opts.split_bytes = 0;
+        copy::copy(&config, &opts).await
+    });
+    // catentry, catentdesc's parent, is committed while catentdesc waits: in the one-transaction
+    // or prepared modes nothing of the group would be visible yet.
+    let mut visible = String::new();
+    for _ in 0..600 {
+        visible = psql(
+            &c.production,
+            &p.production,
+            "SELECT count(*) FROM catentry",
+        );
+        if visible.trim().parse::<u64>().unwrap() >= 19_900 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        visible.trim().parse::<u64>().unwrap() >= 19_900,
+        "catentry never became visible on its own: {visible}"
+    );
+    assert!(
+        !running.is_finished(),
+        "the copy ended with catentdesc held"
+    );
+    assert_eq!(prepared_count(&c.production, &p.production), 0);
+    // Until the hand-off, the progress row says "copy in progress": sync refuses.
+    assert_eq!(
+        psql(
+            &c.production,
+            &p.production,
+            "SELECT end_lsn FROM stagingprop.progress"
+        )
+        .trim(),
+        "0/0"
+    );
+    holder.batch_execute("COMMIT").await.unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(120), running)
+        .await
+        .expect("copy ends")
+        .unwrap()
+        .expect("copy");
+    writer.join().unwrap();
+    assert_eq!(ranges_of(&report, "public.catentry"), 2);
+    assert_eq!(ranges_of(&report, "public.catentdesc"), 2);
+    support::caught_up(&p.config)
+        .await
+        .expect("sync after the copy: a doubled insert or delete would be a conflict error");
+    assert_equal(&p);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_that_checks_foreign_keys_gets_parents_before_children() {
+    let c = clusters();
+    psql(
+        &c.production,
+        "postgres",
+        "DO $$ BEGIN CREATE ROLE plain_copier LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+    );
+    let p = pair_as("copy_checked", "plain_copier");
+    psql(
+        &c.production,
+        &p.production,
+        &format!(
+            "ALTER DATABASE {} OWNER TO plain_copier;
+             ALTER TABLE catentry OWNER TO plain_copier; ALTER TABLE catentdesc OWNER TO plain_copier;
+             ALTER TABLE attribute OWNER TO plain_copier; ALTER TABLE staticfile OWNER TO plain_copier;",
+            p.production
+        ),
+    );
+    psql(&c.staging, &p.staging, SEED);
+    psql(
+        &c.staging,
+        &p.staging,
+        "INSERT INTO catentdesc SELECT g, l, repeat('name ', 20) FROM generate_series(1, 20000) g, generate_series(1, 8) l",
+    );
+    let report = init(
+        &p.config,
+        &InitOptions {
+            create_slot: false,
+            ..InitOptions::default()
+        },
+    )
+    .await
+    .expect("init");
+    // init says what the role costs and what to change.
+    assert!(
+        report
+            .lines
+            .iter()
+            .any(|l| l.contains("may not set session_replication_role") && l.contains("superuser")),
+        "{:?}",
+        report.lines
+    );
+    let writer = write_during_copy(p.staging.clone());
+    // catentdesc, the larger, is queued first; every row of it refers to catentry, whose two
+    // ranges must both be committed before any of catentdesc loads, or the target refuses it.
+    let mut opts = options(Side::Staging, Side::Production);
+    opts.split_bytes = 0;
+    let report = copy::copy(&p.config, &opts)
+        .await
+        .expect("copy with foreign keys checked");
+    writer.join().unwrap();
+    assert_eq!(ranges_of(&report, "public.catentry"), 2);
+    assert_eq!(ranges_of(&report, "public.catentdesc"), 2);
+    support::caught_up(&p.config)
+        .await
+        .expect("sync after the copy");
+    assert_equal(&p);
+}
+
+/// Options that split every table of more than one block across `jobs` workers, each group
+/// committed at once (prepared parts).
 fn split_options(from: Side, to: Side, jobs: usize) -> CopyOptions {
     let mut opts = options(from, to);
     opts.jobs = jobs;
     opts.split_bytes = 0;
+    opts.atomic = true;
     opts
 }
 
@@ -561,6 +721,7 @@ async fn a_copy_killed_with_its_parts_prepared_is_finished_by_the_next() {
             "2",
             "--split-mb",
             "0",
+            "--atomic",
         ])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())

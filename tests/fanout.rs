@@ -403,7 +403,7 @@ async fn a_target_seeded_by_copy_while_publishing_runs_continues_from_its_hand_o
             std::thread::sleep(Duration::from_millis(50));
         }
     });
-    let mut options = support::copy_options(
+    let mut options = stagingprop::copy::CopyOptions::new(
         stagingprop::copy::Side::Staging,
         stagingprop::copy::Side::Production,
     );

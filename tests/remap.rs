@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde_json::Value as Json;
 use stagingprop::config::Config;
-use stagingprop::copy::{self, Side};
+use stagingprop::copy::{self, CopyOptions, Side};
 use stagingprop::model::{Lsn, PgTimestamp};
 use stagingprop::ops::init::{InitOptions, init};
 use stagingprop::ops::status::{Thresholds, render, status};
@@ -18,7 +18,7 @@ use stagingprop::ops::verify::{VerifyOptions, render as render_diffs, verify};
 use stagingprop::pgoutput::LogicalMessage;
 use stagingprop::spool::store::SpoolWriter;
 use stagingprop::sync::SyncError;
-use support::{caught_up, clusters, copy_options, fresh_db, psql, wait_for_tail_slot};
+use support::{caught_up, clusters, fresh_db, psql, wait_for_tail_slot};
 
 const SCHEMA: &str = "
 CREATE TABLE catentry (catentry_id bigint PRIMARY KEY, partnumber text NOT NULL UNIQUE, name text);
@@ -553,9 +553,12 @@ async fn copy_applies_the_rules_and_sync_continues_through_the_key_map() {
     .expect("init");
 
     // promotion needs 20 keys and its KEYS range holds 10: refused before anything is written.
-    let err = copy::copy(&p.config, &copy_options(Side::Staging, Side::Production))
-        .await
-        .expect_err("the KEYS range is too small");
+    let err = copy::copy(
+        &p.config,
+        &CopyOptions::new(Side::Staging, Side::Production),
+    )
+    .await
+    .expect_err("the KEYS range is too small");
     let message = err.to_string();
     assert!(
         message.contains("public.keys") && message.contains("public.promotion"),
@@ -564,9 +567,12 @@ async fn copy_applies_the_rules_and_sync_continues_through_the_key_map() {
     assert_eq!(p.value("SELECT count(*) FROM catentry"), "0");
     p.production("UPDATE keys SET upperbound = 3000999 WHERE tablename = 'promotion'");
 
-    let report = copy::copy(&p.config, &copy_options(Side::Staging, Side::Production))
-        .await
-        .expect("copy");
+    let report = copy::copy(
+        &p.config,
+        &CopyOptions::new(Side::Staging, Side::Production),
+    )
+    .await
+    .expect("copy");
     assert!(report.handoff.is_some());
     p.assert_equal_through_key_map();
     let map = p.key_map();
@@ -666,7 +672,7 @@ async fn copy_applies_the_rules_and_sync_continues_through_the_key_map() {
         .url
         .replace(&format!("dbname={}", p.staging), &format!("dbname={fresh}"));
     assert!(back.staging.url.contains(&fresh), "{}", back.staging.url);
-    copy::copy(&back, &copy_options(Side::Production, Side::Staging))
+    copy::copy(&back, &CopyOptions::new(Side::Production, Side::Staging))
         .await
         .expect("copy back");
     assert_eq!(

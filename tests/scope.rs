@@ -7,11 +7,11 @@ mod support;
 use std::time::Duration;
 
 use stagingprop::config::Config;
-use stagingprop::copy::{Side, copy};
+use stagingprop::copy::{CopyOptions, Side, copy};
 use stagingprop::ops::init::{InitOptions, init};
 use stagingprop::ops::verify::{VerifyOptions, verify};
 use stagingprop::sync;
-use support::{Lcg, Pair, PairBuilder, caught_up, copy_options};
+use support::{Lcg, Pair, PairBuilder, caught_up};
 
 fn init_without_slot() -> InitOptions {
     InitOptions {
@@ -49,9 +49,12 @@ async fn a_filtered_table_follows_rows_moving_in_and_out_of_the_filter() {
         "publication row filter: {row_filter}"
     );
 
-    let report = copy(&p.config, &copy_options(Side::Staging, Side::Production))
-        .await
-        .expect("copy");
+    let report = copy(
+        &p.config,
+        &CopyOptions::new(Side::Staging, Side::Production),
+    )
+    .await
+    .expect("copy");
     assert_eq!(
         report.tables[0].rows, 100,
         "copy takes only the filtered rows"
@@ -159,7 +162,7 @@ async fn production_owned_columns_are_never_written_by_copy_or_sync() {
     assert_eq!(published.trim(), "{offer_id,price,published}");
 
     // --truncate would empty production's columns: refused unless forced.
-    let mut truncating = copy_options(Side::Staging, Side::Production);
+    let mut truncating = CopyOptions::new(Side::Staging, Side::Production);
     truncating.truncate = true;
     let err = copy(&p.config, &truncating)
         .await
@@ -167,9 +170,12 @@ async fn production_owned_columns_are_never_written_by_copy_or_sync() {
         .to_string();
     assert!(err.contains("--force"), "{err}");
 
-    copy(&p.config, &copy_options(Side::Staging, Side::Production))
-        .await
-        .expect("copy merges the managed columns");
+    copy(
+        &p.config,
+        &CopyOptions::new(Side::Staging, Side::Production),
+    )
+    .await
+    .expect("copy merges the managed columns");
     assert_eq!(
         p.on_production("SELECT count(*), sum(price), count(*) FILTER (WHERE merchant_note LIKE 'merchant %' AND merchant_flag = 7), count(*) FILTER (WHERE merchant_note = 'none') FROM offer").trim(),
         "100|5050.00|50|50",
@@ -383,9 +389,12 @@ async fn remapped_tables_with_filters_and_column_lists_keep_references_translate
          INSERT INTO catentdesc (catentry_id, language_id, name) SELECT g, -1, 'name ' || g FROM generate_series(1, 20) g",
     );
     init(&p.config, &init_without_slot()).await.expect("init");
-    copy(&p.config, &copy_options(Side::Staging, Side::Production))
-        .await
-        .expect("copy");
+    copy(
+        &p.config,
+        &CopyOptions::new(Side::Staging, Side::Production),
+    )
+    .await
+    .expect("copy");
     p.on_production("UPDATE catentdesc SET merchant_text = 'merchant'");
     p.on_staging(
         "UPDATE catentry SET buyable = 1 WHERE catentry_id = 2;

@@ -686,7 +686,7 @@ async fn managed_files_follow_their_rows_batch_by_batch() {
         .expect("init of the seeded pair");
     let report = stagingprop::copy::copy(
         &seeded_config,
-        &support::copy_options(
+        &stagingprop::copy::CopyOptions::new(
             stagingprop::copy::Side::Staging,
             stagingprop::copy::Side::Production,
         ),

@@ -26,6 +26,7 @@
 
 pub(crate) mod prepared;
 pub mod rewrite;
+mod schedule;
 pub mod split;
 
 use std::collections::{HashMap, VecDeque};
@@ -89,6 +90,29 @@ pub struct CopyOptions {
     /// Seed a target fed from the JetStream stream: the snapshot comes from a temporary slot,
     /// the publisher's own slot is left alone, and the hand-off is the temporary slot's position.
     pub for_stream: bool,
+    /// Load each group of tables linked by foreign keys so that it becomes visible at once (one
+    /// transaction, or prepared parts committed together), as `--truncate` of tables with rows
+    /// always does; without it, empty target tables load piece by piece, each committed alone.
+    pub atomic: bool,
+}
+
+impl CopyOptions {
+    /// Every managed table, two workers, empty targets required, nothing after.
+    pub fn new(from: Side, to: Side) -> CopyOptions {
+        CopyOptions {
+            from,
+            to,
+            tables: Vec::new(),
+            exclude: Vec::new(),
+            truncate: false,
+            jobs: 2,
+            split_bytes: DEFAULT_SPLIT_BYTES,
+            after: None,
+            force: false,
+            for_stream: false,
+            atomic: false,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,7 +133,7 @@ pub enum CopyError {
     Rules(Vec<String>),
     #[error("key remapping on {target}: {message}. Nothing was copied")]
     Keys { target: String, message: String },
-    #[error("{} table(s) failed and were left as they were ({}); the others are complete. Run the copy again with --truncate to finish", failed.len(), failed.join(", "))]
+    #[error("{} table(s) failed ({}): each is empty, or holds the pieces that committed before the failure; the others are complete. Run the copy again with --truncate to finish", failed.len(), failed.join(", "))]
     Partial {
         failed: Vec<String>,
         errors: Vec<String>,
@@ -335,6 +359,27 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
         .await
         .map_err(db_error(&target, "reading foreign keys"))?;
     let groups = catalog::linked_groups(metas.len(), &edges);
+    let replica = replica_role(&t).await;
+    let self_referencing = if replica.is_err() {
+        let references = catalog::column_references(&t)
+            .await
+            .map_err(db_error(&target, "reading foreign keys"))?;
+        metas
+            .iter()
+            .map(|m| {
+                let name = m.table_name();
+                references
+                    .iter()
+                    .any(|r| r.child == name && r.parent == name)
+            })
+            .collect()
+    } else {
+        vec![false; metas.len()]
+    };
+    let abilities = TargetAbilities {
+        replica,
+        self_referencing,
+    };
 
     // The snapshot, and for the sync hand-off the slot it comes from.
     let handoff = options.from == Side::Staging && options.to == Side::Production;
@@ -418,20 +463,20 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
             blocks: row.get::<_, i64>(1).max(0) as u64,
         });
     }
-    let jobs = plan_jobs(&t, &target, &metas, &parts, groups, &sizes, options).await?;
+    let jobs = plan_jobs(
+        &t, &target, &metas, &parts, groups, &edges, &abilities, &sizes, options,
+    )
+    .await?;
     let progress = Arc::new(CopyProgress {
         estimate: sizes.iter().map(|size| size.bytes).sum(),
         tables: metas.len(),
         ..CopyProgress::default()
     });
     let reporter = tokio::spawn(report_progress(progress.clone()));
-    let queue: Arc<Mutex<VecDeque<Job>>> = Arc::new(Mutex::new(jobs.into()));
+    let queue = Arc::new(Queue::new(jobs, metas.len()));
     let metas = Arc::new(metas);
     let parts = Arc::new(parts);
-    let jobs = options
-        .jobs
-        .max(1)
-        .min(queue.lock().map(|q| q.len()).unwrap_or(1));
+    let jobs = options.jobs.max(1).min(queue.len().max(1));
 
     // Every worker imports the snapshot before the exporter may go.
     let (imported_tx, mut imported_rx) = tokio::sync::mpsc::channel::<Result<(), CopyError>>(jobs);
@@ -491,6 +536,7 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
             Err(e) => errors.push(format!("a copy worker stopped: {e}")),
         }
     }
+    report.tables = merge_reports(std::mem::take(&mut report.tables));
     failed.sort();
     failed.dedup();
     if !failed.is_empty() || !errors.is_empty() {
@@ -782,13 +828,20 @@ struct TableSize {
     blocks: u64,
 }
 
-/// Tables linked by foreign keys, which become visible on the target together.
+/// Tables linked by foreign keys, and how they reach the target.
 struct GroupJob {
     tables: Vec<usize>,
-    /// Empty the tables first (never for a split group: its tables are empty).
-    truncate: bool,
-    /// Set when several prepared transactions load the group.
-    split: Option<SplitGroup>,
+    loading: Loading,
+}
+
+enum Loading {
+    /// The whole group in one transaction, visible at once; emptied first with `truncate`.
+    Together { truncate: bool },
+    /// Several prepared transactions committed together, visible at once (the tables are empty).
+    Prepared(SplitGroup),
+    /// Each table or block range in a transaction of its own, committed when it is in: empty
+    /// target tables, seeded by every worker whatever the target's prepared-transaction limit.
+    Alone,
 }
 
 struct SplitGroup {
@@ -811,11 +864,14 @@ impl SplitGroup {
     }
 }
 
-/// What one worker transaction loads: a whole group, or one part of a split group.
+/// What one worker transaction loads: a whole group, one part of a split group, or one piece
+/// loaded alone.
 struct Job {
     group: Arc<GroupJob>,
     part: usize,
     pieces: Vec<Piece>,
+    /// Tables every piece of which must have committed first (foreign keys checked on load).
+    needs: Vec<usize>,
 }
 
 impl Job {
@@ -824,8 +880,20 @@ impl Job {
     }
 }
 
-/// Cuts the copy into worker transactions, largest first: one per group, or one per part for
-/// groups holding a table of at least `split_bytes` when the target can commit parts together.
+/// What the target allows that decides how groups load.
+struct TargetAbilities {
+    /// `Err(why)` when the target role may not set `session_replication_role`: foreign keys
+    /// are then checked as rows arrive.
+    replica: Result<(), String>,
+    /// Per table: it has a foreign key to itself (its ranges could not load apart unchecked).
+    self_referencing: Vec<bool>,
+}
+
+/// Cuts the copy into worker transactions, largest first. Empty target tables load piece by
+/// piece (a table, or a block range of one of at least `split_bytes`), each committed alone;
+/// groups that must appear at once (`--atomic`, `--truncate` of tables with rows, merges, or
+/// foreign-key cycles the target would check) load in one transaction per group, or in parts
+/// prepared and committed together when the target can.
 #[allow(clippy::too_many_arguments)]
 async fn plan_jobs(
     t: &Client,
@@ -833,6 +901,8 @@ async fn plan_jobs(
     metas: &[TableMeta],
     parts_of: &[TablePart],
     groups: Vec<Vec<usize>>,
+    edges: &[(usize, usize)],
+    abilities: &TargetAbilities,
     sizes: &[TableSize],
     options: &CopyOptions,
 ) -> Result<Vec<Job>, CopyError> {
@@ -851,15 +921,24 @@ async fn plan_jobs(
             .filter(|&i| sizes[i].bytes >= options.split_bytes && sizes[i].blocks > 1)
             .collect()
     };
-    // Whether the target can take split groups at all: free prepared slots, or why not.
-    let mut capacity = if workers > 1 && groups.iter().any(|g| !large(g).is_empty()) {
-        split_capacity(t).await
-    } else {
-        Err(String::new())
+    let checked = abilities.replica.is_err();
+    let cyclic = schedule::on_cycle(metas.len(), edges);
+    let ranges_of = |table: usize| -> Vec<Option<split::BlockRange>> {
+        if workers > 1 && !large(&[table]).is_empty() {
+            split::block_ranges(sizes[table].blocks, workers)
+                .into_iter()
+                .map(Some)
+                .collect()
+        } else {
+            vec![None]
+        }
     };
+    // Whether the target can take prepared parts at all: free slots, or why not.
+    let mut capacity = None;
     let mut jobs = Vec::new();
+    let mut ordered_for_checks = Vec::new();
     for (g, tables) in groups.into_iter().enumerate() {
-        let whole = |tables: Vec<usize>| Job {
+        let whole = |tables: Vec<usize>, truncate: bool| Job {
             pieces: tables
                 .iter()
                 .map(|&table| Piece {
@@ -870,67 +949,113 @@ async fn plan_jobs(
                 .collect(),
             group: Arc::new(GroupJob {
                 tables,
-                truncate: options.truncate,
-                split: None,
+                loading: Loading::Together { truncate },
             }),
             part: 0,
+            needs: Vec::new(),
         };
-        let large = large(&tables);
-        // A merge goes through a temporary table, which a prepared transaction cannot hold.
-        if workers < 2 || large.is_empty() || tables.iter().any(|&i| parts_of[i].merge) {
-            jobs.push(whole(tables));
-            continue;
-        }
-        let mut pieces = Vec::new();
-        for &table in &tables {
-            if large.contains(&table) {
-                let ranges = split::block_ranges(sizes[table].blocks, workers);
-                let bytes = sizes[table].bytes / ranges.len() as u64;
-                pieces.extend(ranges.into_iter().map(|range| Piece {
-                    table,
-                    range: Some(range),
-                    bytes,
-                }));
-            } else {
-                pieces.push(Piece {
-                    table,
-                    range: None,
-                    bytes: sizes[table].bytes,
-                });
-            }
-        }
-        let parts = split::pack(pieces, workers);
-        let names = || {
-            large
+        let names = |tables: &[usize]| {
+            tables
                 .iter()
                 .map(|&i| metas[i].table_name().to_string())
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let refusal = match &mut capacity {
+        let merges = tables.iter().any(|&i| parts_of[i].merge);
+        // TRUNCATE of tables with rows: the group is replaced in one transaction.
+        let replaces = options.truncate && !merges && !all_empty(t, target, metas, &tables).await?;
+        let cycle = checked && tables.iter().any(|&i| cyclic[i]);
+        if !options.atomic && !merges && !replaces && !cycle {
+            let group = Arc::new(GroupJob {
+                tables: tables.clone(),
+                loading: Loading::Alone,
+            });
+            for &table in &tables {
+                // Checked foreign keys: a table's rows may refer to rows of its other ranges.
+                let ranges = if checked && abilities.self_referencing[table] {
+                    vec![None]
+                } else {
+                    ranges_of(table)
+                };
+                let needs: Vec<usize> = if checked {
+                    edges
+                        .iter()
+                        .filter(|&&(child, _)| child == table)
+                        .map(|&(_, parent)| parent)
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                if !needs.is_empty() {
+                    ordered_for_checks.push(metas[table].table_name().to_string());
+                }
+                let bytes = sizes[table].bytes / ranges.len() as u64;
+                for range in ranges {
+                    jobs.push(Job {
+                        group: group.clone(),
+                        part: 0,
+                        pieces: vec![Piece {
+                            table,
+                            range,
+                            bytes,
+                        }],
+                        needs: needs.clone(),
+                    });
+                }
+            }
+            continue;
+        }
+        let why_together = if merges {
+            "a table with rows and a column list is merged by key in one transaction"
+        } else if replaces {
+            "--truncate on tables with rows empties and loads them in one transaction"
+        } else if cycle {
+            "their foreign keys form a cycle and the target checks them on load"
+        } else {
+            "--atomic"
+        };
+        let large = large(&tables);
+        // A merge goes through a temporary table, which a prepared transaction cannot hold.
+        if workers < 2 || large.is_empty() || merges {
+            tracing::info!(tables = %names(&tables), "copying the group in one transaction: {why_together}");
+            jobs.push(whole(tables, options.truncate));
+            continue;
+        }
+        let mut pieces = Vec::new();
+        for &table in &tables {
+            let ranges = ranges_of(table);
+            let bytes = sizes[table].bytes / ranges.len() as u64;
+            pieces.extend(ranges.into_iter().map(|range| Piece {
+                table,
+                range,
+                bytes,
+            }));
+        }
+        let parts = split::pack(pieces, workers);
+        if capacity.is_none() {
+            capacity = Some(split_capacity(t, &abilities.replica).await);
+        }
+        let refusal = match capacity.as_mut().expect("set above") {
             Err(why) => Some(why.clone()),
             Ok(free) if *free < parts.len() => Some(format!(
                 "the target has {free} free prepared-transaction slot(s) and {} are needed; raise max_prepared_transactions (a restart) to at least --jobs",
                 parts.len()
             )),
-            _ if options.truncate && !all_empty(t, target, metas, &tables).await? => Some(
-                "--truncate on tables with rows empties and loads them in one transaction".into(),
-            ),
+            _ if replaces => Some(why_together.into()),
             Ok(free) => {
                 *free -= parts.len();
                 None
             }
         };
         if let Some(why) = refusal {
-            tracing::info!(tables = %names(), "copying with one worker: {why}");
-            jobs.push(whole(tables));
+            tracing::info!(tables = %names(&large), "copying with one worker ({why_together}): {why}");
+            jobs.push(whole(tables, options.truncate));
             continue;
         }
-        tracing::info!(tables = %names(), parts = parts.len(), "copying in block ranges by several workers, committed together");
+        tracing::info!(tables = %names(&large), parts = parts.len(), "copying in block ranges by several workers, committed together ({why_together})");
         let group = Arc::new(GroupJob {
             tables,
-            truncate: false,
-            split: Some(SplitGroup {
+            loading: Loading::Prepared(SplitGroup {
                 id: split::group_id(&run, g),
                 parts: parts.len(),
                 state: Mutex::default(),
@@ -941,24 +1066,40 @@ async fn plan_jobs(
                 group: group.clone(),
                 part,
                 pieces,
+                needs: Vec::new(),
             });
         }
+    }
+    if let (Err(why), false) = (&abilities.replica, ordered_for_checks.is_empty()) {
+        tracing::warn!(
+            tables = %ordered_for_checks.join(", "),
+            "these tables load only after their parent tables are complete, since {why}; run copy as a role that may set session_replication_role (a superuser) to load every table at once"
+        );
     }
     jobs.sort_by_key(|job| std::cmp::Reverse(job.bytes()));
     Ok(jobs)
 }
 
+/// Whether the target role may set `session_replication_role` (foreign keys and triggers off
+/// while loading), or why not.
+async fn replica_role(t: &Client) -> Result<(), String> {
+    t.batch_execute("SET session_replication_role = replica; RESET session_replication_role")
+        .await
+        .map_err(|e| {
+            format!(
+                "the target role may not set session_replication_role ({})",
+                QueryError::new("SET", &e)
+            )
+        })
+}
+
 /// How many parts the target can hold prepared, or why it cannot take split groups.
-async fn split_capacity(t: &Client) -> Result<usize, String> {
+async fn split_capacity(t: &Client, replica: &Result<(), String>) -> Result<usize, String> {
     // Parts see neither each other's rows nor the other tables' of their group: foreign keys
     // must not be checked while loading.
-    if let Err(e) = t
-        .batch_execute("SET session_replication_role = replica; RESET session_replication_role")
-        .await
-    {
+    if let Err(why) = replica {
         return Err(format!(
-            "the target role may not set session_replication_role ({}), so foreign keys would be checked against rows other workers have not committed",
-            QueryError::new("SET", &e)
+            "{why}, so foreign keys would be checked against rows other workers have not committed"
         ));
     }
     let free = prepared::free_slots(t)
@@ -966,7 +1107,7 @@ async fn split_capacity(t: &Client) -> Result<usize, String> {
         .map_err(|e| QueryError::new("reading max_prepared_transactions", &e).to_string())?;
     if free < 2 {
         return Err(format!(
-            "max_prepared_transactions leaves {free} free slot(s) on the target; set it to at least --jobs (a restart) to let several workers load one table"
+            "max_prepared_transactions leaves {free} free slot(s) on the target; set it to at least --jobs (a restart) to let several workers load one group"
         ));
     }
     state::ensure(t).await.map_err(|e| {
@@ -1015,12 +1156,90 @@ fn merge_reports(reports: Vec<TableReport>) -> Vec<TableReport> {
     merged
 }
 
+/// The jobs no worker has taken yet, and which of them may start.
+struct Queue {
+    state: Mutex<(VecDeque<Job>, schedule::Board)>,
+    /// Signalled whenever a job ends, so workers waiting for a parent table look again.
+    changed: tokio::sync::Notify,
+}
+
+enum Next {
+    Run(Job),
+    /// Can never load: the parent table at this index failed.
+    Blocked(Job, usize),
+    Wait,
+    Empty,
+}
+
+impl Queue {
+    fn new(jobs: Vec<Job>, tables: usize) -> Queue {
+        let mut pieces = vec![0; tables];
+        for job in jobs.iter().filter(|j| j.loads_alone()) {
+            for piece in &job.pieces {
+                pieces[piece.table] += 1;
+            }
+        }
+        Queue {
+            state: Mutex::new((jobs.into(), schedule::Board::new(pieces))),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (VecDeque<Job>, schedule::Board)> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn len(&self) -> usize {
+        self.lock().0.len()
+    }
+
+    fn next(&self) -> Next {
+        let mut state = self.lock();
+        let (queue, board) = &mut *state;
+        match board.pick(queue, |job| &job.needs) {
+            schedule::Pick::Run(i) => Next::Run(queue.remove(i).expect("picked from the queue")),
+            schedule::Pick::Blocked(i, parent) => {
+                Next::Blocked(queue.remove(i).expect("picked from the queue"), parent)
+            }
+            schedule::Pick::Wait => Next::Wait,
+            schedule::Pick::Empty => Next::Empty,
+        }
+    }
+
+    /// A taken job ended; returns the tables its commit completed (loaded alone).
+    fn finished(&self, job: &Job, committed: bool) -> Vec<usize> {
+        let completed = self.lock().1.finished(&job.alone_tables(), committed);
+        self.changed.notify_waiters();
+        completed
+    }
+
+    fn abandoned(&self, job: &Job) {
+        self.lock().1.abandoned(&job.alone_tables());
+        self.changed.notify_waiters();
+    }
+}
+
+impl Job {
+    fn loads_alone(&self) -> bool {
+        matches!(self.group.loading, Loading::Alone)
+    }
+
+    /// The tables of its pieces when they load alone (the board tracks only those).
+    fn alone_tables(&self) -> Vec<usize> {
+        if self.loads_alone() {
+            self.pieces.iter().map(|p| p.table).collect()
+        } else {
+            Vec::new()
+        }
+    }
+}
+
 struct Worker {
     id: usize,
     source: Endpoint,
     target: Endpoint,
     snapshot: String,
-    queue: Arc<Mutex<VecDeque<Job>>>,
+    queue: Arc<Queue>,
     metas: Arc<Vec<TableMeta>>,
     plans: Arc<Vec<KeyPlan>>,
     parts: Arc<Vec<TablePart>>,
@@ -1062,31 +1281,62 @@ impl Worker {
         };
         drop(imported);
         loop {
-            let next = self.queue.lock().ok().and_then(|mut q| q.pop_front());
-            let Some(job) = next else { break };
-            let result = match &job.group.split {
-                None => self.copy_group(&s, &t, &job).await,
-                Some(split) => self.copy_part(&s, &t, &job, split).await,
+            // Made before looking, so a job finishing meanwhile still wakes this worker.
+            let changed = self.queue.changed.notified();
+            let job = match self.queue.next() {
+                Next::Empty => break,
+                Next::Wait => {
+                    changed.await;
+                    continue;
+                }
+                Next::Blocked(job, parent) => {
+                    self.queue.abandoned(&job);
+                    outcome.failed.push((
+                        self.table_names(&job),
+                        format!(
+                            "not loaded: {} failed first, and the target checks foreign keys as rows arrive",
+                            self.metas[parent].table_name()
+                        ),
+                    ));
+                    continue;
+                }
+                Next::Run(job) => job,
+            };
+            let result = match &job.group.loading {
+                Loading::Together { .. } => self.copy_group(&s, &t, &job).await,
+                Loading::Prepared(split) => self.copy_part(&s, &t, &job, split).await,
+                Loading::Alone => self.copy_alone(&s, &t, &job).await,
+            };
+            let completed = self.queue.finished(&job, result.is_ok());
+            let result = match result {
+                Ok(reports) => self.analyze(&t, &completed).await.map(|()| reports),
+                Err(e) => Err(e),
             };
             match result {
                 Ok(reports) => outcome.done.extend(reports),
                 Err(e) => {
                     let _ = t.batch_execute("ROLLBACK").await;
                     let mut error = e.to_string();
-                    if let Some(split) = &job.group.split {
+                    if let Loading::Prepared(split) = &job.group.loading {
                         error.push_str(&self.abandon(split).await);
                     }
-                    let names = job
-                        .group
-                        .tables
-                        .iter()
-                        .map(|&i| self.metas[i].table_name().to_string())
-                        .collect();
-                    outcome.failed.push((names, error));
+                    outcome.failed.push((self.table_names(&job), error));
                 }
             }
         }
         outcome
+    }
+
+    /// The tables a failed job leaves incomplete: a piece's own, or its whole group.
+    fn table_names(&self, job: &Job) -> Vec<String> {
+        let tables: Vec<usize> = match job.group.loading {
+            Loading::Alone => job.pieces.iter().map(|p| p.table).collect(),
+            _ => job.group.tables.clone(),
+        };
+        tables
+            .iter()
+            .map(|&i| self.metas[i].table_name().to_string())
+            .collect()
     }
 
     /// The source session in the shared snapshot, and the target session.
@@ -1125,7 +1375,7 @@ impl Worker {
         t.batch_execute("BEGIN")
             .await
             .map_err(db_error(&self.target, "BEGIN"))?;
-        if job.group.truncate {
+        if matches!(job.group.loading, Loading::Together { truncate: true }) {
             let list = job
                 .group
                 .tables
@@ -1141,7 +1391,27 @@ impl Worker {
         t.batch_execute("COMMIT")
             .await
             .map_err(db_error(&self.target, "COMMIT"))?;
-        self.committed(t, &job.group.tables, reports).await
+        self.committed(&reports);
+        self.analyze(t, &job.group.tables).await?;
+        Ok(reports)
+    }
+
+    /// One table or block range in a transaction of its own, committed at once.
+    async fn copy_alone(
+        &self,
+        s: &Client,
+        t: &Client,
+        job: &Job,
+    ) -> Result<Vec<TableReport>, CopyError> {
+        t.batch_execute("BEGIN")
+            .await
+            .map_err(db_error(&self.target, "BEGIN"))?;
+        let reports = self.load(s, t, &job.pieces).await?;
+        t.batch_execute("COMMIT")
+            .await
+            .map_err(db_error(&self.target, "COMMIT"))?;
+        self.committed(&reports);
+        Ok(reports)
     }
 
     /// One part of a split group, prepared; the worker preparing the last part commits them all.
@@ -1207,8 +1477,10 @@ impl Worker {
             };
             return Err(db_error(&self.target, what)(source));
         }
-        self.committed(t, &job.group.tables, merge_reports(reports))
-            .await
+        let reports = merge_reports(reports);
+        self.committed(&reports);
+        self.analyze(t, &job.group.tables).await?;
+        Ok(reports)
     }
 
     /// Marks a split group failed and rolls back its prepared parts, through a new session (this
@@ -1258,14 +1530,9 @@ impl Worker {
         Ok(reports)
     }
 
-    /// After a group's commit: the log lines, the counters and `ANALYZE`.
-    async fn committed(
-        &self,
-        t: &Client,
-        tables: &[usize],
-        reports: Vec<TableReport>,
-    ) -> Result<Vec<TableReport>, CopyError> {
-        for report in &reports {
+    /// After a commit: a log line per table or range.
+    fn committed(&self, reports: &[TableReport]) {
+        for report in reports {
             tracing::info!(
                 worker = self.id,
                 table = %report.table,
@@ -1275,6 +1542,10 @@ impl Worker {
                 "copied"
             );
         }
+    }
+
+    /// Tables complete on the target: counted, and `ANALYZE`d for the planner.
+    async fn analyze(&self, t: &Client, tables: &[usize]) -> Result<(), CopyError> {
         self.progress
             .tables_done
             .fetch_add(tables.len(), Ordering::Relaxed);
@@ -1283,7 +1554,7 @@ impl Worker {
                 .await
                 .map_err(db_error(&self.target, "ANALYZE"))?;
         }
-        Ok(reports)
+        Ok(())
     }
 
     /// Streams one table, or one block range of it, as binary COPY from source to target.

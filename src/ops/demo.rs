@@ -149,23 +149,9 @@ where
         "3. init: checked both databases, created the publication and stagingprop's schema on production",
     );
 
-    let report = copy(
-        &config,
-        &CopyOptions {
-            from: Side::Staging,
-            to: Side::Production,
-            tables: Vec::new(),
-            exclude: Vec::new(),
-            truncate: false,
-            jobs: 2,
-            split_bytes: crate::copy::DEFAULT_SPLIT_BYTES,
-            force: false,
-            for_stream: false,
-            after: None,
-        },
-    )
-    .await
-    .map_err(|e| OpsError::Refused(e.to_string()))?;
+    let report = copy(&config, &CopyOptions::new(Side::Staging, Side::Production))
+        .await
+        .map_err(|e| OpsError::Refused(e.to_string()))?;
     let rows: u64 = report.tables.iter().map(|t| t.rows).sum();
     say(format!(
         "4. copy: {} tables, {rows} rows from one consistent snapshot; sync will start at {}",

@@ -196,6 +196,9 @@ pub async fn init(config: &Config, options: &InitOptions) -> Result<InitReport, 
         "checked {} managed table(s) on staging (key or replica identity) and production (present)",
         config.tables.len()
     ));
+    report
+        .lines
+        .extend(production_speed_notes(&p, &production).await?);
 
     let specs: Vec<String> = entries
         .into_iter()
@@ -573,6 +576,38 @@ async fn sync_publication(
 }
 
 /// ", 2 of them in part (row filter or column list)", or nothing.
+/// Production settings that cost copy or sync speed, each with what to change (not problems:
+/// everything works without them).
+async fn production_speed_notes(
+    p: &Client,
+    production: &Endpoint,
+) -> Result<Vec<String>, OpsError> {
+    let mut notes = Vec::new();
+    if p.batch_execute("SET session_replication_role = replica; RESET session_replication_role")
+        .await
+        .is_err()
+    {
+        notes.push(format!(
+            "production (speed): role {} may not set session_replication_role, so production checks every foreign key as rows arrive: copy loads a table only after its parent tables are complete, and sync orders each batch for the checks. For full speed run stagingprop as a superuser on production, as PostgreSQL's own apply worker runs",
+            quote_ident(&production.user())
+        ));
+    }
+    let max_prepared: i32 = p
+        .query_one(
+            "SELECT current_setting('max_prepared_transactions')::int",
+            &[],
+        )
+        .await
+        .map_err(query_error(production, "reading max_prepared_transactions"))?
+        .get(0);
+    if max_prepared < 2 {
+        notes.push(format!(
+            "production (speed): max_prepared_transactions = {max_prepared}, so `copy --atomic` (and --truncate of tables with rows) loads each group of linked tables with one worker; empty tables load with every worker regardless. Set it to at least copy's --jobs (a restart) if you use those"
+        ));
+    }
+    Ok(notes)
+}
+
 fn partial_note(config: &Config) -> String {
     match config.tables.iter().filter(|t| t.is_partial()).count() {
         0 => String::new(),

@@ -117,25 +117,6 @@ pub async fn caught_up(
     .expect("sync did not catch up within 120 s")
 }
 
-/// Copy options: every managed table, two workers, no truncate, nothing after.
-pub fn copy_options(
-    from: stagingprop::copy::Side,
-    to: stagingprop::copy::Side,
-) -> stagingprop::copy::CopyOptions {
-    stagingprop::copy::CopyOptions {
-        from,
-        to,
-        tables: Vec::new(),
-        exclude: Vec::new(),
-        truncate: false,
-        jobs: 2,
-        split_bytes: stagingprop::copy::DEFAULT_SPLIT_BYTES,
-        force: false,
-        for_stream: false,
-        after: None,
-    }
-}
-
 /// Waits (15 s at most) until a `tail` of `dbname` has created its temporary slot, after which
 /// it sees every change.
 pub async fn wait_for_tail_slot(cluster: &LocalCluster, dbname: &str) {
