@@ -115,7 +115,10 @@ async fn layout_2_gains_the_stream_sequence_and_keeps_its_rows() {
     let progress = state::progress::read(&client, "sp").await.unwrap().unwrap();
     assert_eq!(progress.stream_seq, None);
     state::ensure(&client).await.unwrap();
-    assert_eq!(state::layout::version(&client).await.unwrap(), 3);
+    assert_eq!(
+        state::layout::version(&client).await.unwrap(),
+        state::LAYOUT_VERSION
+    );
     assert_eq!(contents(&db), before, "the upgrade kept every row");
     let mut moved = progress;
     moved.end_lsn = "0/1A2B400".parse().unwrap();
@@ -127,6 +130,51 @@ async fn layout_2_gains_the_stream_sequence_and_keeps_its_rows() {
     );
     let read = state::progress::read(&client, "sp").await.unwrap().unwrap();
     assert_eq!(read.stream_seq, Some(42));
+}
+
+/// Layout 3 (`progress.stream_seq`; before `copy_tables`), as releases of 2026-12 made it.
+const LAYOUT_3_EXTRA: &str = "
+ALTER TABLE stagingprop.progress ADD COLUMN stream_seq bigint;
+UPDATE stagingprop.progress SET stream_seq = 17;
+UPDATE stagingprop.layout SET version = 3;
+";
+
+#[tokio::test]
+async fn layout_3_gains_the_copys_loaded_pieces_and_keeps_its_rows() {
+    let production = &clusters().production;
+    let db = fresh_db(production, "layout3");
+    psql(production, &db, LAYOUT_1);
+    psql(production, &db, LAYOUT_2_EXTRA);
+    psql(production, &db, LAYOUT_3_EXTRA);
+    let before = contents(&db);
+    let client = endpoint(production, &db, "postgres")
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(state::layout::version(&client).await.unwrap(), 3);
+    // Sync reads the copy's pieces on the older layout too (none: nothing to skip).
+    let ahead = state::copy_tables::ahead_of(&client, "sp", stagingprop::model::Lsn(0))
+        .await
+        .unwrap();
+    assert!(ahead.is_empty());
+    state::ensure(&client).await.unwrap();
+    assert_eq!(state::layout::version(&client).await.unwrap(), 4);
+    assert_eq!(contents(&db), before, "the upgrade kept every row");
+    let progress = state::progress::read(&client, "sp").await.unwrap().unwrap();
+    assert_eq!(progress.stream_seq, Some(17));
+    let piece = state::copy_tables::LoadedPiece {
+        table: "public.catentry".parse().unwrap(),
+        piece: String::new(),
+        of_pieces: 1,
+        snapshot_lsn: "0/1A2B400".parse().unwrap(),
+    };
+    state::copy_tables::record(&client, "sp", &piece)
+        .await
+        .unwrap();
+    let ahead = state::copy_tables::ahead_of(&client, "sp", progress.end_lsn)
+        .await
+        .unwrap();
+    assert_eq!(ahead.get(&piece.table), Some(&piece.snapshot_lsn));
 }
 
 #[tokio::test]

@@ -25,6 +25,7 @@
 //! an empty target group (TRUNCATE's lock would make the parts wait for each other).
 
 pub(crate) mod prepared;
+mod resume;
 pub mod rewrite;
 mod schedule;
 pub mod split;
@@ -301,6 +302,58 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
             merge: false,
         })
         .collect();
+    let meta_refs: Vec<&TableMeta> = metas.iter().collect();
+    let edges = catalog::foreign_keys(&t, &meta_refs)
+        .await
+        .map_err(db_error(&target, "reading foreign keys"))?;
+    let groups = catalog::linked_groups(metas.len(), &edges);
+    let replica = replica_role(&t).await;
+    let self_referencing = if replica.is_err() {
+        let references = catalog::column_references(&t)
+            .await
+            .map_err(db_error(&target, "reading foreign keys"))?;
+        metas
+            .iter()
+            .map(|m| {
+                let name = m.table_name();
+                references
+                    .iter()
+                    .any(|r| r.child == name && r.parent == name)
+            })
+            .collect()
+    } else {
+        vec![false; metas.len()]
+    };
+    let abilities = TargetAbilities {
+        replica,
+        self_referencing,
+    };
+
+    // A copy into production that failed piece by piece is resumed: what it committed stays.
+    let handoff = options.from == Side::Staging && options.to == Side::Production;
+    let slot = &config.sync.slot;
+    let resume = if handoff && !options.truncate && !options.atomic {
+        state::ensure(&t)
+            .await
+            .map_err(|e| CopyError::Refused(format!("on {}: {e}", target.describe())))?;
+        let found = resume::Found {
+            configs: &configs,
+            metas: &metas,
+            groups: &groups,
+            edges: &edges,
+            checked: abilities.replica.is_err(),
+        };
+        resume::find(
+            &found,
+            slot,
+            options.for_stream,
+            (&s, &source),
+            (&t, &target),
+        )
+        .await?
+    } else {
+        None
+    };
     if options.truncate && !options.force {
         let owned: Vec<String> = configs
             .iter()
@@ -317,6 +370,9 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
     if !options.truncate {
         let mut non_empty = Vec::new();
         for (i, meta) in metas.iter().enumerate() {
+            if resume.as_ref().is_some_and(|r| r.handles(i)) {
+                continue;
+            }
             let has_rows: bool = t
                 .query_one(
                     &format!("SELECT EXISTS (SELECT 1 FROM {})", meta.qualified()),
@@ -354,42 +410,24 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
             )));
         }
     }
-    let meta_refs: Vec<&TableMeta> = metas.iter().collect();
-    let edges = catalog::foreign_keys(&t, &meta_refs)
-        .await
-        .map_err(db_error(&target, "reading foreign keys"))?;
-    let groups = catalog::linked_groups(metas.len(), &edges);
-    let replica = replica_role(&t).await;
-    let self_referencing = if replica.is_err() {
-        let references = catalog::column_references(&t)
-            .await
-            .map_err(db_error(&target, "reading foreign keys"))?;
-        metas
-            .iter()
-            .map(|m| {
-                let name = m.table_name();
-                references
-                    .iter()
-                    .any(|r| r.child == name && r.parent == name)
-            })
-            .collect()
-    } else {
-        vec![false; metas.len()]
-    };
-    let abilities = TargetAbilities {
-        replica,
-        self_referencing,
-    };
+    // Resuming with tables kept, the sync slot stays where the first run created it.
+    let kept_handoff = resume.as_ref().and_then(|r| r.kept_handoff);
+    if let Some(resume) = &resume {
+        resume.empty_the_rest(&t, &target, slot, &metas).await?;
+    }
 
     // The snapshot, and for the sync hand-off the slot it comes from.
-    let handoff = options.from == Side::Staging && options.to == Side::Production;
-    let slot = &config.sync.slot;
     let (exporter, snapshot, consistent_point) = if handoff {
         state::ensure(&t)
             .await
             .map_err(|e| CopyError::Refused(format!("on {}: {e}", target.describe())))?;
-        if !options.for_stream {
+        if !options.for_stream && kept_handoff.is_none() {
             prepare_slot(config, &source, &s).await?;
+        }
+        if resume.is_none() {
+            state::copy_tables::forget(&t, slot, None)
+                .await
+                .map_err(|e| CopyError::Refused(format!("on {}: {e}", target.describe())))?;
         }
         // Until the copy completes, production's progress says "copy in progress" (0/0), so
         // sync refuses to stream onto a half-seeded production.
@@ -399,9 +437,10 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
         let was = found.map_or(Lsn::INVALID, |p| p.end_lsn);
         record_handoff(&t, &target, slot, &Progress::copy_in_progress(), was).await?;
         let mut repl = ReplicationClient::connect(&source).await?;
-        // For a stream target, a slot of this copy's own, gone when the copy's connection
-        // closes: the stream carries everything committed after its position.
-        let (snapshot_slot, temporary) = if options.for_stream {
+        // For a stream target, or a resumed copy keeping the sync slot, a slot of this copy's
+        // own, gone when the copy's connection closes: the stream (or the sync slot) carries
+        // everything committed after its position.
+        let (snapshot_slot, temporary) = if options.for_stream || kept_handoff.is_some() {
             (format!("stagingprop_copy_{}", std::process::id()), true)
         } else {
             (slot.clone(), false)
@@ -418,7 +457,7 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
             CopyError::Refused("the server exported no snapshot with the slot".into())
         })?;
         if temporary {
-            tracing::info!(slot = %snapshot_slot, consistent_point = %created.consistent_point, "created a temporary slot for the snapshot (the publisher keeps the sync slot); copying its snapshot");
+            tracing::info!(slot = %snapshot_slot, consistent_point = %created.consistent_point, "created a temporary slot for the snapshot (the sync slot stays where it is); copying its snapshot");
         } else {
             tracing::info!(slot = %slot, consistent_point = %created.consistent_point, "created the sync slot; copying its snapshot");
         }
@@ -463,6 +502,16 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
             blocks: row.get::<_, i64>(1).max(0) as u64,
         });
     }
+    // A resumed copy loads what the earlier run did not complete.
+    let groups: Vec<Vec<usize>> = groups
+        .into_iter()
+        .map(|g| {
+            g.into_iter()
+                .filter(|&i| !resume.as_ref().is_some_and(|r| r.keeps(i)))
+                .collect::<Vec<_>>()
+        })
+        .filter(|g| !g.is_empty())
+        .collect();
     let jobs = plan_jobs(
         &t, &target, &metas, &parts, groups, &edges, &abilities, &sizes, options,
     )
@@ -492,6 +541,7 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
             plans: plans.clone(),
             parts: parts.clone(),
             progress: progress.clone(),
+            record: consistent_point.map(|lsn| (slot.clone(), lsn)),
         };
         let imported = imported_tx.clone();
         workers.push(tokio::spawn(async move { ctx.run(imported).await }));
@@ -564,10 +614,14 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
         publish_files(config, &tables, &t, &target).await?;
     }
 
-    if let Some(point) = consistent_point {
+    if let Some(point) = kept_handoff.or(consistent_point) {
         record_handoff(&t, &target, slot, &Progress::handoff(point), Lsn::INVALID).await?;
         report.handoff = Some(point);
-        tracing::info!(slot = %slot, at = %point, "hand-off recorded: sync starts exactly after the copied snapshot");
+        if kept_handoff.is_some() {
+            tracing::info!(slot = %slot, at = %point, "hand-off recorded: sync starts after the first run's snapshot, and skips in the tables this run loaded what their later snapshot holds");
+        } else {
+            tracing::info!(slot = %slot, at = %point, "hand-off recorded: sync starts exactly after the copied snapshot");
+        }
     }
 
     if let Some(command) = &options.after {
@@ -872,6 +926,8 @@ struct Job {
     pieces: Vec<Piece>,
     /// Tables every piece of which must have committed first (foreign keys checked on load).
     needs: Vec<usize>,
+    /// How many pieces its table was cut into (loaded alone: one piece per job).
+    table_pieces: usize,
 }
 
 impl Job {
@@ -953,6 +1009,7 @@ async fn plan_jobs(
             }),
             part: 0,
             needs: Vec::new(),
+            table_pieces: 1,
         };
         let names = |tables: &[usize]| {
             tables
@@ -990,6 +1047,7 @@ async fn plan_jobs(
                     ordered_for_checks.push(metas[table].table_name().to_string());
                 }
                 let bytes = sizes[table].bytes / ranges.len() as u64;
+                let table_pieces = ranges.len();
                 for range in ranges {
                     jobs.push(Job {
                         group: group.clone(),
@@ -1000,6 +1058,7 @@ async fn plan_jobs(
                             bytes,
                         }],
                         needs: needs.clone(),
+                        table_pieces,
                     });
                 }
             }
@@ -1067,6 +1126,7 @@ async fn plan_jobs(
                 part,
                 pieces,
                 needs: Vec::new(),
+                table_pieces: 0,
             });
         }
     }
@@ -1244,6 +1304,9 @@ struct Worker {
     plans: Arc<Vec<KeyPlan>>,
     parts: Arc<Vec<TablePart>>,
     progress: Arc<CopyProgress>,
+    /// For a copy with a hand-off: the slot and snapshot position each committed piece is
+    /// recorded under (`stagingprop.copy_tables`), so a failed copy can be resumed.
+    record: Option<(String, Lsn)>,
 }
 
 /// Which part of a table is copied, and how it lands.
@@ -1388,6 +1451,7 @@ impl Worker {
                 .map_err(db_error(&self.target, "emptying the target tables"))?;
         }
         let reports = self.load(s, t, &job.pieces).await?;
+        self.record(t, &job.pieces, 1).await?;
         t.batch_execute("COMMIT")
             .await
             .map_err(db_error(&self.target, "COMMIT"))?;
@@ -1407,11 +1471,36 @@ impl Worker {
             .await
             .map_err(db_error(&self.target, "BEGIN"))?;
         let reports = self.load(s, t, &job.pieces).await?;
+        self.record(t, &job.pieces, job.table_pieces).await?;
         t.batch_execute("COMMIT")
             .await
             .map_err(db_error(&self.target, "COMMIT"))?;
         self.committed(&reports);
         Ok(reports)
+    }
+
+    /// Records committed pieces in the transaction that loads them (copies with a hand-off).
+    async fn record(
+        &self,
+        t: &Client,
+        pieces: &[Piece],
+        of_pieces: usize,
+    ) -> Result<(), CopyError> {
+        let Some((slot, snapshot_lsn)) = &self.record else {
+            return Ok(());
+        };
+        for piece in pieces {
+            let loaded = state::copy_tables::LoadedPiece {
+                table: self.metas[piece.table].table_name(),
+                piece: piece.range.map_or(String::new(), |r| r.to_string()),
+                of_pieces: of_pieces as i32,
+                snapshot_lsn: *snapshot_lsn,
+            };
+            state::copy_tables::record(t, slot, &loaded)
+                .await
+                .map_err(db_error(&self.target, "recording the loaded piece"))?;
+        }
+        Ok(())
     }
 
     /// One part of a split group, prepared; the worker preparing the last part commits them all.
@@ -1619,12 +1708,7 @@ impl Worker {
         pin_mut!(sink);
         let label = match piece.range {
             None => meta.table_name().to_string(),
-            Some(r) => format!(
-                "{}, blocks {}-{}",
-                meta.table_name(),
-                r.start,
-                r.end.map_or("end".into(), |e| e.to_string())
-            ),
+            Some(r) => format!("{}, {r}", meta.table_name()),
         };
         let board = self.progress.show(label, piece.bytes);
         let mut bytes = 0u64;

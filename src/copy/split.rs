@@ -27,6 +27,16 @@ impl BlockRange {
     }
 }
 
+/// `blocks 0-1200`, `blocks 1200-end`.
+impl std::fmt::Display for BlockRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.end {
+            Some(end) => write!(f, "blocks {}-{end}", self.start),
+            None => write!(f, "blocks {}-end", self.start),
+        }
+    }
+}
+
 /// `parts` adjacent ranges covering a table of `blocks` blocks (one when it has fewer blocks
 /// than parts).
 pub fn block_ranges(blocks: u64, parts: usize) -> Vec<BlockRange> {

@@ -8,6 +8,8 @@
 //! 2. The `layout` version row; `copy_commits` is part of the layout.
 //! 3. `progress.stream_seq`: the stream sequence of the last applied transaction of a target
 //!    fed from a JetStream stream (`sync --from-stream`).
+//! 4. `copy_tables`: the tables and block ranges a copy loading piece by piece has committed,
+//!    with the position of the snapshot each was read in.
 
 use tokio_postgres::Client;
 
@@ -15,7 +17,7 @@ use super::{SCHEMA, StateError, key_map, query_error, table};
 use crate::quote::quote_ident;
 
 /// The layout this release writes.
-pub const LAYOUT_VERSION: i32 = 3;
+pub const LAYOUT_VERSION: i32 = 4;
 
 /// Serializes upgrades by concurrent stagingprop processes (any constant works: it only has to
 /// be the same in every release).
@@ -65,6 +67,17 @@ fn step(from: i32) -> String {
         2 => format!(
             "ALTER TABLE {progress} ADD COLUMN IF NOT EXISTS stream_seq bigint;",
             progress = table("progress"),
+        ),
+        3 => format!(
+            "CREATE TABLE IF NOT EXISTS {copy_tables} (
+                 slot text NOT NULL,
+                 table_name text NOT NULL,
+                 piece text NOT NULL,
+                 of_pieces integer NOT NULL,
+                 snapshot_lsn pg_lsn NOT NULL,
+                 loaded_at timestamptz NOT NULL DEFAULT now(),
+                 PRIMARY KEY (slot, table_name, piece));",
+            copy_tables = table("copy_tables"),
         ),
         _ => unreachable!("no layout step from version {from}"),
     }

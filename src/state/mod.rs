@@ -1,10 +1,11 @@
 //! stagingprop's own tables on production, in schema `stagingprop`: the progress row per slot
 //! ([`progress`]), the key map ([`key_map`]), the quarantine of skipped changes
-//! ([`quarantine`]), copy's two-phase commit decisions ([`copy_commits`]) and the layout
-//! version row ([`layout`]). This is the only module that names them: their DDL and every
+//! ([`quarantine`]), copy's two-phase commit decisions ([`copy_commits`]), the pieces a copy
+//! committed ([`copy_tables`]) and the layout version row ([`layout`]). This is the only module that names them: their DDL and every
 //! statement that reads or writes them are built here, and everything else calls in.
 
 pub mod copy_commits;
+pub mod copy_tables;
 pub mod key_map;
 pub mod layout;
 pub mod progress;
@@ -35,6 +36,8 @@ pub enum StateError {
          newer one); nothing was changed"
     )]
     NewerLayout { found: i32, known: i32 },
+    #[error("production's {SCHEMA} tables hold what no stagingprop writes: {0}")]
+    Corrupt(String),
 }
 
 impl StateError {
@@ -46,7 +49,7 @@ impl StateError {
     pub fn sqlstate(&self) -> Option<&str> {
         match self {
             StateError::Query(q) => q.sqlstate(),
-            StateError::NewerLayout { .. } => None,
+            StateError::NewerLayout { .. } | StateError::Corrupt(_) => None,
         }
     }
 }

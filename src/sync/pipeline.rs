@@ -35,6 +35,8 @@ pub(super) struct OpenTxn {
     xid: Xid,
     /// Already on production (its commit lies before production's progress).
     skip: bool,
+    /// Where its commit record starts (Begin's final LSN).
+    commit_lsn: Lsn,
 }
 
 /// A staging relation as sync applies it.
@@ -44,6 +46,8 @@ struct RelationInfo {
     production_width: usize,
     /// Staging's columns are production's, in the same order.
     identity: bool,
+    /// Its table was copied from a snapshot taken at this position, later than the hand-off.
+    copied_at: Option<Lsn>,
 }
 
 /// Where the applier reports what the target committed.
@@ -116,6 +120,8 @@ pub(super) struct Pipeline<'a, T: Target> {
     pub(super) in_stream: Option<Xid>,
     /// Fed from a JetStream stream: the sequence of the message the last one came from.
     feed_sequence: Option<u64>,
+    /// Tables a resumed copy loaded from a snapshot later than the hand-off, with its position.
+    pub(super) copied_at: HashMap<TableName, Lsn>,
 }
 
 /// Batches committed on production whose commit record production may not have flushed yet:
@@ -197,6 +203,7 @@ impl<'a, T: Target> Pipeline<'a, T> {
             reached_until: false,
             in_stream: None,
             feed_sequence: None,
+            copied_at: HashMap::new(),
         }
     }
 
@@ -535,7 +542,11 @@ impl<'a, T: Target> Pipeline<'a, T> {
                 }
                 // Its commit record lies before the end of the last applied transaction: applied.
                 let skip = self.applied_end.is_valid() && final_lsn < self.applied_end;
-                self.txn = Some(OpenTxn { xid, skip });
+                self.txn = Some(OpenTxn {
+                    xid,
+                    skip,
+                    commit_lsn: final_lsn,
+                });
                 if !skip && self.batch_started.is_none() {
                     self.batch_started = Some(Instant::now());
                 }
@@ -580,7 +591,7 @@ impl<'a, T: Target> Pipeline<'a, T> {
             LogicalMessage::Insert {
                 xid, relation, new, ..
             } => {
-                if self.skipping() {
+                if self.skipping() || self.held_by_copy(relation)? {
                     return Ok(());
                 }
                 self.enter_subxact(xid).await?;
@@ -600,7 +611,7 @@ impl<'a, T: Target> Pipeline<'a, T> {
                 old,
                 new,
             } => {
-                if self.skipping() {
+                if self.skipping() || self.held_by_copy(relation)? {
                     return Ok(());
                 }
                 self.enter_subxact(xid).await?;
@@ -636,7 +647,7 @@ impl<'a, T: Target> Pipeline<'a, T> {
             LogicalMessage::Delete {
                 xid, relation, old, ..
             } => {
-                if self.skipping() {
+                if self.skipping() || self.held_by_copy(relation)? {
                     return Ok(());
                 }
                 self.enter_subxact(xid).await?;
@@ -659,11 +670,16 @@ impl<'a, T: Target> Pipeline<'a, T> {
                 if self.skipping() {
                     return Ok(());
                 }
-                self.enter_subxact(xid).await?;
                 let mut tables = Vec::with_capacity(relations.len());
                 for oid in relations {
-                    tables.push(self.relation_info(oid)?.table);
+                    if !self.held_by_copy(oid)? {
+                        tables.push(self.relation_info(oid)?.table);
+                    }
                 }
+                if tables.is_empty() {
+                    return Ok(());
+                }
+                self.enter_subxact(xid).await?;
                 self.target()?.truncate(&tables, restart_identity).await?;
                 for table in tables {
                     self.count(table, Op::Truncate);
@@ -727,6 +743,16 @@ impl<'a, T: Target> Pipeline<'a, T> {
         self.txn.as_ref().is_some_and(|t| t.skip)
     }
 
+    /// A change of this relation that its table's copy snapshot holds already: its
+    /// transaction committed before that snapshot was taken.
+    fn held_by_copy(&self, relation: Oid) -> Result<bool, SyncError> {
+        let copied_at = self.relation_info(relation)?.copied_at;
+        Ok(match (copied_at, &self.txn) {
+            (Some(at), Some(txn)) => txn.commit_lsn < at,
+            _ => false,
+        })
+    }
+
     /// Bounded memory: a large transaction is sent in pieces inside the open transaction.
     async fn flush_if_large(&mut self) -> Result<(), SyncError> {
         let (max_rows, max_bytes) = (
@@ -761,6 +787,7 @@ impl<'a, T: Target> Pipeline<'a, T> {
                 map,
                 production_width,
                 identity,
+                copied_at: self.copied_at.get(&name).copied(),
             },
         );
         Ok(())

@@ -2,6 +2,7 @@
 //! tables, open production's session and the feed, then run the pipeline until it stops or
 //! fails. The retry loop ([`super::retry`]) starts the next one.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -234,6 +235,22 @@ where
         )));
     }
     let applied_end = progress.map(|p| p.end_lsn).unwrap_or_default();
+    // Tables a resumed copy loaded from a later snapshot than the hand-off: their changes up to
+    // that snapshot are in their rows already.
+    let copied_at = if options.dry_run && progress.is_none() {
+        HashMap::new()
+    } else {
+        state::copy_tables::ahead_of(&p, &config.sync.slot, applied_end)
+            .await
+            .map_err(ApplyError::from)?
+    };
+    for (table, at) in &copied_at {
+        tracing::info!(
+            table = %table,
+            snapshot = %at,
+            "{table} was copied from a later snapshot than the hand-off; its changes committed before {at} are skipped"
+        );
+    }
     match (feeding, &s) {
         (Feeding::Slot, Some(s)) => {
             let confirmed = check_slot(config, &staging, s).await?;
@@ -346,10 +363,14 @@ where
         .collect();
     // Large transactions are applied while staging still decodes them, each in a production
     // session of its own. Not with key remapping: two sessions would allocate keys apart.
+    // Nor while tables copied from a later snapshot still skip changes: whether a change is in
+    // that snapshot is known from its transaction's commit position, which a streamed
+    // transaction tells only at its end (the next session streams again).
     let streaming = config.sync.streaming
         && remapper.is_none()
         && matches!(feeding, Feeding::Slot)
-        && !options.dry_run;
+        && !options.dry_run
+        && copied_at.is_empty();
     let stream_sessions = streaming.then(|| {
         let (target, tables, config) = (target.clone(), tables.clone(), config.clone());
         StreamSessions::new(Box::new(move || {
@@ -442,6 +463,7 @@ where
         confirm,
         until: options.until,
         staging_client: s.as_ref(),
+        copied_at,
     };
     if options.dry_run {
         let metas = tables.into_iter().map(|(meta, _)| meta).collect();
@@ -475,6 +497,8 @@ struct Run<'a> {
     confirm: Confirm,
     until: Option<Until>,
     staging_client: Option<&'a tokio_postgres::Client>,
+    /// Tables a resumed copy loaded from a later snapshot, and that snapshot's position.
+    copied_at: HashMap<TableName, Lsn>,
 }
 
 impl Run<'_> {
@@ -501,6 +525,7 @@ impl Run<'_> {
             stream_sessions,
         );
         pipeline.until = self.until;
+        pipeline.copied_at = self.copied_at;
         let result = pipeline
             .run(&mut feed, self.staging_client, state, shutdown.as_mut())
             .await;
