@@ -580,6 +580,22 @@ async fn a_failed_copy_is_resumed_with_only_what_is_missing() {
         })
         .collect();
     assert!(!complete.contains(&"staticfile"));
+    // status says what is left and what to do.
+    let st = stagingprop::ops::status::status(
+        &p.config,
+        &stagingprop::ops::status::Thresholds::default(),
+    )
+    .await
+    .expect("status");
+    assert_eq!(st.copy_complete_tables, Some(complete.len()));
+    let expected = format!("({} of its tables are complete)", complete.len());
+    assert!(
+        st.problems
+            .iter()
+            .any(|p| p.contains(&expected) && p.contains("run the same `stagingprop copy` again")),
+        "{:?}",
+        st.problems
+    );
     // Staging moves on between the runs: kept tables get these from sync, the tables loaded
     // again from the second snapshot (which holds them) must not get them twice.
     psql(

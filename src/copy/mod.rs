@@ -16,30 +16,33 @@
 //! replaced in the transaction that loads it. A copy back from production to staging gives
 //! staging production's keys: `offset` is undone and production's key map is reset to match.
 //!
-//! Atomicity: tables linked by foreign keys are loaded together in one target transaction (and
-//! truncated together with `--truncate`, since PostgreSQL cannot truncate a referenced table
-//! alone), so a failed copy leaves every table either untouched or complete. A group holding a
-//! table of at least `--split-mb` is cut into block ranges ([`split`]) loaded by several workers
-//! at once, each part a prepared transaction, all committed together once every part is in
-//! ([`prepared`]); that needs `max_prepared_transactions` on the target, and with `--truncate`
-//! an empty target group (TRUNCATE's lock would make the parts wait for each other).
+//! Loading: empty target tables load piece by piece, a table or a block range of a large one
+//! ([`split`]) per target transaction, committed as it ends, so every worker is busy whatever
+//! the target allows; [`schedule`] holds children back until their parents are in when the
+//! target checks foreign keys. Each piece is recorded with its snapshot position, so a failed
+//! copy into production is resumed by the next run ([`resume`]). Groups that must appear at
+//! once (`--atomic`, `--truncate` of tables with rows) load in one target transaction, or, when
+//! large, in parts prepared and committed together ([`prepared`]), which needs
+//! `max_prepared_transactions` on the target. [`view`] is the operator's progress display.
 
 pub(crate) mod prepared;
 mod resume;
 pub mod rewrite;
 mod schedule;
 pub mod split;
+mod view;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures_util::{SinkExt, StreamExt, pin_mut};
 use tokio_postgres::Client;
 
 use self::rewrite::{ColumnRewrite, KeyRewriter, Translate};
 use self::split::Piece;
+use self::view::{CopyProgress, report_progress};
 use crate::apply;
 use crate::catalog::{self, TableMeta};
 use crate::config::{Config, KeyRule, TableConfig, TableName};
@@ -134,7 +137,7 @@ pub enum CopyError {
     Rules(Vec<String>),
     #[error("key remapping on {target}: {message}. Nothing was copied")]
     Keys { target: String, message: String },
-    #[error("{} table(s) failed ({}): each is empty, or holds the pieces that committed before the failure; the others are complete. Run the copy again with --truncate to finish", failed.len(), failed.join(", "))]
+    #[error("{} table(s) failed ({}): each is empty, or holds the pieces that committed before the failure; the others are complete. From staging to production, run the same copy again to load only what is missing; otherwise, or to start over, run it again with --truncate", failed.len(), failed.join(", "))]
     Partial {
         failed: Vec<String>,
         errors: Vec<String>,
@@ -516,11 +519,10 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
         &t, &target, &metas, &parts, groups, &edges, &abilities, &sizes, options,
     )
     .await?;
-    let progress = Arc::new(CopyProgress {
-        estimate: sizes.iter().map(|size| size.bytes).sum(),
-        tables: metas.len(),
-        ..CopyProgress::default()
-    });
+    let progress = Arc::new(CopyProgress::new(
+        metas.len(),
+        sizes.iter().map(|size| size.bytes).sum(),
+    ));
     let reporter = tokio::spawn(report_progress(progress.clone()));
     let queue = Arc::new(Queue::new(jobs, metas.len()));
     let metas = Arc::new(metas);
@@ -740,132 +742,6 @@ async fn record_handoff(
         )));
     }
     Ok(())
-}
-
-/// Shared counters for the operator's view of a running copy.
-#[derive(Default)]
-struct CopyProgress {
-    /// The source tables' on-disk size: the denominator of the estimate.
-    estimate: u64,
-    tables: usize,
-    bytes: AtomicU64,
-    rows: AtomicU64,
-    tables_done: AtomicUsize,
-    /// Tables (or ranges) being copied right now.
-    active: Mutex<Vec<Arc<PieceProgress>>>,
-}
-
-/// One table or range in flight.
-struct PieceProgress {
-    label: String,
-    /// Its share of the source's on-disk size.
-    estimate: u64,
-    bytes: AtomicU64,
-    rows: AtomicU64,
-}
-
-impl CopyProgress {
-    fn start(&self, label: String, estimate: u64) -> Arc<PieceProgress> {
-        let piece = Arc::new(PieceProgress {
-            label,
-            estimate,
-            bytes: AtomicU64::new(0),
-            rows: AtomicU64::new(0),
-        });
-        self.active
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(piece.clone());
-        piece
-    }
-}
-
-/// A table or range on the board while it is copied, however its copy ends.
-struct OnBoard<'a> {
-    progress: &'a CopyProgress,
-    piece: Arc<PieceProgress>,
-}
-
-impl Drop for OnBoard<'_> {
-    fn drop(&mut self) {
-        self.progress
-            .active
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|p| !Arc::ptr_eq(p, &self.piece));
-    }
-}
-
-impl CopyProgress {
-    fn show(&self, label: String, estimate: u64) -> OnBoard<'_> {
-        OnBoard {
-            progress: self,
-            piece: self.start(label, estimate),
-        }
-    }
-
-    /// The overall line, then a line per table or range in flight.
-    fn lines(&self, elapsed: f64, bars: bool) -> Vec<String> {
-        let bar = |fraction: f64, width: usize| {
-            if bars {
-                crate::bars::bar(fraction, width) + " "
-            } else {
-                String::new()
-            }
-        };
-        let bytes = self.bytes.load(Ordering::Relaxed);
-        let rate = bytes as f64 / elapsed.max(0.001);
-        // COPY's binary size differs from the on-disk size: never claim to be done early.
-        let fraction = |done: u64, of: u64| (done as f64 / of.max(1) as f64).min(0.99);
-        let eta = if rate > 0.0 {
-            self.estimate.saturating_sub(bytes) as f64 / rate
-        } else {
-            0.0
-        };
-        let mut lines = vec![format!(
-            "copy {}{:>3.0}%  {:.0} MB at {:.1} MB/s  {} rows  {}/{} tables  ETA {:.0} s",
-            bar(fraction(bytes, self.estimate), 30),
-            fraction(bytes, self.estimate) * 100.0,
-            bytes as f64 / 1e6,
-            rate / 1e6,
-            crate::bars::thousands(self.rows.load(Ordering::Relaxed)),
-            self.tables_done.load(Ordering::Relaxed),
-            self.tables,
-            eta
-        )];
-        for piece in self.active.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            let bytes = piece.bytes.load(Ordering::Relaxed);
-            lines.push(format!(
-                "  {}{:>3.0}%  {:.1} MB  {} rows  {}",
-                bar(fraction(bytes, piece.estimate), 20),
-                fraction(bytes, piece.estimate) * 100.0,
-                bytes as f64 / 1e6,
-                crate::bars::thousands(piece.rows.load(Ordering::Relaxed)),
-                piece.label
-            ));
-        }
-        lines
-    }
-}
-
-/// Progress bars redrawn every second on a terminal; log lines every 10 s otherwise.
-async fn report_progress(progress: Arc<CopyProgress>) {
-    let started = Instant::now();
-    let terminal = crate::bars::on_terminal();
-    let every = if terminal { 1 } else { 10 };
-    let mut tick = tokio::time::interval(Duration::from_secs(every));
-    tick.tick().await;
-    loop {
-        tick.tick().await;
-        let lines = progress.lines(started.elapsed().as_secs_f64(), terminal);
-        if terminal {
-            crate::bars::draw(&lines);
-        } else {
-            for line in lines {
-                tracing::info!("{}", line.trim_start());
-            }
-        }
-    }
 }
 
 /// Bytes gathered before they are sent to the target as one CopyData message.

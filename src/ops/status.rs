@@ -96,6 +96,9 @@ pub struct Status {
     /// Seconds since the last applied transaction committed on staging, when there is lag.
     pub lag_seconds: Option<f64>,
     pub quarantined_changes: i64,
+    /// While a copy into production has not handed off: the tables it completed, which the
+    /// same copy run again keeps.
+    pub copy_complete_tables: Option<usize>,
     /// Entries of the key map per remapped table.
     pub key_map: Vec<KeyMapSize>,
     /// The spool, when `[spool]` is configured.
@@ -185,6 +188,14 @@ pub async fn status(config: &Config, thresholds: &Thresholds) -> Result<Status, 
             commit_time: a.commit_time,
             applied_at: a.applied_at,
         });
+        if st.last_applied.as_ref().is_some_and(|a| a.end_lsn == "0/0") {
+            st.copy_complete_tables = Some(
+                state::copy_tables::complete_tables(p, slot_name)
+                    .await
+                    .map_err(&state_error)?
+                    .len(),
+            );
+        }
         st.quarantined_changes = state::quarantine::count(p, slot_name)
             .await
             .map_err(&state_error)?;
@@ -319,9 +330,10 @@ pub async fn status(config: &Config, thresholds: &Thresholds) -> Result<Status, 
         None => st
             .problems
             .push("production has applied nothing from this slot yet".into()),
-        Some(a) if a.end_lsn == "0/0" => st
-            .problems
-            .push("a copy into production started and did not complete".into()),
+        Some(a) if a.end_lsn == "0/0" => st.problems.push(format!(
+            "a copy into production started and did not complete ({} of its tables are complete): run the same `stagingprop copy` again to load the rest, or add --truncate to start over",
+            st.copy_complete_tables.unwrap_or(0)
+        )),
         Some(_) => {}
     }
     if let Some(lag) = st.lag_bytes

@@ -132,12 +132,11 @@ pub async fn forget(
     .map_err(query_error("forgetting the copy's loaded tables"))
 }
 
-/// Tables whose snapshot is later than `handoff`: sync skips their changes in transactions
-/// that committed before that snapshot (their rows already hold them).
-pub async fn ahead_of(
+/// Tables every piece of which a copy into `slot`'s target recorded, with their snapshot
+/// positions (none on a layout before `copy_tables`).
+pub async fn complete_tables(
     client: &Client,
     slot: &str,
-    handoff: Lsn,
 ) -> Result<HashMap<TableName, Lsn>, StateError> {
     let exists: bool = client
         .query_one(
@@ -150,11 +149,19 @@ pub async fn ahead_of(
     if !exists {
         return Ok(HashMap::new());
     }
-    let complete = complete(&read(client, slot).await?);
-    Ok(complete
-        .into_iter()
-        .filter(|(_, lsn)| *lsn > handoff)
-        .collect())
+    Ok(complete(&read(client, slot).await?))
+}
+
+/// Tables whose snapshot is later than `handoff`: sync skips their changes in transactions
+/// that committed before that snapshot (their rows already hold them).
+pub async fn ahead_of(
+    client: &Client,
+    slot: &str,
+    handoff: Lsn,
+) -> Result<HashMap<TableName, Lsn>, StateError> {
+    let mut complete = complete_tables(client, slot).await?;
+    complete.retain(|_, lsn| *lsn > handoff);
+    Ok(complete)
 }
 
 #[cfg(test)]
