@@ -22,6 +22,10 @@ CREATE TABLE catentdesc (catentry_id bigint REFERENCES catentry ON DELETE CASCAD
   language_id int, name text, PRIMARY KEY (catentry_id, language_id));
 CREATE TABLE attribute (attribute_id bigserial PRIMARY KEY, name text NOT NULL);
 CREATE TABLE staticfile (path text PRIMARY KEY, content bytea);
+CREATE INDEX catentry_partnumber_lower ON catentry (lower(partnumber));
+CREATE INDEX catentry_pricey ON catentry (price) WHERE price > 100;
+CREATE INDEX catentdesc_name ON catentdesc (name);
+CREATE INDEX staticfile_length ON staticfile (length(content));
 ";
 
 const TABLES: [(&str, &str); 4] = [
@@ -88,8 +92,23 @@ fn dump(cluster: &stagingprop::cluster::LocalCluster, db: &str, table: &str, key
     .to_owned()
 }
 
+/// The definitions of every index of the copied tables.
+fn index_definitions(cluster: &stagingprop::cluster::LocalCluster, db: &str) -> String {
+    psql(
+        cluster,
+        db,
+        "SELECT string_agg(pg_get_indexdef(indexrelid), E'\n' ORDER BY pg_get_indexdef(indexrelid)) FROM pg_index \
+         WHERE indrelid IN ('catentry'::regclass, 'catentdesc'::regclass, 'attribute'::regclass, 'staticfile'::regclass)",
+    )
+}
+
 fn assert_equal(p: &Pair) {
     let c = clusters();
+    // Secondary indexes a copy set aside are all built again, exactly as they were.
+    assert_eq!(
+        index_definitions(&c.staging, &p.staging),
+        index_definitions(&c.production, &p.production)
+    );
     for (table, key) in TABLES {
         let s = dump(&c.staging, &p.staging, table, key);
         let pr = dump(&c.production, &p.production, table, key);
@@ -397,6 +416,9 @@ async fn empty_tables_load_range_by_range_each_committed_alone() {
     let c = clusters();
     let p = pair("copy_alone");
     psql(&c.staging, &p.staging, SEED);
+    // Setting an index of catentdesc aside would wait for the lock this test holds on it.
+    psql(&c.staging, &p.staging, "DROP INDEX catentdesc_name");
+    psql(&c.production, &p.production, "DROP INDEX catentdesc_name");
     init(
         &p.config,
         &InitOptions {
@@ -580,6 +602,25 @@ async fn a_failed_copy_is_resumed_with_only_what_is_missing() {
         })
         .collect();
     assert!(!complete.contains(&"staticfile"));
+    // staticfile's secondary index was set aside for the load: it stays recorded, not built.
+    assert_eq!(
+        psql(
+            &c.production,
+            &p.production,
+            "SELECT string_agg(index_name, ',') FROM stagingprop.copy_indexes WHERE table_name = 'public.staticfile'"
+        )
+        .trim(),
+        "staticfile_length"
+    );
+    assert_eq!(
+        psql(
+            &c.production,
+            &p.production,
+            "SELECT count(*) FROM pg_indexes WHERE indexname = 'staticfile_length'"
+        )
+        .trim(),
+        "0"
+    );
     // status says what is left and what to do.
     let st = stagingprop::ops::status::status(
         &p.config,

@@ -25,6 +25,7 @@
 //! large, in parts prepared and committed together ([`prepared`]), which needs
 //! `max_prepared_transactions` on the target. [`view`] is the operator's progress display.
 
+mod indexes;
 pub(crate) mod prepared;
 mod resume;
 pub mod rewrite;
@@ -53,6 +54,7 @@ use crate::pg::replication::{ReplicationClient, ReplicationError, SnapshotAction
 use crate::quote::{qualified, quote_ident, quote_literal};
 use crate::remap::Remapper;
 use crate::remap::store::{self as key_map, Statements};
+use crate::state::copy_indexes::SetAside;
 use crate::state::{self, Progress};
 
 /// One of the two configured databases.
@@ -524,7 +526,16 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
         sizes.iter().map(|size| size.bytes).sum(),
     ));
     let reporter = tokio::spawn(report_progress(progress.clone()));
-    let queue = Arc::new(Queue::new(jobs, metas.len()));
+    // Secondary indexes of the tables loaded alone are built again once each is complete.
+    let mut loaded_alone: Vec<usize> = jobs
+        .iter()
+        .filter(|j| j.loads_alone())
+        .flat_map(|j| j.pieces.iter().map(|p| p.table))
+        .collect();
+    loaded_alone.sort_unstable();
+    loaded_alone.dedup();
+    let aside = indexes::prepare(&t, &target, &metas, &loaded_alone).await?;
+    let queue = Arc::new(Queue::new(jobs, metas.len(), aside));
     let metas = Arc::new(metas);
     let parts = Arc::new(parts);
     let jobs = options.jobs.max(1).min(queue.len().max(1));
@@ -1092,23 +1103,37 @@ fn merge_reports(reports: Vec<TableReport>) -> Vec<TableReport> {
     merged
 }
 
-/// The jobs no worker has taken yet, and which of them may start.
+/// The jobs no worker has taken yet, which of them may start, and the index builds of
+/// complete tables.
 struct Queue {
-    state: Mutex<(VecDeque<Job>, schedule::Board)>,
+    state: Mutex<QueueState>,
     /// Signalled whenever a job ends, so workers waiting for a parent table look again.
     changed: tokio::sync::Notify,
+}
+
+struct QueueState {
+    jobs: VecDeque<Job>,
+    board: schedule::Board,
+    /// Per table loaded alone: the secondary indexes set aside until it is complete.
+    aside: HashMap<usize, Vec<SetAside>>,
+    /// Indexes of complete tables, ready to build.
+    builds: VecDeque<(usize, SetAside)>,
+    /// Per table: its indexes not built yet (it is analyzed after the last).
+    unbuilt: HashMap<usize, usize>,
 }
 
 enum Next {
     Run(Job),
     /// Can never load: the parent table at this index failed.
     Blocked(Job, usize),
+    /// Build a set-aside index of this complete table.
+    Index(usize, SetAside),
     Wait,
     Empty,
 }
 
 impl Queue {
-    fn new(jobs: Vec<Job>, tables: usize) -> Queue {
+    fn new(jobs: Vec<Job>, tables: usize, aside: HashMap<usize, Vec<SetAside>>) -> Queue {
         let mut pieces = vec![0; tables];
         for job in jobs.iter().filter(|j| j.loads_alone()) {
             for piece in &job.pieces {
@@ -1116,41 +1141,82 @@ impl Queue {
             }
         }
         Queue {
-            state: Mutex::new((jobs.into(), schedule::Board::new(pieces))),
+            state: Mutex::new(QueueState {
+                jobs: jobs.into(),
+                board: schedule::Board::new(pieces),
+                aside,
+                builds: VecDeque::new(),
+                unbuilt: HashMap::new(),
+            }),
             changed: tokio::sync::Notify::new(),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, (VecDeque<Job>, schedule::Board)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn len(&self) -> usize {
-        self.lock().0.len()
+        self.lock().jobs.len()
     }
 
+    /// Loads first; index builds when no load can start.
     fn next(&self) -> Next {
         let mut state = self.lock();
-        let (queue, board) = &mut *state;
-        match board.pick(queue, |job| &job.needs) {
-            schedule::Pick::Run(i) => Next::Run(queue.remove(i).expect("picked from the queue")),
-            schedule::Pick::Blocked(i, parent) => {
-                Next::Blocked(queue.remove(i).expect("picked from the queue"), parent)
+        let state = &mut *state;
+        let pick = state.board.pick(&state.jobs, |job| &job.needs);
+        match pick {
+            schedule::Pick::Run(i) => {
+                Next::Run(state.jobs.remove(i).expect("picked from the queue"))
             }
-            schedule::Pick::Wait => Next::Wait,
-            schedule::Pick::Empty => Next::Empty,
+            schedule::Pick::Blocked(i, parent) => {
+                Next::Blocked(state.jobs.remove(i).expect("picked from the queue"), parent)
+            }
+            schedule::Pick::Wait | schedule::Pick::Empty => {
+                if let Some((table, index)) = state.builds.pop_front() {
+                    Next::Index(table, index)
+                } else if pick == schedule::Pick::Empty && state.board.in_flight() == 0 {
+                    Next::Empty
+                } else {
+                    // A load in flight may complete a table whose indexes then need building.
+                    Next::Wait
+                }
+            }
         }
     }
 
-    /// A taken job ended; returns the tables its commit completed (loaded alone).
+    /// A taken job ended; returns the tables its commit completed that have no index to
+    /// build (ready to analyze). The others' indexes are queued.
     fn finished(&self, job: &Job, committed: bool) -> Vec<usize> {
-        let completed = self.lock().1.finished(&job.alone_tables(), committed);
+        let mut state = self.lock();
+        let completed = state.board.finished(&job.alone_tables(), committed);
+        let mut ready = Vec::new();
+        for table in completed {
+            match state.aside.remove(&table) {
+                Some(indexes) if !indexes.is_empty() => {
+                    state.unbuilt.insert(table, indexes.len());
+                    state
+                        .builds
+                        .extend(indexes.into_iter().map(|index| (table, index)));
+                }
+                _ => ready.push(table),
+            }
+        }
+        drop(state);
         self.changed.notify_waiters();
-        completed
+        ready
+    }
+
+    /// An index of `table` was built; whether it was the table's last.
+    fn index_built(&self, table: usize) -> bool {
+        let mut state = self.lock();
+        let left = state.unbuilt.entry(table).or_insert(1);
+        *left -= 1;
+        *left == 0
     }
 
     fn abandoned(&self, job: &Job) {
-        self.lock().1.abandoned(&job.alone_tables());
+        self.lock().board.abandoned(&job.alone_tables());
         self.changed.notify_waiters();
     }
 }
@@ -1237,6 +1303,21 @@ impl Worker {
                             self.metas[parent].table_name()
                         ),
                     ));
+                    continue;
+                }
+                Next::Index(table, index) => {
+                    let built = indexes::build(&t, &self.target, &index).await;
+                    let analyzed = match built {
+                        Ok(()) if self.queue.index_built(table) => self.analyze(&t, &[table]).await,
+                        other => other,
+                    };
+                    if let Err(e) = analyzed {
+                        let _ = t.batch_execute("ROLLBACK").await;
+                        outcome.failed.push((
+                            vec![self.metas[table].table_name().to_string()],
+                            format!("{e} (the index stays recorded in stagingprop.copy_indexes; the next copy into this database builds it)"),
+                        ));
+                    }
                     continue;
                 }
                 Next::Run(job) => job,

@@ -65,6 +65,11 @@ impl Board {
         Pick::Wait
     }
 
+    /// Jobs taken and not yet reported done.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
     /// A taken job ended; `tables` are its pieces' tables. Returns the tables it completed.
     pub fn finished(&mut self, tables: &[usize], committed: bool) -> Vec<usize> {
         self.in_flight = self.in_flight.saturating_sub(1);

@@ -9,7 +9,8 @@
 //! 3. `progress.stream_seq`: the stream sequence of the last applied transaction of a target
 //!    fed from a JetStream stream (`sync --from-stream`).
 //! 4. `copy_tables`: the tables and block ranges a copy loading piece by piece has committed,
-//!    with the position of the snapshot each was read in.
+//!    with the position of the snapshot each was read in; `copy_indexes`: the secondary
+//!    indexes a copy dropped to load faster, until it has built them again.
 
 use tokio_postgres::Client;
 
@@ -76,8 +77,15 @@ fn step(from: i32) -> String {
                  of_pieces integer NOT NULL,
                  snapshot_lsn pg_lsn NOT NULL,
                  loaded_at timestamptz NOT NULL DEFAULT now(),
-                 PRIMARY KEY (slot, table_name, piece));",
+                 PRIMARY KEY (slot, table_name, piece));
+             CREATE TABLE IF NOT EXISTS {copy_indexes} (
+                 table_name text NOT NULL,
+                 index_name text NOT NULL,
+                 definition text NOT NULL,
+                 set_aside_at timestamptz NOT NULL DEFAULT now(),
+                 PRIMARY KEY (table_name, index_name));",
             copy_tables = table("copy_tables"),
+            copy_indexes = table("copy_indexes"),
         ),
         _ => unreachable!("no layout step from version {from}"),
     }

@@ -1,10 +1,12 @@
 //! stagingprop's own tables on production, in schema `stagingprop`: the progress row per slot
 //! ([`progress`]), the key map ([`key_map`]), the quarantine of skipped changes
 //! ([`quarantine`]), copy's two-phase commit decisions ([`copy_commits`]), the pieces a copy
-//! committed ([`copy_tables`]) and the layout version row ([`layout`]). This is the only module that names them: their DDL and every
+//! committed ([`copy_tables`]), the indexes a copy set aside ([`copy_indexes`]) and the layout
+//! version row ([`layout`]). This is the only module that names them: their DDL and every
 //! statement that reads or writes them are built here, and everything else calls in.
 
 pub mod copy_commits;
+pub mod copy_indexes;
 pub mod copy_tables;
 pub mod key_map;
 pub mod layout;
