@@ -629,6 +629,10 @@ async fn a_failed_copy_is_resumed_with_only_what_is_missing() {
     .await
     .expect("status");
     assert_eq!(st.copy_complete_tables, Some(complete.len()));
+    assert_eq!(
+        st.copy_indexes_aside,
+        vec!["public.staticfile_length".to_owned()]
+    );
     let expected = format!("({} of its tables are complete)", complete.len());
     assert!(
         st.problems

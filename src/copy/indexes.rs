@@ -50,8 +50,9 @@ pub(super) async fn prepare(
     metas: &[TableMeta],
     loaded_alone: &[usize],
 ) -> Result<HashMap<usize, Vec<SetAside>>, CopyError> {
-    let read = db_error(target, "reading the indexes an earlier copy set aside");
-    let leftovers = state::copy_indexes::read(t).await.map_err(read)?;
+    let leftovers = state::copy_indexes::read(t)
+        .await
+        .map_err(|e| CopyError::Refused(format!("on {}: {e}", target.describe())))?;
     let position = |index: &SetAside| metas.iter().position(|m| m.table_name() == index.table);
     for index in &leftovers {
         if position(index).is_some_and(|i| loaded_alone.contains(&i)) {

@@ -1274,7 +1274,7 @@ impl Worker {
     ) -> WorkerOutcome {
         let mut outcome = WorkerOutcome::default();
         let sessions = self.open().await;
-        let (s, t) = match sessions {
+        let (s, mut t) = match sessions {
             Ok(pair) => {
                 let _ = imported.send(Ok(())).await;
                 pair
@@ -1286,6 +1286,15 @@ impl Worker {
         };
         drop(imported);
         loop {
+            // A target session that ended (a backend terminated, a dropped connection) is made
+            // again, so one failed job does not fail every job this worker takes after it (the
+            // source session holds the snapshot and cannot be).
+            if t.is_closed() {
+                match self.connect_target().await {
+                    Ok(new) => t = new,
+                    Err(e) => tracing::warn!(worker = self.id, "{e}"),
+                }
+            }
             // Made before looking, so a job finishing meanwhile still wakes this worker.
             let changed = self.queue.changed.notified();
             let job = match self.queue.next() {
@@ -1372,17 +1381,21 @@ impl Worker {
         ))
         .await
         .map_err(db_error(&self.source, "importing the snapshot"))?;
+        Ok((s, self.connect_target().await?))
+    }
+
+    async fn connect_target(&self) -> Result<Client, CopyError> {
         let t = self
             .target
             .connect()
             .await
             .map_err(db_error(&self.target, "connect"))?;
-        // Foreign keys are satisfied by the snapshot; without the privilege, groups load parents
-        // first (and are not split).
+        // Foreign keys are satisfied by the snapshot; without the privilege, tables load
+        // parents first.
         let _ = t
             .batch_execute("SET session_replication_role = replica")
             .await;
-        Ok((s, t))
+        Ok(t)
     }
 
     /// A whole group in one transaction.

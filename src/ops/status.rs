@@ -99,6 +99,8 @@ pub struct Status {
     /// While a copy into production has not handed off: the tables it completed, which the
     /// same copy run again keeps.
     pub copy_complete_tables: Option<usize>,
+    /// Secondary indexes a copy into production dropped and has not built again.
+    pub copy_indexes_aside: Vec<String>,
     /// Entries of the key map per remapped table.
     pub key_map: Vec<KeyMapSize>,
     /// The spool, when `[spool]` is configured.
@@ -196,6 +198,12 @@ pub async fn status(config: &Config, thresholds: &Thresholds) -> Result<Status, 
                     .len(),
             );
         }
+        st.copy_indexes_aside = state::copy_indexes::read(p)
+            .await
+            .map_err(&state_error)?
+            .into_iter()
+            .map(|x| format!("{}.{}", x.table.schema, x.name))
+            .collect();
         st.quarantined_changes = state::quarantine::count(p, slot_name)
             .await
             .map_err(&state_error)?;
@@ -335,6 +343,12 @@ pub async fn status(config: &Config, thresholds: &Thresholds) -> Result<Status, 
             st.copy_complete_tables.unwrap_or(0)
         )),
         Some(_) => {}
+    }
+    if !st.copy_indexes_aside.is_empty() {
+        st.problems.push(format!(
+            "an interrupted copy dropped these secondary indexes on production to load faster and did not build them again: {}; the next `stagingprop copy` builds them (their definitions are in stagingprop.copy_indexes)",
+            st.copy_indexes_aside.join(", ")
+        ));
     }
     if let Some(lag) = st.lag_bytes
         && lag as u64 > thresholds.max_lag_bytes

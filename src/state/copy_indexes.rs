@@ -5,7 +5,7 @@
 
 use tokio_postgres::Client;
 
-use super::table;
+use super::{StateError, query_error, table};
 use crate::config::TableName;
 
 /// A dropped index and the statement that makes it again.
@@ -29,8 +29,9 @@ async fn exists(client: &Client) -> Result<bool, tokio_postgres::Error> {
 }
 
 /// Every index set aside and not built again yet.
-pub async fn read(client: &Client) -> Result<Vec<SetAside>, tokio_postgres::Error> {
-    if !exists(client).await? {
+pub async fn read(client: &Client) -> Result<Vec<SetAside>, StateError> {
+    let error = || query_error("reading the indexes a copy set aside");
+    if !exists(client).await.map_err(error())? {
         return Ok(Vec::new());
     }
     let rows = client
@@ -41,7 +42,8 @@ pub async fn read(client: &Client) -> Result<Vec<SetAside>, tokio_postgres::Erro
             ),
             &[],
         )
-        .await?;
+        .await
+        .map_err(error())?;
     Ok(rows
         .iter()
         .filter_map(|r| {
