@@ -49,6 +49,8 @@
 #   SPLIT_MB=256        stagingprop --split-mb: tables at least this large are copied in block
 #                       ranges by all workers
 #   MAX_PREPARED=0      max_prepared_transactions of both clusters (PostgreSQL's default: 0)
+#   LINKED=0            1: attrval and attachment get foreign keys to catentry as well (one linked
+#                       group with ~90 % of the data)
 #   ATOMIC=0            1: stagingprop copy --atomic (each FK-linked group visible at once; its
 #                       ranges are prepared and committed together when MAX_PREPARED >= JOBS)
 #   PHASES='stagingprop pipe native pgcopydb'   which phases run, in that order
@@ -68,6 +70,7 @@ JOBS=${JOBS:-2}
 SPLIT_MB=${SPLIT_MB:-256}
 MAX_PREPARED=${MAX_PREPARED:-0}
 ATOMIC=${ATOMIC:-0}
+LINKED=${LINKED:-0}
 PHASES=${PHASES:-stagingprop pipe native pgcopydb}
 WAIT_FOR=${WAIT_FOR-e2e_sync.sh}
 PG_EXTRA_CONF=${PG_EXTRA_CONF:-}
@@ -160,6 +163,13 @@ CREATE TABLE offerprice (
     PRIMARY KEY (offer_id, currency));
 "
 FK_SQL="ALTER TABLE catentdesc ADD CONSTRAINT catentdesc_catentry_fk FOREIGN KEY (catentry_id) REFERENCES catentry"
+# LINKED=1: attrval and attachment refer to catentry too, so one group of linked tables holds
+# about 90 % of the data (a catalogue where most tables hang off catentry).
+if (( LINKED )); then
+    FK_SQL+=";
+ALTER TABLE attrval ADD CONSTRAINT attrval_catentry_fk FOREIGN KEY (catentry_id) REFERENCES catentry;
+ALTER TABLE attachment ADD CONSTRAINT attachment_catentry_fk FOREIGN KEY (catentry_id) REFERENCES catentry"
+fi
 
 # A pool of 640 KB of random bytes; attachments are slices of it, long texts hex-encoded slices
 # (byte offsets: substr on text would walk the UTF-8 characters), so they neither compress
@@ -509,7 +519,7 @@ label() {
 {
     echo
     echo "stagingprop e2e copy benchmark, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, PostgreSQL $(qpg source -c 'SHOW server_version')"
-    echo "data: $DATA_MB MB heap+TOAST in ${#TABLES[@]} tables ($PRODUCTS products); jobs=$JOBS"
+    echo "data: $DATA_MB MB heap+TOAST in ${#TABLES[@]} tables ($PRODUCTS products); jobs=$JOBS; foreign keys: $( (( LINKED )) && echo "catentdesc, attrval, attachment -> catentry" || echo "catentdesc -> catentry")"
     echo "settings (both clusters): $SETTINGS"
     echo "raw pipe: text COPY, target sessions with session_replication_role=replica, largest tables first"
     echo "native: PostgreSQL 15 table-sync workers (text COPY), max_sync_workers_per_subscription as above"

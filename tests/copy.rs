@@ -339,16 +339,13 @@ async fn a_connection_killed_mid_copy_leaves_tables_untouched_or_complete() {
     assert_equal(&p);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sync_refuses_a_production_whose_seeding_copy_failed() {
+/// A copy from staging to production whose big table's COPY is terminated on production:
+/// the pair and what the copy returned.
+async fn failed_seeding_copy(prefix: &str) -> (Pair, Result<copy::CopyReport, CopyError>) {
     let c = clusters();
-    let p = pair("copy_failed_handoff");
+    let p = pair(prefix);
     psql(&c.staging, &p.staging, SEED);
-    psql(
-        &c.staging,
-        &p.staging,
-        "INSERT INTO staticfile SELECT '/f/' || g, convert_to(repeat(md5(g::text), 10), 'UTF8') FROM generate_series(1, 100000) g",
-    );
+    psql(&c.staging, &p.staging, BIG_STATICFILE);
     init(
         &p.config,
         &InitOptions {
@@ -368,6 +365,13 @@ async fn sync_refuses_a_production_whose_seeding_copy_failed() {
         .await
         .expect("copy ends")
         .unwrap();
+    (p, result)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_refuses_a_production_whose_seeding_copy_failed() {
+    let c = clusters();
+    let (p, result) = failed_seeding_copy("copy_failed_handoff").await;
     assert!(
         matches!(result, Err(CopyError::Partial { .. })),
         "{result:?}"
@@ -558,28 +562,7 @@ async fn a_target_that_checks_foreign_keys_gets_parents_before_children() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_copy_is_resumed_with_only_what_is_missing() {
     let c = clusters();
-    let p = pair("copy_resume");
-    psql(&c.staging, &p.staging, SEED);
-    psql(&c.staging, &p.staging, BIG_STATICFILE);
-    init(
-        &p.config,
-        &InitOptions {
-            create_slot: false,
-            ..InitOptions::default()
-        },
-    )
-    .await
-    .expect("init");
-    let config = p.config.clone();
-    let running = tokio::spawn(async move {
-        copy::copy(&config, &options(Side::Staging, Side::Production)).await
-    });
-    let killed = kill_staticfile_copy(&c.production, &p.production, false).await;
-    assert!(killed, "the big table's COPY was never seen on production");
-    let result = tokio::time::timeout(Duration::from_secs(120), running)
-        .await
-        .expect("copy ends")
-        .unwrap();
+    let (p, result) = failed_seeding_copy("copy_resume").await;
     let Err(CopyError::Partial { failed, .. }) = result else {
         panic!("expected a partial failure, got {result:?}");
     };

@@ -1334,7 +1334,7 @@ impl Worker {
             let result = match &job.group.loading {
                 Loading::Together { .. } => self.copy_group(&s, &t, &job).await,
                 Loading::Prepared(split) => self.copy_part(&s, &t, &job, split).await,
-                Loading::Alone => self.copy_alone(&s, &t, &job).await,
+                Loading::Alone => self.commit_pieces(&s, &t, &job).await,
             };
             let completed = self.queue.finished(&job, result.is_ok());
             let result = match result {
@@ -1398,8 +1398,21 @@ impl Worker {
         Ok(t)
     }
 
-    /// A whole group in one transaction.
+    /// A whole group in one transaction, then analyzed.
     async fn copy_group(
+        &self,
+        s: &Client,
+        t: &Client,
+        job: &Job,
+    ) -> Result<Vec<TableReport>, CopyError> {
+        let reports = self.commit_pieces(s, t, job).await?;
+        self.analyze(t, &job.group.tables).await?;
+        Ok(reports)
+    }
+
+    /// A job's pieces in one transaction, committed at once (a group loading together is
+    /// emptied first with --truncate).
+    async fn commit_pieces(
         &self,
         s: &Client,
         t: &Client,
@@ -1420,26 +1433,6 @@ impl Worker {
                 .await
                 .map_err(db_error(&self.target, "emptying the target tables"))?;
         }
-        let reports = self.load(s, t, &job.pieces).await?;
-        self.record(t, &job.pieces, 1).await?;
-        t.batch_execute("COMMIT")
-            .await
-            .map_err(db_error(&self.target, "COMMIT"))?;
-        self.committed(&reports);
-        self.analyze(t, &job.group.tables).await?;
-        Ok(reports)
-    }
-
-    /// One table or block range in a transaction of its own, committed at once.
-    async fn copy_alone(
-        &self,
-        s: &Client,
-        t: &Client,
-        job: &Job,
-    ) -> Result<Vec<TableReport>, CopyError> {
-        t.batch_execute("BEGIN")
-            .await
-            .map_err(db_error(&self.target, "BEGIN"))?;
         let reports = self.load(s, t, &job.pieces).await?;
         self.record(t, &job.pieces, job.table_pieces).await?;
         t.batch_execute("COMMIT")
