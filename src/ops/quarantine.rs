@@ -80,7 +80,7 @@ pub async fn retry(config: &Config, selection: &Selection) -> Result<RetryReport
     let mut applier = Applier::new(p, &config.sync.slot, tables, None, progress_at)
         .await
         .map_err(|e| apply_error(&production, e))?;
-    applier.record_progress = false;
+    applier.leave_progress_alone();
     applier
         .publish_files(config)
         .map_err(|e| apply_error(&production, e))?;

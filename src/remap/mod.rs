@@ -123,7 +123,7 @@ impl TableRemap {
 }
 
 /// Key-map writes that belong to the production transaction of the rows they map, as text
-/// arrays for [`store::insert_mappings`] and [`store::delete_mappings`].
+/// arrays for [`key_map::insert_mappings`](crate::state::key_map::insert_mappings) and [`key_map::delete_mappings`](crate::state::key_map::delete_mappings).
 #[derive(Debug, Default)]
 pub struct MapWrites {
     pub mapped: [Vec<Option<Bytes>>; 3],
@@ -884,7 +884,7 @@ impl Remapper {
     }
 
     /// Names of the truncated tables whose mappings go with their rows (for
-    /// [`store::delete_table_mappings`]); forgets what was cached of them.
+    /// [`key_map::delete_table_mappings`](crate::state::key_map::delete_table_mappings)); forgets what was cached of them.
     pub fn truncated(&mut self, tables: &[usize]) -> Vec<Option<Bytes>> {
         let mut names = Vec::new();
         for &t in tables {

@@ -473,12 +473,15 @@ where
     let mut applier = Applier::new(p, &config.sync.slot, tables, remapper, applied_end).await?;
     applier.publish_files(config)?;
     applier.set_hooks(config);
-    applier.files.remove_leftovers().map_err(ApplyError::from)?;
-    applier.stats = state.stats;
+    applier
+        .files()
+        .remove_leftovers()
+        .map_err(ApplyError::from)?;
+    *applier.stats_mut() = state.stats;
     if let Some(until) = state.one_by_one_until {
-        applier.one_by_one = applied_end < until;
+        applier.set_one_by_one(applied_end < until);
     }
-    if !applier.replica_role {
+    if !applier.replica_role() {
         tracing::info!(
             "{} checks foreign keys during apply (the role may not set session_replication_role); tables are applied parents first",
             target.role

@@ -97,7 +97,7 @@ impl Target for Applier {
         table: usize,
         identity: ReplicaIdentity,
     ) -> Result<(), ApplyError> {
-        Ok(self.files.check_identity(table, identity)?)
+        Ok(self.files().check_identity(table, identity)?)
     }
 
     fn stage_file(
@@ -106,7 +106,7 @@ impl Target for Applier {
         old: Option<&Tuple>,
         new: Option<&Tuple>,
     ) -> Result<(), ApplyError> {
-        Ok(self.files.stage(table, old, new)?)
+        Ok(self.files_mut().stage(table, old, new)?)
     }
 
     async fn row_change(
@@ -198,19 +198,19 @@ impl Target for Applier {
     }
 
     fn one_by_one(&self) -> bool {
-        self.one_by_one
+        Applier::one_by_one(self)
     }
 
     fn set_one_by_one(&mut self, on: bool) {
-        self.one_by_one = on;
+        Applier::set_one_by_one(self, on)
     }
 
     fn stats(&self) -> ApplyStats {
-        self.stats
+        Applier::stats(self)
     }
 
     fn stats_mut(&mut self) -> &mut ApplyStats {
-        &mut self.stats
+        Applier::stats_mut(self)
     }
 
     async fn wal_flushed(&self) -> Result<Lsn, ApplyError> {

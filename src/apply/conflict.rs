@@ -1,0 +1,231 @@
+//! Conflicts: what each sent statement reported, the rows production lacks or already has, and
+//! the table's policy (stop, skip into the quarantine, overwrite) applied to each.
+
+use std::collections::HashSet;
+
+use bytes::Bytes;
+use tokio_postgres::types::ToSql;
+
+use super::error::query_error;
+use super::in_flight::{Purpose, Reported, TextArray};
+use super::{Applier, ApplyError, ConflictKind, statements, value_bytes};
+use crate::catalog::TableMeta;
+use crate::change::{Entry, Key, NetChange};
+use crate::config::ConflictPolicy;
+use crate::model::{Tuple, Value};
+use crate::state::{self, quarantine};
+
+impl Applier {
+    pub(super) async fn settle_one(
+        &mut self,
+        purpose: Purpose,
+        reported: Reported,
+    ) -> Result<(), ApplyError> {
+        let (ordinals, count) = match reported {
+            Reported::Ordinals(ordinals) => (ordinals, 0),
+            Reported::Count(count) => (Vec::new(), count),
+        };
+        match purpose {
+            Purpose::Deletes { table, targets } => {
+                let deleted: HashSet<i64> = ordinals.into_iter().collect();
+                let mut count = 0;
+                for (i, target) in targets.into_iter().enumerate() {
+                    let Some((key, source)) = target else {
+                        continue;
+                    };
+                    if deleted.contains(&(i as i64 + 1)) {
+                        count += 1;
+                    } else {
+                        let entry = Entry {
+                            key,
+                            change: NetChange::Delete,
+                            source,
+                        };
+                        self.conflict(table, ConflictKind::DeleteMissing, &entry)
+                            .await?;
+                    }
+                }
+                self.stats.rows_deleted += count;
+                metrics::counter!("stagingprop_rows_applied_total", "table" => self.tables[table].meta.table_name().to_string(), "op" => "delete")
+                    .increment(count);
+            }
+            Purpose::Inserts { table, entries } => {
+                let inserted = (entries.len() - ordinals.len()) as u64;
+                self.stats.rows_inserted += inserted;
+                metrics::counter!("stagingprop_rows_applied_total", "table" => self.tables[table].meta.table_name().to_string(), "op" => "insert")
+                    .increment(inserted);
+                for ordinal in ordinals {
+                    let entry = &entries[ordinal as usize - 1];
+                    self.conflict(table, ConflictKind::InsertExists, entry)
+                        .await?;
+                }
+            }
+            Purpose::KeyMap | Purpose::Begin => {}
+            Purpose::Updates { table, entries } => {
+                self.stats.rows_updated += count;
+                metrics::counter!("stagingprop_rows_applied_total", "table" => self.tables[table].meta.table_name().to_string(), "op" => "update")
+                    .increment(count);
+                if (count as usize) < entries.len() {
+                    for i in self.missing_rows(table, &entries).await? {
+                        self.conflict(table, ConflictKind::UpdateMissing, &entries[i])
+                            .await?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Which of `entries` (by index) have no row on production.
+    pub(super) async fn missing_rows(
+        &mut self,
+        table: usize,
+        entries: &[Entry],
+    ) -> Result<Vec<usize>, ApplyError> {
+        let meta = &self.tables[table].meta;
+        let mut columns: Vec<Vec<Option<Bytes>>> = vec![Vec::new(); meta.key.len()];
+        for entry in entries {
+            for (k, value) in entry.key.iter().enumerate() {
+                columns[k].push(value.clone());
+            }
+        }
+        let sql = statements::missing_keys(meta);
+        let columns: Vec<TextArray> = columns.into_iter().map(TextArray).collect();
+        let statement = self.statement(sql, columns.len()).await?;
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+        let rows = self
+            .client
+            .query(&statement, &refs)
+            .await
+            .map_err(query_error("finding rows production lacks"))?;
+        Ok(rows
+            .iter()
+            .map(|r| r.get::<_, i64>(0) as usize - 1)
+            .collect())
+    }
+
+    /// Applies the table's conflict policy to one conflicting change.
+    pub(super) async fn conflict(
+        &mut self,
+        t: usize,
+        kind: ConflictKind,
+        entry: &Entry,
+    ) -> Result<(), ApplyError> {
+        let meta = &self.tables[t].meta;
+        let policy = self.tables[t].policy;
+        let key_json = key_json(meta, &entry.key);
+        let policy_label = match policy {
+            ConflictPolicy::Error => "error",
+            ConflictPolicy::Skip => "skip",
+            ConflictPolicy::Overwrite => "overwrite",
+        };
+        metrics::counter!("stagingprop_conflicts_total", "table" => meta.table_name().to_string(), "policy" => policy_label)
+            .increment(1);
+        match (policy, kind) {
+            (ConflictPolicy::Error, _) => Err(ApplyError::Conflict {
+                table: meta.table_name(),
+                kind,
+                key: key_json.to_string(),
+                lsn: entry.source.lsn,
+                xid: entry.source.xid,
+            }),
+            // Overwrite: the row is already gone; production ends as staging wants it.
+            (ConflictPolicy::Overwrite, ConflictKind::DeleteMissing) => {
+                self.stats.conflicts_overwritten += 1;
+                Ok(())
+            }
+            // Overwrite an update of a missing row by inserting it, when every column was sent.
+            (ConflictPolicy::Overwrite, ConflictKind::UpdateMissing)
+                if matches!(&entry.change, NetChange::Update(row)
+                    if row.iter().all(|v| !matches!(v, Value::UnchangedToast))) =>
+            {
+                let NetChange::Update(row) = &entry.change else {
+                    unreachable!()
+                };
+                let all: Vec<usize> = (0..row.len()).collect();
+                let sql = statements::insert_rows(meta, &all, true);
+                let columns = row
+                    .iter()
+                    .map(|v| value_bytes(v, meta).map(|b| TextArray(vec![b])))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let statement = self.statement(sql, columns.len()).await?;
+                let refs: Vec<&(dyn ToSql + Sync)> =
+                    columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+                self.client
+                    .execute(&statement, &refs)
+                    .await
+                    .map_err(query_error("inserting an overwritten row"))?;
+                self.stats.conflicts_overwritten += 1;
+                Ok(())
+            }
+            _ => {
+                let unmapped = matches!(
+                    kind,
+                    ConflictKind::UpdateUnmapped | ConflictKind::DeleteUnmapped
+                );
+                let reason = if policy == ConflictPolicy::Overwrite && !unmapped {
+                    format!(
+                        "{kind}; not every column was sent (unchanged TOAST values), so it cannot be inserted"
+                    )
+                } else {
+                    kind.to_string()
+                };
+                let row_json = match &entry.change {
+                    NetChange::Insert(row) | NetChange::Update(row) | NetChange::Replace(row) => {
+                        Some(row_json(meta, row))
+                    }
+                    NetChange::Delete => None,
+                };
+                let table = meta.table_name().to_string();
+                quarantine::insert(
+                    &self.client,
+                    &quarantine::Entry {
+                        slot: &self.slot,
+                        lsn: entry.source.lsn,
+                        xid: entry.source.xid,
+                        table: &table,
+                        operation: kind.operation(),
+                        reason: &reason,
+                        key: &key_json,
+                        row: row_json.as_ref(),
+                    },
+                )
+                .await?;
+                self.stats.conflicts_skipped += 1;
+                tracing::warn!(
+                    table = %table, key = %key_json, lsn = %entry.source.lsn, xid = entry.source.xid,
+                    "conflict: {reason}; the change was written to {}.quarantine and skipped",
+                    state::SCHEMA
+                );
+                Ok(())
+            }
+        }
+    }
+}
+
+pub(super) fn key_json(meta: &TableMeta, key: &Key) -> serde_json::Value {
+    let mut map = serde_json::Map::new();
+    for (&k, value) in meta.key.iter().zip(key) {
+        let v = value
+            .as_ref()
+            .map(|b| serde_json::Value::String(String::from_utf8_lossy(b).into_owned()))
+            .unwrap_or(serde_json::Value::Null);
+        map.insert(meta.columns[k].name.clone(), v);
+    }
+    serde_json::Value::Object(map)
+}
+
+pub(super) fn row_json(meta: &TableMeta, row: &Tuple) -> serde_json::Value {
+    let mut map = serde_json::Map::new();
+    for (column, value) in meta.columns.iter().zip(row) {
+        let v = match value {
+            Value::Text(b) => serde_json::Value::String(String::from_utf8_lossy(b).into_owned()),
+            Value::Null => serde_json::Value::Null,
+            Value::UnchangedToast => serde_json::json!({"unchanged_toast": true}),
+            Value::Binary(b) => serde_json::json!({"binary_len": b.len()}),
+        };
+        map.insert(column.name.clone(), v);
+    }
+    serde_json::Value::Object(map)
+}
