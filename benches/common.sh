@@ -142,18 +142,18 @@ qpg() {
     "$PGBIN/psql" -X -q -A -t -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "${PORT[$name]}" -U postgres -d postgres "$@"
 }
 
-# write_sp_config FILE TARGET SLOT TABLE...: a stagingprop config carrying TABLEs from the
-# staging cluster to cluster TARGET through SLOT (publication "stagingprop"). Extra [sync] lines
-# come from SP_SYNC (';'-separated), per-table lines from the associative array SP_RULES (by
-# table, e.g. SP_RULES[catentry]='key = { rule = "allocate", sequence = "public.s" }'), and
-# whole extra sections (e.g. [spool]) from SP_EXTRA; the target's database is SP_PRODUCTION_DB
-# (default shop).
+# write_sp_config FILE TARGET SLOT TABLE...: the stagingprop config of every benchmark, carrying
+# TABLEs from the staging cluster (SP_STAGING, default "staging") to cluster TARGET through SLOT
+# (publication "stagingprop"). Extra [sync] lines come from SP_SYNC (';'-separated), per-table
+# lines from the associative array SP_RULES (by table, e.g.
+# SP_RULES[catentry]='key = { rule = "allocate", sequence = "public.s" }'), and whole extra
+# sections (e.g. [spool]) from SP_EXTRA; the target's database is SP_PRODUCTION_DB (default shop).
 declare -A SP_RULES=()
 write_sp_config() {
     local file=$1 target=$2 slot=$3 table
     shift 3
     {
-        printf '[staging]\nurl = "host=127.0.0.1 port=%s dbname=shop user=postgres"\nsslmode = "disable"\n\n' "${PORT[staging]}"
+        printf '[staging]\nurl = "host=127.0.0.1 port=%s dbname=shop user=postgres"\nsslmode = "disable"\n\n' "${PORT[${SP_STAGING:-staging}]}"
         printf '[production]\nurl = "host=127.0.0.1 port=%s dbname=%s user=postgres"\nsslmode = "disable"\n\n' "${PORT[$target]}" "${SP_PRODUCTION_DB:-shop}"
         printf '[sync]\nslot = "%s"\npublication = "stagingprop"\n' "$slot"
         if [[ -n ${SP_SYNC:-} ]]; then tr ';' '\n' <<<"$SP_SYNC"; fi

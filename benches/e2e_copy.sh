@@ -251,20 +251,8 @@ ticks_to_s() { awk -v t="$1" -v hz="$CLK_TCK" 'BEGIN { printf "%.1f", t / hz }';
 # The methods. Each sets SECONDS_TAKEN and CLIENT_CPU (user + system seconds of the client
 # processes it started).
 write_config() {
-    {
-        echo "[production]"
-        echo "url = \"host=127.0.0.1 port=${PORT[source]} dbname=shop user=postgres\""
-        echo "sslmode = \"disable\""
-        echo
-        echo "[staging]"
-        echo "url = \"host=127.0.0.1 port=${PORT[target]} dbname=shop user=postgres\""
-        echo "sslmode = \"disable\""
-        for t in "${TABLES[@]}"; do
-            echo
-            echo "[[tables]]"
-            echo "name = \"public.$t\""
-        done
-    } >"$WORK/stagingprop.toml"
+    # The source is configured as [production], the target as [staging] (copy --from production).
+    SP_STAGING=target write_sp_config "$WORK/stagingprop.toml" source stagingprop "${TABLES[@]}"
 }
 
 client_cpu() { awk '{ printf "%.1f", $2 + $3 }' "$1"; }

@@ -53,36 +53,12 @@ BORN="catentry_id >= $FIRST_NEW AND (catentry_id - $FIRST_NEW) % 4 = 0 AND caten
 
 write_config() {
     local name=$1 rules=$2
-    cat >"$WORK/$name.toml" <<EOF
-[staging]
-url = "host=127.0.0.1 port=${PORT[staging]} dbname=shop user=postgres"
-sslmode = "disable"
-
-[production]
-url = "host=127.0.0.1 port=${PORT[$name]} dbname=shop user=postgres"
-sslmode = "disable"
-
-[sync]
-slot = "sp_$name"
-publication = "stagingprop"
-
-[[tables]]
-name = "public.catentry"
-$( [[ $rules == 1 ]] && echo 'key = { rule = "remap-on-conflict", sequence = "public.prodcat_seq" }' )
-
-[[tables]]
-name = "public.catentdesc"
-
-[[tables]]
-name = "public.offer"
-$( [[ $rules == 1 ]] && echo 'key = { rule = "allocate", sequence = "public.prodoffer_seq" }' )
-
-[[tables]]
-name = "public.offerprice"
-
-[[tables]]
-name = "public.bench_marker"
-EOF
+    SP_RULES=()
+    if [[ $rules == 1 ]]; then
+        SP_RULES[catentry]='key = { rule = "remap-on-conflict", sequence = "public.prodcat_seq" }'
+        SP_RULES[offer]='key = { rule = "allocate", sequence = "public.prodoffer_seq" }'
+    fi
+    write_sp_config "$WORK/$name.toml" "$name" "sp_$name" "${TABLES[@]}"
 }
 
 # run_sync NAME ROUND: times `sync --until-caught-up`; adds to SECONDS_OF[NAME].

@@ -51,38 +51,11 @@ trap 'exit 143' TERM
 source "$REPO/benches/catalogue.sh"
 
 write_config() {
-    local name=$1
-    cat >"$WORK/$name.toml" <<EOF
-[staging]
-url = "host=127.0.0.1 port=${PORT[staging]} dbname=shop user=postgres"
-sslmode = "disable"
-
-[production]
-url = "host=127.0.0.1 port=${PORT[$name]} dbname=shop user=postgres"
-sslmode = "disable"
-
-[sync]
-slot = "sp_$name"
-publication = "stagingprop"
-
-[[tables]]
-name = "public.catentry"
-
-[[tables]]
-name = "public.catentdesc"
-
-[[tables]]
-name = "public.offer"
-
-[[tables]]
-name = "public.offerprice"
-
-[[tables]]
-name = "public.bench_marker"
-EOF
+    local name=$1 extra=
     if [[ $name == spool ]]; then
-        printf '\n[spool]\ndir = "%s"\n%s\n' "$WORK/spool" "${SPOOL_CONF:-}" >>"$WORK/$name.toml"
+        extra=$(printf '[spool]\ndir = "%s"\n%s' "$WORK/spool" "${SPOOL_CONF:-}")
     fi
+    SP_EXTRA=$extra write_sp_config "$WORK/$name.toml" "$name" "sp_$name" "${TABLES[@]}"
 }
 
 spool_bytes() {

@@ -131,37 +131,12 @@ settle() {
 # ---------------------------------------------------------------------------------------------
 # Appliers
 write_config() {
-    cat >"$WORK/stagingprop.toml" <<EOF
-[staging]
-url = "host=127.0.0.1 port=${PORT[staging]} dbname=shop user=postgres"
-sslmode = "disable"
-
-[production]
-url = "host=127.0.0.1 port=${PORT[prod]} dbname=shop user=postgres"
-sslmode = "disable"
-
-[sync]
-slot = "stagingprop"
-publication = "stagingprop"
-$(tr ';' '\n' <<<"$SYNC_CONF")
-
-[[tables]]
-name = "public.catentry"
-
-[[tables]]
-name = "public.catentdesc"
-$(if (( SCOPED )); then printf '%s\n' 'filter = "language_id = -1"' 'exclude_columns = ["longdescription"]'; fi)
-
-[[tables]]
-name = "public.offer"
-
-[[tables]]
-name = "public.offerprice"
-$(if (( SCOPED )); then printf '%s\n' 'filter = "offer_id % 2 = 1"'; fi)
-
-[[tables]]
-name = "public.bench_marker"
-EOF
+    SP_RULES=()
+    if (( SCOPED )); then
+        SP_RULES[catentdesc]=$(printf '%s\n' 'filter = "language_id = -1"' 'exclude_columns = ["longdescription"]')
+        SP_RULES[offerprice]='filter = "offer_id % 2 = 1"'
+    fi
+    SP_SYNC=$SYNC_CONF write_sp_config "$WORK/stagingprop.toml" prod stagingprop "${TABLES[@]}"
 }
 
 HAVE_TIME=0

@@ -29,7 +29,7 @@
 
 pub mod apply;
 pub mod bars;
-pub mod catalog;
+pub(crate) mod catalog;
 pub mod change;
 pub mod cluster;
 pub mod config;
@@ -38,7 +38,7 @@ pub mod model;
 pub mod ops;
 pub mod pg;
 pub mod pgoutput;
-pub mod quote;
+pub(crate) mod quote;
 pub mod remap;
 pub mod spool;
 pub mod state;

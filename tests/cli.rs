@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value as Json;
-use support::{clusters, fresh_db, psql};
+use support::{Scratch, clusters, fresh_db, psql};
 
 const BIN: &str = env!("CARGO_BIN_EXE_stagingprop");
 
@@ -22,24 +22,6 @@ CREATE TABLE catentdesc (catentry_id bigint REFERENCES catentry, language_id int
                          name text, PRIMARY KEY (catentry_id, language_id));
 CREATE TABLE nokey (a int);
 ";
-
-/// A scratch directory for one test's config file, removed at the end.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir =
-            std::env::temp_dir().join(format!("stagingprop-cli-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn write_config(
     dir: &Path,

@@ -11,9 +11,8 @@ use std::time::Duration;
 
 use stagingprop::config::Config;
 use stagingprop::copy::{self, CopyError, CopyOptions, Side};
-use stagingprop::ops::init::{InitOptions, init};
 use stagingprop::sync::{self, StopAt, SyncOptions};
-use support::{clusters, fresh_db, psql};
+use support::{clusters, fresh_db, init_without_slot, psql};
 
 const SCHEMA: &str = "
 CREATE TABLE catentry (catentry_id bigint PRIMARY KEY, partnumber varchar(64) NOT NULL,
@@ -179,15 +178,7 @@ async fn copy_then_sync_loses_and_doubles_nothing_under_concurrent_writes() {
     let c = clusters();
     let p = pair("copy_handoff");
     psql(&c.staging, &p.staging, SEED);
-    init(
-        &p.config,
-        &InitOptions {
-            create_slot: false,
-            ..InitOptions::default()
-        },
-    )
-    .await
-    .expect("init");
+    init_without_slot(&p.config).await;
 
     // Staging keeps changing while the copy runs; every change must arrive exactly once.
     let writer = write_during_copy(p.staging.clone());
@@ -346,15 +337,7 @@ async fn failed_seeding_copy(prefix: &str) -> (Pair, Result<copy::CopyReport, Co
     let p = pair(prefix);
     psql(&c.staging, &p.staging, SEED);
     psql(&c.staging, &p.staging, BIG_STATICFILE);
-    init(
-        &p.config,
-        &InitOptions {
-            create_slot: false,
-            ..InitOptions::default()
-        },
-    )
-    .await
-    .expect("init");
+    init_without_slot(&p.config).await;
     let config = p.config.clone();
     let running = tokio::spawn(async move {
         copy::copy(&config, &options(Side::Staging, Side::Production)).await
@@ -423,15 +406,7 @@ async fn empty_tables_load_range_by_range_each_committed_alone() {
     // Setting an index of catentdesc aside would wait for the lock this test holds on it.
     psql(&c.staging, &p.staging, "DROP INDEX catentdesc_name");
     psql(&c.production, &p.production, "DROP INDEX catentdesc_name");
-    init(
-        &p.config,
-        &InitOptions {
-            create_slot: false,
-            ..InitOptions::default()
-        },
-    )
-    .await
-    .expect("init");
+    init_without_slot(&p.config).await;
     // Holding catentdesc (SHARE: readers pass, COPY waits) keeps its ranges from loading.
     let (holder, connection) = tokio_postgres::connect(
         &c.production.conninfo(&p.production, "postgres"),
@@ -524,15 +499,7 @@ async fn a_target_that_checks_foreign_keys_gets_parents_before_children() {
         &p.staging,
         "INSERT INTO catentdesc SELECT g, l, repeat('name ', 20) FROM generate_series(1, 20000) g, generate_series(1, 8) l",
     );
-    let report = init(
-        &p.config,
-        &InitOptions {
-            create_slot: false,
-            ..InitOptions::default()
-        },
-    )
-    .await
-    .expect("init");
+    let report = init_without_slot(&p.config).await;
     // init says what the role costs and what to change.
     assert!(
         report
@@ -712,15 +679,7 @@ async fn a_split_copy_loads_ranges_in_parallel_and_hands_off_exactly() {
     let c = clusters();
     let p = pair("copy_split");
     psql(&c.staging, &p.staging, SEED);
-    init(
-        &p.config,
-        &InitOptions {
-            create_slot: false,
-            ..InitOptions::default()
-        },
-    )
-    .await
-    .expect("init");
+    init_without_slot(&p.config).await;
     let writer = write_during_copy(p.staging.clone());
     let report = copy::copy(
         &p.config,

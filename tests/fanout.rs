@@ -146,7 +146,7 @@ async fn published_end(config: &Config) -> Result<Lsn, stream::StreamError> {
     let js = stream::connect(stream_config).await?;
     let opened = stream::open_stream(&js, stream_config).await?;
     let last = stream::last_published(&opened, stream_config).await?;
-    Ok(stream::publisher::Published::after(last, 0).end)
+    Ok(stream::Published::after(last, 0).end)
 }
 
 /// Waits (120 s at most) until the stream holds every transaction staging committed so far
@@ -451,7 +451,7 @@ async fn stream_commits(config: &Config) -> Vec<Lsn> {
     let mut reader = loop {
         let opened = async {
             let js = stream::connect(&stream_config).await?;
-            stream::reader::StreamReader::open(&js, &stream_config, None, Lsn::INVALID).await
+            stream::StreamReader::open(&js, &stream_config, None, Lsn::INVALID).await
         };
         match opened.await {
             Ok(reader) => break reader,

@@ -18,7 +18,7 @@ use stagingprop::ops::verify::{VerifyOptions, render as render_diffs, verify};
 use stagingprop::pgoutput::LogicalMessage;
 use stagingprop::spool::store::SpoolWriter;
 use stagingprop::sync::SyncError;
-use support::{caught_up, clusters, fresh_db, psql, wait_for_tail_slot};
+use support::{caught_up, clusters, fresh_db, init_without_slot, psql, wait_for_tail_slot};
 
 const SCHEMA: &str = "
 CREATE TABLE catentry (catentry_id bigint PRIMARY KEY, partnumber text NOT NULL UNIQUE, name text);
@@ -542,15 +542,7 @@ async fn copy_applies_the_rules_and_sync_continues_through_the_key_map() {
          INSERT INTO promotion SELECT g, g, 'promo ' || g FROM generate_series(1, 20) g;
          INSERT INTO attachment SELECT g, 'file' || g || '.png', g FROM generate_series(1, 30) g;",
     );
-    init(
-        &p.config,
-        &InitOptions {
-            create_slot: false,
-            ..InitOptions::default()
-        },
-    )
-    .await
-    .expect("init");
+    init_without_slot(&p.config).await;
 
     // promotion needs 20 keys and its KEYS range holds 10: refused before anything is written.
     let err = copy::copy(

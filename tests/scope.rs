@@ -11,14 +11,7 @@ use stagingprop::copy::{CopyOptions, Side, copy};
 use stagingprop::ops::init::{InitOptions, init};
 use stagingprop::ops::verify::{VerifyOptions, verify};
 use stagingprop::sync;
-use support::{Lcg, Pair, PairBuilder, caught_up};
-
-fn init_without_slot() -> InitOptions {
-    InitOptions {
-        create_slot: false,
-        ..InitOptions::default()
-    }
-}
+use support::{Lcg, Pair, PairBuilder, caught_up, init_without_slot};
 
 async fn verify_table(config: &Config) -> stagingprop::ops::verify::TableDiff {
     let diffs = verify(config, &VerifyOptions::default())
@@ -39,7 +32,7 @@ async fn a_filtered_table_follows_rows_moving_in_and_out_of_the_filter() {
     // The filter reads a column outside the primary key: UPDATEs and DELETEs must carry it.
     p.on_staging("ALTER TABLE offer REPLICA IDENTITY FULL");
     p.on_staging("INSERT INTO offer SELECT g, 10000 + g % 4, g FROM generate_series(1, 200) g");
-    init(&p.config, &init_without_slot()).await.expect("init");
+    init_without_slot(&p.config).await;
     let row_filter = p.on_staging(&format!(
         "SELECT rowfilter FROM pg_publication_tables WHERE pubname = '{}'",
         p.config.sync.publication
@@ -154,7 +147,7 @@ async fn production_owned_columns_are_never_written_by_copy_or_sync() {
     p.on_production(
         "INSERT INTO offer SELECT g, 0, 0, 'merchant ' || g, 7 FROM generate_series(1, 50) g",
     );
-    init(&p.config, &init_without_slot()).await.expect("init");
+    init_without_slot(&p.config).await;
     let published = p.on_staging(&format!(
         "SELECT attnames FROM pg_publication_tables WHERE pubname = '{}'",
         p.config.sync.publication
@@ -388,7 +381,7 @@ async fn remapped_tables_with_filters_and_column_lists_keep_references_translate
         "INSERT INTO catentry SELECT g, g % 2, 'PN-' || g FROM generate_series(1, 20) g;
          INSERT INTO catentdesc (catentry_id, language_id, name) SELECT g, -1, 'name ' || g FROM generate_series(1, 20) g",
     );
-    init(&p.config, &init_without_slot()).await.expect("init");
+    init_without_slot(&p.config).await;
     copy(
         &p.config,
         &CopyOptions::new(Side::Staging, Side::Production),

@@ -10,10 +10,10 @@ mod commit;
 mod conflict;
 mod error;
 mod in_flight;
-pub mod invalidate;
+pub(crate) mod invalidate;
 pub mod managed_files;
-pub mod statements;
-pub mod statistics;
+pub(crate) mod statements;
+pub(crate) mod statistics;
 
 use std::collections::HashMap;
 

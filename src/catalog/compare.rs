@@ -42,7 +42,8 @@ pub struct Sides<'a> {
 }
 
 impl Sides<'_> {
-    pub const SYNC: Sides<'static> = Sides {
+    #[cfg(test)]
+    const SYNC: Sides<'static> = Sides {
         source: "staging",
         target: "production",
     };

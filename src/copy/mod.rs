@@ -35,7 +35,7 @@ pub(crate) mod prepared;
 mod resume;
 pub mod rewrite;
 mod schedule;
-pub mod split;
+pub(crate) mod split;
 mod view;
 mod worker;
 

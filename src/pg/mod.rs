@@ -6,7 +6,7 @@ pub mod backend;
 pub mod connect;
 pub mod frames;
 pub mod replication;
-pub mod tls;
+pub(crate) mod tls;
 
 use std::fmt;
 

@@ -67,12 +67,9 @@ impl KeyCache {
         true
     }
 
-    pub fn is_complete(&self) -> bool {
+    #[cfg(test)]
+    fn is_complete(&self) -> bool {
         self.complete
-    }
-
-    pub fn forget(&mut self, source: i64) {
-        self.entries.remove(&source);
     }
 
     pub fn clear(&mut self) {
@@ -80,12 +77,9 @@ impl KeyCache {
         self.complete = false;
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
     }
 }
 
@@ -121,8 +115,6 @@ mod tests {
         assert_eq!(cache.len(), 1);
         assert_eq!(cache.get(1), None);
         assert_eq!(cache.get(3), Some(Known::Unmapped));
-        cache.forget(3);
-        assert!(cache.is_empty());
     }
 
     #[test]

@@ -13,8 +13,8 @@
 //! whether keys are taken, natural-key matches, fresh keys), so the cost is per batch, not per
 //! row; what it learns is cached ([`cache`]) until the production transaction rolls back.
 
-pub mod cache;
-pub mod store;
+pub(crate) mod cache;
+pub(crate) mod store;
 
 use std::collections::{HashMap, HashSet};
 

@@ -5,10 +5,10 @@
 //! version row ([`layout`]). This is the only module that names them: their DDL and every
 //! statement that reads or writes them are built here, and everything else calls in.
 
-pub mod copy_commits;
-pub mod copy_indexes;
+pub(crate) mod copy_commits;
+pub(crate) mod copy_indexes;
 pub mod copy_tables;
-pub mod key_map;
+pub(crate) mod key_map;
 pub mod layout;
 pub mod progress;
 pub mod quarantine;

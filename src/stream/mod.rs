@@ -5,8 +5,11 @@
 //! ([`publisher`]) and reading a target's way through the stream ([`reader`]).
 
 pub mod chunk;
-pub mod publisher;
-pub mod reader;
+pub(crate) mod publisher;
+pub(crate) mod reader;
+
+pub use self::publisher::Published;
+pub use self::reader::StreamReader;
 
 use std::time::Duration;
 

@@ -119,8 +119,6 @@ pub struct StreamReader {
     buffered_sequence: u64,
     /// The stream sequence of the chunk the message handed out last came from.
     sequence: u64,
-    /// Messages the server holds past the one read last (for lag).
-    pending: u64,
 }
 
 impl StreamReader {
@@ -203,7 +201,6 @@ impl StreamReader {
             buffered: VecDeque::new(),
             buffered_sequence: after_sequence.unwrap_or(0),
             sequence: after_sequence.unwrap_or(0),
-            pending: 0,
         })
     }
 
@@ -250,7 +247,6 @@ impl StreamReader {
                 }
             }
             self.buffered_sequence = sequence;
-            self.pending = pending;
             metrics::gauge!("stagingprop_stream_pending_messages").set(pending as f64);
             if self.buffered.is_empty() {
                 // A skipped chunk still moves the position.
@@ -262,11 +258,6 @@ impl StreamReader {
     /// The stream sequence of the chunk the last message handed out came from.
     pub fn sequence(&self) -> u64 {
         self.sequence
-    }
-
-    /// Messages the server holds beyond the one read last.
-    pub fn pending(&self) -> u64 {
-        self.pending
     }
 }
 

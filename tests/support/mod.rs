@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod faults;
 pub mod nats;
 
 use std::sync::OnceLock;
@@ -308,4 +309,18 @@ pub fn stagingprop(config: &std::path::Path, args: &[&str]) -> (i32, String, Str
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// `init` without the sync slot: what a test runs before `copy`, which creates the slot and
+/// takes its snapshot from it.
+pub async fn init_without_slot(
+    config: &stagingprop::config::Config,
+) -> stagingprop::ops::init::InitReport {
+    let options = stagingprop::ops::init::InitOptions {
+        create_slot: false,
+        ..Default::default()
+    };
+    stagingprop::ops::init::init(config, &options)
+        .await
+        .expect("init")
 }
