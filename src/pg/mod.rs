@@ -1,7 +1,9 @@
 //! Talking to PostgreSQL: where a database is and how to reach it ([`connect`]), TLS ([`tls`]),
 //! the replication connection ([`replication`]) and its sans-IO parts: backend messages
-//! ([`backend`]) and the CopyData frames of the stream ([`frames`]).
+//! ([`backend`]), the authentication steps ([`auth`]) and the CopyData frames of the stream
+//! ([`frames`]).
 
+pub(crate) mod auth;
 pub mod backend;
 pub mod connect;
 pub mod frames;

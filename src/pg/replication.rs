@@ -14,8 +14,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use postgres_protocol::authentication::md5_hash;
-use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
@@ -23,6 +21,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::ServerError;
+use super::auth::{AuthError, AuthStep, Authenticator};
 use super::backend::{self, AuthRequest, Frame};
 use super::connect::{Endpoint, TlsPolicy};
 use super::frames::{self, FrameError, ServerCopyData, StandbyStatus};
@@ -403,86 +402,21 @@ impl ReplicationClient {
             .map_err(|e| self.protocol(e.to_string()))?;
         self.flush().await?;
 
-        let password = endpoint.pg.get_password().map(<[u8]>::to_vec);
-        let mut scram: Option<ScramSha256> = None;
+        let mut authenticator = Authenticator::new(&user, endpoint.pg.get_password());
         loop {
             let frame = self.read_frame().await?;
             match frame.tag {
                 b'R' => {
                     let request =
                         AuthRequest::parse(frame.body).map_err(|e| self.protocol(e.to_string()))?;
-                    let need_password = || {
-                        password
-                            .clone()
-                            .ok_or_else(|| ReplicationError::PasswordMissing {
-                                target: self.target.clone(),
-                                user: user.clone(),
-                            })
-                    };
-                    match request {
-                        AuthRequest::Ok => break,
-                        AuthRequest::Cleartext => {
-                            let pw = need_password()?;
-                            frontend::password_message(&pw, &mut self.outbuf)
-                                .map_err(|e| self.protocol(e.to_string()))?;
-                        }
-                        AuthRequest::Md5 { salt } => {
-                            let pw = need_password()?;
-                            let hashed = md5_hash(user.as_bytes(), &pw, salt);
-                            frontend::password_message(hashed.as_bytes(), &mut self.outbuf)
-                                .map_err(|e| self.protocol(e.to_string()))?;
-                        }
-                        AuthRequest::Sasl { mechanisms } => {
-                            if !mechanisms.iter().any(|m| m == SCRAM_SHA_256) {
-                                return Err(ReplicationError::UnsupportedAuth {
-                                    target: self.target.clone(),
-                                    method: format!("SASL ({})", mechanisms.join(", ")),
-                                });
-                            }
-                            let pw = need_password()?;
-                            // Channel binding is not offered ('n'), which every server accepts.
-                            let state = ScramSha256::new(&pw, ChannelBinding::unsupported());
-                            frontend::sasl_initial_response(
-                                SCRAM_SHA_256,
-                                state.message(),
-                                &mut self.outbuf,
-                            )
-                            .map_err(|e| self.protocol(e.to_string()))?;
-                            scram = Some(state);
-                        }
-                        AuthRequest::SaslContinue(body) => {
-                            let state = scram.as_mut().ok_or_else(|| {
-                                self.protocol("SASL continue without SASL start".into())
-                            })?;
-                            state
-                                .update(&body)
-                                .map_err(|source| ReplicationError::Scram {
-                                    target: self.target.clone(),
-                                    source,
-                                })?;
-                            frontend::sasl_response(state.message(), &mut self.outbuf)
-                                .map_err(|e| self.protocol(e.to_string()))?;
-                        }
-                        AuthRequest::SaslFinal(body) => {
-                            let state = scram.as_mut().ok_or_else(|| {
-                                self.protocol("SASL final without SASL start".into())
-                            })?;
-                            state
-                                .finish(&body)
-                                .map_err(|source| ReplicationError::Scram {
-                                    target: self.target.clone(),
-                                    source,
-                                })?;
-                            continue;
-                        }
-                        AuthRequest::Other(code) => {
-                            return Err(ReplicationError::UnsupportedAuth {
-                                target: self.target.clone(),
-                                method: backend::auth_method_name(code).to_owned(),
-                            });
-                        }
+                    let step = authenticator
+                        .step(request, &mut self.outbuf)
+                        .map_err(|e| self.auth_error(&user, e))?;
+                    match step {
+                        AuthStep::Done => break,
+                        AuthStep::Wait => {}
+                        AuthStep::Answer => self.flush().await?,
                     }
-                    self.flush().await?;
                 }
                 b'E' => {
                     return Err(ReplicationError::AuthFailed {
@@ -738,6 +672,20 @@ impl ReplicationClient {
         self.flush().await?;
         let _ = self.io.shutdown().await;
         Ok(())
+    }
+
+    /// An authentication step's error, with the server and user it concerns.
+    fn auth_error(&self, user: &str, error: AuthError) -> ReplicationError {
+        let target = self.target.clone();
+        match error {
+            AuthError::PasswordMissing => ReplicationError::PasswordMissing {
+                target,
+                user: user.to_owned(),
+            },
+            AuthError::Unsupported(method) => ReplicationError::UnsupportedAuth { target, method },
+            AuthError::Scram(source) => ReplicationError::Scram { target, source },
+            AuthError::Protocol(detail) => self.protocol(detail),
+        }
     }
 
     fn protocol(&self, detail: String) -> ReplicationError {
