@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value as Json;
-use support::{Scratch, clusters, fresh_db, psql};
+use support::{Scratch, clusters, fresh_db, psql, stagingprop as run};
 
 const BIN: &str = env!("CARGO_BIN_EXE_stagingprop");
 
@@ -44,19 +44,17 @@ fn write_config(
     path
 }
 
-fn run(config: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN)
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run stagingprop");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+/// A scratch directory with a config for `staging` and `production` managing `tables`.
+fn catalogue_config(
+    name: &str,
+    staging: &str,
+    production: &str,
+    tables: &[&str],
+    slot: &str,
+) -> (Scratch, PathBuf) {
+    let scratch = Scratch::new(name);
+    let config = write_config(&scratch.0, staging, production, tables, slot);
+    (scratch, config)
 }
 
 /// Two databases with the catalogue schema on both sides.
@@ -73,9 +71,8 @@ fn catalogue_pair(prefix: &str) -> (String, String) {
 fn init_creates_publication_slot_and_schema_and_is_idempotent() {
     let c = clusters();
     let (staging, production) = catalogue_pair("init_ok");
-    let scratch = Scratch::new("init_ok");
-    let config = write_config(
-        &scratch.0,
+    let (scratch, config) = catalogue_config(
+        "init_ok",
         &staging,
         &production,
         &["public.catentry", "catentdesc"],
@@ -140,9 +137,8 @@ fn init_reports_every_failed_check_and_changes_nothing() {
     let c = clusters();
     let (staging, production) = catalogue_pair("init_bad");
     psql(&c.production, &production, "DROP TABLE catentdesc");
-    let scratch = Scratch::new("init_bad");
-    let config = write_config(
-        &scratch.0,
+    let (scratch, config) = catalogue_config(
+        "init_bad",
         &staging,
         &production,
         &[
@@ -308,9 +304,8 @@ impl TailProcess {
 fn tail_prints_what_was_written() {
     let c = clusters();
     let (staging, production) = catalogue_pair("tail");
-    let scratch = Scratch::new("tail");
-    let config = write_config(
-        &scratch.0,
+    let (_scratch, config) = catalogue_config(
+        "tail",
         &staging,
         &production,
         &["public.catentry", "public.catentdesc"],
@@ -404,9 +399,8 @@ fn tail_prints_what_was_written() {
 fn tail_on_a_named_slot_confirms_nothing() {
     let c = clusters();
     let (staging, production) = catalogue_pair("tailslot");
-    let scratch = Scratch::new("tailslot");
-    let config = write_config(
-        &scratch.0,
+    let (_scratch, config) = catalogue_config(
+        "tailslot",
         &staging,
         &production,
         &["public.catentry"],
@@ -453,9 +447,8 @@ fn copy_prints_a_summary_per_table() {
         &production,
         "INSERT INTO catentry (catentry_id, partnumber) SELECT g, 'P' || g FROM generate_series(1, 1234) g",
     );
-    let scratch = Scratch::new("cli_copy");
-    let config = write_config(
-        &scratch.0,
+    let (_scratch, config) = catalogue_config(
+        "cli_copy",
         &staging,
         &production,
         &["public.catentry", "public.catentdesc"],
@@ -515,9 +508,8 @@ fn copy_prints_a_summary_per_table() {
 fn status_tells_healthy_from_unhealthy() {
     let c = clusters();
     let (staging, production) = catalogue_pair("cli_status");
-    let scratch = Scratch::new("cli_status");
-    let config = write_config(
-        &scratch.0,
+    let (_scratch, config) = catalogue_config(
+        "cli_status",
         &staging,
         &production,
         &["public.catentry", "public.catentdesc"],
@@ -679,9 +671,8 @@ fn scrape(port: u16) -> Option<String> {
 fn metrics_endpoint_shows_applied_rows() {
     let c = clusters();
     let (staging, production) = catalogue_pair("cli_metrics");
-    let scratch = Scratch::new("cli_metrics");
-    let config = write_config(
-        &scratch.0,
+    let (_scratch, config) = catalogue_config(
+        "cli_metrics",
         &staging,
         &production,
         &["public.catentry"],

@@ -9,10 +9,9 @@ mod support;
 
 use std::time::Duration;
 
-use stagingprop::config::Config;
 use stagingprop::copy::{self, CopyError, CopyOptions, Side};
 use stagingprop::sync::{self, StopAt, SyncOptions};
-use support::{clusters, fresh_db, init_without_slot, psql};
+use support::{Pair, PairBuilder, clusters, init_without_slot, psql};
 
 const SCHEMA: &str = "
 CREATE TABLE catentry (catentry_id bigint PRIMARY KEY, partnumber varchar(64) NOT NULL,
@@ -42,39 +41,17 @@ INSERT INTO attribute (name) SELECT 'a' || g FROM generate_series(1, 100) g;
 INSERT INTO staticfile VALUES ('/index.html', 'hello'), ('/logo.png', '\\x89504e47');
 ";
 
-struct Pair {
-    staging: String,
-    production: String,
-    config: Config,
-    config_text: String,
-}
-
 fn pair(prefix: &str) -> Pair {
     pair_as(prefix, "postgres")
 }
 
 /// A pair whose production connection logs in as `production_user`.
 fn pair_as(prefix: &str, production_user: &str) -> Pair {
-    let c = clusters();
-    let staging = fresh_db(&c.staging, prefix);
-    let production = fresh_db(&c.production, prefix);
-    psql(&c.staging, &staging, SCHEMA);
-    psql(&c.production, &production, SCHEMA);
-    let mut text = format!(
-        "[staging]\nurl = \"{}\"\nsslmode = \"disable\"\n[production]\nurl = \"{}\"\nsslmode = \"disable\"\n\
-         [sync]\nslot = \"{prefix}\"\npublication = \"{prefix}\"\nheartbeat_interval_secs = 1\n",
-        c.staging.conninfo(&staging, "postgres"),
-        c.production.conninfo(&production, production_user),
-    );
+    let mut builder = PairBuilder::new(prefix, SCHEMA).production_user(production_user);
     for (table, _) in TABLES {
-        text.push_str(&format!("[[tables]]\nname = \"public.{table}\"\n"));
+        builder = builder.table(&format!("public.{table}"), "");
     }
-    Pair {
-        staging,
-        production,
-        config: Config::from_toml_str(&text, "test").unwrap(),
-        config_text: text,
-    }
+    builder.build()
 }
 
 fn options(from: Side, to: Side) -> CopyOptions {
@@ -175,9 +152,8 @@ fn write_during_copy(staging_db: String) -> std::thread::JoinHandle<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copy_then_sync_loses_and_doubles_nothing_under_concurrent_writes() {
-    let c = clusters();
     let p = pair("copy_handoff");
-    psql(&c.staging, &p.staging, SEED);
+    p.on_staging(SEED);
     init_without_slot(&p.config).await;
 
     // Staging keeps changing while the copy runs; every change must arrive exactly once.
@@ -190,17 +166,10 @@ async fn copy_then_sync_loses_and_doubles_nothing_under_concurrent_writes() {
         .handoff
         .expect("staging -> production records a hand-off");
     assert_eq!(report.tables.len(), 4);
-    let recorded = psql(
-        &c.production,
-        &p.production,
-        "SELECT end_lsn FROM stagingprop.progress",
-    );
+    let recorded = p.on_production("SELECT end_lsn FROM stagingprop.progress");
     assert_eq!(recorded.trim(), handoff.to_string());
-    let slot = psql(
-        &c.staging,
-        &p.staging,
-        "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'copy_handoff'",
-    );
+    let slot =
+        p.on_staging("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'copy_handoff'");
     assert_eq!(slot.trim(), "1");
 
     let options = SyncOptions {
@@ -218,16 +187,8 @@ async fn copy_then_sync_loses_and_doubles_nothing_under_concurrent_writes() {
     assert_equal(&p);
     assert_eq!(summary.stats.conflicts_skipped, 0);
     // The sequence came along: production's next attribute id follows staging's.
-    let next_staging = psql(
-        &c.staging,
-        &p.staging,
-        "SELECT last_value FROM attribute_attribute_id_seq",
-    );
-    let next_production = psql(
-        &c.production,
-        &p.production,
-        "SELECT last_value FROM attribute_attribute_id_seq",
-    );
+    let next_staging = p.on_staging("SELECT last_value FROM attribute_attribute_id_seq");
+    let next_production = p.on_production("SELECT last_value FROM attribute_attribute_id_seq");
     assert_eq!(next_staging.trim(), next_production.trim());
 }
 
@@ -235,7 +196,7 @@ async fn copy_then_sync_loses_and_doubles_nothing_under_concurrent_writes() {
 async fn copy_from_production_seeds_a_new_staging_without_a_slot() {
     let c = clusters();
     let p = pair("copy_reverse");
-    psql(&c.production, &p.production, SEED);
+    p.on_production(SEED);
     let mut opts = options(Side::Production, Side::Staging);
     opts.exclude = vec!["public.staticfile".parse().unwrap()];
     let marker = std::env::temp_dir().join(format!("stagingprop-after-{}", std::process::id()));
@@ -255,15 +216,8 @@ async fn copy_from_production_seeds_a_new_staging_without_a_slot() {
         );
     }
     // Excluded: untouched.
-    assert_eq!(
-        psql(&c.staging, &p.staging, "SELECT count(*) FROM staticfile").trim(),
-        "0"
-    );
-    let slots = psql(
-        &c.production,
-        &p.production,
-        "SELECT count(*) FROM pg_replication_slots",
-    );
+    assert_eq!(p.on_staging("SELECT count(*) FROM staticfile").trim(), "0");
+    let slots = p.on_production("SELECT count(*) FROM pg_replication_slots");
     assert_eq!(slots.trim(), "0");
 
     // A second copy into the now non-empty staging is refused before anything is written.
@@ -276,11 +230,7 @@ async fn copy_from_production_seeds_a_new_staging_without_a_slot() {
         "{text}"
     );
     // With --truncate it replaces the contents.
-    psql(
-        &c.staging,
-        &p.staging,
-        "UPDATE catentry SET partnumber = 'changed'",
-    );
+    p.on_staging("UPDATE catentry SET partnumber = 'changed'");
     let mut again = options(Side::Production, Side::Staging);
     again.truncate = true;
     copy::copy(&p.config, &again)
@@ -296,12 +246,8 @@ async fn copy_from_production_seeds_a_new_staging_without_a_slot() {
 async fn a_connection_killed_mid_copy_leaves_tables_untouched_or_complete() {
     let c = clusters();
     let p = pair("copy_killed");
-    psql(&c.production, &p.production, SEED);
-    psql(
-        &c.production,
-        &p.production,
-        "INSERT INTO staticfile SELECT '/f/' || g, convert_to(repeat(md5(g::text), 10), 'UTF8') FROM generate_series(1, 100000) g",
-    );
+    p.on_production(SEED);
+    p.on_production("INSERT INTO staticfile SELECT '/f/' || g, convert_to(repeat(md5(g::text), 10), 'UTF8') FROM generate_series(1, 100000) g");
     let config = p.config.clone();
     let running = tokio::spawn(async move {
         let mut opts = options(Side::Production, Side::Staging);
@@ -335,8 +281,8 @@ async fn a_connection_killed_mid_copy_leaves_tables_untouched_or_complete() {
 async fn failed_seeding_copy(prefix: &str) -> (Pair, Result<copy::CopyReport, CopyError>) {
     let c = clusters();
     let p = pair(prefix);
-    psql(&c.staging, &p.staging, SEED);
-    psql(&c.staging, &p.staging, BIG_STATICFILE);
+    p.on_staging(SEED);
+    p.on_staging(BIG_STATICFILE);
     init_without_slot(&p.config).await;
     let config = p.config.clone();
     let running = tokio::spawn(async move {
@@ -353,7 +299,6 @@ async fn failed_seeding_copy(prefix: &str) -> (Pair, Result<copy::CopyReport, Co
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_refuses_a_production_whose_seeding_copy_failed() {
-    let c = clusters();
     let (p, result) = failed_seeding_copy("copy_failed_handoff").await;
     assert!(
         matches!(result, Err(CopyError::Partial { .. })),
@@ -373,11 +318,7 @@ async fn sync_refuses_a_production_whose_seeding_copy_failed() {
     let mut again = self::options(Side::Staging, Side::Production);
     again.truncate = true;
     copy::copy(&p.config, &again).await.expect("copy again");
-    psql(
-        &c.staging,
-        &p.staging,
-        "UPDATE catentry SET counter = 7 WHERE catentry_id < 10",
-    );
+    p.on_staging("UPDATE catentry SET counter = 7 WHERE catentry_id < 10");
     tokio::time::timeout(
         Duration::from_secs(120),
         sync::run(&p.config, &options, std::future::pending()),
@@ -402,10 +343,10 @@ fn ranges_of(report: &copy::CopyReport, table: &str) -> usize {
 async fn empty_tables_load_range_by_range_each_committed_alone() {
     let c = clusters();
     let p = pair("copy_alone");
-    psql(&c.staging, &p.staging, SEED);
+    p.on_staging(SEED);
     // Setting an index of catentdesc aside would wait for the lock this test holds on it.
-    psql(&c.staging, &p.staging, "DROP INDEX catentdesc_name");
-    psql(&c.production, &p.production, "DROP INDEX catentdesc_name");
+    p.on_staging("DROP INDEX catentdesc_name");
+    p.on_production("DROP INDEX catentdesc_name");
     init_without_slot(&p.config).await;
     // Holding catentdesc (SHARE: readers pass, COPY waits) keeps its ranges from loading.
     let (holder, connection) = tokio_postgres::connect(
@@ -430,11 +371,7 @@ async fn empty_tables_load_range_by_range_each_committed_alone() {
     // or prepared modes nothing of the group would be visible yet.
     let mut visible = String::new();
     for _ in 0..600 {
-        visible = psql(
-            &c.production,
-            &p.production,
-            "SELECT count(*) FROM catentry",
-        );
+        visible = p.on_production("SELECT count(*) FROM catentry");
         if visible.trim().parse::<u64>().unwrap() >= 19_900 {
             break;
         }
@@ -451,12 +388,8 @@ async fn empty_tables_load_range_by_range_each_committed_alone() {
     assert_eq!(prepared_count(&c.production, &p.production), 0);
     // Until the hand-off, the progress row says "copy in progress": sync refuses.
     assert_eq!(
-        psql(
-            &c.production,
-            &p.production,
-            "SELECT end_lsn FROM stagingprop.progress"
-        )
-        .trim(),
+        p.on_production("SELECT end_lsn FROM stagingprop.progress")
+            .trim(),
         "0/0"
     );
     holder.batch_execute("COMMIT").await.unwrap();
@@ -493,12 +426,8 @@ async fn a_target_that_checks_foreign_keys_gets_parents_before_children() {
             p.production
         ),
     );
-    psql(&c.staging, &p.staging, SEED);
-    psql(
-        &c.staging,
-        &p.staging,
-        "INSERT INTO catentdesc SELECT g, l, repeat('name ', 20) FROM generate_series(1, 20000) g, generate_series(1, 8) l",
-    );
+    p.on_staging(SEED);
+    p.on_staging("INSERT INTO catentdesc SELECT g, l, repeat('name ', 20) FROM generate_series(1, 20000) g, generate_series(1, 8) l");
     let report = init_without_slot(&p.config).await;
     // init says what the role costs and what to change.
     assert!(
@@ -542,33 +471,21 @@ async fn a_failed_copy_is_resumed_with_only_what_is_missing() {
         .iter()
         .map(|(t, _)| *t)
         .filter(|t| {
-            psql(
-                &c.production,
-                &p.production,
-                &format!("SELECT count(*) > 0 FROM {t}"),
-            )
-            .trim()
+            p.on_production(&format!("SELECT count(*) > 0 FROM {t}"))
+                .trim()
                 == "t"
         })
         .collect();
     assert!(!complete.contains(&"staticfile"));
     // staticfile's secondary index was set aside for the load: it stays recorded, not built.
     assert_eq!(
-        psql(
-            &c.production,
-            &p.production,
-            "SELECT string_agg(index_name, ',') FROM stagingprop.copy_indexes WHERE table_name = 'public.staticfile'"
-        )
+        p.on_production("SELECT string_agg(index_name, ',') FROM stagingprop.copy_indexes WHERE table_name = 'public.staticfile'")
         .trim(),
         "staticfile_length"
     );
     assert_eq!(
-        psql(
-            &c.production,
-            &p.production,
-            "SELECT count(*) FROM pg_indexes WHERE indexname = 'staticfile_length'"
-        )
-        .trim(),
+        p.on_production("SELECT count(*) FROM pg_indexes WHERE indexname = 'staticfile_length'")
+            .trim(),
         "0"
     );
     // status says what is left and what to do.
@@ -678,7 +595,7 @@ const BIG_STATICFILE: &str = "INSERT INTO staticfile SELECT '/f/' || g, convert_
 async fn a_split_copy_loads_ranges_in_parallel_and_hands_off_exactly() {
     let c = clusters();
     let p = pair("copy_split");
-    psql(&c.staging, &p.staging, SEED);
+    p.on_staging(SEED);
     init_without_slot(&p.config).await;
     let writer = write_during_copy(p.staging.clone());
     let report = copy::copy(
@@ -711,12 +628,8 @@ async fn a_split_copy_loads_ranges_in_parallel_and_hands_off_exactly() {
     assert!(rows("public.catentry") >= 19_900, "{:?}", report.tables);
     assert_eq!(prepared_count(&c.production, &p.production), 0);
     assert_eq!(
-        psql(
-            &c.production,
-            &p.production,
-            "SELECT count(*) FROM stagingprop.copy_commits"
-        )
-        .trim(),
+        p.on_production("SELECT count(*) FROM stagingprop.copy_commits")
+            .trim(),
         "0"
     );
     // Nothing the snapshot held is applied twice, nothing after it is lost.
@@ -731,8 +644,8 @@ async fn a_failed_part_rolls_back_every_part_of_its_group() {
     let c = clusters();
     let p = pair("copy_split_killed");
     let _cleanup = RollbackPreparedOnDrop(p.staging.clone());
-    psql(&c.production, &p.production, SEED);
-    psql(&c.production, &p.production, BIG_STATICFILE);
+    p.on_production(SEED);
+    p.on_production(BIG_STATICFILE);
     let config = p.config.clone();
     let running = tokio::spawn(async move {
         copy::copy(&config, &split_options(Side::Production, Side::Staging, 2)).await
@@ -768,8 +681,8 @@ async fn a_copy_killed_with_its_parts_prepared_is_finished_by_the_next() {
     let c = clusters();
     let p = pair("copy_split_kill9");
     let _cleanup = RollbackPreparedOnDrop(p.staging.clone());
-    psql(&c.production, &p.production, SEED);
-    psql(&c.production, &p.production, BIG_STATICFILE);
+    p.on_production(SEED);
+    p.on_production(BIG_STATICFILE);
     // A first split copy creates the decision table; the target is then emptied again.
     copy::copy(
         &p.config,
@@ -777,11 +690,7 @@ async fn a_copy_killed_with_its_parts_prepared_is_finished_by_the_next() {
     )
     .await
     .expect("first copy");
-    psql(
-        &c.staging,
-        &p.staging,
-        "TRUNCATE catentry, catentdesc, attribute, staticfile",
-    );
+    p.on_staging("TRUNCATE catentry, catentdesc, attribute, staticfile");
     // Holding the decision table makes the copy stop with every part of a group prepared.
     let (holder, connection) = tokio_postgres::connect(
         &c.staging.conninfo(&p.staging, "postgres"),
@@ -797,7 +706,7 @@ async fn a_copy_killed_with_its_parts_prepared_is_finished_by_the_next() {
     let dir = std::env::temp_dir().join(format!("stagingprop-copy-kill9-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config_path = dir.join("stagingprop.toml");
-    std::fs::write(&config_path, &p.config_text).unwrap();
+    std::fs::write(&config_path, &p.text).unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_stagingprop"))
         .arg("--config")
         .arg(&config_path)
@@ -891,7 +800,7 @@ async fn parts_left_prepared_are_committed_when_decided_and_rolled_back_otherwis
     let c = clusters();
     let p = pair("copy_leftovers");
     let _cleanup = RollbackPreparedOnDrop(p.staging.clone());
-    psql(&c.production, &p.production, SEED);
+    p.on_production(SEED);
     // What a copy killed mid-commit leaves: group 0 undecided, group 1 decided; and a prepared
     // transaction that is not stagingprop's, which must be left alone.
     psql(
@@ -919,11 +828,7 @@ async fn parts_left_prepared_are_committed_when_decided_and_rolled_back_otherwis
             "INSERT INTO staticfile VALUES ('/not-ours', 'z')",
         ),
     ] {
-        psql(
-            &c.staging,
-            &p.staging,
-            &format!("BEGIN; {sql}; PREPARE TRANSACTION '{gid}'"),
-        );
+        p.on_staging(&format!("BEGIN; {sql}; PREPARE TRANSACTION '{gid}'"));
     }
     assert_eq!(prepared_count(&c.staging, &p.staging), 4);
 
@@ -933,37 +838,22 @@ async fn parts_left_prepared_are_committed_when_decided_and_rolled_back_otherwis
         .expect_err("staticfile holds the decided group's rows");
     assert!(err.to_string().contains("public.staticfile"), "{err}");
     assert_eq!(
-        psql(
-            &c.staging,
-            &p.staging,
-            "SELECT string_agg(path, ',' ORDER BY path) FROM staticfile"
-        )
-        .trim(),
+        p.on_staging("SELECT string_agg(path, ',' ORDER BY path) FROM staticfile")
+            .trim(),
         "/decided,/decided-2"
     );
+    assert_eq!(p.on_staging("SELECT count(*) FROM attribute").trim(), "0");
     assert_eq!(
-        psql(&c.staging, &p.staging, "SELECT count(*) FROM attribute").trim(),
-        "0"
-    );
-    assert_eq!(
-        psql(
-            &c.staging,
-            &p.staging,
-            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database()"
-        )
-        .trim(),
+        p.on_staging("SELECT gid FROM pg_prepared_xacts WHERE database = current_database()")
+            .trim(),
         "someone_else"
     );
     assert_eq!(
-        psql(
-            &c.staging,
-            &p.staging,
-            "SELECT count(*) FROM stagingprop.copy_commits"
-        )
-        .trim(),
+        p.on_staging("SELECT count(*) FROM stagingprop.copy_commits")
+            .trim(),
         "0"
     );
-    psql(&c.staging, &p.staging, "ROLLBACK PREPARED 'someone_else'");
+    p.on_staging("ROLLBACK PREPARED 'someone_else'");
 
     // Two copies into one database at once: the second is refused.
     let (holder, connection) = tokio_postgres::connect(

@@ -7,7 +7,7 @@ use stagingprop::apply::ApplyError;
 use stagingprop::config::Config;
 use stagingprop::ops::init::{InitOptions, init};
 use stagingprop::sync::{self, SyncError, SyncOptions};
-use support::{caught_up, clusters, fresh_db, psql, published};
+use support::{Pair, PairBuilder, caught_up, clusters, fresh_db, psql, published};
 
 const CATALOGUE: &str = "
 CREATE TABLE catentry (catentry_id bigint PRIMARY KEY, partnumber varchar(64) NOT NULL UNIQUE,
@@ -30,44 +30,26 @@ const TABLES: [(&str, &str); 4] = [
     ("attribute", "attribute_id"),
 ];
 
-struct Pair {
-    staging: String,
-    production: String,
-    config: Config,
-}
-
 fn pair(prefix: &str, policies: &[(&str, &str)]) -> Pair {
     pair_as(prefix, policies, "postgres")
 }
 
 /// Like `pair`, with production reached as `production_user`.
 fn pair_as(prefix: &str, policies: &[(&str, &str)], production_user: &str) -> Pair {
-    let c = clusters();
-    let staging = fresh_db(&c.staging, prefix);
-    let production = fresh_db(&c.production, prefix);
-    psql(&c.staging, &staging, CATALOGUE);
-    psql(&c.production, &production, CATALOGUE);
-    let mut text = format!(
-        "[staging]\nurl = \"{}\"\nsslmode = \"disable\"\n[production]\nurl = \"{}\"\nsslmode = \"disable\"\n\
-         [sync]\nslot = \"{prefix}\"\npublication = \"{prefix}\"\nheartbeat_interval_secs = 1\nbatch_max_rows = 500\n",
-        c.staging.conninfo(&staging, "postgres"),
-        c.production.conninfo(&production, production_user),
-    );
+    let mut builder = PairBuilder::new(prefix, CATALOGUE)
+        .sync("batch_max_rows = 500")
+        .production_user(production_user);
     for (table, _) in TABLES {
         let policy = policies
             .iter()
             .find(|(t, _)| *t == table)
             .map_or("error", |(_, p)| p);
-        text.push_str(&format!(
-            "[[tables]]\nname = \"public.{table}\"\non_conflict = \"{policy}\"\n"
-        ));
+        builder = builder.table(
+            &format!("public.{table}"),
+            &format!("on_conflict = \"{policy}\""),
+        );
     }
-    let config = Config::from_toml_str(&text, "test").unwrap();
-    Pair {
-        staging,
-        production,
-        config,
-    }
+    builder.build()
 }
 
 /// A pair with every table under `on_conflict = "error"`, set up by `init`.
@@ -165,17 +147,11 @@ async fn sync_applies_every_change_shape_and_resumes_exactly_once() {
     assert!(summary.stats.rows_inserted > 0);
     assert_equal(&p);
     // The identity sequence followed staging: a production-born row takes the next key.
-    let next = psql(
-        &c.production,
-        &p.production,
+    let next = p.on_production(
         "INSERT INTO attribute (name) VALUES ('production-born') RETURNING attribute_id",
     );
     assert_eq!(next.lines().next().unwrap().trim(), "6");
-    psql(
-        &c.production,
-        &p.production,
-        "DELETE FROM attribute WHERE attribute_id = 6",
-    );
+    p.on_production("DELETE FROM attribute WHERE attribute_id = 6");
 
     // Truncate and refill, then run again: only the new transactions are applied.
     psql(
@@ -191,22 +167,12 @@ async fn sync_applies_every_change_shape_and_resumes_exactly_once() {
         summary.stats.rows_inserted, 2,
         "only the new transactions were applied"
     );
-    let quarantined = psql(
-        &c.production,
-        &p.production,
-        "SELECT count(*) FROM stagingprop.quarantine",
-    );
+    let quarantined = p.on_production("SELECT count(*) FROM stagingprop.quarantine");
     assert_eq!(quarantined.trim(), "0");
 
     // The slot was confirmed exactly to what production recorded.
-    let recorded = psql(
-        &c.production,
-        &p.production,
-        "SELECT end_lsn FROM stagingprop.progress",
-    );
-    let confirmed = psql(
-        &c.staging,
-        &p.staging,
+    let recorded = p.on_production("SELECT end_lsn FROM stagingprop.progress");
+    let confirmed = p.on_staging(
         "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'shapes_sync'",
     );
     assert_eq!(recorded.trim(), confirmed.trim());
@@ -225,11 +191,7 @@ async fn conflict_policy_error_stops_and_applies_nothing_of_the_batch() {
     let c = clusters();
     let p = initialized_pair("conflict_error").await;
     // A production-born row with a key staging is about to use.
-    psql(
-        &c.production,
-        &p.production,
-        "INSERT INTO catentry (catentry_id, partnumber) VALUES (5, 'PROD-5')",
-    );
+    p.on_production("INSERT INTO catentry (catentry_id, partnumber) VALUES (5, 'PROD-5')");
     psql(
         &c.staging,
         &p.staging,
@@ -258,26 +220,16 @@ async fn conflict_policy_error_stops_and_applies_nothing_of_the_batch() {
         "{text}"
     );
     // Nothing of the batch: not even the offer price from the transaction before.
-    let applied = psql(
-        &c.production,
-        &p.production,
+    let applied = p.on_production(
         "SELECT (SELECT count(*) FROM offerprice) + (SELECT count(*) FROM catentry)",
     );
     assert_eq!(applied.trim(), "1", "only the production-born row is there");
     // The slot did not move past what production has.
-    let confirmed = psql(
-        &c.staging,
-        &p.staging,
-        "SELECT confirmed_flush_lsn < pg_current_wal_lsn() FROM pg_replication_slots WHERE slot_name = 'conflict_error'",
-    );
+    let confirmed = p.on_staging("SELECT confirmed_flush_lsn < pg_current_wal_lsn() FROM pg_replication_slots WHERE slot_name = 'conflict_error'");
     assert_eq!(confirmed.trim(), "t");
 
     // The operator removes the production row: sync resumes and ends equal.
-    psql(
-        &c.production,
-        &p.production,
-        "DELETE FROM catentry WHERE catentry_id = 5",
-    );
+    p.on_production("DELETE FROM catentry WHERE catentry_id = 5");
     caught_up(&p.config).await.expect("sync after the fix");
     assert_equal(&p);
 }
@@ -307,43 +259,21 @@ async fn conflict_policies_skip_and_overwrite() {
          INSERT INTO offerprice VALUES (3, 'USD', 3);",
     );
     // A staging update and delete of rows production lacks.
-    psql(
-        &c.production,
-        &p.production,
-        "DELETE FROM offerprice WHERE offer_id = 3",
-    );
-    psql(
-        &c.staging,
-        &p.staging,
-        "UPDATE offerprice SET price = 33 WHERE offer_id = 3",
-    );
-    psql(&c.production, &p.production, "SELECT 1");
+    p.on_production("DELETE FROM offerprice WHERE offer_id = 3");
+    p.on_staging("UPDATE offerprice SET price = 33 WHERE offer_id = 3");
+    p.on_production("SELECT 1");
     caught_up(&p.config)
         .await
         .expect("sync with skip/overwrite");
     // skip: production keeps its row, staging's is quarantined whole with its LSN and reason.
-    let row = psql(
-        &c.production,
-        &p.production,
-        "SELECT partnumber FROM catentry WHERE catentry_id = 5",
-    );
+    let row = p.on_production("SELECT partnumber FROM catentry WHERE catentry_id = 5");
     assert_eq!(row.trim(), "PROD-5");
-    let q = psql(
-        &c.production,
-        &p.production,
-        "SELECT table_name || '|' || operation || '|' || (key->>'catentry_id') || '|' || (row_data->>'partnumber') || '|' || (lsn > '0/0') FROM stagingprop.quarantine",
-    );
+    let q = p.on_production("SELECT table_name || '|' || operation || '|' || (key->>'catentry_id') || '|' || (row_data->>'partnumber') || '|' || (lsn > '0/0') FROM stagingprop.quarantine");
     assert_eq!(q.trim(), "public.catentry|insert|5|S-5|true");
-    let six = psql(
-        &c.production,
-        &p.production,
-        "SELECT price FROM catentry WHERE catentry_id = 6",
-    );
+    let six = p.on_production("SELECT price FROM catentry WHERE catentry_id = 6");
     assert_eq!(six.trim(), "3.00");
     // overwrite: staging's values win, and the update of a missing row inserted it.
-    let prices = psql(
-        &c.production,
-        &p.production,
+    let prices = p.on_production(
         "SELECT string_agg(offer_id || '=' || price::int, ',' ORDER BY offer_id) FROM offerprice",
     );
     assert_eq!(prices.trim(), "1=1,2=2,3=33");
@@ -351,21 +281,12 @@ async fn conflict_policies_skip_and_overwrite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schema_mismatch_is_named_before_anything_is_applied_and_resumes_after_the_fix() {
-    let c = clusters();
     let p = pair("mismatch", &[]);
-    psql(
-        &c.production,
-        &p.production,
-        "ALTER TABLE offerprice DROP COLUMN price; ALTER TABLE catentdesc ALTER name TYPE int USING 0",
-    );
+    p.on_production("ALTER TABLE offerprice DROP COLUMN price; ALTER TABLE catentdesc ALTER name TYPE int USING 0");
     init(&p.config, &InitOptions::default())
         .await
         .expect("init");
-    psql(
-        &c.staging,
-        &p.staging,
-        "INSERT INTO catentry (catentry_id, partnumber) VALUES (1, 'A')",
-    );
+    p.on_staging("INSERT INTO catentry (catentry_id, partnumber) VALUES (1, 'A')");
     let err = caught_up(&p.config)
         .await
         .expect_err("mismatch must stop sync");
@@ -379,18 +300,10 @@ async fn schema_mismatch_is_named_before_anything_is_applied_and_resumes_after_t
         text.contains("public.catentdesc.name is integer but text on staging"),
         "{text}"
     );
-    let count = psql(
-        &c.production,
-        &p.production,
-        "SELECT count(*) FROM catentry",
-    );
+    let count = p.on_production("SELECT count(*) FROM catentry");
     assert_eq!(count.trim(), "0");
 
-    psql(
-        &c.production,
-        &p.production,
-        "ALTER TABLE offerprice ADD COLUMN price numeric(20,5); ALTER TABLE catentdesc ALTER name TYPE text",
-    );
+    p.on_production("ALTER TABLE offerprice ADD COLUMN price numeric(20,5); ALTER TABLE catentdesc ALTER name TYPE text");
     caught_up(&p.config).await.expect("sync after the fix");
     assert_equal(&p);
 
@@ -404,21 +317,13 @@ async fn schema_mismatch_is_named_before_anything_is_applied_and_resumes_after_t
         };
         sync::run(&config, &options, std::future::pending()).await
     });
-    psql(
-        &c.staging,
-        &p.staging,
-        "INSERT INTO catentry (catentry_id, partnumber) VALUES (3, 'C')",
-    );
+    p.on_staging("INSERT INTO catentry (catentry_id, partnumber) VALUES (3, 'C')");
     wait_for(
         &p.production,
         "SELECT count(*) = 1 FROM catentry WHERE catentry_id = 3",
     )
     .await;
-    psql(
-        &c.staging,
-        &p.staging,
-        "ALTER TABLE catentry ADD COLUMN color text; INSERT INTO catentry (catentry_id, partnumber, color) VALUES (2, 'B', 'red')",
-    );
+    p.on_staging("ALTER TABLE catentry ADD COLUMN color text; INSERT INTO catentry (catentry_id, partnumber, color) VALUES (2, 'B', 'red')");
     let err = tokio::time::timeout(std::time::Duration::from_secs(60), running)
         .await
         .expect("sync stops on the new column")
@@ -433,26 +338,14 @@ async fn schema_mismatch_is_named_before_anything_is_applied_and_resumes_after_t
         text.contains("column color which production lacks"),
         "{text}"
     );
-    let count = psql(
-        &c.production,
-        &p.production,
-        "SELECT count(*) FROM catentry WHERE catentry_id = 2",
-    );
+    let count = p.on_production("SELECT count(*) FROM catentry WHERE catentry_id = 2");
     assert_eq!(count.trim(), "0");
-    psql(
-        &c.production,
-        &p.production,
-        "ALTER TABLE catentry ADD COLUMN color text",
-    );
+    p.on_production("ALTER TABLE catentry ADD COLUMN color text");
     caught_up(&p.config)
         .await
         .expect("sync after adding the column");
     assert_equal(&p);
-    let color = psql(
-        &c.production,
-        &p.production,
-        "SELECT color FROM catentry WHERE catentry_id = 2",
-    );
+    let color = p.on_production("SELECT color FROM catentry WHERE catentry_id = 2");
     assert_eq!(color.trim(), "red");
 }
 
@@ -839,11 +732,7 @@ async fn large_transactions_are_applied_while_staging_streams_them() {
     init(&p.config, &InitOptions::default())
         .await
         .expect("init");
-    psql(
-        &c.staging,
-        &p.staging,
-        "INSERT INTO catentry (catentry_id, partnumber, price) SELECT g, 'PN-' || g, g FROM generate_series(1, 100) g",
-    );
+    p.on_staging("INSERT INTO catentry (catentry_id, partnumber, price) SELECT g, 'PN-' || g, g FROM generate_series(1, 100) g");
     caught_up(&p.config).await.expect("first rows");
     let (stop, running) = spawn_sync(&p.config);
 
@@ -875,12 +764,8 @@ async fn large_transactions_are_applied_while_staging_streams_them() {
     wait_for(&p.production, "SELECT count(*) = 2 FROM offerprice").await;
     wait_for_open_streamed_txn(&p.production).await;
     assert_eq!(
-        psql(
-            &c.production,
-            &p.production,
-            "SELECT count(*) FROM catentry WHERE catentry_id >= 1000"
-        )
-        .trim(),
+        p.on_production("SELECT count(*) FROM catentry WHERE catentry_id >= 1000")
+            .trim(),
         "0",
         "nothing of an uncommitted transaction is visible on production"
     );
@@ -950,11 +835,7 @@ async fn a_conflict_behind_an_ordering_error_is_still_named() {
            (1, 'A', repeat('x', 30000)), (2, 'B', repeat('y', 30000)), (3, 'C', NULL)",
     );
     caught_up(&p.config).await.expect("first rows");
-    psql(
-        &c.production,
-        &p.production,
-        "DELETE FROM catentry WHERE catentry_id = 3",
-    );
+    p.on_production("DELETE FROM catentry WHERE catentry_id = 3");
     // Row 3's update sends every column; rows 1 and 2 leave their (out-of-line) descr unsent:
     // two UPDATE statements, row 3's first.
     psql(
