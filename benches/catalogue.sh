@@ -115,3 +115,26 @@ fingerprint() {
     done
     echo "$out"
 }
+
+# start_with_seed CLUSTER...: starts each cluster with a database "shop" and loads the schema
+# (plus EXTRA_SCHEMA_SQL when set) and seed into all of them at once.
+start_with_seed() {
+    local c pid pids=()
+    for c in "$@"; do
+        start_cluster "$c"
+        qpg "$c" -c "CREATE DATABASE shop"
+    done
+    for c in "$@"; do
+        q "$c" -c "$SCHEMA_SQL" ${EXTRA_SCHEMA_SQL:+-c "$EXTRA_SCHEMA_SQL"} -c "$SEED_SQL" -c "VACUUM ANALYZE" &
+        pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid" || die "loading the seed failed"; done
+}
+
+# oltp_backlog LOG: commits BACKLOG_TXNS transactions of the OLTP mix on staging from CLIENTS
+# clients (pgbench's output in LOG).
+oltp_backlog() {
+    "$PGBIN/pgbench" -n -h 127.0.0.1 -p "${PORT[staging]}" -U postgres -c "$CLIENTS" -j "$CLIENTS" \
+        -t $(( BACKLOG_TXNS / CLIENTS )) -D products="$PRODUCTS" -D clients="$CLIENTS" -f "$WORK/oltp.sql" shop \
+        >"$1" 2>&1 || { cat "$1" >&2; die "pgbench failed"; }
+}

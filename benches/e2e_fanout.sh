@@ -123,17 +123,8 @@ marked() {
 }
 
 log "work directory $WORK; PostgreSQL binaries $PGBIN; $NATS"
-for c in staging sp native; do
-    start_cluster "$c"
-    qpg "$c" -c "CREATE DATABASE shop"
-done
 log "loading $PRODUCTS products into all three"
-pids=()
-for c in staging sp native; do
-    q "$c" -c "$SCHEMA_SQL" -c "$SEED_SQL" -c "VACUUM ANALYZE" &
-    pids+=($!)
-done
-for pid in "${pids[@]}"; do wait "$pid" || die "loading the seed failed"; done
+start_with_seed staging sp native
 # shop on the targets' clusters is the seed each target database is copied from.
 
 NATS_PORT=$(pick_port)
@@ -178,9 +169,7 @@ consumer = \"t$k\"" write_sp_config "$WORK/sp_${n}_$k.toml" sp "fan_$n" "${TABLE
     done
 
     before=$(rows_written)
-    "$PGBIN/pgbench" -n -h 127.0.0.1 -p "${PORT[staging]}" -U postgres -c "$CLIENTS" -j "$CLIENTS" \
-        -t $(( BACKLOG_TXNS / CLIENTS )) -D products="$PRODUCTS" -D clients="$CLIENTS" -f "$WORK/oltp.sql" shop \
-        >"$WORK/pgbench.$n.log" 2>&1 || { cat "$WORK/pgbench.$n.log" >&2; die "pgbench failed"; }
+    oltp_backlog "$WORK/pgbench.$n.log"
     if (( BIG_ROWS > 0 )); then
         q staging -c "UPDATE offerprice p SET price = p.price + 1
                         FROM (SELECT offer_id, currency FROM offerprice ORDER BY offer_id, currency LIMIT $BIG_ROWS) s

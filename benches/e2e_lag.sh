@@ -73,17 +73,8 @@ INSERT INTO lag_probe VALUES (nextval('probe_seq'), :phase, clock_timestamp());
 EOF
 
 log "work directory $WORK; PostgreSQL binaries $PGBIN"
-for c in staging prod native; do
-    start_cluster "$c"
-    qpg "$c" -c "CREATE DATABASE shop"
-done
 log "loading $PRODUCTS products into all three"
-pids=()
-for c in staging prod native; do
-    q "$c" -c "$SCHEMA_SQL" -c "$PROBE_SQL" -c "$SEED_SQL" -c "VACUUM ANALYZE" &
-    pids+=($!)
-done
-for pid in "${pids[@]}"; do wait "$pid" || die "loading the seed failed"; done
+EXTRA_SCHEMA_SQL=$PROBE_SQL start_with_seed staging prod native
 for c in prod native; do
     q "$c" -c "CREATE TABLE probe_seen (id bigint PRIMARY KEY, seen_at timestamptz NOT NULL)"
 done

@@ -81,17 +81,8 @@ run_sync() {
 }
 
 log "work directory $WORK; PostgreSQL binaries $PGBIN"
-for c in staging ident remap; do
-    start_cluster "$c"
-    qpg "$c" -c "CREATE DATABASE shop"
-done
 log "loading $PRODUCTS products into all three"
-pids=()
-for c in staging ident remap; do
-    q "$c" -c "$SCHEMA_SQL" -c "$SEED_SQL" -c "VACUUM ANALYZE" &
-    pids+=($!)
-done
-for pid in "${pids[@]}"; do wait "$pid" || die "loading the seed failed"; done
+start_with_seed staging ident remap
 q remap -c "CREATE SEQUENCE prodcat_seq START 900000000; CREATE SEQUENCE prodoffer_seq START 900000000;" \
     -c "INSERT INTO catentry SELECT catentry_id, 'PRODBORN-' || catentry_id, 1, 1, 1, now(), 'production-born', '{}'
           FROM generate_series($FIRST_NEW, $LAST_NEW) catentry_id WHERE $BORN"
@@ -108,9 +99,7 @@ q remap -c "INSERT INTO stagingprop.key_map (table_name, source_key, target_key)
 ROWS=0
 for round in $(seq 1 "$ROUNDS"); do
     before=$(rows_written)
-    "$PGBIN/pgbench" -n -h 127.0.0.1 -p "${PORT[staging]}" -U postgres -c "$CLIENTS" -j "$CLIENTS" \
-        -t $(( BACKLOG_TXNS / CLIENTS )) -D products="$PRODUCTS" -D clients="$CLIENTS" -f "$WORK/oltp.sql" shop \
-        >"$WORK/pgbench.$round.log" 2>&1 || { cat "$WORK/pgbench.$round.log" >&2; die "pgbench failed"; }
+    oltp_backlog "$WORK/pgbench.$round.log"
     q staging -c "INSERT INTO bench_marker VALUES ($round, now())"
     rows=$(( $(rows_written) - before ))
     ROWS=$(( ROWS + rows ))

@@ -94,17 +94,8 @@ run_sync() {
 }
 
 log "work directory $WORK; PostgreSQL binaries $PGBIN"
-for c in staging plain spool; do
-    start_cluster "$c"
-    qpg "$c" -c "CREATE DATABASE shop"
-done
 log "loading $PRODUCTS products into all three"
-pids=()
-for c in staging plain spool; do
-    q "$c" -c "$SCHEMA_SQL" -c "$SEED_SQL" -c "VACUUM ANALYZE" &
-    pids+=($!)
-done
-for pid in "${pids[@]}"; do wait "$pid" || die "loading the seed failed"; done
+start_with_seed staging plain spool
 
 # Statements of 100 ms or more land in each target's server log, with the application name:
 # the worst of stagingprop's is reported (issue 21: no statement may hold a batch for long).
@@ -128,9 +119,7 @@ done
 ROWS=0
 for round in $(seq 1 "$ROUNDS"); do
     before=$(rows_written)
-    "$PGBIN/pgbench" -n -h 127.0.0.1 -p "${PORT[staging]}" -U postgres -c "$CLIENTS" -j "$CLIENTS" \
-        -t $(( BACKLOG_TXNS / CLIENTS )) -D products="$PRODUCTS" -D clients="$CLIENTS" -f "$WORK/oltp.sql" shop \
-        >"$WORK/pgbench.$round.log" 2>&1 || { cat "$WORK/pgbench.$round.log" >&2; die "pgbench failed"; }
+    oltp_backlog "$WORK/pgbench.$round.log"
     q staging -c "INSERT INTO bench_marker VALUES ($round, now())"
     rows=$(( $(rows_written) - before ))
     ROWS=$(( ROWS + rows ))

@@ -318,19 +318,9 @@ measure() {
 
 # ---------------------------------------------------------------------------------------------
 log "work directory $WORK; PostgreSQL binaries $PGBIN"
-for c in staging prod native; do
-    start_cluster "$c"
-    qpg "$c" -c "CREATE DATABASE shop"
-done
+log "loading $PRODUCTS products ($(( PRODUCTS * 2 )) descriptions, $OFFERS offers, $(( OFFERS * CURRENCIES )) prices) into three clusters"
+start_with_seed staging prod native
 log "clusters: staging :${PORT[staging]}, prod (stagingprop) :${PORT[prod]}, native subscriber :${PORT[native]}"
-
-log "loading $PRODUCTS products ($(( PRODUCTS * 2 )) descriptions, $OFFERS offers, $(( OFFERS * CURRENCIES )) prices) into all three"
-pids=()
-for c in staging prod native; do
-    q "$c" -c "$SCHEMA_SQL" -c "$SEED_SQL" -c "VACUUM ANALYZE" &
-    pids+=($!)
-done
-for pid in "${pids[@]}"; do wait "$pid" || die "loading the seed failed"; done
 verify "seed"
 (( FAILED == 0 )) || die "the seed differs between clusters"
 
@@ -361,9 +351,7 @@ log "settings on all three clusters: $SETTINGS"
 log "(a) $BACKLOG_TXNS OLTP transactions on staging ($CLIENTS clients) while both appliers are stopped"
 before=$(rows_written)
 t0=$(now)
-"$PGBIN/pgbench" -n -h 127.0.0.1 -p "${PORT[staging]}" -U postgres -c "$CLIENTS" -j "$CLIENTS" \
-    -t $(( BACKLOG_TXNS / CLIENTS )) -D products="$PRODUCTS" -D clients="$CLIENTS" -f "$WORK/oltp.sql" shop \
-    >"$WORK/pgbench.log" 2>&1 || { cat "$WORK/pgbench.log" >&2; die "pgbench failed"; }
+oltp_backlog "$WORK/pgbench.log"
 t1=$(now)
 A_TXNS=$(awk '/number of transactions actually processed/ { split($NF, a, "/"); print a[1] }' "$WORK/pgbench.log")
 A_ROWS=$(( $(rows_written) - before ))
