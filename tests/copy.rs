@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use stagingprop::copy::{self, CopyError, CopyOptions, Side};
 use stagingprop::sync::{self, StopAt, SyncOptions};
-use support::{Pair, PairBuilder, clusters, init_without_slot, psql};
+use support::{Pair, PairBuilder, caught_up, clusters, init_without_slot, psql};
 
 const SCHEMA: &str = "
 CREATE TABLE catentry (catentry_id bigint PRIMARY KEY, partnumber varchar(64) NOT NULL,
@@ -172,18 +172,9 @@ async fn copy_then_sync_loses_and_doubles_nothing_under_concurrent_writes() {
         p.on_staging("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'copy_handoff'");
     assert_eq!(slot.trim(), "1");
 
-    let options = SyncOptions {
-        stop_at: Some(StopAt::CaughtUp),
-        max_attempts: Some(3),
-        ..Default::default()
-    };
-    let summary = tokio::time::timeout(
-        Duration::from_secs(120),
-        sync::run(&p.config, &options, std::future::pending()),
-    )
-    .await
-    .expect("sync in time")
-    .expect("sync after copy: a doubled insert or delete would be a conflict error");
+    let summary = caught_up(&p.config)
+        .await
+        .expect("sync after copy: a doubled insert or delete would be a conflict error");
     assert_equal(&p);
     assert_eq!(summary.stats.conflicts_skipped, 0);
     // The sequence came along: production's next attribute id follows staging's.

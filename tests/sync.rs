@@ -6,8 +6,10 @@ mod support;
 use stagingprop::apply::ApplyError;
 use stagingprop::config::Config;
 use stagingprop::ops::init::{InitOptions, init};
-use stagingprop::sync::{self, SyncError, SyncOptions};
-use support::{Pair, PairBuilder, caught_up, clusters, fresh_db, psql, published};
+use stagingprop::sync::SyncError;
+use support::{
+    Pair, PairBuilder, caught_up, clusters, fresh_db, psql, published, sync_in_background,
+};
 
 const CATALOGUE: &str = "
 CREATE TABLE catentry (catentry_id bigint PRIMARY KEY, partnumber varchar(64) NOT NULL UNIQUE,
@@ -308,15 +310,7 @@ async fn schema_mismatch_is_named_before_anything_is_applied_and_resumes_after_t
     assert_equal(&p);
 
     // A column added on staging while sync runs: stops with a clear error, nothing lost.
-    let config = p.config.clone();
-    let running = tokio::spawn(async move {
-        let options = SyncOptions {
-            stop_at: None,
-            max_attempts: Some(3),
-            ..Default::default()
-        };
-        sync::run(&config, &options, std::future::pending()).await
-    });
+    let (_stop, running) = sync_in_background(&p.config, tracing::Span::none());
     p.on_staging("INSERT INTO catentry (catentry_id, partnumber) VALUES (3, 'C')");
     wait_for(
         &p.production,
@@ -680,29 +674,6 @@ async fn connect(cluster: &stagingprop::cluster::LocalCluster, db: &str) -> toki
     client
 }
 
-/// Starts sync in the background; it stops when the returned sender is dropped or sent to.
-fn spawn_sync(
-    config: &Config,
-) -> (
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<Result<sync::SyncSummary, SyncError>>,
-) {
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let config = config.clone();
-    let running = tokio::spawn(async move {
-        let options = SyncOptions {
-            stop_at: None,
-            max_attempts: Some(3),
-            ..Default::default()
-        };
-        sync::run(&config, &options, async move {
-            let _ = stopped.await;
-        })
-        .await
-    });
-    (stop, running)
-}
-
 /// Waits (30 s at most) until production has a transaction open for over a second that wrote:
 /// a streamed transaction being applied before staging committed it.
 async fn wait_for_open_streamed_txn(db: &str) {
@@ -734,7 +705,7 @@ async fn large_transactions_are_applied_while_staging_streams_them() {
         .expect("init");
     p.on_staging("INSERT INTO catentry (catentry_id, partnumber, price) SELECT g, 'PN-' || g, g FROM generate_series(1, 100) g");
     caught_up(&p.config).await.expect("first rows");
-    let (stop, running) = spawn_sync(&p.config);
+    let (stop, running) = sync_in_background(&p.config, tracing::Span::none());
 
     // A large transaction with subtransactions, while small ones commit beside it.
     let big = connect(&c.staging, &p.staging).await;

@@ -17,10 +17,11 @@ use std::time::{Duration, Instant};
 
 use stagingprop::cluster::LocalCluster;
 use stagingprop::model::Lsn;
-use stagingprop::sync::{self, StopAt, SyncOptions};
+use stagingprop::sync::{self, SyncOptions};
 use tracing::Instrument;
 
 use support::faults::*;
+use support::sync_in_background;
 
 // ---------------------------------------------------------------------------------------------
 // 1. Randomized correctness
@@ -100,20 +101,8 @@ async fn random_catalogue_workload(
     }
 
     // Sync follows staging while the workload runs.
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let config = p.config.clone();
-    let running = tokio::spawn(async move {
-        let options = SyncOptions {
-            stop_at: None,
-            max_attempts: Some(3),
-            ..Default::default()
-        };
-        sync::run(&config, &options, async move {
-            let _ = stop_rx.await;
-        })
-        .instrument(tracing::info_span!("faults", test = label))
-        .await
-    });
+    let (stop_tx, running) =
+        sync_in_background(&p.config, tracing::info_span!("faults", test = label));
 
     // 2000 transactions, 50 per psql call; the body runs outside the runtime's workers, so
     // blocking here does not slow sync down.
@@ -176,21 +165,7 @@ async fn random_catalogue_workload(
     }
 
     // A new run applies nothing twice.
-    let again = tokio::time::timeout(
-        Duration::from_secs(60),
-        sync::run(
-            &p.config,
-            &SyncOptions {
-                stop_at: Some(StopAt::CaughtUp),
-                max_attempts: Some(3),
-                ..Default::default()
-            },
-            std::future::pending(),
-        ),
-    )
-    .await
-    .expect("caught up within 60 s")
-    .expect("second run");
+    let again = support::caught_up(&p.config).await.expect("second run");
     let st = again.stats;
     assert_eq!(
         (
@@ -696,19 +671,7 @@ async fn idle_sync_keeps_the_slot_advancing_past_unrelated_wal() {
     )
     .await;
     assert_eq!(p.config.sync.heartbeat_interval_secs, 1);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let config = p.config.clone();
-    let running = tokio::spawn(async move {
-        let options = SyncOptions {
-            stop_at: None,
-            max_attempts: Some(3),
-            ..Default::default()
-        };
-        sync::run(&config, &options, async move {
-            let _ = stop_rx.await;
-        })
-        .await
-    });
+    let (stop_tx, running) = sync_in_background(&p.config, tracing::Span::none());
     p.staging.sql(&(1..=5).map(ledger_txn).collect::<String>());
     let lsn = p.staging_lsn();
     p.wait_applied(&lsn, Duration::from_secs(30)).await;

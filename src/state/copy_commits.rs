@@ -22,13 +22,7 @@ pub async fn decide(client: &Client, group_id: &str) -> Result<(), tokio_postgre
 
 /// Whether group `group_id` was decided (false when the table does not exist: nothing was).
 pub async fn decided(client: &Client, group_id: &str) -> Result<bool, tokio_postgres::Error> {
-    let exists: bool = client
-        .query_one(
-            "SELECT to_regclass($1) IS NOT NULL",
-            &[&table("copy_commits")],
-        )
-        .await?
-        .get(0);
+    let exists = super::exists(client, "copy_commits").await?;
     if !exists {
         return Ok(false);
     }
@@ -57,13 +51,7 @@ pub async fn forget(client: &Client, group_id: &str) -> Result<(), tokio_postgre
 
 /// Removes every decision: nothing of any group is prepared any more.
 pub async fn forget_all(client: &Client) -> Result<(), tokio_postgres::Error> {
-    let exists: bool = client
-        .query_one(
-            "SELECT to_regclass($1) IS NOT NULL",
-            &[&table("copy_commits")],
-        )
-        .await?
-        .get(0);
+    let exists = super::exists(client, "copy_commits").await?;
     if exists {
         client
             .batch_execute(&format!("DELETE FROM {}", table("copy_commits")))

@@ -19,13 +19,7 @@ pub struct SetAside {
 
 /// Whether the table exists (nothing was ever set aside before it did).
 async fn exists(client: &Client) -> Result<bool, tokio_postgres::Error> {
-    Ok(client
-        .query_one(
-            "SELECT to_regclass($1) IS NOT NULL",
-            &[&table("copy_indexes")],
-        )
-        .await?
-        .get(0))
+    super::exists(client, "copy_indexes").await
 }
 
 /// Every index set aside and not built again yet.

@@ -138,14 +138,9 @@ pub async fn complete_tables(
     client: &Client,
     slot: &str,
 ) -> Result<HashMap<TableName, Lsn>, StateError> {
-    let exists: bool = client
-        .query_one(
-            "SELECT to_regclass($1) IS NOT NULL",
-            &[&table("copy_tables")],
-        )
+    let exists = super::exists(client, "copy_tables")
         .await
-        .map_err(query_error("looking for the copy's loaded tables"))?
-        .get(0);
+        .map_err(query_error("looking for the copy's loaded tables"))?;
     if !exists {
         return Ok(HashMap::new());
     }

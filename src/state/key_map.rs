@@ -141,11 +141,9 @@ pub fn reset_table(table: &TableName, identity_key: Option<&str>) -> String {
 
 /// Entries per table, for `status` (empty when there is no key map).
 pub async fn sizes(client: &Client) -> Result<Vec<(String, i64)>, StateError> {
-    let exists: bool = client
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&key_map()])
+    let exists = super::exists(client, "key_map")
         .await
-        .map_err(query_error("looking for the key map"))?
-        .get(0);
+        .map_err(query_error("looking for the key map"))?;
     if !exists {
         return Ok(Vec::new());
     }

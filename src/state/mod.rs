@@ -13,6 +13,8 @@ pub mod layout;
 pub mod progress;
 pub mod quarantine;
 
+use tokio_postgres::Client;
+
 use crate::pg::QueryError;
 use crate::quote::qualified;
 
@@ -25,6 +27,15 @@ pub const SCHEMA: &str = "stagingprop";
 /// `"stagingprop"."name"`.
 fn table(name: &str) -> String {
     qualified(SCHEMA, name)
+}
+
+/// Whether stagingprop's table `name` exists: readers on a database where `init` never ran (or
+/// an older layout) find nothing rather than fail.
+async fn exists(client: &Client, name: &str) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table(name)])
+        .await?
+        .get(0))
 }
 
 /// Why reading or writing stagingprop's tables failed.

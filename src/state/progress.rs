@@ -184,11 +184,9 @@ pub struct Applied {
 
 /// `slot`'s row for `status`, if the table and the row exist.
 pub async fn applied(client: &Client, slot: &str) -> Result<Option<Applied>, StateError> {
-    let exists: bool = client
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table("progress")])
+    let exists = super::exists(client, "progress")
         .await
-        .map_err(query_error("looking for stagingprop's tables"))?
-        .get(0);
+        .map_err(query_error("looking for stagingprop's tables"))?;
     if !exists {
         return Ok(None);
     }

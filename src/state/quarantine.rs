@@ -51,14 +51,9 @@ pub async fn insert(client: &Client, entry: &Entry<'_>) -> Result<(), StateError
 
 /// How many changes of `slot` are quarantined (0 when the table does not exist).
 pub async fn count(client: &Client, slot: &str) -> Result<i64, StateError> {
-    let exists: bool = client
-        .query_one(
-            "SELECT to_regclass($1) IS NOT NULL",
-            &[&table("quarantine")],
-        )
+    let exists = super::exists(client, "quarantine")
         .await
-        .map_err(query_error("looking for stagingprop's tables"))?
-        .get(0);
+        .map_err(query_error("looking for stagingprop's tables"))?;
     if !exists {
         return Ok(0);
     }
@@ -114,14 +109,9 @@ pub async fn list(
     slot: &str,
     selection: &Selection,
 ) -> Result<Vec<Stored>, StateError> {
-    let exists: bool = client
-        .query_one(
-            "SELECT to_regclass($1) IS NOT NULL",
-            &[&table("quarantine")],
-        )
+    let exists = super::exists(client, "quarantine")
         .await
-        .map_err(query_error("looking for stagingprop's tables"))?
-        .get(0);
+        .map_err(query_error("looking for stagingprop's tables"))?;
     if !exists {
         return Ok(Vec::new());
     }

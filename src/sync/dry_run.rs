@@ -7,7 +7,7 @@ use crate::catalog::TableMeta;
 use crate::catalog::sequences::SequenceValue;
 use crate::change::{Key, RowOp, Source};
 use crate::config::TableName;
-use crate::model::{Lsn, ReplicaIdentity, Tuple};
+use crate::model::{Lsn, Tuple};
 use crate::state::Progress;
 
 use super::target::Target;
@@ -45,19 +45,6 @@ impl Target for DryRun {
 
     fn meta(&self, table: usize) -> &TableMeta {
         &self.metas[table]
-    }
-
-    fn check_file_identity(&self, _: usize, _: ReplicaIdentity) -> Result<(), ApplyError> {
-        Ok(())
-    }
-
-    fn stage_file(
-        &mut self,
-        _: usize,
-        _: Option<&Tuple>,
-        _: Option<&Tuple>,
-    ) -> Result<(), ApplyError> {
-        Ok(())
     }
 
     async fn row_change(

@@ -20,19 +20,25 @@ pub(super) trait Target {
 
     fn table_id(&self, name: &TableName) -> Option<usize>;
     fn meta(&self, table: usize) -> &TableMeta;
-    /// A managed-file table needs staging to send whole old rows.
+    /// A managed-file table needs staging to send whole old rows (targets that publish no
+    /// files accept any).
     fn check_file_identity(
         &self,
-        table: usize,
-        identity: ReplicaIdentity,
-    ) -> Result<(), ApplyError>;
-    /// A change of a managed-file table: its file is written aside, put in place with its batch.
+        _table: usize,
+        _identity: ReplicaIdentity,
+    ) -> Result<(), ApplyError> {
+        Ok(())
+    }
+    /// A change of a managed-file table: its file is written aside, put in place with its batch
+    /// (targets that publish no files ignore it).
     fn stage_file(
         &mut self,
-        table: usize,
-        old: Option<&Tuple>,
-        new: Option<&Tuple>,
-    ) -> Result<(), ApplyError>;
+        _table: usize,
+        _old: Option<&Tuple>,
+        _new: Option<&Tuple>,
+    ) -> Result<(), ApplyError> {
+        Ok(())
+    }
 
     async fn row_change(
         &mut self,

@@ -118,6 +118,33 @@ pub async fn caught_up(
     .expect("sync did not catch up within 120 s")
 }
 
+/// Sync running in the background (three attempts per error) until the returned sender is
+/// used or dropped; `span` carries its log lines (e.g. for [`faults::logged_lines`]).
+pub fn sync_in_background(
+    config: &stagingprop::config::Config,
+    span: tracing::Span,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<stagingprop::sync::SyncSummary, stagingprop::sync::SyncError>>,
+) {
+    use tracing::Instrument;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let config = config.clone();
+    let running = tokio::spawn(async move {
+        let options = stagingprop::sync::SyncOptions {
+            stop_at: None,
+            max_attempts: Some(3),
+            ..Default::default()
+        };
+        stagingprop::sync::run(&config, &options, async move {
+            let _ = stopped.await;
+        })
+        .instrument(span)
+        .await
+    });
+    (stop, running)
+}
+
 /// Waits (15 s at most) until a `tail` of `dbname` has created its temporary slot, after which
 /// it sees every change.
 pub async fn wait_for_tail_slot(cluster: &LocalCluster, dbname: &str) {
