@@ -80,12 +80,14 @@ ticks() {
     echo $(( f[13] + f[14] ))
 }
 
-# watch KIND N OUT: until WORK/stop exists, writes "<walsender> <appliers> <nats>" ticks: the
-# walsenders of KIND's slots on staging, its appliers (stagingprop's processes, or the native
-# apply workers), and nats-server. A process's last sample is kept after it exits.
+# watch KIND N OUT: until WORK/stop exists, writes "<walsender> <appliers> <nats> <sessions>"
+# ticks: the walsenders of KIND's slots on staging, its appliers (stagingprop's processes, or the
+# native apply workers), nats-server, and (stagingprop) the target sessions its appliers run
+# their statements in (native's apply workers do that work themselves). A process's last sample
+# is kept after it exits.
 watch() {
-    local kind=$1 n=$2 out=$3 pid t w a s
-    local -A wal=() app=()
+    local kind=$1 n=$2 out=$3 pid t w a s p
+    local -A wal=() app=() ses=()
     while [[ ! -e $WORK/stop ]]; do
         local pattern="fan_${n}"
         [[ $kind == native ]] && pattern="nat_${n}_%"
@@ -100,11 +102,16 @@ watch() {
             for pid in "${SP_PIDS[@]}"; do
                 t=$(ticks "$pid"); [[ -n $t ]] && app[$pid]=$t
             done
+            for pid in $(qpg sp -c "SELECT pid FROM pg_stat_activity WHERE datname LIKE 'sp_${n}_%'
+                                      AND application_name LIKE 'stagingprop%'"); do
+                t=$(ticks "$pid"); [[ -n $t ]] && ses[$pid]=$t
+            done
         fi
         s=0; [[ -n $NATS_PID ]] && s=$(ticks "$NATS_PID")
         w=0; for pid in "${!wal[@]}"; do w=$(( w + wal[$pid] )); done
         a=0; for pid in "${!app[@]}"; do a=$(( a + app[$pid] )); done
-        echo "$w $a ${s:-0}" >"$out.tmp"
+        p=0; for pid in "${!ses[@]}"; do p=$(( p + ses[$pid] )); done
+        echo "$w $a ${s:-0} $p" >"$out.tmp"
         mv "$out.tmp" "$out"
         sleep 0.1
     done
@@ -134,7 +141,7 @@ disown "$NATS_PID"
 sleep 0.5
 kill -0 "$NATS_PID" 2>/dev/null || { cat "$WORK/nats.log" >&2; die "nats-server did not start"; }
 
-declare -A SP_S NAT_S SP_WAL NAT_WAL SP_APP NAT_APP SP_NATS ROWS_OF
+declare -A SP_S NAT_S SP_WAL NAT_WAL SP_APP NAT_APP SP_NATS SP_SES ROWS_OF
 MARK=0
 # The databases new targets are copied from: the seed, then a target of the round before (equal
 # to staging as it was then).
@@ -205,8 +212,8 @@ consumer = \"t$k\"" write_sp_config "$WORK/sp_${n}_$k.toml" sp "fan_$n" "${TABLE
     for pid in "${SP_PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
     SP_PIDS=()
     SP_S[$n]=$(elapsed "$t0" "$t1")
-    read -r w a s <"$WORK/cpu.sp.$n"
-    SP_WAL[$n]=$w; SP_APP[$n]=$a; SP_NATS[$n]=$(( s - nats_before ))
+    read -r w a s p <"$WORK/cpu.sp.$n"
+    SP_WAL[$n]=$w; SP_APP[$n]=$a; SP_NATS[$n]=$(( s - nats_before )); SP_SES[$n]=$p
     log "stagingprop: all $n target(s) caught up in ${SP_S[$n]} s"
 
     # native
@@ -223,7 +230,7 @@ consumer = \"t$k\"" write_sp_config "$WORK/sp_${n}_$k.toml" sp "fan_$n" "${TABLE
     t1=$(now)
     touch "$WORK/stop"; wait "$WATCH" || true
     NAT_S[$n]=$(elapsed "$t0" "$t1")
-    read -r w a _ <"$WORK/cpu.native.$n"
+    read -r w a _ _ <"$WORK/cpu.native.$n"
     NAT_WAL[$n]=$w; NAT_APP[$n]=$a
     log "native: all $n target(s) caught up in ${NAT_S[$n]} s"
     for k in $(seq 1 "$n"); do
@@ -253,13 +260,16 @@ cpu() { awk -v t="$1" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", t / hz }'; }
     echo "seconds = until every target shows the round's marker; sooner = native s / stagingprop s (> 1: stagingprop's targets are caught up sooner)"
     echo "CPU seconds: staging walsenders (all of the system's slots), appliers (stagingprop: publish + its sync processes; native: apply workers), nats-server"
     echo
-    printf '%-8s %9s %9s %10s %9s | %8s %8s %9s | %8s %8s %8s\n' targets rows "sp s" "native s" sooner "sp wal" "nat wal" "wal ratio" "sp procs" nats "nat apply"
+    printf '%-8s %9s %9s %10s %9s | %8s %8s %9s | %8s %8s %8s %8s | %8s %8s\n' targets rows "sp s" "native s" sooner \
+        "sp wal" "nat wal" "wal ratio" "sp procs" nats "sp sess" "nat apply" "sp CPU" "nat CPU"
     for n in $TARGETS; do
-        printf '%-8s %9s %9.2f %10.2f %9.2f | %8s %8s %9.2f | %8s %8s %8s\n' "$n" "${ROWS_OF[$n]}" "${SP_S[$n]}" "${NAT_S[$n]}" \
+        printf '%-8s %9s %9.2f %10.2f %9.2f | %8s %8s %9.2f | %8s %8s %8s %8s | %8s %8s\n' "$n" "${ROWS_OF[$n]}" "${SP_S[$n]}" "${NAT_S[$n]}" \
             "$(awk -v a="${NAT_S[$n]}" -v b="${SP_S[$n]}" 'BEGIN { print a / b }')" \
             "$(cpu "${SP_WAL[$n]}")" "$(cpu "${NAT_WAL[$n]}")" \
             "$(awk -v a="${SP_WAL[$n]}" -v b="${NAT_WAL[$n]}" 'BEGIN { print (b > 0 ? a / b : 0) }')" \
-            "$(cpu "${SP_APP[$n]}")" "$(cpu "${SP_NATS[$n]}")" "$(cpu "${NAT_APP[$n]}")"
+            "$(cpu "${SP_APP[$n]}")" "$(cpu "${SP_NATS[$n]}")" "$(cpu "${SP_SES[$n]}")" "$(cpu "${NAT_APP[$n]}")" \
+            "$(cpu $(( SP_WAL[$n] + SP_APP[$n] + SP_NATS[$n] + SP_SES[$n] )))" "$(cpu $(( NAT_WAL[$n] + NAT_APP[$n] )))"
     done
-    echo "(wal ratio = stagingprop's walsender CPU / native's walsenders' CPU: staging decodes once for stagingprop, once per subscription for native)"
+    echo "(wal ratio = stagingprop's walsender CPU / native's walsenders' CPU: staging decodes once for stagingprop, once per subscription for native;"
+    echo " sp sess = the target sessions stagingprop's appliers run their statements in; sp CPU = sp wal + sp procs + nats + sp sess, nat CPU = nat wal + nat apply)"
 }
