@@ -27,6 +27,40 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 /// How far catentry keys move on the target with the `offset` rule.
 const OFFSET: i64 = 1_000_000;
 
+/// Staging's workload while a fault test kills and restarts things: `rounds` rounds of 15 small
+/// transactions, 150 ms apart, and in two of them one transaction inserting `big_rows` products
+/// (many chunks) from key `big_keys` on.
+fn workload_beside_faults(
+    staging_db: String,
+    seed: u64,
+    rounds: u64,
+    big_rows: u64,
+    big_keys: u64,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut rng = Lcg(seed);
+        for round in 0..rounds {
+            psql(
+                &clusters().staging,
+                &staging_db,
+                &workload(&mut rng, 1 + round * 100, 15),
+            );
+            if round % (rounds / 2) == rounds / 4 {
+                psql(
+                    &clusters().staging,
+                    &staging_db,
+                    &format!(
+                        "INSERT INTO catentry SELECT g, 'big' || g, g FROM generate_series({0}, {0} + {1}) g",
+                        big_keys + round * 10_000,
+                        big_rows - 1
+                    ),
+                );
+            }
+            std::thread::sleep(Duration::from_millis(150));
+        }
+    })
+}
+
 /// `count` staging transactions of random catalogue edits, keys from `first_id` on.
 fn workload(rng: &mut Lcg, first_id: u64, count: u64) -> String {
     let mut sql = String::new();
@@ -504,28 +538,8 @@ async fn sigkill_of_the_publisher_and_a_nats_restart_lose_and_double_nothing() {
             .expect("start stagingprop publish")
     };
     // The workload runs beside the kills: small transactions and two large ones (chunked).
-    let staging_db = fanout.staging.clone();
-    let workload_thread = std::thread::spawn(move || {
-        let mut rng = Lcg(0xdead_beef);
-        for round in 0..24u64 {
-            psql(
-                &clusters().staging,
-                &staging_db,
-                &workload(&mut rng, 1 + round * 100, 15),
-            );
-            if round % 12 == 5 {
-                psql(
-                    &clusters().staging,
-                    &staging_db,
-                    &format!(
-                        "INSERT INTO catentry SELECT g, 'big' || g, g FROM generate_series({0}, {0} + 1499) g",
-                        200_000 + round * 10_000
-                    ),
-                );
-            }
-            std::thread::sleep(Duration::from_millis(150));
-        }
-    });
+    let workload_thread =
+        workload_beside_faults(fanout.staging.clone(), 0xdead_beef, 24, 1500, 200_000);
     let mut rng = Lcg(42);
     for kill in 0..10 {
         let mut publisher = spawn_publisher();
@@ -580,28 +594,7 @@ async fn sigkill_of_an_applier_loses_and_doubles_nothing() {
     let config_path = scratch.0.join("stagingprop.toml");
     std::fs::write(&config_path, &a_text).unwrap();
     let (stop, publisher) = start_publisher(&a);
-    let staging_db = fanout.staging.clone();
-    let workload_thread = std::thread::spawn(move || {
-        let mut rng = Lcg(0xfeed);
-        for round in 0..20u64 {
-            psql(
-                &clusters().staging,
-                &staging_db,
-                &workload(&mut rng, 1 + round * 100, 15),
-            );
-            if round % 10 == 3 {
-                psql(
-                    &clusters().staging,
-                    &staging_db,
-                    &format!(
-                        "INSERT INTO catentry SELECT g, 'big' || g, g FROM generate_series({0}, {0} + 1999) g",
-                        300_000 + round * 10_000
-                    ),
-                );
-            }
-            std::thread::sleep(Duration::from_millis(150));
-        }
-    });
+    let workload_thread = workload_beside_faults(fanout.staging.clone(), 0xfeed, 20, 2000, 300_000);
     // The applier (the binary) is killed at random moments while the stream grows.
     let mut rng = Lcg(7);
     for _ in 0..8 {
