@@ -157,12 +157,13 @@ unwatch() {
     WATCH_PID=''
 }
 
-# lag CLUSTER PHASE: "probes p50 p95 p99 max" in ms for the phase's probes on CLUSTER.
+# lag CLUSTER PHASE: "probes p50 p95 p99 max" in ms for the phase's probes on CLUSTER, then the
+# percentage of probes seen more than 20 ms late (how much of the run was spent behind).
 lag() {
     q "$1" -F ' ' -c "SELECT count(*), round(percentile_cont(0.5) WITHIN GROUP (ORDER BY l)::numeric, 1),
                              round(percentile_cont(0.95) WITHIN GROUP (ORDER BY l)::numeric, 1),
                              round(percentile_cont(0.99) WITHIN GROUP (ORDER BY l)::numeric, 1),
-                             round(max(l)::numeric, 1)
+                             round(max(l)::numeric, 1), round(100.0 * avg((l > 20)::int), 1)
                         FROM (SELECT extract(epoch FROM s.seen_at - p.staged_at) * 1000 AS l
                                 FROM lag_probe p JOIN probe_seen s USING (id) WHERE p.phase = $2) x"
 }
@@ -214,10 +215,10 @@ done
     echo
     echo "stagingprop lag, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, PostgreSQL $(q staging -c 'SHOW server_version')"
     echo "$SECONDS_PER_RATE s per rate and system, OLTP workload with one probe in ten transactions; lag in ms from staging commit to a reader on production seeing it (2 ms polls)"
-    printf '%-6s %-20s %7s %7s %8s %8s %8s %8s\n' rate system tps probes p50 p95 p99 max
+    printf '%-6s %-20s %7s %7s %8s %8s %8s %8s %8s\n' rate system tps probes p50 p95 p99 max '>20ms %'
     for line in "${LINES[@]}"; do
         # shellcheck disable=SC2086
-        printf '%-6s %-20s %7s %7s %8s %8s %8s %8s\n' $line
+        printf '%-6s %-20s %7s %7s %8s %8s %8s %8s %8s\n' $line
     done
     echo
     echo "ratios (stagingprop / native; below 1 is lower lag than native):"
