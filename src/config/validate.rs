@@ -62,6 +62,7 @@ struct RawSync {
     batch_max_rows: Option<usize>,
     batch_max_bytes: Option<usize>,
     batch_max_delay_ms: Option<u64>,
+    batch_linger_ms: Option<u64>,
     heartbeat_interval_secs: Option<u64>,
     status_interval_secs: Option<u64>,
     receive_timeout_secs: Option<u64>,
@@ -806,6 +807,7 @@ impl Validator<'_> {
             batch_max_delay_ms: raw
                 .batch_max_delay_ms
                 .unwrap_or(defaults.batch_max_delay_ms),
+            batch_linger_ms: raw.batch_linger_ms.unwrap_or(defaults.batch_linger_ms),
             heartbeat_interval_secs,
             status_interval_secs,
             receive_timeout_secs,

@@ -15,11 +15,15 @@ use crate::pgoutput::LogicalMessage;
 use crate::spool::store::{SpoolMark, SpoolReader};
 use crate::stream::reader::StreamReader;
 
-/// One step of a test script: a message, or staging sending nothing for this many polls.
+/// One step of a test script: a message, staging sending nothing for this many polls, or
+/// staging sending nothing for a while (tokio's clock; fixed at the first poll, so a poll that
+/// is dropped does not restart it).
 #[cfg(test)]
 pub(super) enum Scripted {
     Message(Lsn, LogicalMessage),
     Idle(u8),
+    Pause(std::time::Duration),
+    PauseUntil(tokio::time::Instant),
 }
 
 pub(super) enum Feed {
@@ -62,18 +66,32 @@ impl Feed {
             Feed::Replay { reader, end } => Ok(reader.next_message_within(Some(*end))?),
             Feed::Stream(reader) => Ok(reader.next().await?),
             #[cfg(test)]
-            Feed::Script(script) => match script.front_mut() {
-                Some(Scripted::Idle(polls)) => {
-                    *polls -= 1;
-                    if *polls == 0 {
+            Feed::Script(script) => loop {
+                match script.front_mut() {
+                    Some(Scripted::Idle(polls)) => {
+                        *polls -= 1;
+                        if *polls == 0 {
+                            script.pop_front();
+                        }
+                        return std::future::pending().await;
+                    }
+                    Some(step @ Scripted::Pause(_)) => {
+                        let Scripted::Pause(pause) = *step else {
+                            unreachable!("matched above")
+                        };
+                        *step = Scripted::PauseUntil(tokio::time::Instant::now() + pause);
+                    }
+                    Some(Scripted::PauseUntil(until)) => {
+                        tokio::time::sleep_until(*until).await;
                         script.pop_front();
                     }
-                    std::future::pending().await
+                    _ => {
+                        return Ok(script.pop_front().map(|item| match item {
+                            Scripted::Message(lsn, message) => (lsn, message),
+                            _ => unreachable!("handled above"),
+                        }));
+                    }
                 }
-                _ => Ok(script.pop_front().map(|item| match item {
-                    Scripted::Message(lsn, message) => (lsn, message),
-                    Scripted::Idle(_) => unreachable!("handled above"),
-                })),
             },
         }
     }

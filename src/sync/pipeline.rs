@@ -91,6 +91,9 @@ pub(super) struct Pipeline<'a, T: Target> {
     /// The last staging transaction in the open production transaction.
     batch_last: Option<Progress>,
     batch_started: Option<Instant>,
+    /// When the last Commit arrived, and how long after the one before (for `batch_linger_ms`).
+    last_commit_at: Option<Instant>,
+    commit_gap: Duration,
     pub(super) applied_end: Lsn,
     confirm: Confirm,
     last_activity: Instant,
@@ -184,6 +187,8 @@ impl<'a, T: Target> Pipeline<'a, T> {
             txn: None,
             batch_last: None,
             batch_started: None,
+            last_commit_at: None,
+            commit_gap: Duration::MAX,
             applied_end,
             confirm,
             last_activity: Instant::now(),
@@ -365,9 +370,15 @@ impl<'a, T: Target> Pipeline<'a, T> {
         metrics::gauge!("stagingprop_lag_seconds").set(lag_seconds);
         // Adaptive batching: a batch grows while staging's messages are ready to read; between
         // transactions with nothing ready (caught up), it is applied at once instead of
-        // waiting for more. batch_max_delay_ms only bounds how long it grows while changes
-        // keep coming (checked at each commit).
+        // waiting for more, unless transactions arrive closer together than batch_linger_ms:
+        // then it waits until it is that old, since one small batch per transaction would fall
+        // behind a busy staging and catch up in bursts. batch_max_delay_ms only bounds how long
+        // it grows while changes keep coming (checked at each commit).
+        let linger = Duration::from_millis(self.config.sync.batch_linger_ms);
         let mut wait = match (self.txn.is_none(), self.batch_started) {
+            (true, Some(started)) if self.commit_gap < linger => {
+                linger.saturating_sub(started.elapsed())
+            }
             (true, Some(_)) => Duration::ZERO,
             (true, None) => heartbeat.saturating_sub(self.last_activity.elapsed()),
             (false, _) => heartbeat,
@@ -576,6 +587,11 @@ impl<'a, T: Target> Pipeline<'a, T> {
                     since_staging_commit_us = crate::model::PgTimestamp::now().0 - commit_time.0,
                     "commit received"
                 );
+                let now = Instant::now();
+                self.commit_gap = self
+                    .last_commit_at
+                    .map_or(Duration::MAX, |at| now.duration_since(at));
+                self.last_commit_at = Some(now);
                 let sync = &self.config.sync;
                 let full = self.applier.batch_rows() >= sync.batch_max_rows
                     || self.applier.batch_bytes() >= sync.batch_max_bytes
@@ -911,6 +927,13 @@ mod tests {
             self
         }
 
+        /// Staging sends nothing for `millis` (tokio's clock).
+        fn pause(&mut self, millis: u64) -> &mut Self {
+            self.messages
+                .push_back(Scripted::Pause(Duration::from_millis(millis)));
+            self
+        }
+
         /// A whole transaction `xid` inserting `ids`, committing at `commit` (its end 8 later).
         fn transaction(&mut self, xid: Xid, commit: u64, ids: &[u32]) -> &mut Self {
             self.push(LogicalMessage::Begin {
@@ -1118,6 +1141,44 @@ mod tests {
         // when the stop flushes production's WAL.
         assert_eq!(run.confirmed, vec![Lsn(208), Lsn(308)]);
         assert_eq!(run.inserted, 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_staging_lingers_batches_and_a_quiet_one_does_not() {
+        let script = || {
+            let mut script = Script::default();
+            script.push(relation());
+            // Two transactions back to back (a busy staging), then the third 2 ms later.
+            script.transaction(701, 100, &[1]);
+            script.transaction(702, 200, &[2]);
+            script.pause(2);
+            script.transaction(703, 300, &[3]);
+            script.idle();
+            script
+        };
+        let commits = |log: &[String]| log.iter().filter(|l| l.contains("COMMIT")).count();
+        // Without a linger the first batch is applied when nothing is ready.
+        let run = apply_script(script(), Lsn::INVALID, "").await;
+        run.result.unwrap();
+        assert_eq!(commits(&run.log), 2, "{:?}", run.log);
+        // With 5 ms, the batch of the two close transactions waits and takes the third too.
+        let run = apply_script(script(), Lsn::INVALID, "batch_linger_ms = 5").await;
+        run.result.unwrap();
+        assert_eq!(commits(&run.log), 1, "{:?}", run.log);
+        assert_eq!(run.inserted, 3);
+        // A transaction after a quiet spell does not wait for one that may never come.
+        let mut quiet = Script::default();
+        quiet.push(relation());
+        quiet.transaction(701, 100, &[1]);
+        quiet.idle();
+        let started = tokio::time::Instant::now();
+        let run = apply_script(quiet, Lsn::INVALID, "batch_linger_ms = 60000").await;
+        run.result.unwrap();
+        assert_eq!(commits(&run.log), 1);
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the lone batch lingered"
+        );
     }
 
     #[tokio::test]
