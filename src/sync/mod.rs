@@ -17,7 +17,8 @@
 //! consolidated per row and sent set-based. A large staging transaction is sent in pieces inside
 //! one production transaction, so memory stays bounded whatever its size. A closed batch's
 //! statements run on production while the next batch is read and consolidated; it commits when
-//! the next batch first needs production, or as soon as nothing more is ready to read.
+//! the next batch first needs production, or as soon as nothing more is ready to read (on a
+//! busy staging, with `batch_linger_ms`, once it is that old).
 
 //! The rooms: `error.rs` (what can fail, what is retried), `retry.rs` (sessions until stopped),
 //! `session.rs` (one session's set-up), `pipeline.rs` (messages to transactions to batches),
