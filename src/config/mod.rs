@@ -159,9 +159,10 @@ pub struct SyncConfig {
     pub batch_max_rows: usize,
     pub batch_max_bytes: usize,
     pub batch_max_delay_ms: u64,
-    /// While staging's transactions arrive less than this apart (a busy staging), an open batch
-    /// waits until it is this old before it is applied, instead of at once: fewer, larger
-    /// batches keep sync from falling behind in bursts. 0 (the default): always at once.
+    /// While batches commit on production more than twice this long after staging committed
+    /// them (a staging too busy for batches of one), an open batch waits until it is this old
+    /// before it is applied, instead of at once: fewer, larger batches keep sync from falling
+    /// behind in bursts. 0: always at once.
     pub batch_linger_ms: u64,
     pub heartbeat_interval_secs: u64,
     pub status_interval_secs: u64,
@@ -236,7 +237,7 @@ impl Default for SyncConfig {
             batch_max_rows: DEFAULT_BATCH_MAX_ROWS,
             batch_max_bytes: DEFAULT_BATCH_MAX_BYTES,
             batch_max_delay_ms: DEFAULT_BATCH_MAX_DELAY_MS,
-            batch_linger_ms: 0,
+            batch_linger_ms: 3,
             heartbeat_interval_secs: DEFAULT_HEARTBEAT_INTERVAL_SECS,
             status_interval_secs: DEFAULT_STATUS_INTERVAL_SECS,
             receive_timeout_secs: DEFAULT_RECEIVE_TIMEOUT_SECS,

@@ -165,7 +165,7 @@ fn defaults() {
     assert_eq!(config.sync.batch_max_rows, 20_000);
     assert_eq!(config.sync.batch_max_bytes, 64 * 1024 * 1024);
     assert_eq!(config.sync.batch_max_delay_ms, 100);
-    assert_eq!(config.sync.batch_linger_ms, 0);
+    assert_eq!(config.sync.batch_linger_ms, 3);
     assert_eq!(config.sync.heartbeat_interval_secs, 10);
     assert_eq!(config.sync.status_interval_secs, 10);
     assert_eq!(config.sync.receive_timeout_secs, 60);
@@ -186,7 +186,7 @@ publication = "shop_pub"
 batch_max_rows = 500
 batch_max_bytes = 1048576
 batch_max_delay_ms = 0
-batch_linger_ms = 3
+batch_linger_ms = 5
 heartbeat_interval_secs = 30
 status_interval_secs = 5
 receive_timeout_secs = 20
@@ -222,7 +222,7 @@ table = "catentry"
     assert_eq!(config.sync.receive_timeout_secs, 20);
     assert!(config.sync.failover);
     assert_eq!(config.sync.batch_max_delay_ms, 0);
-    assert_eq!(config.sync.batch_linger_ms, 3);
+    assert_eq!(config.sync.batch_linger_ms, 5);
     assert_eq!(config.sync.heartbeat_interval_secs, 30);
     assert_eq!(
         config.tables[0].key,

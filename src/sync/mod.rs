@@ -18,7 +18,7 @@
 //! one production transaction, so memory stays bounded whatever its size. A closed batch's
 //! statements run on production while the next batch is read and consolidated; it commits when
 //! the next batch first needs production, or as soon as nothing more is ready to read (on a
-//! busy staging, with `batch_linger_ms`, once it is that old).
+//! staging so busy that batches commit late, once it is `batch_linger_ms` old: see `pace.rs`).
 
 //! The rooms: `error.rs` (what can fail, what is retried), `retry.rs` (sessions until stopped),
 //! `session.rs` (one session's set-up), `pipeline.rs` (messages to transactions to batches),
@@ -30,6 +30,7 @@
 mod dry_run;
 mod error;
 mod feed;
+mod pace;
 mod pipeline;
 mod publish;
 mod receiver;

@@ -7,11 +7,14 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 
 use super::feed::Feed;
+use super::pace::Pace;
 use super::receiver;
 use super::report::{ChangeCounts, Op};
 use super::retry::{RunState, SessionEnd};
@@ -91,9 +94,8 @@ pub(super) struct Pipeline<'a, T: Target> {
     /// The last staging transaction in the open production transaction.
     batch_last: Option<Progress>,
     batch_started: Option<Instant>,
-    /// When the last Commit arrived, and how long after the one before (for `batch_linger_ms`).
-    last_commit_at: Option<Instant>,
-    commit_gap: Duration,
+    /// How late batches commit (for `batch_linger_ms`).
+    pace: Pace,
     pub(super) applied_end: Lsn,
     confirm: Confirm,
     last_activity: Instant,
@@ -187,8 +189,7 @@ impl<'a, T: Target> Pipeline<'a, T> {
             txn: None,
             batch_last: None,
             batch_started: None,
-            last_commit_at: None,
-            commit_gap: Duration::MAX,
+            pace: Pace::new(Duration::from_millis(config.sync.batch_linger_ms)),
             applied_end,
             confirm,
             last_activity: Instant::now(),
@@ -370,16 +371,12 @@ impl<'a, T: Target> Pipeline<'a, T> {
         metrics::gauge!("stagingprop_lag_seconds").set(lag_seconds);
         // Adaptive batching: a batch grows while staging's messages are ready to read; between
         // transactions with nothing ready (caught up), it is applied at once instead of
-        // waiting for more, unless transactions arrive closer together than batch_linger_ms:
-        // then it waits until it is that old, since one small batch per transaction would fall
-        // behind a busy staging and catch up in bursts. batch_max_delay_ms only bounds how long
+        // waiting for more, unless batches have been committing late: then it waits until it
+        // is batch_linger_ms old, since one small batch per transaction falls behind a busy
+        // staging and catches up in bursts (see `pace`). batch_max_delay_ms only bounds how long
         // it grows while changes keep coming (checked at each commit).
-        let linger = Duration::from_millis(self.config.sync.batch_linger_ms);
         let mut wait = match (self.txn.is_none(), self.batch_started) {
-            (true, Some(started)) if self.commit_gap < linger => {
-                linger.saturating_sub(started.elapsed())
-            }
-            (true, Some(_)) => Duration::ZERO,
+            (true, Some(started)) => self.pace.linger().saturating_sub(started.elapsed()),
             (true, None) => heartbeat.saturating_sub(self.last_activity.elapsed()),
             (false, _) => heartbeat,
         };
@@ -463,10 +460,9 @@ impl<'a, T: Target> Pipeline<'a, T> {
         let closing = self.applier.closing();
         let completed = self.applier.complete().await;
         if closing && let Some(at) = self.last_commit_time {
-            tracing::trace!(
-                since_staging_commit_us = crate::model::PgTimestamp::now().0 - at.0,
-                "batch committed"
-            );
+            let lag_us = crate::model::PgTimestamp::now().0 - at.0;
+            self.pace
+                .batch_committed(Duration::from_micros(lag_us.max(0) as u64));
         }
         self.record_committed();
         Ok(completed?)
@@ -587,11 +583,6 @@ impl<'a, T: Target> Pipeline<'a, T> {
                     since_staging_commit_us = crate::model::PgTimestamp::now().0 - commit_time.0,
                     "commit received"
                 );
-                let now = Instant::now();
-                self.commit_gap = self
-                    .last_commit_at
-                    .map_or(Duration::MAX, |at| now.duration_since(at));
-                self.last_commit_at = Some(now);
                 let sync = &self.config.sync;
                 let full = self.applier.batch_rows() >= sync.batch_max_rows
                     || self.applier.batch_bytes() >= sync.batch_max_bytes
@@ -910,6 +901,9 @@ mod tests {
     struct Script {
         messages: VecDeque<Scripted>,
         at: u64,
+        /// How long after staging committed them its transactions arrive (their commit
+        /// timestamps are that far in the past).
+        late: Duration,
     }
 
     impl Script {
@@ -948,7 +942,8 @@ mod tests {
                     new: row(id),
                 });
             }
-            self.push(commit_message(commit))
+            let stamp = PgTimestamp::now().0 - i64::try_from(self.late.as_micros()).unwrap();
+            self.push(commit_message(commit, PgTimestamp(stamp)))
         }
 
         /// Inserts of `ids` inside a streamed block of `xid` (changes of subtransaction `sub`).
@@ -968,12 +963,12 @@ mod tests {
         }
     }
 
-    fn commit_message(commit: u64) -> LogicalMessage {
+    fn commit_message(commit: u64, commit_time: PgTimestamp) -> LogicalMessage {
         LogicalMessage::Commit {
             flags: 0,
             commit_lsn: Lsn(commit),
             end_lsn: Lsn(commit + 8),
-            commit_time: PgTimestamp(0),
+            commit_time,
         }
     }
 
@@ -983,7 +978,7 @@ mod tests {
             flags: 0,
             commit_lsn: Lsn(commit),
             end_lsn: Lsn(commit + 8),
-            commit_time: PgTimestamp(0),
+            commit_time: PgTimestamp::now(),
         }
     }
 
@@ -1144,11 +1139,16 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_busy_staging_lingers_batches_and_a_quiet_one_does_not() {
-        let script = || {
-            let mut script = Script::default();
+    async fn late_batches_linger_and_timely_or_quiet_ones_do_not() {
+        // One transaction, then two back to back, then one more 2 ms later.
+        let script = |late: Duration| {
+            let mut script = Script {
+                late,
+                ..Script::default()
+            };
             script.push(relation());
-            // Two transactions back to back (a busy staging), then the third 2 ms later.
+            script.transaction(700, 50, &[0]);
+            script.idle();
             script.transaction(701, 100, &[1]);
             script.transaction(702, 200, &[2]);
             script.pause(2);
@@ -1157,17 +1157,27 @@ mod tests {
             script
         };
         let commits = |log: &[String]| log.iter().filter(|l| l.contains("COMMIT")).count();
-        // Without a linger the first batch is applied when nothing is ready.
-        let run = apply_script(script(), Lsn::INVALID, "").await;
+        let late = Duration::from_secs(1);
+        // Without a linger the batch of the two close transactions is applied when nothing is
+        // ready, however late.
+        let run = apply_script(script(late), Lsn::INVALID, "batch_linger_ms = 0").await;
+        run.result.unwrap();
+        assert_eq!(commits(&run.log), 3, "{:?}", run.log);
+        // With 5 ms, once a batch committed a second after staging, the next one waits and
+        // takes the last transaction too.
+        let run = apply_script(script(late), Lsn::INVALID, "batch_linger_ms = 5").await;
         run.result.unwrap();
         assert_eq!(commits(&run.log), 2, "{:?}", run.log);
-        // With 5 ms, the batch of the two close transactions waits and takes the third too.
-        let run = apply_script(script(), Lsn::INVALID, "batch_linger_ms = 5").await;
+        assert_eq!(run.inserted, 4);
+        // Transactions that arrive on time are applied at once.
+        let run = apply_script(script(Duration::ZERO), Lsn::INVALID, "batch_linger_ms = 5").await;
         run.result.unwrap();
-        assert_eq!(commits(&run.log), 1, "{:?}", run.log);
-        assert_eq!(run.inserted, 3);
+        assert_eq!(commits(&run.log), 3, "{:?}", run.log);
         // A transaction after a quiet spell does not wait for one that may never come.
-        let mut quiet = Script::default();
+        let mut quiet = Script {
+            late,
+            ..Script::default()
+        };
         quiet.push(relation());
         quiet.transaction(701, 100, &[1]);
         quiet.idle();
@@ -1243,7 +1253,7 @@ mod tests {
     async fn messages_out_of_order_are_protocol_errors_and_nothing_is_committed() {
         let mut commit_alone = Script::default();
         commit_alone.push(relation());
-        commit_alone.push(commit_message(100));
+        commit_alone.push(commit_message(100, PgTimestamp::now()));
         let run = apply_script(commit_alone, Lsn::INVALID, "").await;
         assert!(
             matches!(&run.result, Err(SyncError::Protocol(m)) if m.contains("without Begin")),
