@@ -3,7 +3,7 @@
 
 mod support;
 
-use stagingprop::apply::ApplyError;
+use stagingprop::apply::{ApplyError, ConflictKind};
 use stagingprop::config::Config;
 use stagingprop::ops::init::{InitOptions, init};
 use stagingprop::sync::SyncError;
@@ -789,6 +789,83 @@ async fn large_transactions_are_applied_while_staging_streams_them() {
     .parse()
     .unwrap();
     assert!(streamed >= 3, "staging streamed {streamed} transactions");
+}
+
+/// A caught-up batch under `on_conflict = "error"` goes to production together with its COMMIT
+/// (one round trip). When production refuses one there (a row to update or delete is missing, a
+/// key to insert is taken), nothing of it is committed, and applied again the careful way it
+/// stops sync with the conflict named, as before; once the row is fixed sync goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caught_up_batches_go_with_their_commit_and_a_refused_one_names_its_conflict() {
+    let c = clusters();
+    let p = initialized_pair("one_trip").await;
+    let staging = |sql: &str| psql(&c.staging, &p.staging, sql);
+    staging("INSERT INTO catentry (catentry_id, partnumber) VALUES (1, 'A'), (2, 'B'), (3, 'C')");
+    staging("INSERT INTO offerprice VALUES (1, 'EUR', 5), (1, 'USD', 6)");
+    let first = caught_up(&p.config).await.expect("first rows");
+    assert!(first.stats.batches_one_trip >= 1, "{:?}", first.stats);
+    assert_eq!(first.stats.batches_refused, 0);
+    assert_eq!(first.stats.rows_inserted, 5, "{:?}", first.stats);
+    staging("UPDATE offerprice SET price = 7 WHERE currency = 'EUR'");
+    staging("DELETE FROM offerprice WHERE currency = 'USD'");
+    let second = caught_up(&p.config).await.expect("update and delete");
+    assert!(second.stats.batches_one_trip >= 1, "{:?}", second.stats);
+    assert_eq!(
+        (second.stats.rows_updated, second.stats.rows_deleted),
+        (1, 1)
+    );
+    assert_eq!(
+        p.on_production("SELECT string_agg(currency || price::int, ',') FROM offerprice")
+            .trim(),
+        "EUR7"
+    );
+
+    // Each conflict: production's row broken, staging's change, the kind named, the repair.
+    let conflicts = [
+        (
+            "DELETE FROM catentry WHERE catentry_id = 1",
+            "UPDATE catentry SET partnumber = 'A2' WHERE catentry_id = 1",
+            ConflictKind::UpdateMissing,
+            "INSERT INTO catentry (catentry_id, partnumber) VALUES (1, 'A')",
+        ),
+        (
+            "INSERT INTO catentry (catentry_id, partnumber) VALUES (10, 'J')",
+            "INSERT INTO catentry (catentry_id, partnumber) VALUES (10, 'J')",
+            ConflictKind::InsertExists,
+            "DELETE FROM catentry WHERE catentry_id = 10",
+        ),
+        (
+            "DELETE FROM catentry WHERE catentry_id = 2",
+            "DELETE FROM catentry WHERE catentry_id = 2",
+            ConflictKind::DeleteMissing,
+            "INSERT INTO catentry (catentry_id, partnumber) VALUES (2, 'B')",
+        ),
+    ];
+    for (break_production, change, expected, repair) in conflicts {
+        p.on_production(break_production);
+        let before = p.on_production("SELECT count(*) || ':' || sum(catentry_id) FROM catentry");
+        staging(change);
+        let err = caught_up(&p.config)
+            .await
+            .expect_err("the change conflicts");
+        assert!(
+            matches!(&err, SyncError::Apply(ApplyError::Conflict { kind, .. }) if *kind == expected),
+            "{change}: {err}"
+        );
+        assert_eq!(
+            p.on_production("SELECT count(*) || ':' || sum(catentry_id) FROM catentry"),
+            before,
+            "nothing of the refused batch was committed"
+        );
+        p.on_production(repair);
+        caught_up(&p.config).await.expect("repaired");
+    }
+    assert_eq!(
+        p.on_production(
+            "SELECT string_agg(catentry_id || partnumber, ',' ORDER BY 1) FROM catentry"
+        ),
+        staging("SELECT string_agg(catentry_id || partnumber, ',' ORDER BY 1) FROM catentry")
+    );
 }
 
 /// A set-based UPDATE trips a unique check only because of its order (two rows swap a unique

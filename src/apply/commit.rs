@@ -8,6 +8,11 @@ use crate::model::Lsn;
 use crate::quote::quote_ident;
 use crate::state::{self, Progress};
 
+/// The COMMIT, then where production's WAL ends after its commit record and how far it is
+/// flushed (see [`Committed`]).
+pub(super) const COMMIT_AND_POSITIONS: &str =
+    "COMMIT; SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text";
+
 /// Where a savepoint was set ([`Applier::savepoint`]): what rolling back to it restores.
 #[derive(Clone, Copy, Debug)]
 pub struct Savepoint {
@@ -60,9 +65,12 @@ impl Applier {
     /// returns without waiting for production. The batch commits ([`Applier::complete`]) when
     /// the next batch first needs the session, so production runs one batch's statements while
     /// the pipeline reads and consolidates the next.
+    /// A small batch on a caught-up session may go with its COMMIT instead ([`super::one_trip`]).
     pub async fn close(&mut self, last: &Progress) -> Result<(), ApplyError> {
-        self.begin().await?;
-        self.flush().await?;
+        if !self.close_in_one_trip(last).await? {
+            self.begin().await?;
+            self.flush().await?;
+        }
         self.closing = Some(*last);
         self.sent_rows = 0;
         self.sent_bytes = 0;
@@ -77,6 +85,9 @@ impl Applier {
         let Some(last) = self.closing.take() else {
             return Ok(());
         };
+        if let Some(trip) = self.one_trip.take() {
+            return Box::pin(self.complete_one_trip(last, trip)).await;
+        }
         self.settle().await?;
         if let Err(e) = self.run_hooks().await {
             let _ = self.rollback().await;
@@ -126,9 +137,7 @@ impl Applier {
                 None => Ok(true),
             }
         };
-        let commit = self.client.simple_query(
-            "COMMIT; SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text",
-        );
+        let commit = self.client.simple_query(COMMIT_AND_POSITIONS);
         let (written, replies) = tokio::join!(advance, commit);
         if !matches!(written, Ok(true)) {
             // The transaction is over (the COMMIT rolled it back, or the session is gone).
@@ -143,7 +152,17 @@ impl Applier {
                 },
             });
         }
-        let replies = replies.map_err(query_error("COMMIT"))?;
+        metrics::counter!("stagingprop_batches_total", "round_trips" => "two").increment(1);
+        self.committed_with(&last, replies.map_err(query_error("COMMIT"))?)
+    }
+
+    /// The batch ending with `last` committed; `replies` is what production answered the
+    /// COMMIT with its WAL positions.
+    pub(super) fn committed_with(
+        &mut self,
+        last: &Progress,
+        replies: Vec<tokio_postgres::SimpleQueryMessage>,
+    ) -> Result<(), ApplyError> {
         self.in_transaction = false;
         self.stats.batches += 1;
         self.progress_at = last.end_lsn;
@@ -220,6 +239,9 @@ impl Applier {
     /// Abandons the open transaction (a closed batch included) and everything pending.
     pub async fn rollback(&mut self) -> Result<(), ApplyError> {
         self.closing = None;
+        if let Some(trip) = self.one_trip.take() {
+            trip.abandon();
+        }
         self.files.discard();
         self.invalidations.clear();
         for flight in self.in_flight.drain(..) {

@@ -105,6 +105,29 @@ pub(super) struct InFlight {
     pub(super) purpose: Purpose,
 }
 
+/// Puts a request on the wire now and leaves its response to a task. The first poll, here,
+/// encodes the request and hands it to the connection, so requests reach production in the
+/// order they were started.
+pub(super) async fn start<F>(future: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let mut future = Box::pin(future);
+    let mut done = None;
+    std::future::poll_fn(|cx| {
+        if let std::task::Poll::Ready(result) = future.as_mut().poll(cx) {
+            done = Some(result);
+        }
+        std::task::Poll::Ready(())
+    })
+    .await;
+    match done {
+        Some(result) => tokio::spawn(async move { result }),
+        None => tokio::spawn(future),
+    }
+}
+
 impl Applier {
     pub(super) async fn statement(
         &mut self,
@@ -158,21 +181,8 @@ impl Applier {
 
     /// Puts a request on the wire now, in order after everything sent before it, and leaves
     /// its response to [`Applier::settle`].
-    pub(super) async fn launch(&mut self, mut future: QueryFuture, purpose: Purpose) {
-        // The first poll, here, encodes the request and hands it to the connection, so requests
-        // reach production in the order they were sent; a task reads the response.
-        let mut done = None;
-        std::future::poll_fn(|cx| {
-            if let std::task::Poll::Ready(result) = future.as_mut().poll(cx) {
-                done = Some(result);
-            }
-            std::task::Poll::Ready(())
-        })
-        .await;
-        let result = match done {
-            Some(result) => tokio::spawn(async move { result }),
-            None => tokio::spawn(future),
-        };
+    pub(super) async fn launch(&mut self, future: QueryFuture, purpose: Purpose) {
+        let result = start(future).await;
         self.in_flight.push(InFlight { result, purpose });
     }
 

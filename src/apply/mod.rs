@@ -12,6 +12,7 @@ mod error;
 mod in_flight;
 pub(crate) mod invalidate;
 pub mod managed_files;
+mod one_trip;
 pub(crate) mod statements;
 pub(crate) mod statistics;
 
@@ -45,6 +46,10 @@ pub struct ApplyStats {
     pub conflicts_overwritten: u64,
     pub transactions: u64,
     pub batches: u64,
+    /// Batches sent together with their COMMIT (see `one_trip`), and how many of those
+    /// production refused (applied again the careful way).
+    pub batches_one_trip: u64,
+    pub batches_refused: u64,
     /// Key mappings written (remapping rules).
     pub keys_remapped: u64,
     /// Managed files published, as of the last committed batch.
@@ -62,6 +67,8 @@ impl ApplyStats {
         self.conflicts_overwritten += other.conflicts_overwritten;
         self.transactions += other.transactions;
         self.batches += other.batches;
+        self.batches_one_trip += other.batches_one_trip;
+        self.batches_refused += other.batches_refused;
         self.keys_remapped += other.keys_remapped;
         self.files.add(other.files);
     }
@@ -103,6 +110,9 @@ pub struct Applier {
     progress_at: Lsn,
     /// A closed batch ([`Applier::close`]): every statement sent, its COMMIT not yet.
     closing: Option<Progress>,
+    /// The closed batch went with its COMMIT ([`one_trip`]): its changes, to apply again the
+    /// careful way should production refuse them, and the COMMIT's response.
+    one_trip: Option<one_trip::OneTrip>,
     /// Batches committed that the caller has not taken yet ([`Applier::take_committed`]).
     committed: Vec<Committed>,
     /// Publishes the managed-file tables' rows as files, batch by batch.
@@ -194,6 +204,7 @@ impl Applier {
             remap,
             progress_at,
             closing: None,
+            one_trip: None,
             committed: Vec::new(),
             files: Publisher::default(),
             record_progress: true,
@@ -553,12 +564,23 @@ impl Applier {
         {
             self.settle().await?;
         }
-        let mut drained: Vec<Vec<Entry>> =
-            self.tables.iter_mut().map(|t| t.changes.drain()).collect();
+        let drained = self.drain_pending();
+        self.send_drained(drained).await
+    }
+
+    /// Takes every pending change out of memory, counting it as sent; per table.
+    fn drain_pending(&mut self) -> Vec<Vec<Entry>> {
+        let drained = self.tables.iter_mut().map(|t| t.changes.drain()).collect();
         self.sent_rows += self.pending_rows;
         self.sent_bytes += self.pending_bytes();
         self.pending_rows = 0;
         self.pending_bytes = 0;
+        drained
+    }
+
+    /// Sends drained changes (per table) in the open transaction: key translation and the
+    /// key map, invalidations noted, then the statements.
+    async fn send_drained(&mut self, mut drained: Vec<Vec<Entry>>) -> Result<(), ApplyError> {
         if let Some(remap) = &mut self.remap {
             let translated = remap
                 .translate(&self.client, &self.order, &mut drained)
@@ -585,14 +607,24 @@ impl Applier {
                 }
             }
         }
-        // Children's deletes before parents', parents' inserts and updates before children's.
+        self.send_statements(drained, false).await
+    }
+
+    /// The statements for drained changes, `checked` ones (failing on the server at a
+    /// conflict) or not. Children's deletes before parents', parents' inserts and updates
+    /// before children's.
+    async fn send_statements(
+        &mut self,
+        mut drained: Vec<Vec<Entry>>,
+        checked: bool,
+    ) -> Result<(), ApplyError> {
         let order = self.order.clone();
         for &t in order.iter().rev() {
-            self.send_deletes(t, &drained[t]).await?;
+            self.send_deletes(t, &drained[t], checked).await?;
         }
         for &t in &order {
             let entries = std::mem::take(&mut drained[t]);
-            self.send_upserts(t, entries).await?;
+            self.send_upserts(t, entries, checked).await?;
         }
         Ok(())
     }
@@ -616,7 +648,12 @@ impl Applier {
 
     /// Deletes of `Delete` and `Replace` entries; only a plain delete of a missing row is a
     /// conflict (a replaced row is inserted right after either way).
-    async fn send_deletes(&mut self, t: usize, entries: &[Entry]) -> Result<(), ApplyError> {
+    async fn send_deletes(
+        &mut self,
+        t: usize,
+        entries: &[Entry],
+        checked: bool,
+    ) -> Result<(), ApplyError> {
         let meta = &self.tables[t].meta;
         let mut columns: Vec<Vec<Option<Bytes>>> = vec![Vec::new(); meta.key.len()];
         let mut targets = Vec::new();
@@ -634,7 +671,11 @@ impl Applier {
         if targets.is_empty() {
             return Ok(());
         }
-        let sql = statements::delete_rows(meta);
+        let sql = if checked {
+            statements::delete_rows_checked(meta)
+        } else {
+            statements::delete_rows(meta)
+        };
         let columns = columns.into_iter().map(TextArray).collect();
         self.send(sql, columns, Purpose::Deletes { table: t, targets })
             .await
@@ -642,7 +683,12 @@ impl Applier {
 
     /// Inserts grouped by the columns they carry (production-only columns are left to their
     /// defaults), updates grouped by the columns they set.
-    async fn send_upserts(&mut self, t: usize, entries: Vec<Entry>) -> Result<(), ApplyError> {
+    async fn send_upserts(
+        &mut self,
+        t: usize,
+        entries: Vec<Entry>,
+        checked: bool,
+    ) -> Result<(), ApplyError> {
         let key_columns = self.tables[t].meta.key.clone();
         let mut inserts: Vec<(Vec<usize>, Vec<Entry>)> = Vec::new();
         let mut updates: Vec<(Vec<usize>, Vec<Entry>)> = Vec::new();
@@ -671,7 +717,12 @@ impl Applier {
         }
         let overwrite = self.tables[t].policy == ConflictPolicy::Overwrite;
         for (present, group) in inserts {
-            let sql = statements::insert_rows(&self.tables[t].meta, &present, overwrite);
+            let meta = &self.tables[t].meta;
+            let sql = if checked {
+                statements::insert_rows_checked(meta, &present)
+            } else {
+                statements::insert_rows(meta, &present, overwrite)
+            };
             let mut columns: Vec<Vec<Option<Bytes>>> =
                 vec![Vec::with_capacity(group.len()); present.len()];
             for entry in &group {
@@ -694,7 +745,11 @@ impl Applier {
             .await?;
         }
         for (set, group) in updates {
-            let sql = statements::update_rows(&self.tables[t].meta, &set);
+            let sql = if checked {
+                statements::update_rows_checked(&self.tables[t].meta, &set)
+            } else {
+                statements::update_rows(&self.tables[t].meta, &set)
+            };
             let mut columns: Vec<Vec<Option<Bytes>>> =
                 vec![Vec::with_capacity(group.len()); key_columns.len() + set.len()];
             for entry in &group {

@@ -179,6 +179,64 @@ pub fn update_rows(meta: &TableMeta, set: &[usize]) -> String {
     )
 }
 
+/// A number that is `count(*)` when it equals the rows sent (the first parameter's length), and
+/// otherwise an error on the server ("invalid input syntax"): a batch sent together with its
+/// COMMIT must fail there rather than commit with a row missing. The aggregate makes the
+/// comparison run whatever the count, and its operand keeps the planner from folding the error
+/// into every execution.
+fn all_rows_found(array_type: &str) -> String {
+    format!(
+        "CASE WHEN count(*) = cardinality($1::text[]) THEN {ok} \
+         ELSE ('stagingprop: ' || count(*) || ' of ' || cardinality($1::text[]) || ' rows found')::{array_type} END",
+        ok = if array_type == "bigint[]" {
+            "array_agg(ord)"
+        } else {
+            "count(*)"
+        }
+    )
+}
+
+/// [`delete_rows`] that fails on the server when a row is missing; reports the same ordinals.
+pub fn delete_rows_checked(meta: &TableMeta) -> String {
+    format!(
+        "WITH d AS ({}) SELECT unnest({}) FROM d",
+        delete_rows(meta),
+        all_rows_found("bigint[]")
+    )
+}
+
+/// [`insert_rows`] that fails on the server when a key exists (a unique violation); reports
+/// no rows, like an insert that left none out.
+pub fn insert_rows_checked(meta: &TableMeta, columns: &[usize]) -> String {
+    let values = aliases("c", columns.len());
+    let column_list = columns
+        .iter()
+        .map(|&c| quote_ident(&meta.columns[c].name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let select_list = columns
+        .iter()
+        .zip(&values)
+        .map(|(&c, alias)| format!("u.{alias}::{}", meta.columns[c].type_sql))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "INSERT INTO {} ({column_list}) SELECT {select_list} FROM {} ORDER BY u.ord",
+        qualified(&meta.schema, &meta.name),
+        unnest_from(&values)
+    )
+}
+
+/// [`update_rows`] that fails on the server when a row is missing; returns one row per row
+/// updated, so its row count is the update's.
+pub fn update_rows_checked(meta: &TableMeta, set: &[usize]) -> String {
+    format!(
+        "WITH upd AS ({} RETURNING 1) SELECT generate_series(1, {}) FROM upd",
+        update_rows(meta, set),
+        all_rows_found("bigint")
+    )
+}
+
 /// The ordinals of keys with no row. Parameters: one array per key column.
 pub fn missing_keys(meta: &TableMeta) -> String {
     let keys = aliases("k", meta.key.len());
@@ -290,6 +348,29 @@ mod tests {
              WHERE t.\"offer_id\" = u.k0::bigint AND t.\"currency\" = u.k1::character(3)"
         );
         assert!(update_rows(&meta(), &[]).contains("SET \"offer_id\" = t.\"offer_id\""));
+    }
+
+    #[test]
+    fn checked_statements_fail_on_the_server_when_a_row_is_missing_or_taken() {
+        let m = meta();
+        let delete = delete_rows_checked(&m);
+        assert!(delete.starts_with(&format!(
+            "WITH d AS ({}) SELECT unnest(CASE",
+            delete_rows(&m)
+        )));
+        assert!(delete.contains("THEN array_agg(ord) ELSE"));
+        assert!(delete.ends_with(" rows found')::bigint[] END) FROM d"));
+        let update = update_rows_checked(&m, &[2]);
+        assert!(update.starts_with(&format!(
+            "WITH upd AS ({} RETURNING 1)",
+            update_rows(&m, &[2])
+        )));
+        assert!(update.contains(
+            "generate_series(1, CASE WHEN count(*) = cardinality($1::text[]) THEN count(*)"
+        ));
+        let insert = insert_rows_checked(&m, &[0, 1, 2]);
+        assert!(!insert.contains("ON CONFLICT"), "{insert}");
+        assert!(insert.ends_with("ORDER BY u.ord"));
     }
 
     #[test]
