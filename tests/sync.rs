@@ -868,6 +868,35 @@ async fn caught_up_batches_go_with_their_commit_and_a_refused_one_names_its_conf
     );
 }
 
+/// Under `on_conflict = "overwrite"` a caught-up insert over an existing row goes in one round
+/// trip (it replaces the row); an update of a row production lacks is refused there and
+/// applied again the careful way, which inserts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overwriting_batches_go_with_their_commit_and_a_missing_row_is_inserted_carefully() {
+    let c = clusters();
+    let p = pair("one_trip_over", &[("catentry", "overwrite")]);
+    init(&p.config, &InitOptions::default())
+        .await
+        .expect("init");
+    let staging = |sql: &str| psql(&c.staging, &p.staging, sql);
+    p.on_production("INSERT INTO catentry (catentry_id, partnumber) VALUES (5, 'old')");
+    staging("INSERT INTO catentry (catentry_id, partnumber) VALUES (5, 'E'), (6, 'F')");
+    let first = caught_up(&p.config).await.expect("insert over a row");
+    assert!(first.stats.batches_one_trip >= 1, "{:?}", first.stats);
+    assert_eq!(first.stats.batches_refused, 0, "{:?}", first.stats);
+    p.on_production("DELETE FROM catentry WHERE catentry_id = 6");
+    staging("UPDATE catentry SET partnumber = 'F2' WHERE catentry_id = 6");
+    let second = caught_up(&p.config).await.expect("update of a missing row");
+    assert_eq!(second.stats.batches_refused, 1, "{:?}", second.stats);
+    assert_eq!(second.stats.conflicts_overwritten, 1, "{:?}", second.stats);
+    assert_eq!(
+        p.on_production(
+            "SELECT string_agg(catentry_id || partnumber, ',' ORDER BY 1) FROM catentry"
+        ),
+        staging("SELECT string_agg(catentry_id || partnumber, ',' ORDER BY 1) FROM catentry")
+    );
+}
+
 /// A set-based UPDATE trips a unique check only because of its order (two rows swap a unique
 /// value), after another statement of the same batch found a row missing: the missing row's
 /// lookup then fails only because the transaction is aborted. Sync must see the ordering error,

@@ -718,7 +718,8 @@ impl Applier {
         let overwrite = self.tables[t].policy == ConflictPolicy::Overwrite;
         for (present, group) in inserts {
             let meta = &self.tables[t].meta;
-            let sql = if checked {
+            // An overwriting insert has no conflict to check.
+            let sql = if checked && !overwrite {
                 statements::insert_rows_checked(meta, &present)
             } else {
                 statements::insert_rows(meta, &present, overwrite)

@@ -3,18 +3,20 @@
 //!
 //! The careful way reads what each statement reports (rows not inserted, not updated, not
 //! deleted) before committing, because the table's conflict policy decides what a conflict
-//! does. Under `on_conflict = "error"` every conflict stops the batch, so the statements can be
-//! *checked* ones that fail on the server at a conflict (a plain INSERT's unique violation, an
-//! UPDATE or DELETE whose row count falls short): a failure aborts production's transaction and
-//! the COMMIT behind it rolls back. Nothing of such a batch is committed; it is then applied
-//! again the careful way in the same session, which finds the conflict and reports it as
-//! before (or, for an ordering artefact of a set-based statement, meets the same error the
-//! careful way would). A caught-up sync saves one round trip to production per batch, which
+//! does. Under `on_conflict = "error"` every conflict stops the batch, and under `"overwrite"`
+//! an insert never conflicts (it replaces the row) and the other conflicts are rare, so the
+//! statements can be *checked* ones that fail on the server at a conflict (a plain INSERT's
+//! unique violation, an UPDATE or DELETE whose row count falls short): a failure aborts
+//! production's transaction and the COMMIT behind it rolls back. Nothing of such a batch is
+//! committed; it is then applied again the careful way in the same session, which finds the
+//! conflict and handles it as before (or, for an ordering artefact of a set-based statement,
+//! meets the same error the careful way would). A caught-up sync saves one round trip to production per batch, which
 //! is most of what it adds to a change's lag after staging's walsender.
 //!
 //! Only batches whose every change is still in memory at the close go this way, with no key
 //! remapping, cache invalidation, managed files, replaced rows or replay one change at a time,
-//! and only tables under `on_conflict = "error"`; the rest take the careful way.
+//! and no table under `on_conflict = "skip"` (its conflicts go to the quarantine, in the same
+//! transaction); the rest take the careful way.
 
 use tokio::task::JoinHandle;
 use tokio_postgres::SimpleQueryMessage;
@@ -68,7 +70,7 @@ impl Applier {
             && self
                 .tables
                 .iter()
-                .all(|t| t.changes.is_empty() || t.policy == ConflictPolicy::Error)
+                .all(|t| t.changes.is_empty() || t.policy != ConflictPolicy::Skip)
     }
 
     /// Closes the batch ending with `last` in one round trip when it may; false when it went
