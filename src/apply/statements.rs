@@ -64,13 +64,9 @@ pub fn delete_rows(meta: &TableMeta) -> String {
     )
 }
 
-/// Inserts rows of the columns `columns` (production column indexes, including every key
-/// column). Parameters: one array per column. Without `overwrite`, rows whose key exists are
-/// left alone and their ordinals returned; with it, they replace the existing row's columns and
-/// nothing is returned.
-pub fn insert_rows(meta: &TableMeta, columns: &[usize], overwrite: bool) -> String {
-    let values = aliases("c", columns.len());
-    let table = qualified(&meta.schema, &meta.name);
+/// An insert's column list and, for its SELECT, the unnested arrays `values` cast to the
+/// columns' types.
+fn insert_lists(meta: &TableMeta, columns: &[usize], values: &[String]) -> (String, String) {
     let column_list = columns
         .iter()
         .map(|&c| quote_ident(&meta.columns[c].name))
@@ -78,10 +74,21 @@ pub fn insert_rows(meta: &TableMeta, columns: &[usize], overwrite: bool) -> Stri
         .join(", ");
     let select_list = columns
         .iter()
-        .zip(&values)
+        .zip(values)
         .map(|(&c, alias)| format!("u.{alias}::{}", meta.columns[c].type_sql))
         .collect::<Vec<_>>()
         .join(", ");
+    (column_list, select_list)
+}
+
+/// Inserts rows of the columns `columns` (production column indexes, including every key
+/// column). Parameters: one array per column. Without `overwrite`, rows whose key exists are
+/// left alone and their ordinals returned; with it, they replace the existing row's columns and
+/// nothing is returned.
+pub fn insert_rows(meta: &TableMeta, columns: &[usize], overwrite: bool) -> String {
+    let values = aliases("c", columns.len());
+    let table = qualified(&meta.schema, &meta.name);
+    let (column_list, select_list) = insert_lists(meta, columns, &values);
     let key_list = meta
         .key
         .iter()
@@ -209,17 +216,7 @@ pub fn delete_rows_checked(meta: &TableMeta) -> String {
 /// no rows, like an insert that left none out.
 pub fn insert_rows_checked(meta: &TableMeta, columns: &[usize]) -> String {
     let values = aliases("c", columns.len());
-    let column_list = columns
-        .iter()
-        .map(|&c| quote_ident(&meta.columns[c].name))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let select_list = columns
-        .iter()
-        .zip(&values)
-        .map(|(&c, alias)| format!("u.{alias}::{}", meta.columns[c].type_sql))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let (column_list, select_list) = insert_lists(meta, columns, &values);
     format!(
         "INSERT INTO {} ({column_list}) SELECT {select_list} FROM {} ORDER BY u.ord",
         qualified(&meta.schema, &meta.name),
