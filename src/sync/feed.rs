@@ -109,6 +109,19 @@ impl Feed {
         .await
     }
 
+    /// Whether transactions arrive one by one as staging's walsender sends them, so that an
+    /// open batch may linger for the next (`batch_linger_ms`). The spool and the stream hand
+    /// them over in bursts, each as late as its fsync or publish made it: lateness there is
+    /// their cadence, not a staging too busy for batches of one.
+    pub(super) fn arrives_as_sent(&self) -> bool {
+        match self {
+            Feed::Slot(_) => true,
+            #[cfg(test)]
+            Feed::Script(_) => true,
+            _ => false,
+        }
+    }
+
     /// Whether running out is the end of the work rather than a lost connection.
     pub(super) fn ends(&self) -> bool {
         match self {

@@ -10,6 +10,9 @@
 //! than it saves; once they are back under, batches are applied at once again. The lag is a
 //! moving average per batch, so one late batch does not make the next ones wait.
 //!
+//! Only a pipeline reading staging's slot lingers (`Feed::arrives_as_sent`): the spool and a
+//! stream deliver in bursts whose lateness is their own cadence.
+//!
 //! The lag compares staging's commit timestamps with this machine's clock: a clock ahead of
 //! staging's by more than twice the linger makes batches linger all the time (each waits up to
 //! `batch_linger_ms`), one behind makes them linger later.

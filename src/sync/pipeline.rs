@@ -376,7 +376,10 @@ impl<'a, T: Target> Pipeline<'a, T> {
         // staging and catches up in bursts (see `pace`). batch_max_delay_ms only bounds how long
         // it grows while changes keep coming (checked at each commit).
         let mut wait = match (self.txn.is_none(), self.batch_started) {
-            (true, Some(started)) => self.pace.linger().saturating_sub(started.elapsed()),
+            (true, Some(started)) if feed.arrives_as_sent() => {
+                self.pace.linger().saturating_sub(started.elapsed())
+            }
+            (true, Some(_)) => Duration::ZERO,
             (true, None) => heartbeat.saturating_sub(self.last_activity.elapsed()),
             (false, _) => heartbeat,
         };
