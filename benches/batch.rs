@@ -6,8 +6,8 @@ use std::hint::black_box;
 
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use stagingprop::change::{RowOp, Source, TableChanges};
 use stagingprop::model::{Lsn, Value};
+use stagingprop::{RowOp, Source, TableChanges};
 
 fn text(s: String) -> Value {
     Value::Text(Bytes::from(s))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# End-to-end benchmark of fan-out (README "Fan-out"): one staging feeding N targets, by
+# End-to-end benchmark of fan-out (docs/fanout.md): one staging feeding N targets, by
 # stagingprop (`publish` into a NATS JetStream stream, N `sync --from-stream`) and by native
 # logical replication (N subscriptions, each with its own slot on staging), in the same run on
 # the same backlog.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Loading a table with its secondary indexes in place, against loading it without them and
 # building them after (two at a time): the measurement behind `copy` setting secondary indexes
-# aside (README, "Seeding with copy"). Binary COPY from one database to another on a throwaway
+# aside (docs/copy.md). Binary COPY from one database to another on a throwaway
 # cluster, session_replication_role = replica as copy's sessions; rounds alternate the two.
 #
 # Knobs: ROWS=1000000, ROUNDS=3, STAGINGPROP_PG_BIN (default: newest /usr/lib/postgresql/*/bin).

@@ -22,6 +22,24 @@ pub struct Source {
 /// A row's key as staging sent it (text values of the production key columns, in key order).
 pub type Key = Vec<Option<Bytes>>;
 
+/// One of staging's row changes as pgoutput sends it, in staging's column order: what the
+/// pipeline hands a target, which rearranges it into its own columns.
+#[derive(Clone, Debug)]
+pub enum StagingChange {
+    Insert {
+        new: Tuple,
+    },
+    /// `old`: the old key or the whole old row, when staging sent either.
+    Update {
+        old: Option<Tuple>,
+        new: Tuple,
+    },
+    /// `old`: the old key, or the whole old row.
+    Delete {
+        old: Tuple,
+    },
+}
+
 /// The consolidated change of one row.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NetChange {

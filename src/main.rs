@@ -1,5 +1,5 @@
 //! The `stagingprop` command line: parses arguments, loads the config, runs one command and turns
-//! its outcome into a message and a documented exit code (see README, "Exit codes").
+//! its outcome into a message and a documented exit code (docs/exit-codes.md).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,6 +10,7 @@ use stagingprop::config::{Config, DbConfig, TableName};
 use stagingprop::copy::{CopyError, CopyOptions, Side};
 use stagingprop::ops::OpsError;
 use stagingprop::ops::demo::{DemoOptions, demo};
+use stagingprop::ops::discover::{DiscoverOptions, discover};
 use stagingprop::ops::init::{InitOptions, init};
 use stagingprop::ops::status::{Thresholds, render, status};
 use stagingprop::ops::tail::{TailOptions, tail};
@@ -18,7 +19,7 @@ use stagingprop::pg::connect::{Endpoint, EndpointError};
 use stagingprop::state::quarantine::Selection;
 use stagingprop::sync::{self, ReplayOptions, ReplayTo, StopAt, SyncError, SyncOptions};
 
-/// Exit codes, documented in README.
+/// Exit codes, documented in docs/exit-codes.md.
 mod exit {
     pub const FAILED: u8 = 1;
     pub const CONFIG: u8 = 2;
@@ -147,6 +148,47 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         duration: u64,
     },
+    /// Read staging's catalog and write a commented config for it: tables parents first, what
+    /// to do about tables without a primary key, references and file stores suggested. Needs no
+    /// config file.
+    Discover {
+        /// Staging: a libpq URL without a password.
+        #[arg(long, value_name = "URL")]
+        staging: String,
+        /// An environment variable holding staging's password.
+        #[arg(long, value_name = "VAR")]
+        staging_password_env: Option<String>,
+        /// A file holding staging's password.
+        #[arg(long, value_name = "PATH", conflicts_with = "staging_password_env")]
+        staging_password_file: Option<PathBuf>,
+        /// Production, written into the config (a placeholder to fill in without it).
+        #[arg(long, value_name = "URL")]
+        production: Option<String>,
+        /// An environment variable holding production's password.
+        #[arg(long, value_name = "VAR", requires = "production")]
+        production_password_env: Option<String>,
+        /// A file holding production's password.
+        #[arg(
+            long,
+            value_name = "PATH",
+            requires = "production",
+            conflicts_with = "production_password_env"
+        )]
+        production_password_file: Option<PathBuf>,
+        /// A schema to read (repeatable; default public).
+        #[arg(long = "schema", value_name = "NAME")]
+        schemas: Vec<String>,
+        /// Only tables matching this pattern (`*`, `?`; `schema.table` or the table's name;
+        /// repeatable).
+        #[arg(long, value_name = "PATTERN")]
+        include: Vec<String>,
+        /// Leave out tables matching this pattern (repeatable).
+        #[arg(long, value_name = "PATTERN")]
+        exclude: Vec<String>,
+        /// Write the config to this file (which must not exist yet) instead of stdout.
+        #[arg(long, value_name = "PATH")]
+        output: Option<PathBuf>,
+    },
     /// Check both databases and create the publication, the slot and stagingprop's schema on
     /// production. Safe to run again.
     Init {
@@ -181,6 +223,10 @@ enum Command {
         /// its table definitions). --until-caught-up then means: everything the stream held.
         #[arg(long)]
         from_stream: bool,
+        /// Apply schema changes staging captured even under `[ddl] mode = "stop"`: the one that
+        /// stopped the last run, and any after it.
+        #[arg(long)]
+        apply_schema_change: bool,
     },
     /// Read staging's slot once for several targets: spool each committed transaction (fsync)
     /// and publish it to the [stream] JetStream stream, in commit order, exactly once; staging
@@ -366,7 +412,7 @@ fn init_logging(format: LogFormat, default_filter: &str) {
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         // Log lines erase copy's progress bars first instead of landing inside them.
-        .with_writer(|| stagingprop::bars::LogWriter);
+        .with_writer(|| stagingprop::LogWriter);
     match format {
         LogFormat::Human => builder.with_target(false).init(),
         LogFormat::Json => builder.json().init(),
@@ -374,21 +420,50 @@ fn init_logging(format: LogFormat, default_filter: &str) {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
-    if let Command::Demo { duration } = cli.command {
-        let options = DemoOptions {
-            duration: Duration::from_secs(duration),
-        };
-        let outcome = demo(&options, shutdown_signal())
-            .await
-            .map_err(ops_failure)?;
-        return if outcome.verified {
-            Ok(())
-        } else {
-            Err(Failure {
-                code: exit::DIFFERENT,
-                message: "the demo ended with differences between staging and production".into(),
-            })
-        };
+    match cli.command {
+        Command::Demo { duration } => return run_demo(duration).await,
+        Command::Discover {
+            staging,
+            staging_password_env,
+            staging_password_file,
+            production,
+            production_password_env,
+            production_password_file,
+            schemas,
+            include,
+            exclude,
+            output,
+        } => {
+            let db = |origin: &str, url: &str, env, file| {
+                DbConfig::from_command_line(origin, url, env, file).map_err(|e| Failure {
+                    code: exit::CONFIG,
+                    message: e.to_string(),
+                })
+            };
+            let options = DiscoverOptions {
+                staging: db(
+                    "--staging",
+                    &staging,
+                    staging_password_env,
+                    staging_password_file,
+                )?,
+                production: production
+                    .map(|url| {
+                        db(
+                            "--production",
+                            &url,
+                            production_password_env,
+                            production_password_file,
+                        )
+                    })
+                    .transpose()?,
+                schemas,
+                include,
+                exclude,
+            };
+            return run_discover(&options, output).await;
+        }
+        _ => {}
     }
     if let Some(listen) = cli.metrics_listen {
         let bound = stagingprop::ops::metrics::serve(listen)
@@ -399,19 +474,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             })?;
         tracing::info!("metrics on http://{bound}/metrics");
     }
-    let config = Config::load(&cli.config).map_err(|e| Failure {
-        code: exit::CONFIG,
-        message: e.to_string(),
-    })?;
-    let config = match &cli.scope {
-        None => config,
-        Some(scope) => config.scoped(scope).map_err(|e| Failure {
-            code: exit::CONFIG,
-            message: e.to_string(),
-        })?,
-    };
+    let config = load_config(&cli)?;
     match cli.command {
-        Command::Demo { .. } => unreachable!("handled before the config is loaded"),
+        Command::Demo { .. } | Command::Discover { .. } => {
+            unreachable!("handled before the config is loaded")
+        }
         Command::Init {
             no_slot,
             apply_changes,
@@ -433,8 +500,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             json,
             dry_run,
             from_stream,
+            apply_schema_change,
         } => {
-            let started = std::time::Instant::now();
             let until = match until {
                 None => None,
                 Some(text) => Some(parse_cutoff(&config, &text).await?),
@@ -445,26 +512,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 until,
                 dry_run,
                 from_stream,
+                apply_schema_change,
             };
-            let summary = sync::run(&config, &options, shutdown_signal())
-                .await
-                .map_err(sync_failure)?;
-            let st = summary.stats;
-            tracing::info!(
-                transactions = st.transactions,
-                inserted = st.rows_inserted,
-                updated = st.rows_updated,
-                deleted = st.rows_deleted,
-                conflicts_skipped = st.conflicts_skipped,
-                files_written = st.files.written,
-                files_removed = st.files.removed,
-                applied = %summary.last_applied.unwrap_or_default(),
-                "sync stopped"
-            );
-            let run = if dry_run { sync::DRY_RUN } else { "sync" };
-            let report =
-                sync::RunReport::of(&config, &summary, run, started.elapsed().as_secs_f64());
-            print_report(&report, json)
+            run_sync(&config, &options, json).await
         }
         Command::Publish => {
             let summary = sync::publish(&config, shutdown_signal())
@@ -499,19 +549,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 until,
                 from_stream,
             };
-            let summary = sync::replay(&config, &options, shutdown_signal())
-                .await
-                .map_err(sync_failure)?;
-            let st = summary.stats;
-            println!(
-                "replay: {} transactions applied ({} rows inserted, {} updated, {} deleted); the target is at {}",
-                st.transactions,
-                st.rows_inserted,
-                st.rows_updated,
-                st.rows_deleted,
-                summary.last_applied.unwrap_or_default()
-            );
-            Ok(())
+            run_replay(&config, &options).await
         }
         Command::Copy {
             from,
@@ -527,22 +565,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             json,
             for_stream,
         } => {
-            let parse = |names: Vec<String>| -> Result<Vec<TableName>, Failure> {
-                names
-                    .iter()
-                    .map(|n| {
-                        n.parse().map_err(|e: String| Failure {
-                            code: exit::CONFIG,
-                            message: e,
-                        })
-                    })
-                    .collect()
-            };
             let options = CopyOptions {
                 from: from.into(),
                 to: to.into(),
-                tables: parse(tables)?,
-                exclude: parse(exclude)?,
+                tables: table_names(tables)?,
+                exclude: table_names(exclude)?,
                 truncate,
                 jobs: jobs
                     .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
@@ -552,75 +579,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 for_stream,
                 atomic,
             };
-            let started = std::time::Instant::now();
-            let report = stagingprop::copy::copy(&config, &options)
-                .await
-                .map_err(copy_failure)?;
-            let elapsed = started.elapsed().as_secs_f64();
-            let rows: u64 = report.tables.iter().map(|t| t.rows).sum();
-            let bytes: u64 = report.tables.iter().map(|t| t.bytes).sum();
-            if json {
-                let tables: Vec<serde_json::Value> = report
-                    .tables
-                    .iter()
-                    .map(|t| {
-                        serde_json::json!({
-                            "table": t.table.to_string(),
-                            "rows": t.rows,
-                            "bytes": t.bytes,
-                            "seconds": t.seconds,
-                            "ranges": t.ranges,
-                        })
-                    })
-                    .collect();
-                let out = serde_json::json!({
-                    "run": "copy",
-                    "tables": tables,
-                    "rows": rows,
-                    "bytes": bytes,
-                    "elapsed_secs": elapsed,
-                    "rows_per_sec": rows as f64 / elapsed.max(0.001),
-                    "handoff": report.handoff.map(|l| l.to_string()),
-                    "after_status": report.after_status,
-                });
-                println!("{out}");
-            } else {
-                println!(
-                    "{:<40} {:>12} {:>10} {:>8} {:>7}",
-                    "table", "rows", "MB", "seconds", "ranges"
-                );
-                for t in &report.tables {
-                    println!(
-                        "{:<40} {:>12} {:>10.1} {:>8.1} {:>7}",
-                        t.table.to_string(),
-                        t.rows,
-                        t.bytes as f64 / 1e6,
-                        t.seconds,
-                        t.ranges
-                    );
-                }
-                println!(
-                    "copy: {} rows, {:.1} MB in {elapsed:.1} s ({:.0} rows/s)",
-                    rows,
-                    bytes as f64 / 1e6,
-                    rows as f64 / elapsed.max(0.001)
-                );
-                if let Some(lsn) = report.handoff {
-                    println!("sync will start at {lsn}, right after the copied snapshot");
-                }
-            }
-            if let Some(status) = report.after_status {
-                println!("--after command exited with {status}");
-                if status != 0 {
-                    return Err(Failure {
-                        code: exit::FAILED,
-                        message: format!(
-                            "the copy succeeded but the --after command exited with {status}"
-                        ),
-                    });
-                }
-            }
-            Ok(())
+            run_copy(&config, &options, json).await
         }
         Command::Quarantine { action } => run_quarantine(&config, action).await,
         Command::Status {
@@ -632,51 +591,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 max_lag_bytes,
                 max_lag_seconds,
             };
-            let report = status(&config, &thresholds).await.map_err(ops_failure)?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).unwrap_or_else(|e| e.to_string())
-                );
-            } else {
-                print!("{}", render(&report));
-            }
-            if report.healthy {
-                Ok(())
-            } else {
-                Err(Failure {
-                    code: exit::UNHEALTHY,
-                    message: format!("unhealthy: {}", report.problems.join("; ")),
-                })
-            }
+            run_status(&config, &thresholds, json).await
         }
         Command::Verify { chunk_rows, json } => {
             let options = VerifyOptions {
                 chunk_rows,
                 ..VerifyOptions::default()
             };
-            let diffs = verify(&config, &options).await.map_err(ops_failure)?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&diffs).unwrap_or_else(|e| e.to_string())
-                );
-            } else {
-                print!("{}", render_diffs(&diffs));
-            }
-            let differing: Vec<&str> = diffs
-                .iter()
-                .filter(|d| !d.matches())
-                .map(|d| d.table.as_str())
-                .collect();
-            if differing.is_empty() {
-                Ok(())
-            } else {
-                Err(Failure {
-                    code: exit::DIFFERENT,
-                    message: format!("staging and production differ in {}", differing.join(", ")),
-                })
-            }
+            run_verify(&config, &options, json).await
         }
         Command::Tail {
             slot,
@@ -686,48 +608,296 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             record,
             mapped,
             spool,
-        } => {
-            if let Some(dir) = spool {
-                let dir = dir
-                    .or_else(|| config.spool.as_ref().map(|s| s.dir.clone()))
-                    .ok_or_else(|| Failure {
-                        code: exit::CONFIG,
-                        message: "tail --spool needs a directory: give one, or set [spool] dir in the config".into(),
-                    })?;
-                let stdout = std::io::stdout();
-                let mut out = std::io::BufWriter::new(stdout.lock());
-                let summary = stagingprop::ops::tail::tail_spool(&dir, limit, &mut out)
-                    .map_err(ops_failure)?;
-                tracing::info!(
-                    changes = summary.changes,
-                    transactions = summary.transactions,
-                    "spool read to its end"
-                );
-                return Ok(());
+        } => match spool {
+            Some(dir) => run_tail_spool(&config, dir, limit),
+            None => {
+                let options = TailOptions {
+                    slot,
+                    publication: publication.unwrap_or_else(|| config.sync.publication.clone()),
+                    limit,
+                    idle_exit: idle_exit.map(Duration::from_secs),
+                    record,
+                    mapped: mapped.then(|| config.clone()),
+                };
+                run_tail(&config, &options).await
             }
-            let staging = Endpoint::from_db_config(&config.staging)
-                .map_err(|e| ops_failure(OpsError::from(e)))?;
-            let options = TailOptions {
-                slot,
-                publication: publication.unwrap_or_else(|| config.sync.publication.clone()),
-                limit,
-                idle_exit: idle_exit.map(Duration::from_secs),
-                record,
-                mapped: mapped.then(|| config.clone()),
-            };
-            let stdout = std::io::stdout();
-            let mut out = std::io::BufWriter::new(stdout.lock());
-            let summary = tail(&staging, &options, &mut out, shutdown_signal())
-                .await
-                .map_err(ops_failure)?;
-            tracing::info!(
-                changes = summary.changes,
-                transactions = summary.transactions,
-                "tail finished"
-            );
-            Ok(())
+        },
+    }
+}
+
+async fn run_discover(options: &DiscoverOptions, output: Option<PathBuf>) -> Result<(), Failure> {
+    let discovered = discover(options).await.map_err(ops_failure)?;
+    match output {
+        None => print!("{}", discovered.config),
+        Some(path) => {
+            let written = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .and_then(|mut f| std::io::Write::write_all(&mut f, discovered.config.as_bytes()));
+            written.map_err(|e| Failure {
+                code: exit::FAILED,
+                message: format!(
+                    "cannot write {} ({e}); discover never overwrites a file: give a new name",
+                    path.display()
+                ),
+            })?;
         }
     }
+    eprintln!(
+        "discover: {} table(s) ({} without a primary key or replica identity, written commented \
+         out with what to do), {} reference(s) and {} file store(s) suggested",
+        discovered.tables,
+        discovered.without_identity,
+        discovered.references,
+        discovered.file_tables
+    );
+    Ok(())
+}
+
+async fn run_demo(duration: u64) -> Result<(), Failure> {
+    let options = DemoOptions {
+        duration: Duration::from_secs(duration),
+    };
+    let outcome = demo(&options, shutdown_signal())
+        .await
+        .map_err(ops_failure)?;
+    if outcome.verified {
+        Ok(())
+    } else {
+        Err(Failure {
+            code: exit::DIFFERENT,
+            message: "the demo ended with differences between staging and production".into(),
+        })
+    }
+}
+
+/// The config file, narrowed to `--scope` when one is given.
+fn load_config(cli: &Cli) -> Result<Config, Failure> {
+    let config = Config::load(&cli.config).map_err(|e| Failure {
+        code: exit::CONFIG,
+        message: e.to_string(),
+    })?;
+    match &cli.scope {
+        None => Ok(config),
+        Some(scope) => config.scoped(scope).map_err(|e| Failure {
+            code: exit::CONFIG,
+            message: e.to_string(),
+        }),
+    }
+}
+
+fn table_names(names: Vec<String>) -> Result<Vec<TableName>, Failure> {
+    names
+        .iter()
+        .map(|n| {
+            n.parse().map_err(|e: String| Failure {
+                code: exit::CONFIG,
+                message: e,
+            })
+        })
+        .collect()
+}
+
+async fn run_sync(config: &Config, options: &SyncOptions, json: bool) -> Result<(), Failure> {
+    let started = std::time::Instant::now();
+    let summary = sync::run(config, options, shutdown_signal())
+        .await
+        .map_err(sync_failure)?;
+    let st = summary.stats;
+    tracing::info!(
+        transactions = st.transactions,
+        inserted = st.rows_inserted,
+        updated = st.rows_updated,
+        deleted = st.rows_deleted,
+        conflicts_skipped = st.conflicts_skipped,
+        files_written = st.files.written,
+        files_removed = st.files.removed,
+        applied = %summary.last_applied.unwrap_or_default(),
+        "sync stopped"
+    );
+    let run = if options.dry_run {
+        sync::DRY_RUN
+    } else {
+        "sync"
+    };
+    let report = sync::RunReport::of(config, &summary, run, started.elapsed().as_secs_f64());
+    print_report(&report, json)
+}
+
+async fn run_replay(config: &Config, options: &ReplayOptions) -> Result<(), Failure> {
+    let summary = sync::replay(config, options, shutdown_signal())
+        .await
+        .map_err(sync_failure)?;
+    let st = summary.stats;
+    println!(
+        "replay: {} transactions applied ({} rows inserted, {} updated, {} deleted); the target is at {}",
+        st.transactions,
+        st.rows_inserted,
+        st.rows_updated,
+        st.rows_deleted,
+        summary.last_applied.unwrap_or_default()
+    );
+    Ok(())
+}
+
+async fn run_copy(config: &Config, options: &CopyOptions, json: bool) -> Result<(), Failure> {
+    let started = std::time::Instant::now();
+    let report = stagingprop::copy::copy(config, options)
+        .await
+        .map_err(copy_failure)?;
+    print_copy_report(&report, started.elapsed().as_secs_f64(), json);
+    if let Some(status) = report.after_status {
+        println!("--after command exited with {status}");
+        if status != 0 {
+            return Err(Failure {
+                code: exit::FAILED,
+                message: format!("the copy succeeded but the --after command exited with {status}"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A copy's summary per table, as a table for people or as JSON for scripts.
+fn print_copy_report(report: &stagingprop::copy::CopyReport, elapsed: f64, json: bool) {
+    let rows: u64 = report.tables.iter().map(|t| t.rows).sum();
+    let bytes: u64 = report.tables.iter().map(|t| t.bytes).sum();
+    if json {
+        let tables: Vec<serde_json::Value> = report
+            .tables
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "table": t.table.to_string(),
+                    "rows": t.rows,
+                    "bytes": t.bytes,
+                    "seconds": t.seconds,
+                    "ranges": t.ranges,
+                })
+            })
+            .collect();
+        let out = serde_json::json!({
+            "run": "copy",
+            "tables": tables,
+            "rows": rows,
+            "bytes": bytes,
+            "elapsed_secs": elapsed,
+            "rows_per_sec": rows as f64 / elapsed.max(0.001),
+            "handoff": report.handoff.map(|l| l.to_string()),
+            "after_status": report.after_status,
+        });
+        println!("{out}");
+        return;
+    }
+    println!(
+        "{:<40} {:>12} {:>10} {:>8} {:>7}",
+        "table", "rows", "MB", "seconds", "ranges"
+    );
+    for t in &report.tables {
+        println!(
+            "{:<40} {:>12} {:>10.1} {:>8.1} {:>7}",
+            t.table.to_string(),
+            t.rows,
+            t.bytes as f64 / 1e6,
+            t.seconds,
+            t.ranges
+        );
+    }
+    println!(
+        "copy: {} rows, {:.1} MB in {elapsed:.1} s ({:.0} rows/s)",
+        rows,
+        bytes as f64 / 1e6,
+        rows as f64 / elapsed.max(0.001)
+    );
+    if let Some(lsn) = report.handoff {
+        println!("sync will start at {lsn}, right after the copied snapshot");
+    }
+}
+
+async fn run_status(config: &Config, thresholds: &Thresholds, json: bool) -> Result<(), Failure> {
+    let report = status(config, thresholds).await.map_err(ops_failure)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_else(|e| e.to_string())
+        );
+    } else {
+        print!("{}", render(&report));
+    }
+    if report.healthy {
+        Ok(())
+    } else {
+        Err(Failure {
+            code: exit::UNHEALTHY,
+            message: format!("unhealthy: {}", report.problems.join("; ")),
+        })
+    }
+}
+
+async fn run_verify(config: &Config, options: &VerifyOptions, json: bool) -> Result<(), Failure> {
+    let diffs = verify(config, options).await.map_err(ops_failure)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&diffs).unwrap_or_else(|e| e.to_string())
+        );
+    } else {
+        print!("{}", render_diffs(&diffs));
+    }
+    let differing: Vec<&str> = diffs
+        .iter()
+        .filter(|d| !d.matches())
+        .map(|d| d.table.as_str())
+        .collect();
+    if differing.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure {
+            code: exit::DIFFERENT,
+            message: format!("staging and production differ in {}", differing.join(", ")),
+        })
+    }
+}
+
+/// `tail --spool [DIR]`: the spool's records, oldest first, to its end.
+fn run_tail_spool(
+    config: &Config,
+    dir: Option<PathBuf>,
+    limit: Option<u64>,
+) -> Result<(), Failure> {
+    let dir = dir
+        .or_else(|| config.spool.as_ref().map(|s| s.dir.clone()))
+        .ok_or_else(|| Failure {
+            code: exit::CONFIG,
+            message: "tail --spool needs a directory: give one, or set [spool] dir in the config"
+                .into(),
+        })?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let summary = stagingprop::ops::tail::tail_spool(&dir, limit, &mut out).map_err(ops_failure)?;
+    tracing::info!(
+        changes = summary.changes,
+        transactions = summary.transactions,
+        "spool read to its end"
+    );
+    Ok(())
+}
+
+async fn run_tail(config: &Config, options: &TailOptions) -> Result<(), Failure> {
+    let staging =
+        Endpoint::from_db_config(&config.staging).map_err(|e| ops_failure(OpsError::from(e)))?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let summary = tail(&staging, options, &mut out, shutdown_signal())
+        .await
+        .map_err(ops_failure)?;
+    tracing::info!(
+        changes = summary.changes,
+        transactions = summary.transactions,
+        "tail finished"
+    );
+    Ok(())
 }
 
 async fn run_quarantine(config: &Config, action: QuarantineAction) -> Result<(), Failure> {
@@ -836,15 +1006,18 @@ async fn shutdown_signal() {
 }
 
 fn sync_failure(error: SyncError) -> Failure {
-    use stagingprop::apply::ApplyError;
-    use stagingprop::apply::managed_files::FileError;
-    use stagingprop::remap::RemapError;
+    use stagingprop::ApplyError;
+    use stagingprop::FileError;
+    use stagingprop::RemapError;
     use stagingprop::stream::StreamError;
     let code = match &error {
         SyncError::Endpoint(_) => exit::CONFIG,
         SyncError::Schema(_)
         | SyncError::UnknownTable(_)
-        | SyncError::Apply(ApplyError::Schema(_))
+        | SyncError::SchemaChangeWaiting { .. }
+        | SyncError::Apply(
+            ApplyError::Schema(_) | ApplyError::SchemaChange(_) | ApplyError::IndexBuild { .. },
+        )
         | SyncError::Apply(ApplyError::Files(
             FileError::NoColumn { .. } | FileError::NotFullIdentity { .. },
         ))

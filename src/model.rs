@@ -71,6 +71,101 @@ impl PgTimestamp {
     }
 }
 
+/// What production must not be left with: a change that cannot be applied as the policy says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConflictKind {
+    /// An INSERT whose key already exists on production.
+    InsertExists,
+    /// An UPDATE of a row production lacks.
+    UpdateMissing,
+    /// A DELETE of a row production lacks.
+    DeleteMissing,
+    /// An UPDATE of a row that has no key mapping (an allocating rule never saw it).
+    UpdateUnmapped,
+    /// A DELETE of a row that has no key mapping.
+    DeleteUnmapped,
+}
+
+impl fmt::Display for ConflictKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ConflictKind::InsertExists => "insert of a key that already exists on production",
+            ConflictKind::UpdateMissing => "update of a row production lacks",
+            ConflictKind::DeleteMissing => "delete of a row production lacks",
+            ConflictKind::UpdateUnmapped => {
+                "update of a row that has no key mapping, so production has no row for it"
+            }
+            ConflictKind::DeleteUnmapped => {
+                "delete of a row that has no key mapping, so production has no row for it"
+            }
+        })
+    }
+}
+
+impl ConflictKind {
+    /// Its name in logs and metrics, as PostgreSQL 18 names the kinds it counts
+    /// (`pg_stat_subscription_stats`), with stagingprop's own two for key remapping.
+    pub fn name(self) -> &'static str {
+        match self {
+            ConflictKind::InsertExists => "insert_exists",
+            ConflictKind::UpdateMissing => "update_missing",
+            ConflictKind::DeleteMissing => "delete_missing",
+            ConflictKind::UpdateUnmapped => "update_unmapped",
+            ConflictKind::DeleteUnmapped => "delete_unmapped",
+        }
+    }
+
+    pub fn operation(self) -> &'static str {
+        match self {
+            ConflictKind::InsertExists => "insert",
+            ConflictKind::UpdateMissing | ConflictKind::UpdateUnmapped => "update",
+            ConflictKind::DeleteMissing | ConflictKind::DeleteUnmapped => "delete",
+        }
+    }
+}
+
+/// Below this WAL distance production counts as caught up: an idle staging still writes WAL
+/// (heartbeats, checkpoints, other databases) that holds nothing to apply.
+pub const CAUGHT_UP_BYTES: u64 = 64 * 1024;
+
+/// How far production is behind staging, measured the same way by sync's log line and gauges,
+/// `status` and the run report.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct Lag {
+    /// Staging WAL past what production has.
+    pub bytes: u64,
+    /// Since the last transaction production has committed on staging; 0 when caught up, unknown
+    /// while behind with nothing applied yet.
+    pub seconds: Option<f64>,
+}
+
+impl Lag {
+    /// The lag of a target whose progress row says `applied` (invalid: it has none yet) behind
+    /// `staging_end`, staging's WAL position now. Without a progress row the target is measured
+    /// from `start`, where the slot starts (its confirmed position: nothing before it will be
+    /// sent), never from 0/0. `last_commit` is when the last applied transaction committed on
+    /// staging. Unknown (None) when staging's position or both of the others are.
+    pub fn measure(
+        staging_end: Lsn,
+        applied: Lsn,
+        start: Lsn,
+        last_commit: Option<PgTimestamp>,
+        now: PgTimestamp,
+    ) -> Option<Lag> {
+        let from = if applied.is_valid() { applied } else { start };
+        if !staging_end.is_valid() || !from.is_valid() {
+            return None;
+        }
+        let bytes = staging_end.0.saturating_sub(from.0);
+        let seconds = if bytes <= CAUGHT_UP_BYTES {
+            Some(0.0)
+        } else {
+            last_commit.map(|t| (now.0 - t.0).max(0) as f64 / 1e6)
+        };
+        Some(Lag { bytes, seconds })
+    }
+}
+
 impl fmt::Display for PgTimestamp {
     /// RFC 3339 in UTC with microseconds, e.g. `2026-11-25T10:58:37.123456Z`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -222,5 +317,66 @@ impl OldTuple {
         match self {
             OldTuple::Key(t) | OldTuple::Full(t) => t,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_without_a_progress_row_is_measured_from_where_the_slot_starts() {
+        let now = PgTimestamp(1_000_000_000);
+        // Nothing pending: staging's WAL is where the slot starts, whatever its absolute value.
+        let fresh = Lag::measure(
+            Lsn(9_408_683_128),
+            Lsn::INVALID,
+            Lsn(9_408_683_128),
+            None,
+            now,
+        );
+        assert_eq!(
+            fresh,
+            Some(Lag {
+                bytes: 0,
+                seconds: Some(0.0)
+            })
+        );
+        // A backlog before the first transaction: its size is known, its age is not.
+        let backlog = Lag::measure(Lsn(5_000_000), Lsn::INVALID, Lsn(1_000_000), None, now);
+        assert_eq!(
+            backlog,
+            Some(Lag {
+                bytes: 4_000_000,
+                seconds: None
+            })
+        );
+        // Neither a progress row nor a slot position: unknown, not the whole WAL.
+        assert_eq!(
+            Lag::measure(Lsn(5_000_000), Lsn::INVALID, Lsn::INVALID, None, now),
+            None
+        );
+    }
+
+    #[test]
+    fn lag_with_a_progress_row_counts_from_it_and_ages_from_its_commit() {
+        let now = PgTimestamp(10_000_000);
+        let commit = Some(PgTimestamp(7_500_000));
+        // The progress row wins over the slot's position (a spool confirms ahead of production).
+        let behind = Lag::measure(Lsn(2_000_000), Lsn(1_000_000), Lsn(1_900_000), commit, now);
+        assert_eq!(
+            behind,
+            Some(Lag {
+                bytes: 1_000_000,
+                seconds: Some(2.5)
+            })
+        );
+        let close = Lag::measure(Lsn(1_000_100), Lsn(1_000_000), Lsn::INVALID, commit, now);
+        assert_eq!(close.map(|l| (l.bytes, l.seconds)), Some((100, Some(0.0))));
+        // Staging's position unknown (a replay, a stream): unknown.
+        assert_eq!(
+            Lag::measure(Lsn::INVALID, Lsn(1_000_000), Lsn::INVALID, commit, now),
+            None
+        );
     }
 }

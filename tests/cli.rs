@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value as Json;
-use support::{Scratch, clusters, fresh_db, psql, stagingprop as run};
+use support::{Scratch, clusters, fresh_db, psql, scrape, stagingprop as run};
 
 const BIN: &str = env!("CARGO_BIN_EXE_stagingprop");
 
@@ -653,18 +653,6 @@ fn demo_runs_end_to_end_and_removes_its_clusters() {
         String::from_utf8_lossy(&servers.stdout).trim().is_empty(),
         "demo servers still running"
     );
-}
-
-/// GET /metrics, the plain way a Prometheus scrape does.
-fn scrape(port: u16) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut socket = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    socket
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .ok()?;
-    let mut response = String::new();
-    socket.read_to_string(&mut response).ok()?;
-    Some(response)
 }
 
 #[test]

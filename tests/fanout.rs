@@ -12,7 +12,7 @@ use stagingprop::model::Lsn;
 use stagingprop::stream;
 use stagingprop::sync::{self, StopAt, SyncOptions};
 use support::nats::{NatsCluster, NatsServer};
-use support::{Lcg, Scratch, clusters, fresh_db, psql};
+use support::{Scratch, clusters, fresh_db, psql, rng::Rng};
 
 const SCHEMA: &str = "
 CREATE TABLE catentry (catentry_id bigint PRIMARY KEY, partnumber text NOT NULL, price numeric(12,2));
@@ -38,7 +38,7 @@ fn workload_beside_faults(
     big_keys: u64,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        let mut rng = Lcg(seed);
+        let mut rng = Rng::new(seed);
         for round in 0..rounds {
             psql(
                 &clusters().staging,
@@ -62,7 +62,7 @@ fn workload_beside_faults(
 }
 
 /// `count` staging transactions of random catalogue edits, keys from `first_id` on.
-fn workload(rng: &mut Lcg, first_id: u64, count: u64) -> String {
+fn workload(rng: &mut Rng, first_id: u64, count: u64) -> String {
     let mut sql = String::new();
     let mut next = first_id;
     for _ in 0..count {
@@ -261,7 +261,7 @@ async fn three_targets_with_their_own_key_rules_each_apply_the_stream_exactly_on
     }
     let (stop, publisher) = start_publisher(&a);
     let production = &clusters().production;
-    let mut rng = Lcg(0x5eed_f00d);
+    let mut rng = Rng::new(0x5eed_f00d);
 
     // Round 1: a random workload; every target applies what the stream holds.
     fanout.on_staging(&workload(&mut rng, 1, 150));
@@ -356,7 +356,7 @@ async fn a_target_behind_the_streams_retention_stops_with_the_gap_error() {
     .await
     .unwrap();
     let (stop, publisher) = start_publisher(&a);
-    let mut rng = Lcg(7);
+    let mut rng = Rng::new(7);
     fanout.on_staging(&workload(&mut rng, 1, 3));
     wait_published(&fanout, &a).await;
     apply_stream(&a).await;
@@ -418,7 +418,7 @@ async fn a_target_seeded_by_copy_while_publishing_runs_continues_from_its_hand_o
         .await
         .expect("init");
     let (stop, publisher) = start_publisher(&a);
-    let mut rng = Lcg(99);
+    let mut rng = Rng::new(99);
     fanout.on_staging(&workload(&mut rng, 1, 100));
     wait_published(&fanout, &a).await;
 
@@ -427,7 +427,7 @@ async fn a_target_seeded_by_copy_while_publishing_runs_continues_from_its_hand_o
     let (d_db, d) = fanout.target("d", "");
     let staging_db = fanout.staging.clone();
     let edits = std::thread::spawn(move || {
-        let mut rng = Lcg(1234);
+        let mut rng = Rng::new(1234);
         for round in 0..10 {
             psql(
                 &clusters().staging,
@@ -540,7 +540,7 @@ async fn sigkill_of_the_publisher_and_a_nats_restart_lose_and_double_nothing() {
     // The workload runs beside the kills: small transactions and two large ones (chunked).
     let workload_thread =
         workload_beside_faults(fanout.staging.clone(), 0xdead_beef, 24, 1500, 200_000);
-    let mut rng = Lcg(42);
+    let mut rng = Rng::new(42);
     for kill in 0..10 {
         let mut publisher = spawn_publisher();
         tokio::time::sleep(Duration::from_millis(300 + rng.below(700))).await;
@@ -596,7 +596,7 @@ async fn sigkill_of_an_applier_loses_and_doubles_nothing() {
     let (stop, publisher) = start_publisher(&a);
     let workload_thread = workload_beside_faults(fanout.staging.clone(), 0xfeed, 20, 2000, 300_000);
     // The applier (the binary) is killed at random moments while the stream grows.
-    let mut rng = Lcg(7);
+    let mut rng = Rng::new(7);
     for _ in 0..8 {
         let mut applier = std::process::Command::new(env!("CARGO_BIN_EXE_stagingprop"))
             .arg("--config")
@@ -641,7 +641,7 @@ async fn replay_from_the_stream_brings_a_restored_backup_up_to_date() {
         .await
         .expect("init");
     let (stop, publisher) = start_publisher(&a);
-    let mut rng = Lcg(31);
+    let mut rng = Rng::new(31);
     fanout.on_staging(&workload(&mut rng, 1, 60));
     wait_published(&fanout, &a).await;
     apply_stream(&a).await;
@@ -741,7 +741,7 @@ async fn a_replicated_stream_survives_a_node_killed_while_publishing() {
     let (stop, publisher) = start_publisher(&a);
     let staging_db = fanout.staging.clone();
     let workload_thread = std::thread::spawn(move || {
-        let mut rng = Lcg(0xc105);
+        let mut rng = Rng::new(0xc105);
         for round in 0..16u64 {
             psql(
                 &clusters().staging,

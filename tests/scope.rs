@@ -11,7 +11,8 @@ use stagingprop::copy::{CopyOptions, Side, copy};
 use stagingprop::ops::init::{InitOptions, init};
 use stagingprop::ops::verify::{VerifyOptions, verify};
 use stagingprop::sync;
-use support::{Lcg, Pair, PairBuilder, caught_up, init_without_slot};
+use support::rng::Rng;
+use support::{Pair, PairBuilder, caught_up, init_without_slot};
 
 async fn verify_table(config: &Config) -> stagingprop::ops::verify::TableDiff {
     let diffs = verify(config, &VerifyOptions::default())
@@ -53,7 +54,7 @@ async fn a_filtered_table_follows_rows_moving_in_and_out_of_the_filter() {
         "copy takes only the filtered rows"
     );
 
-    let mut rng = Lcg(15);
+    let mut rng = Rng::new(15);
     for _ in 0..300 {
         let id = rng.below(260) + 1;
         let store = 10000 + rng.below(4);

@@ -158,7 +158,10 @@ async fn layout_3_gains_the_copys_loaded_pieces_and_keeps_its_rows() {
         .unwrap();
     assert!(ahead.is_empty());
     state::ensure(&client).await.unwrap();
-    assert_eq!(state::layout::version(&client).await.unwrap(), 4);
+    assert_eq!(
+        state::layout::version(&client).await.unwrap(),
+        state::LAYOUT_VERSION
+    );
     assert_eq!(contents(&db), before, "the upgrade kept every row");
     let progress = state::progress::read(&client, "sp").await.unwrap().unwrap();
     assert_eq!(progress.stream_seq, Some(17));

@@ -34,7 +34,7 @@ pub struct Committed {
 
 impl Applier {
     /// Production's WAL flush position now.
-    pub async fn wal_flushed(&self) -> Result<Lsn, ApplyError> {
+    pub(super) async fn wal_flushed(&self) -> Result<Lsn, ApplyError> {
         let row = self
             .client
             .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
@@ -46,7 +46,7 @@ impl Applier {
     /// Makes production flush its WAL as far as it goes now and returns the flush position: a
     /// transaction that writes (this slot's progress row, unchanged) commits synchronously, and
     /// the flush of its commit record covers every asynchronous commit before it.
-    pub async fn flush_wal(&self) -> Result<Lsn, ApplyError> {
+    pub(super) async fn flush_wal(&self) -> Result<Lsn, ApplyError> {
         let flush = async {
             self.client
                 .batch_execute("BEGIN; SET LOCAL synchronous_commit = on")
@@ -81,7 +81,17 @@ impl Applier {
     /// Commits the closed batch, if there is one: settles its statements (conflict policy),
     /// records its last staging transaction in the progress table, and commits (asynchronously:
     /// see [`Committed`]). The caller takes the result from [`Applier::take_committed`].
+    /// Index builds a schema change of the batch left to run after it run next (not while a
+    /// transaction is still open: a build cannot run inside one).
     pub async fn complete(&mut self) -> Result<(), ApplyError> {
+        self.complete_batch().await?;
+        if self.index_builds_waiting && !self.in_transaction {
+            self.run_index_builds().await?;
+        }
+        Ok(())
+    }
+
+    async fn complete_batch(&mut self) -> Result<(), ApplyError> {
         let Some(last) = self.closing.take() else {
             return Ok(());
         };
@@ -187,16 +197,6 @@ impl Applier {
         Ok(())
     }
 
-    /// What this session takes the progress row to hold; a commit moves it only from there.
-    pub fn progress_at(&self) -> Lsn {
-        self.progress_at
-    }
-
-    /// Another session of the same sync committed and moved the progress row to `lsn`.
-    pub fn set_progress_at(&mut self, lsn: Lsn) {
-        self.progress_at = lsn;
-    }
-
     /// Sends and settles everything pending, then sets savepoint `name` in the open
     /// transaction (a staging subtransaction starts: it may be rolled back alone).
     pub async fn savepoint(&mut self, name: &str) -> Result<Savepoint, ApplyError> {
@@ -229,11 +229,6 @@ impl Applier {
             .batch_execute(&format!("ROLLBACK TO SAVEPOINT {}", quote_ident(name)))
             .await
             .map_err(query_error("ROLLBACK TO SAVEPOINT"))
-    }
-
-    /// The batches committed since the last call, oldest first.
-    pub fn take_committed(&mut self) -> Vec<Committed> {
-        std::mem::take(&mut self.committed)
     }
 
     /// Abandons the open transaction (a closed batch included) and everything pending.

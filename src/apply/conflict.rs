@@ -11,7 +11,7 @@ use super::in_flight::{Purpose, Reported, TextArray};
 use super::{Applier, ApplyError, ConflictKind, statements, value_bytes};
 use crate::catalog::TableMeta;
 use crate::change::{Entry, Key, NetChange};
-use crate::config::ConflictPolicy;
+use crate::config::Resolution;
 use crate::model::{Tuple, Value};
 use crate::state::{self, quarantine};
 
@@ -115,36 +115,44 @@ impl Applier {
         let meta = &self.tables[t].meta;
         let policy = self.tables[t].policy;
         let key_json = key_json(meta, &entry.key);
-        let policy_label = match policy {
-            ConflictPolicy::Error => "error",
-            ConflictPolicy::Skip => "skip",
-            ConflictPolicy::Overwrite => "overwrite",
+        metrics::counter!(
+            "stagingprop_conflicts_total",
+            "table" => meta.table_name().to_string(),
+            "kind" => kind.name(),
+            "policy" => policy.as_str()
+        )
+        .increment(1);
+        let whole_row = match &entry.change {
+            NetChange::Insert(row) | NetChange::Update(row) | NetChange::Replace(row) => {
+                row.iter().all(|v| !matches!(v, Value::UnchangedToast))
+            }
+            NetChange::Delete => false,
         };
-        metrics::counter!("stagingprop_conflicts_total", "table" => meta.table_name().to_string(), "policy" => policy_label)
-            .increment(1);
-        match (policy, kind) {
-            (ConflictPolicy::Error, _) => Err(ApplyError::Conflict {
+        match policy.resolve(kind, whole_row) {
+            Resolution::Stop => Err(ApplyError::Conflict {
                 table: meta.table_name(),
                 kind,
                 key: key_json.to_string(),
                 lsn: entry.source.lsn,
                 xid: entry.source.xid,
             }),
-            // Overwrite: the row is already gone; production ends as staging wants it.
-            (ConflictPolicy::Overwrite, ConflictKind::DeleteMissing) => {
+            Resolution::AlreadyDone => {
                 self.stats.conflicts_overwritten += 1;
                 Ok(())
             }
-            // Overwrite an update of a missing row by inserting it, when every column was sent.
-            (ConflictPolicy::Overwrite, ConflictKind::UpdateMissing)
-                if matches!(&entry.change, NetChange::Update(row)
-                    if row.iter().all(|v| !matches!(v, Value::UnchangedToast))) =>
-            {
-                let NetChange::Update(row) = &entry.change else {
-                    unreachable!()
+            Resolution::InsertRow => {
+                let (NetChange::Insert(row) | NetChange::Update(row) | NetChange::Replace(row)) =
+                    &entry.change
+                else {
+                    unreachable!("a whole row was sent")
                 };
                 let all: Vec<usize> = (0..row.len()).collect();
-                let sql = statements::insert_rows(meta, &all, true);
+                // A table without a key has nothing to conflict on: a plain insert.
+                let sql = if meta.key.is_empty() {
+                    statements::insert_rows_checked(meta, &all)
+                } else {
+                    statements::insert_rows(meta, &all, true)
+                };
                 let columns = row
                     .iter()
                     .map(|v| value_bytes(v, meta).map(|b| TextArray(vec![b])))
@@ -159,12 +167,8 @@ impl Applier {
                 self.stats.conflicts_overwritten += 1;
                 Ok(())
             }
-            _ => {
-                let unmapped = matches!(
-                    kind,
-                    ConflictKind::UpdateUnmapped | ConflictKind::DeleteUnmapped
-                );
-                let reason = if policy == ConflictPolicy::Overwrite && !unmapped {
+            Resolution::Quarantine { incomplete_row } => {
+                let reason = if incomplete_row {
                     format!(
                         "{kind}; not every column was sent (unchanged TOAST values), so it cannot be inserted"
                     )
@@ -206,7 +210,7 @@ impl Applier {
 
 pub(super) fn key_json(meta: &TableMeta, key: &Key) -> serde_json::Value {
     let mut map = serde_json::Map::new();
-    for (&k, value) in meta.key.iter().zip(key) {
+    for (k, value) in meta.identifying_columns().into_iter().zip(key) {
         let v = value
             .as_ref()
             .map(|b| serde_json::Value::String(String::from_utf8_lossy(b).into_owned()))

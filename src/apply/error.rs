@@ -1,7 +1,5 @@
 //! What applying can fail with, and the conflicts a table's policy decides.
 
-use std::fmt;
-
 use super::managed_files::FileError;
 use crate::config::TableName;
 use crate::model::{Lsn, Xid};
@@ -10,49 +8,46 @@ use crate::remap::RemapError;
 use crate::remap::store::StoreError;
 use crate::state::StateError;
 
-/// What production must not be left with: a change that cannot be applied as the policy says.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ConflictKind {
-    /// An INSERT whose key already exists on production.
-    InsertExists,
-    /// An UPDATE of a row production lacks.
-    UpdateMissing,
-    /// A DELETE of a row production lacks.
-    DeleteMissing,
-    /// An UPDATE of a row that has no key mapping (an allocating rule never saw it).
-    UpdateUnmapped,
-    /// A DELETE of a row that has no key mapping.
-    DeleteUnmapped,
-}
+pub use crate::model::ConflictKind;
 
-impl fmt::Display for ConflictKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ConflictKind::InsertExists => "insert of a key that already exists on production",
-            ConflictKind::UpdateMissing => "update of a row production lacks",
-            ConflictKind::DeleteMissing => "delete of a row production lacks",
-            ConflictKind::UpdateUnmapped => {
-                "update of a row that has no key mapping, so production has no row for it"
-            }
-            ConflictKind::DeleteUnmapped => {
-                "delete of a row that has no key mapping, so production has no row for it"
-            }
-        })
-    }
-}
-
-impl ConflictKind {
-    pub(super) fn operation(self) -> &'static str {
-        match self {
-            ConflictKind::InsertExists => "insert",
-            ConflictKind::UpdateMissing | ConflictKind::UpdateUnmapped => "update",
-            ConflictKind::DeleteMissing | ConflictKind::DeleteUnmapped => "delete",
-        }
-    }
+/// Why a schema change from staging was not applied to production.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "staging's schema change of {table} (staging transaction {xid} at {lsn}) cannot be applied \
+     to production, nothing of that transaction was applied: {obstacle}\n  statement on staging: \
+     {statement}\n  plan for production:\n    {plan}\nFix production (or the config), then start \
+     sync again: it resumes at that transaction"
+)]
+pub struct SchemaChangeRefused {
+    pub table: TableName,
+    pub statement: String,
+    pub plan: String,
+    pub obstacle: String,
+    pub lsn: Lsn,
+    pub xid: Xid,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
+    /// A schema change from staging that production cannot take (or that is not carried):
+    /// nothing of its transaction was applied.
+    #[error(transparent)]
+    SchemaChange(Box<SchemaChangeRefused>),
+    /// An index build (or drop) a schema change left to run after its transaction failed: the
+    /// transaction is applied, the build is still to do.
+    #[error(
+        "production could not run `{statement}` for staging's schema change: {obstacle}. The \
+         change's transaction is applied; the index is built (or dropped) before anything more \
+         is applied: fix production, then start sync again"
+    )]
+    IndexBuild {
+        index: String,
+        statement: String,
+        obstacle: String,
+    },
+    /// Columns of a Relation message whose staging types the target cannot store.
+    #[error("staging and production differ, nothing was applied:\n  - {}", .0.join("\n  - "))]
+    Types(Vec<String>),
     #[error(
         "conflict in {table} (on_conflict = error): {kind}, key {key}, staging transaction {xid} at {lsn}. \
          Nothing of this batch was applied and staging was not told to release it. Fix the row on \

@@ -645,6 +645,8 @@ mod tests {
                 column("content", content_type),
             ],
             key: vec![0],
+            identity_full: false,
+            partitioned: false,
         }
     }
 

@@ -10,11 +10,16 @@ mod commit;
 mod conflict;
 mod error;
 mod in_flight;
+pub mod index_builds;
 pub(crate) mod invalidate;
+mod keyless;
 pub mod managed_files;
 mod one_trip;
+mod schema_change;
+mod shape;
 pub(crate) mod statements;
 pub(crate) mod statistics;
+mod target;
 
 use std::collections::HashMap;
 
@@ -24,13 +29,16 @@ use tokio_postgres::{Client, Statement};
 
 pub use self::commit::{Committed, Savepoint};
 use self::error::query_error;
-pub use self::error::{ApplyError, ConflictKind};
+pub use self::error::{ApplyError, ConflictKind, SchemaChangeRefused};
 use self::in_flight::{InFlight, Purpose, QueryFuture, Reported, TextArray};
 use self::invalidate::{Invalidations, NotifiedTable};
 use self::managed_files::{FileStats, Publisher};
+pub(crate) use self::schema_change::describe as describe_plan;
+pub(crate) use self::shape::{RowChange, Shapes, key_of};
+pub use self::target::Target;
 use crate::catalog::{self as schema, TableMeta};
 use crate::change::{Entry, Key, NetChange, RowOp, Source, TableChanges};
-use crate::config::{ConflictPolicy, TableName};
+use crate::config::{ColumnList, ConflictPolicy, TableName};
 use crate::model::{Lsn, Tuple, Value};
 use crate::remap::{MapWrites, Remapper};
 use crate::state::{Progress, key_map};
@@ -78,6 +86,8 @@ struct TableState {
     meta: TableMeta,
     policy: ConflictPolicy,
     changes: TableChanges,
+    /// The config's column list: which of staging's columns (present and future) are managed.
+    columns: ColumnList,
 }
 
 /// The production side of sync: one session, at most one open transaction.
@@ -86,7 +96,6 @@ pub struct Applier {
     in_flight: Vec<InFlight>,
     slot: String,
     tables: Vec<TableState>,
-    by_name: HashMap<TableName, usize>,
     /// Parents before children (by production's foreign keys among managed tables).
     order: Vec<usize>,
     statements: HashMap<String, Statement>,
@@ -126,6 +135,13 @@ pub struct Applier {
     /// Whether a commit moves the progress row (off for `quarantine retry`, which applies
     /// old changes and leaves the position alone).
     record_progress: bool,
+    /// A schema change applied in the open batch left index builds to run once it commits.
+    index_builds_waiting: bool,
+    /// How staging's relations land on this session's tables.
+    shapes: shape::Shapes,
+    /// `batch_max_rows` and `batch_max_bytes`: a batch this large is full, and what is pending
+    /// is sent on once it is this large (memory stays bounded).
+    limits: (usize, usize),
 }
 
 /// What runs in every batch's transaction before its COMMIT.
@@ -153,12 +169,8 @@ impl Applier {
                 meta,
                 policy,
                 changes: TableChanges::default(),
+                columns: ColumnList::All,
             })
-            .collect();
-        let by_name = tables
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.meta.table_name(), i))
             .collect();
         let metas: Vec<&TableMeta> = tables.iter().map(|t| &t.meta).collect();
         let edges = schema::foreign_keys(&client, &metas)
@@ -190,7 +202,6 @@ impl Applier {
             in_flight: Vec::new(),
             slot: slot.to_owned(),
             tables,
-            by_name,
             order,
             statements: HashMap::new(),
             in_transaction: false,
@@ -208,10 +219,24 @@ impl Applier {
             committed: Vec::new(),
             files: Publisher::default(),
             record_progress: true,
+            index_builds_waiting: false,
             hooks: None,
             invalidations: Invalidations::default(),
             progress_statement: None,
+            shapes: shape::Shapes::default(),
+            limits: (usize::MAX, usize::MAX),
         })
+    }
+
+    /// Limits the size of batches: `max_rows` rows and `max_bytes` bytes (what is pending is
+    /// sent on at those sizes too).
+    pub fn limit_batches(&mut self, max_rows: usize, max_bytes: usize) {
+        self.limits = (max_rows, max_bytes);
+    }
+
+    /// Bytes consolidated but not yet sent.
+    fn pending_bytes(&self) -> usize {
+        self.pending_bytes.max(0) as usize
     }
 
     /// Publishes the managed-file tables of `config` (`files = {...}`) from this session's
@@ -224,6 +249,14 @@ impl Applier {
         });
         self.files = Publisher::new(file_tables.collect())?;
         Ok(())
+    }
+
+    /// Takes each table's column list from `config` (which of staging's columns a schema change
+    /// may touch on production).
+    pub fn set_column_lists(&mut self, config: &crate::config::Config) {
+        for (state, table) in self.tables.iter_mut().zip(&config.tables) {
+            state.columns = table.columns.clone();
+        }
     }
 
     /// Sends cache invalidations with each batch as `config` asks (`notify` tables,
@@ -294,23 +327,6 @@ impl Applier {
         Ok(())
     }
 
-    /// Whether every change is applied on its own (no consolidation).
-    pub fn one_by_one(&self) -> bool {
-        self.one_by_one
-    }
-
-    pub fn set_one_by_one(&mut self, on: bool) {
-        self.one_by_one = on;
-    }
-
-    pub fn stats(&self) -> ApplyStats {
-        self.stats
-    }
-
-    pub fn stats_mut(&mut self) -> &mut ApplyStats {
-        &mut self.stats
-    }
-
     /// Whether foreign-key triggers are off for this session (`session_replication_role`).
     pub fn replica_role(&self) -> bool {
         self.replica_role
@@ -326,48 +342,12 @@ impl Applier {
         &self.files
     }
 
-    pub fn files_mut(&mut self) -> &mut Publisher {
-        &mut self.files
-    }
-
-    pub fn table_id(&self, name: &TableName) -> Option<usize> {
-        self.by_name.get(name).copied()
-    }
-
     pub fn meta(&self, table: usize) -> &TableMeta {
         &self.tables[table].meta
     }
 
     pub fn client(&self) -> &Client {
         &self.client
-    }
-
-    pub fn in_transaction(&self) -> bool {
-        self.in_transaction
-    }
-
-    /// Whether a closed batch waits for its COMMIT ([`Applier::complete`]).
-    pub fn closing(&self) -> bool {
-        self.closing.is_some()
-    }
-
-    /// Rows consolidated but not yet sent.
-    pub fn pending_rows(&self) -> usize {
-        self.pending_rows
-    }
-
-    pub fn pending_bytes(&self) -> usize {
-        self.pending_bytes.max(0) as usize
-    }
-
-    /// Rows of the open batch, sent and pending: what `batch_max_rows` limits.
-    pub fn batch_rows(&self) -> usize {
-        self.sent_rows + self.pending_rows
-    }
-
-    /// Bytes of the open batch, sent and pending: what `batch_max_bytes` limits.
-    pub fn batch_bytes(&self) -> usize {
-        self.sent_bytes + self.pending_bytes()
     }
 
     /// Makes sure a transaction of the current batch is open: a closed batch commits first.
@@ -461,8 +441,27 @@ impl Applier {
             self.settle().await?;
         }
         let meta = &self.tables[table].meta;
+        // A `GENERATED ALWAYS AS IDENTITY` key column that staging moved (UPDATE ... SET id =
+        // DEFAULT) takes the new value only while it is BY DEFAULT, within this transaction;
+        // one that kept its value is not assigned at all.
+        let moved_identity: Vec<usize> = meta
+            .key
+            .iter()
+            .zip(&old_key)
+            .filter(|&(&k, old)| {
+                !meta.assignable(k)
+                    && match &new[k] {
+                        Value::Text(b) | Value::Binary(b) => old.as_ref() != Some(b),
+                        _ => false,
+                    }
+            })
+            .map(|(&k, _)| k)
+            .collect();
         let set: Vec<usize> = (0..new.len())
-            .filter(|&c| !matches!(new[c], Value::UnchangedToast))
+            .filter(|&c| {
+                !matches!(new[c], Value::UnchangedToast)
+                    && (meta.assignable(c) || moved_identity.contains(&c))
+            })
             .collect();
         let sql = statements::update_key(meta, &set);
         let mut params: Vec<Option<&str>> = Vec::with_capacity(old_key.len() + set.len());
@@ -475,11 +474,29 @@ impl Applier {
         }
         let refs: Vec<&(dyn ToSql + Sync)> =
             params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+        if !moved_identity.is_empty() {
+            self.client
+                .batch_execute(&statements::identity_generated(
+                    meta,
+                    &moved_identity,
+                    false,
+                ))
+                .await
+                .map_err(query_error(
+                    "letting an identity column take staging's new value",
+                ))?;
+        }
         let updated = self
             .client
             .execute(&sql, &refs)
             .await
             .map_err(query_error("applying a key change"))?;
+        if !moved_identity.is_empty() {
+            self.client
+                .batch_execute(&statements::identity_generated(meta, &moved_identity, true))
+                .await
+                .map_err(query_error("restoring GENERATED ALWAYS"))?;
+        }
         if updated == 0 {
             let entry = Entry {
                 key: old_key,
@@ -703,8 +720,10 @@ impl Applier {
                 NetChange::Update(row) => (
                     &mut updates,
                     (0..row.len())
-                        .filter(|c| {
-                            !key_columns.contains(c) && !matches!(row[*c], Value::UnchangedToast)
+                        .filter(|&c| {
+                            !key_columns.contains(&c)
+                                && self.tables[t].meta.assignable(c)
+                                && !matches!(row[c], Value::UnchangedToast)
                         })
                         .collect(),
                 ),
@@ -715,7 +734,7 @@ impl Applier {
                 None => groups.push((columns, vec![entry])),
             }
         }
-        let overwrite = self.tables[t].policy == ConflictPolicy::Overwrite;
+        let overwrite = self.tables[t].policy.inserts_overwrite();
         for (present, group) in inserts {
             let meta = &self.tables[t].meta;
             // An overwriting insert has no conflict to check.

@@ -26,7 +26,6 @@ use super::error::query_error;
 use super::in_flight::{lost_response, start};
 use super::{Applier, ApplyError};
 use crate::change::{Entry, NetChange};
-use crate::config::ConflictPolicy;
 use crate::state::{self, Progress, StateError};
 
 type CommitReply = (
@@ -70,7 +69,7 @@ impl Applier {
             && self
                 .tables
                 .iter()
-                .all(|t| t.changes.is_empty() || t.policy != ConflictPolicy::Skip)
+                .all(|t| t.changes.is_empty() || t.policy.allows_one_trip())
     }
 
     /// Closes the batch ending with `last` in one round trip when it may; false when it went

@@ -95,10 +95,11 @@ pub fn insert_rows(meta: &TableMeta, columns: &[usize], overwrite: bool) -> Stri
         .map(|&k| quote_ident(&meta.columns[k].name))
         .collect::<Vec<_>>()
         .join(", ");
+    let overriding = meta.overriding(columns.iter().copied());
     if overwrite {
         let updates: Vec<String> = columns
             .iter()
-            .filter(|c| !meta.key.contains(c))
+            .filter(|&&c| !meta.key.contains(&c) && meta.assignable(c))
             .map(|&c| {
                 let name = quote_ident(&meta.columns[c].name);
                 format!("{name} = EXCLUDED.{name}")
@@ -110,7 +111,7 @@ pub fn insert_rows(meta: &TableMeta, columns: &[usize], overwrite: bool) -> Stri
             format!("DO UPDATE SET {}", updates.join(", "))
         };
         return format!(
-            "INSERT INTO {table} ({column_list}) SELECT {select_list} FROM {} ORDER BY u.ord ON CONFLICT ({key_list}) {action}",
+            "INSERT INTO {table} ({column_list}){overriding} SELECT {select_list} FROM {} ORDER BY u.ord ON CONFLICT ({key_list}) {action}",
             unnest_from(&values)
         );
     }
@@ -144,7 +145,7 @@ pub fn insert_rows(meta: &TableMeta, columns: &[usize], overwrite: bool) -> Stri
     // anti-join, which hashes every inserted row, is never run (8 % of one 5,000-row insert).
     format!(
         "WITH u AS (SELECT * FROM {}), \
-         ins AS (INSERT INTO {table} ({column_list}) SELECT {select_list} FROM u ORDER BY u.ord \
+         ins AS (INSERT INTO {table} ({column_list}){overriding} SELECT {select_list} FROM u ORDER BY u.ord \
                  ON CONFLICT ({key_list}) DO NOTHING RETURNING {key_list}) \
          SELECT u.ord FROM u WHERE (SELECT count(*) FROM ins) < (SELECT count(*) FROM u) \
          AND NOT EXISTS (SELECT 1 FROM ins WHERE {not_inserted})",
@@ -161,8 +162,12 @@ pub fn update_rows(meta: &TableMeta, set: &[usize]) -> String {
     let mut all = keys.clone();
     all.extend(values.iter().cloned());
     let assignments = if set.is_empty() {
-        // Nothing but unchanged columns: still find the row so a missing one is a conflict.
-        let k = &meta.columns[meta.key[0]].name;
+        // Nothing but unchanged columns: still find the row so a missing one is a conflict
+        // (by a column that may be assigned: not a `GENERATED ALWAYS` identity).
+        let c = (0..meta.columns.len())
+            .find(|&c| meta.assignable(c))
+            .unwrap_or(meta.key[0]);
+        let k = &meta.columns[c].name;
         format!("{} = t.{}", quote_ident(k), quote_ident(k))
     } else {
         set.iter()
@@ -218,8 +223,9 @@ pub fn insert_rows_checked(meta: &TableMeta, columns: &[usize]) -> String {
     let values = aliases("c", columns.len());
     let (column_list, select_list) = insert_lists(meta, columns, &values);
     format!(
-        "INSERT INTO {} ({column_list}) SELECT {select_list} FROM {} ORDER BY u.ord",
+        "INSERT INTO {} ({column_list}){} SELECT {select_list} FROM {} ORDER BY u.ord",
         qualified(&meta.schema, &meta.name),
+        meta.overriding(columns.iter().copied()),
         unnest_from(&values)
     )
 }
@@ -269,6 +275,111 @@ pub fn update_key(meta: &TableMeta, set: &[usize]) -> String {
     )
 }
 
+/// The one row of a table without a key whose columns `matched` equal parameters `$first`...
+/// (NULL equal to NULL): `(tableoid, ctid)`, so exactly one of several identical rows is
+/// changed, as PostgreSQL's own apply worker changes one, and a partitioned table's rows are
+/// told apart. Values are compared as their types print them, which every type can do (json,
+/// point and xml have no equality).
+fn one_row_matching(meta: &TableMeta, matched: &[usize], first: usize) -> String {
+    let conditions: Vec<String> = matched
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| {
+            let column = &meta.columns[c];
+            format!(
+                "t.{}::text IS NOT DISTINCT FROM (${}::text::{})::text",
+                quote_ident(&column.name),
+                first + i,
+                column.type_sql
+            )
+        })
+        .collect();
+    let condition = if conditions.is_empty() {
+        "true".to_owned()
+    } else {
+        conditions.join(" AND ")
+    };
+    format!(
+        "(tableoid, ctid) = (SELECT t.tableoid, t.ctid FROM {} AS t WHERE {condition} LIMIT 1)",
+        qualified(&meta.schema, &meta.name)
+    )
+}
+
+/// Inserts one row of the columns `columns` (parameters in that order).
+pub fn insert_one(meta: &TableMeta, columns: &[usize]) -> String {
+    let column_list = columns
+        .iter()
+        .map(|&c| quote_ident(&meta.columns[c].name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let values = columns
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| format!("${}::text::{}", i + 1, meta.columns[c].type_sql))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "INSERT INTO {} ({column_list}){} VALUES ({values})",
+        qualified(&meta.schema, &meta.name),
+        meta.overriding(columns.iter().copied())
+    )
+}
+
+/// Updates one row of a table without a key, found by its old values of `matched`.
+/// Parameters: the set columns, then the matched ones. Affects one row or none.
+pub fn update_one(meta: &TableMeta, set: &[usize], matched: &[usize]) -> String {
+    let assignments: Vec<String> = set
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| {
+            let column = &meta.columns[c];
+            format!(
+                "{} = ${}::text::{}",
+                quote_ident(&column.name),
+                i + 1,
+                column.type_sql
+            )
+        })
+        .collect();
+    format!(
+        "UPDATE {} SET {} WHERE {}",
+        qualified(&meta.schema, &meta.name),
+        assignments.join(", "),
+        one_row_matching(meta, matched, set.len() + 1)
+    )
+}
+
+/// Deletes one row of a table without a key, found by its values of `matched` (parameters
+/// in that order). Affects one row or none.
+pub fn delete_one(meta: &TableMeta, matched: &[usize]) -> String {
+    format!(
+        "DELETE FROM {} WHERE {}",
+        qualified(&meta.schema, &meta.name),
+        one_row_matching(meta, matched, 1)
+    )
+}
+
+/// Makes `GENERATED ALWAYS AS IDENTITY` columns `BY DEFAULT` (`always` false) or back: around
+/// the one UPDATE that gives such a column staging's new value, inside the apply transaction,
+/// so no other session sees the difference (it holds the table's lock until commit).
+pub fn identity_generated(meta: &TableMeta, columns: &[usize], always: bool) -> String {
+    let kind = if always { "ALWAYS" } else { "BY DEFAULT" };
+    let alterations = columns
+        .iter()
+        .map(|&c| {
+            format!(
+                "ALTER COLUMN {} SET GENERATED {kind}",
+                quote_ident(&meta.columns[c].name)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "ALTER TABLE {} {alterations}",
+        qualified(&meta.schema, &meta.name)
+    )
+}
+
 /// TRUNCATE of managed tables only: never CASCADE, so production-only tables that reference
 /// them are never emptied; a foreign key from such a table makes this fail instead.
 pub fn truncate(tables: &[&TableMeta], restart_identity: bool) -> String {
@@ -301,6 +412,8 @@ mod tests {
                 col("price", "numeric(20,5)"),
             ],
             key: vec![0, 1],
+            identity_full: false,
+            partitioned: false,
         }
     }
 
@@ -312,6 +425,53 @@ mod tests {
              WITH ORDINALITY AS u(k0, k1, ord) WHERE t.\"offer_id\" = u.k0::bigint AND \
              t.\"currency\" = u.k1::character(3) RETURNING u.ord"
         );
+    }
+
+    #[test]
+    fn identity_always_columns_are_overridden_on_insert_and_never_assigned() {
+        let mut m = meta();
+        m.columns[0].identity_always = true;
+        for sql in [
+            insert_rows(&m, &[0, 1, 2], false),
+            insert_rows(&m, &[0, 1, 2], true),
+            insert_rows_checked(&m, &[0, 1, 2]),
+        ] {
+            assert!(
+                sql.contains(
+                    "(\"offer_id\", \"currency\", \"price\") OVERRIDING SYSTEM VALUE SELECT"
+                ),
+                "{sql}"
+            );
+            assert!(!sql.contains("\"offer_id\" = EXCLUDED"), "{sql}");
+        }
+        assert!(!insert_rows(&meta(), &[0, 1, 2], false).contains("OVERRIDING"));
+        // With nothing to set, the row is still found by assigning a column that may be.
+        assert!(update_rows(&m, &[]).contains("SET \"currency\" = t.\"currency\""));
+        assert_eq!(
+            identity_generated(&m, &[0], false),
+            "ALTER TABLE \"public\".\"offer price\" ALTER COLUMN \"offer_id\" SET GENERATED BY DEFAULT"
+        );
+    }
+
+    #[test]
+    fn rows_without_a_key_are_found_one_at_a_time_by_every_value() {
+        let mut m = meta();
+        m.key.clear();
+        assert_eq!(
+            delete_one(&m, &[0, 2]),
+            "DELETE FROM \"public\".\"offer price\" WHERE (tableoid, ctid) = (SELECT t.tableoid, \
+             t.ctid FROM \"public\".\"offer price\" AS t WHERE t.\"offer_id\"::text IS NOT \
+             DISTINCT FROM ($1::text::bigint)::text AND t.\"price\"::text IS NOT DISTINCT FROM \
+             ($2::text::numeric(20,5))::text LIMIT 1)"
+        );
+        let update = update_one(&m, &[1], &[0]);
+        assert!(
+            update.starts_with(
+                "UPDATE \"public\".\"offer price\" SET \"currency\" = $1::text::character(3) WHERE"
+            ),
+            "{update}"
+        );
+        assert!(update.contains("IS NOT DISTINCT FROM ($2::text::bigint)::text LIMIT 1)"));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use crate::config::TableName;
 
 /// Whether `target` can store every value of a `source` column's type: the same type, or a
 /// wider one (`varchar(n)` into `varchar(m >= n)` or `text`, `numeric(p,s)` into `numeric`).
-fn compatible(source: &str, target: &str) -> bool {
+pub fn compatible(source: &str, target: &str) -> bool {
     if source == target {
         return true;
     }
@@ -49,33 +49,79 @@ impl Sides<'_> {
     };
 }
 
+/// One difference, in words for the operator, and what could account for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub message: String,
+    pub cause: Cause,
+}
+
+/// Whether a schema change made on the source, still on its way to the target, could be what
+/// makes the two differ (a column added or retyped, or one dropped, on the source).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Cause {
+    /// A table or key: no captured schema change brings it.
+    Structure,
+    /// A column the target lacks, or has with another type.
+    Column(TableName),
+    /// A required target column the source does not send: a drop on the source on its way,
+    /// unless the column is one the configuration leaves to the target.
+    Unsent { table: TableName, column: String },
+}
+
+impl Problem {
+    fn new(cause: Cause, message: String) -> Problem {
+        Problem { message, cause }
+    }
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// The problems' messages, for an error that lists them.
+pub fn messages(problems: Vec<Problem>) -> Vec<String> {
+    problems.into_iter().map(|p| p.message).collect()
+}
+
 /// Every difference that would stop `target` from receiving `source`'s rows of this table.
-pub fn compare(source: &TableMeta, target: &TableMeta, sides: Sides<'_>) -> Vec<String> {
+pub fn compare(source: &TableMeta, target: &TableMeta, sides: Sides<'_>) -> Vec<Problem> {
     let Sides {
         source: from,
         target: to,
     } = sides;
     let table = source.table_name();
     let mut problems = Vec::new();
-    if target.key.is_empty() {
-        problems.push(format!(
-            "{to}: table {table} has no primary key; stagingprop finds rows by it: add one (the same as on {from})"
-        ));
+    // Without a key on either side, rows are found by all their values (the source's
+    // REPLICA IDENTITY FULL sends them); a key on one side only must be on the other too.
+    if target.key.is_empty() && !source.key.is_empty() {
+        let columns: Vec<&str> = source
+            .key
+            .iter()
+            .map(|&k| source.columns[k].name.as_str())
+            .collect();
+        problems.push(Problem::new(Cause::Structure, format!(
+            "{to}: table {table} has no primary key (nor a replica identity index), but {from} finds its rows by ({}); add the same primary key (or a unique index on those columns with REPLICA IDENTITY USING INDEX)",
+            columns.join(", ")
+        )));
     }
+
     for column in &source.columns {
         match target.columns.iter().find(|c| c.name == column.name) {
-            None => problems.push(format!(
+            None => problems.push(Problem::new(Cause::Column(table.clone()), format!(
                 "{to}: table {table} lacks column {} ({} on {from}); add it: ALTER TABLE {} ADD COLUMN {} {}",
                 column.name,
                 column.type_sql,
                 target.qualified(),
                 crate::quote::quote_ident(&column.name),
                 column.type_sql
-            )),
-            Some(t) if !compatible(&column.type_sql, &t.type_sql) => problems.push(format!(
+            ))),
+            Some(t) if !compatible(&column.type_sql, &t.type_sql) => problems.push(Problem::new(Cause::Column(table.clone()), format!(
                 "{to}: column {table}.{} is {} but {} on {from}; change it to {}",
                 column.name, t.type_sql, column.type_sql, column.type_sql
-            )),
+            ))),
             Some(_) => {}
         }
     }
@@ -83,18 +129,18 @@ pub fn compare(source: &TableMeta, target: &TableMeta, sides: Sides<'_>) -> Vec<
     // to their defaults on insert: one that must have a value cannot be.
     for column in &target.columns {
         if column.required && source.column_index(&column.name).is_none() {
-            problems.push(format!(
+            problems.push(Problem::new(Cause::Unsent { table: table.clone(), column: column.name.clone() }, format!(
                 "{to}: column {table}.{} is NOT NULL without a default and {from} does not send it (it is outside the table's column list): give it a default, make it nullable, or add it to the column list",
                 column.name
-            ));
+            )));
         }
     }
     for &k in &target.key {
         let name = &target.columns[k].name;
         if source.column_index(name).is_none() {
-            problems.push(format!(
+            problems.push(Problem::new(Cause::Structure, format!(
                 "{to}: primary key column {table}.{name} does not exist on {from}; the keys must match"
-            ));
+            )));
         }
     }
     problems
@@ -107,15 +153,21 @@ pub fn compare_all(
     source: &[Option<TableMeta>],
     target: Vec<Option<TableMeta>>,
     sides: Sides<'_>,
-) -> Result<Vec<(TableMeta, TableMeta)>, Vec<String>> {
+) -> Result<Vec<(TableMeta, TableMeta)>, Vec<Problem>> {
     let mut problems = Vec::new();
     let mut pairs = Vec::with_capacity(names.len());
     for ((name, on_source), on_target) in names.iter().zip(source).zip(target) {
         match (on_source, on_target) {
-            (None, _) => problems.push(format!("{}: table {name} does not exist", sides.source)),
-            (Some(_), None) => problems.push(format!(
-                "{}: table {name} does not exist; create it with the same columns as on {}",
-                sides.target, sides.source
+            (None, _) => problems.push(Problem::new(
+                Cause::Structure,
+                format!("{}: table {name} does not exist", sides.source),
+            )),
+            (Some(_), None) => problems.push(Problem::new(
+                Cause::Structure,
+                format!(
+                    "{}: table {name} does not exist; create it with the same columns as on {}",
+                    sides.target, sides.source
+                ),
             )),
             (Some(s), Some(t)) => {
                 problems.extend(compare(s, &t, sides));
@@ -144,6 +196,8 @@ mod tests {
                 .map(|(n, t)| ColumnMeta::new(*n, *t))
                 .collect(),
             key,
+            identity_full: false,
+            partitioned: false,
         }
     }
 
@@ -173,19 +227,26 @@ mod tests {
             vec![0],
         );
         let production = table(&[("id", "integer"), ("name", "text")], vec![]);
-        let problems = compare(&staging, &production, Sides::SYNC);
+        let problems = messages(compare(&staging, &production, Sides::SYNC));
         assert_eq!(problems.len(), 3, "{problems:#?}");
         assert!(problems[0].contains("no primary key"));
         assert!(problems[1].contains("column public.t.id is integer but bigint on staging"));
         assert!(problems[2].contains("lacks column price"));
         assert!(problems[2].contains("ADD COLUMN \"price\" numeric(12,2)"));
         assert!(compare(&staging, &staging, Sides::SYNC).is_empty());
+        // Without a key on either side rows are found by their values.
+        let keyless = table(&[("id", "bigint")], vec![]);
+        assert!(compare(&keyless, &keyless, Sides::SYNC).is_empty());
         // A copy into staging names the sides the other way round.
         let into_staging = Sides {
             source: "production",
             target: "staging",
         };
-        assert!(compare(&staging, &production, into_staging)[0].starts_with("staging: table"));
+        assert!(
+            compare(&staging, &production, into_staging)[0]
+                .message
+                .starts_with("staging: table")
+        );
     }
 
     #[test]
@@ -202,7 +263,7 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(
-            problems,
+            messages(problems),
             vec![
                 "staging: table public.a does not exist".to_owned(),
                 "production: table public.b does not exist; create it with the same columns as on staging".to_owned(),

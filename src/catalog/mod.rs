@@ -6,6 +6,7 @@
 pub mod compare;
 pub mod publication;
 pub mod sequences;
+pub mod types;
 
 use tokio_postgres::Client;
 
@@ -21,14 +22,25 @@ pub struct ColumnMeta {
     pub type_sql: String,
     /// NOT NULL with no default (nor identity): an INSERT must give it a value.
     pub required: bool,
+    /// `GENERATED ALWAYS AS IDENTITY`: an INSERT gives it a value only with `OVERRIDING SYSTEM
+    /// VALUE`, and an UPDATE can set it only to DEFAULT.
+    pub identity_always: bool,
+    /// The type's OID and modifier on the database it was read from, as pgoutput's Relation
+    /// messages name a column's type (0 and -1 when not read from a database).
+    pub type_oid: u32,
+    pub type_modifier: i32,
 }
 
 impl ColumnMeta {
+    #[cfg(test)]
     pub fn new(name: impl Into<String>, type_sql: impl Into<String>) -> ColumnMeta {
         ColumnMeta {
             name: name.into(),
             type_sql: type_sql.into(),
             required: false,
+            identity_always: false,
+            type_oid: 0,
+            type_modifier: -1,
         }
     }
 }
@@ -39,8 +51,14 @@ pub struct TableMeta {
     pub schema: String,
     pub name: String,
     pub columns: Vec<ColumnMeta>,
-    /// Indexes into `columns` of the primary key, in key order; empty when there is none.
+    /// Indexes into `columns` of the primary key (or, without one, of the replica identity
+    /// index), in key order; empty when there is none: rows are then found by all their
+    /// columns, as `REPLICA IDENTITY FULL` sends them.
     pub key: Vec<usize>,
+    /// `REPLICA IDENTITY FULL`: UPDATE and DELETE carry the whole old row.
+    pub identity_full: bool,
+    /// A partitioned table: its rows live in its partitions, read through it (never `ONLY`).
+    pub partitioned: bool,
 }
 
 impl TableMeta {
@@ -56,9 +74,54 @@ impl TableMeta {
         qualified(&self.schema, &self.name)
     }
 
+    /// The table's own rows in a FROM clause: `ONLY` the table (not the rows of tables that
+    /// inherit from it), or for a partitioned table, it with every partition.
+    pub fn own_rows(&self) -> String {
+        if self.partitioned {
+            self.qualified()
+        } else {
+            format!("ONLY {}", self.qualified())
+        }
+    }
+
+    /// What an INSERT of `columns` needs after its column list: ` OVERRIDING SYSTEM VALUE` when
+    /// one of them is `GENERATED ALWAYS AS IDENTITY` (staging's value is kept, as PostgreSQL's
+    /// own apply worker keeps it), else nothing.
+    pub fn overriding(&self, mut columns: impl Iterator<Item = usize>) -> &'static str {
+        if columns.any(|c| self.columns[c].identity_always) {
+            " OVERRIDING SYSTEM VALUE"
+        } else {
+            ""
+        }
+    }
+
+    /// Whether an UPDATE may assign the column a value (`GENERATED ALWAYS AS IDENTITY` columns
+    /// only take DEFAULT).
+    pub fn assignable(&self, column: usize) -> bool {
+        !self.columns[column].identity_always
+    }
+
+    /// The columns that identify a row: the key, or every column of a table without one
+    /// (`REPLICA IDENTITY FULL`, where two rows may be identical and either is the one).
+    pub fn identifying_columns(&self) -> Vec<usize> {
+        if self.key.is_empty() {
+            (0..self.columns.len()).collect()
+        } else {
+            self.key.clone()
+        }
+    }
+
     /// The part of the table stagingprop manages: only the columns of `list` (the key
     /// columns always among them), in table order. Names a listed column the table lacks.
     pub fn managed_part(&self, list: &ColumnList, side: &str) -> Result<TableMeta, String> {
+        if !list.is_all() && self.key.is_empty() {
+            return Err(format!(
+                "{side}: table {} has a column list but no primary key or replica identity \
+                 index, and a partial row can only be found by its key; add a primary key (or \
+                 a unique index and REPLICA IDENTITY USING INDEX), or manage every column",
+                self.table_name()
+            ));
+        }
         for name in list.named() {
             if self.column_index(name).is_none() {
                 return Err(format!(
@@ -137,7 +200,8 @@ pub async fn load_table(
 ) -> Result<Option<TableMeta>, tokio_postgres::Error> {
     let Some(row) = client
         .query_opt(
-            "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            "SELECT c.oid, c.relkind = 'p', c.relreplident = 'f'
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
               WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
             &[&table.schema, &table.name],
         )
@@ -146,10 +210,13 @@ pub async fn load_table(
         return Ok(None);
     };
     let oid: u32 = row.get(0);
+    let partitioned: bool = row.get(1);
+    let identity_full: bool = row.get(2);
     let columns = client
         .query(
             "SELECT attname::text, format_type(atttypid, atttypmod),
-                    attnotnull AND NOT atthasdef AND attidentity = ''
+                    attnotnull AND NOT atthasdef AND attidentity = '', attidentity = 'a',
+                    atttypid, atttypmod
                FROM pg_attribute
               WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = ''
               ORDER BY attnum",
@@ -161,14 +228,21 @@ pub async fn load_table(
             name: r.get(0),
             type_sql: r.get(1),
             required: r.get(2),
+            identity_always: r.get(3),
+            type_oid: r.get(4),
+            type_modifier: r.get(5),
         })
         .collect::<Vec<_>>();
+    // The primary key, else the replica identity index (unique, on NOT NULL columns).
     let key_names: Vec<String> = client
         .query(
             "SELECT a.attname::text FROM pg_index i
                CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n)
                JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-              WHERE i.indrelid = $1 AND i.indisprimary ORDER BY k.n",
+              WHERE i.indexrelid = (SELECT indexrelid FROM pg_index
+                                     WHERE indrelid = $1 AND (indisprimary OR indisreplident)
+                                     ORDER BY indisprimary DESC LIMIT 1)
+              ORDER BY k.n",
             &[&oid],
         )
         .await?
@@ -184,6 +258,8 @@ pub async fn load_table(
         name: table.name.clone(),
         columns,
         key,
+        identity_full,
+        partitioned,
     }))
 }
 

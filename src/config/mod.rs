@@ -19,6 +19,8 @@ use std::str::FromStr;
 
 use serde::Deserialize;
 
+use crate::model::ConflictKind;
+
 pub(crate) use conninfo::{ConnError, resolve as resolve_connection_string};
 pub use names::{ColumnName, TableName};
 use names::{check_slot_name, parse_identifier};
@@ -61,6 +63,47 @@ pub struct Config {
     pub scopes: Vec<ScopeConfig>,
     /// The scope this configuration was narrowed to ([`Config::scoped`]), if any.
     pub scope: Option<String>,
+    /// Schema changes on staging (`[ddl]`).
+    pub ddl: DdlConfig,
+}
+
+/// `[ddl]`: what happens to a schema change made on staging to a managed table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DdlConfig {
+    pub mode: DdlMode,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DdlMode {
+    /// Captured on staging (an event trigger `init` installs) and applied to production in
+    /// order with the rows, in the same transaction.
+    #[default]
+    Apply,
+    /// Captured, and sync stops before the change: it prints the statement and the plan, and
+    /// `sync --apply-schema-change` applies it and goes on.
+    Stop,
+    /// Not captured (`init` removes the trigger): a change production lacks stops sync at the
+    /// first row that needs it.
+    Off,
+}
+
+impl DdlMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DdlMode::Apply => "apply",
+            DdlMode::Stop => "stop",
+            DdlMode::Off => "off",
+        }
+    }
+
+    /// Whether staging captures schema changes into the stream.
+    pub fn captures(self) -> bool {
+        match self {
+            DdlMode::Apply | DdlMode::Stop => true,
+            DdlMode::Off => false,
+        }
+    }
 }
 
 /// How to reach one database (`[staging]` or `[production]`).
@@ -324,7 +367,7 @@ pub struct ScopeConfig {
     pub filters: Vec<(TableName, String)>,
 }
 
-/// How a staging key becomes a production key (see DESIGN.md, "Key remapping").
+/// How a staging key becomes a production key (see docs/design.md, "Key remapping").
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KeyRule {
     /// The key is kept; a collision follows the conflict policy.
@@ -387,6 +430,87 @@ pub enum ConflictPolicy {
     Skip,
     /// Overwrite production's row.
     Overwrite,
+}
+
+/// What a conflicting change becomes under a table's policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resolution {
+    /// Stop: nothing of the batch is applied, and staging is not told to release it.
+    Stop,
+    /// Nothing to do: production is already as staging wants it (the row is gone).
+    AlreadyDone,
+    /// Insert staging's whole row in place of the missing one.
+    InsertRow,
+    /// Write the change to the quarantine and go on; `incomplete_row`: an overwrite that could
+    /// not insert the row, since staging did not send every column.
+    Quarantine { incomplete_row: bool },
+}
+
+/// Every question about a conflict policy is answered here, each by an exhaustive match, so a
+/// new policy is a compile error wherever it must be decided.
+impl ConflictPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConflictPolicy::Error => "error",
+            ConflictPolicy::Skip => "skip",
+            ConflictPolicy::Overwrite => "overwrite",
+        }
+    }
+
+    /// What a conflict of `kind` becomes; `whole_row`: staging sent every column of the change.
+    pub fn resolve(self, kind: ConflictKind, whole_row: bool) -> Resolution {
+        match (self, kind) {
+            (ConflictPolicy::Error, _) => Resolution::Stop,
+            (ConflictPolicy::Skip, _) => Resolution::Quarantine {
+                incomplete_row: false,
+            },
+            (ConflictPolicy::Overwrite, ConflictKind::DeleteMissing) => Resolution::AlreadyDone,
+            (ConflictPolicy::Overwrite, ConflictKind::UpdateMissing) if whole_row => {
+                Resolution::InsertRow
+            }
+            (
+                ConflictPolicy::Overwrite,
+                ConflictKind::UpdateMissing | ConflictKind::InsertExists,
+            ) => Resolution::Quarantine {
+                incomplete_row: true,
+            },
+            // A row without a mapping is not production's to overwrite: it is not there.
+            (
+                ConflictPolicy::Overwrite,
+                ConflictKind::UpdateUnmapped | ConflictKind::DeleteUnmapped,
+            ) => Resolution::Quarantine {
+                incomplete_row: false,
+            },
+        }
+    }
+
+    /// Whether an insert whose key exists replaces production's row as it goes (rather than
+    /// being reported as a conflict).
+    pub fn inserts_overwrite(self) -> bool {
+        match self {
+            ConflictPolicy::Overwrite => true,
+            ConflictPolicy::Error | ConflictPolicy::Skip => false,
+        }
+    }
+
+    /// Whether the table's changes may go with their batch's COMMIT in one round trip: there,
+    /// a conflict can only fail the batch on the server (then applied again the careful way),
+    /// so a policy that writes the conflict down needs the careful way.
+    pub fn allows_one_trip(self) -> bool {
+        match self {
+            ConflictPolicy::Error | ConflictPolicy::Overwrite => true,
+            ConflictPolicy::Skip => false,
+        }
+    }
+
+    /// The policy `quarantine retry` applies a quarantined change under: a change that still
+    /// conflicts stays where it is rather than being quarantined again.
+    pub fn on_retry(self) -> ConflictPolicy {
+        match self {
+            ConflictPolicy::Skip => ConflictPolicy::Error,
+            ConflictPolicy::Error | ConflictPolicy::Overwrite => self,
+        }
+    }
 }
 
 /// A table whose rows are published as files into `dir`.

@@ -10,7 +10,9 @@ use super::MAX_IDENTIFIER_BYTES;
 
 /// A schema-qualified table (or sequence) name, as the catalogs spell it: written `schema.table`
 /// in the file, unqualified meaning `public`, unquoted parts folded to lower case and
-/// double-quoted parts kept as written, as SQL does. Displayed unquoted.
+/// double-quoted parts kept as written, as SQL does. Displayed the way it is written, each part
+/// double-quoted only where it needs to be (`public.catentry`, `"My Schema"."a.b"`), so the
+/// displayed form parses back to the same name wherever stagingprop stores one.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TableName {
     pub schema: String,
@@ -28,7 +30,28 @@ impl TableName {
 
 impl fmt::Display for TableName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.schema, self.name)
+        write_part(f, &self.schema)?;
+        f.write_str(".")?;
+        write_part(f, &self.name)
+    }
+}
+
+/// Whether `part` reads back as itself unquoted: what [`parse_qualified_name`] neither folds nor
+/// refuses.
+fn is_plain(part: &str) -> bool {
+    let mut chars = part.chars();
+    chars
+        .next()
+        .is_some_and(|c| (c.is_alphabetic() || c == '_') && !c.is_ascii_uppercase())
+        && chars.all(|c| (c.is_alphanumeric() || c == '_' || c == '$') && !c.is_ascii_uppercase())
+}
+
+/// One part of a dotted name, double-quoted where it must be.
+fn write_part(f: &mut fmt::Formatter<'_>, part: &str) -> fmt::Result {
+    if is_plain(part) {
+        f.write_str(part)
+    } else {
+        f.write_str(&crate::quote::quote_ident(part))
     }
 }
 
@@ -65,8 +88,10 @@ pub struct ColumnName {
 }
 
 impl fmt::Display for ColumnName {
+    /// As the config writes it, each part double-quoted only where it must be.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.table, self.column)
+        write!(f, "{}.", self.table)?;
+        write_part(f, &self.column)
     }
 }
 

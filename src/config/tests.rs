@@ -42,8 +42,8 @@ fn assert_error(result: Result<Config, ConfigError>, needles: &[&str]) {
     }
 }
 
-/// The sample from DESIGN.md's "Configuration" section, verbatim.
-const DESIGN_SAMPLE: &str = r#"
+/// The configuration sample of the design (its shape: connections, slot, tables, references).
+const CONFIG_SAMPLE: &str = r#"
 # stagingprop.toml
 [staging]
 url = "host=127.0.0.1 port=5432 dbname=staging user=stagingprop"   # libpq key=value or postgres:// URL
@@ -73,7 +73,7 @@ table = "public.catentry"
 
 #[test]
 fn design_sample_parses() {
-    let config = parse(DESIGN_SAMPLE).unwrap();
+    let config = parse(CONFIG_SAMPLE).unwrap();
     assert_eq!(config.staging.section, "staging");
     assert_eq!(
         config.staging.password,
@@ -235,7 +235,7 @@ table = "catentry"
     );
     assert_eq!(config.tables[0].on_conflict, ConflictPolicy::Skip);
     assert_eq!(config.tables[1].name, TableName::new("My Schema", "Prices"));
-    assert_eq!(config.tables[1].name.to_string(), "My Schema.Prices");
+    assert_eq!(config.tables[1].name.to_string(), r#""My Schema"."Prices""#);
     assert_eq!(config.tables[1].key, KeyRule::Offset { offset: -1_000_000 });
     assert_eq!(config.tables[2].name, TableName::new("public", "member"));
     assert_eq!(
@@ -278,7 +278,18 @@ fn table_names_follow_sql_rules() {
         parse_table("_x$1").unwrap(),
         TableName::new("public", "_x$1")
     );
-    assert_eq!(TableName::new("My Schema", "T").to_string(), "My Schema.T");
+    assert_eq!(
+        TableName::new("My Schema", "T").to_string(),
+        r#""My Schema"."T""#
+    );
+    assert_eq!(
+        TableName::new("public", "catentry").to_string(),
+        "public.catentry"
+    );
+    assert_eq!(
+        TableName::new("Ünïcode", "Order Lines").to_string(),
+        r#"Ünïcode."Order Lines""#
+    );
     for bad in [
         "",
         "a.b.c",
@@ -1057,4 +1068,54 @@ fn stream_credentials_never_come_from_the_file_or_the_url() {
         with_tables("[stream]\nurl = \"nats://h:1\"\nchunk_bytes = 10"),
         &["stream.chunk_bytes", "1024"],
     );
+}
+
+proptest::proptest! {
+    /// Issue 33: whatever a table is called, the name stagingprop stores (its display) parses
+    /// back to the same name.
+    #[test]
+    fn every_table_name_reads_back_as_itself(
+        schema in "[a-zA-Z0-9_ .\"$Üé-]{1,20}",
+        name in "[a-zA-Z0-9_ .\"$Üé-]{1,20}",
+    ) {
+        let table = TableName::new(schema, name);
+        proptest::prop_assert_eq!(table.to_string().parse::<TableName>(), Ok(table));
+    }
+}
+
+#[test]
+fn conflict_policies_resolve_every_kind() {
+    use crate::config::Resolution;
+    use crate::model::ConflictKind as K;
+    let quarantine = Resolution::Quarantine {
+        incomplete_row: false,
+    };
+    for kind in [
+        K::InsertExists,
+        K::UpdateMissing,
+        K::DeleteMissing,
+        K::UpdateUnmapped,
+        K::DeleteUnmapped,
+    ] {
+        assert_eq!(ConflictPolicy::Error.resolve(kind, true), Resolution::Stop);
+        assert_eq!(ConflictPolicy::Skip.resolve(kind, true), quarantine);
+    }
+    let overwrite = ConflictPolicy::Overwrite;
+    assert_eq!(
+        overwrite.resolve(K::DeleteMissing, false),
+        Resolution::AlreadyDone
+    );
+    assert_eq!(
+        overwrite.resolve(K::UpdateMissing, true),
+        Resolution::InsertRow
+    );
+    assert_eq!(
+        overwrite.resolve(K::UpdateMissing, false),
+        Resolution::Quarantine {
+            incomplete_row: true
+        }
+    );
+    assert_eq!(overwrite.resolve(K::UpdateUnmapped, true), quarantine);
+    assert_eq!(ConflictPolicy::Skip.on_retry(), ConflictPolicy::Error);
+    assert!(!ConflictPolicy::Skip.allows_one_trip() && overwrite.inserts_overwrite());
 }

@@ -28,6 +28,13 @@ pub(super) struct RawConfig {
     references: Vec<RawReference>,
     #[serde(default)]
     scopes: std::collections::BTreeMap<String, RawScope>,
+    ddl: Option<RawDdl>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDdl {
+    mode: Option<DdlMode>,
 }
 
 #[derive(Deserialize)]
@@ -258,6 +265,9 @@ impl Validator<'_> {
         }
         let references = self.references(raw.references, &tables)?;
         let scopes = self.scopes(raw.scopes, &sync, &tables)?;
+        let ddl = DdlConfig {
+            mode: raw.ddl.and_then(|d| d.mode).unwrap_or_default(),
+        };
         Ok(Config {
             staging,
             production,
@@ -268,6 +278,7 @@ impl Validator<'_> {
             references,
             scopes,
             scope: None,
+            ddl,
         })
     }
 

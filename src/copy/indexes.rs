@@ -1,6 +1,6 @@
 //! Secondary indexes of empty target tables are dropped before loading and built again once a
 //! table is complete, by the workers in parallel: building an index from a whole table sorts
-//! once, where loading with it inserts every row into it (measured in README, "Seeding with
+//! once, where loading with it inserts every row into it (measured in docs/copy.md, "Seeding with
 //! copy"). Only plain indexes go: primary keys, unique and exclusion constraints and unique
 //! indexes stay, so every constraint holds exactly as before. Each dropped index is recorded
 //! ([`state::copy_indexes`]) in the dropping transaction and forgotten in the building one, so

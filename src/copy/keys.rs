@@ -153,8 +153,8 @@ pub(super) async fn plan_keys(
             .expect("opened above")
             .query(
                 &format!(
-                    "SELECT {key_name}::bigint FROM ONLY {} ORDER BY 1",
-                    metas[i].qualified()
+                    "SELECT {key_name}::bigint FROM {} ORDER BY 1",
+                    metas[i].own_rows()
                 ),
                 &[],
             )

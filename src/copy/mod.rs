@@ -44,8 +44,8 @@ use std::sync::Arc;
 use futures_util::{StreamExt, pin_mut};
 use tokio_postgres::Client;
 
-use self::keys::{plan_keys, reset_production_key_map};
-use self::plan::{TablePart, TableSize, TargetAbilities, plan_jobs, replica_role};
+use self::keys::{KeyPlan, plan_keys, reset_production_key_map};
+use self::plan::{Job, TablePart, TableSize, TargetAbilities, plan_jobs, replica_role};
 use self::view::{CopyProgress, report_progress};
 use self::worker::{Queue, Worker};
 use crate::apply;
@@ -249,58 +249,10 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
         .await
         .map_err(db_error(&target, "connect"))?;
 
-    // One copy at a time into a database: it owns whatever copy parts it finds prepared there.
-    let locked: bool = t
-        .query_one("SELECT pg_try_advisory_lock($1)", &[&COPY_LOCK])
-        .await
-        .map_err(db_error(&target, "taking the copy lock"))?
-        .get(0);
-    if !locked {
-        return Err(CopyError::Refused(format!(
-            "another stagingprop copy is writing into {}; wait for it to end",
-            target.describe()
-        )));
-    }
-    let leftovers = prepared::resolve_leftovers(&t).await.map_err(db_error(
-        &target,
-        "finishing what an interrupted copy left prepared",
-    ))?;
-    for leftover in leftovers {
-        if leftover.committed {
-            tracing::warn!(gid = %leftover.gid, "committed a part an interrupted copy had prepared (its group's commit had been decided)");
-        } else {
-            tracing::warn!(gid = %leftover.gid, "rolled back a part an interrupted copy had prepared but not committed");
-        }
-    }
+    lock_target(&t, &target).await?;
 
     // Validation before anything is written.
-    let names: Vec<&TableName> = tables.iter().collect();
-    let on_source = catalog::load_tables(&s, &names)
-        .await
-        .map_err(db_error(&source, "reading table definitions"))?;
-    let configs: Vec<&TableConfig> = names
-        .iter()
-        .map(|name| {
-            config
-                .table(name)
-                .expect("copy's tables are managed tables")
-        })
-        .collect();
-    let on_source = catalog::managed_parts(&configs, on_source, &options.from.to_string())
-        .map_err(CopyError::Schema)?;
-    let on_target = catalog::load_tables(&t, &names)
-        .await
-        .map_err(db_error(&target, "reading table definitions"))?;
-    let (from, to) = (options.from.to_string(), options.to.to_string());
-    let sides = catalog::compare::Sides {
-        source: &from,
-        target: &to,
-    };
-    let metas: Vec<TableMeta> = catalog::compare::compare_all(&names, &on_source, on_target, sides)
-        .map_err(CopyError::Schema)?
-        .into_iter()
-        .map(|(on_source, _)| on_source)
-        .collect();
+    let (configs, metas) = validate(config, options, &tables, (&s, &source), (&t, &target)).await?;
     let mut parts: Vec<TablePart> = configs
         .iter()
         .map(|c| TablePart {
@@ -308,32 +260,7 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
             merge: false,
         })
         .collect();
-    let meta_refs: Vec<&TableMeta> = metas.iter().collect();
-    let edges = catalog::foreign_keys(&t, &meta_refs)
-        .await
-        .map_err(db_error(&target, "reading foreign keys"))?;
-    let groups = catalog::linked_groups(metas.len(), &edges);
-    let replica = replica_role(&t).await;
-    let self_referencing = if replica.is_err() {
-        let references = catalog::column_references(&t)
-            .await
-            .map_err(db_error(&target, "reading foreign keys"))?;
-        metas
-            .iter()
-            .map(|m| {
-                let name = m.table_name();
-                references
-                    .iter()
-                    .any(|r| r.child == name && r.parent == name)
-            })
-            .collect()
-    } else {
-        vec![false; metas.len()]
-    };
-    let abilities = TargetAbilities {
-        replica,
-        self_referencing,
-    };
+    let (edges, groups, abilities) = target_abilities(&t, &target, &metas).await?;
 
     // A copy into production that failed piece by piece is resumed: what it committed stays.
     let handoff = options.from == Side::Staging && options.to == Side::Production;
@@ -360,62 +287,15 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
     } else {
         None
     };
-    if options.truncate && !options.force {
-        let owned: Vec<String> = configs
-            .iter()
-            .filter(|c| !c.columns.is_all())
-            .map(|c| c.name.to_string())
-            .collect();
-        if !owned.is_empty() {
-            return Err(CopyError::Refused(format!(
-                "--truncate would empty the columns production owns in {} (outside their column lists); nothing was copied. Copy without --truncate to update only the managed columns, or add --force to empty them anyway",
-                owned.join(", ")
-            )));
-        }
-    }
-    if !options.truncate {
-        let mut non_empty = Vec::new();
-        for (i, meta) in metas.iter().enumerate() {
-            if resume.as_ref().is_some_and(|r| r.handles(i)) {
-                continue;
-            }
-            let has_rows: bool = t
-                .query_one(
-                    &format!("SELECT EXISTS (SELECT 1 FROM {})", meta.qualified()),
-                    &[],
-                )
-                .await
-                .map_err(db_error(&target, "checking target tables"))?
-                .get(0);
-            if !has_rows {
-                continue;
-            }
-            let table = configs[i];
-            // Production owns the other columns of a column-listed table: its rows stay, and
-            // copy updates (or inserts) only the managed columns, by key.
-            if !table.columns.is_all() {
-                if !matches!(table.key, KeyRule::Identity | KeyRule::Offset { .. }) {
-                    return Err(CopyError::Refused(format!(
-                        "{} has rows on {} and a column list; copy merges such a table by key, which its key rule {} cannot do (it allocates keys). Nothing was copied",
-                        table.name,
-                        options.to,
-                        table.key.as_str()
-                    )));
-                }
-                parts[i].merge = true;
-                continue;
-            }
-            non_empty.push(meta.table_name().to_string());
-        }
-        if !non_empty.is_empty() {
-            return Err(CopyError::Refused(format!(
-                "{} table(s) on {} are not empty ({}); nothing was copied. Use --truncate to replace their contents",
-                non_empty.len(),
-                options.to,
-                non_empty.join(", ")
-            )));
-        }
-    }
+    check_target_tables(
+        options,
+        &configs,
+        &metas,
+        resume.as_ref(),
+        (&t, &target),
+        &mut parts,
+    )
+    .await?;
     // Resuming with tables kept, the sync slot stays where the first run created it.
     let kept_handoff = resume.as_ref().and_then(|r| r.kept_handoff);
     if let Some(resume) = &resume {
@@ -423,91 +303,23 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
     }
 
     // The snapshot, and for the sync hand-off the slot it comes from.
-    let (exporter, snapshot, consistent_point) = if handoff {
-        state::ensure(&t)
-            .await
-            .map_err(|e| CopyError::Refused(format!("on {}: {e}", target.describe())))?;
-        if !options.for_stream && kept_handoff.is_none() {
-            prepare_slot(config, &source, &s).await?;
-        }
-        if resume.is_none() {
-            state::copy_tables::forget(&t, slot, None)
-                .await
-                .map_err(|e| CopyError::Refused(format!("on {}: {e}", target.describe())))?;
-        }
-        // Until the copy completes, production's progress says "copy in progress" (0/0), so
-        // sync refuses to stream onto a half-seeded production.
-        let found = state::progress::read(&t, slot)
-            .await
-            .map_err(|e| CopyError::Refused(format!("on {}: {e}", target.describe())))?;
-        let was = found.map_or(Lsn::INVALID, |p| p.end_lsn);
-        record_handoff(&t, &target, slot, &Progress::copy_in_progress(), was).await?;
-        let mut repl = ReplicationClient::connect(&source).await?;
-        // For a stream target, or a resumed copy keeping the sync slot, a slot of this copy's
-        // own, gone when the copy's connection closes: the stream (or the sync slot) carries
-        // everything committed after its position.
-        let (snapshot_slot, temporary) = if options.for_stream || kept_handoff.is_some() {
-            (format!("stagingprop_copy_{}", std::process::id()), true)
-        } else {
-            (slot.clone(), false)
-        };
-        let created = repl
-            .create_logical_slot(
-                &snapshot_slot,
-                temporary,
-                SnapshotAction::Export,
-                config.sync.failover && !temporary,
-            )
-            .await?;
-        let snapshot = created.snapshot_name.ok_or_else(|| {
-            CopyError::Refused("the server exported no snapshot with the slot".into())
-        })?;
-        if temporary {
-            tracing::info!(slot = %snapshot_slot, consistent_point = %created.consistent_point, "created a temporary slot for the snapshot (the sync slot stays where it is); copying its snapshot");
-        } else {
-            tracing::info!(slot = %slot, consistent_point = %created.consistent_point, "created the sync slot; copying its snapshot");
-        }
-        (
-            Exporter::Slot(repl),
-            snapshot,
-            Some(created.consistent_point),
-        )
-    } else {
-        let exporter = source
-            .connect()
-            .await
-            .map_err(db_error(&source, "connect"))?;
-        exporter
-            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            .await
-            .map_err(db_error(&source, "starting the snapshot"))?;
-        let snapshot: String = exporter
-            .query_one("SELECT pg_export_snapshot()", &[])
-            .await
-            .map_err(db_error(&source, "exporting the snapshot"))?
-            .get(0);
-        (Exporter::Session(exporter), snapshot, None)
-    };
+    let (exporter, snapshot, consistent_point) = take_snapshot(
+        config,
+        options,
+        handoff.then_some(Handoff {
+            resumed: resume.is_some(),
+            kept: kept_handoff.is_some(),
+        }),
+        (&s, &source),
+        (&t, &target),
+    )
+    .await?;
 
     let (plans, reset_key_map) =
         plan_keys(config, options, &metas, &source, &s, &target, &t, &snapshot).await?;
     let plans = Arc::new(plans);
 
-    let mut sizes = Vec::with_capacity(metas.len());
-    for meta in &metas {
-        let row = s
-            .query_one(
-                "SELECT pg_table_size(c), pg_relation_size(c) / current_setting('block_size')::bigint \
-                 FROM (SELECT $1::text::regclass AS c) r",
-                &[&meta.qualified()],
-            )
-            .await
-            .map_err(db_error(&source, "reading table sizes"))?;
-        sizes.push(TableSize {
-            bytes: row.get::<_, i64>(0).max(0) as u64,
-            blocks: row.get::<_, i64>(1).max(0) as u64,
-        });
-    }
+    let sizes = table_sizes(&s, &source, &metas).await?;
     // A resumed copy loads what the earlier run did not complete.
     let groups: Vec<Vec<usize>> = groups
         .into_iter()
@@ -522,6 +334,60 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
         &t, &target, &metas, &parts, groups, &edges, &abilities, &sizes, options,
     )
     .await?;
+    let mut report = run_workers(
+        jobs,
+        metas,
+        parts,
+        &sizes,
+        Shared {
+            plans,
+            snapshot,
+            record: consistent_point.map(|lsn| (slot.clone(), lsn)),
+        },
+        exporter,
+        options,
+        (&source, (&t, &target)),
+    )
+    .await?;
+
+    finish(
+        config,
+        options,
+        &tables,
+        (&s, &source),
+        (&t, &target),
+        Finish {
+            reset_key_map,
+            handoff: kept_handoff.or(consistent_point),
+            kept: kept_handoff.is_some(),
+        },
+        &mut report,
+    )
+    .await?;
+    Ok(report)
+}
+
+/// What every worker shares besides the queue: the key plans, the snapshot, and where a copy
+/// into production records what it loaded.
+struct Shared {
+    plans: Arc<Vec<KeyPlan>>,
+    snapshot: String,
+    record: Option<(String, Lsn)>,
+}
+
+/// Runs the workers over the jobs until every piece is loaded or failed; the exporter is
+/// released once every worker imported the snapshot.
+#[allow(clippy::too_many_arguments)]
+async fn run_workers(
+    jobs: Vec<Job>,
+    metas: Vec<TableMeta>,
+    parts: Vec<TablePart>,
+    sizes: &[TableSize],
+    shared: Shared,
+    exporter: Exporter,
+    options: &CopyOptions,
+    (source, (t, target)): (&Endpoint, (&Client, &Endpoint)),
+) -> Result<CopyReport, CopyError> {
     let progress = Arc::new(CopyProgress::new(
         metas.len(),
         sizes.iter().map(|size| size.bytes).sum(),
@@ -535,7 +401,7 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
         .collect();
     loaded_alone.sort_unstable();
     loaded_alone.dedup();
-    let aside = indexes::prepare(&t, &target, &metas, &loaded_alone).await?;
+    let aside = indexes::prepare(t, target, &metas, &loaded_alone).await?;
     let queue = Arc::new(Queue::new(jobs, metas.len(), aside));
     let metas = Arc::new(metas);
     let parts = Arc::new(parts);
@@ -549,13 +415,13 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
             id: worker,
             source: source.clone(),
             target: target.clone(),
-            snapshot: snapshot.clone(),
+            snapshot: shared.snapshot.clone(),
             queue: queue.clone(),
             metas: metas.clone(),
-            plans: plans.clone(),
+            plans: shared.plans.clone(),
             parts: parts.clone(),
             progress: progress.clone(),
-            record: consistent_point.map(|lsn| (slot.clone(), lsn)),
+            record: shared.record.clone(),
         };
         let imported = imported_tx.clone();
         workers.push(tokio::spawn(async move { ctx.run(imported).await }));
@@ -609,32 +475,349 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
         }
         return Err(CopyError::Partial { failed, errors });
     }
+    Ok(report)
+}
 
-    if !reset_key_map.is_empty() {
-        reset_production_key_map(config, &s, &source, &reset_key_map).await?;
+/// Target tables with rows: refused without `--truncate`, but for a column-listed table, which is
+/// merged by key (production owns its other columns); `--truncate` of such a table needs
+/// `--force`.
+async fn check_target_tables(
+    options: &CopyOptions,
+    configs: &[&TableConfig],
+    metas: &[TableMeta],
+    resume: Option<&resume::Resume>,
+    (t, target): (&Client, &Endpoint),
+    parts: &mut [TablePart],
+) -> Result<(), CopyError> {
+    if options.truncate && !options.force {
+        let owned: Vec<String> = configs
+            .iter()
+            .filter(|c| !c.columns.is_all())
+            .map(|c| c.name.to_string())
+            .collect();
+        if !owned.is_empty() {
+            return Err(CopyError::Refused(format!(
+                "--truncate would empty the columns production owns in {} (outside their column lists); nothing was copied. Copy without --truncate to update only the managed columns, or add --force to empty them anyway",
+                owned.join(", ")
+            )));
+        }
+    }
+    if !options.truncate {
+        let mut non_empty = Vec::new();
+        for (i, meta) in metas.iter().enumerate() {
+            if resume.is_some_and(|r| r.handles(i)) {
+                continue;
+            }
+            let has_rows: bool = t
+                .query_one(
+                    &format!("SELECT EXISTS (SELECT 1 FROM {})", meta.qualified()),
+                    &[],
+                )
+                .await
+                .map_err(db_error(target, "checking target tables"))?
+                .get(0);
+            if !has_rows {
+                continue;
+            }
+            let table = configs[i];
+            // Production owns the other columns of a column-listed table: its rows stay, and
+            // copy updates (or inserts) only the managed columns, by key.
+            if !table.columns.is_all() {
+                if !matches!(table.key, KeyRule::Identity | KeyRule::Offset { .. }) {
+                    return Err(CopyError::Refused(format!(
+                        "{} has rows on {} and a column list; copy merges such a table by key, which its key rule {} cannot do (it allocates keys). Nothing was copied",
+                        table.name,
+                        options.to,
+                        table.key.as_str()
+                    )));
+                }
+                parts[i].merge = true;
+                continue;
+            }
+            non_empty.push(meta.table_name().to_string());
+        }
+        if !non_empty.is_empty() {
+            return Err(CopyError::Refused(format!(
+                "{} table(s) on {} are not empty ({}); nothing was copied. Use --truncate to replace their contents",
+                non_empty.len(),
+                options.to,
+                non_empty.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A copy into production that hands over to sync: whether it resumes an earlier run, and
+/// whether it keeps that run's hand-off (and sync slot).
+struct Handoff {
+    resumed: bool,
+    kept: bool,
+}
+
+/// The snapshot every worker reads: exported by creating the sync slot (or a temporary one) when
+/// the copy hands over to sync, whose position it returns; else by a session of its own.
+async fn take_snapshot(
+    config: &Config,
+    options: &CopyOptions,
+    handoff: Option<Handoff>,
+    (s, source): (&Client, &Endpoint),
+    (t, target): (&Client, &Endpoint),
+) -> Result<(Exporter, String, Option<Lsn>), CopyError> {
+    let slot = &config.sync.slot;
+    Ok(if let Some(handoff) = handoff {
+        state::ensure(t)
+            .await
+            .map_err(|e| CopyError::Refused(format!("on {}: {e}", target.describe())))?;
+        if !options.for_stream && !handoff.kept {
+            prepare_slot(config, source, s).await?;
+        }
+        if !handoff.resumed {
+            state::copy_tables::forget(t, slot, None)
+                .await
+                .map_err(|e| CopyError::Refused(format!("on {}: {e}", target.describe())))?;
+        }
+        // Until the copy completes, production's progress says "copy in progress" (0/0), so
+        // sync refuses to stream onto a half-seeded production.
+        let found = state::progress::read(t, slot)
+            .await
+            .map_err(|e| CopyError::Refused(format!("on {}: {e}", target.describe())))?;
+        let was = found.map_or(Lsn::INVALID, |p| p.end_lsn);
+        record_handoff(t, target, slot, &Progress::copy_in_progress(), was).await?;
+        let mut repl = ReplicationClient::connect(source).await?;
+        // For a stream target, or a resumed copy keeping the sync slot, a slot of this copy's
+        // own, gone when the copy's connection closes: the stream (or the sync slot) carries
+        // everything committed after its position.
+        let (snapshot_slot, temporary) = if options.for_stream || handoff.kept {
+            (format!("stagingprop_copy_{}", std::process::id()), true)
+        } else {
+            (slot.clone(), false)
+        };
+        let created = repl
+            .create_logical_slot(
+                &snapshot_slot,
+                temporary,
+                SnapshotAction::Export,
+                config.sync.failover && !temporary,
+            )
+            .await?;
+        let snapshot = created.snapshot_name.ok_or_else(|| {
+            CopyError::Refused("the server exported no snapshot with the slot".into())
+        })?;
+        if temporary {
+            tracing::info!(slot = %snapshot_slot, consistent_point = %created.consistent_point, "created a temporary slot for the snapshot (the sync slot stays where it is); copying its snapshot");
+        } else {
+            tracing::info!(slot = %slot, consistent_point = %created.consistent_point, "created the sync slot; copying its snapshot");
+        }
+        (
+            Exporter::Slot(repl),
+            snapshot,
+            Some(created.consistent_point),
+        )
+    } else {
+        let exporter = source
+            .connect()
+            .await
+            .map_err(db_error(source, "connect"))?;
+        exporter
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .await
+            .map_err(db_error(source, "starting the snapshot"))?;
+        let snapshot: String = exporter
+            .query_one("SELECT pg_export_snapshot()", &[])
+            .await
+            .map_err(db_error(source, "exporting the snapshot"))?
+            .get(0);
+        (Exporter::Session(exporter), snapshot, None)
+    })
+}
+
+/// One copy at a time into a database: it owns whatever copy parts it finds prepared there,
+/// and finishes them.
+async fn lock_target(t: &Client, target: &Endpoint) -> Result<(), CopyError> {
+    let locked: bool = t
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&COPY_LOCK])
+        .await
+        .map_err(db_error(target, "taking the copy lock"))?
+        .get(0);
+    if !locked {
+        return Err(CopyError::Refused(format!(
+            "another stagingprop copy is writing into {}; wait for it to end",
+            target.describe()
+        )));
+    }
+    let leftovers = prepared::resolve_leftovers(t).await.map_err(db_error(
+        target,
+        "finishing what an interrupted copy left prepared",
+    ))?;
+    for leftover in leftovers {
+        if leftover.committed {
+            tracing::warn!(gid = %leftover.gid, "committed a part an interrupted copy had prepared (its group's commit had been decided)");
+        } else {
+            tracing::warn!(gid = %leftover.gid, "rolled back a part an interrupted copy had prepared but not committed");
+        }
+    }
+
+    Ok(())
+}
+
+/// The tables as both sides have them, compared before anything is written: each table's
+/// config and the source's definition of its managed part.
+async fn validate<'a>(
+    config: &'a Config,
+    options: &CopyOptions,
+    tables: &'a [TableName],
+    (s, source): (&Client, &Endpoint),
+    (t, target): (&Client, &Endpoint),
+) -> Result<(Vec<&'a TableConfig>, Vec<TableMeta>), CopyError> {
+    let names: Vec<&TableName> = tables.iter().collect();
+    let on_source = catalog::load_tables(s, &names)
+        .await
+        .map_err(db_error(source, "reading table definitions"))?;
+    let configs: Vec<&TableConfig> = names
+        .iter()
+        .map(|name| {
+            config
+                .table(name)
+                .expect("copy's tables are managed tables")
+        })
+        .collect();
+    let on_source = catalog::managed_parts(&configs, on_source, &options.from.to_string())
+        .map_err(CopyError::Schema)?;
+    let on_target = catalog::load_tables(t, &names)
+        .await
+        .map_err(db_error(target, "reading table definitions"))?;
+    let (from, to) = (options.from.to_string(), options.to.to_string());
+    let sides = catalog::compare::Sides {
+        source: &from,
+        target: &to,
+    };
+    let metas: Vec<TableMeta> = catalog::compare::compare_all(&names, &on_source, on_target, sides)
+        .map_err(|problems| CopyError::Schema(catalog::compare::messages(problems)))?
+        .into_iter()
+        .map(|(on_source, _)| on_source)
+        .collect();
+    Ok((configs, metas))
+}
+
+/// What the target does as rows arrive: its foreign keys among the copied tables (and the
+/// groups they link), and whether it checks them.
+async fn target_abilities(
+    t: &Client,
+    target: &Endpoint,
+    metas: &[TableMeta],
+) -> Result<(Vec<(usize, usize)>, Vec<Vec<usize>>, TargetAbilities), CopyError> {
+    let meta_refs: Vec<&TableMeta> = metas.iter().collect();
+    let edges = catalog::foreign_keys(t, &meta_refs)
+        .await
+        .map_err(db_error(target, "reading foreign keys"))?;
+    let groups = catalog::linked_groups(metas.len(), &edges);
+    let replica = replica_role(t).await;
+    let self_referencing = if replica.is_err() {
+        let references = catalog::column_references(t)
+            .await
+            .map_err(db_error(target, "reading foreign keys"))?;
+        metas
+            .iter()
+            .map(|m| {
+                let name = m.table_name();
+                references
+                    .iter()
+                    .any(|r| r.child == name && r.parent == name)
+            })
+            .collect()
+    } else {
+        vec![false; metas.len()]
+    };
+    let abilities = TargetAbilities {
+        replica,
+        self_referencing,
+    };
+    Ok((edges, groups, abilities))
+}
+
+/// Each table's size on the source, for progress and to cut large tables into block ranges.
+async fn table_sizes(
+    s: &Client,
+    source: &Endpoint,
+    metas: &[TableMeta],
+) -> Result<Vec<TableSize>, CopyError> {
+    let mut sizes = Vec::with_capacity(metas.len());
+    for meta in metas {
+        let row = s
+        .query_one(
+            // A partitioned table's size is its partitions'; it is read whole, not by blocks.
+            "SELECT CASE WHEN partitioned THEN (SELECT coalesce(sum(pg_table_size(relid)), 0)::bigint \
+                                                 FROM pg_partition_tree(c) WHERE isleaf) \
+                         ELSE pg_table_size(c) END, \
+                    CASE WHEN partitioned THEN 0 \
+                         ELSE pg_relation_size(c) / current_setting('block_size')::bigint END \
+             FROM (SELECT c, (SELECT relkind = 'p' FROM pg_class WHERE oid = c) AS partitioned \
+                     FROM (SELECT $1::text::regclass AS c) r) t",
+            &[&meta.qualified()],
+        )
+        .await
+        .map_err(db_error(source, "reading table sizes"))?;
+        sizes.push(TableSize {
+            bytes: row.get::<_, i64>(0).max(0) as u64,
+            blocks: row.get::<_, i64>(1).max(0) as u64,
+        });
+    }
+    Ok(sizes)
+}
+
+/// What a copy's last steps need from the rest of it.
+struct Finish {
+    /// Tables whose production key map the copy replaced.
+    reset_key_map: Vec<usize>,
+    /// Where sync starts, and whether it is the first run's position kept by a resumed copy.
+    handoff: Option<Lsn>,
+    kept: bool,
+}
+
+/// After every table is loaded: the key map, sequences, managed files, the hand-off, and the
+/// `--after` command.
+async fn finish(
+    config: &Config,
+    options: &CopyOptions,
+    tables: &[TableName],
+    (s, source): (&Client, &Endpoint),
+    (t, target): (&Client, &Endpoint),
+    finish: Finish,
+    report: &mut CopyReport,
+) -> Result<(), CopyError> {
+    if !finish.reset_key_map.is_empty() {
+        reset_production_key_map(config, s, source, &finish.reset_key_map).await?;
     }
 
     // Sequences of identity-keyed tables follow the source (never lowered on the target).
-    let values = catalog::sequences::read_owned(&s, config)
+    let values = catalog::sequences::read_owned(s, config)
         .await
-        .map_err(db_error(&source, "reading sequences"))?;
-    catalog::sequences::raise(&t, &values)
+        .map_err(db_error(source, "reading sequences"))?;
+    catalog::sequences::raise(t, &values)
         .await
-        .map_err(db_error(&target, "setting sequences"))?;
+        .map_err(db_error(target, "setting sequences"))?;
 
     // Production's managed files are published from what was copied, before the hand-off:
     // sync then keeps them current.
     if options.to == Side::Production {
-        publish_files(config, &tables, &t, &target).await?;
+        publish_files(config, tables, t, target).await?;
     }
 
-    if let Some(point) = kept_handoff.or(consistent_point) {
-        record_handoff(&t, &target, slot, &Progress::handoff(point), Lsn::INVALID).await?;
+    if let Some(point) = finish.handoff {
+        record_handoff(
+            t,
+            target,
+            &config.sync.slot,
+            &Progress::handoff(point),
+            Lsn::INVALID,
+        )
+        .await?;
         report.handoff = Some(point);
-        if kept_handoff.is_some() {
-            tracing::info!(slot = %slot, at = %point, "hand-off recorded: sync starts after the first run's snapshot, and skips in the tables this run loaded what their later snapshot holds");
+        if finish.kept {
+            tracing::info!(slot = %config.sync.slot, at = %point, "hand-off recorded: sync starts after the first run's snapshot, and skips in the tables this run loaded what their later snapshot holds");
         } else {
-            tracing::info!(slot = %slot, at = %point, "hand-off recorded: sync starts exactly after the copied snapshot");
+            tracing::info!(slot = %config.sync.slot, at = %point, "hand-off recorded: sync starts exactly after the copied snapshot");
         }
     }
 
@@ -648,7 +831,7 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
             .map_err(|e| CopyError::Refused(format!("cannot run --after command: {e}")))?;
         report.after_status = Some(status.code().unwrap_or(-1));
     }
-    Ok(report)
+    Ok(())
 }
 
 /// Writes the files of every copied managed-file table from the target's rows; files under

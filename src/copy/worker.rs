@@ -540,8 +540,8 @@ impl Worker {
             format!(" WHERE {}", conditions.join(" AND "))
         };
         let out_sql = format!(
-            "COPY (SELECT {columns} FROM ONLY {}{condition}) TO STDOUT (FORMAT binary)",
-            meta.qualified()
+            "COPY (SELECT {columns} FROM {}{condition}) TO STDOUT (FORMAT binary)",
+            meta.own_rows()
         );
         let merge_table = part
             .merge
@@ -575,8 +575,9 @@ impl Worker {
             None => meta.table_name().to_string(),
             Some(r) => format!("{}, {r}", meta.table_name()),
         };
-        let board = self.progress.show(label, piece.bytes);
+        let board = self.progress.show(label.clone(), piece.bytes);
         let mut bytes = 0u64;
+        let mut messages = 0u64;
         // The source sends a message per row; the target gets them coalesced into large
         // messages (COPY data is one byte stream, message boundaries carry no meaning), which
         // saves a channel hand-off and a frame per row.
@@ -591,6 +592,7 @@ impl Worker {
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(db_error(&self.source, "reading the table"))?;
             bytes += chunk.len() as u64;
+            messages += 1;
             // A message per row (the header and trailer ride along): close enough for progress.
             for counters in [
                 (&self.progress.bytes, &self.progress.rows),
@@ -635,6 +637,17 @@ impl Worker {
             .finish()
             .await
             .map_err(db_error(&self.target, "finishing the table"))?;
+        // A binary COPY out is one message per row and one for the trailer (the header rides
+        // with the first): every row read must be a row the target took.
+        let read = messages.saturating_sub(1);
+        if read != rows {
+            return Err(CopyError::Refused(format!(
+                "copying {label}: read {read} rows from {} but {} took {rows}; the piece \
+                 is not recorded as loaded: run the copy again",
+                self.source.describe(),
+                self.target.describe()
+            )));
+        }
         if let Some(scratch) = &merge_table {
             t.batch_execute(&merge_sql(meta, scratch))
                 .await
@@ -666,7 +679,7 @@ pub(super) fn merge_sql(meta: &TableMeta, scratch: &str) -> String {
         .map(|&k| quote_ident(&meta.columns[k].name))
         .collect();
     let set: Vec<String> = (0..meta.columns.len())
-        .filter(|i| !meta.key.contains(i))
+        .filter(|&i| !meta.key.contains(&i) && meta.assignable(i))
         .map(|i| format!("{0} = EXCLUDED.{0}", quote_ident(&meta.columns[i].name)))
         .collect();
     let action = if set.is_empty() {
@@ -675,8 +688,9 @@ pub(super) fn merge_sql(meta: &TableMeta, scratch: &str) -> String {
         format!("UPDATE SET {}", set.join(", "))
     };
     format!(
-        "INSERT INTO {table} ({cols}) SELECT {cols} FROM {scratch} ON CONFLICT ({keys}) DO {action}",
+        "INSERT INTO {table} ({cols}){overriding} SELECT {cols} FROM {scratch} ON CONFLICT ({keys}) DO {action}",
         table = meta.qualified(),
+        overriding = meta.overriding(0..meta.columns.len()),
         cols = columns.join(", "),
         keys = keys.join(", "),
     )

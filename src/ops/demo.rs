@@ -15,7 +15,9 @@ use crate::config::Config;
 use crate::copy::{CopyOptions, Side, copy};
 use crate::sync::{self, SyncOptions};
 
-const CATALOGUE: &str = "
+/// The demo's sample catalogue: categories, products, descriptions, category relations, offers
+/// and prices, linked by foreign keys.
+pub const CATALOGUE: &str = "
 CREATE TABLE category (category_id bigint PRIMARY KEY, identifier varchar(64) NOT NULL UNIQUE, name text NOT NULL);
 CREATE TABLE catentry (catentry_id bigint PRIMARY KEY, partnumber varchar(64) NOT NULL UNIQUE,
   published boolean NOT NULL DEFAULT true, attrs jsonb, lastupdate timestamptz NOT NULL DEFAULT now());
@@ -38,7 +40,8 @@ const TABLES: [&str; 6] = [
     "offerprice",
 ];
 
-const SEED: &str = "
+/// Rows for [`CATALOGUE`].
+pub const SEED: &str = "
 INSERT INTO category SELECT g, 'CAT-' || g, 'Category ' || g FROM generate_series(1, 50) g;
 INSERT INTO catentry SELECT g, 'PN-' || g, true, jsonb_build_object('color', (ARRAY['red','green','blue'])[1 + g % 3], 'size', g % 40)
   FROM generate_series(1, 5000) g;

@@ -8,6 +8,7 @@ use tokio_postgres::Client;
 use super::{OpsError, connect, query_error, state_error};
 use crate::catalog::{self, publication};
 use crate::config::{Config, TableName};
+use crate::ddl;
 use crate::pg::connect::Endpoint;
 use crate::quote::{qualified, quote_ident};
 use crate::state::{self, SCHEMA as STATE_SCHEMA};
@@ -218,6 +219,7 @@ pub async fn init(config: &Config, options: &InitOptions) -> Result<InitReport, 
         &mut report,
     )
     .await?;
+    capture_schema_changes(&s, &staging, config, &mut report).await?;
 
     if slot_exists {
         report
@@ -249,6 +251,56 @@ pub async fn init(config: &Config, options: &InitOptions) -> Result<InitReport, 
         state::LAYOUT_VERSION
     ));
     Ok(report)
+}
+
+/// Installs (or refreshes) staging's capture of schema changes, or removes it when `[ddl] mode`
+/// is `off`. It needs a superuser: without one, init says what is lost and goes on.
+async fn capture_schema_changes(
+    s: &Client,
+    staging: &Endpoint,
+    config: &Config,
+    report: &mut InitReport,
+) -> Result<(), OpsError> {
+    let publication = &config.sync.publication;
+    let superuser: bool = s
+        .query_one(
+            "SELECT rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .map_err(query_error(staging, "reading the role"))?
+        .get(0);
+    if !config.ddl.mode.captures() {
+        if superuser {
+            ddl::capture::remove(s, publication)
+                .await
+                .map_err(query_error(staging, "removing the schema-change capture"))?;
+        }
+        report.lines.push(
+            "staging: schema changes are not captured ([ddl] mode = \"off\"): a change production lacks stops sync at the first row that needs it".into(),
+        );
+        return Ok(());
+    }
+    if !superuser {
+        report.lines.push(format!(
+            "staging: schema changes are NOT captured: the event trigger that captures them needs \
+             a superuser, and {} is not one. Without it sync follows only what staging's Relation \
+             messages show (a column production lacks, or cannot hold, stops it with exit 6 until \
+             production is altered by hand). Run `stagingprop init` once as a superuser to install it",
+            staging.describe()
+        ));
+        return Ok(());
+    }
+    ddl::capture::install(s, publication)
+        .await
+        .map_err(query_error(staging, "installing the schema-change capture"))?;
+    report.lines.push(format!(
+        "staging: schema changes to the managed tables are captured into the stream \
+         ([ddl] mode = \"{}\"; event trigger {} on the publication's tables)",
+        config.ddl.mode.as_str(),
+        format_args!("stagingprop_ddl_{publication}")
+    ));
+    Ok(())
 }
 
 /// What the publication should hold for a partial table, as checked by the server.
@@ -484,6 +536,11 @@ async fn check_production_table(
     Ok(())
 }
 
+/// Every action is published; a partitioned table's changes as the partitioned table's (its
+/// partitions are not managed tables of their own, and ones attached later follow it).
+const PUBLICATION_OPTIONS: &str =
+    "publish = 'insert, update, delete, truncate', publish_via_partition_root = true";
+
 /// Creates the publication, or brings its table list, row filters, column lists and published
 /// actions in line with the config (`changes`: the filter and column-list differences found,
 /// already allowed by `--apply-changes`).
@@ -500,7 +557,7 @@ async fn sync_publication(
     let wanted: Vec<&TableName> = config.tables.iter().map(|t| &t.name).collect();
     if !exists {
         s.batch_execute(&format!(
-            "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert, update, delete, truncate')",
+            "CREATE PUBLICATION {} FOR TABLE {} WITH ({PUBLICATION_OPTIONS})",
             quote_ident(name),
             specs.join(", ")
         ))
@@ -531,7 +588,7 @@ async fn sync_publication(
         .collect();
     let extra: Vec<&TableName> = present.iter().filter(|t| !wanted.contains(t)).collect();
     let mut statements = vec![format!(
-        "ALTER PUBLICATION {} SET (publish = 'insert, update, delete, truncate')",
+        "ALTER PUBLICATION {} SET ({PUBLICATION_OPTIONS})",
         quote_ident(name)
     )];
     // SET TABLE replaces the whole list (with filters and column lists) in one statement.

@@ -2,6 +2,7 @@
 //! `verify` compares the managed tables, `tail` prints decoded changes.
 
 pub mod demo;
+pub mod discover;
 pub mod init;
 pub mod metrics;
 pub mod quarantine;

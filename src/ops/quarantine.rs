@@ -6,10 +6,10 @@
 use bytes::Bytes;
 
 use super::{OpsError, connect, query_error, state_error};
-use crate::apply::{Applier, ApplyError};
+use crate::apply::{Applier, ApplyError, Target};
 use crate::catalog::{self, TableMeta};
 use crate::change::{Key, RowOp, Source};
-use crate::config::{Config, ConflictPolicy, TableName};
+use crate::config::{Config, TableName};
 use crate::model::{Lsn, Tuple, Value, Xid};
 use crate::pg::connect::Endpoint;
 use crate::state::quarantine::{self, Selection, Stored};
@@ -66,11 +66,7 @@ pub async fn retry(config: &Config, selection: &Selection) -> Result<RetryReport
                 table.name
             ))
         })?;
-        let policy = match table.on_conflict {
-            ConflictPolicy::Skip => ConflictPolicy::Error,
-            other => other,
-        };
-        tables.push((meta, policy));
+        tables.push((meta, table.on_conflict.on_retry()));
     }
     // The progress row stays where sync left it: these are old changes applied late.
     let progress_at = state::progress::read(&p, &config.sync.slot)

@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use super::{OpsError, connect, query_error, state_error};
 use crate::config::Config;
+use crate::model::{Lag, PgTimestamp};
 use crate::pg::connect::Endpoint;
 use crate::state;
 
@@ -70,6 +71,15 @@ pub struct AppliedStatus {
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
+pub struct SchemaChangeStatus {
+    /// Where it was in staging's WAL.
+    pub lsn: String,
+    pub table: String,
+    pub statement: String,
+    pub applied_at: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct SpoolStatus {
     pub dir: String,
     #[serde(flatten)]
@@ -96,6 +106,13 @@ pub struct Status {
     /// Seconds since the last applied transaction committed on staging, when there is lag.
     pub lag_seconds: Option<f64>,
     pub quarantined_changes: i64,
+    /// The last schema change from staging applied to production.
+    pub last_schema_change: Option<SchemaChangeStatus>,
+    /// Managed tables whose last schema change staging captured production has not applied:
+    /// in the stream (or, with `[ddl] mode = "stop"`, waiting for the operator).
+    pub schema_changes_waiting: Vec<String>,
+    /// Index builds and drops a schema change left to run after its transaction, not done.
+    pub index_builds_pending: Vec<String>,
     /// While a copy into production has not handed off: the tables it completed, which the
     /// same copy run again keeps.
     pub copy_complete_tables: Option<usize>,
@@ -207,29 +224,69 @@ pub async fn status(config: &Config, thresholds: &Thresholds) -> Result<Status, 
         st.quarantined_changes = state::quarantine::count(p, slot_name)
             .await
             .map_err(&state_error)?;
+        st.last_schema_change = state::schema_changes::last(p, slot_name)
+            .await
+            .map_err(&state_error)?
+            .map(|(lsn, table, statement, applied_at)| SchemaChangeStatus {
+                lsn,
+                table,
+                statement,
+                applied_at,
+            });
+        if config.ddl.mode.captures() {
+            let captured = crate::ddl::capture::last_changes(&s, &config.sync.publication)
+                .await
+                .map_err(query_error(&staging, "reading the captured schema changes"))?;
+            let ids: Vec<i64> = captured.iter().map(|(_, id)| *id).collect();
+            let applied = state::schema_changes::applied(p, slot_name, &ids)
+                .await
+                .map_err(&state_error)?;
+            st.schema_changes_waiting = crate::ddl::not_applied(captured, &applied)
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            if config.ddl.mode == crate::config::DdlMode::Stop
+                && !st.schema_changes_waiting.is_empty()
+            {
+                st.problems.push(format!(
+                    "a schema change of {} waits for the operator ([ddl] mode = \"stop\"): \
+                     `stagingprop sync --dry-run` shows its plan, `stagingprop sync \
+                     --apply-schema-change` applies it",
+                    st.schema_changes_waiting.join(", ")
+                ));
+            }
+        }
+        st.index_builds_pending = state::schema_changes::pending_builds(p, slot_name)
+            .await
+            .map_err(&state_error)?
+            .into_iter()
+            .map(|b| b.statement)
+            .collect();
         st.key_map = state::key_map::sizes(p)
             .await
             .map_err(&state_error)?
             .into_iter()
             .map(|(table, entries)| KeyMapSize { table, entries })
             .collect();
-        if let Some(applied) = &st.last_applied {
-            let lag: i64 = s
-                .query_one(
-                    "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::bigint",
-                    &[&applied.end_lsn],
-                )
-                .await
-                .map_err(query_error(&staging, "computing the lag"))?
-                .get(0);
-            st.lag_bytes = Some(lag.max(0));
-            // Idle staging writes heartbeats, so a small WAL distance means "caught up".
-            st.lag_seconds = Some(if lag > 64 * 1024 {
-                since_commit.unwrap_or(0.0).max(0.0)
-            } else {
-                0.0
-            });
-        }
+        // The one definition of lag (sync's gauges and report use it too): from production's
+        // progress, or before it has any, from where the slot starts, never from 0/0.
+        let now_pg = PgTimestamp::now();
+        let lag = Lag::measure(
+            st.slot.staging_wal_lsn.parse().unwrap_or_default(),
+            st.last_applied
+                .as_ref()
+                .and_then(|a| a.end_lsn.parse().ok())
+                .unwrap_or_default(),
+            st.slot
+                .confirmed_flush_lsn
+                .as_deref()
+                .and_then(|l| l.parse().ok())
+                .unwrap_or_default(),
+            since_commit.map(|secs| PgTimestamp(now_pg.0 - (secs.max(0.0) * 1e6) as i64)),
+            now_pg,
+        );
+        st.lag_bytes = lag.map(|l| i64::try_from(l.bytes).unwrap_or(i64::MAX));
+        st.lag_seconds = lag.and_then(|l| l.seconds);
     }
     // Parts of an interrupted copy hold locks and the cluster's xmin horizon until resolved.
     for (side, client, endpoint) in [
@@ -467,16 +524,39 @@ pub fn render(st: &Status) -> String {
         )),
         None => out.push_str("last applied: nothing yet\n"),
     }
-    if let (Some(bytes), Some(secs)) = (st.lag_bytes, st.lag_seconds) {
-        out.push_str(&format!(
+    match (st.lag_bytes, st.lag_seconds) {
+        (Some(bytes), Some(secs)) => out.push_str(&format!(
             "lag: {} ({bytes} bytes), {secs:.1} s\n",
             mb(bytes)
-        ));
+        )),
+        (Some(bytes), None) => out.push_str(&format!(
+            "lag: {} ({bytes} bytes) since the slot's start, nothing applied yet\n",
+            mb(bytes)
+        )),
+        _ => out.push_str("lag: unknown\n"),
     }
     out.push_str(&format!(
         "quarantined changes (conflicts skipped): {}\n",
         st.quarantined_changes
     ));
+    if let Some(change) = &st.last_schema_change {
+        out.push_str(&format!(
+            "last schema change applied: {} at {} ({}), applied {}\n",
+            change.table,
+            change.lsn,
+            change.statement.trim(),
+            change.applied_at
+        ));
+    }
+    if !st.schema_changes_waiting.is_empty() {
+        out.push_str(&format!(
+            "schema changes captured on staging, not applied yet: {}\n",
+            st.schema_changes_waiting.join(", ")
+        ));
+    }
+    for build in &st.index_builds_pending {
+        out.push_str(&format!("index build to run: {build}\n"));
+    }
     if let Some(spool) = &st.spool {
         let held = &spool.held;
         match (held.oldest, held.newest_end) {

@@ -1,4 +1,4 @@
-//! Key remapping between staging's and production's key spaces (DESIGN.md, "Key remapping").
+//! Key remapping between staging's and production's key spaces (docs/design.md, "Key remapping").
 //!
 //! Per table a rule says how a staging key becomes a production key: `identity` keeps it,
 //! `offset` adds a constant, and the mapping rules (`remap-on-conflict`, `allocate`, `natural`)
@@ -284,6 +284,17 @@ impl Remapper {
             }
         }
         for (child, column, parent, why) in found {
+            if metas[child].key.is_empty() {
+                problems.push(format!(
+                    "{}.{column} ({why}) refers to the remapped {}, but {} has no primary key: \
+                     rows without a key are applied as staging sent them, never translated; add \
+                     a primary key to it",
+                    config.tables[child].name,
+                    config.tables[parent].name,
+                    config.tables[child].name
+                ));
+                continue;
+            }
             let Some(c) = metas[child].column_index(&column) else {
                 problems.push(format!(
                     "{}.{column} ({why}) does not exist on production",
@@ -323,6 +334,12 @@ impl Remapper {
         } else {
             Err(problems)
         }
+    }
+
+    /// Whether key remapping reads or writes table `t` (its key is remapped, or it holds
+    /// references to a remapped table): its column positions must not change under it.
+    pub fn touches(&self, t: usize) -> bool {
+        self.tables[t].key_column.is_some() || !self.tables[t].references.is_empty()
     }
 
     /// The columns of table `t` (config order) that hold keys of remapped tables.

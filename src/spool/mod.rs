@@ -1,4 +1,4 @@
-//! The durable spool (DESIGN.md, "Outages and replay").
+//! The durable spool (docs/design.md, "Outages and replay").
 
 pub mod record;
 pub mod segment;

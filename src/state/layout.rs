@@ -11,6 +11,10 @@
 //! 4. `copy_tables`: the tables and block ranges a copy loading piece by piece has committed,
 //!    with the position of the snapshot each was read in; `copy_indexes`: the secondary
 //!    indexes a copy dropped to load faster, until it has built them again.
+//! 5. `schema_changes`: every schema change from staging that sync applied to production (or
+//!    left alone), with its staging position, statement and plan; `index_builds`: the index
+//!    builds and drops a schema change left to run concurrently after its transaction, until
+//!    done.
 
 use tokio_postgres::Client;
 
@@ -18,7 +22,7 @@ use super::{SCHEMA, StateError, key_map, query_error, table};
 use crate::quote::quote_ident;
 
 /// The layout this release writes.
-pub const LAYOUT_VERSION: i32 = 4;
+pub const LAYOUT_VERSION: i32 = 5;
 
 /// Serializes upgrades by concurrent stagingprop processes (any constant works: it only has to
 /// be the same in every release).
@@ -86,6 +90,28 @@ fn step(from: i32) -> String {
                  PRIMARY KEY (table_name, index_name));",
             copy_tables = table("copy_tables"),
             copy_indexes = table("copy_indexes"),
+        ),
+        4 => format!(
+            "CREATE TABLE IF NOT EXISTS {schema_changes} (
+                 id bigserial PRIMARY KEY,
+                 slot text NOT NULL,
+                 lsn pg_lsn NOT NULL,
+                 xid bigint NOT NULL,
+                 change_id bigint,
+                 table_name text NOT NULL,
+                 statement text NOT NULL,
+                 plan text NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now());
+             CREATE TABLE IF NOT EXISTS {index_builds} (
+                 id bigserial PRIMARY KEY,
+                 slot text NOT NULL,
+                 change_id bigint,
+                 index_name text NOT NULL,
+                 statement text NOT NULL,
+                 recorded_at timestamptz NOT NULL DEFAULT now(),
+                 done_at timestamptz);",
+            schema_changes = table("schema_changes"),
+            index_builds = table("index_builds"),
         ),
         _ => unreachable!("no layout step from version {from}"),
     }

@@ -1,7 +1,8 @@
 //! stagingprop's own tables on production, in schema `stagingprop`: the progress row per slot
 //! ([`progress`]), the key map ([`key_map`]), the quarantine of skipped changes
 //! ([`quarantine`]), copy's two-phase commit decisions ([`copy_commits`]), the pieces a copy
-//! committed ([`copy_tables`]), the indexes a copy set aside ([`copy_indexes`]) and the layout
+//! committed ([`copy_tables`]), the indexes a copy set aside ([`copy_indexes`]), the schema
+//! changes sync applied ([`schema_changes`]) and the layout
 //! version row ([`layout`]). This is the only module that names them: their DDL and every
 //! statement that reads or writes them are built here, and everything else calls in.
 
@@ -12,6 +13,7 @@ pub(crate) mod key_map;
 pub mod layout;
 pub mod progress;
 pub mod quarantine;
+pub mod schema_changes;
 
 use tokio_postgres::Client;
 

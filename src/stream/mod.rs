@@ -1,4 +1,4 @@
-//! Fan-out through NATS JetStream (DESIGN.md, "Fan-out beyond one machine"): `publish` writes
+//! Fan-out through NATS JetStream (docs/design.md, "Outages and replay"): `publish` writes
 //! staging's transactions, read from the spool, to a JetStream stream; each target's
 //! `sync --from-stream` reads them back. This module owns the JetStream side: the connection,
 //! the stream, the message format ([`chunk`], sans-IO), publishing with bounded in-flight acks
@@ -37,7 +37,7 @@ pub enum StreamError {
     },
     #[error(
         "the JetStream stream {stream} does not exist: `stagingprop publish` creates it, or \
-         create it with the settings README \"Fan-out\" gives"
+         create it with the settings docs/fanout.md gives"
     )]
     Missing { stream: String },
     #[error(
@@ -180,7 +180,7 @@ pub async fn open_stream(
     Ok(stream)
 }
 
-/// Opens the configured stream, creating it when missing with the settings README "Fan-out"
+/// Opens the configured stream, creating it when missing with the settings docs/fanout.md
 /// recommends (file storage, the configured replicas, max age and duplicate window, deletes
 /// and purges denied).
 pub async fn ensure_stream(

@@ -43,6 +43,21 @@ pub enum SyncError {
     BadUntil(String),
     #[error(transparent)]
     Stream(#[from] StreamError),
+    /// `[ddl] mode = "stop"`: a schema change waits for the operator.
+    #[error(
+        "staging changed the schema of a managed table at {lsn}, and [ddl] mode = \"stop\": sync \
+         stopped before that transaction (nothing of it was applied).\n  statement on staging: \
+         {statement}\n  plan for production:\n    {plan}\nApply it and go on with `stagingprop sync \
+         --apply-schema-change`, or make the change on production yourself first"
+    )]
+    SchemaChangeWaiting {
+        statement: String,
+        plan: String,
+        lsn: crate::model::Lsn,
+    },
+    /// Something only staging can answer, while it is unreachable: retried.
+    #[error("{0}")]
+    StagingNeeded(String),
 }
 
 impl SyncError {
@@ -53,6 +68,7 @@ impl SyncError {
             SyncError::Apply(e) => e.is_transient(),
             SyncError::Stream(e) => e.is_transient(),
             SyncError::Replication(e) => e.is_transient(),
+            SyncError::StagingNeeded(_) => true,
             _ => false,
         }
     }

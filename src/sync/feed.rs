@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use tokio::sync::watch;
 
 use super::SyncError;
-use super::receiver::SpoolShared;
+use super::handover::SpoolShared;
 use crate::model::Lsn;
 use crate::pg::connect::Endpoint;
 use crate::pg::replication::ReplicationStream;

@@ -21,27 +21,31 @@
 //! staging so busy that batches commit late, once it is `batch_linger_ms` old: see `pace.rs`).
 
 //! The rooms: `error.rs` (what can fail, what is retried), `retry.rs` (sessions until stopped),
-//! `session.rs` (one session's set-up), `pipeline.rs` (messages to transactions to batches),
-//! `streamed.rs` (large transactions applied while staging streams them), `target.rs` (the
-//! trait between the pipeline and production's session), `feed.rs` (slot, spool or replay),
-//! `receiver.rs` (staging's stream into the spool), `publish.rs` (the spool into a JetStream
-//! stream), `replay.rs`.
+//! `run_state.rs` (what a run keeps across sessions), `session.rs` (one session's set-up:
+//! connecting, checking both sides, opening the feed and the target), `staging_schema.rs`,
+//! `heartbeat.rs`, `pipeline/` (messages to transactions to batches; `streamed.rs` large
+//! transactions applied while staging streams them), `feed.rs` (slot, spool or replay),
+//! `handover.rs` (what the spool's receiver and its reader tell each other), `receiver.rs`
+//! (staging's stream into the spool), `publish.rs` (the spool into a JetStream stream),
+//! `replay.rs`, `dry_run.rs` (a target that writes nothing, which the pipeline's tests record).
+//! The pipeline applies through [`crate::apply::Target`].
 
 mod dry_run;
 mod error;
 mod feed;
+mod handover;
+mod heartbeat;
+mod lag;
 mod pace;
 mod pipeline;
 mod publish;
 mod receiver;
-#[cfg(test)]
-mod recorder;
 mod replay;
 mod report;
 mod retry;
+mod run_state;
 mod session;
-mod streamed;
-mod target;
+mod staging_schema;
 mod until;
 
 use std::future::Future;
@@ -49,7 +53,7 @@ use std::sync::Arc;
 
 use crate::apply;
 use crate::config::Config;
-use crate::model::Lsn;
+use crate::model::{Lag, Lsn};
 pub use error::SyncError;
 use error::database_error;
 pub use publish::{PublishSummary, publish};
@@ -78,6 +82,9 @@ pub struct SyncOptions {
     /// `--from-stream`: read staging's transactions from the `[stream]` JetStream stream
     /// that `publish` writes, instead of staging's slot.
     pub from_stream: bool,
+    /// `--apply-schema-change`: apply schema changes staging captured even under `[ddl] mode =
+    /// "stop"` (the one that stopped the last run, and any after it).
+    pub apply_schema_change: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -94,6 +101,8 @@ pub struct SyncSummary {
     pub last_applied: Option<Lsn>,
     /// Staging's changes applied, per table and operation (committed batches only).
     pub changes: ChangeCounts,
+    /// How far production was behind staging when the run stopped, when known.
+    pub lag: Option<Lag>,
 }
 
 /// Runs sync until `shutdown` resolves (or `options.stop_at` is reached), retrying transient
@@ -137,7 +146,7 @@ fn stream_config<'a>(
         config_refused(
             what,
             "[stream]",
-            "the config has no [stream] section: add one with url and name (see README \"Fan-out\")",
+            "the config has no [stream] section: add one with url and name (see docs/fanout.md)",
         )
     })
 }
@@ -158,7 +167,7 @@ enum Feeding {
     /// Staging's slot: what production committed is confirmed to it.
     Slot,
     /// The spool a receiver of this process writes; the receiver confirms to staging.
-    Spool(Arc<receiver::SpoolShared>),
+    Spool(Arc<handover::SpoolShared>),
     /// A spool on disk, applied to a target up to its end or a limit (`replay`).
     Replay(Box<replay::ReplayPlan>),
     /// The JetStream stream `publish` writes; the target's progress row says where to resume.

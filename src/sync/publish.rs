@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use super::receiver::{Downstream, SpoolShared, both, receive_loop};
+use super::handover::{Downstream, SpoolShared};
+use super::receiver::{both, receive_loop};
 use super::retry::{Latch, pause_before_retry};
 use super::{SyncError, SyncOptions};
 use crate::config::{Config, SpoolConfig, StreamConfig};

@@ -10,16 +10,18 @@
 //! filling up.
 
 use std::future::Future;
-use std::path::PathBuf;
+
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use super::handover::{Downstream, SpoolShared};
+use super::heartbeat::emit_heartbeat;
 use super::retry::{Latch, apply_loop, pause_before_retry};
-use super::session::{check_slot, emit_heartbeat};
+use super::session::check_slot;
 use super::{Feeding, SyncError, SyncOptions, SyncSummary, database_error};
 use crate::apply::ApplyError;
 use crate::config::{Config, SpoolConfig};
@@ -29,7 +31,7 @@ use crate::pg::replication::{
     DurablePosition, FlushHandle, PgOutputOptions, ReplicationClient, ReplicationError,
 };
 use crate::pgoutput::LogicalMessage;
-use crate::spool::store::{SpoolLock, SpoolMark, SpoolWriter};
+use crate::spool::store::{SpoolLock, SpoolWriter};
 
 /// The spool is made durable when a transaction ends and this long has passed since the last
 /// time, or when the stream pauses this long: fsyncs at most this often, and an idle stream's
@@ -44,44 +46,6 @@ const HOUSEKEEPING_MESSAGES: u32 = 1024;
 
 /// How often applied segments past retention (or over `max_bytes`) are removed.
 const CLEANUP_INTERVAL: Duration = Duration::from_secs(1);
-
-/// What the receiver and the applier tell each other.
-pub(super) struct SpoolShared {
-    pub dir: PathBuf,
-    /// Where the spool's durable part ends (receiver -> applier).
-    pub mark: watch::Sender<SpoolMark>,
-    /// The end of the last transaction production committed (applier -> receiver).
-    pub applied: watch::Sender<Lsn>,
-    /// Staging's WAL end as last heard (for the applier's lag).
-    pub server_wal_end: AtomicU64,
-    /// Staging's system identifier, once the receiver connected (names published messages).
-    pub system_id: watch::Sender<Option<String>>,
-    /// Who reads the spool and reports `applied`.
-    pub downstream: Downstream,
-}
-
-/// What the spool feeds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Downstream {
-    /// Production, through the applier of this process.
-    Production,
-    /// A JetStream stream, through the publisher of this process: `applied` is what the
-    /// stream acknowledged, and the publisher learns what it holds before the receiver starts.
-    Stream,
-}
-
-impl SpoolShared {
-    pub(super) fn new(dir: PathBuf, downstream: Downstream) -> SpoolShared {
-        SpoolShared {
-            dir,
-            mark: watch::Sender::new(SpoolMark::default()),
-            applied: watch::Sender::new(Lsn::INVALID),
-            server_wal_end: AtomicU64::new(0),
-            system_id: watch::Sender::new(None),
-            downstream,
-        }
-    }
-}
 
 /// Runs the receiver and the applier until `shutdown` (or the applier reaching its stop),
 /// then stops both; the first fatal error of either stops the other.
@@ -171,6 +135,9 @@ where
     let mut stop = Latch::new(stop);
     let mut stop = Pin::new(&mut stop);
     let mut attempt: u32 = 0;
+    // Known from the start, so that alerts on them have a series before anything happens.
+    metrics::gauge!("stagingprop_spool_full").set(0.0);
+    metrics::gauge!("stagingprop_spool_max_bytes").set(spool.max_bytes as f64);
     loop {
         // Opened afresh after a failure: it cuts a transaction received only in part, which
         // staging sends again (the applier never saw it: it reads up to the durable mark).

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use super::SyncSummary;
 use crate::config::{Config, KeyRule};
+use crate::model::Lag;
 
 /// The name of a dry run's report.
 pub const DRY_RUN: &str = "dry run";
@@ -113,6 +114,8 @@ pub struct RunReport {
     pub rows_per_sec: f64,
     /// The end of the last staging transaction applied (or, in a dry run, read).
     pub applied: Option<String>,
+    /// How far production was behind staging when the run stopped, when known.
+    pub lag: Option<Lag>,
 }
 
 impl RunReport {
@@ -151,6 +154,7 @@ impl RunReport {
             elapsed_secs,
             rows_per_sec: total.rows() as f64 / elapsed_secs.max(0.001),
             applied: summary.last_applied.map(|l| l.to_string()),
+            lag: summary.lag,
         }
     }
 
@@ -194,12 +198,16 @@ impl RunReport {
         if let Some(keys) = self.keys_to_allocate {
             let _ = write!(out, ", at most {keys} keys to allocate");
         }
-        match &self.applied {
-            Some(at) => {
-                let _ = writeln!(out, "; up to {at}");
-            }
-            None => out.push('\n'),
+        if let Some(at) = &self.applied {
+            let _ = write!(out, "; up to {at}");
         }
+        if let Some(lag) = self.lag {
+            let _ = write!(out, "; {} bytes of staging WAL behind", lag.bytes);
+            if let Some(seconds) = lag.seconds.filter(|s| *s > 0.0) {
+                let _ = write!(out, " ({seconds:.1} s)");
+            }
+        }
+        out.push('\n');
         out
     }
 }
@@ -275,6 +283,10 @@ mod tests {
             elapsed_secs: 1.5,
             rows_per_sec: 2.0,
             applied: Some("0/1A2B3C4".into()),
+            lag: Some(Lag {
+                bytes: 0,
+                seconds: Some(0.0),
+            }),
         };
         let text = report.render();
         assert!(text.starts_with("table              inserted"), "{text}");
@@ -286,7 +298,11 @@ mod tests {
             text.contains("sync: 2 transactions, 3 rows in 1.5 s (2 rows/s)"),
             "{text}"
         );
-        assert!(text.trim_end().ends_with("up to 0/1A2B3C4"), "{text}");
+        assert!(
+            text.trim_end()
+                .ends_with("up to 0/1A2B3C4; 0 bytes of staging WAL behind"),
+            "{text}"
+        );
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["tables"][0]["inserted"], 2);
         assert_eq!(json["total"]["updated"], 1);

@@ -3,44 +3,15 @@
 //! constraint.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
 use super::report::ChangeCounts;
-use super::session::{StagingSchema, session};
+use super::run_state::{RunState, SessionEnd};
+use super::session::session;
 use super::{Feeding, StopAt, SyncError, SyncOptions, SyncSummary};
 use crate::apply;
 use crate::config::Config;
 use crate::model::Lsn;
-
-/// The part of a run that survives reconnects.
-pub(super) struct RunState {
-    pub(super) stats: apply::ApplyStats,
-    /// Apply one change at a time until production's progress passes this position.
-    pub(super) one_by_one_until: Option<Lsn>,
-    pub(super) last_applied: Option<Lsn>,
-    /// The last position received from staging.
-    pub(super) last_received: Lsn,
-    pub(super) stop_lsn: Option<Lsn>,
-    /// Staging's table definitions as last read, for a spool applier while staging is down.
-    pub(super) staging_schema: Option<Arc<StagingSchema>>,
-    /// Staging's changes applied by every session of the run.
-    pub(super) changes: ChangeCounts,
-}
-
-impl RunState {
-    fn summary(&mut self) -> SyncSummary {
-        SyncSummary {
-            stats: self.stats,
-            last_applied: self.last_applied,
-            changes: std::mem::take(&mut self.changes),
-        }
-    }
-}
-
-pub(super) enum SessionEnd {
-    Stopped,
-}
 
 /// The applier's retry loop: sessions until stopped, with backoff on transient failures.
 pub(super) async fn apply_loop<S>(
@@ -68,8 +39,13 @@ where
         },
         staging_schema: None,
         changes: ChangeCounts::default(),
+        lag: None,
+        last_commit_time: None,
+        feed_start: Lsn::INVALID,
     };
     let mut attempt: u32 = 0;
+    // A series from the start, so that `increase()` over it sees the first retry.
+    metrics::counter!("stagingprop_retries_total").increment(0);
     loop {
         let batches_before = state.stats.batches;
         let result = session(config, options, &mut state, feeding, shutdown.as_mut()).await;
@@ -82,6 +58,7 @@ where
                 return Ok(state.summary());
             }
             Err(e) if e.is_transient() => {
+                super::lag::measure_between_attempts(config, &mut state).await;
                 let what = format!("nothing is lost: {}", feeding.holder());
                 if pause_before_retry(e, &mut attempt, options, "", &what, shutdown.as_mut())
                     .await?

@@ -9,64 +9,23 @@ use std::time::Duration;
 
 use super::dry_run::DryRun;
 use super::feed::Feed;
-use super::pipeline::{Confirm, Pipeline};
-use super::retry::{RunState, SessionEnd};
-use super::streamed::StreamSessions;
-use super::target::Target;
+use super::heartbeat::emit_heartbeat;
+use super::pipeline::{Confirm, Pipeline, StreamSessions};
+use super::run_state::{RunState, SessionEnd};
+use super::staging_schema::StagingSchema;
 use super::until::Until;
-use super::{Feeding, HEARTBEAT_PREFIX, StopAt, SyncError, SyncOptions, database_error};
+use super::{Feeding, StopAt, SyncError, SyncOptions, database_error};
+use crate::apply::Target;
 use crate::apply::{Applier, ApplyError, statistics};
-use crate::catalog::{self, ColumnReference, TableMeta};
-use crate::config::{Config, TableName};
+use crate::catalog::types::TypeNames;
+use crate::catalog::{self, TableMeta};
+use crate::config::{Config, ConflictPolicy, TableName};
 use crate::model::Lsn;
 use crate::pg::connect::Endpoint;
 use crate::pg::replication::{PgOutputOptions, ReplicationClient};
 use crate::remap::Remapper;
 use crate::spool::store::SpoolReader;
-use crate::state;
-
-/// A transactional message through the slot: gives an idle sync a transaction to apply and
-/// confirm, so staging never keeps WAL for it.
-pub(super) async fn emit_heartbeat(
-    staging: &Endpoint,
-    s: &tokio_postgres::Client,
-) -> Result<(), SyncError> {
-    s.execute(
-        "SELECT pg_logical_emit_message(true, $1, '')",
-        &[&HEARTBEAT_PREFIX],
-    )
-    .await
-    .map_err(database_error(staging, "emitting a heartbeat"))?;
-    Ok(())
-}
-
-/// Staging's side of validation: the managed tables as staging defines them, and the foreign
-/// keys that say which columns follow a remapped key.
-pub(super) struct StagingSchema {
-    tables: Vec<Option<TableMeta>>,
-    references: Vec<ColumnReference>,
-}
-
-impl StagingSchema {
-    /// Reads them from `client` (staging, or a copy of it standing in while staging is down).
-    async fn load(
-        config: &Config,
-        endpoint: &Endpoint,
-        client: &tokio_postgres::Client,
-    ) -> Result<StagingSchema, SyncError> {
-        let names: Vec<&TableName> = config.tables.iter().map(|t| &t.name).collect();
-        let tables = catalog::load_tables(client, &names)
-            .await
-            .map_err(database_error(endpoint, "reading table definitions"))?;
-        let configs: Vec<&crate::config::TableConfig> = config.tables.iter().collect();
-        let tables =
-            catalog::managed_parts(&configs, tables, "staging").map_err(SyncError::Schema)?;
-        let references = catalog::column_references(client)
-            .await
-            .map_err(database_error(endpoint, "reading foreign keys"))?;
-        Ok(StagingSchema { tables, references })
-    }
-}
+use crate::state::{self, Progress};
 
 /// Staging must send exactly the managed part of each partial table: never a column the
 /// config leaves to production.
@@ -98,12 +57,57 @@ async fn check_publication(
     }
 }
 
-/// Compares the managed tables on both sides.
+/// The managed tables whose last schema change staging captured production has not applied
+/// yet: it is in the stream, ahead of the rows that need it.
+async fn schema_changes_on_their_way(
+    config: &Config,
+    staging: &Endpoint,
+    s: &tokio_postgres::Client,
+    p: &tokio_postgres::Client,
+) -> Result<Vec<TableName>, SyncError> {
+    if !config.ddl.mode.captures() {
+        return Ok(Vec::new());
+    }
+    let captured = crate::ddl::capture::last_changes(s, &config.sync.publication)
+        .await
+        .map_err(database_error(
+            staging,
+            "reading the captured schema changes",
+        ))?;
+    let ids: Vec<i64> = captured.iter().map(|(_, id)| *id).collect();
+    let applied = state::schema_changes::applied(p, &config.sync.slot, &ids)
+        .await
+        .map_err(ApplyError::from)?;
+    Ok(crate::ddl::not_applied(captured, &applied))
+}
+
+/// Whether a schema change on its way to production (`coming`: the tables it changes)
+/// accounts for `problem`: a column staging added, retyped or dropped, but never one the
+/// table's column list leaves to production, nor a table or a key.
+fn on_its_way(config: &Config, coming: &[TableName], problem: &catalog::compare::Problem) -> bool {
+    use catalog::compare::Cause;
+    match &problem.cause {
+        Cause::Structure => false,
+        Cause::Column(table) => coming.contains(table),
+        Cause::Unsent { table, column } => {
+            coming.contains(table)
+                && config
+                    .tables
+                    .iter()
+                    .any(|t| &t.name == table && t.columns.includes(column, false))
+        }
+    }
+}
+
+/// Compares the managed tables on both sides. A difference in a table's columns that a schema
+/// change on its way (`coming`) accounts for is no reason to refuse: the change is applied
+/// ahead of the rows that need it.
 async fn validate(
     config: &Config,
     staging: &StagingSchema,
     production: &Endpoint,
     p: &tokio_postgres::Client,
+    coming: &[TableName],
 ) -> Result<(Vec<TableMeta>, Option<Remapper>), SyncError> {
     let names: Vec<&TableName> = config.tables.iter().map(|t| &t.name).collect();
     let on_production = catalog::load_tables(p, &names)
@@ -113,12 +117,32 @@ async fn validate(
         source: "staging",
         target: &production.role,
     };
-    let metas: Vec<TableMeta> =
-        catalog::compare::compare_all(&names, &staging.tables, on_production, sides)
-            .map_err(SyncError::Schema)?
+    let metas: Vec<TableMeta> = match catalog::compare::compare_all(
+        &names,
+        &staging.tables,
+        on_production.clone(),
+        sides,
+    ) {
+        Ok(pairs) => pairs
             .into_iter()
             .map(|(_, on_production)| on_production)
-            .collect();
+            .collect(),
+        Err(problems) => {
+            let (coming, own): (Vec<_>, Vec<_>) = problems
+                .into_iter()
+                .partition(|p| on_its_way(config, coming, p));
+            if !own.is_empty() {
+                return Err(SyncError::Schema(catalog::compare::messages(own)));
+            }
+            for problem in &coming {
+                tracing::info!(
+                    "{problem}: staging's schema change of the table is on its way and is \
+                     applied before the rows that need it"
+                );
+            }
+            on_production.into_iter().flatten().collect()
+        }
+    };
     let remapper = Remapper::new(config, &metas, &staging.references).map_err(SyncError::Rules)?;
     Ok((metas, remapper))
 }
@@ -173,35 +197,8 @@ where
     S: Future<Output = ()>,
 {
     let staging = Endpoint::from_db_config(&config.staging)?;
-    let target = match feeding {
-        Feeding::Replay(plan) => plan.target.clone(),
-        Feeding::Stream(feeding) => match &feeding.replay_to {
-            Some(target) => target.clone(),
-            None => Endpoint::from_db_config(&config.production)?,
-        },
-        _ => Endpoint::from_db_config(&config.production)?,
-    };
-    let s = staging
-        .connect()
-        .await
-        .map_err(database_error(&staging, "connect"));
-    let s = match (s, feeding) {
-        (Ok(s), _) => Some(s),
-        (Err(e), Feeding::Slot) => return Err(e),
-        (Err(e), _) => {
-            // The spool has what the target needs; staging is only asked for its table
-            // definitions, which the target (a copy of it) stands in for.
-            tracing::warn!(
-                "{e}; applying from the spool without staging, checking tables against {}",
-                if state.staging_schema.is_some() {
-                    "staging's definitions as read before"
-                } else {
-                    "the target's own definitions"
-                }
-            );
-            None
-        }
-    };
+    let target = target_of(config, feeding)?;
+    let s = connect_staging(&staging, feeding, state).await?;
     let p = target
         .connect()
         .await
@@ -221,7 +218,11 @@ where
     if s.is_some() {
         state.staging_schema = Some(staging_schema.clone());
     }
-    let (metas, remapper) = validate(config, &staging_schema, &target, &p).await?;
+    let coming = match &s {
+        Some(s) => schema_changes_on_their_way(config, &staging, s, &p).await?,
+        None => Vec::new(),
+    };
+    let (metas, remapper) = validate(config, &staging_schema, &target, &p, &coming).await?;
     let progress = match state::progress::read(&p, &config.sync.slot).await {
         // A dry run creates nothing: no progress table yet means production has nothing.
         Err(e) if options.dry_run && e.sqlstate() == Some("42P01") => None,
@@ -251,110 +252,31 @@ where
             "{table} was copied from a later snapshot than the hand-off; its changes committed before {at} are skipped"
         );
     }
-    match (feeding, &s) {
-        (Feeding::Slot, Some(s)) => {
-            let confirmed = check_slot(config, &staging, s).await?;
-            if applied_end.is_valid() && confirmed > applied_end {
-                // sync confirms only what production committed, so production lost commits
-                // it had: restored from a backup, or its progress table was changed.
-                return Err(SyncError::Slot(format!(
-                    "production's progress ({applied_end}) is behind what the slot {} already \
-                     released ({confirmed}): production lacks changes staging no longer has (was \
-                     it restored from a backup?). With a [spool] that holds them, `stagingprop \
-                     replay` brings it up to date; otherwise re-seed production with `stagingprop copy`",
-                    config.sync.slot
-                )));
-            }
-        }
-        (Feeding::Stream(feeding), _) if progress.is_none() && feeding.replay_to.is_none() => {
-            tracing::warn!(
-                "{} has no progress row for slot {}: reading the stream from its first message, \
-                 as if the target held what staging had before it (seed it with `stagingprop copy` \
-                 otherwise)",
-                target.describe(),
-                config.sync.slot
-            );
-        }
-        (Feeding::Replay(_) | Feeding::Stream(_), _) if progress.is_none() => {
-            return Err(SyncError::Replay(format!(
-                "{} has no row for slot {} in stagingprop.progress, so nothing says which staging \
-                 transactions it already has: replay needs a target seeded by `stagingprop copy` \
-                 (or restored from a backup of one)",
-                target.describe(),
-                config.sync.slot
-            )));
-        }
-        _ => {}
-    }
+    let slot_start =
+        check_progress(config, feeding, (&staging, s.as_ref()), &target, progress).await?;
     // One NATS connection per session, for what the stream holds and for reading it.
     let stream_js = match feeding {
         Feeding::Stream(feeding) => Some(crate::stream::connect(&feeding.stream).await?),
         _ => None,
     };
-    if let (Feeding::Stream(feeding), Some(js), Some(StopAt::CaughtUp), None) =
-        (feeding, &stream_js, options.stop_at, state.stop_lsn)
-    {
-        let stream = &feeding.stream;
-        // Caught up with the stream: everything it held whole when the run started.
-        let opened = crate::stream::open_stream(js, stream).await?;
-        let last = crate::stream::last_published(&opened, stream).await?;
-        let published = crate::stream::publisher::Published::after(last, 0);
-        if !published.end.is_valid() || (applied_end.is_valid() && applied_end >= published.end) {
-            return Ok(SessionEnd::Stopped);
-        }
-        state.stop_lsn = Some(published.end);
-    }
-    if (options.dry_run || matches!(options.stop_at, Some(StopAt::CaughtUp)))
-        && state.stop_lsn.is_none()
-    {
-        let Some(s) = &s else {
-            return Err(SyncError::Slot(
-                "--until-caught-up needs staging, to know where it is: staging is unreachable"
-                    .into(),
-            ));
-        };
-        let lsn: String = s
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
-            .await
-            .map_err(database_error(&staging, "reading the WAL position"))?
-            .get(0);
-        state.stop_lsn = lsn.parse().ok();
-        // Something to apply past that point even if no managed table changes.
-        emit_heartbeat(&staging, s).await?;
-    }
-    if let (Some(stop), true) = (state.stop_lsn, applied_end.is_valid())
-        && applied_end >= stop
-    {
-        return Ok(SessionEnd::Stopped);
-    }
-    if let (Some(Until::Lsn(cutoff)), true) = (options.until, applied_end.is_valid())
-        && applied_end > cutoff
-    {
-        tracing::info!(applied = %applied_end, "production already has everything committed up to the cutoff {cutoff}");
-        return Ok(SessionEnd::Stopped);
-    }
-    if let (Some(_), Feeding::Slot, Some(s)) = (options.until, feeding, &s) {
-        // A transaction committed now: past a cutoff in the past, it ends the run as soon as
-        // everything before it is applied, even if no managed table changes.
-        emit_heartbeat(&staging, s).await?;
-    }
-
+    let ends = Ends {
+        staging: &staging,
+        s: s.as_ref(),
+        applied_end,
+    };
     if !options.dry_run {
-        // The first statements of a session get custom plans from the statistics as they are:
-        // they must not tell the planner a managed table is empty.
-        let analyzed = statistics::analyze_misleading(&p, &metas)
-            .await
-            .map_err(database_error(&target, "checking table statistics"))?;
-        for (table, before) in analyzed {
-            tracing::info!(
-                table = %table,
-                relpages = before.relpages,
-                reltuples = before.reltuples,
-                pages = before.pages,
-                "analyzed {table} on {}: its statistics claimed {} rows over {} pages (taken during a bulk load, or never), which would make the planner scan it whole for every batch",
-                target.role, before.reltuples.max(0.0), before.relpages
-            );
+        // Index builds a schema change left when sync stopped: before anything more is
+        // applied, and before production is found caught up (a build is part of applying).
+        let built = crate::apply::index_builds::run_pending(&p, &config.sync.slot).await?;
+        if built > 0 {
+            tracing::info!(built, "ran the index builds left from the last run");
         }
+    }
+    if done_before_starting(options, state, feeding, &ends, stream_js.as_ref()).await? {
+        return Ok(SessionEnd::Stopped);
+    }
+    if !options.dry_run {
+        analyze_misleading(&p, &metas, &target).await?;
     }
     let tables: Vec<(TableMeta, _)> = metas
         .into_iter()
@@ -371,26 +293,276 @@ where
         && matches!(feeding, Feeding::Slot)
         && !options.dry_run
         && copied_at.is_empty();
-    let stream_sessions = streaming.then(|| {
+    let stream_sessions = streaming.then(|| stream_sessions(config, &target, &tables));
+    let opened = open_feed(
+        config, options, feeding, &ends, progress, stream_js, streaming,
+    )
+    .await?;
+    if applied_end.is_valid() {
+        // What production has is durable: staging may release it even if it was applied by an
+        // earlier run that died before confirming.
+        opened.confirm.applied(applied_end);
+    }
+    tracing::info!(
+        slot = %config.sync.slot,
+        from = %applied_end,
+        "{} {} to {}",
+        if options.dry_run { "reading (dry run: nothing is applied or confirmed)" } else { "applying" },
+        opened.feed.describe(&staging),
+        target.describe()
+    );
+    let run = Run {
+        config,
+        staging: &staging,
+        applied_end,
+        feed_start: opened.start.unwrap_or(slot_start),
+        types: TypeNames::of_tables(staging_schema.tables.iter().flatten()),
+        apply_schema_change: options.apply_schema_change,
+        confirm: opened.confirm,
+        until: options.until,
+        staging_client: s.as_ref(),
+        copied_at,
+    };
+    if options.dry_run {
+        let metas = tables.into_iter().map(|(meta, _)| meta).collect();
+        let mut dry = DryRun::new(metas, config.sync.batch_max_rows, applied_end);
+        *dry.stats_mut() = state.stats;
+        return run.drive(dry, None, opened.feed, state, shutdown).await;
+    }
+    let applier = open_applier(config, p, tables, remapper, (&target, applied_end), state).await?;
+    run.drive(applier, stream_sessions, opened.feed, state, shutdown)
+        .await
+}
+
+/// Where a session applies to: production, or the target of a replay.
+fn target_of(config: &Config, feeding: &Feeding) -> Result<Endpoint, SyncError> {
+    Ok(match feeding {
+        Feeding::Replay(plan) => plan.target.clone(),
+        Feeding::Stream(feeding) => match &feeding.replay_to {
+            Some(target) => target.clone(),
+            None => Endpoint::from_db_config(&config.production)?,
+        },
+        _ => Endpoint::from_db_config(&config.production)?,
+    })
+}
+
+/// Staging, which a session reading its slot needs; one applying a spool or a stream goes on
+/// without it (only its table definitions are asked of it, and a copy stands in).
+async fn connect_staging(
+    staging: &Endpoint,
+    feeding: &Feeding,
+    state: &RunState,
+) -> Result<Option<tokio_postgres::Client>, SyncError> {
+    match (
+        staging
+            .connect()
+            .await
+            .map_err(database_error(staging, "connect")),
+        feeding,
+    ) {
+        (Ok(s), _) => Ok(Some(s)),
+        (Err(e), Feeding::Slot) => Err(e),
+        (Err(e), _) => {
+            tracing::warn!(
+                "{e}; applying from the spool without staging, checking tables against {}",
+                if state.staging_schema.is_some() {
+                    "staging's definitions as read before"
+                } else {
+                    "the target's own definitions"
+                }
+            );
+            Ok(None)
+        }
+    }
+}
+
+/// Production's progress must fit what feeds it: the slot cannot have released what
+/// production lacks, and a replay needs a seeded target. Returns where the slot starts (for
+/// the lag before production has a progress row).
+async fn check_progress(
+    config: &Config,
+    feeding: &Feeding,
+    (staging, s): (&Endpoint, Option<&tokio_postgres::Client>),
+    target: &Endpoint,
+    progress: Option<Progress>,
+) -> Result<Lsn, SyncError> {
+    let applied_end = progress.map(|p| p.end_lsn).unwrap_or_default();
+    match (feeding, s) {
+        (Feeding::Slot, Some(s)) => {
+            let confirmed = check_slot(config, staging, s).await?;
+            if applied_end.is_valid() && confirmed > applied_end {
+                // sync confirms only what production committed, so production lost commits
+                // it had: restored from a backup, or its progress table was changed.
+                return Err(SyncError::Slot(format!(
+                    "production's progress ({applied_end}) is behind what the slot {} already \
+                     released ({confirmed}): production lacks changes staging no longer has (was \
+                     it restored from a backup?). With a [spool] that holds them, `stagingprop \
+                     replay` brings it up to date; otherwise re-seed production with `stagingprop copy`",
+                    config.sync.slot
+                )));
+            }
+            Ok(confirmed)
+        }
+        (Feeding::Stream(feeding), _) if progress.is_none() && feeding.replay_to.is_none() => {
+            tracing::warn!(
+                "{} has no progress row for slot {}: reading the stream from its first message, \
+                 as if the target held what staging had before it (seed it with `stagingprop copy` \
+                 otherwise)",
+                target.describe(),
+                config.sync.slot
+            );
+            Ok(Lsn::INVALID)
+        }
+        (Feeding::Replay(_) | Feeding::Stream(_), _) if progress.is_none() => {
+            Err(SyncError::Replay(format!(
+                "{} has no row for slot {} in stagingprop.progress, so nothing says which staging \
+                 transactions it already has: replay needs a target seeded by `stagingprop copy` \
+                 (or restored from a backup of one)",
+                target.describe(),
+                config.sync.slot
+            )))
+        }
+        _ => Ok(Lsn::INVALID),
+    }
+}
+
+/// Staging as a session sees it, and where production is.
+struct Ends<'a> {
+    staging: &'a Endpoint,
+    s: Option<&'a tokio_postgres::Client>,
+    applied_end: Lsn,
+}
+
+/// Settles where the run stops (`--until-caught-up`, `--until`, a dry run's end) when it is not
+/// known yet; whether production already has everything up to there.
+async fn done_before_starting(
+    options: &SyncOptions,
+    state: &mut RunState,
+    feeding: &Feeding,
+    ends: &Ends<'_>,
+    stream_js: Option<&async_nats::jetstream::Context>,
+) -> Result<bool, SyncError> {
+    let applied_end = ends.applied_end;
+    if let (Feeding::Stream(feeding), Some(js), Some(StopAt::CaughtUp), None) =
+        (feeding, stream_js, options.stop_at, state.stop_lsn)
+    {
+        let stream = &feeding.stream;
+        // Caught up with the stream: everything it held whole when the run started.
+        let opened = crate::stream::open_stream(js, stream).await?;
+        let last = crate::stream::last_published(&opened, stream).await?;
+        let published = crate::stream::publisher::Published::after(last, 0);
+        if !published.end.is_valid() || (applied_end.is_valid() && applied_end >= published.end) {
+            return Ok(true);
+        }
+        state.stop_lsn = Some(published.end);
+    }
+    if (options.dry_run || matches!(options.stop_at, Some(StopAt::CaughtUp)))
+        && state.stop_lsn.is_none()
+    {
+        let Some(s) = ends.s else {
+            return Err(SyncError::Slot(
+                "--until-caught-up needs staging, to know where it is: staging is unreachable"
+                    .into(),
+            ));
+        };
+        let lsn: String = s
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .map_err(database_error(ends.staging, "reading the WAL position"))?
+            .get(0);
+        state.stop_lsn = lsn.parse().ok();
+        // Something to apply past that point even if no managed table changes.
+        emit_heartbeat(ends.staging, s).await?;
+    }
+    if let (Some(stop), true) = (state.stop_lsn, applied_end.is_valid())
+        && applied_end >= stop
+    {
+        return Ok(true);
+    }
+    if let (Some(Until::Lsn(cutoff)), true) = (options.until, applied_end.is_valid())
+        && applied_end > cutoff
+    {
+        tracing::info!(applied = %applied_end, "production already has everything committed up to the cutoff {cutoff}");
+        return Ok(true);
+    }
+    if let (Some(_), Feeding::Slot, Some(s)) = (options.until, feeding, ends.s) {
+        // A transaction committed now: past a cutoff in the past, it ends the run as soon as
+        // everything before it is applied, even if no managed table changes.
+        emit_heartbeat(ends.staging, s).await?;
+    }
+    Ok(false)
+}
+
+/// The first statements of a session get custom plans from the statistics as they are: they
+/// must not tell the planner a managed table is empty.
+async fn analyze_misleading(
+    p: &tokio_postgres::Client,
+    metas: &[TableMeta],
+    target: &Endpoint,
+) -> Result<(), SyncError> {
+    let analyzed = statistics::analyze_misleading(p, metas)
+        .await
+        .map_err(database_error(target, "checking table statistics"))?;
+    for (table, before) in analyzed {
+        tracing::info!(
+            table = %table,
+            relpages = before.relpages,
+            reltuples = before.reltuples,
+            pages = before.pages,
+            "analyzed {table} on {}: its statistics claimed {} rows over {} pages (taken during a bulk load, or never), which would make the planner scan it whole for every batch",
+            target.role, before.reltuples.max(0.0), before.relpages
+        );
+    }
+    Ok(())
+}
+
+/// Opens a production session of its own for each large transaction staging streams.
+fn stream_sessions(
+    config: &Config,
+    target: &Endpoint,
+    tables: &[(TableMeta, ConflictPolicy)],
+) -> StreamSessions<Applier> {
+    let (target, tables, config) = (target.clone(), tables.to_vec(), config.clone());
+    StreamSessions::new(Box::new(move || {
         let (target, tables, config) = (target.clone(), tables.clone(), config.clone());
-        StreamSessions::new(Box::new(move || {
-            let (target, tables, config) = (target.clone(), tables.clone(), config.clone());
-            Box::pin(async move {
-                let p = target
-                    .connect()
-                    .await
-                    .map_err(database_error(&target, "connect"))?;
-                let mut applier =
-                    Applier::new(p, &config.sync.slot, tables, None, Lsn::INVALID).await?;
-                applier.publish_files(&config)?;
-                applier.set_hooks(&config);
-                Ok(applier)
-            })
-        }))
-    });
-    let (feed, confirm) = match feeding {
+        Box::pin(async move {
+            let p = target
+                .connect()
+                .await
+                .map_err(database_error(&target, "connect"))?;
+            let mut applier =
+                Applier::new(p, &config.sync.slot, tables, None, Lsn::INVALID).await?;
+            applier.limit_batches(config.sync.batch_max_rows, config.sync.batch_max_bytes);
+            applier.set_column_lists(&config);
+            applier.publish_files(&config)?;
+            applier.set_hooks(&config);
+            Ok(applier)
+        })
+    }))
+}
+
+/// What a session reads, who learns what it applied, and where it starts when that is the
+/// feed's to say.
+struct OpenedFeed {
+    feed: Feed,
+    confirm: Confirm,
+    start: Option<Lsn>,
+}
+
+/// Opens what the session reads from: staging's slot, the spool, a replay's spool, or a stream.
+async fn open_feed(
+    config: &Config,
+    options: &SyncOptions,
+    feeding: &Feeding,
+    ends: &Ends<'_>,
+    progress: Option<Progress>,
+    stream_js: Option<async_nats::jetstream::Context>,
+    streaming: bool,
+) -> Result<OpenedFeed, SyncError> {
+    let applied_end = ends.applied_end;
+    Ok(match feeding {
         Feeding::Slot => {
-            let mut replication = ReplicationClient::connect(&staging).await?;
+            let mut replication = ReplicationClient::connect(ends.staging).await?;
             let _ = replication.identify_system().await?;
             let mut pgoutput = PgOutputOptions::new(vec![config.sync.publication.clone()]);
             pgoutput.status_interval = Duration::from_secs(config.sync.status_interval_secs);
@@ -402,35 +574,37 @@ where
                 .start_logical(&config.sync.slot, applied_end, &pgoutput)
                 .await?;
             let flush = stream.flush_handle();
-            // A dry run confirms nothing: the slot stays where it is.
-            let confirm = if options.dry_run {
-                Confirm::Nothing
-            } else {
-                Confirm::Slot(flush)
-            };
-            (Feed::Slot(stream), confirm)
+            OpenedFeed {
+                feed: Feed::Slot(stream),
+                // A dry run confirms nothing: the slot stays where it is.
+                confirm: if options.dry_run {
+                    Confirm::Nothing
+                } else {
+                    Confirm::Slot(flush)
+                },
+                start: None,
+            }
         }
         Feeding::Spool(shared) => {
             let reader = SpoolReader::open(&shared.dir, applied_end)?;
-            (
-                Feed::Spool {
+            OpenedFeed {
+                start: Some(reader.oldest().unwrap_or_default()),
+                feed: Feed::Spool {
                     reader,
                     shared: shared.clone(),
                     mark: shared.mark.subscribe(),
                 },
-                Confirm::Spool(shared.clone()),
-            )
+                confirm: Confirm::Spool(shared.clone()),
+            }
         }
-        Feeding::Replay(plan) => {
-            let reader = SpoolReader::open(&plan.dir, applied_end)?;
-            (
-                Feed::Replay {
-                    reader,
-                    end: plan.end,
-                },
-                Confirm::Nothing,
-            )
-        }
+        Feeding::Replay(plan) => OpenedFeed {
+            feed: Feed::Replay {
+                reader: SpoolReader::open(&plan.dir, applied_end)?,
+                end: plan.end,
+            },
+            confirm: Confirm::Nothing,
+            start: None,
+        },
         Feeding::Stream(feeding) => {
             let stream = &feeding.stream;
             let js = match stream_js {
@@ -440,37 +614,27 @@ where
             let after = progress.and_then(|p| p.stream_seq);
             let reader =
                 crate::stream::reader::StreamReader::open(&js, stream, after, applied_end).await?;
-            (Feed::Stream(Box::new(reader)), Confirm::Nothing)
+            OpenedFeed {
+                feed: Feed::Stream(Box::new(reader)),
+                confirm: Confirm::Nothing,
+                start: None,
+            }
         }
-    };
-    if applied_end.is_valid() {
-        // What production has is durable: staging may release it even if it was applied by an
-        // earlier run that died before confirming.
-        confirm.applied(applied_end);
-    }
-    tracing::info!(
-        slot = %config.sync.slot,
-        from = %applied_end,
-        "{} {} to {}",
-        if options.dry_run { "reading (dry run: nothing is applied or confirmed)" } else { "applying" },
-        feed.describe(&staging),
-        target.describe()
-    );
-    let run = Run {
-        config,
-        staging: &staging,
-        applied_end,
-        confirm,
-        until: options.until,
-        staging_client: s.as_ref(),
-        copied_at,
-    };
-    if options.dry_run {
-        let metas = tables.into_iter().map(|(meta, _)| meta).collect();
-        let dry = DryRun::new(metas, applied_end, state.stats);
-        return run.drive(dry, None, feed, state, shutdown).await;
-    }
+    })
+}
+
+/// Opens production's session for the main line of transactions.
+async fn open_applier(
+    config: &Config,
+    p: tokio_postgres::Client,
+    tables: Vec<(TableMeta, ConflictPolicy)>,
+    remapper: Option<Remapper>,
+    (target, applied_end): (&Endpoint, Lsn),
+    state: &RunState,
+) -> Result<Applier, SyncError> {
     let mut applier = Applier::new(p, &config.sync.slot, tables, remapper, applied_end).await?;
+    applier.limit_batches(config.sync.batch_max_rows, config.sync.batch_max_bytes);
+    applier.set_column_lists(config);
     applier.publish_files(config)?;
     applier.set_hooks(config);
     applier
@@ -487,9 +651,7 @@ where
             target.role
         );
     }
-
-    run.drive(applier, stream_sessions, feed, state, shutdown)
-        .await
+    Ok(applier)
 }
 
 /// What a session's pipeline runs with, its target aside.
@@ -497,6 +659,10 @@ struct Run<'a> {
     config: &'a Config,
     staging: &'a Endpoint,
     applied_end: Lsn,
+    feed_start: Lsn,
+    /// Staging's column types as its tables showed them when the session started.
+    types: TypeNames,
+    apply_schema_change: bool,
     confirm: Confirm,
     until: Option<Until>,
     staging_client: Option<&'a tokio_postgres::Client>,
@@ -528,6 +694,9 @@ impl Run<'_> {
             stream_sessions,
         );
         pipeline.until = self.until;
+        pipeline.feed_start = self.feed_start;
+        pipeline.apply_schema_changes = self.apply_schema_change;
+        pipeline.types = self.types;
         pipeline.copied_at = self.copied_at;
         let result = pipeline
             .run(&mut feed, self.staging_client, state, shutdown.as_mut())
@@ -538,6 +707,11 @@ impl Run<'_> {
         state.changes.add(&pipeline.committed_counts);
         state.last_received = pipeline.last_received;
         state.one_by_one_until = pipeline.one_by_one_until;
+        state.lag = pipeline.lag.or(state.lag);
+        state.last_commit_time = pipeline.last_commit_time.or(state.last_commit_time);
+        if pipeline.feed_start.is_valid() {
+            state.feed_start = pipeline.feed_start;
+        }
         if pipeline.applied_end.is_valid() {
             state.last_applied = Some(pipeline.applied_end);
         }

@@ -5,9 +5,12 @@
 
 pub mod faults;
 pub mod nats;
+pub mod rng;
 
-use std::sync::OnceLock;
+use std::ops::Deref;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread;
 
 use stagingprop::cluster::{ClusterOptions, LocalCluster};
 use stagingprop::pg::connect::{Endpoint, TlsPolicy};
@@ -61,18 +64,43 @@ pub fn clusters() -> &'static Clusters {
     })
 }
 
-/// A small deterministic generator, so a failure can be replayed from its seed.
-pub struct Lcg(pub u64);
+/// A shared cluster of this test binary, or one a test started for itself (removed on drop).
+#[derive(Clone)]
+pub enum Cluster {
+    Shared(&'static LocalCluster),
+    Owned(Arc<LocalCluster>),
+}
 
-impl Lcg {
-    /// The next number below `n`.
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % n
+impl Deref for Cluster {
+    type Target = LocalCluster;
+
+    fn deref(&self) -> &LocalCluster {
+        match self {
+            Cluster::Shared(c) => c,
+            Cluster::Owned(c) => c,
+        }
     }
+}
+
+pub fn shared_staging() -> Cluster {
+    Cluster::Shared(&clusters().staging)
+}
+
+pub fn shared_production() -> Cluster {
+    Cluster::Shared(&clusters().production)
+}
+
+/// Starts dedicated clusters in parallel (for tests that stop or kill a server).
+pub fn dedicated<const N: usize>(names: [&str; N]) -> [Cluster; N] {
+    thread::scope(|scope| {
+        let handles = names.map(|name| {
+            scope.spawn(move || {
+                LocalCluster::start(&ClusterOptions::new(name))
+                    .unwrap_or_else(|e| panic!("cannot start the {name} cluster: {e}"))
+            })
+        });
+        handles.map(|h| Cluster::Owned(Arc::new(h.join().expect("cluster start panicked"))))
+    })
 }
 
 /// A new, empty database on `cluster` with a name unique in this process.
@@ -194,6 +222,8 @@ pub struct Pair {
     /// The config file's text (for tests that run the binary).
     pub text: String,
     pub config: stagingprop::config::Config,
+    pub staging_cluster: Cluster,
+    pub production_cluster: Cluster,
 }
 
 /// Builds a [`Pair`]: `schema` on both sides, each managed table with its own TOML lines, and
@@ -205,6 +235,8 @@ pub struct PairBuilder {
     sync: String,
     production_user: String,
     extra: String,
+    /// Where the two databases are made: the binary's shared clusters unless set.
+    on: Option<(Cluster, Cluster)>,
 }
 
 impl PairBuilder {
@@ -216,7 +248,14 @@ impl PairBuilder {
             sync: String::new(),
             production_user: "postgres".into(),
             extra: String::new(),
+            on: None,
         }
+    }
+
+    /// Makes the databases on these clusters (a test's own, which it may stop or kill).
+    pub fn on(mut self, staging: Cluster, production: Cluster) -> Self {
+        self.on = Some((staging, production));
+        self
     }
 
     /// Manages `name` with the extra `[[tables]]` lines `rules` (e.g. `on_conflict = "skip"`).
@@ -245,17 +284,20 @@ impl PairBuilder {
     }
 
     pub fn build(self) -> Pair {
-        let c = clusters();
-        let staging = fresh_db(&c.staging, &self.prefix);
-        let production = fresh_db(&c.production, &self.prefix);
-        psql(&c.staging, &staging, &self.schema);
-        psql(&c.production, &production, &self.schema);
+        let (staging_cluster, production_cluster) = self
+            .on
+            .clone()
+            .unwrap_or_else(|| (shared_staging(), shared_production()));
+        let staging = fresh_db(&staging_cluster, &self.prefix);
+        let production = fresh_db(&production_cluster, &self.prefix);
+        psql(&staging_cluster, &staging, &self.schema);
+        psql(&production_cluster, &production, &self.schema);
         let mut text = format!(
             "[staging]\nurl = \"{}\"\nsslmode = \"disable\"\n\
              [production]\nurl = \"{}\"\nsslmode = \"disable\"\n\
              [sync]\nslot = \"{prefix}\"\npublication = \"{prefix}\"\nheartbeat_interval_secs = 1\n{sync}",
-            c.staging.conninfo(&staging, "postgres"),
-            c.production.conninfo(&production, &self.production_user),
+            staging_cluster.conninfo(&staging, "postgres"),
+            production_cluster.conninfo(&production, &self.production_user),
             prefix = self.prefix,
             sync = self.sync,
         );
@@ -270,6 +312,8 @@ impl PairBuilder {
             production,
             text,
             config,
+            staging_cluster,
+            production_cluster,
         }
     }
 
@@ -286,12 +330,12 @@ impl PairBuilder {
 impl Pair {
     /// Runs `sql` on staging.
     pub fn on_staging(&self, sql: &str) -> String {
-        psql(&clusters().staging, &self.staging, sql)
+        psql(&self.staging_cluster, &self.staging, sql)
     }
 
     /// Runs `sql` on production.
     pub fn on_production(&self, sql: &str) -> String {
-        psql(&clusters().production, &self.production, sql)
+        psql(&self.production_cluster, &self.production, sql)
     }
 }
 
@@ -350,4 +394,16 @@ pub async fn init_without_slot(
     stagingprop::ops::init::init(config, &options)
         .await
         .expect("init")
+}
+
+/// GET /metrics on a loopback port, the plain way a Prometheus scrape does.
+pub fn scrape(port: u16) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut socket = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    socket
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .ok()?;
+    let mut response = String::new();
+    socket.read_to_string(&mut response).ok()?;
+    Some(response)
 }

@@ -15,6 +15,8 @@
 //! it: a row of an allocating table without a mapping, or a row under a key staging's row of the
 //! same key was moved away from (and the rows referring to such rows).
 
+mod keyless;
+
 use std::collections::HashMap;
 
 use serde::Serialize;
@@ -681,10 +683,15 @@ pub async fn verify(config: &Config, options: &VerifyOptions) -> Result<Vec<Tabl
                 .get(0),
         };
         if meta.key.is_empty() {
-            return Err(OpsError::Refused(format!(
-                "staging: table {} has no primary key; verify compares rows by key",
-                table.name
-            )));
+            let sql = TableSql {
+                meta: &meta,
+                filter,
+            };
+            let mut diff =
+                keyless::verify_keyless(&s, &p, &sql, options, (&staging, &production)).await?;
+            diff.outside_scope = outside_scope;
+            diffs.push(diff);
+            continue;
         }
         if let Some(tr) = remapper.as_ref().and_then(|r| translation(config, r, t)) {
             let mut diff =

@@ -6,26 +6,26 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use super::SyncError;
-use super::pipeline::Pipeline;
-use super::report::ChangeCounts;
-use super::target::Target;
+use super::Pipeline;
 use crate::apply::ApplyStats;
+use crate::apply::Target;
 use crate::model::{Lsn, Xid};
 use crate::state::Progress;
+use crate::sync::SyncError;
+use crate::sync::report::ChangeCounts;
 
 /// Opens a target session for a streamed transaction.
-pub(super) type OpenSession<T> =
+pub(in crate::sync) type OpenSession<T> =
     Box<dyn FnMut() -> Pin<Box<dyn Future<Output = Result<T, SyncError>> + Send>> + Send>;
 
 /// How sync opens target sessions for streamed transactions, and the ones it may reuse.
-pub(super) struct StreamSessions<T> {
+pub(in crate::sync) struct StreamSessions<T> {
     open: OpenSession<T>,
     idle: Vec<T>,
 }
 
 impl<T> StreamSessions<T> {
-    pub(super) fn new(open: OpenSession<T>) -> Self {
+    pub(in crate::sync) fn new(open: OpenSession<T>) -> Self {
         StreamSessions {
             open,
             idle: Vec::new(),
@@ -89,7 +89,8 @@ impl<T: Target> Pipeline<'_, T> {
                 Some(applier) => applier,
                 None => (sessions.open)().await?,
             };
-            applier.set_one_by_one(self.applier.one_by_one());
+            applier.set_one_by_one(self.one_by_one_until.is_some());
+            self.shape_session(&mut applier).await?;
             self.streams.insert(
                 xid,
                 StreamedTxn {
@@ -186,7 +187,7 @@ impl<T: Target> Pipeline<'_, T> {
         }
         let applier = &mut streamed.applier;
         applier.set_progress_at(self.applier.progress_at());
-        applier.close(&last).await?;
+        applier.commit(&last).await?;
         applier.complete().await?;
         self.applier.set_progress_at(last.end_lsn);
         applier.stats_mut().transactions += 1;

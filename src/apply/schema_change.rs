@@ -1,0 +1,165 @@
+//! A schema change from staging, applied to production in the open transaction, after
+//! everything before it and before every row after it: the plan's `ALTER TABLE` statements,
+//! then the table's shape read again (the Relation message staging sends next maps onto it),
+//! and a row in `stagingprop.schema_changes`, all committed with the batch's progress row.
+
+use super::error::query_error;
+use super::{Applier, ApplyError, SchemaChangeRefused};
+use crate::catalog;
+use crate::change::Source;
+use crate::ddl::{self, Plan, SchemaChange};
+use crate::state::schema_changes;
+
+/// A plan written for people: one statement a line.
+pub fn describe(plan: &Plan) -> String {
+    let mut lines = plan.statements.clone();
+    lines.extend(
+        plan.after_commit
+            .iter()
+            .map(|w| format!("{} (after the transaction)", w.statement)),
+    );
+    lines.extend(
+        plan.left_alone
+            .iter()
+            .map(|l| format!("(left to production: {l})")),
+    );
+    if lines.is_empty() {
+        "nothing to change on production".to_owned()
+    } else {
+        lines.join("\n    ")
+    }
+}
+
+impl Applier {
+    /// The plans for `change`, one per managed table of this session it touches; an error
+    /// names a change production cannot be made to follow.
+    pub(super) fn plan_schema_change(
+        &self,
+        change: &SchemaChange,
+        source: Source,
+    ) -> Result<Vec<Plan>, ApplyError> {
+        let mut plans = Vec::new();
+        for table_change in &change.tables {
+            let Some(shape) = table_change.before.as_ref().or(table_change.after.as_ref()) else {
+                continue;
+            };
+            let name = shape.table_name();
+            let Some(t) = self.tables.iter().position(|t| t.meta.table_name() == name) else {
+                // Not managed by this configuration (another scope's table).
+                continue;
+            };
+            let state = &self.tables[t];
+            let refused = |obstacle: String| {
+                ApplyError::SchemaChange(Box::new(SchemaChangeRefused {
+                    table: name.clone(),
+                    statement: change.statement.clone(),
+                    plan: String::new(),
+                    obstacle,
+                    lsn: source.lsn,
+                    xid: source.xid,
+                }))
+            };
+            if table_change.after.is_none() {
+                // Dropped on staging: production's table is left, and said so.
+                plans.push(Plan {
+                    table: name.clone(),
+                    statements: Vec::new(),
+                    after_commit: Vec::new(),
+                    left_alone: vec![
+                        "the table was dropped on staging; production's is kept (drop it by hand, \
+                         and remove it from the config)"
+                            .into(),
+                    ],
+                });
+                continue;
+            }
+            if self.remap.as_ref().is_some_and(|r| r.touches(t)) {
+                return Err(refused(
+                    "the table's keys are remapped, and schema changes of remapped tables are not \
+                     carried yet: change production by hand"
+                        .into(),
+                ));
+            }
+            plans.push(ddl::plan(table_change, &state.meta, &state.columns).map_err(refused)?);
+        }
+        Ok(plans)
+    }
+
+    /// Applies `change` in the open transaction.
+    pub(super) async fn apply_schema_change(
+        &mut self,
+        change: &SchemaChange,
+        source: Source,
+    ) -> Result<Vec<Plan>, ApplyError> {
+        let plans = self.plan_schema_change(change, source)?;
+        self.begin().await?;
+        self.flush().await?;
+        self.settle().await?;
+        for plan in &plans {
+            for statement in &plan.statements {
+                if let Err(e) = self.client.batch_execute(statement).await {
+                    let obstacle = match e.as_db_error() {
+                        Some(db) => format!("production refused `{statement}`: {}", db.message()),
+                        None => format!("production refused `{statement}`: {e}"),
+                    };
+                    return Err(ApplyError::SchemaChange(Box::new(SchemaChangeRefused {
+                        table: plan.table.clone(),
+                        statement: change.statement.clone(),
+                        plan: describe(plan),
+                        obstacle,
+                        lsn: source.lsn,
+                        xid: source.xid,
+                    })));
+                }
+            }
+            let t = self
+                .tables
+                .iter()
+                .position(|t| t.meta.table_name() == plan.table)
+                .expect("planned for a managed table");
+            if !plan.statements.is_empty() {
+                let reloaded = catalog::load_table(&self.client, &plan.table)
+                    .await
+                    .map_err(query_error("reading a table after its schema change"))?
+                    .ok_or_else(|| {
+                        ApplyError::Schema(format!("{} is gone on production", plan.table))
+                    })?;
+                self.tables[t].meta = reloaded;
+            }
+            if self.record_progress {
+                schema_changes::record(
+                    &self.client,
+                    &schema_changes::Entry {
+                        slot: &self.slot,
+                        lsn: source.lsn,
+                        xid: source.xid,
+                        change: change.id,
+                        table: &plan.table.to_string(),
+                        statement: &change.statement,
+                        plan: &describe(plan),
+                    },
+                )
+                .await?;
+                for work in &plan.after_commit {
+                    schema_changes::record_build(
+                        &self.client,
+                        &self.slot,
+                        change.id,
+                        &work.index,
+                        &work.statement,
+                    )
+                    .await?;
+                    self.index_builds_waiting = true;
+                }
+            }
+            tracing::info!(
+                table = %plan.table,
+                lsn = %source.lsn,
+                "applied staging's schema change of {}: {}",
+                plan.table,
+                describe(plan)
+            );
+        }
+        Ok(plans)
+    }
+}

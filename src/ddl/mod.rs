@@ -1,0 +1,809 @@
+//! Schema changes made on staging, carried to production in order with the rows (sans-IO).
+//!
+//! An event trigger on staging ([`capture`]) turns every DDL command that changes a managed
+//! table into a transactional logical message (prefix [`PREFIX`]) holding the table's shape
+//! before and after the command, its columns identified by `attnum`, so a rename is a rename and
+//! never a drop and an add. The message travels in its transaction's place in the stream (and
+//! through the spool, replay and JetStream like any other), ahead of every row that needs the new
+//! shape. Here it becomes a plan for production's table: the `ALTER TABLE` statements that make
+//! production's columns follow staging's, which the applier runs in the same production
+//! transaction as the surrounding rows and the progress row, so it is applied exactly once.
+
+pub mod capture;
+
+use serde::Deserialize;
+
+use crate::catalog::TableMeta;
+use crate::config::{ColumnList, TableName};
+use crate::quote::{qualified, quote_ident};
+
+/// The tables of `captured` (each table's last captured change) whose change is not among
+/// `applied`: on its way to production.
+pub fn not_applied(captured: Vec<(TableName, i64)>, applied: &[i64]) -> Vec<TableName> {
+    captured
+        .into_iter()
+        .filter(|(_, id)| !applied.contains(id))
+        .map(|(table, _)| table)
+        .collect()
+}
+
+/// The logical message prefix of a captured schema change.
+pub const PREFIX: &str = "stagingprop.ddl";
+
+/// One column of a table's shape on staging.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct ColumnShape {
+    pub attnum: i16,
+    pub name: String,
+    /// `format_type` of its type and modifier, e.g. `numeric(12,4)`.
+    #[serde(rename = "type")]
+    pub type_sql: String,
+    pub not_null: bool,
+    /// Its default expression, or for a generated column its generation expression.
+    pub default: Option<String>,
+    /// `attidentity`: `a` (ALWAYS), `d` (BY DEFAULT), or empty.
+    #[serde(default)]
+    pub identity: String,
+    /// `attgenerated`: `s` (stored), or empty.
+    #[serde(default)]
+    pub generated: String,
+}
+
+/// A secondary index of a table (not one that backs a constraint).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct IndexShape {
+    pub name: String,
+    /// `pg_get_indexdef`: `CREATE [UNIQUE] INDEX name ON [ONLY] schema.table USING ...`.
+    pub definition: String,
+    /// The columns it indexes (an expression has none).
+    #[serde(default)]
+    pub columns: Vec<String>,
+    /// Whether it has expressions or a predicate (columns it reads are not all listed).
+    #[serde(default)]
+    pub expressions: bool,
+}
+
+/// A check, unique, foreign-key or exclusion constraint of a table (the primary key is the
+/// table's key, not carried as a change).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct ConstraintShape {
+    pub name: String,
+    /// `contype`: `c`, `u`, `f` or `x`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `pg_get_constraintdef`: `CHECK (...)`, `UNIQUE (...)`, `FOREIGN KEY (...) REFERENCES ...`.
+    pub definition: String,
+    /// The table's columns it constrains.
+    #[serde(default)]
+    pub columns: Vec<String>,
+}
+
+/// A managed table's shape on staging.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct TableShape {
+    pub schema: String,
+    pub name: String,
+    pub columns: Vec<ColumnShape>,
+    #[serde(default)]
+    pub indexes: Vec<IndexShape>,
+    #[serde(default)]
+    pub constraints: Vec<ConstraintShape>,
+}
+
+impl TableShape {
+    pub fn table_name(&self) -> TableName {
+        TableName::new(self.schema.clone(), self.name.clone())
+    }
+
+    fn column(&self, attnum: i16) -> Option<&ColumnShape> {
+        self.columns.iter().find(|c| c.attnum == attnum)
+    }
+}
+
+/// One table a DDL command changed: its shape before (none: created) and after (none: dropped).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct TableChange {
+    pub before: Option<TableShape>,
+    pub after: Option<TableShape>,
+}
+
+/// A DDL command as staging captured it.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct SchemaChange {
+    /// The capture's number for the change (none for a dropped table's).
+    #[serde(default)]
+    pub id: Option<i64>,
+    /// The command tag (`ALTER TABLE`, ...).
+    pub tag: String,
+    /// The statement as the client sent it (the whole query string).
+    pub statement: String,
+    pub tables: Vec<TableChange>,
+}
+
+impl SchemaChange {
+    /// The message's content, or what is wrong with it.
+    pub fn parse(content: &[u8]) -> Result<SchemaChange, String> {
+        serde_json::from_slice(content)
+            .map_err(|e| format!("a schema-change message ({PREFIX}) that cannot be read: {e}"))
+    }
+}
+
+/// What production does for one table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub table: TableName,
+    /// Run in order, in the apply transaction.
+    pub statements: Vec<String>,
+    /// Run in order once that transaction committed, each on its own (index builds and drops,
+    /// `CONCURRENTLY` so that production's own writes go on meanwhile).
+    pub after_commit: Vec<IndexWork>,
+    /// Staging's changes left to production (columns outside the table's column list).
+    pub left_alone: Vec<String>,
+}
+
+/// An index built or dropped concurrently, outside the apply transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IndexWork {
+    /// The index, schema-qualified and quoted.
+    pub index: String,
+    pub statement: String,
+}
+
+/// What production's column is, as a definition clause after its name.
+fn definition(column: &ColumnShape) -> String {
+    let mut out = column.type_sql.clone();
+    match (column.generated.as_str(), column.identity.as_str()) {
+        ("s", _) => {
+            if let Some(expression) = &column.default {
+                out.push_str(&format!(" GENERATED ALWAYS AS ({expression}) STORED"));
+            }
+        }
+        (_, "a") => out.push_str(" GENERATED ALWAYS AS IDENTITY"),
+        (_, "d") => out.push_str(" GENERATED BY DEFAULT AS IDENTITY"),
+        _ => {
+            if let Some(default) = &column.default {
+                out.push_str(&format!(" DEFAULT {default}"));
+            }
+        }
+    }
+    if column.not_null && column.identity.is_empty() {
+        out.push_str(" NOT NULL");
+    }
+    out
+}
+
+/// The statements that make production's table (`meta`, whose managed part is `columns`) follow
+/// `change`; an error names what production cannot be made to follow.
+pub fn plan(change: &TableChange, meta: &TableMeta, columns: &ColumnList) -> Result<Plan, String> {
+    let (Some(before), Some(after)) = (&change.before, &change.after) else {
+        let name = change
+            .after
+            .as_ref()
+            .or(change.before.as_ref())
+            .map_or_else(|| "a table".to_owned(), |t| t.table_name().to_string());
+        return Err(format!(
+            "{name} was created or dropped on staging; creating and dropping managed tables is \
+             not carried yet: do it on production by hand, then start sync again"
+        ));
+    };
+    if before.table_name() != after.table_name() {
+        return Err(format!(
+            "table {} was renamed to {} on staging: rename it on production and in the config \
+             ([[tables]] name), then start sync again",
+            before.table_name(),
+            after.table_name()
+        ));
+    }
+    let table = qualified(&meta.schema, &meta.name);
+    let managed = |name: &str| match columns {
+        ColumnList::All => true,
+        ColumnList::Only(list) => {
+            list.iter().any(|c| c == name) || meta.key.iter().any(|&k| meta.columns[k].name == name)
+        }
+        ColumnList::Except(list) => !list.iter().any(|c| c == name),
+    };
+    let mut plan = Plan {
+        table: meta.table_name(),
+        statements: Vec::new(),
+        after_commit: Vec::new(),
+        left_alone: Vec::new(),
+    };
+    let alter = |clause: String| format!("ALTER TABLE {table} {clause}");
+    let constraints = Followed::of(&before.constraints, &after.constraints, |c| {
+        c.columns.iter().all(|n| managed(n))
+    });
+    // Constraints go before the columns change (a dropped one may name a column that goes too)
+    // and come back after (a new one may name a new column).
+    for (old, new) in &constraints.renamed {
+        plan.statements.push(alter(format!(
+            "RENAME CONSTRAINT {} TO {}",
+            quote_ident(&old.name),
+            quote_ident(&new.name)
+        )));
+    }
+    for old in &constraints.dropped {
+        plan.statements.push(alter(format!(
+            "DROP CONSTRAINT IF EXISTS {}",
+            quote_ident(&old.name)
+        )));
+    }
+    // Renames first, so that what follows names columns as they are now.
+    for old in &before.columns {
+        if let Some(new) = after.column(old.attnum)
+            && new.name != old.name
+        {
+            if !managed(&old.name) {
+                plan.left_alone
+                    .push(format!("rename of {} to {}", old.name, new.name));
+                continue;
+            }
+            if !columns.is_all() {
+                return Err(format!(
+                    "column {}.{} was renamed to {} on staging, and the table's column list \
+                     names its columns: rename it in the config's columns or exclude_columns too, \
+                     then start sync again",
+                    plan.table, old.name, new.name
+                ));
+            }
+            plan.statements.push(alter(format!(
+                "RENAME COLUMN {} TO {}",
+                quote_ident(&old.name),
+                quote_ident(&new.name)
+            )));
+        }
+    }
+    for old in &before.columns {
+        if after.column(old.attnum).is_none() {
+            if managed(&old.name) {
+                plan.statements
+                    .push(alter(format!("DROP COLUMN {}", quote_ident(&old.name))));
+            } else {
+                plan.left_alone.push(format!("drop of {}", old.name));
+            }
+        }
+    }
+    for new in &after.columns {
+        let Some(old) = before.column(new.attnum) else {
+            // A new column of a table with a column list is outside the publication's list
+            // (staging does not send it) unless the list names it.
+            let published = match columns {
+                ColumnList::All => true,
+                ColumnList::Only(list) => list.iter().any(|c| c == &new.name),
+                ColumnList::Except(_) => false,
+            };
+            if published {
+                plan.statements.push(alter(format!(
+                    "ADD COLUMN {} {}",
+                    quote_ident(&new.name),
+                    definition(new)
+                )));
+            } else {
+                plan.left_alone.push(format!("new column {}", new.name));
+            }
+            continue;
+        };
+        if !managed(&new.name) {
+            if (&old.type_sql, &old.default, old.not_null)
+                != (&new.type_sql, &new.default, new.not_null)
+            {
+                plan.left_alone.push(format!("change of {}", new.name));
+            }
+            continue;
+        }
+        let name = quote_ident(&new.name);
+        if (old.generated.as_str(), old.identity.as_str())
+            != (new.generated.as_str(), new.identity.as_str())
+        {
+            return Err(format!(
+                "column {}.{} became or stopped being generated or an identity on staging; that \
+                 is not carried yet: change it on production by hand, then start sync again",
+                plan.table, new.name
+            ));
+        }
+        if new.type_sql != old.type_sql {
+            plan.statements.push(alter(format!(
+                "ALTER COLUMN {name} TYPE {ty} USING {name}::{ty}",
+                ty = new.type_sql
+            )));
+        }
+        if new.default != old.default && new.generated.is_empty() && new.identity.is_empty() {
+            plan.statements.push(alter(match &new.default {
+                Some(default) => format!("ALTER COLUMN {name} SET DEFAULT {default}"),
+                None => format!("ALTER COLUMN {name} DROP DEFAULT"),
+            }));
+        }
+        if new.not_null != old.not_null && new.identity.is_empty() {
+            plan.statements.push(alter(format!(
+                "ALTER COLUMN {name} {} NOT NULL",
+                if new.not_null { "SET" } else { "DROP" }
+            )));
+        }
+    }
+    for new in &constraints.added {
+        plan.statements.push(alter(format!(
+            "ADD CONSTRAINT {} {}",
+            quote_ident(&new.name),
+            new.definition
+        )));
+    }
+    plan.left_alone.extend(
+        constraints
+            .left_alone
+            .iter()
+            .map(|c| format!("constraint {}", c.name)),
+    );
+    follow_indexes(&mut plan, before, after, meta, &|index: &IndexShape| {
+        index.columns.iter().all(|n| managed(n)) && (!index.expressions || columns.is_all())
+    })?;
+    Ok(plan)
+}
+
+/// A constraint or an index: its name, and what it is apart from its name.
+trait Named {
+    fn name(&self) -> &str;
+    /// Equal for two that differ only in name.
+    fn body(&self) -> String;
+}
+
+impl Named for ConstraintShape {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn body(&self) -> String {
+        format!("{} {}", self.kind, self.definition)
+    }
+}
+
+impl Named for IndexShape {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn body(&self) -> String {
+        IndexDefinition::parse(&self.definition)
+            .map_or_else(|| self.definition.clone(), |d| d.body())
+    }
+}
+
+/// How a table's constraints or indexes changed, by name: one whose definition changed is
+/// dropped and added again; one that only changed its name is renamed.
+struct Followed<'a, T> {
+    renamed: Vec<(&'a T, &'a T)>,
+    dropped: Vec<&'a T>,
+    added: Vec<&'a T>,
+    /// Changes of ones on columns production owns.
+    left_alone: Vec<&'a T>,
+}
+
+impl<'a, T: Named> Followed<'a, T> {
+    fn of(before: &'a [T], after: &'a [T], managed: impl Fn(&T) -> bool) -> Followed<'a, T> {
+        let mut followed = Followed {
+            renamed: Vec::new(),
+            dropped: Vec::new(),
+            added: Vec::new(),
+            left_alone: Vec::new(),
+        };
+        let gone: Vec<&T> = before
+            .iter()
+            .filter(|old| {
+                !after
+                    .iter()
+                    .any(|new| new.name() == old.name() && new.body() == old.body())
+            })
+            .collect();
+        let mut came: Vec<&T> = after
+            .iter()
+            .filter(|new| {
+                !before
+                    .iter()
+                    .any(|old| old.name() == new.name() && old.body() == new.body())
+            })
+            .collect();
+        for old in gone {
+            if !managed(old) {
+                followed.left_alone.push(old);
+                continue;
+            }
+            let renamed = came.iter().position(|new| {
+                new.body() == old.body() && !before.iter().any(|b| b.name() == new.name())
+            });
+            match renamed {
+                Some(i) if !after.iter().any(|a| a.name() == old.name()) => {
+                    followed.renamed.push((old, came.remove(i)));
+                }
+                _ => followed.dropped.push(old),
+            }
+        }
+        for new in came {
+            if managed(new) {
+                followed.added.push(new);
+            } else {
+                followed.left_alone.push(new);
+            }
+        }
+        followed
+    }
+}
+
+/// `pg_get_indexdef`'s text taken apart: `CREATE [UNIQUE] INDEX <name> ON [ONLY] <rest>`.
+struct IndexDefinition<'a> {
+    unique: bool,
+    /// The name as written (quoted where it needs to be).
+    name: &'a str,
+    /// The table and the rest (`schema.table USING method (columns) ...`), without `ONLY`.
+    rest: &'a str,
+}
+
+impl<'a> IndexDefinition<'a> {
+    fn parse(definition: &'a str) -> Option<IndexDefinition<'a>> {
+        let (unique, named) = match definition.strip_prefix("CREATE UNIQUE INDEX ") {
+            Some(named) => (true, named),
+            None => (false, definition.strip_prefix("CREATE INDEX ")?),
+        };
+        let name_end = if let Some(quoted) = named.strip_prefix('"') {
+            // A doubled quote is a quote inside the name.
+            let mut chars = quoted.char_indices().peekable();
+            let mut end = None;
+            while let Some((i, c)) = chars.next() {
+                if c == '"' {
+                    if chars.peek().is_some_and(|&(_, n)| n == '"') {
+                        chars.next();
+                    } else {
+                        end = Some(i + 2);
+                        break;
+                    }
+                }
+            }
+            end?
+        } else {
+            named.find(' ')?
+        };
+        let rest = named[name_end..].strip_prefix(" ON ")?;
+        Some(IndexDefinition {
+            unique,
+            name: &named[..name_end],
+            rest: rest.strip_prefix("ONLY ").unwrap_or(rest),
+        })
+    }
+
+    fn body(&self) -> String {
+        format!("{} {}", self.unique, self.rest)
+    }
+
+    /// The statement that builds it: concurrently when it can be (not on a partitioned table),
+    /// and only if it is not there yet.
+    fn create(&self, concurrently: bool) -> String {
+        format!(
+            "CREATE {}INDEX {}IF NOT EXISTS {} ON {}",
+            if self.unique { "UNIQUE " } else { "" },
+            if concurrently { "CONCURRENTLY " } else { "" },
+            self.name,
+            self.rest
+        )
+    }
+}
+
+/// Adds to `plan` what makes production's indexes of the table follow staging's: renames in the
+/// transaction, builds and drops once it committed, concurrently (in the transaction for a
+/// partitioned table, which cannot build concurrently).
+fn follow_indexes(
+    plan: &mut Plan,
+    before: &TableShape,
+    after: &TableShape,
+    meta: &TableMeta,
+    managed: &dyn Fn(&IndexShape) -> bool,
+) -> Result<(), String> {
+    let indexes = Followed::of(&before.indexes, &after.indexes, managed);
+    let index_name = |name: &str| qualified(&meta.schema, name);
+    for (old, new) in &indexes.renamed {
+        plan.statements.push(format!(
+            "ALTER INDEX IF EXISTS {} RENAME TO {}",
+            index_name(&old.name),
+            quote_ident(&new.name)
+        ));
+    }
+    let concurrently = !meta.partitioned;
+    for old in &indexes.dropped {
+        let drop = format!(
+            "DROP INDEX {}IF EXISTS {}",
+            if concurrently { "CONCURRENTLY " } else { "" },
+            index_name(&old.name)
+        );
+        if concurrently {
+            plan.after_commit.push(IndexWork {
+                index: index_name(&old.name),
+                statement: drop,
+            });
+        } else {
+            plan.statements.push(drop);
+        }
+    }
+    for new in &indexes.added {
+        let definition = IndexDefinition::parse(&new.definition).ok_or_else(|| {
+            format!(
+                "staging's index {} of {} reads `{}`, which stagingprop cannot take apart: \
+                 create it on production by hand, then start sync again",
+                new.name, plan.table, new.definition
+            )
+        })?;
+        if concurrently {
+            plan.after_commit.push(IndexWork {
+                index: index_name(&new.name),
+                statement: definition.create(true),
+            });
+        } else {
+            plan.statements.push(definition.create(false));
+        }
+    }
+    plan.left_alone.extend(
+        indexes
+            .left_alone
+            .iter()
+            .map(|i| format!("index {}", i.name)),
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::ColumnMeta;
+
+    fn column(attnum: i16, name: &str, ty: &str) -> ColumnShape {
+        ColumnShape {
+            attnum,
+            name: name.into(),
+            type_sql: ty.into(),
+            not_null: false,
+            default: None,
+            identity: String::new(),
+            generated: String::new(),
+        }
+    }
+
+    fn shape(columns: Vec<ColumnShape>) -> TableShape {
+        TableShape {
+            schema: "public".into(),
+            name: "price".into(),
+            columns,
+            indexes: Vec::new(),
+            constraints: Vec::new(),
+        }
+    }
+
+    fn index(name: &str, definition: &str, columns: &[&str]) -> IndexShape {
+        IndexShape {
+            name: name.into(),
+            definition: definition.into(),
+            columns: columns.iter().map(|c| c.to_string()).collect(),
+            expressions: false,
+        }
+    }
+
+    fn constraint(name: &str, kind: &str, definition: &str, columns: &[&str]) -> ConstraintShape {
+        ConstraintShape {
+            name: name.into(),
+            kind: kind.into(),
+            definition: definition.into(),
+            columns: columns.iter().map(|c| c.to_string()).collect(),
+        }
+    }
+
+    fn meta() -> TableMeta {
+        TableMeta {
+            schema: "public".into(),
+            name: "price".into(),
+            columns: vec![
+                ColumnMeta::new("id", "integer"),
+                ColumnMeta::new("amount", "numeric(10,2)"),
+                ColumnMeta::new("note", "text"),
+            ],
+            key: vec![0],
+            identity_full: false,
+            partitioned: false,
+        }
+    }
+
+    fn before() -> TableShape {
+        let mut id = column(1, "id", "integer");
+        id.not_null = true;
+        shape(vec![
+            id,
+            column(2, "amount", "numeric(10,2)"),
+            column(3, "note", "text"),
+        ])
+    }
+
+    #[test]
+    fn columns_follow_by_attnum_renames_first() {
+        let mut after = before();
+        after.columns[1].type_sql = "numeric(12,4)".into();
+        after.columns[2].name = "remark".into();
+        after.columns[2].default = Some("'none'::text".into());
+        let mut added = column(4, "currency", "character(3)");
+        added.not_null = true;
+        added.default = Some("'EUR'::bpchar".into());
+        after.columns.push(added);
+        let change = TableChange {
+            before: Some(before()),
+            after: Some(after),
+        };
+        let plan = plan(&change, &meta(), &ColumnList::All).unwrap();
+        assert_eq!(
+            plan.statements,
+            vec![
+                "ALTER TABLE \"public\".\"price\" RENAME COLUMN \"note\" TO \"remark\"",
+                "ALTER TABLE \"public\".\"price\" ALTER COLUMN \"amount\" TYPE numeric(12,4) USING \"amount\"::numeric(12,4)",
+                "ALTER TABLE \"public\".\"price\" ALTER COLUMN \"remark\" SET DEFAULT 'none'::text",
+                "ALTER TABLE \"public\".\"price\" ADD COLUMN \"currency\" character(3) DEFAULT 'EUR'::bpchar NOT NULL",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_dropped_column_is_dropped_and_a_column_list_keeps_production_s_own() {
+        let mut after = before();
+        after.columns.remove(2);
+        after.columns.push(column(4, "merchant", "text"));
+        let change = TableChange {
+            before: Some(before()),
+            after: Some(after),
+        };
+        let all = plan(&change, &meta(), &ColumnList::All).unwrap();
+        assert_eq!(
+            all.statements,
+            vec![
+                "ALTER TABLE \"public\".\"price\" DROP COLUMN \"note\"",
+                "ALTER TABLE \"public\".\"price\" ADD COLUMN \"merchant\" text",
+            ]
+        );
+        // Managing only id and amount: note and the new column are production's.
+        let part = plan(&change, &meta(), &ColumnList::Only(vec!["amount".into()])).unwrap();
+        assert!(part.statements.is_empty(), "{part:?}");
+        assert_eq!(part.left_alone.len(), 2);
+    }
+
+    #[test]
+    fn what_is_not_carried_is_named() {
+        let created = TableChange {
+            before: None,
+            after: Some(before()),
+        };
+        assert!(
+            plan(&created, &meta(), &ColumnList::All)
+                .unwrap_err()
+                .contains("created or dropped on staging")
+        );
+        let mut renamed = before();
+        renamed.columns[1].name = "price".into();
+        let change = TableChange {
+            before: Some(before()),
+            after: Some(renamed),
+        };
+        let listed = ColumnList::Only(vec!["amount".into()]);
+        assert!(
+            plan(&change, &meta(), &listed)
+                .unwrap_err()
+                .contains("rename it in the config's columns")
+        );
+    }
+
+    #[test]
+    fn indexes_build_after_commit_and_renames_stay_in_the_transaction() {
+        let mut old = before();
+        old.indexes = vec![
+            index(
+                "price_amount",
+                "CREATE INDEX price_amount ON public.price USING btree (amount)",
+                &["amount"],
+            ),
+            index(
+                "price_note",
+                "CREATE INDEX price_note ON public.price USING btree (note)",
+                &["note"],
+            ),
+        ];
+        let mut new = old.clone();
+        // Renamed: same body, new name.
+        new.indexes[0] = index(
+            "price_by_amount",
+            "CREATE INDEX price_by_amount ON public.price USING btree (amount)",
+            &["amount"],
+        );
+        // Redefined under its name: dropped and built again.
+        new.indexes[1] = index(
+            "price_note",
+            "CREATE UNIQUE INDEX price_note ON public.price USING btree (note)",
+            &["note"],
+        );
+        new.indexes.push(index(
+            "\"Odd \"\"name\"",
+            "CREATE INDEX \"Odd \"\"name\" ON ONLY public.price USING btree (id)",
+            &["id"],
+        ));
+        let change = TableChange {
+            before: Some(old),
+            after: Some(new),
+        };
+        let plan = plan(&change, &meta(), &ColumnList::All).unwrap();
+        assert_eq!(
+            plan.statements,
+            vec!["ALTER INDEX IF EXISTS \"public\".\"price_amount\" RENAME TO \"price_by_amount\""]
+        );
+        let after: Vec<&str> = plan
+            .after_commit
+            .iter()
+            .map(|w| w.statement.as_str())
+            .collect();
+        assert_eq!(
+            after,
+            vec![
+                "DROP INDEX CONCURRENTLY IF EXISTS \"public\".\"price_note\"",
+                "CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS price_note ON public.price USING btree (note)",
+                "CREATE INDEX CONCURRENTLY IF NOT EXISTS \"Odd \"\"name\" ON public.price USING btree (id)",
+            ]
+        );
+        // A partitioned table cannot build concurrently: all of it in the transaction.
+        let mut partitioned = meta();
+        partitioned.partitioned = true;
+        let in_txn = super::plan(&change, &partitioned, &ColumnList::All).unwrap();
+        assert!(in_txn.after_commit.is_empty());
+        assert_eq!(in_txn.statements.len(), 4, "{in_txn:?}");
+        // Managing only id and amount: the index on note is production's.
+        let part = super::plan(&change, &meta(), &ColumnList::Only(vec!["amount".into()])).unwrap();
+        assert_eq!(part.after_commit.len(), 1, "{part:?}");
+        assert_eq!(
+            part.left_alone,
+            vec!["index price_note", "index price_note"]
+        );
+    }
+
+    #[test]
+    fn constraints_drop_before_the_columns_and_come_back_after() {
+        let mut old = before();
+        old.constraints = vec![
+            constraint("note_short", "c", "CHECK (length(note) < 100)", &["note"]),
+            constraint("amount_positive", "c", "CHECK (amount > 0)", &["amount"]),
+        ];
+        let mut new = old.clone();
+        new.columns.remove(2);
+        new.constraints.remove(0);
+        new.constraints[0].name = "amount_above_zero".into();
+        new.columns.push(column(4, "currency", "text"));
+        new.constraints.push(constraint(
+            "currency_code",
+            "c",
+            "CHECK (length(currency) = 3)",
+            &["currency"],
+        ));
+        let change = TableChange {
+            before: Some(old),
+            after: Some(new),
+        };
+        let plan = plan(&change, &meta(), &ColumnList::All).unwrap();
+        assert_eq!(
+            plan.statements,
+            vec![
+                "ALTER TABLE \"public\".\"price\" RENAME CONSTRAINT \"amount_positive\" TO \"amount_above_zero\"",
+                "ALTER TABLE \"public\".\"price\" DROP CONSTRAINT IF EXISTS \"note_short\"",
+                "ALTER TABLE \"public\".\"price\" DROP COLUMN \"note\"",
+                "ALTER TABLE \"public\".\"price\" ADD COLUMN \"currency\" text",
+                "ALTER TABLE \"public\".\"price\" ADD CONSTRAINT \"currency_code\" CHECK (length(currency) = 3)",
+            ]
+        );
+    }
+
+    #[test]
+    fn messages_parse() {
+        let change = SchemaChange::parse(
+            br#"{"tag":"ALTER TABLE","statement":"ALTER TABLE t ADD c int","tables":[
+                {"before":{"schema":"public","name":"t","columns":[{"attnum":1,"name":"a","type":"integer","not_null":true,"default":null}]},
+                 "after":{"schema":"public","name":"t","columns":[{"attnum":1,"name":"a","type":"integer","not_null":true,"default":null,"identity":"","generated":""},
+                                                                  {"attnum":2,"name":"c","type":"integer","not_null":false,"default":null}]}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(change.tables[0].after.as_ref().unwrap().columns.len(), 2);
+        assert!(SchemaChange::parse(b"{").is_err());
+    }
+}

@@ -1,0 +1,525 @@
+//! Schema changes made on staging reach production in order with the rows, exactly once: the
+//! capture `init` installs, the plan applied in the rows' transaction (columns added with their
+//! default, dropped, renamed by attnum, retyped, defaults and NOT NULL changed), a change
+//! production cannot take stopping sync until production is fixed, `[ddl] mode = "stop"`, a
+//! partially managed table, and sync killed with SIGKILL while changes and rows keep coming.
+
+mod support;
+
+use std::time::Duration;
+
+use stagingprop::pg::connect::Endpoint;
+use stagingprop::sync::{StopAt, SyncError, SyncOptions};
+use support::faults::{self, Rng, shared_production, shared_staging, test_seed};
+use support::{Pair, PairBuilder, caught_up};
+
+/// Every column of `table` as a catalog shows it: name, type, NOT NULL, default; in column order.
+fn columns(pair: &Pair, staging: bool, table: &str) -> String {
+    let sql = format!(
+        "SELECT string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod) || ' ' || \
+                a.attnotnull || ' ' || coalesce(pg_get_expr(d.adbin, d.adrelid), '-'), ', ' \
+                ORDER BY a.attnum)
+           FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+          WHERE a.attrelid = '{table}'::regclass AND a.attnum > 0 AND NOT a.attisdropped"
+    );
+    let out = if staging {
+        pair.on_staging(&sql)
+    } else {
+        pair.on_production(&sql)
+    };
+    out.trim().to_owned()
+}
+
+fn rows(pair: &Pair, staging: bool, table: &str) -> String {
+    let sql = format!("SELECT t::text FROM {table} t ORDER BY 1");
+    if staging {
+        pair.on_staging(&sql)
+    } else {
+        pair.on_production(&sql)
+    }
+}
+
+fn assert_same(pair: &Pair, table: &str) {
+    assert_eq!(
+        columns(pair, true, table),
+        columns(pair, false, table),
+        "the columns of {table} differ"
+    );
+    assert_eq!(
+        rows(pair, true, table),
+        rows(pair, false, table),
+        "the rows of {table} differ"
+    );
+}
+
+const SCHEMA: &str = "CREATE TABLE price (id int PRIMARY KEY, amount numeric(10,2), note text);";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn columns_follow_staging_in_order_with_the_rows() {
+    let pair = PairBuilder::new("ddl_follow", SCHEMA)
+        .table("public.price", "")
+        .init()
+        .await;
+    pair.on_staging("INSERT INTO price SELECT g, g / 3.0, 'n' || g FROM generate_series(1, 20) g");
+    caught_up(&pair.config).await.expect("sync");
+    // Each change with rows that need it, in the same transaction and after it.
+    pair.on_staging(
+        "BEGIN;
+         INSERT INTO price VALUES (100, 1, 'before the column');
+         ALTER TABLE price ADD COLUMN currency char(3) NOT NULL DEFAULT 'EUR';
+         INSERT INTO price VALUES (101, 2, 'after', 'USD');
+         COMMIT;
+         ALTER TABLE price RENAME COLUMN note TO remark;
+         UPDATE price SET remark = 'renamed' WHERE id <= 5;
+         ALTER TABLE price ALTER COLUMN amount TYPE numeric(12,4);
+         INSERT INTO price VALUES (102, 2.0001, 'four places', 'GBP');
+         ALTER TABLE price ALTER COLUMN currency DROP NOT NULL, ALTER COLUMN currency SET DEFAULT 'USD';
+         INSERT INTO price (id, amount) VALUES (103, 1.2345);
+         ALTER TABLE price DROP COLUMN remark;
+         UPDATE price SET amount = amount + 1 WHERE id = 1;",
+    );
+    caught_up(&pair.config)
+        .await
+        .expect("sync of the schema changes");
+    assert_same(&pair, "price");
+    let recorded = pair.on_production("SELECT count(*) FROM stagingprop.schema_changes");
+    assert_eq!(recorded.trim(), "5", "one record per change");
+    // Exactly once: another run applies nothing more.
+    caught_up(&pair.config).await.expect("sync again");
+    let recorded = pair.on_production("SELECT count(*) FROM stagingprop.schema_changes");
+    assert_eq!(recorded.trim(), "5");
+
+    // A required column dropped on staging while sync is down: at the next start production
+    // still requires a column staging no longer sends, and the drop on its way accounts for it.
+    pair.on_staging(
+        "ALTER TABLE price ADD COLUMN sku text;
+         UPDATE price SET sku = 'sku' || id;
+         ALTER TABLE price ALTER COLUMN sku SET NOT NULL;",
+    );
+    caught_up(&pair.config)
+        .await
+        .expect("sync of the new column");
+    pair.on_staging(
+        "ALTER TABLE price DROP COLUMN sku;
+         INSERT INTO price (id, amount) VALUES (104, 4);",
+    );
+    caught_up(&pair.config)
+        .await
+        .expect("a start with the drop still on its way");
+    assert_same(&pair, "price");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_production_cannot_take_stops_sync_until_production_is_fixed() {
+    let pair = PairBuilder::new("ddl_refused", SCHEMA)
+        .table("public.price", "on_conflict = \"skip\"")
+        .init()
+        .await;
+    pair.on_staging("INSERT INTO price VALUES (1, 1, 'a')");
+    caught_up(&pair.config).await.expect("sync");
+    // Production's own row has no note; staging's rows all do.
+    pair.on_production("INSERT INTO price VALUES (-1, 0, NULL)");
+    pair.on_staging(
+        "ALTER TABLE price ALTER COLUMN note SET NOT NULL;
+         INSERT INTO price VALUES (2, 2, 'b');",
+    );
+    let err = caught_up(&pair.config)
+        .await
+        .expect_err("production cannot take it");
+    let message = err.to_string();
+    assert!(
+        message.contains("SET NOT NULL") && message.contains("contains null values"),
+        "{message}"
+    );
+    assert!(matches!(
+        err,
+        SyncError::Apply(stagingprop::ApplyError::SchemaChange(_))
+    ));
+    let applied = pair.on_production("SELECT count(*) FROM price WHERE id = 2");
+    assert_eq!(
+        applied.trim(),
+        "0",
+        "nothing of the transaction was applied"
+    );
+    pair.on_production("UPDATE price SET note = 'production' WHERE id = -1");
+    caught_up(&pair.config)
+        .await
+        .expect("sync once production is fixed");
+    let not_null = pair.on_production(
+        "SELECT attnotnull FROM pg_attribute WHERE attrelid = 'price'::regclass AND attname = 'note'",
+    );
+    assert_eq!(not_null.trim(), "t");
+    let applied = pair.on_production("SELECT count(*) FROM price WHERE id = 2");
+    assert_eq!(applied.trim(), "1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_mode_waits_for_the_operator_and_a_flag_applies() {
+    let pair = PairBuilder::new("ddl_stop", SCHEMA)
+        .table("public.price", "")
+        .extra("[ddl]\nmode = \"stop\"")
+        .init()
+        .await;
+    pair.on_staging("INSERT INTO price VALUES (1, 1, 'a')");
+    caught_up(&pair.config).await.expect("sync");
+    pair.on_staging(
+        "ALTER TABLE price ADD COLUMN stock int NOT NULL DEFAULT 0;
+         INSERT INTO price VALUES (2, 2, 'b', 7);",
+    );
+    match caught_up(&pair.config).await {
+        Err(SyncError::SchemaChangeWaiting {
+            statement, plan, ..
+        }) => {
+            assert!(statement.contains("ADD COLUMN stock"), "{statement}");
+            assert!(
+                plan.contains("ADD COLUMN \"stock\" integer DEFAULT 0 NOT NULL"),
+                "{plan}"
+            );
+        }
+        other => panic!("expected to wait for the operator, got {other:?}"),
+    }
+    let applied = pair.on_production("SELECT count(*) FROM price WHERE id = 2");
+    assert_eq!(applied.trim(), "0");
+    // status tells the operator what waits.
+    let status = |config| async move {
+        stagingprop::ops::status::status(config, &stagingprop::ops::status::Thresholds::default())
+            .await
+            .expect("status")
+    };
+    let st = status(&pair.config).await;
+    assert_eq!(st.schema_changes_waiting, vec!["public.price".to_owned()]);
+    assert!(
+        st.problems
+            .iter()
+            .any(|p| p.contains("--apply-schema-change")),
+        "{:?}",
+        st.problems
+    );
+    let options = SyncOptions {
+        stop_at: Some(StopAt::CaughtUp),
+        max_attempts: Some(3),
+        apply_schema_change: true,
+        ..Default::default()
+    };
+    stagingprop::sync::run(&pair.config, &options, std::future::pending())
+        .await
+        .expect("sync --apply-schema-change");
+    assert_same(&pair, "price");
+    let st = status(&pair.config).await;
+    assert!(st.schema_changes_waiting.is_empty(), "{st:?}");
+    assert!(
+        !st.problems.iter().any(|p| p.contains("schema change")),
+        "{:?}",
+        st.problems
+    );
+    assert!(
+        st.last_schema_change
+            .is_some_and(|c| c.statement.contains("ADD COLUMN stock")),
+        "the last change applied"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partly_managed_table_keeps_production_s_columns() {
+    let pair = PairBuilder::new(
+        "ddl_partial",
+        "CREATE TABLE offer (id int PRIMARY KEY, price numeric(10,2), merchant_note text);",
+    )
+    .table("public.offer", "exclude_columns = [\"merchant_note\"]")
+    .init()
+    .await;
+    pair.on_staging("INSERT INTO offer VALUES (1, 1, 'staging note')");
+    caught_up(&pair.config).await.expect("sync");
+    pair.on_production("UPDATE offer SET merchant_note = 'production note'");
+    // A managed column retyped, and production's own column changed on staging.
+    // A column added on staging (outside the list), and production's own column changed there.
+    // (PostgreSQL refuses to retype a column a publication's column list names.)
+    pair.on_staging(
+        "ALTER TABLE offer ADD COLUMN margin numeric;
+         ALTER TABLE offer ALTER COLUMN merchant_note TYPE varchar(500);
+         UPDATE offer SET price = 2, margin = 1;",
+    );
+    caught_up(&pair.config).await.expect("sync");
+    let production = pair.on_production("SELECT price, merchant_note FROM offer");
+    assert_eq!(production.trim(), "2.00|production note");
+    let margin = pair.on_production(
+        "SELECT count(*) FROM pg_attribute WHERE attrelid = 'offer'::regclass AND attname = 'margin'",
+    );
+    assert_eq!(
+        margin.trim(),
+        "0",
+        "a column outside the list stays staging's"
+    );
+    let note_type = pair.on_production(
+        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute \
+         WHERE attrelid = 'offer'::regclass AND attname = 'merchant_note'",
+    );
+    assert_eq!(
+        note_type.trim(),
+        "text",
+        "production's own column was left alone"
+    );
+}
+
+/// Changes and rows keep coming while sync is killed with SIGKILL at random moments: every change
+/// is applied exactly once and production ends as staging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_while_columns_change_applies_each_change_once() {
+    let name = "sigkill_while_columns_change_applies_each_change_once";
+    let seed = test_seed(name);
+    let mut rng = Rng::new(seed);
+    let pair = faults::setup(
+        shared_staging(),
+        shared_production(),
+        "ddl_kill",
+        "CREATE TABLE item (id int PRIMARY KEY, v text);",
+        &[("item", "id")],
+        "",
+    )
+    .await;
+    let mut next_id = 0;
+    let mut columns = 0;
+    let mut drops = 0;
+    let mut dropped_upto = 0;
+    let mut indexes = 0;
+    let (mut child, mut log) = faults::spawn_sync(&pair, &[], "ddl-kill-1.log");
+    for round in 0..12 {
+        // A column added with a default, rows that use it, and now and then a column dropped.
+        let mut sql = String::from("BEGIN;\n");
+        for _ in 0..rng.between(5, 50) {
+            next_id += 1;
+            sql.push_str(&format!(
+                "INSERT INTO item (id, v) VALUES ({next_id}, 'r{round}');\n"
+            ));
+        }
+        columns += 1;
+        sql.push_str(&format!(
+            "ALTER TABLE item ADD COLUMN c{columns} int NOT NULL DEFAULT {columns};\n\
+             UPDATE item SET c{columns} = id WHERE id % 3 = 0;\n"
+        ));
+        // An index on it now and then: built concurrently after the transaction, maybe by the
+        // next sync when this one is killed first.
+        if rng.percent(50) {
+            indexes += 1;
+            sql.push_str(&format!(
+                "CREATE INDEX item_c{columns}_idx ON item (c{columns});\n"
+            ));
+        }
+        if columns > 2 && rng.percent(40) && dropped_upto < columns - 2 {
+            dropped_upto = columns - 2;
+            drops += 1;
+            sql.push_str(&format!("ALTER TABLE item DROP COLUMN c{dropped_upto};\n"));
+        }
+        sql.push_str("COMMIT;");
+        pair.staging.sql(&sql);
+        tokio::time::sleep(Duration::from_millis(rng.between(0, 300))).await;
+        if rng.percent(50) {
+            let _ = child.kill();
+            let _ = child.wait();
+            let log_name = format!("ddl-kill-{}.log", round + 2);
+            (child, log) = faults::spawn_sync(&pair, &[], &log_name);
+        }
+    }
+    let lsn = pair.staging_lsn();
+    let applied = pair.try_wait_applied(&lsn, Duration::from_secs(90)).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    if let Err(e) = applied {
+        panic!(
+            "seed {seed}: {e}\nthe last sync's log:\n{}",
+            faults::read_log(&log)
+        );
+    }
+    let columns_of = |db: &faults::Db| {
+        db.value(
+            "SELECT string_agg(attname || ' ' || format_type(atttypid, atttypmod) || ' ' || attnotnull, ', ' ORDER BY attname)
+               FROM pg_attribute WHERE attrelid = 'item'::regclass AND attnum > 0 AND NOT attisdropped",
+        )
+    };
+    assert_eq!(
+        columns_of(&pair.staging),
+        columns_of(&pair.production),
+        "seed {seed}"
+    );
+    pair.assert_equal();
+    // Exactly once: one record per change, none twice.
+    let recorded: u32 = pair
+        .production
+        .value("SELECT count(*) FROM stagingprop.schema_changes")
+        .parse()
+        .unwrap();
+    assert_eq!(recorded, columns + drops + indexes, "seed {seed}");
+    assert_eq!(
+        indexes_of(&pair.staging),
+        indexes_of(&pair.production),
+        "seed {seed}"
+    );
+    let left = pair
+        .production
+        .value("SELECT count(*) FROM stagingprop.index_builds WHERE done_at IS NULL");
+    assert_eq!(left, "0", "seed {seed}: every index build done");
+}
+
+/// A table's indexes (with whether each is valid) and constraints, from a catalog.
+fn indexes_of(db: &faults::Db) -> String {
+    db.value(
+        "SELECT coalesce(string_agg(d, '; ' ORDER BY d), '') FROM (
+           SELECT pg_get_indexdef(indexrelid) || CASE WHEN indisvalid THEN '' ELSE ' INVALID' END d
+             FROM pg_index WHERE indrelid = 'item'::regclass
+           UNION ALL
+           SELECT conname || ' ' || pg_get_constraintdef(oid)
+             FROM pg_constraint WHERE conrelid = 'item'::regclass) s",
+    )
+}
+
+/// Polls `sql` on production until it answers `t` (30 s at most).
+async fn production_until(pair: &Pair, sql: &str) {
+    for _ in 0..300 {
+        if pair.on_production(sql).trim() == "t" {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let activity = pair.on_production(
+        "SELECT string_agg(state || ' ' || coalesce(wait_event, '-') || ' ' || left(query, 80), E'\\n') \
+           FROM pg_stat_activity WHERE backend_type = 'client backend'",
+    );
+    let builds = pair.on_production("SELECT string_agg(id || ' ' || index_name || ' ' || coalesce(done_at::text, 'pending'), E'\\n' ORDER BY id) FROM stagingprop.index_builds");
+    panic!(
+        "timed out waiting on production for: {sql}\nproduction's sessions:\n{activity}\n{builds}"
+    );
+}
+
+/// The indexes (valid or not) and constraints of `table` on one side, from its catalogs.
+fn indexes_and_constraints(pair: &Pair, staging: bool, table: &str) -> String {
+    let sql = format!(
+        "SELECT coalesce(string_agg(d, '; ' ORDER BY d), '') FROM (
+           SELECT pg_get_indexdef(indexrelid) || CASE WHEN indisvalid THEN '' ELSE ' INVALID' END d
+             FROM pg_index WHERE indrelid = '{table}'::regclass
+           UNION ALL
+           SELECT conname || ' ' || pg_get_constraintdef(oid)
+             FROM pg_constraint WHERE conrelid = '{table}'::regclass AND contype <> 'n') s"
+    );
+    let out = if staging {
+        pair.on_staging(&sql)
+    } else {
+        pair.on_production(&sql)
+    };
+    out.trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn indexes_and_constraints_follow_and_a_build_cut_short_runs_again() {
+    let pair = PairBuilder::new(
+        "ddl_indexes",
+        "CREATE TABLE category (id int PRIMARY KEY, name text);
+         CREATE TABLE price (id int PRIMARY KEY, amount numeric(10,2), note text, category int);",
+    )
+    .table("public.category", "")
+    .table("public.price", "")
+    .init()
+    .await;
+    pair.on_staging(
+        "INSERT INTO category SELECT g, 'c' || g FROM generate_series(1, 5) g;
+         INSERT INTO price SELECT g, g, 'n' || g, g % 5 + 1 FROM generate_series(1, 200) g;",
+    );
+    caught_up(&pair.config).await.expect("sync");
+    // Each kind, with rows between them; CREATE INDEX CONCURRENTLY on staging too.
+    pair.on_staging("CREATE INDEX price_amount ON price (amount)");
+    pair.on_staging(
+        "BEGIN;
+         ALTER TABLE price ADD CONSTRAINT amount_positive CHECK (amount >= 0);
+         INSERT INTO price VALUES (201, 1, 'n201', 1);
+         ALTER TABLE price ADD CONSTRAINT price_category_fk
+           FOREIGN KEY (category) REFERENCES category (id);
+         ALTER TABLE price ADD CONSTRAINT price_note_amount UNIQUE (note, amount);
+         COMMIT;",
+    );
+    pair.on_staging(
+        "CREATE INDEX CONCURRENTLY price_lower_note ON price (lower(note)) WHERE amount > 1",
+    );
+    pair.on_staging(
+        "ALTER INDEX price_amount RENAME TO price_by_amount;
+         ALTER TABLE price RENAME CONSTRAINT amount_positive TO amount_not_negative;
+         ALTER TABLE price DROP CONSTRAINT price_note_amount;
+         INSERT INTO price VALUES (202, 2, 'n202', 2);",
+    );
+    pair.on_staging("DROP INDEX price_lower_note");
+    pair.on_staging("CREATE UNIQUE INDEX price_note ON price (note)");
+    caught_up(&pair.config)
+        .await
+        .expect("sync of indexes and constraints");
+    assert_eq!(
+        indexes_and_constraints(&pair, true, "price"),
+        indexes_and_constraints(&pair, false, "price")
+    );
+    assert_same(&pair, "price");
+    let builds = pair
+        .on_production("SELECT count(*) || ' ' || count(done_at) FROM stagingprop.index_builds");
+    assert_eq!(
+        builds.trim(),
+        "4 4",
+        "built and dropped after their transactions"
+    );
+
+    // A build production's own rows stop: sync names them, and builds once they are fixed.
+    // Production's own row 1000 repeats staging's row 5 in (amount, category).
+    pair.on_production("INSERT INTO price VALUES (1000, 5, 'own', 1)");
+    pair.on_staging("CREATE UNIQUE INDEX price_amount_category ON price (amount, category)");
+    let err = caught_up(&pair.config)
+        .await
+        .expect_err("production's duplicates stop the build");
+    let message = err.to_string();
+    assert!(
+        message.contains("price_amount_category") && message.contains("(5.00, 1)"),
+        "{message}"
+    );
+    assert!(matches!(err, SyncError::Apply(_)), "{message}");
+    pair.on_production("DELETE FROM price WHERE id = 1000");
+    caught_up(&pair.config).await.expect("sync after the fix");
+
+    // A build cut short (its backend terminated while it waits for production's own writer)
+    // leaves an invalid index: the next attempt drops it and builds it again.
+    let holder = Endpoint::from_db_config(&pair.config.production)
+        .expect("production's endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    holder
+        .batch_execute("BEGIN; LOCK TABLE price IN ROW EXCLUSIVE MODE")
+        .await
+        .expect("production's own writer");
+    pair.on_staging("CREATE INDEX price_category ON price (category, amount)");
+    let (_stop, running) = support::sync_in_background(&pair.config, tracing::Span::none());
+    production_until(
+        &pair,
+        "SELECT count(*) = 1 FROM pg_stat_progress_create_index \
+          WHERE relid = 'price'::regclass",
+    )
+    .await;
+    pair.on_production(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_progress_create_index \
+          WHERE relid = 'price'::regclass",
+    );
+    holder.batch_execute("COMMIT").await.expect("commit");
+    let result = tokio::time::timeout(Duration::from_secs(5), running).await;
+    if let Ok(ended) = result {
+        // The lost session ended the run: the next one finishes the build.
+        let err = ended
+            .expect("sync task")
+            .expect_err("the session was terminated");
+        eprintln!("sync ended with: {err}");
+        caught_up(&pair.config)
+            .await
+            .expect("sync after the lost session");
+    }
+    production_until(
+        &pair,
+        "SELECT count(*) = 0 FROM stagingprop.index_builds WHERE done_at IS NULL",
+    )
+    .await;
+    assert_eq!(
+        indexes_and_constraints(&pair, true, "price"),
+        indexes_and_constraints(&pair, false, "price")
+    );
+}
