@@ -2,7 +2,8 @@
 //! capture `init` installs, the plan applied in the rows' transaction (columns added with their
 //! default, dropped, renamed by attnum, retyped, defaults and NOT NULL changed), a change
 //! production cannot take stopping sync until production is fixed, `[ddl] mode = "stop"`, a
-//! partially managed table, and sync killed with SIGKILL while changes and rows keep coming.
+//! partially managed table, the spool, indexes built after commit, and sync killed with SIGKILL
+//! while changes and rows keep coming.
 
 mod support;
 
@@ -151,6 +152,43 @@ async fn a_change_production_cannot_take_stops_sync_until_production_is_fixed() 
     assert_eq!(not_null.trim(), "t");
     let applied = pair.on_production("SELECT count(*) FROM price WHERE id = 2");
     assert_eq!(applied.trim(), "1");
+}
+
+/// With the spool on, everything sync applies was read back from the spool's records: a schema
+/// change travels there in its place among the rows (the bug: the spool kept no decoding
+/// message, so the change never reached production).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_changes_travel_through_the_spool() {
+    let spool = support::Scratch::new("ddl-spool");
+    let pair = PairBuilder::new("ddl_spool", SCHEMA)
+        .table("public.price", "")
+        .extra(&format!("[spool]\ndir = \"{}\"", spool.0.display()))
+        .init()
+        .await;
+    pair.on_staging("INSERT INTO price VALUES (1, 1, 'a')");
+    pair.on_staging(
+        "ALTER TABLE price ADD COLUMN stock int NOT NULL DEFAULT 3;
+         INSERT INTO price VALUES (2, 2, 'b', 7);
+         ALTER TABLE price RENAME COLUMN note TO remark;",
+    );
+    pair.on_staging("CREATE INDEX price_stock ON price (stock)");
+    pair.on_staging("UPDATE price SET remark = 'c', stock = 9 WHERE id = 1");
+    caught_up(&pair.config)
+        .await
+        .expect("sync through the spool");
+    assert_same(&pair, "price");
+    assert_eq!(
+        indexes_and_constraints(&pair, true, "price"),
+        indexes_and_constraints(&pair, false, "price")
+    );
+    let mut lines = Vec::new();
+    stagingprop::ops::tail::tail_spool(&spool.0, None, &mut lines).expect("tail --spool");
+    let lines = String::from_utf8(lines).unwrap();
+    assert_eq!(
+        lines.matches("\"prefix\":\"stagingprop.ddl\"").count(),
+        3,
+        "the spool holds each schema change: {lines}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -446,6 +484,16 @@ async fn indexes_and_constraints_follow_and_a_build_cut_short_runs_again() {
     );
     pair.on_staging("DROP INDEX price_lower_note");
     pair.on_staging("CREATE UNIQUE INDEX price_note ON price (note)");
+    // Later changes in the same transaction need the builds before them done: a rename of the
+    // new index, a foreign key that needs a new unique index.
+    pair.on_staging(
+        "BEGIN;
+         CREATE INDEX price_tmp ON price (category);
+         ALTER INDEX price_tmp RENAME TO price_by_category;
+         CREATE UNIQUE INDEX category_name ON category (name);
+         ALTER TABLE price ADD COLUMN category_name text REFERENCES category (name);
+         COMMIT;",
+    );
     caught_up(&pair.config)
         .await
         .expect("sync of indexes and constraints");
@@ -458,8 +506,12 @@ async fn indexes_and_constraints_follow_and_a_build_cut_short_runs_again() {
         .on_production("SELECT count(*) || ' ' || count(done_at) FROM stagingprop.index_builds");
     assert_eq!(
         builds.trim(),
-        "4 4",
-        "built and dropped after their transactions"
+        "6 6",
+        "built and dropped after their transactions, or in them"
+    );
+    assert_eq!(
+        indexes_and_constraints(&pair, true, "category"),
+        indexes_and_constraints(&pair, false, "category")
     );
 
     // A build production's own rows stop: sync names them, and builds once they are fixed.

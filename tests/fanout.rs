@@ -475,6 +475,100 @@ async fn a_target_seeded_by_copy_while_publishing_runs_continues_from_its_hand_o
     publisher.await.unwrap().expect("publish");
 }
 
+/// What the catalogs say of the managed tables' columns, indexes and constraints.
+fn shape(cluster: &stagingprop::cluster::LocalCluster, db: &str) -> String {
+    psql(
+        cluster,
+        db,
+        "SELECT string_agg(d, '; ' ORDER BY d) FROM (
+           SELECT c.relname || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod) || ' '
+                  || coalesce(pg_get_expr(ad.adbin, ad.adrelid), '-') d
+             FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+             LEFT JOIN pg_attrdef ad ON ad.adrelid = a.attrelid AND ad.adnum = a.attnum
+            WHERE c.relname IN ('catentry', 'offer') AND a.attnum > 0 AND NOT a.attisdropped
+           UNION ALL
+           SELECT pg_get_indexdef(indexrelid) FROM pg_index
+            WHERE indrelid IN ('catentry'::regclass, 'offer'::regclass)
+           UNION ALL
+           SELECT conname || ' ' || pg_get_constraintdef(oid) FROM pg_constraint
+            WHERE conrelid IN ('catentry'::regclass, 'offer'::regclass) AND contype <> 'n') s",
+    )
+    .trim()
+    .to_owned()
+}
+
+/// Schema changes staging captured reach every target through the stream, in their place among
+/// the rows: one target applies them as they come, the other several at once later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_changes_reach_each_target_through_the_stream() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
+    let nats = NatsServer::start("ddl", "");
+    let fanout = Fanout::new("fan_ddl", &nats.url(), "");
+    let (a_db, a) = fanout.target("a", "");
+    let (b_db, b) = fanout.target("b", "");
+    for config in [&a, &b] {
+        stagingprop::ops::init::init(config, &Default::default())
+            .await
+            .expect("init");
+    }
+    let (stop, publisher) = start_publisher(&a);
+    let mut rng = Rng::new(0xdd1);
+    fanout.on_staging(&workload(&mut rng, 1, 50));
+    fanout.on_staging(
+        "ALTER TABLE catentry ADD COLUMN descr text DEFAULT 'new';
+         UPDATE catentry SET descr = 'd' || catentry_id WHERE catentry_id % 3 = 0;",
+    );
+    fanout.on_staging(&workload(&mut rng, 1000, 50));
+    wait_published(&fanout, &a).await;
+    apply_stream(&a).await;
+    fanout.on_staging("CREATE INDEX catentry_descr ON catentry (descr)");
+    fanout.on_staging(
+        "ALTER TABLE offer ADD CONSTRAINT offer_note_short CHECK (length(note) < 10000);
+         ALTER TABLE catentry ALTER COLUMN partnumber TYPE varchar(64);",
+    );
+    fanout.on_staging(&workload(&mut rng, 2000, 50));
+    wait_published(&fanout, &a).await;
+    for config in [&a, &b] {
+        apply_stream(config).await;
+    }
+    let staging = &clusters().staging;
+    let production = &clusters().production;
+    let staging_shape = shape(staging, &fanout.staging);
+    assert!(staging_shape.contains("catentry_descr"), "{staging_shape}");
+    let descr = "SELECT string_agg(catentry_id || ':' || coalesce(descr, '-'), ',' ORDER BY catentry_id) \
+                 FROM catentry";
+    let staging_rows = fingerprint(staging, &fanout.staging, 0);
+    for (name, db) in [("a", &a_db), ("b", &b_db)] {
+        assert_eq!(
+            shape(production, db),
+            staging_shape,
+            "target {name}'s schema"
+        );
+        assert_eq!(
+            fingerprint(production, db, 0),
+            staging_rows,
+            "target {name}'s rows"
+        );
+        assert_eq!(
+            psql(production, db, descr),
+            psql(staging, &fanout.staging, descr),
+            "target {name}'s new column"
+        );
+        let applied = psql(
+            production,
+            db,
+            "SELECT count(*) FROM stagingprop.schema_changes",
+        );
+        assert_eq!(
+            applied.trim(),
+            "4",
+            "target {name} applied each change once"
+        );
+    }
+    stop.send(()).unwrap();
+    publisher.await.unwrap().expect("publish");
+}
+
 /// Every transaction the stream holds, read through a consumer of its own: their commit
 /// LSNs, in stream order (a repeated or missing chunk fails the read).
 async fn stream_commits(config: &Config) -> Vec<Lsn> {

@@ -85,7 +85,7 @@ impl Applier {
     /// transaction is still open: a build cannot run inside one).
     pub async fn complete(&mut self) -> Result<(), ApplyError> {
         self.complete_batch().await?;
-        if self.index_builds_waiting && !self.in_transaction {
+        if !self.builds_waiting.is_empty() && !self.in_transaction {
             self.run_index_builds().await?;
         }
         Ok(())
@@ -239,6 +239,8 @@ impl Applier {
         }
         self.files.discard();
         self.invalidations.clear();
+        // Recorded in the transaction, gone with it.
+        self.builds_waiting.clear();
         for flight in self.in_flight.drain(..) {
             flight.result.abort();
         }

@@ -135,8 +135,8 @@ pub struct Applier {
     /// Whether a commit moves the progress row (off for `quarantine retry`, which applies
     /// old changes and leaves the position alone).
     record_progress: bool,
-    /// A schema change applied in the open batch left index builds to run once it commits.
-    index_builds_waiting: bool,
+    /// Index builds schema changes of the open batch recorded, to run once it commits.
+    builds_waiting: Vec<index_builds::WaitingBuild>,
     /// How staging's relations land on this session's tables.
     shapes: shape::Shapes,
     /// `batch_max_rows` and `batch_max_bytes`: a batch this large is full, and what is pending
@@ -219,7 +219,7 @@ impl Applier {
             committed: Vec::new(),
             files: Publisher::default(),
             record_progress: true,
-            index_builds_waiting: false,
+            builds_waiting: Vec::new(),
             hooks: None,
             invalidations: Invalidations::default(),
             progress_statement: None,

@@ -4,6 +4,7 @@
 //! and a row in `stagingprop.schema_changes`, all committed with the batch's progress row.
 
 use super::error::query_error;
+use super::index_builds::WaitingBuild;
 use super::{Applier, ApplyError, SchemaChangeRefused};
 use crate::catalog;
 use crate::change::Source;
@@ -96,6 +97,7 @@ impl Applier {
         self.flush().await?;
         self.settle().await?;
         for plan in &plans {
+            self.run_waiting_builds(&plan.table).await?;
             for statement in &plan.statements {
                 if let Err(e) = self.client.batch_execute(statement).await {
                     let obstacle = match e.as_db_error() {
@@ -141,7 +143,7 @@ impl Applier {
                 )
                 .await?;
                 for work in &plan.after_commit {
-                    schema_changes::record_build(
+                    let id = schema_changes::record_build(
                         &self.client,
                         &self.slot,
                         change.id,
@@ -149,7 +151,11 @@ impl Applier {
                         &work.statement,
                     )
                     .await?;
-                    self.index_builds_waiting = true;
+                    self.builds_waiting.push(WaitingBuild {
+                        id,
+                        index: work.index.clone(),
+                        in_transaction: work.in_transaction.clone(),
+                    });
                 }
             }
             tracing::info!(

@@ -147,6 +147,9 @@ pub struct IndexWork {
     /// The index, schema-qualified and quoted.
     pub index: String,
     pub statement: String,
+    /// The same without `CONCURRENTLY`, for when it must run inside a transaction (a later
+    /// change of the table in the same production transaction needs it done first).
+    pub in_transaction: String,
 }
 
 /// What production's column is, as a definition clause after its name.
@@ -505,18 +508,21 @@ fn follow_indexes(
     }
     let concurrently = !meta.partitioned;
     for old in &indexes.dropped {
-        let drop = format!(
-            "DROP INDEX {}IF EXISTS {}",
-            if concurrently { "CONCURRENTLY " } else { "" },
-            index_name(&old.name)
-        );
+        let drop = |concurrently: bool| {
+            format!(
+                "DROP INDEX {}IF EXISTS {}",
+                if concurrently { "CONCURRENTLY " } else { "" },
+                index_name(&old.name)
+            )
+        };
         if concurrently {
             plan.after_commit.push(IndexWork {
                 index: index_name(&old.name),
-                statement: drop,
+                statement: drop(true),
+                in_transaction: drop(false),
             });
         } else {
-            plan.statements.push(drop);
+            plan.statements.push(drop(false));
         }
     }
     for new in &indexes.added {
@@ -531,6 +537,7 @@ fn follow_indexes(
             plan.after_commit.push(IndexWork {
                 index: index_name(&new.name),
                 statement: definition.create(true),
+                in_transaction: definition.create(false),
             });
         } else {
             plan.statements.push(definition.create(false));

@@ -6,11 +6,15 @@ use std::collections::HashMap;
 use bytes::Bytes;
 
 use super::proto::{self, Record, record::Body, value::Kind};
+use crate::ddl;
 use crate::model::{Column, Lsn, Oid, OldTuple, PgTimestamp, Relation, ReplicaIdentity, Value};
 use crate::pgoutput::LogicalMessage;
 
-/// The record format version this build writes.
-pub const VERSION: u32 = 1;
+/// The newest record format version this build reads and writes.
+pub const VERSION: u32 = 2;
+
+/// The version of records every build reads (all but decoding messages).
+const FIRST_VERSION: u32 = 1;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RecordError {
@@ -76,13 +80,18 @@ fn key_of(relation: Option<&Relation>, tuple: &[Value]) -> Vec<proto::Value> {
 
 fn record(body: Body) -> Record {
     Record {
-        version: VERSION,
+        // The lowest version that reads it: a build from before schema changes stops at a
+        // decoding message rather than skip it, and reads everything else as before.
+        version: match body {
+            Body::Message(_) => VERSION,
+            _ => FIRST_VERSION,
+        },
         body: Some(body),
     }
 }
 
 /// The record of a message sync spools, or `None` for messages the spool does not keep
-/// (Origin, Type, logical decoding messages, streaming control).
+/// (Origin, Type, logical decoding messages other than schema changes, streaming control).
 pub fn to_record(
     lsn: Lsn,
     message: &LogicalMessage,
@@ -164,6 +173,17 @@ pub fn to_record(
             cascade: *cascade,
             restart_identity: *restart_identity,
             lsn: lsn.0,
+        })),
+        LogicalMessage::Message {
+            transactional: true,
+            lsn,
+            prefix,
+            content,
+            ..
+        } if prefix == ddl::PREFIX => record(Body::Message(proto::DecodingMessage {
+            lsn: lsn.0,
+            prefix: prefix.clone(),
+            content: content.clone(),
         })),
         _ => return None,
     })
@@ -264,6 +284,16 @@ pub fn from_record(record: Record) -> Result<(Lsn, LogicalMessage), RecordError>
                 restart_identity: t.restart_identity,
             },
         ),
+        Body::Message(m) => (
+            Lsn(m.lsn),
+            LogicalMessage::Message {
+                xid: None,
+                transactional: true,
+                lsn: Lsn(m.lsn),
+                prefix: m.prefix,
+                content: m.content,
+            },
+        ),
     })
 }
 
@@ -361,6 +391,13 @@ mod tests {
                 cascade: false,
                 restart_identity: true,
             },
+            LogicalMessage::Message {
+                xid: None,
+                transactional: true,
+                lsn: Lsn(0x16),
+                prefix: ddl::PREFIX.into(),
+                content: Bytes::from_static(br#"{"tag":"ALTER TABLE"}"#),
+            },
             LogicalMessage::Commit {
                 flags: 0,
                 commit_lsn: Lsn(0x10),
@@ -387,6 +424,41 @@ mod tests {
             panic!("a change")
         };
         assert_eq!(change.key, vec![value(&text("1"))]);
+    }
+
+    #[test]
+    fn only_schema_changes_of_the_decoding_messages_are_kept_and_they_need_version_2() {
+        let message = |transactional: bool, prefix: &str| LogicalMessage::Message {
+            xid: Some(7),
+            transactional,
+            lsn: Lsn(0x16),
+            prefix: prefix.into(),
+            content: Bytes::from_static(b"{}"),
+        };
+        let relations = HashMap::new();
+        assert!(
+            to_record(
+                Lsn(0x16),
+                &message(true, "stagingprop-heartbeat"),
+                &relations
+            )
+            .is_none()
+        );
+        assert!(to_record(Lsn(0x16), &message(false, ddl::PREFIX), &relations).is_none());
+        let kept = to_record(Lsn(0x16), &message(true, ddl::PREFIX), &relations).expect("kept");
+        assert_eq!(kept.version, 2);
+        let change = to_record(
+            Lsn(0x14),
+            &LogicalMessage::Truncate {
+                xid: None,
+                relations: vec![1],
+                cascade: false,
+                restart_identity: false,
+            },
+            &relations,
+        )
+        .unwrap();
+        assert_eq!(change.version, 1, "a build before version 2 reads the rest");
     }
 
     #[test]

@@ -101,25 +101,41 @@ pub struct IndexBuild {
     pub statement: String,
 }
 
-/// Writes a build to run after the caller's transaction commits.
+/// Writes a build to run after the caller's transaction commits; returns its id.
 pub async fn record_build(
     client: &Client,
     slot: &str,
     change: Option<i64>,
     index: &str,
     statement: &str,
-) -> Result<(), StateError> {
-    client
-        .execute(
+) -> Result<i64, StateError> {
+    let row = client
+        .query_one(
             &format!(
-                "INSERT INTO {} (slot, change_id, index_name, statement) VALUES ($1, $2, $3, $4)",
+                "INSERT INTO {} (slot, change_id, index_name, statement) VALUES ($1, $2, $3, $4) \
+                 RETURNING id",
                 table("index_builds")
             ),
             &[&slot, &change, &index, &statement],
         )
         .await
         .map_err(query_error("recording an index build"))?;
-    Ok(())
+    Ok(row.get(0))
+}
+
+/// Which of `ids` are recorded and not done (in the caller's transaction).
+pub async fn still_pending(client: &Client, ids: &[i64]) -> Result<Vec<i64>, StateError> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT id FROM {} WHERE id = ANY($1) AND done_at IS NULL ORDER BY id",
+                table("index_builds")
+            ),
+            &[&ids],
+        )
+        .await
+        .map_err(query_error("reading the index builds"))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 /// The builds of `slot` not done yet, in the order they were recorded.

@@ -192,6 +192,11 @@ impl Chunker {
                 self.announce(relations, &mut done)?;
                 self.append(lsn, message, &mut done)?;
             }
+            // A schema change staging captured (the record keeps only those), in its place.
+            LogicalMessage::Message {
+                transactional: true,
+                ..
+            } => self.append(lsn, message, &mut done)?,
             LogicalMessage::Commit { end_lsn, .. } => {
                 self.append(lsn, message, &mut done)?;
                 let txn = self
@@ -434,6 +439,33 @@ mod tests {
             .sum();
         // Begin, Relation, three inserts, Commit.
         assert_eq!(total, 6);
+    }
+
+    #[test]
+    fn a_schema_change_goes_in_its_place_and_other_decoding_messages_do_not() {
+        let message = |prefix: &str| LogicalMessage::Message {
+            xid: Some(9),
+            transactional: true,
+            lsn: Lsn(9_950),
+            prefix: prefix.into(),
+            content: Bytes::from_static(b"{}"),
+        };
+        let mut messages = transaction(10_000, 2, 10);
+        // After Begin: a heartbeat, then the schema change, before the inserts.
+        messages.insert(2, (Lsn(9_950), message(crate::ddl::PREFIX)));
+        messages.insert(2, (Lsn(9_940), message("stagingprop-heartbeat")));
+        let decoded: Vec<_> = cut(4096, &messages)
+            .iter()
+            .flat_map(|c| decode(&c.payload).unwrap())
+            .collect();
+        let kinds: Vec<&str> = decoded.iter().map(|(_, m)| m.name()).collect();
+        assert_eq!(
+            kinds,
+            ["Begin", "Message", "Relation", "Insert", "Insert", "Commit"]
+        );
+        assert!(
+            matches!(&decoded[1], (Lsn(9_950), LogicalMessage::Message { prefix, .. }) if prefix == crate::ddl::PREFIX)
+        );
     }
 
     #[test]
