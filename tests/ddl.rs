@@ -359,7 +359,18 @@ async fn sigkill_while_columns_change_applies_each_change_once() {
         }
     }
     let lsn = pair.staging_lsn();
-    let applied = pair.try_wait_applied(&lsn, Duration::from_secs(90)).await;
+    let mut applied = pair.try_wait_applied(&lsn, Duration::from_secs(90)).await;
+    // Index builds run once their transaction committed: caught up includes them.
+    let built = "SELECT count(*) FROM stagingprop.index_builds WHERE done_at IS NULL";
+    for _ in 0..300 {
+        if applied.is_err() || pair.production.value(built) == "0" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if applied.is_ok() && pair.production.value(built) != "0" {
+        applied = Err("index builds still pending 30 s after the rows were applied".into());
+    }
     let _ = child.kill();
     let _ = child.wait();
     if let Err(e) = applied {
