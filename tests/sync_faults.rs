@@ -717,6 +717,77 @@ async fn idle_sync_keeps_the_slot_advancing_past_unrelated_wal() {
     println!("idle: {:.1} s", started.elapsed().as_secs_f64());
 }
 
+/// A new session tells staging that what production holds is applied only once production has
+/// made it durable: sync commits asynchronously, so the last run's commits can be visible on
+/// production and not flushed yet, and a production crash right then would lose what staging
+/// had already released (the next sync stops with exit 5: production must be copied again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_session_confirms_only_what_production_made_durable() {
+    let [staging, production] = dedicated(["faults-durable-staging", "faults-durable-prod"]);
+    let p = setup(
+        staging,
+        production.clone(),
+        "faults_durable",
+        LEDGER,
+        LEDGER_TABLES,
+        "",
+    )
+    .await;
+    // Production's WAL writer flushes asynchronous commits every 10 s only.
+    p.production
+        .sql("ALTER SYSTEM SET wal_writer_delay = '10s'");
+    p.production.sql("SELECT pg_reload_conf()");
+    let (mut child, _) = spawn_sync(&p, &[], "durable-1.log");
+    p.staging.sql(&(1..=5).map(ledger_txn).collect::<String>());
+    let lsn = p.staging_lsn();
+    p.wait_applied(&lsn, Duration::from_secs(30)).await;
+    child.kill().expect("SIGKILL sync");
+    child.wait().unwrap();
+    let applied = p
+        .production
+        .value("SELECT end_lsn FROM stagingprop.progress");
+    // The next session confirms what it found; production crashes right after.
+    let (mut child, log) = spawn_sync(&p, &[], "durable-2.log");
+    let confirmed_past = format!(
+        "SELECT confirmed_flush_lsn >= '{applied}'::pg_lsn FROM pg_replication_slots \
+          WHERE slot_name = '{}'",
+        p.slot
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while p.staging.value(&confirmed_past) != "t" {
+        assert!(
+            Instant::now() < deadline,
+            "the new session did not confirm {applied} within 20 s:\n{}",
+            read_log(&log)
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    production.kill_postmaster().expect("kill -9 production");
+    restart(&production);
+    child.kill().expect("SIGKILL sync");
+    child.wait().unwrap();
+    let kept = p
+        .production
+        .value("SELECT coalesce((SELECT end_lsn FROM stagingprop.progress), '0/0')");
+    let released = p.slot_column("confirmed_flush_lsn");
+    let behind = p
+        .staging
+        .value(&format!("SELECT '{kept}'::pg_lsn < '{released}'::pg_lsn"));
+    assert_eq!(
+        behind, "f",
+        "staging released {released}, production kept {kept} after its crash"
+    );
+    // And sync goes on from there.
+    p.staging.sql(&(6..=8).map(ledger_txn).collect::<String>());
+    let lsn = p.staging_lsn();
+    let (mut child, log) = spawn_sync(&p, &[], "durable-3.log");
+    let caught_up = p.try_wait_applied(&lsn, Duration::from_secs(30)).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    caught_up.unwrap_or_else(|e| panic!("{e}\n{}", read_log(&log)));
+    p.assert_equal();
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. A missing slot
 

@@ -32,6 +32,25 @@ pub struct Committed {
     pub flushed: Lsn,
 }
 
+/// Makes production flush its WAL as far as it goes now: a transaction that writes (`slot`'s
+/// progress row, unchanged) commits synchronously, and the flush of its commit record covers
+/// every asynchronous commit before it. What a session sees committed is visible before it is
+/// durable (sync commits asynchronously): only after this may staging be told it is applied.
+pub async fn flush_wal(client: &tokio_postgres::Client, slot: &str) -> Result<(), ApplyError> {
+    let flush = async {
+        client
+            .batch_execute("BEGIN; SET LOCAL synchronous_commit = on")
+            .await?;
+        state::progress::touch(client, slot).await?;
+        client.batch_execute("COMMIT").await
+    };
+    if let Err(e) = flush.await {
+        let _ = client.batch_execute("ROLLBACK").await;
+        return Err(query_error("flushing production's WAL")(e));
+    }
+    Ok(())
+}
+
 impl Applier {
     /// Production's WAL flush position now.
     pub(super) async fn wal_flushed(&self) -> Result<Lsn, ApplyError> {
@@ -43,21 +62,10 @@ impl Applier {
         Ok(row.get::<_, &str>(0).parse().unwrap_or_default())
     }
 
-    /// Makes production flush its WAL as far as it goes now and returns the flush position: a
-    /// transaction that writes (this slot's progress row, unchanged) commits synchronously, and
-    /// the flush of its commit record covers every asynchronous commit before it.
+    /// Makes production flush its WAL as far as it goes now and returns the flush position
+    /// (see [`flush_wal`]).
     pub(super) async fn flush_wal(&self) -> Result<Lsn, ApplyError> {
-        let flush = async {
-            self.client
-                .batch_execute("BEGIN; SET LOCAL synchronous_commit = on")
-                .await?;
-            state::progress::touch(&self.client, &self.slot).await?;
-            self.client.batch_execute("COMMIT").await
-        };
-        if let Err(e) = flush.await {
-            let _ = self.client.batch_execute("ROLLBACK").await;
-            return Err(query_error("flushing production's WAL")(e));
-        }
+        flush_wal(&self.client, &self.slot).await?;
         self.wal_flushed().await
     }
 

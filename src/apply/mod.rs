@@ -27,7 +27,7 @@ use bytes::Bytes;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Statement};
 
-pub use self::commit::{Committed, Savepoint};
+pub use self::commit::{Committed, Savepoint, flush_wal};
 use self::error::query_error;
 pub use self::error::{ApplyError, ConflictKind, SchemaChangeRefused};
 use self::in_flight::{InFlight, Purpose, QueryFuture, Reported, TextArray};

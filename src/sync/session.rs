@@ -298,9 +298,11 @@ where
         config, options, feeding, &ends, progress, stream_js, streaming,
     )
     .await?;
-    if applied_end.is_valid() {
-        // What production has is durable: staging may release it even if it was applied by an
-        // earlier run that died before confirming.
+    if applied_end.is_valid() && !options.dry_run {
+        // What production has, once durable, staging may release, even if it was applied by an
+        // earlier run that died before confirming. Visible is not durable yet: that run committed
+        // asynchronously, and a production crash now would lose what it had not flushed.
+        crate::apply::flush_wal(&p, &config.sync.slot).await?;
         opened.confirm.applied(applied_end);
     }
     tracing::info!(
