@@ -417,7 +417,7 @@ fn indexes_of(db: &faults::Db) -> String {
              FROM pg_index WHERE indrelid = 'item'::regclass
            UNION ALL
            SELECT conname || ' ' || pg_get_constraintdef(oid)
-             FROM pg_constraint WHERE conrelid = 'item'::regclass) s",
+             FROM pg_constraint WHERE conrelid = 'item'::regclass AND contype <> 'n') s",
     )
 }
 
