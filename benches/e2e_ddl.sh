@@ -79,9 +79,10 @@ cat >"$WORK/shopper.sql" <<EOF
 UPDATE catentry SET stock = stock - 1 WHERE catentry_id = :id;
 EOF
 
-# wait_for CLUSTER SQL: polls SQL (a boolean) on CLUSTER every 10 ms until it is true.
+# wait_for CLUSTER SQL: polls SQL (a boolean) on CLUSTER every 20 ms until it is true, a query
+# at a time (one long transaction would hold the snapshot a concurrent index build waits out).
 wait_for() {
-    q "$1" -c "DO \$\$ BEGIN WHILE NOT ($2) LOOP PERFORM pg_sleep(0.01); END LOOP; END \$\$"
+    until [[ $(q "$1" -c "SELECT $2") == t ]]; do sleep 0.02; done
 }
 
 INDEX_THERE="EXISTS (SELECT 1 FROM pg_index WHERE indexrelid = to_regclass('catentry_price_idx') AND indisvalid)"
