@@ -24,6 +24,8 @@
 //!   the spool's receiver and replay.
 //! - [`ddl`]: schema changes captured on staging and planned for production (sans-IO, and
 //!   the event trigger that captures them).
+//! - [`guard`]: the production guard's triggers (refuse or record writes to managed rows by
+//!   anyone but stagingprop) and their installation.
 //! - [`copy`]: consistent parallel snapshot copy with the hand-off to sync.
 //! - [`ops`]: operator commands (`init`, `status`, `verify`, `tail`, `demo`, metrics).
 //! - `bars`: progress bars on a terminal that log lines do not tear.
@@ -35,6 +37,7 @@ pub mod cluster;
 pub mod config;
 pub mod copy;
 pub mod ddl;
+pub mod guard;
 pub mod model;
 pub mod ops;
 pub mod pg;

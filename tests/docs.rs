@@ -63,6 +63,7 @@ fn placement(raw: &str) -> (&'static str, &'static str) {
         "Reference" => ("## `[[references]]`", "[[references]]"),
         "Scope" => ("## `[scopes.NAME]`", "[scopes"),
         "Ddl" => ("## `[ddl]`", "[ddl]"),
+        "Guard" => ("## `[guard]`", "[guard]"),
         other => panic!(
             "the config parser has a new struct Raw{other}: say in tests/docs.rs where its keys \
              are documented"

@@ -67,6 +67,30 @@ pub struct Config {
     pub ddl: DdlConfig,
 }
 
+/// `guard` (per table, default from `[guard] default`): what production does when anyone but
+/// stagingprop writes a staging-managed row (see docs/guard.md).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GuardMode {
+    /// No triggers: production's writes go through unseen.
+    #[default]
+    Off,
+    /// The write goes through and is recorded in `stagingprop.production_edits`.
+    Record,
+    /// The write fails with an error naming the table and where to change it.
+    Refuse,
+}
+
+impl GuardMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GuardMode::Off => "off",
+            GuardMode::Record => "record",
+            GuardMode::Refuse => "refuse",
+        }
+    }
+}
+
 /// `[ddl]`: what happens to a schema change made on staging to a managed table.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DdlConfig {
@@ -312,6 +336,8 @@ pub struct TableConfig {
     pub filter: Option<String>,
     /// `columns` / `exclude_columns`: the columns stagingprop manages; production owns the rest.
     pub columns: ColumnList,
+    /// What production does with a write to this table's managed rows by anyone else.
+    pub guard: GuardMode,
 }
 
 /// Which columns of a table are staging-managed.

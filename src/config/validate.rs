@@ -29,6 +29,13 @@ pub(super) struct RawConfig {
     #[serde(default)]
     scopes: std::collections::BTreeMap<String, RawScope>,
     ddl: Option<RawDdl>,
+    guard: Option<RawGuard>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGuard {
+    default: Option<GuardMode>,
 }
 
 #[derive(Deserialize)]
@@ -121,6 +128,7 @@ struct RawTable {
     filter: Option<String>,
     columns: Option<Vec<String>>,
     exclude_columns: Option<Vec<String>>,
+    guard: Option<GuardMode>,
 }
 
 #[derive(Clone, Copy, Deserialize)]
@@ -241,6 +249,7 @@ impl Validator<'_> {
                 "no managed tables: add a [[tables]] entry with name = \"schema.table\" for each staging-managed table",
             ));
         }
+        let guard_default = raw.guard.and_then(|g| g.default).unwrap_or_default();
         let mut tables: Vec<TableConfig> = Vec::with_capacity(raw.tables.len());
         let mut seen: HashMap<TableName, usize> = HashMap::new();
         for (index, mut raw_table) in raw.tables.into_iter().enumerate() {
@@ -261,7 +270,7 @@ impl Validator<'_> {
                     ),
                 ));
             }
-            tables.push(self.table(&key, name, raw_table)?);
+            tables.push(self.table(&key, name, raw_table, guard_default)?);
         }
         let references = self.references(raw.references, &tables)?;
         let scopes = self.scopes(raw.scopes, &sync, &tables)?;
@@ -825,7 +834,13 @@ impl Validator<'_> {
         })
     }
 
-    fn table(&self, key: &str, name: TableName, raw: RawTable) -> Result<TableConfig, ConfigError> {
+    fn table(
+        &self,
+        key: &str,
+        name: TableName,
+        raw: RawTable,
+        guard_default: GuardMode,
+    ) -> Result<TableConfig, ConfigError> {
         let key_rule = match raw.key {
             None => KeyRule::Identity,
             Some(raw_key) => self.key_rule(&format!("{key}.key ({name})"), raw_key)?,
@@ -849,6 +864,7 @@ impl Validator<'_> {
                 raw.exclude_columns,
             )?,
             files,
+            guard: raw.guard.unwrap_or(guard_default),
             name,
         })
     }

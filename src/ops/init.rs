@@ -9,6 +9,7 @@ use super::{OpsError, connect, query_error, state_error};
 use crate::catalog::{self, publication};
 use crate::config::{Config, TableName};
 use crate::ddl;
+use crate::guard;
 use crate::pg::connect::Endpoint;
 use crate::quote::{qualified, quote_ident};
 use crate::state::{self, SCHEMA as STATE_SCHEMA};
@@ -186,6 +187,10 @@ pub async fn init(config: &Config, options: &InitOptions) -> Result<InitReport, 
         ));
     }
 
+    let guard_plan = guard::install::plan(&p, &config.tables, &mut problems)
+        .await
+        .map_err(query_error(&production, "reading the guard's triggers"))?;
+
     if !problems.is_empty() {
         return Err(OpsError::ChecksFailed { problems });
     }
@@ -250,6 +255,11 @@ pub async fn init(config: &Config, options: &InitOptions) -> Result<InitReport, 
         "production: schema {STATE_SCHEMA} is ready (layout version {})",
         state::LAYOUT_VERSION
     ));
+    report.lines.extend(
+        guard::install::apply(&p, &guard_plan)
+            .await
+            .map_err(query_error(&production, "installing the guard"))?,
+    );
     Ok(report)
 }
 

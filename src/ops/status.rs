@@ -97,6 +97,15 @@ pub struct KeyMapSize {
     pub entries: i64,
 }
 
+/// Production's own edits of one table's managed rows, recorded by the guard.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ProductionEdits {
+    pub table: String,
+    /// Recorded and not met by a staging change yet.
+    pub open: i64,
+    pub recorded: i64,
+}
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Status {
     pub slot: SlotStatus,
@@ -120,6 +129,8 @@ pub struct Status {
     pub copy_indexes_aside: Vec<String>,
     /// Entries of the key map per remapped table.
     pub key_map: Vec<KeyMapSize>,
+    /// The guard's record of production's own edits, per table that has any.
+    pub production_edits: Vec<ProductionEdits>,
     /// The spool, when `[spool]` is configured.
     pub spool: Option<SpoolStatus>,
     /// With `[stream]`: the stream and this target's place in it.
@@ -224,6 +235,16 @@ pub async fn status(config: &Config, thresholds: &Thresholds) -> Result<Status, 
         st.quarantined_changes = state::quarantine::count(p, slot_name)
             .await
             .map_err(&state_error)?;
+        st.production_edits = state::production_edits::counts(p)
+            .await
+            .map_err(&state_error)?
+            .into_iter()
+            .map(|(table, open, recorded)| ProductionEdits {
+                table,
+                open,
+                recorded,
+            })
+            .collect();
         st.last_schema_change = state::schema_changes::last(p, slot_name)
             .await
             .map_err(&state_error)?
@@ -539,6 +560,12 @@ pub fn render(st: &Status) -> String {
         "quarantined changes (conflicts skipped): {}\n",
         st.quarantined_changes
     ));
+    for edits in &st.production_edits {
+        out.push_str(&format!(
+            "production edits of {} (recorded by the guard): {} open of {}\n",
+            edits.table, edits.open, edits.recorded
+        ));
+    }
     if let Some(change) = &st.last_schema_change {
         out.push_str(&format!(
             "last schema change applied: {} at {} ({}), applied {}\n",

@@ -15,14 +15,16 @@
 //!    left alone), with its staging position, statement and plan; `index_builds`: the index
 //!    builds and drops a schema change left to run concurrently after its transaction, until
 //!    done.
+//! 6. `production_edits`: writes by production's own users to staging-managed rows, recorded
+//!    by the guard's triggers.
 
 use tokio_postgres::Client;
 
-use super::{SCHEMA, StateError, key_map, query_error, table};
+use super::{SCHEMA, StateError, key_map, production_edits, query_error, table};
 use crate::quote::quote_ident;
 
 /// The layout this release writes.
-pub const LAYOUT_VERSION: i32 = 5;
+pub const LAYOUT_VERSION: i32 = 6;
 
 /// Serializes upgrades by concurrent stagingprop processes (any constant works: it only has to
 /// be the same in every release).
@@ -113,6 +115,7 @@ fn step(from: i32) -> String {
             schema_changes = table("schema_changes"),
             index_builds = table("index_builds"),
         ),
+        5 => production_edits::create_table(),
         _ => unreachable!("no layout step from version {from}"),
     }
 }

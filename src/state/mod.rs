@@ -2,7 +2,8 @@
 //! ([`progress`]), the key map ([`key_map`]), the quarantine of skipped changes
 //! ([`quarantine`]), copy's two-phase commit decisions ([`copy_commits`]), the pieces a copy
 //! committed ([`copy_tables`]), the indexes a copy set aside ([`copy_indexes`]), the schema
-//! changes sync applied ([`schema_changes`]) and the layout
+//! changes sync applied ([`schema_changes`]), production's own edits of managed rows
+//! ([`production_edits`]) and the layout
 //! version row ([`layout`]). This is the only module that names them: their DDL and every
 //! statement that reads or writes them are built here, and everything else calls in.
 
@@ -11,6 +12,7 @@ pub(crate) mod copy_indexes;
 pub mod copy_tables;
 pub(crate) mod key_map;
 pub mod layout;
+pub mod production_edits;
 pub mod progress;
 pub mod quarantine;
 pub mod schema_changes;
