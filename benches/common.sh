@@ -147,14 +147,15 @@ qpg() {
 # (publication "stagingprop"). Extra [sync] lines come from SP_SYNC (';'-separated), per-table
 # lines from the associative array SP_RULES (by table, e.g.
 # SP_RULES[catentry]='key = { rule = "allocate", sequence = "public.s" }'), and whole extra
-# sections (e.g. [spool]) from SP_EXTRA; the target's database is SP_PRODUCTION_DB (default shop).
+# sections (e.g. [spool]) from SP_EXTRA; the target's database is SP_PRODUCTION_DB (default shop),
+# logged in to as SP_PRODUCTION_USER (default postgres).
 declare -A SP_RULES=()
 write_sp_config() {
     local file=$1 target=$2 slot=$3 table
     shift 3
     {
         printf '[staging]\nurl = "host=127.0.0.1 port=%s dbname=shop user=postgres"\nsslmode = "disable"\n\n' "${PORT[${SP_STAGING:-staging}]}"
-        printf '[production]\nurl = "host=127.0.0.1 port=%s dbname=%s user=postgres"\nsslmode = "disable"\n\n' "${PORT[$target]}" "${SP_PRODUCTION_DB:-shop}"
+        printf '[production]\nurl = "host=127.0.0.1 port=%s dbname=%s user=%s"\nsslmode = "disable"\n\n' "${PORT[$target]}" "${SP_PRODUCTION_DB:-shop}" "${SP_PRODUCTION_USER:-postgres}"
         printf '[sync]\nslot = "%s"\npublication = "stagingprop"\n' "$slot"
         if [[ -n ${SP_SYNC:-} ]]; then tr ';' '\n' <<<"$SP_SYNC"; fi
         for table in "$@"; do

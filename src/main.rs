@@ -137,6 +137,31 @@ enum QuarantineAction {
         #[command(flatten)]
         which: QuarantineSelection,
     },
+    /// Decide a change parked at a production edit (on_production_edit = "park"), with every
+    /// later parked change of the same row, in one production transaction: `--take staging`
+    /// applies staging's changes over production's edit, `--take production` keeps
+    /// production's row and drops them, `--take merged` applies staging's and then sets the
+    /// `--set` columns.
+    Resolve {
+        /// The parked change, by the id `quarantine list` shows (the row's oldest).
+        #[arg(long)]
+        id: i64,
+        #[arg(long, value_enum)]
+        take: TakeSide,
+        /// With `--take merged`: COLUMN=VALUE (the value as PostgreSQL reads it), repeatable.
+        #[arg(long = "set", value_name = "COLUMN=VALUE")]
+        set: Vec<String>,
+        /// With `--take merged`: a column to set to NULL, repeatable.
+        #[arg(long = "set-null", value_name = "COLUMN")]
+        set_null: Vec<String>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum TakeSide {
+    Staging,
+    Production,
+    Merged,
 }
 
 #[derive(Subcommand, Debug)]
@@ -952,6 +977,50 @@ async fn run_quarantine(config: &Config, action: QuarantineAction) -> Result<(),
                 .await
                 .map_err(ops_failure)?;
             println!("quarantine discard: {removed} change(s) removed");
+            Ok(())
+        }
+        QuarantineAction::Resolve {
+            id,
+            take,
+            set,
+            set_null,
+        } => {
+            let usage = |message: String| Failure {
+                code: exit::CONFIG,
+                message,
+            };
+            let take = match take {
+                TakeSide::Staging | TakeSide::Production
+                    if !set.is_empty() || !set_null.is_empty() =>
+                {
+                    return Err(usage("--set and --set-null go with --take merged".into()));
+                }
+                TakeSide::Staging => quarantine::Take::Staging,
+                TakeSide::Production => quarantine::Take::Production,
+                TakeSide::Merged => {
+                    let mut values = Vec::new();
+                    for pair in &set {
+                        let Some((column, value)) = pair.split_once('=') else {
+                            return Err(usage(format!("--set {pair}: write COLUMN=VALUE")));
+                        };
+                        values.push((column.to_owned(), Some(value.to_owned())));
+                    }
+                    values.extend(set_null.iter().map(|c| (c.clone(), None)));
+                    if values.is_empty() {
+                        return Err(usage(
+                            "--take merged needs the merged values: --set COLUMN=VALUE (or --set-null COLUMN)".into(),
+                        ));
+                    }
+                    quarantine::Take::Merged(values)
+                }
+            };
+            let report = quarantine::resolve(config, id, &take)
+                .await
+                .map_err(ops_failure)?;
+            println!(
+                "quarantine resolve: took {} for change(s) {:?}; production edit(s) {:?} settled",
+                report.took, report.changes, report.edits
+            );
             Ok(())
         }
     }

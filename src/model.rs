@@ -84,6 +84,11 @@ pub enum ConflictKind {
     UpdateUnmapped,
     /// A DELETE of a row that has no key mapping.
     DeleteUnmapped,
+    /// An UPDATE of a row production's own users changed since stagingprop last wrote it
+    /// (recorded by the guard).
+    UpdateOriginDiffers,
+    /// A DELETE of such a row.
+    DeleteOriginDiffers,
 }
 
 impl fmt::Display for ConflictKind {
@@ -97,6 +102,12 @@ impl fmt::Display for ConflictKind {
             }
             ConflictKind::DeleteUnmapped => {
                 "delete of a row that has no key mapping, so production has no row for it"
+            }
+            ConflictKind::UpdateOriginDiffers => {
+                "update of a row production edited since stagingprop last wrote it"
+            }
+            ConflictKind::DeleteOriginDiffers => {
+                "delete of a row production edited since stagingprop last wrote it"
             }
         })
     }
@@ -112,14 +123,20 @@ impl ConflictKind {
             ConflictKind::DeleteMissing => "delete_missing",
             ConflictKind::UpdateUnmapped => "update_unmapped",
             ConflictKind::DeleteUnmapped => "delete_unmapped",
+            ConflictKind::UpdateOriginDiffers => "update_origin_differs",
+            ConflictKind::DeleteOriginDiffers => "delete_origin_differs",
         }
     }
 
     pub fn operation(self) -> &'static str {
         match self {
             ConflictKind::InsertExists => "insert",
-            ConflictKind::UpdateMissing | ConflictKind::UpdateUnmapped => "update",
-            ConflictKind::DeleteMissing | ConflictKind::DeleteUnmapped => "delete",
+            ConflictKind::UpdateMissing
+            | ConflictKind::UpdateUnmapped
+            | ConflictKind::UpdateOriginDiffers => "update",
+            ConflictKind::DeleteMissing
+            | ConflictKind::DeleteUnmapped
+            | ConflictKind::DeleteOriginDiffers => "delete",
         }
     }
 }

@@ -290,10 +290,436 @@ public.offer|UPDATE|1,1|price|10.00|11.00|guard_merchant|stagingprop"
         .await
         .expect("status");
     let rendered = stagingprop::ops::status::render(&status);
+    // Staging's updates of item 1 and offer 1 met the edits: staging won (the default).
+    for line in [
+        "production edits of public.item (recorded by the guard): 2 open of 3",
+        "production edits of public.offer (recorded by the guard): 0 open of 1",
+        "conflicts logged in public.item: 1 update_origin_differs, staging-wins",
+        "conflicts logged in public.offer: 1 update_origin_differs, staging-wins",
+    ] {
+        assert!(rendered.contains(line), "{line}:\n{rendered}");
+    }
+}
+
+/// The open conflicts log, one line per row: table, kind, policy, action, and a column of each
+/// image (staging's, production's, what stagingprop last wrote).
+fn conflict_log(p: &Pair, column: &str) -> String {
+    p.on_production(&format!(
+        "SELECT table_name || ' ' || kind || ' ' || policy || ' ' || action || ' ' ||
+                coalesce(staging_row->>'{column}', '-') || ' ' || coalesce(production_row->>'{column}', '-') || ' ' ||
+                coalesce(last_written->>'{column}', '-')
+           FROM stagingprop.conflicts ORDER BY id"
+    ))
+    .trim()
+    .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_edit_policy_decides_a_staging_change_that_meets_a_production_edit() {
+    let p = pair(
+        "guard_policies",
+        "guard_writer",
+        "guard_merchant",
+        [
+            "on_production_edit = \"staging-wins\"",
+            "on_production_edit = \"production-wins\"\ncolumns = [\"store\", \"price\"]",
+            "on_production_edit = \"park\"",
+        ],
+        "[guard]\ndefault = \"record\"",
+    );
+    run_init(&p).await;
+    p.on_staging(
+        "INSERT INTO item SELECT g, g, 'item ' || g FROM generate_series(1, 3) g;
+         INSERT INTO offer VALUES (1, 1, 10, NULL, NULL);
+         INSERT INTO price VALUES (1, 'EUR', 1.5, NULL);",
+    );
+    caught_up(&p.config).await.expect("sync");
+
+    let merchant = imitating_stagingprop(&p, "guard_merchant").await;
+    merchant
+        .batch_execute(
+            "UPDATE item SET price = 99 WHERE id = 1;
+             DELETE FROM item WHERE id = 2;
+             UPDATE offer SET price = 55, merchant_note = 'mine';
+             UPDATE price SET amount = 7;",
+        )
+        .await
+        .unwrap();
+    p.on_staging(
+        "UPDATE item SET price = price + 10;
+         UPDATE offer SET price = 12;
+         UPDATE price SET amount = 2;",
+    );
+    caught_up(&p.config).await.expect("sync");
+    assert_eq!(
+        p.on_production("SELECT string_agg(id || ':' || price, ',' ORDER BY id) FROM item")
+            .trim(),
+        "1:11.00,2:12.00,3:13.00",
+        "staging wins: its update over the edit, its whole row where production deleted it"
+    );
+    assert_eq!(
+        p.on_production("SELECT price || ' ' || merchant_note FROM offer")
+            .trim(),
+        "55.00 mine",
+        "production wins"
+    );
+    assert_eq!(p.on_production("SELECT amount FROM price").trim(), "7.0000");
+    assert_eq!(
+        conflict_log(&p, "price"),
+        "public.item update_origin_differs staging-wins staging-wins 11.00 99.00 1.00
+public.item update_missing staging-wins staging-wins 12.00 - 2.00
+public.offer update_origin_differs production-wins production-wins 12.00 55.00 10.00
+public.price update_origin_differs park parked - - -"
+    );
+    assert_eq!(
+        p.on_production(
+            "SELECT string_agg(table_name || ':' || coalesce(outcome, 'open'), ',' ORDER BY id) FROM stagingprop.production_edits"
+        )
+        .trim(),
+        "public.item:staging-wins,public.item:staging-wins,public.offer:production-wins,public.price:open"
+    );
+
+    // verify tells rows production's users edited apart from drift nobody recorded.
+    // (A superuser can get past the guard: drift it does not record.)
+    p.on_production(
+        "SET session_replication_role = replica; UPDATE item SET name = 'drift' WHERE id = 3",
+    );
+    let diffs = stagingprop::ops::verify::verify(&p.config, &Default::default())
+        .await
+        .expect("verify");
+    let of = |name: &str| diffs.iter().find(|d| d.table == name).unwrap();
+    assert_eq!(
+        (of("public.offer").edited, of("public.offer").matches()),
+        (1, true)
+    );
+    assert_eq!(of("public.price").edited, 1);
+    assert_eq!(
+        (of("public.item").edited, of("public.item").different),
+        (0, 1),
+        "a staging-wins edit explains nothing: the drift of row 3 does not hide"
+    );
+    let rendered = stagingprop::ops::verify::render(&diffs);
     assert!(
-        rendered.contains("production edits of public.item (recorded by the guard): 3 open of 3")
-            && rendered
-                .contains("production edits of public.offer (recorded by the guard): 1 open of 1"),
+        rendered.contains("public.offer: match (1 rows, ")
+            && rendered.contains("1 row(s) differ where production's users edited them (recorded by the guard): id=1,store=1"),
         "{rendered}"
+    );
+    p.on_production(
+        "SET session_replication_role = replica; UPDATE item SET name = 'item 3' WHERE id = 3",
+    );
+
+    // The parked change keeps the three images; a later change of the row parks behind it.
+    p.on_staging("UPDATE price SET amount = 3;");
+    caught_up(&p.config).await.expect("sync");
+    let parked = p.on_production(
+        "SELECT id || ' ' || (row_data->>'amount') || ' ' || (production_row->>'amount') || ' ' || (last_written->>'amount')
+           FROM stagingprop.quarantine WHERE parked ORDER BY id",
+    );
+    let parked: Vec<&str> = parked.trim().lines().collect();
+    assert_eq!(parked.len(), 2, "{parked:?}");
+    let ids: Vec<&str> = parked
+        .iter()
+        .map(|l| l.split(' ').next().unwrap())
+        .collect();
+    assert_eq!(parked[0], format!("{} 2.0000 7.0000 1.5000", ids[0]));
+    assert_eq!(parked[1], format!("{} 3.0000 7.0000 1.5000", ids[1]));
+    assert_eq!(p.on_production("SELECT amount FROM price").trim(), "7.0000");
+
+    let scratch = support::Scratch::new("guard_policies");
+    let config = p.write_config(&scratch.0);
+    let (code, _, err) = support::stagingprop(
+        &config,
+        &["quarantine", "resolve", "--id", ids[1], "--take", "staging"],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!("parked behind change {}", ids[0])),
+        "{err}"
+    );
+    let (code, out, err) = support::stagingprop(
+        &config,
+        &["quarantine", "resolve", "--id", ids[0], "--take", "staging"],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("took staging"), "{out}");
+    assert_eq!(
+        p.on_production("SELECT amount FROM price").trim(),
+        "3.0000",
+        "staging's parked changes applied in order"
+    );
+    assert_eq!(
+        p.on_production("SELECT count(*) FROM stagingprop.quarantine")
+            .trim(),
+        "0"
+    );
+    // Exactly once: the decision is gone with the changes it decided.
+    let (code, _, err) = support::stagingprop(
+        &config,
+        &["quarantine", "resolve", "--id", ids[0], "--take", "staging"],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("no quarantined change"), "{err}");
+    // Resolved, the row follows staging again.
+    p.on_staging("UPDATE price SET amount = 4;");
+    caught_up(&p.config).await.expect("sync");
+    assert_eq!(p.on_production("SELECT amount FROM price").trim(), "4.0000");
+
+    // Production's side, and merged values.
+    for (take, edited, extra, expected) in [
+        ("production", 8, vec![], "8.0000 {\"x\": 1}"),
+        (
+            "merged",
+            9,
+            vec!["--set", "amount=6.5", "--set-null", "doc"],
+            "6.5000 -",
+        ),
+    ] {
+        merchant
+            .batch_execute(&format!(
+                "UPDATE price SET amount = {edited}, doc = '{{\"x\": 1}}'"
+            ))
+            .await
+            .unwrap();
+        p.on_staging("UPDATE price SET amount = amount + 1;");
+        caught_up(&p.config).await.expect("sync");
+        let id = p.on_production("SELECT id FROM stagingprop.quarantine WHERE parked");
+        let mut args = vec!["quarantine", "resolve", "--id", id.trim(), "--take", take];
+        args.extend(extra);
+        let (code, out, err) = support::stagingprop(&config, &args);
+        assert_eq!(code, 0, "{out}{err}");
+        assert_eq!(
+            p.on_production("SELECT amount || ' ' || coalesce(doc::text, '-') FROM price")
+                .trim(),
+            expected,
+            "took {take}"
+        );
+        assert_eq!(
+            p.on_production(
+                "SELECT count(*) FROM stagingprop.production_edits WHERE settled_at IS NULL"
+            )
+            .trim(),
+            "0"
+        );
+    }
+}
+
+/// Staging's side of the randomized test: small transactions over 120 keys of each table.
+async fn staging_workload(
+    staging: tokio_postgres::Client,
+    seed: u64,
+    until: std::time::Instant,
+) -> u64 {
+    let mut rng = support::rng::Rng::new(seed);
+    let mut committed = 0;
+    while std::time::Instant::now() < until {
+        let id = rng.between(1, 120);
+        let value = rng.between(1, 1_000_000);
+        let sql = match rng.below(10) {
+            0 => format!(
+                "INSERT INTO item VALUES ({id}, {value}, 'new') ON CONFLICT (id) DO UPDATE SET name = 'renewed'"
+            ),
+            1 => format!("DELETE FROM item WHERE id = {id}"),
+            2 | 3 => format!("UPDATE offer SET price = {value} WHERE id = {id}"),
+            4 | 5 => format!("UPDATE price SET amount = {value} WHERE item_id = {id}"),
+            6 => format!(
+                "UPDATE item SET price = {value} WHERE id = {id}; UPDATE price SET amount = {value} WHERE item_id = {id}"
+            ),
+            _ => format!("UPDATE item SET price = {value}, name = 'v{value}' WHERE id = {id}"),
+        };
+        staging
+            .batch_execute(&format!("BEGIN; {sql}; COMMIT"))
+            .await
+            .expect("staging workload");
+        committed += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    committed
+}
+
+/// The merchant's side: single-row edits of managed and unmanaged columns on production;
+/// returns how many rows the managed ones changed.
+async fn merchant_workload(
+    merchant: tokio_postgres::Client,
+    seed: u64,
+    until: std::time::Instant,
+) -> u64 {
+    let mut rng = support::rng::Rng::new(seed ^ 0x5eed);
+    let mut managed = 0;
+    while std::time::Instant::now() < until {
+        let id = rng.between(1, 120) as i32;
+        // Values staging never writes, so every managed edit changes the row.
+        let value = format!("{}.5", rng.between(2_000_000, 9_000_000));
+        let (sql, counts) = match rng.below(8) {
+            0 => ("DELETE FROM item WHERE id = $1".to_owned(), true),
+            1 | 2 => (
+                format!("UPDATE item SET price = {value} WHERE id = $1"),
+                true,
+            ),
+            3 | 4 => (
+                format!("UPDATE offer SET price = {value} WHERE id = $1"),
+                true,
+            ),
+            5 => (
+                format!("UPDATE offer SET merchant_note = '{value}' WHERE id = $1"),
+                false,
+            ),
+            _ => (
+                format!("UPDATE price SET amount = {value} WHERE item_id = $1"),
+                true,
+            ),
+        };
+        let changed = merchant.execute(&sql, &[&id]).await.expect("merchant edit");
+        if counts {
+            managed += changed;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+    }
+    managed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn production_edits_under_random_writes_and_sigkills_of_sync_are_never_lost_silently() {
+    let started = std::time::Instant::now();
+    let seed = support::rng::test_seed(
+        "production_edits_under_random_writes_and_sigkills_of_sync_are_never_lost_silently",
+    );
+    let mut rng = support::rng::Rng::new(seed);
+    // Sync as a superuser this time: its session turns triggers off altogether.
+    role("guard_merchant");
+    let p = PairBuilder::new("guard_faults", SCHEMA)
+        .sync("batch_max_rows = 50")
+        .table("public.item", "on_production_edit = \"staging-wins\"")
+        .table(
+            "public.offer",
+            "on_production_edit = \"production-wins\"\ncolumns = [\"store\", \"price\"]",
+        )
+        .table("public.price", "on_production_edit = \"park\"")
+        .extra("[guard]\ndefault = \"record\"")
+        .build();
+    p.on_production("GRANT ALL ON item, offer, price TO guard_merchant");
+    run_init(&p).await;
+    p.on_staging(
+        "INSERT INTO item SELECT g, g, 'item ' || g FROM generate_series(1, 100) g;
+         INSERT INTO offer SELECT g, 1, g, NULL, NULL FROM generate_series(1, 120) g;
+         INSERT INTO price SELECT g, 'EUR', g, NULL FROM generate_series(1, 120) g;",
+    );
+    caught_up(&p.config).await.expect("sync");
+    let scratch = support::Scratch::new("guard_faults");
+    let config = p.write_config(&scratch.0);
+
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(12);
+    let staging = endpoint(&p.staging_cluster, &p.staging, "postgres")
+        .connect()
+        .await
+        .unwrap();
+    let merchant = endpoint(&p.production_cluster, &p.production, "guard_merchant")
+        .connect()
+        .await
+        .unwrap();
+    let staging_side = tokio::spawn(staging_workload(staging, seed, until));
+    let merchant_side = tokio::spawn(merchant_workload(merchant, seed, until));
+    let mut kills = 0;
+    while std::time::Instant::now() < until {
+        let log = std::fs::File::create(scratch.0.join(format!("sync-{kills}.log"))).unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_stagingprop"))
+            .arg("--config")
+            .arg(&config)
+            .arg("sync")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(rng.between(300, 1500))).await;
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!(
+                "sync exited by itself ({status}):\n{}",
+                std::fs::read_to_string(scratch.0.join(format!("sync-{kills}.log"))).unwrap()
+            );
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kills += 1;
+    }
+    let committed = staging_side.await.unwrap();
+    let managed_edits = merchant_side.await.unwrap();
+    caught_up(&p.config).await.expect("final sync");
+
+    // Every edit of a managed column was recorded, and nothing of sync's or of the unmanaged
+    // column was.
+    assert_eq!(
+        p.on_production("SELECT count(*) FROM stagingprop.production_edits")
+            .trim(),
+        managed_edits.to_string()
+    );
+    // An edit a staging change met was decided exactly once, in the conflict log.
+    assert_eq!(
+        p.on_production(
+            "SELECT count(*) FROM stagingprop.production_edits e WHERE settled_at IS NOT NULL
+               AND (SELECT count(*) FROM stagingprop.conflicts c WHERE e.id = ANY(c.edits) AND c.action <> 'parked') <> 1"
+        )
+        .trim(),
+        "0"
+    );
+    // An open edit is still what production has: its row was not overwritten.
+    assert_eq!(
+        p.on_production(
+            "SELECT count(*) FROM stagingprop.production_edits e
+              WHERE settled_at IS NULL AND operation = 'UPDATE'
+                AND e.id = (SELECT max(id) FROM stagingprop.production_edits l
+                             WHERE l.table_name = e.table_name AND l.key = e.key AND l.settled_at IS NULL)
+                AND NOT EXISTS (
+                  SELECT 1 FROM item t WHERE e.table_name = 'public.item' AND ARRAY[t.id::text] = e.key AND (SELECT jsonb_object_agg(key, value #>> '{}') FROM jsonb_each(to_jsonb(t))) @> e.after
+                  UNION ALL
+                  SELECT 1 FROM offer t WHERE e.table_name = 'public.offer' AND ARRAY[t.id::text, t.store::text] = e.key
+                    AND (SELECT jsonb_object_agg(key, value #>> '{}') FROM jsonb_each(to_jsonb(t))) @> e.after
+                  UNION ALL
+                  SELECT 1 FROM price t WHERE e.table_name = 'public.price' AND ARRAY[t.item_id::text, t.currency] = e.key
+                    AND (SELECT jsonb_object_agg(key, value #>> '{}') FROM jsonb_each(to_jsonb(t))) @> e.after)"
+        )
+        .trim(),
+        "0"
+    );
+    // Only parked changes wait for an operator, and each keeps an open edit of its row.
+    assert_eq!(
+        p.on_production(
+            "SELECT count(*) FROM stagingprop.quarantine q WHERE NOT parked OR NOT EXISTS (
+               SELECT 1 FROM stagingprop.production_edits e WHERE e.id = ANY(q.edits) AND e.settled_at IS NULL)"
+        )
+        .trim(),
+        "0"
+    );
+    // Under staging-wins, every row without an open edit is staging's.
+    let items = |db: &str| {
+        format!(
+            "SELECT id, price, name FROM item t WHERE NOT EXISTS (SELECT 1 FROM {db} e WHERE e.settled_at IS NULL AND e.table_name = 'public.item' AND e.key = ARRAY[t.id::text]) ORDER BY id"
+        )
+    };
+    let open_keys = p.on_production(
+        "SELECT coalesce(string_agg(DISTINCT key[1], ','), '') FROM stagingprop.production_edits WHERE settled_at IS NULL AND table_name = 'public.item'",
+    );
+    let open_keys = open_keys.trim();
+    let filter = if open_keys.is_empty() {
+        String::new()
+    } else {
+        format!(" AND id NOT IN ({open_keys})")
+    };
+    assert_eq!(
+        p.on_staging(&format!(
+            "SELECT id, price, name FROM item WHERE true{filter} ORDER BY id"
+        )),
+        p.on_production(&items("stagingprop.production_edits"))
+    );
+    let decided = p.on_production(
+        "SELECT coalesce(string_agg(action || ' ' || n, ', '), 'none') FROM (SELECT action, count(*) n FROM stagingprop.conflicts GROUP BY action) x",
+    );
+    assert!(
+        decided.contains("staging-wins") && decided.contains("parked"),
+        "the workload met edits under each policy: {decided}"
+    );
+    println!(
+        "guard faults: seed {seed}, {kills} kills, {committed} staging transactions, {managed_edits} production edits, decided: {}, {:.1} s",
+        decided.trim(),
+        started.elapsed().as_secs_f64()
     );
 }

@@ -13,7 +13,7 @@ use crate::catalog::TableMeta;
 use crate::change::{Entry, Key, NetChange};
 use crate::config::Resolution;
 use crate::model::{Tuple, Value};
-use crate::state::{self, quarantine};
+use crate::state::{self, conflicts, quarantine};
 
 impl Applier {
     pub(super) async fn settle_one(
@@ -60,15 +60,32 @@ impl Applier {
                         .await?;
                 }
             }
-            Purpose::KeyMap | Purpose::Begin => {}
+            Purpose::KeyMap | Purpose::Lock | Purpose::Begin => {}
             Purpose::Updates { table, entries } => {
                 self.stats.rows_updated += count;
                 metrics::counter!("stagingprop_rows_applied_total", "table" => self.tables[table].meta.table_name().to_string(), "op" => "update")
                     .increment(count);
                 if (count as usize) < entries.len() {
-                    for i in self.missing_rows(table, &entries).await? {
-                        self.conflict(table, ConflictKind::UpdateMissing, &entries[i])
-                            .await?;
+                    let missing: HashSet<usize> = self
+                        .missing_rows(table, &entries)
+                        .await?
+                        .into_iter()
+                        .collect();
+                    // In a table whose edits sync watches, rows with an open edit were left too.
+                    let edited: HashSet<usize> = self
+                        .edited_rows(table, &entries)
+                        .await?
+                        .into_iter()
+                        .collect();
+                    for (i, entry) in entries.iter().enumerate() {
+                        let kind = if missing.contains(&i) {
+                            ConflictKind::UpdateMissing
+                        } else if edited.contains(&i) {
+                            ConflictKind::UpdateOriginDiffers
+                        } else {
+                            continue;
+                        };
+                        self.conflict(table, kind, entry).await?;
                     }
                 }
             }
@@ -112,6 +129,24 @@ impl Applier {
         kind: ConflictKind,
         entry: &Entry,
     ) -> Result<(), ApplyError> {
+        // An unmapped key is staging's, not a production row's: no edit can be about it.
+        let production_key = !matches!(
+            kind,
+            ConflictKind::UpdateUnmapped | ConflictKind::DeleteUnmapped
+        );
+        if production_key && let Some(edits) = self.open_edits(t, &entry.key).await? {
+            self.production_edit(t, entry, edits, false).await?;
+            return Ok(());
+        }
+        if production_key
+            && self.tables[t].edits.is_some()
+            && !matches!(entry.change, NetChange::Insert(_))
+            && self.current_row(t, &entry.key).await?.is_some()
+        {
+            // Left out for an edit that `quarantine resolve` settled meanwhile: the row is there
+            // and nobody's edit stands in the way any more.
+            return self.apply_over_edit(t, entry).await;
+        }
         let meta = &self.tables[t].meta;
         let policy = self.tables[t].policy;
         let key_json = key_json(meta, &entry.key);
@@ -128,17 +163,26 @@ impl Applier {
             }
             NetChange::Delete => false,
         };
-        match policy.resolve(kind, whole_row) {
-            Resolution::Stop => Err(ApplyError::Conflict {
-                table: meta.table_name(),
-                kind,
-                key: key_json.to_string(),
-                lsn: entry.source.lsn,
-                xid: entry.source.xid,
-            }),
+        let row_json = match &entry.change {
+            NetChange::Insert(row) | NetChange::Update(row) | NetChange::Replace(row) => {
+                Some(row_json(meta, row))
+            }
+            NetChange::Delete => None,
+        };
+        let table = meta.table_name().to_string();
+        let (action, quarantine_id) = match policy.resolve(kind, whole_row) {
+            Resolution::Stop => {
+                return Err(ApplyError::Conflict {
+                    table: meta.table_name(),
+                    kind,
+                    key: key_json.to_string(),
+                    lsn: entry.source.lsn,
+                    xid: entry.source.xid,
+                });
+            }
             Resolution::AlreadyDone => {
                 self.stats.conflicts_overwritten += 1;
-                Ok(())
+                ("already-done", None)
             }
             Resolution::InsertRow => {
                 let (NetChange::Insert(row) | NetChange::Update(row) | NetChange::Replace(row)) =
@@ -165,7 +209,7 @@ impl Applier {
                     .await
                     .map_err(query_error("inserting an overwritten row"))?;
                 self.stats.conflicts_overwritten += 1;
-                Ok(())
+                ("overwritten", None)
             }
             Resolution::Quarantine { incomplete_row } => {
                 let reason = if incomplete_row {
@@ -175,14 +219,7 @@ impl Applier {
                 } else {
                     kind.to_string()
                 };
-                let row_json = match &entry.change {
-                    NetChange::Insert(row) | NetChange::Update(row) | NetChange::Replace(row) => {
-                        Some(row_json(meta, row))
-                    }
-                    NetChange::Delete => None,
-                };
-                let table = meta.table_name().to_string();
-                quarantine::insert(
+                let id = quarantine::insert(
                     &self.client,
                     &quarantine::Entry {
                         slot: &self.slot,
@@ -193,6 +230,7 @@ impl Applier {
                         reason: &reason,
                         key: &key_json,
                         row: row_json.as_ref(),
+                        parked: None,
                     },
                 )
                 .await?;
@@ -202,9 +240,35 @@ impl Applier {
                     "conflict: {reason}; the change was written to {}.quarantine and skipped",
                     state::SCHEMA
                 );
-                Ok(())
+                ("skipped", Some(id))
             }
-        }
+        };
+        // The row an insert met, for the log (a missing row has none to show).
+        let production_row = if kind == ConflictKind::InsertExists && !entry.key.is_empty() {
+            self.current_row(t, &entry.key).await?
+        } else {
+            None
+        };
+        conflicts::insert(
+            &self.client,
+            &conflicts::Entry {
+                slot: &self.slot,
+                lsn: entry.source.lsn,
+                xid: entry.source.xid,
+                table: &table,
+                kind: kind.name(),
+                key: &key_json,
+                staging_row: row_json.as_ref(),
+                production_row: production_row.as_ref(),
+                last_written: None,
+                edits: &[],
+                policy: policy.as_str(),
+                action,
+                quarantine_id,
+            },
+        )
+        .await?;
+        Ok(())
     }
 }
 

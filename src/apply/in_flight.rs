@@ -70,6 +70,8 @@ pub(super) enum Purpose {
     Updates { table: usize, entries: Vec<Entry> },
     /// Key-map writes: nothing to check beyond success.
     KeyMap,
+    /// Row locks ahead of a watched table's updates and deletes: nothing to check either.
+    Lock,
     /// The batch's BEGIN, sent ahead of its first statement.
     Begin,
 }
@@ -85,6 +87,7 @@ impl Purpose {
             Purpose::Inserts { .. } => "applying inserts",
             Purpose::Updates { .. } => "applying updates",
             Purpose::KeyMap => "writing the key map",
+            Purpose::Lock => "locking rows production's users may edit",
             Purpose::Begin => "BEGIN",
         }
     }
@@ -162,7 +165,10 @@ impl Applier {
     ) -> Result<(), ApplyError> {
         let statement = self.statement(sql, columns.len()).await?;
         let client = self.client.clone();
-        let count_only = matches!(purpose, Purpose::Updates { .. } | Purpose::KeyMap);
+        let count_only = matches!(
+            purpose,
+            Purpose::Updates { .. } | Purpose::KeyMap | Purpose::Lock
+        );
         let future: QueryFuture = Box::pin(async move {
             let refs: Vec<&(dyn ToSql + Sync)> =
                 columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();

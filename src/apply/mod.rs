@@ -15,6 +15,7 @@ pub(crate) mod invalidate;
 mod keyless;
 pub mod managed_files;
 mod one_trip;
+mod production_edit;
 mod schema_change;
 mod shape;
 pub(crate) mod statements;
@@ -38,7 +39,7 @@ pub(crate) use self::shape::{RowChange, Shapes, key_of};
 pub use self::target::Target;
 use crate::catalog::{self as schema, TableMeta};
 use crate::change::{Entry, Key, NetChange, RowOp, Source, TableChanges};
-use crate::config::{ColumnList, ConflictPolicy, TableName};
+use crate::config::{ColumnList, ConflictPolicy, EditPolicy, GuardMode, TableName};
 use crate::model::{Lsn, Tuple, Value};
 use crate::remap::{MapWrites, Remapper};
 use crate::state::{Progress, key_map};
@@ -88,6 +89,18 @@ struct TableState {
     changes: TableChanges,
     /// The config's column list: which of staging's columns (present and future) are managed.
     columns: ColumnList,
+    /// Set when production's own edits of the table are recorded (`guard = "record"`): sync
+    /// leaves an edited row to the table's edit policy.
+    edits: Option<EditWatch>,
+}
+
+/// A table whose production edits sync watches.
+struct EditWatch {
+    /// The table as the guard records it (`production_edits.table_name`).
+    name: String,
+    /// The same, as a SQL literal.
+    literal: String,
+    policy: EditPolicy,
 }
 
 /// The production side of sync: one session, at most one open transaction.
@@ -170,6 +183,7 @@ impl Applier {
                 policy,
                 changes: TableChanges::default(),
                 columns: ColumnList::All,
+                edits: None,
             })
             .collect();
         let metas: Vec<&TableMeta> = tables.iter().map(|t| &t.meta).collect();
@@ -257,6 +271,28 @@ impl Applier {
         for (state, table) in self.tables.iter_mut().zip(&config.tables) {
             state.columns = table.columns.clone();
         }
+    }
+
+    /// Watches production's own edits of the tables `config` guards with `guard = "record"`
+    /// (those with a key: the guard records an edit by it), under each one's
+    /// `on_production_edit`.
+    pub fn watch_production_edits(&mut self, config: &crate::config::Config) {
+        for (state, table) in self.tables.iter_mut().zip(&config.tables) {
+            state.edits =
+                (table.guard == GuardMode::Record && !state.meta.key.is_empty()).then(|| {
+                    let name = table.name.to_string();
+                    EditWatch {
+                        literal: crate::quote::quote_literal(&name),
+                        name,
+                        policy: table.on_production_edit,
+                    }
+                });
+        }
+    }
+
+    /// The SQL literal naming table `t` in production's edits, when sync watches them.
+    fn watched(&self, t: usize) -> Option<&str> {
+        self.tables[t].edits.as_ref().map(|w| w.literal.as_str())
     }
 
     /// Sends cache invalidations with each batch as `config` asks (`notify` tables,
@@ -439,6 +475,21 @@ impl Applier {
             }
             self.send_key_map(writes).await?;
             self.settle().await?;
+        }
+        if self.tables[table].edits.is_some() {
+            self.lock_row(table, &old_key).await?;
+            if let Some(edits) = self.open_edits(table, &old_key).await? {
+                let entry = Entry {
+                    key: old_key.clone(),
+                    change: NetChange::Update(new.clone()),
+                    source,
+                };
+                if self.production_edit(table, &entry, edits, true).await?
+                    == production_edit::Decided::Done
+                {
+                    return Ok(());
+                }
+            }
         }
         let meta = &self.tables[table].meta;
         // A `GENERATED ALWAYS AS IDENTITY` key column that staging moved (UPDATE ... SET id =
@@ -636,6 +687,9 @@ impl Applier {
         checked: bool,
     ) -> Result<(), ApplyError> {
         let order = self.order.clone();
+        for &t in &order {
+            self.lock_edited_rows(t, &drained[t]).await?;
+        }
         for &t in order.iter().rev() {
             self.send_deletes(t, &drained[t], checked).await?;
         }
@@ -689,9 +743,9 @@ impl Applier {
             return Ok(());
         }
         let sql = if checked {
-            statements::delete_rows_checked(meta)
+            statements::delete_rows_checked(meta, self.watched(t))
         } else {
-            statements::delete_rows(meta)
+            statements::delete_rows(meta, self.watched(t))
         };
         let columns = columns.into_iter().map(TextArray).collect();
         self.send(sql, columns, Purpose::Deletes { table: t, targets })
@@ -766,9 +820,9 @@ impl Applier {
         }
         for (set, group) in updates {
             let sql = if checked {
-                statements::update_rows_checked(&self.tables[t].meta, &set)
+                statements::update_rows_checked(&self.tables[t].meta, &set, self.watched(t))
             } else {
-                statements::update_rows(&self.tables[t].meta, &set)
+                statements::update_rows(&self.tables[t].meta, &set, self.watched(t))
             };
             let mut columns: Vec<Vec<Option<Bytes>>> =
                 vec![Vec::with_capacity(group.len()); key_columns.len() + set.len()];

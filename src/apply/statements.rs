@@ -12,6 +12,7 @@ use std::fmt::Write;
 
 use crate::catalog::TableMeta;
 use crate::quote::{qualified, quote_ident};
+use crate::state::production_edits;
 
 /// `unnest($1::text[], ..., $n::text[]) WITH ORDINALITY AS u(a0, ..., ord)` for `n` arrays
 /// whose aliases are `names`.
@@ -53,14 +54,103 @@ fn key_match(meta: &TableMeta, table_alias: &str, key_aliases: &[String]) -> Str
         .join(" AND ")
 }
 
-/// Deletes rows by key. Parameters: one array per key column. Returns the ordinals deleted.
-pub fn delete_rows(meta: &TableMeta) -> String {
+/// The key columns of `alias`'s row as text, as the guard's triggers record them.
+fn key_text(meta: &TableMeta, alias: &str) -> Vec<String> {
+    meta.key
+        .iter()
+        .map(|&k| format!("{alias}.{}::text", quote_ident(&meta.columns[k].name)))
+        .collect()
+}
+
+/// ` AND` no open production edit of the row `t`, for a table whose edits sync watches
+/// (`watched`: its name as a SQL literal); nothing otherwise.
+fn unedited(meta: &TableMeta, watched: Option<&str>) -> String {
+    match watched {
+        None => String::new(),
+        Some(name) => format!(
+            " AND NOT {}",
+            production_edits::open_exists(name, &key_text(meta, "t"))
+        ),
+    }
+}
+
+/// Locks the rows of the keys (one array per key column) until the transaction ends: run
+/// before the UPDATEs and DELETEs of a table whose edits sync watches, so that every edit of
+/// those rows is either committed (and seen by them) or waits for sync's commit.
+pub fn lock_rows(meta: &TableMeta) -> String {
     let keys = aliases("k", meta.key.len());
     format!(
-        "DELETE FROM {} AS t USING {} WHERE {} RETURNING u.ord",
+        "SELECT count(*) FROM (SELECT 1 FROM {} AS t, {} WHERE {} ORDER BY u.ord FOR UPDATE OF t) AS l",
         qualified(&meta.schema, &meta.name),
         unnest_from(&keys),
         key_match(meta, "t", &keys)
+    )
+}
+
+/// The open production edits of one row (`$1` the table's name, then its key columns as
+/// text), oldest first, locked: `(id, before)`.
+pub fn open_edits_of_row(meta: &TableMeta) -> String {
+    let casts: Vec<String> = meta
+        .key
+        .iter()
+        .enumerate()
+        .map(|(i, &k)| format!("(${}::text::{})::text", i + 2, meta.columns[k].type_sql))
+        .collect();
+    production_edits::open_for_key(&casts)
+}
+
+/// The ordinals of keys (one array per key column) whose row has an open production edit
+/// (`watched`: the table's name as a SQL literal).
+pub fn edited_keys(meta: &TableMeta, watched: &str) -> String {
+    let keys = aliases("k", meta.key.len());
+    let key_text: Vec<String> = meta
+        .key
+        .iter()
+        .zip(&keys)
+        .map(|(&k, alias)| format!("(u.{alias}::{})::text", meta.columns[k].type_sql))
+        .collect();
+    format!(
+        "SELECT u.ord FROM {} WHERE {}",
+        unnest_from(&keys),
+        production_edits::open_exists(watched, &key_text)
+    )
+}
+
+/// Production's row of one key (parameters: the key columns as text), as JSON with text values.
+pub fn row_as_json(meta: &TableMeta) -> String {
+    let conditions: Vec<String> = meta
+        .key
+        .iter()
+        .enumerate()
+        .map(|(i, &k)| {
+            let column = &meta.columns[k];
+            format!(
+                "t.{} = ${}::text::{}",
+                quote_ident(&column.name),
+                i + 1,
+                column.type_sql
+            )
+        })
+        .collect();
+    // Values as text, as staging's rows are logged: a number keeps every digit.
+    format!(
+        "SELECT jsonb_object_agg(j.key, j.value #>> '{{}}')::text FROM {} AS t, \
+         jsonb_each(to_jsonb(t)) AS j WHERE {} GROUP BY t.ctid",
+        meta.own_rows(),
+        conditions.join(" AND ")
+    )
+}
+
+/// Deletes rows by key. Parameters: one array per key column. Returns the ordinals deleted.
+/// A row with an open production edit is left (for a `watched` table).
+pub fn delete_rows(meta: &TableMeta, watched: Option<&str>) -> String {
+    let keys = aliases("k", meta.key.len());
+    format!(
+        "DELETE FROM {} AS t USING {} WHERE {}{} RETURNING u.ord",
+        qualified(&meta.schema, &meta.name),
+        unnest_from(&keys),
+        key_match(meta, "t", &keys),
+        unedited(meta, watched)
     )
 }
 
@@ -156,7 +246,8 @@ pub fn insert_rows(meta: &TableMeta, columns: &[usize], overwrite: bool) -> Stri
 /// Updates the columns `set` of rows found by key. Parameters: one array per key column, then
 /// one per set column. Reports only its row count (returning a row per update costs production
 /// as much as a tenth of the update); [`missing_keys`] names the rows when the count falls short.
-pub fn update_rows(meta: &TableMeta, set: &[usize]) -> String {
+/// A row with an open production edit is left (for a `watched` table).
+pub fn update_rows(meta: &TableMeta, set: &[usize], watched: Option<&str>) -> String {
     let keys = aliases("k", meta.key.len());
     let values = aliases("s", set.len());
     let mut all = keys.clone();
@@ -184,10 +275,11 @@ pub fn update_rows(meta: &TableMeta, set: &[usize]) -> String {
             .join(", ")
     };
     format!(
-        "UPDATE {} AS t SET {assignments} FROM {} WHERE {}",
+        "UPDATE {} AS t SET {assignments} FROM {} WHERE {}{}",
         qualified(&meta.schema, &meta.name),
         unnest_from(&all),
-        key_match(meta, "t", &keys)
+        key_match(meta, "t", &keys),
+        unedited(meta, watched)
     )
 }
 
@@ -209,10 +301,10 @@ fn all_rows_found(array_type: &str) -> String {
 }
 
 /// [`delete_rows`] that fails on the server when a row is missing; reports the same ordinals.
-pub fn delete_rows_checked(meta: &TableMeta) -> String {
+pub fn delete_rows_checked(meta: &TableMeta, watched: Option<&str>) -> String {
     format!(
         "WITH d AS ({}) SELECT unnest({}) FROM d",
-        delete_rows(meta),
+        delete_rows(meta, watched),
         all_rows_found("bigint[]")
     )
 }
@@ -232,10 +324,10 @@ pub fn insert_rows_checked(meta: &TableMeta, columns: &[usize]) -> String {
 
 /// [`update_rows`] that fails on the server when a row is missing; returns one row per row
 /// updated, so its row count is the update's.
-pub fn update_rows_checked(meta: &TableMeta, set: &[usize]) -> String {
+pub fn update_rows_checked(meta: &TableMeta, set: &[usize], watched: Option<&str>) -> String {
     format!(
         "WITH upd AS ({} RETURNING 1) SELECT generate_series(1, {}) FROM upd",
-        update_rows(meta, set),
+        update_rows(meta, set, watched),
         all_rows_found("bigint")
     )
 }
@@ -420,7 +512,7 @@ mod tests {
     #[test]
     fn delete_matches_on_every_key_column() {
         assert_eq!(
-            delete_rows(&meta()),
+            delete_rows(&meta(), None),
             "DELETE FROM \"public\".\"offer price\" AS t USING unnest($1::text[], $2::text[]) \
              WITH ORDINALITY AS u(k0, k1, ord) WHERE t.\"offer_id\" = u.k0::bigint AND \
              t.\"currency\" = u.k1::character(3) RETURNING u.ord"
@@ -446,7 +538,7 @@ mod tests {
         }
         assert!(!insert_rows(&meta(), &[0, 1, 2], false).contains("OVERRIDING"));
         // With nothing to set, the row is still found by assigning a column that may be.
-        assert!(update_rows(&m, &[]).contains("SET \"currency\" = t.\"currency\""));
+        assert!(update_rows(&m, &[], None).contains("SET \"currency\" = t.\"currency\""));
         assert_eq!(
             identity_generated(&m, &[0], false),
             "ALTER TABLE \"public\".\"offer price\" ALTER COLUMN \"offer_id\" SET GENERATED BY DEFAULT"
@@ -499,28 +591,28 @@ mod tests {
     #[test]
     fn update_sets_only_sent_columns() {
         assert_eq!(
-            update_rows(&meta(), &[2]),
+            update_rows(&meta(), &[2], None),
             "UPDATE \"public\".\"offer price\" AS t SET \"price\" = u.s0::numeric(20,5) FROM \
              unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS u(k0, k1, s0, ord) \
              WHERE t.\"offer_id\" = u.k0::bigint AND t.\"currency\" = u.k1::character(3)"
         );
-        assert!(update_rows(&meta(), &[]).contains("SET \"offer_id\" = t.\"offer_id\""));
+        assert!(update_rows(&meta(), &[], None).contains("SET \"offer_id\" = t.\"offer_id\""));
     }
 
     #[test]
     fn checked_statements_fail_on_the_server_when_a_row_is_missing_or_taken() {
         let m = meta();
-        let delete = delete_rows_checked(&m);
+        let delete = delete_rows_checked(&m, None);
         assert!(delete.starts_with(&format!(
             "WITH d AS ({}) SELECT unnest(CASE",
-            delete_rows(&m)
+            delete_rows(&m, None)
         )));
         assert!(delete.contains("THEN array_agg(ord) ELSE"));
         assert!(delete.ends_with(" rows found')::bigint[] END) FROM d"));
-        let update = update_rows_checked(&m, &[2]);
+        let update = update_rows_checked(&m, &[2], None);
         assert!(update.starts_with(&format!(
             "WITH upd AS ({} RETURNING 1)",
-            update_rows(&m, &[2])
+            update_rows(&m, &[2], None)
         )));
         assert!(update.contains(
             "generate_series(1, CASE WHEN count(*) = cardinality($1::text[]) THEN count(*)"
@@ -528,6 +620,27 @@ mod tests {
         let insert = insert_rows_checked(&m, &[0, 1, 2]);
         assert!(!insert.contains("ON CONFLICT"), "{insert}");
         assert!(insert.ends_with("ORDER BY u.ord"));
+    }
+
+    #[test]
+    fn a_watched_tables_updates_and_deletes_leave_rows_with_an_open_edit() {
+        let m = meta();
+        let unedited = " AND NOT EXISTS (SELECT 1 FROM \"stagingprop\".\"production_edits\" AS e \
+             WHERE e.settled_at IS NULL AND e.table_name = 'public.\"offer price\"' \
+             AND e.key = ARRAY[t.\"offer_id\"::text, t.\"currency\"::text])";
+        let watched = Some("'public.\"offer price\"'");
+        assert!(update_rows(&m, &[2], watched).ends_with(unedited));
+        assert!(delete_rows(&m, watched).ends_with(&format!("{unedited} RETURNING u.ord")));
+        assert!(update_rows_checked(&m, &[2], watched).contains(unedited));
+        assert!(!update_rows(&m, &[2], None).contains("production_edits"));
+        assert!(
+            lock_rows(&m).ends_with("ORDER BY u.ord FOR UPDATE OF t) AS l"),
+            "{}",
+            lock_rows(&m)
+        );
+        assert!(edited_keys(&m, "'x'").contains(
+            "WHERE EXISTS (SELECT 1 FROM \"stagingprop\".\"production_edits\" AS e WHERE e.settled_at IS NULL AND e.table_name = 'x' AND e.key = ARRAY[(u.k0::bigint)::text, (u.k1::character(3))::text])"
+        ));
     }
 
     #[test]

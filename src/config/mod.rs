@@ -81,6 +81,70 @@ pub enum GuardMode {
     Refuse,
 }
 
+/// `on_production_edit` (per table, default from `[guard] on_production_edit`): what sync does
+/// when a staging change meets a row production's own users edited (recorded by `guard =
+/// "record"`) since stagingprop last wrote it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EditPolicy {
+    /// Staging's change is applied; production's overwritten values stay in the conflict log.
+    #[default]
+    StagingWins,
+    /// Production's row is left as it is; staging's change is logged.
+    ProductionWins,
+    /// Staging's change is set aside (the quarantine, with the three images) for an operator's
+    /// `quarantine resolve`; the rest goes on.
+    Park,
+}
+
+/// What a staging change that met a production edit becomes under a table's edit policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EditResolution {
+    /// Apply staging's change over production's edit.
+    Apply,
+    /// Insert staging's whole row (production deleted it).
+    InsertRow,
+    /// Nothing to do: production already removed the row staging deletes.
+    AlreadyDone,
+    /// Leave production's row as it is.
+    KeepProduction,
+    /// Set staging's change aside for an operator.
+    Park,
+}
+
+/// Every question about an edit policy is answered here, by exhaustive matches.
+impl EditPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EditPolicy::StagingWins => "staging-wins",
+            EditPolicy::ProductionWins => "production-wins",
+            EditPolicy::Park => "park",
+        }
+    }
+
+    /// What a change of `kind` that met a production edit becomes; `whole_row`: staging sent
+    /// every column of it.
+    pub fn resolve(self, kind: crate::model::ConflictKind, whole_row: bool) -> EditResolution {
+        use crate::model::ConflictKind as K;
+        match (self, kind) {
+            (EditPolicy::ProductionWins, _) => EditResolution::KeepProduction,
+            (EditPolicy::Park, _) => EditResolution::Park,
+            (EditPolicy::StagingWins, K::DeleteMissing | K::DeleteUnmapped) => {
+                EditResolution::AlreadyDone
+            }
+            (EditPolicy::StagingWins, K::UpdateMissing | K::UpdateUnmapped) if whole_row => {
+                EditResolution::InsertRow
+            }
+            // Production deleted the row and staging sent only part of it: an operator decides.
+            (EditPolicy::StagingWins, K::UpdateMissing | K::UpdateUnmapped) => EditResolution::Park,
+            (
+                EditPolicy::StagingWins,
+                K::InsertExists | K::UpdateOriginDiffers | K::DeleteOriginDiffers,
+            ) => EditResolution::Apply,
+        }
+    }
+}
+
 impl GuardMode {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -338,6 +402,8 @@ pub struct TableConfig {
     pub columns: ColumnList,
     /// What production does with a write to this table's managed rows by anyone else.
     pub guard: GuardMode,
+    /// What sync does when a staging change meets such a recorded write.
+    pub on_production_edit: EditPolicy,
 }
 
 /// Which columns of a table are staging-managed.
@@ -500,10 +566,14 @@ impl ConflictPolicy {
             ) => Resolution::Quarantine {
                 incomplete_row: true,
             },
-            // A row without a mapping is not production's to overwrite: it is not there.
+            // A row without a mapping is not production's to overwrite: it is not there. And a
+            // row production's users edited is the edit policy's to decide (it never gets here).
             (
                 ConflictPolicy::Overwrite,
-                ConflictKind::UpdateUnmapped | ConflictKind::DeleteUnmapped,
+                ConflictKind::UpdateUnmapped
+                | ConflictKind::DeleteUnmapped
+                | ConflictKind::UpdateOriginDiffers
+                | ConflictKind::DeleteOriginDiffers,
             ) => Resolution::Quarantine {
                 incomplete_row: false,
             },

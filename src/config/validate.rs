@@ -36,6 +36,7 @@ pub(super) struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawGuard {
     default: Option<GuardMode>,
+    on_production_edit: Option<EditPolicy>,
 }
 
 #[derive(Deserialize)]
@@ -129,6 +130,7 @@ struct RawTable {
     columns: Option<Vec<String>>,
     exclude_columns: Option<Vec<String>>,
     guard: Option<GuardMode>,
+    on_production_edit: Option<EditPolicy>,
 }
 
 #[derive(Clone, Copy, Deserialize)]
@@ -249,7 +251,14 @@ impl Validator<'_> {
                 "no managed tables: add a [[tables]] entry with name = \"schema.table\" for each staging-managed table",
             ));
         }
-        let guard_default = raw.guard.and_then(|g| g.default).unwrap_or_default();
+        let guard_defaults = raw
+            .guard
+            .map_or((GuardMode::default(), EditPolicy::default()), |g| {
+                (
+                    g.default.unwrap_or_default(),
+                    g.on_production_edit.unwrap_or_default(),
+                )
+            });
         let mut tables: Vec<TableConfig> = Vec::with_capacity(raw.tables.len());
         let mut seen: HashMap<TableName, usize> = HashMap::new();
         for (index, mut raw_table) in raw.tables.into_iter().enumerate() {
@@ -270,7 +279,7 @@ impl Validator<'_> {
                     ),
                 ));
             }
-            tables.push(self.table(&key, name, raw_table, guard_default)?);
+            tables.push(self.table(&key, name, raw_table, guard_defaults)?);
         }
         let references = self.references(raw.references, &tables)?;
         let scopes = self.scopes(raw.scopes, &sync, &tables)?;
@@ -839,7 +848,7 @@ impl Validator<'_> {
         key: &str,
         name: TableName,
         raw: RawTable,
-        guard_default: GuardMode,
+        (guard_default, edit_default): (GuardMode, EditPolicy),
     ) -> Result<TableConfig, ConfigError> {
         let key_rule = match raw.key {
             None => KeyRule::Identity,
@@ -865,6 +874,7 @@ impl Validator<'_> {
             )?,
             files,
             guard: raw.guard.unwrap_or(guard_default),
+            on_production_edit: raw.on_production_edit.unwrap_or(edit_default),
             name,
         })
     }

@@ -26,6 +26,11 @@ pub const TRIGGER_PREFIX: &str = "stagingprop_guard_";
 /// The prefix of every guard function's name in stagingprop's schema (`guard_<table oid>`).
 pub const FUNCTION_PREFIX: &str = "guard_";
 
+/// The settings a recorded key is printed under: those of sync's production session, so that
+/// sync finds an edit by its key whatever the editing session's own settings.
+const KEY_TEXT_SETTINGS: &str =
+    "SET datestyle = 'ISO, YMD' SET intervalstyle = 'postgres' SET timezone = 'UTC'";
+
 /// The dollar-quote tag around a guard function's body.
 const BODY_TAG: &str = "$stagingprop_guard$";
 
@@ -122,7 +127,7 @@ fn function_sql(table: &GuardedTable, function: &str) -> String {
     };
     format!(
         "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER \
-         SET search_path = pg_catalog, pg_temp AS {BODY_TAG}
+         SET search_path = pg_catalog, pg_temp {KEY_TEXT_SETTINGS} AS {BODY_TAG}
 #variable_conflict use_column
 DECLARE
     changed text[] := '{{}}';
@@ -170,16 +175,14 @@ fn managed_condition(columns: &ColumnList, key: &[String], column: &str) -> Stri
     }
 }
 
-/// The image of `row` (`OLD` or `NEW`) restricted to the managed columns.
+/// The image of `row` (`OLD` or `NEW`) restricted to the managed columns, values as text (as
+/// stagingprop logs staging's rows: a number keeps every digit).
 fn image(columns: &ColumnList, key: &[String], row: &str) -> String {
-    match columns {
-        ColumnList::All => format!("to_jsonb({row})"),
-        ColumnList::Except(_) | ColumnList::Only(_) => format!(
-            "(SELECT coalesce(jsonb_object_agg(j.key, j.value), '{{}}') FROM jsonb_each(to_jsonb({row})) AS j \
-             WHERE true{})",
-            managed_condition(columns, key, "j.key")
-        ),
-    }
+    format!(
+        "(SELECT coalesce(jsonb_object_agg(j.key, j.value #>> '{{}}'), '{{}}') \
+         FROM jsonb_each(to_jsonb({row})) AS j WHERE true{})",
+        managed_condition(columns, key, "j.key")
+    )
 }
 
 fn refuse_action(display: &str) -> String {

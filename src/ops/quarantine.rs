@@ -1,7 +1,9 @@
-//! `stagingprop quarantine list | retry | discard`: the changes a `skip` policy set aside on
-//! production. `retry` applies them now, in staging's order, each in a production transaction
-//! that also removes its entry, so a crash part way neither loses nor repeats one; a change
-//! that still conflicts stays, with the new reason.
+//! `stagingprop quarantine list | retry | discard | resolve`: the changes a `skip` policy set
+//! aside on production, and those an `on_production_edit = "park"` policy parked. `retry`
+//! applies skipped ones now, in staging's order, each in a production transaction that also
+//! removes its entry, so a crash part way neither loses nor repeats one; a change that still
+//! conflicts stays, with the new reason. `resolve` decides a parked change (and the later
+//! parked changes of its row) for staging, for production, or with merged values.
 
 use bytes::Bytes;
 
@@ -19,6 +21,7 @@ use crate::state::{self, Progress};
 pub async fn list(config: &Config, selection: &Selection) -> Result<Vec<Stored>, OpsError> {
     let production = Endpoint::from_db_config(&config.production)?;
     let p = connect(&production).await?;
+    state::ensure(&p).await.map_err(state_error(&production))?;
     quarantine::list(&p, &config.sync.slot, selection)
         .await
         .map_err(state_error(&production))
@@ -47,6 +50,7 @@ pub struct RetryReport {
 pub async fn retry(config: &Config, selection: &Selection) -> Result<RetryReport, OpsError> {
     let production = Endpoint::from_db_config(&config.production)?;
     let p = connect(&production).await?;
+    state::ensure(&p).await.map_err(state_error(&production))?;
     let entries = quarantine::list(&p, &config.sync.slot, selection)
         .await
         .map_err(state_error(&production))?;
@@ -54,34 +58,16 @@ pub async fn retry(config: &Config, selection: &Selection) -> Result<RetryReport
     if entries.is_empty() {
         return Ok(report);
     }
-    let names: Vec<&TableName> = config.tables.iter().map(|t| &t.name).collect();
-    let metas = catalog::load_tables(&p, &names)
-        .await
-        .map_err(query_error(&production, "reading table definitions"))?;
-    let mut tables = Vec::with_capacity(metas.len());
-    for (meta, table) in metas.into_iter().zip(&config.tables) {
-        let meta = meta.ok_or_else(|| {
-            OpsError::Refused(format!(
-                "production: table {} does not exist; create it before retrying",
-                table.name
-            ))
-        })?;
-        tables.push((meta, table.on_conflict.on_retry()));
-    }
-    // The progress row stays where sync left it: these are old changes applied late.
-    let progress_at = state::progress::read(&p, &config.sync.slot)
-        .await
-        .map_err(state_error(&production))?
-        .map_or(Lsn::INVALID, |p| p.end_lsn);
-    let mut applier = Applier::new(p, &config.sync.slot, tables, None, progress_at)
-        .await
-        .map_err(|e| apply_error(&production, e))?;
-    applier.leave_progress_alone();
-    applier
-        .publish_files(config)
-        .map_err(|e| apply_error(&production, e))?;
-    applier.set_hooks(config);
+    let mut applier = applier_for(config, p, &production).await?;
     for entry in entries {
+        if entry.parked {
+            let reason = format!(
+                "parked at a production edit: decide it with `stagingprop quarantine resolve --id {} --take staging|production`",
+                entry.id
+            );
+            report.kept.push((entry.id, reason));
+            continue;
+        }
         let change = decode(config, &applier, &entry).map_err(OpsError::Refused)?;
         match apply_one(&mut applier, &entry, change).await {
             Ok(()) => report.applied.push(entry.id),
@@ -102,6 +88,229 @@ pub async fn retry(config: &Config, selection: &Selection) -> Result<RetryReport
         }
     }
     Ok(report)
+}
+
+/// An applier on `p` for old changes: the progress row stays where sync left it, and each
+/// table's conflict policy is its retry policy.
+async fn applier_for(
+    config: &Config,
+    p: tokio_postgres::Client,
+    production: &Endpoint,
+) -> Result<Applier, OpsError> {
+    let names: Vec<&TableName> = config.tables.iter().map(|t| &t.name).collect();
+    let metas = catalog::load_tables(&p, &names)
+        .await
+        .map_err(query_error(production, "reading table definitions"))?;
+    let mut tables = Vec::with_capacity(metas.len());
+    for (meta, table) in metas.into_iter().zip(&config.tables) {
+        let meta = meta.ok_or_else(|| {
+            OpsError::Refused(format!(
+                "production: table {} does not exist; create it before retrying",
+                table.name
+            ))
+        })?;
+        tables.push((meta, table.on_conflict.on_retry()));
+    }
+    // The progress row stays where sync left it: these are old changes applied late.
+    let progress_at = state::progress::read(&p, &config.sync.slot)
+        .await
+        .map_err(state_error(production))?
+        .map_or(Lsn::INVALID, |p| p.end_lsn);
+    let mut applier = Applier::new(p, &config.sync.slot, tables, None, progress_at)
+        .await
+        .map_err(|e| apply_error(production, e))?;
+    applier.leave_progress_alone();
+    applier.watch_production_edits(config);
+    applier
+        .publish_files(config)
+        .map_err(|e| apply_error(production, e))?;
+    applier.set_hooks(config);
+    Ok(applier)
+}
+
+/// An operator's decision on a change parked at a production edit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Take {
+    /// Apply staging's parked changes of the row over production's edits.
+    Staging,
+    /// Keep production's row; drop staging's parked changes of it.
+    Production,
+    /// Apply staging's changes, then set these columns (name, text value or NULL).
+    Merged(Vec<(String, Option<String>)>),
+}
+
+/// What a resolution did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ResolveReport {
+    /// The parked changes decided (the row's, oldest first), now gone from the quarantine.
+    pub changes: Vec<i64>,
+    /// The production edits settled.
+    pub edits: Vec<i64>,
+    pub took: String,
+}
+
+/// Decides parked change `id` and every later parked change of the same row, in one
+/// production transaction (with the row and its edits locked, as sync locks them), so the
+/// decision is applied exactly once: a crash before its commit leaves everything parked.
+pub async fn resolve(config: &Config, id: i64, take: &Take) -> Result<ResolveReport, OpsError> {
+    let production = Endpoint::from_db_config(&config.production)?;
+    let p = connect(&production).await?;
+    state::ensure(&p).await.map_err(state_error(&production))?;
+    let slot = config.sync.slot.clone();
+    let Some(entry) = quarantine::list(&p, &slot, &Selection::Id(id))
+        .await
+        .map_err(state_error(&production))?
+        .into_iter()
+        .next()
+    else {
+        return Err(OpsError::Refused(format!(
+            "no quarantined change {id} for slot {slot}: `stagingprop quarantine list` shows them"
+        )));
+    };
+    if !entry.parked {
+        return Err(OpsError::Refused(format!(
+            "change {id} was not parked at a production edit ({}): `quarantine retry --id {id}` applies it, `quarantine discard --id {id}` drops it",
+            entry.reason
+        )));
+    }
+    let mut applier = applier_for(config, p, &production).await?;
+    let result = resolve_in_transaction(config, &mut applier, &entry, take).await;
+    if result.is_err() {
+        let _ = applier.rollback().await;
+    }
+    result.map_err(|e| match e {
+        Resolved::Refused(why) => OpsError::Refused(why),
+        Resolved::Apply(e) => apply_error(&production, e),
+    })
+}
+
+/// Why a resolution stopped (its transaction then rolls back).
+enum Resolved {
+    Refused(String),
+    Apply(ApplyError),
+}
+
+impl From<ApplyError> for Resolved {
+    fn from(e: ApplyError) -> Self {
+        Resolved::Apply(e)
+    }
+}
+
+impl From<state::StateError> for Resolved {
+    fn from(e: state::StateError) -> Self {
+        Resolved::Apply(e.into())
+    }
+}
+
+async fn resolve_in_transaction(
+    config: &Config,
+    applier: &mut Applier,
+    entry: &Stored,
+    take: &Take,
+) -> Result<ResolveReport, Resolved> {
+    let (Change::Row { table, key, .. }
+    | Change::KeyChange {
+        table,
+        old_key: key,
+        ..
+    }) = decode(config, applier, entry).map_err(Resolved::Refused)?;
+    applier.begin_now().await?;
+    let edits = applier.lock_row_and_edits(table, &key).await?;
+    let chain = quarantine::parked_of_row(
+        applier.client(),
+        &config.sync.slot,
+        &entry.table,
+        &entry.key,
+    )
+    .await?;
+    if let Some(first) = chain.first()
+        && first.id != entry.id
+    {
+        return Err(Resolved::Refused(format!(
+            "change {} is parked behind change {} of the same row: resolve {} (the decision covers every parked change of the row, in order)",
+            entry.id, first.id, first.id
+        )));
+    }
+    let (took, outcome) = match take {
+        Take::Staging => ("staging", "staging-wins (resolved)"),
+        Take::Production => ("production", "production-wins (resolved)"),
+        Take::Merged(_) => ("merged", "merged (resolved)"),
+    };
+    state::production_edits::settle(applier.client(), &edits, outcome).await?;
+    let mut last_key = key.clone();
+    for parked in &chain {
+        if *take != Take::Production {
+            let change = decode(config, applier, parked).map_err(Resolved::Refused)?;
+            let source = Source {
+                lsn: parked.lsn.parse().unwrap_or_default(),
+                xid: parked.xid as Xid,
+            };
+            match change {
+                Change::Row { table, key, op } => {
+                    last_key = if matches!(op, RowOp::Delete) {
+                        Vec::new()
+                    } else {
+                        key.clone()
+                    };
+                    applier.row_change(table, key, op, source).await?;
+                }
+                Change::KeyChange {
+                    table,
+                    old_key,
+                    new,
+                } => {
+                    let meta = applier.meta(table);
+                    last_key = meta
+                        .key
+                        .iter()
+                        .map(|&k| match &new[k] {
+                            Value::Text(b) => Some(b.clone()),
+                            _ => None,
+                        })
+                        .collect();
+                    applier.key_change(table, old_key, new, source).await?;
+                }
+            }
+            applier.flush().await?;
+        }
+        quarantine::remove(applier.client(), parked.id).await?;
+    }
+    if let Take::Merged(values) = take {
+        let meta = applier.meta(table);
+        let mut columns = Vec::with_capacity(values.len());
+        for (name, value) in values {
+            let Some(c) = meta.column_index(name) else {
+                return Err(Resolved::Refused(format!(
+                    "table {} has no column {name}",
+                    meta.table_name()
+                )));
+            };
+            columns.push((c, value.as_ref().map(|v| Bytes::from(v.clone()))));
+        }
+        if last_key.is_empty() || applier.write_values(table, &last_key, &columns).await? == 0 {
+            return Err(Resolved::Refused(format!(
+                "staging's parked changes leave no row of {} to set the merged values in: take staging or production instead",
+                entry.table
+            )));
+        }
+    }
+    // The progress row stays where sync left it; the marker only closes the batch.
+    let lsn: Lsn = entry.lsn.parse().unwrap_or_default();
+    let marker = Progress {
+        end_lsn: lsn,
+        commit_lsn: lsn,
+        xid: entry.xid as Xid,
+        commit_time: crate::model::PgTimestamp::now(),
+        stream_seq: None,
+    };
+    applier.close(&marker).await?;
+    applier.complete().await?;
+    applier.take_committed();
+    Ok(ResolveReport {
+        changes: chain.iter().map(|c| c.id).collect(),
+        edits,
+        took: took.to_owned(),
+    })
 }
 
 fn apply_error(endpoint: &Endpoint, e: ApplyError) -> OpsError {

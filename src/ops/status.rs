@@ -106,6 +106,15 @@ pub struct ProductionEdits {
     pub recorded: i64,
 }
 
+/// Conflicts the log holds of one table, kind and action.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ConflictCount {
+    pub table: String,
+    pub kind: String,
+    pub action: String,
+    pub count: i64,
+}
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Status {
     pub slot: SlotStatus,
@@ -131,6 +140,8 @@ pub struct Status {
     pub key_map: Vec<KeyMapSize>,
     /// The guard's record of production's own edits, per table that has any.
     pub production_edits: Vec<ProductionEdits>,
+    /// The conflict log, counted by table, kind and what was done.
+    pub conflicts: Vec<ConflictCount>,
     /// The spool, when `[spool]` is configured.
     pub spool: Option<SpoolStatus>,
     /// With `[stream]`: the stream and this target's place in it.
@@ -243,6 +254,17 @@ pub async fn status(config: &Config, thresholds: &Thresholds) -> Result<Status, 
                 table,
                 open,
                 recorded,
+            })
+            .collect();
+        st.conflicts = state::conflicts::counts(p, slot_name)
+            .await
+            .map_err(&state_error)?
+            .into_iter()
+            .map(|(table, kind, action, count)| ConflictCount {
+                table,
+                kind,
+                action,
+                count,
             })
             .collect();
         st.last_schema_change = state::schema_changes::last(p, slot_name)
@@ -557,9 +579,15 @@ pub fn render(st: &Status) -> String {
         _ => out.push_str("lag: unknown\n"),
     }
     out.push_str(&format!(
-        "quarantined changes (conflicts skipped): {}\n",
+        "quarantined changes (conflicts skipped or parked): {}\n",
         st.quarantined_changes
     ));
+    for c in &st.conflicts {
+        out.push_str(&format!(
+            "conflicts logged in {}: {} {}, {}\n",
+            c.table, c.count, c.kind, c.action
+        ));
+    }
     for edits in &st.production_edits {
         out.push_str(&format!(
             "production edits of {} (recorded by the guard): {} open of {}\n",

@@ -16,11 +16,15 @@
 //!    builds and drops a schema change left to run concurrently after its transaction, until
 //!    done.
 //! 6. `production_edits`: writes by production's own users to staging-managed rows, recorded
-//!    by the guard's triggers.
+//!    by the guard's triggers; `conflicts`, the conflict log; the quarantine's columns for
+//!    changes parked at a production edit (`parked`, `production_row`, `last_written`,
+//!    `edits`).
 
 use tokio_postgres::Client;
 
-use super::{SCHEMA, StateError, key_map, production_edits, query_error, table};
+use super::{
+    SCHEMA, StateError, conflicts, key_map, production_edits, quarantine, query_error, table,
+};
 use crate::quote::quote_ident;
 
 /// The layout this release writes.
@@ -115,7 +119,12 @@ fn step(from: i32) -> String {
             schema_changes = table("schema_changes"),
             index_builds = table("index_builds"),
         ),
-        5 => production_edits::create_table(),
+        5 => format!(
+            "{}\n{}\n{}",
+            production_edits::create_table(),
+            conflicts::create_table(),
+            quarantine::add_parked_columns()
+        ),
         _ => unreachable!("no layout step from version {from}"),
     }
 }

@@ -3,10 +3,11 @@
 //! ([`quarantine`]), copy's two-phase commit decisions ([`copy_commits`]), the pieces a copy
 //! committed ([`copy_tables`]), the indexes a copy set aside ([`copy_indexes`]), the schema
 //! changes sync applied ([`schema_changes`]), production's own edits of managed rows
-//! ([`production_edits`]) and the layout
+//! ([`production_edits`]), the conflict log ([`conflicts`]) and the layout
 //! version row ([`layout`]). This is the only module that names them: their DDL and every
 //! statement that reads or writes them are built here, and everything else calls in.
 
+pub mod conflicts;
 pub(crate) mod copy_commits;
 pub(crate) mod copy_indexes;
 pub mod copy_tables;

@@ -36,6 +36,46 @@ pub fn qualified_name() -> String {
     table("production_edits")
 }
 
+/// `EXISTS` an open edit of table `name` (a SQL literal) for the row whose key columns print
+/// as the SQL expressions `key_text`. Sync's UPDATEs and DELETEs of a watched table add `AND
+/// NOT` it, so that a row production's users edited is left for the edit policy.
+pub fn open_exists(name: &str, key_text: &[String]) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM {} AS e WHERE e.settled_at IS NULL AND e.table_name = {name} \
+         AND e.key = ARRAY[{}])",
+        table("production_edits"),
+        key_text.join(", ")
+    )
+}
+
+/// The open edits of one row, oldest first, locked until the caller's transaction ends (so the
+/// guard's record and a `quarantine resolve` are never decided twice): `(id, before)`.
+/// Parameters: `$1` the table's name; the key is `key_text` (SQL expressions).
+pub fn open_for_key(key_text: &[String]) -> String {
+    format!(
+        "SELECT id, before::text FROM {} WHERE settled_at IS NULL AND table_name = $1 \
+         AND key = ARRAY[{}] ORDER BY id FOR UPDATE",
+        table("production_edits"),
+        key_text.join(", ")
+    )
+}
+
+/// Marks edits `ids` as met by a staging change, with what was done (in the caller's
+/// transaction).
+pub async fn settle(client: &Client, ids: &[i64], outcome: &str) -> Result<(), StateError> {
+    client
+        .execute(
+            &format!(
+                "UPDATE {} SET settled_at = now(), outcome = $2 WHERE id = ANY($1)",
+                table("production_edits")
+            ),
+            &[&ids, &outcome],
+        )
+        .await
+        .map_err(query_error("settling production edits"))?;
+    Ok(())
+}
+
 /// Recorded edits per table: (table, open, all), tables in name order.
 pub async fn counts(client: &Client) -> Result<Vec<(String, i64, i64)>, StateError> {
     if !super::exists(client, "production_edits")
@@ -59,4 +99,27 @@ pub async fn counts(client: &Client) -> Result<Vec<(String, i64, i64)>, StateErr
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect())
+}
+
+/// The keys of `table`'s rows production's users edited and sync did not overwrite since (the
+/// edit is open, parked, or production won): differences there are production's decision.
+pub async fn kept_keys(client: &Client, table_name: &str) -> Result<Vec<Vec<String>>, StateError> {
+    if !super::exists(client, "production_edits")
+        .await
+        .map_err(query_error("looking for stagingprop's tables"))?
+    {
+        return Ok(Vec::new());
+    }
+    let rows = client
+        .query(
+            &format!(
+                "SELECT DISTINCT key FROM {} WHERE table_name = $1 AND key IS NOT NULL \
+                 AND (settled_at IS NULL OR outcome NOT LIKE 'staging-wins%')",
+                table("production_edits")
+            ),
+            &[&table_name],
+        )
+        .await
+        .map_err(query_error("reading the production edits"))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }

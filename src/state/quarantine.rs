@@ -1,5 +1,6 @@
-//! `stagingprop.quarantine`: changes a `skip` policy did not apply, each whole (key and row as
-//! JSON), with its staging position and the reason, written in the transaction that skipped it.
+//! `stagingprop.quarantine`: changes a `skip` policy did not apply, and changes an
+//! `on_production_edit = "park"` policy set aside, each whole (key and row as JSON), with its
+//! staging position and the reason, written in the transaction that skipped it.
 
 use tokio_postgres::Client;
 
@@ -17,21 +18,46 @@ pub struct Entry<'a> {
     pub reason: &'a str,
     pub key: &'a serde_json::Value,
     pub row: Option<&'a serde_json::Value>,
+    /// Set for a change parked because it met a production edit (`on_production_edit =
+    /// "park"`): the other two images and the edits.
+    pub parked: Option<Parked<'a>>,
 }
 
-/// Writes `entry` in the caller's transaction.
-pub async fn insert(client: &Client, entry: &Entry<'_>) -> Result<(), StateError> {
+/// What a parked change keeps beside staging's change, for the operator who resolves it.
+#[derive(Debug)]
+pub struct Parked<'a> {
+    /// Production's row now (none when production deleted it).
+    pub production_row: Option<&'a serde_json::Value>,
+    /// What stagingprop last wrote to the row (the first open edit's before-image).
+    pub last_written: Option<&'a serde_json::Value>,
+    pub edits: &'a [i64],
+}
+
+/// Writes `entry` in the caller's transaction; its id.
+pub async fn insert(client: &Client, entry: &Entry<'_>) -> Result<i64, StateError> {
     let sql = format!(
-        "INSERT INTO {} (slot, lsn, xid, table_name, operation, reason, key, row_data) \
-         VALUES ($1, $2::text::pg_lsn, $3, $4, $5, $6, $7::text::jsonb, $8::text::jsonb)",
+        "INSERT INTO {} (slot, lsn, xid, table_name, operation, reason, key, row_data, parked, \
+         production_row, last_written, edits) \
+         VALUES ($1, $2::text::pg_lsn, $3, $4, $5, $6, $7::text::jsonb, $8::text::jsonb, $9, \
+         $10::text::jsonb, $11::text::jsonb, $12) RETURNING id",
         table("quarantine")
     );
     let lsn = entry.lsn.to_string();
     let xid = i64::from(entry.xid);
     let key = entry.key.to_string();
     let row = entry.row.map(|r| r.to_string());
-    client
-        .execute(
+    let parked = entry.parked.is_some();
+    let production_row = entry
+        .parked
+        .as_ref()
+        .and_then(|p| p.production_row.map(|r| r.to_string()));
+    let last_written = entry
+        .parked
+        .as_ref()
+        .and_then(|p| p.last_written.map(|r| r.to_string()));
+    let edits: Option<Vec<i64>> = entry.parked.as_ref().map(|p| p.edits.to_vec());
+    let id = client
+        .query_one(
             &sql,
             &[
                 &entry.slot,
@@ -42,11 +68,27 @@ pub async fn insert(client: &Client, entry: &Entry<'_>) -> Result<(), StateError
                 &entry.reason,
                 &key,
                 &row,
+                &parked,
+                &production_row,
+                &last_written,
+                &edits,
             ],
         )
         .await
-        .map_err(query_error("writing to the quarantine table"))?;
-    Ok(())
+        .map_err(query_error("writing to the quarantine table"))?
+        .get(0);
+    Ok(id)
+}
+
+/// The layout step's DDL: what a parked change keeps (part of layout step 5 -> 6).
+pub(super) fn add_parked_columns() -> String {
+    format!(
+        "ALTER TABLE {} ADD COLUMN IF NOT EXISTS parked boolean NOT NULL DEFAULT false,
+             ADD COLUMN IF NOT EXISTS production_row jsonb,
+             ADD COLUMN IF NOT EXISTS last_written jsonb,
+             ADD COLUMN IF NOT EXISTS edits bigint[];",
+        table("quarantine")
+    )
 }
 
 /// How many changes of `slot` are quarantined (0 when the table does not exist).
@@ -82,6 +124,12 @@ pub struct Stored {
     pub key: serde_json::Value,
     pub row: Option<serde_json::Value>,
     pub quarantined_at: String,
+    /// Parked because it met a production edit; then production's row, what stagingprop last
+    /// wrote, and the edits.
+    pub parked: bool,
+    pub production_row: Option<serde_json::Value>,
+    pub last_written: Option<serde_json::Value>,
+    pub edits: Vec<i64>,
 }
 
 /// Which quarantined changes of a slot a command works on.
@@ -116,8 +164,7 @@ pub async fn list(
         return Ok(Vec::new());
     }
     let sql = format!(
-        "SELECT id, lsn::text, xid, table_name, operation, reason, key::text, row_data::text, \
-         quarantined_at::text FROM {} WHERE slot = $1{} ORDER BY lsn, id",
+        "SELECT {COLUMNS} FROM {} WHERE slot = $1{} ORDER BY lsn, id",
         table("quarantine"),
         selection.condition()
     );
@@ -127,23 +174,54 @@ pub async fn list(
         Selection::All => client.query(&sql, &[&slot]).await,
     }
     .map_err(query_error("reading the quarantine table"))?;
+    Ok(rows.iter().map(stored).collect())
+}
+
+/// What [`stored`] reads.
+const COLUMNS: &str = "id, lsn::text, xid, table_name, operation, reason, key::text, \
+    row_data::text, quarantined_at::text, parked, production_row::text, last_written::text, edits";
+
+fn stored(r: &tokio_postgres::Row) -> Stored {
     let json = |text: Option<String>| {
         text.map(|t| serde_json::from_str(&t).unwrap_or(serde_json::Value::String(t)))
     };
-    Ok(rows
-        .iter()
-        .map(|r| Stored {
-            id: r.get(0),
-            lsn: r.get(1),
-            xid: r.get(2),
-            table: r.get(3),
-            operation: r.get(4),
-            reason: r.get(5),
-            key: json(r.get(6)).unwrap_or(serde_json::Value::Null),
-            row: json(r.get(7)),
-            quarantined_at: r.get(8),
-        })
-        .collect())
+    Stored {
+        id: r.get(0),
+        lsn: r.get(1),
+        xid: r.get(2),
+        table: r.get(3),
+        operation: r.get(4),
+        reason: r.get(5),
+        key: json(r.get(6)).unwrap_or(serde_json::Value::Null),
+        row: json(r.get(7)),
+        quarantined_at: r.get(8),
+        parked: r.get(9),
+        production_row: json(r.get(10)),
+        last_written: json(r.get(11)),
+        edits: r.get::<_, Option<Vec<i64>>>(12).unwrap_or_default(),
+    }
+}
+
+/// The parked changes of one row (`table`, `key` as stored), in staging's order, locked until
+/// the caller's transaction ends.
+pub async fn parked_of_row(
+    client: &Client,
+    slot: &str,
+    table_name: &str,
+    key: &serde_json::Value,
+) -> Result<Vec<Stored>, StateError> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT {COLUMNS} FROM {} WHERE slot = $1 AND parked AND table_name = $2 \
+                 AND key = $3::text::jsonb ORDER BY lsn, id FOR UPDATE",
+                table("quarantine")
+            ),
+            &[&slot, &table_name, &key.to_string()],
+        )
+        .await
+        .map_err(query_error("reading the quarantine table"))?;
+    Ok(rows.iter().map(stored).collect())
 }
 
 /// Removes change `id` (in the caller's transaction: the one that applied it).

@@ -536,6 +536,7 @@ fn stream_sessions(
                 Applier::new(p, &config.sync.slot, tables, None, Lsn::INVALID).await?;
             applier.limit_batches(config.sync.batch_max_rows, config.sync.batch_max_bytes);
             applier.set_column_lists(&config);
+            applier.watch_production_edits(&config);
             applier.publish_files(&config)?;
             applier.set_hooks(&config);
             Ok(applier)
@@ -637,6 +638,7 @@ async fn open_applier(
     let mut applier = Applier::new(p, &config.sync.slot, tables, remapper, applied_end).await?;
     applier.limit_batches(config.sync.batch_max_rows, config.sync.batch_max_bytes);
     applier.set_column_lists(config);
+    applier.watch_production_edits(config);
     applier.publish_files(config)?;
     applier.set_hooks(config);
     applier

@@ -23,7 +23,7 @@ use serde::Serialize;
 use tokio_postgres::Client;
 use tokio_postgres::types::ToSql;
 
-use super::{OpsError, connect, query_error};
+use super::{OpsError, connect, query_error, state_error};
 use crate::catalog::{self, TableMeta};
 use crate::config::{Config, KeyRule};
 use crate::pg::connect::Endpoint;
@@ -59,6 +59,10 @@ pub struct TableDiff {
     pub missing_keys: Vec<String>,
     pub extra_keys: Vec<String>,
     pub different_keys: Vec<String>,
+    /// Of the rows missing, extra or different: those production's users edited (recorded by
+    /// the guard, and not overwritten by staging since). Not counted above.
+    pub edited: u64,
+    pub edited_keys: Vec<String>,
     pub chunks: usize,
     pub chunks_differing: usize,
     /// Production rows the table's row filter leaves out: not compared (they are production's,
@@ -710,6 +714,26 @@ pub async fn verify(config: &Config, options: &VerifyOptions) -> Result<Vec<Tabl
             outside_scope,
             ..TableDiff::default()
         };
+        // Rows production's users edited, as `rows_in` labels keys.
+        let key_names: Vec<&str> = meta
+            .key
+            .iter()
+            .map(|&k| meta.columns[k].name.as_str())
+            .collect();
+        let edited: std::collections::HashSet<String> =
+            crate::state::production_edits::kept_keys(&p, &table.name.to_string())
+                .await
+                .map_err(state_error(&production))?
+                .into_iter()
+                .map(|key| {
+                    key_names
+                        .iter()
+                        .zip(key)
+                        .map(|(n, v)| format!("{n}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .collect();
         // (part, staging summary, production summary) for every part of the table.
         let mut parts: Vec<(Part<'_>, Option<ChunkSummary>, Option<ChunkSummary>)> = Vec::new();
         let first_is_integer = integer_type(&meta.columns[meta.key[0]].type_sql);
@@ -793,7 +817,18 @@ pub async fn verify(config: &Config, options: &VerifyOptions) -> Result<Vec<Tabl
                 .keys()
                 .filter(|k| !on_staging.contains_key(*k))
                 .collect();
+            let mut edited_here: Vec<&String> = Vec::new();
+            for list in [&mut missing, &mut different, &mut extra] {
+                list.retain(|key| {
+                    let kept = edited.contains(*key);
+                    if kept {
+                        edited_here.push(key);
+                    }
+                    !kept
+                });
+            }
             for (list, count, examples) in [
+                (&mut edited_here, &mut diff.edited, &mut diff.edited_keys),
                 (&mut missing, &mut diff.missing, &mut diff.missing_keys),
                 (
                     &mut different,
@@ -829,15 +864,24 @@ pub fn render(diffs: &[TableDiff]) -> String {
         } else {
             String::new()
         };
+        let edited = if d.edited > 0 {
+            format!(
+                "; {} row(s) differ where production's users edited them (recorded by the guard): {}",
+                d.edited,
+                d.edited_keys.join("; ")
+            )
+        } else {
+            String::new()
+        };
         if d.matches() {
             out.push_str(&format!(
-                "{}: match ({} rows, {} chunks{outside})\n",
+                "{}: match ({} rows, {} chunks{outside}{edited})\n",
                 d.table, d.staging_rows, d.chunks
             ));
             continue;
         }
         out.push_str(&format!(
-            "{}: DIFFERS: {} rows on staging, {} on production; {} missing on production, {} extra on production, {} different ({} of {} chunks differ{outside})\n",
+            "{}: DIFFERS: {} rows on staging, {} on production; {} missing on production, {} extra on production, {} different, for no recorded reason ({} of {} chunks differ{outside}{edited})\n",
             d.table, d.staging_rows, d.production_rows, d.missing, d.extra, d.different, d.chunks_differing, d.chunks
         ));
         for (label, keys) in [

@@ -1,0 +1,412 @@
+//! Staging's changes that meet a row production's own users edited since stagingprop last
+//! wrote it (recorded by the guard, `guard = "record"`). Sync's UPDATEs and DELETEs of such a
+//! table first lock their rows, then leave out every row with an open edit; what was left out
+//! comes here, one change at a time, and the table's `on_production_edit` decides: apply it
+//! over the edit (`staging-wins`, production's values kept in the conflict log), leave
+//! production's row (`production-wins`, staging's change logged), or set it aside with the
+//! three images (`park`). Every decision is one row of the conflict log, and the edits it
+//! settles are marked, in the batch's transaction.
+
+use tokio_postgres::types::ToSql;
+
+use super::conflict::{key_json, row_json};
+use super::error::query_error;
+use super::in_flight::TextArray;
+use super::{Applier, ApplyError, ConflictKind, as_str, statements, value_bytes};
+use crate::change::{Entry, Key, NetChange};
+use crate::config::{EditPolicy, EditResolution};
+use crate::model::Value;
+use crate::state::{conflicts, production_edits, quarantine};
+
+/// The open edits of one row.
+pub(super) struct OpenEdits {
+    /// The table as the guard records it, and its edit policy.
+    table: String,
+    policy: EditPolicy,
+    pub(super) ids: Vec<i64>,
+    /// The first edit's before-image: what stagingprop last wrote to the row.
+    pub(super) last_written: Option<serde_json::Value>,
+}
+
+/// What a change that met an edit leaves its caller to do.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Decided {
+    /// Nothing: the change was applied, kept out or parked here.
+    Done,
+    /// Apply the change as usual (a key change, which its caller applies).
+    ApplyIt,
+}
+
+impl Applier {
+    /// The open production edits of row `key` of table `t`, locked until the batch ends;
+    /// `None` when sync does not watch the table's edits or there are none.
+    pub(super) async fn open_edits(
+        &mut self,
+        t: usize,
+        key: &Key,
+    ) -> Result<Option<OpenEdits>, ApplyError> {
+        let Some(watch) = &self.tables[t].edits else {
+            return Ok(None);
+        };
+        let meta = &self.tables[t].meta;
+        let name = meta.table_name();
+        let mut params: Vec<Option<&str>> = vec![Some(watch.name.as_str())];
+        for value in key {
+            params.push(as_str(value.as_ref(), &name)?);
+        }
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+        let rows = self
+            .client
+            .query(&statements::open_edits_of_row(meta), &refs)
+            .await
+            .map_err(query_error("reading production's edits of a row"))?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let last_written = rows[0]
+            .get::<_, Option<String>>(1)
+            .and_then(|t| serde_json::from_str(&t).ok());
+        Ok(Some(OpenEdits {
+            table: watch.name.clone(),
+            policy: watch.policy,
+            ids: rows.iter().map(|r| r.get(0)).collect(),
+            last_written,
+        }))
+    }
+
+    /// Production's row under `key` in table `t`, as JSON; `None` when it has none.
+    pub(super) async fn current_row(
+        &mut self,
+        t: usize,
+        key: &Key,
+    ) -> Result<Option<serde_json::Value>, ApplyError> {
+        let meta = &self.tables[t].meta;
+        let name = meta.table_name();
+        let params = key
+            .iter()
+            .map(|v| as_str(v.as_ref(), &name))
+            .collect::<Result<Vec<_>, _>>()?;
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+        let row = self
+            .client
+            .query_opt(&statements::row_as_json(meta), &refs)
+            .await
+            .map_err(query_error("reading production's row"))?;
+        Ok(row.and_then(|r| serde_json::from_str(&r.get::<_, String>(0)).ok()))
+    }
+
+    /// Decides `entry`, which met the open `edits` of its row, under the table's edit policy.
+    /// `key_change`: the caller applies a staging-wins key change itself.
+    pub(super) async fn production_edit(
+        &mut self,
+        t: usize,
+        entry: &Entry,
+        edits: OpenEdits,
+        key_change: bool,
+    ) -> Result<Decided, ApplyError> {
+        let current = self.current_row(t, &entry.key).await?;
+        let exists = current.is_some();
+        let kind = match (&entry.change, exists) {
+            (NetChange::Delete, true) => ConflictKind::DeleteOriginDiffers,
+            (NetChange::Delete, false) => ConflictKind::DeleteMissing,
+            (NetChange::Insert(_), _) => ConflictKind::InsertExists,
+            (NetChange::Update(_) | NetChange::Replace(_), true) => {
+                ConflictKind::UpdateOriginDiffers
+            }
+            (NetChange::Update(_) | NetChange::Replace(_), false) => ConflictKind::UpdateMissing,
+        };
+        let whole_row = match &entry.change {
+            NetChange::Insert(row) | NetChange::Update(row) | NetChange::Replace(row) => {
+                row.iter().all(|v| !matches!(v, Value::UnchangedToast))
+            }
+            NetChange::Delete => false,
+        };
+        let (policy, table) = (edits.policy, edits.table.clone());
+        let resolution = policy.resolve(kind, whole_row);
+        let mut decided = Decided::Done;
+        let action = match resolution {
+            EditResolution::Apply if key_change => {
+                decided = Decided::ApplyIt;
+                "staging-wins"
+            }
+            EditResolution::Apply => {
+                self.apply_over_edit(t, entry).await?;
+                "staging-wins"
+            }
+            EditResolution::InsertRow => {
+                self.insert_whole_row(t, entry).await?;
+                "staging-wins"
+            }
+            EditResolution::AlreadyDone => "staging-wins",
+            EditResolution::KeepProduction => "production-wins",
+            EditResolution::Park => "parked",
+        };
+        let meta = &self.tables[t].meta;
+        let key = key_json(meta, &entry.key);
+        let staging_row = match &entry.change {
+            NetChange::Insert(row) | NetChange::Update(row) | NetChange::Replace(row) => {
+                Some(row_json(meta, row))
+            }
+            NetChange::Delete => None,
+        };
+        let quarantine_id = if resolution == EditResolution::Park {
+            let reason = format!(
+                "{}: {kind}; parked (on_production_edit = \"park\"): resolve it with `stagingprop quarantine resolve`",
+                kind.name()
+            );
+            Some(
+                quarantine::insert(
+                    &self.client,
+                    &quarantine::Entry {
+                        slot: &self.slot,
+                        lsn: entry.source.lsn,
+                        xid: entry.source.xid,
+                        table: &table,
+                        operation: kind.operation(),
+                        reason: &reason,
+                        key: &key,
+                        row: staging_row.as_ref(),
+                        parked: Some(quarantine::Parked {
+                            production_row: current.as_ref(),
+                            last_written: edits.last_written.as_ref(),
+                            edits: &edits.ids,
+                        }),
+                    },
+                )
+                .await?,
+            )
+        } else {
+            production_edits::settle(&self.client, &edits.ids, action).await?;
+            None
+        };
+        conflicts::insert(
+            &self.client,
+            &conflicts::Entry {
+                slot: &self.slot,
+                lsn: entry.source.lsn,
+                xid: entry.source.xid,
+                table: &table,
+                kind: kind.name(),
+                key: &key,
+                staging_row: staging_row.as_ref(),
+                production_row: current.as_ref(),
+                last_written: edits.last_written.as_ref(),
+                edits: &edits.ids,
+                policy: policy.as_str(),
+                action,
+                quarantine_id,
+            },
+        )
+        .await?;
+        metrics::counter!(
+            "stagingprop_conflicts_total",
+            "table" => table.clone(),
+            "kind" => kind.name(),
+            "policy" => policy.as_str()
+        )
+        .increment(1);
+        match resolution {
+            EditResolution::Park => self.stats.conflicts_skipped += 1,
+            EditResolution::KeepProduction => self.stats.conflicts_skipped += 1,
+            _ => self.stats.conflicts_overwritten += 1,
+        }
+        tracing::warn!(
+            table = %table, key = %key, lsn = %entry.source.lsn, xid = entry.source.xid,
+            edits = ?edits.ids,
+            "staging's {} met a production edit ({}): {action} (on_production_edit = \"{}\"); logged in stagingprop.conflicts",
+            kind.operation(), kind.name(), policy.as_str()
+        );
+        Ok(decided)
+    }
+
+    /// Applies `entry` to its row whatever production's users did to it.
+    pub(super) async fn apply_over_edit(
+        &mut self,
+        t: usize,
+        entry: &Entry,
+    ) -> Result<(), ApplyError> {
+        let meta = &self.tables[t].meta;
+        let keys: Vec<TextArray> = entry
+            .key
+            .iter()
+            .map(|k| TextArray(vec![k.clone()]))
+            .collect();
+        let (sql, columns) = match &entry.change {
+            NetChange::Delete => (statements::delete_rows(meta, None), keys),
+            NetChange::Update(row) => {
+                let set: Vec<usize> = (0..row.len())
+                    .filter(|&c| {
+                        !meta.key.contains(&c)
+                            && meta.assignable(c)
+                            && !matches!(row[c], Value::UnchangedToast)
+                    })
+                    .collect();
+                let mut columns = keys;
+                for &c in &set {
+                    columns.push(TextArray(vec![value_bytes(&row[c], meta)?]));
+                }
+                (statements::update_rows(meta, &set, None), columns)
+            }
+            NetChange::Insert(_) | NetChange::Replace(_) => {
+                return self.insert_whole_row(t, entry).await;
+            }
+        };
+        let statement = self.statement(sql, columns.len()).await?;
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+        self.client
+            .execute(&statement, &refs)
+            .await
+            .map_err(query_error("applying a change over a production edit"))?;
+        Ok(())
+    }
+
+    /// Inserts (or overwrites) `entry`'s whole row.
+    async fn insert_whole_row(&mut self, t: usize, entry: &Entry) -> Result<(), ApplyError> {
+        let meta = &self.tables[t].meta;
+        let (NetChange::Insert(row) | NetChange::Update(row) | NetChange::Replace(row)) =
+            &entry.change
+        else {
+            return Ok(());
+        };
+        let present: Vec<usize> = (0..row.len())
+            .filter(|&c| !matches!(row[c], Value::UnchangedToast))
+            .collect();
+        let columns = present
+            .iter()
+            .map(|&c| value_bytes(&row[c], meta).map(|b| TextArray(vec![b])))
+            .collect::<Result<Vec<_>, _>>()?;
+        let sql = statements::insert_rows(meta, &present, true);
+        let statement = self.statement(sql, columns.len()).await?;
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+        self.client
+            .execute(&statement, &refs)
+            .await
+            .map_err(query_error("writing staging's row over a production edit"))?;
+        Ok(())
+    }
+
+    /// Locks the rows of table `t` that `entries` update or delete, when sync watches its
+    /// edits (see [`statements::lock_rows`]).
+    pub(super) async fn lock_edited_rows(
+        &mut self,
+        t: usize,
+        entries: &[Entry],
+    ) -> Result<(), ApplyError> {
+        if self.tables[t].edits.is_none() {
+            return Ok(());
+        }
+        let meta = &self.tables[t].meta;
+        let mut columns: Vec<Vec<Option<bytes::Bytes>>> = vec![Vec::new(); meta.key.len()];
+        for entry in entries {
+            if matches!(entry.change, NetChange::Insert(_)) {
+                continue;
+            }
+            for (k, value) in entry.key.iter().enumerate() {
+                columns[k].push(value.clone());
+            }
+        }
+        if columns.first().is_none_or(Vec::is_empty) {
+            return Ok(());
+        }
+        let sql = statements::lock_rows(meta);
+        let columns = columns.into_iter().map(TextArray).collect();
+        self.send(sql, columns, super::in_flight::Purpose::Lock)
+            .await
+    }
+
+    /// Locks the row of `key` in table `t` now (before a key change reads its edits).
+    pub(super) async fn lock_row(&mut self, t: usize, key: &Key) -> Result<(), ApplyError> {
+        let columns: Vec<TextArray> = key.iter().map(|k| TextArray(vec![k.clone()])).collect();
+        let statement = self
+            .statement(statements::lock_rows(&self.tables[t].meta), columns.len())
+            .await?;
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+        self.client
+            .execute(&statement, &refs)
+            .await
+            .map_err(query_error("locking a row production's users may edit"))?;
+        Ok(())
+    }
+
+    /// Which of `entries` (by index) have an open production edit.
+    pub(super) async fn edited_rows(
+        &mut self,
+        t: usize,
+        entries: &[Entry],
+    ) -> Result<Vec<usize>, ApplyError> {
+        let Some(watched) = self.watched(t).map(str::to_owned) else {
+            return Ok(Vec::new());
+        };
+        let meta = &self.tables[t].meta;
+        let mut columns: Vec<Vec<Option<bytes::Bytes>>> = vec![Vec::new(); meta.key.len()];
+        for entry in entries {
+            for (k, value) in entry.key.iter().enumerate() {
+                columns[k].push(value.clone());
+            }
+        }
+        let sql = statements::edited_keys(meta, &watched);
+        let columns: Vec<TextArray> = columns.into_iter().map(TextArray).collect();
+        let statement = self.statement(sql, columns.len()).await?;
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+        let rows = self
+            .client
+            .query(&statement, &refs)
+            .await
+            .map_err(query_error("finding rows production edited"))?;
+        Ok(rows
+            .iter()
+            .map(|r| r.get::<_, i64>(0) as usize - 1)
+            .collect())
+    }
+
+    /// Opens the transaction now, so that what an operator's resolution reads and locks
+    /// (`quarantine resolve`) belongs to it.
+    pub async fn begin_now(&mut self) -> Result<(), ApplyError> {
+        self.begin().await?;
+        self.settle().await
+    }
+
+    /// The ids of the open production edits of row `key` of table `t`, locked until the
+    /// transaction ends (the row itself is locked first, as sync locks it).
+    pub async fn lock_row_and_edits(
+        &mut self,
+        t: usize,
+        key: &Key,
+    ) -> Result<Vec<i64>, ApplyError> {
+        self.lock_row(t, key).await?;
+        Ok(self
+            .open_edits(t, key)
+            .await?
+            .map(|edits| edits.ids)
+            .unwrap_or_default())
+    }
+
+    /// Sets columns of row `key` of table `t` to `values` (text, or NULL) in the open
+    /// transaction: an operator's merged values. How many rows it changed (0 or 1).
+    pub async fn write_values(
+        &mut self,
+        t: usize,
+        key: &Key,
+        values: &[(usize, Option<bytes::Bytes>)],
+    ) -> Result<u64, ApplyError> {
+        let meta = &self.tables[t].meta;
+        let set: Vec<usize> = values.iter().map(|(c, _)| *c).collect();
+        let mut columns: Vec<TextArray> = key.iter().map(|k| TextArray(vec![k.clone()])).collect();
+        columns.extend(values.iter().map(|(_, v)| TextArray(vec![v.clone()])));
+        let statement = self
+            .statement(statements::update_rows(meta, &set, None), columns.len())
+            .await?;
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+        self.client
+            .execute(&statement, &refs)
+            .await
+            .map_err(query_error("writing an operator's merged values"))
+    }
+}
