@@ -923,3 +923,79 @@ impl ProductionDb for Config {
             .to_owned()
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_target_has_its_own_guard_and_edit_policy() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
+    let nats = NatsServer::start("guard", "");
+    let fanout = Fanout::new("fan_guard", &nats.url(), "");
+    let (a_db, a) = fanout.target("a", "guard = \"record\"\non_production_edit = \"park\"");
+    let (b_db, b) = fanout.target("b", "guard = \"refuse\"");
+    let production = &clusters().production;
+    psql(
+        production,
+        "postgres",
+        "DO $$ BEGIN CREATE ROLE fan_merchant LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+    );
+    for (config, db) in [(&a, &a_db), (&b, &b_db)] {
+        psql(production, db, "GRANT ALL ON catentry TO fan_merchant");
+        stagingprop::ops::init::init(config, &Default::default())
+            .await
+            .expect("init");
+    }
+    let (stop, publisher) = start_publisher(&a);
+    fanout.on_staging("INSERT INTO catentry SELECT g, 'p' || g, g FROM generate_series(1, 5) g");
+    wait_published(&fanout, &a).await;
+    apply_stream(&a).await;
+    apply_stream(&b).await;
+
+    let merchant = |db: &str| {
+        let conninfo = production.conninfo(db, "fan_merchant");
+        async move {
+            let (client, connection) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+                .await
+                .expect("merchant connects");
+            tokio::spawn(connection);
+            client
+        }
+    };
+    let edit = "UPDATE catentry SET price = 999 WHERE catentry_id = 3";
+    merchant(&a_db)
+        .await
+        .batch_execute(edit)
+        .await
+        .expect("target a records production's edits");
+    let refused = merchant(&b_db).await.batch_execute(edit).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+        "target b refuses them: {refused}"
+    );
+
+    fanout.on_staging("UPDATE catentry SET price = price + 100");
+    wait_published(&fanout, &a).await;
+    apply_stream(&a).await;
+    apply_stream(&b).await;
+    let prices =
+        "SELECT string_agg(catentry_id || ':' || price, ',' ORDER BY catentry_id) FROM catentry";
+    assert_eq!(
+        psql(production, &a_db, prices).trim(),
+        "1:101.00,2:102.00,3:999.00,4:104.00,5:105.00",
+        "target a parked staging's change of the edited row"
+    );
+    assert_eq!(
+        psql(
+            production,
+            &a_db,
+            "SELECT operation || ' ' || (row_data->>'price') FROM stagingprop.quarantine WHERE parked"
+        )
+        .trim(),
+        "update 103.00"
+    );
+    assert_eq!(
+        psql(production, &b_db, prices).trim(),
+        "1:101.00,2:102.00,3:103.00,4:104.00,5:105.00"
+    );
+    stop.send(()).unwrap();
+    publisher.await.unwrap().expect("publish");
+}

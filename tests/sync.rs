@@ -226,6 +226,14 @@ async fn conflict_policy_error_stops_and_applies_nothing_of_the_batch() {
         "SELECT (SELECT count(*) FROM offerprice) + (SELECT count(*) FROM catentry)",
     );
     assert_eq!(applied.trim(), "1", "only the production-born row is there");
+    // The conflict is in the log, though its batch is not.
+    let logged = p.on_production(
+        "SELECT DISTINCT table_name || '|' || kind || '|' || policy || '|' || action || '|' || (key->>'catentry_id') || '|' || (staging_row->>'partnumber') FROM stagingprop.conflicts",
+    );
+    assert_eq!(
+        logged.trim(),
+        "public.catentry|insert_exists|error|stopped|5|S-5"
+    );
     // The slot did not move past what production has.
     let confirmed = p.on_staging("SELECT confirmed_flush_lsn < pg_current_wal_lsn() FROM pg_replication_slots WHERE slot_name = 'conflict_error'");
     assert_eq!(confirmed.trim(), "t");
@@ -279,6 +287,15 @@ async fn conflict_policies_skip_and_overwrite() {
         "SELECT string_agg(offer_id || '=' || price::int, ',' ORDER BY offer_id) FROM offerprice",
     );
     assert_eq!(prices.trim(), "1=1,2=2,3=33");
+    // Each conflict is one row of the log, with what was done.
+    let logged = p.on_production(
+        "SELECT string_agg(table_name || '|' || kind || '|' || policy || '|' || action || '|' || (quarantine_id IS NOT NULL) || '|' || (staging_row->>'price'), ',' ORDER BY table_name, kind) FROM stagingprop.conflicts",
+    );
+    assert_eq!(
+        logged.trim(),
+        "public.catentry|insert_exists|skip|skipped|true|1.00,\
+         public.offerprice|insert_exists|overwrite|overwritten|false|1.00000"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

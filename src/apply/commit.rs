@@ -239,6 +239,19 @@ impl Applier {
             .map_err(query_error("ROLLBACK TO SAVEPOINT"))
     }
 
+    /// Rolls the open transaction back at once, statements still in flight included, before
+    /// an error ends the batch (the caller's [`Applier::rollback`] then has nothing left to
+    /// roll back).
+    pub(super) async fn abandon_batch(&mut self) {
+        if self.in_transaction {
+            for flight in self.in_flight.drain(..) {
+                let _ = flight.result.await;
+            }
+            self.in_transaction = false;
+            let _ = self.client.batch_execute("ROLLBACK").await;
+        }
+    }
+
     /// Abandons the open transaction (a closed batch included) and everything pending.
     pub async fn rollback(&mut self) -> Result<(), ApplyError> {
         self.closing = None;

@@ -54,6 +54,20 @@ impl Applier {
                 self.stats.rows_inserted += inserted;
                 metrics::counter!("stagingprop_rows_applied_total", "table" => self.tables[table].meta.table_name().to_string(), "op" => "insert")
                     .increment(inserted);
+                let policy = self.tables[table].policy;
+                if policy.inserts_overwrite() && self.tables[table].edits.is_none() {
+                    // Rows the statement overwrote (and logged), staging's values in place.
+                    let overwritten = ordinals.len() as u64;
+                    self.stats.conflicts_overwritten += overwritten;
+                    metrics::counter!(
+                        "stagingprop_conflicts_total",
+                        "table" => self.tables[table].meta.table_name().to_string(),
+                        "kind" => ConflictKind::InsertExists.name(),
+                        "policy" => policy.as_str()
+                    )
+                    .increment(overwritten);
+                    return Ok(());
+                }
                 for ordinal in ordinals {
                     let entry = &entries[ordinal as usize - 1];
                     self.conflict(table, ConflictKind::InsertExists, entry)
@@ -172,13 +186,42 @@ impl Applier {
         let table = meta.table_name().to_string();
         let (action, quarantine_id) = match policy.resolve(kind, whole_row) {
             Resolution::Stop => {
-                return Err(ApplyError::Conflict {
+                let error = ApplyError::Conflict {
                     table: meta.table_name(),
                     kind,
                     key: key_json.to_string(),
                     lsn: entry.source.lsn,
                     xid: entry.source.xid,
-                });
+                };
+                // The batch is given up here, so that the conflict's row in the log (written
+                // after it, on its own) outlives it.
+                self.abandon_batch().await;
+                let logged = conflicts::insert(
+                    &self.client,
+                    &conflicts::Entry {
+                        slot: &self.slot,
+                        lsn: entry.source.lsn,
+                        xid: entry.source.xid,
+                        table: &table,
+                        kind: kind.name(),
+                        key: &key_json,
+                        staging_row: row_json.as_ref(),
+                        production_row: None,
+                        last_written: None,
+                        edits: &[],
+                        policy: policy.as_str(),
+                        action: "stopped",
+                        quarantine_id: None,
+                    },
+                )
+                .await;
+                if let Err(e) = logged {
+                    tracing::warn!(
+                        "cannot log the conflict in {}.conflicts: {e}",
+                        state::SCHEMA
+                    );
+                }
+                return Err(error);
             }
             Resolution::AlreadyDone => {
                 self.stats.conflicts_overwritten += 1;

@@ -788,23 +788,38 @@ impl Applier {
                 None => groups.push((columns, vec![entry])),
             }
         }
-        let overwrite = self.tables[t].policy.inserts_overwrite();
+        // In a table whose production edits sync watches, a key taken is judged row by row
+        // (the edit policy first), never overwritten in bulk.
+        let overwrite = self.tables[t].policy.inserts_overwrite() && self.tables[t].edits.is_none();
         for (present, group) in inserts {
             let meta = &self.tables[t].meta;
-            // An overwriting insert has no conflict to check.
-            let sql = if checked && !overwrite {
+            // An overwriting insert has no conflict to check: it logs what it overwrote.
+            let sql = if overwrite {
+                statements::overwrite_rows(
+                    meta,
+                    &present,
+                    &crate::quote::quote_literal(&self.slot),
+                    &crate::quote::quote_literal(&meta.table_name().to_string()),
+                )
+            } else if checked {
                 statements::insert_rows_checked(meta, &present)
             } else {
-                statements::insert_rows(meta, &present, overwrite)
+                statements::insert_rows(meta, &present, false)
             };
+            let extra = if overwrite { 2 } else { 0 };
             let mut columns: Vec<Vec<Option<Bytes>>> =
-                vec![Vec::with_capacity(group.len()); present.len()];
+                vec![Vec::with_capacity(group.len()); present.len() + extra];
             for entry in &group {
                 let (NetChange::Insert(row) | NetChange::Replace(row)) = &entry.change else {
                     unreachable!("grouped inserts only")
                 };
                 for (slot, &c) in present.iter().enumerate() {
                     columns[slot].push(value_bytes(&row[c], &self.tables[t].meta)?);
+                }
+                if overwrite {
+                    let source = entry.source;
+                    columns[present.len()].push(Some(Bytes::from(source.lsn.to_string())));
+                    columns[present.len() + 1].push(Some(Bytes::from(source.xid.to_string())));
                 }
             }
             let columns = columns.into_iter().map(TextArray).collect();

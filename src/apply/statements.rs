@@ -243,6 +243,102 @@ pub fn insert_rows(meta: &TableMeta, columns: &[usize], overwrite: bool) -> Stri
     )
 }
 
+/// [`insert_rows`] with `overwrite` for a table under `on_conflict = "overwrite"`, which also
+/// logs each row it overwrote in the conflict log (`slot` and `table` as SQL literals) and
+/// returns their ordinals. Parameters: one array per column, then each row's staging LSN and
+/// xid.
+pub fn overwrite_rows(meta: &TableMeta, columns: &[usize], slot: &str, table: &str) -> String {
+    let values = aliases("c", columns.len());
+    let mut all = values.clone();
+    all.extend(["lsn".to_owned(), "xid".to_owned()]);
+    let target = qualified(&meta.schema, &meta.name);
+    let (column_list, select_list) = insert_lists(meta, columns, &values);
+    let key_names: Vec<String> = meta
+        .key
+        .iter()
+        .map(|&k| meta.columns[k].name.clone())
+        .collect();
+    let key_list = key_names
+        .iter()
+        .map(|n| quote_ident(n))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let key_alias = |k: usize| {
+        let pos = columns
+            .iter()
+            .position(|&c| c == k)
+            .expect("insert columns include the key");
+        values[pos].clone()
+    };
+    let matched = meta
+        .key
+        .iter()
+        .map(|&k| {
+            let column = &meta.columns[k];
+            format!(
+                "ins.{} = u.{}::{}",
+                quote_ident(&column.name),
+                key_alias(k),
+                column.type_sql
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let names = |cols: &mut dyn Iterator<Item = usize>| {
+        cols.map(|c| crate::quote::quote_literal(&meta.columns[c].name))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let key_json = format!(
+        "json_object(ARRAY[{}]::text[], ARRAY[{}]::text[])::jsonb",
+        names(&mut meta.key.iter().copied()),
+        meta.key
+            .iter()
+            .map(|&k| format!("u.{}", key_alias(k)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let row_json = format!(
+        "json_object(ARRAY[{}]::text[], ARRAY[{}]::text[])::jsonb",
+        names(&mut columns.iter().copied()),
+        values
+            .iter()
+            .map(|v| format!("u.{v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let updates: Vec<String> = columns
+        .iter()
+        .filter(|&&c| !meta.key.contains(&c) && meta.assignable(c))
+        .map(|&c| {
+            let name = quote_ident(&meta.columns[c].name);
+            format!("{name} = EXCLUDED.{name}")
+        })
+        .collect();
+    let action = if !updates.is_empty() {
+        format!("DO UPDATE SET {}", updates.join(", "))
+    } else if let Some(c) = (0..meta.columns.len()).find(|&c| meta.assignable(c)) {
+        // Nothing to set: still a write, so that the row is found (and logged) as overwritten.
+        let name = quote_ident(&meta.columns[c].name);
+        format!("DO UPDATE SET {name} = t.{name}")
+    } else {
+        "DO NOTHING".to_owned()
+    };
+    format!(
+        "WITH u AS (SELECT * FROM {unnest}), \
+         ins AS (INSERT INTO {target} AS t ({column_list}){overriding} SELECT {select_list} FROM u ORDER BY u.ord \
+                 ON CONFLICT ({key_list}) {action} RETURNING {key_list}, t.xmax <> 0 AS existed), \
+         hit AS (SELECT u.* FROM ins JOIN u ON {matched} WHERE ins.existed), \
+         logged AS (INSERT INTO {log} (slot, lsn, xid, table_name, kind, key, staging_row, policy, action) \
+                    SELECT {slot}, u.lsn::pg_lsn, u.xid::bigint, {table}, 'insert_exists', {key_json}, {row_json}, \
+                    'overwrite', 'overwritten' FROM hit AS u) \
+         SELECT ord FROM hit",
+        unnest = unnest_from(&all),
+        overriding = meta.overriding(columns.iter().copied()),
+        log = crate::state::conflicts::qualified_name(),
+    )
+}
+
 /// Updates the columns `set` of rows found by key. Parameters: one array per key column, then
 /// one per set column. Reports only its row count (returning a row per update costs production
 /// as much as a tenth of the update); [`missing_keys`] names the rows when the count falls short.

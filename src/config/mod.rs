@@ -557,9 +557,12 @@ impl ConflictPolicy {
                 incomplete_row: false,
             },
             (ConflictPolicy::Overwrite, ConflictKind::DeleteMissing) => Resolution::AlreadyDone,
-            (ConflictPolicy::Overwrite, ConflictKind::UpdateMissing) if whole_row => {
-                Resolution::InsertRow
-            }
+            // (An insert meets its key only where sync watches production's edits: elsewhere
+            // it overwrites as it goes.)
+            (
+                ConflictPolicy::Overwrite,
+                ConflictKind::UpdateMissing | ConflictKind::InsertExists,
+            ) if whole_row => Resolution::InsertRow,
             (
                 ConflictPolicy::Overwrite,
                 ConflictKind::UpdateMissing | ConflictKind::InsertExists,

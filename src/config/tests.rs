@@ -1116,6 +1116,68 @@ fn conflict_policies_resolve_every_kind() {
         }
     );
     assert_eq!(overwrite.resolve(K::UpdateUnmapped, true), quarantine);
+    assert_eq!(
+        overwrite.resolve(K::InsertExists, true),
+        Resolution::InsertRow
+    );
     assert_eq!(ConflictPolicy::Skip.on_retry(), ConflictPolicy::Error);
     assert!(!ConflictPolicy::Skip.allows_one_trip() && overwrite.inserts_overwrite());
+}
+
+#[test]
+fn each_edit_policy_decides_every_kind_of_change_that_meets_a_production_edit() {
+    use crate::config::{EditPolicy, EditResolution as R};
+    use crate::model::ConflictKind as K;
+    let every = [
+        K::InsertExists,
+        K::UpdateOriginDiffers,
+        K::UpdateMissing,
+        K::DeleteOriginDiffers,
+        K::DeleteMissing,
+    ];
+    for kind in every {
+        for whole_row in [true, false] {
+            assert_eq!(
+                EditPolicy::ProductionWins.resolve(kind, whole_row),
+                R::KeepProduction
+            );
+            assert_eq!(EditPolicy::Park.resolve(kind, whole_row), R::Park);
+        }
+    }
+    let staging = EditPolicy::StagingWins;
+    assert_eq!(staging.resolve(K::UpdateOriginDiffers, false), R::Apply);
+    assert_eq!(staging.resolve(K::DeleteOriginDiffers, false), R::Apply);
+    assert_eq!(staging.resolve(K::InsertExists, true), R::Apply);
+    assert_eq!(staging.resolve(K::DeleteMissing, false), R::AlreadyDone);
+    // Production deleted the row: staging's whole row goes back, a partial one waits.
+    assert_eq!(staging.resolve(K::UpdateMissing, true), R::InsertRow);
+    assert_eq!(staging.resolve(K::UpdateMissing, false), R::Park);
+}
+
+#[test]
+fn the_guard_and_edit_policy_default_from_the_guard_section() {
+    let config = with_dbs(
+        "[guard]\ndefault = \"record\"\non_production_edit = \"park\"\n\
+         [[tables]]\nname = \"a\"\n\
+         [[tables]]\nname = \"b\"\nguard = \"refuse\"\non_production_edit = \"production-wins\"\n",
+    )
+    .unwrap();
+    use crate::config::{EditPolicy, GuardMode};
+    assert_eq!(
+        (config.tables[0].guard, config.tables[0].on_production_edit),
+        (GuardMode::Record, EditPolicy::Park)
+    );
+    assert_eq!(
+        (config.tables[1].guard, config.tables[1].on_production_edit),
+        (GuardMode::Refuse, EditPolicy::ProductionWins)
+    );
+    let plain = with_dbs("[[tables]]\nname = \"a\"\n").unwrap();
+    assert_eq!(
+        (plain.tables[0].guard, plain.tables[0].on_production_edit),
+        (GuardMode::Off, EditPolicy::StagingWins)
+    );
+    let bad = with_dbs("[guard]\ndefault = \"strict\"\n[[tables]]\nname = \"a\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(bad.contains("strict"), "{bad}");
 }

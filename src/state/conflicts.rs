@@ -32,6 +32,11 @@ pub(super) fn create_table() -> String {
     )
 }
 
+/// `"stagingprop"."conflicts"`, for the statements that log as they apply.
+pub fn qualified_name() -> String {
+    table("conflicts")
+}
+
 /// One conflict and its resolution.
 #[derive(Debug)]
 pub struct Entry<'a> {
@@ -52,7 +57,7 @@ pub struct Entry<'a> {
     pub edits: &'a [i64],
     /// `on_conflict` or `on_production_edit`, as configured.
     pub policy: &'a str,
-    /// What was done: `skipped`, `overwritten`, `already-done`, `staging-wins`,
+    /// What was done: `stopped`, `skipped`, `overwritten`, `already-done`, `staging-wins`,
     /// `production-wins`, `parked`.
     pub action: &'a str,
     pub quarantine_id: Option<i64>,
