@@ -12,7 +12,8 @@ CREATE TABLE item (id int PRIMARY KEY, price numeric(10,2) NOT NULL, name text);
 CREATE TABLE offer (id int, store int, price numeric(10,2), merchant_note text, stock int,
                     PRIMARY KEY (id, store));
 CREATE TABLE price (item_id int, currency text, amount numeric(12,4), doc json,
-                    PRIMARY KEY (item_id, currency));";
+                    PRIMARY KEY (item_id, currency));
+CREATE TABLE note (id int PRIMARY KEY, body text);";
 
 /// Roles are cluster-wide: made once, whoever asks first.
 fn role(name: &str) {
@@ -520,7 +521,10 @@ async fn staging_workload(
             ),
             1 => format!("DELETE FROM item WHERE id = {id}"),
             2 | 3 => format!("UPDATE offer SET price = {value} WHERE id = {id}"),
-            4 | 5 => format!("UPDATE price SET amount = {value} WHERE item_id = {id}"),
+            4 => format!("UPDATE price SET amount = {value} WHERE item_id = {id}"),
+            5 => format!(
+                "INSERT INTO note VALUES ({id}, 'n{value}') ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body"
+            ),
             6 => format!(
                 "UPDATE item SET price = {value} WHERE id = {id}; UPDATE price SET amount = {value} WHERE item_id = {id}"
             ),
@@ -537,18 +541,33 @@ async fn staging_workload(
 }
 
 /// The merchant's side: single-row edits of managed and unmanaged columns on production;
-/// returns how many rows the managed ones changed.
+/// returns how many rows the managed ones changed, and how many writes to the refusing table
+/// were tried (each must fail).
 async fn merchant_workload(
     merchant: tokio_postgres::Client,
     seed: u64,
     until: std::time::Instant,
-) -> u64 {
+) -> (u64, u64) {
     let mut rng = support::rng::Rng::new(seed ^ 0x5eed);
     let mut managed = 0;
+    let mut refused = 0;
     while std::time::Instant::now() < until {
         let id = rng.between(1, 120) as i32;
         // Values staging never writes, so every managed edit changes the row.
         let value = format!("{}.5", rng.between(2_000_000, 9_000_000));
+        if rng.below(9) == 0 {
+            let e = merchant
+                .execute("UPDATE note SET body = 'merchant' WHERE id = $1", &[&id])
+                .await
+                .expect_err("the refusing table took a merchant's write");
+            assert_eq!(
+                e.code(),
+                Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+                "{e}"
+            );
+            refused += 1;
+            continue;
+        }
         let (sql, counts) = match rng.below(8) {
             0 => ("DELETE FROM item WHERE id = $1".to_owned(), true),
             1 | 2 => (
@@ -574,7 +593,7 @@ async fn merchant_workload(
         }
         tokio::time::sleep(std::time::Duration::from_millis(3)).await;
     }
-    managed
+    (managed, refused)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -594,14 +613,16 @@ async fn production_edits_under_random_writes_and_sigkills_of_sync_are_never_los
             "on_production_edit = \"production-wins\"\ncolumns = [\"store\", \"price\"]",
         )
         .table("public.price", "on_production_edit = \"park\"")
+        .table("public.note", "guard = \"refuse\"")
         .extra("[guard]\ndefault = \"record\"")
         .build();
-    p.on_production("GRANT ALL ON item, offer, price TO guard_merchant");
+    p.on_production("GRANT ALL ON item, offer, price, note TO guard_merchant");
     run_init(&p).await;
     p.on_staging(
         "INSERT INTO item SELECT g, g, 'item ' || g FROM generate_series(1, 100) g;
          INSERT INTO offer SELECT g, 1, g, NULL, NULL FROM generate_series(1, 120) g;
-         INSERT INTO price SELECT g, 'EUR', g, NULL FROM generate_series(1, 120) g;",
+         INSERT INTO price SELECT g, 'EUR', g, NULL FROM generate_series(1, 120) g;
+         INSERT INTO note SELECT g, 'n' || g FROM generate_series(1, 120) g;",
     );
     caught_up(&p.config).await.expect("sync");
     let scratch = support::Scratch::new("guard_faults");
@@ -642,8 +663,12 @@ async fn production_edits_under_random_writes_and_sigkills_of_sync_are_never_los
         kills += 1;
     }
     let committed = staging_side.await.unwrap();
-    let managed_edits = merchant_side.await.unwrap();
+    let (managed_edits, refused) = merchant_side.await.unwrap();
     caught_up(&p.config).await.expect("final sync");
+    // The refusing table took every change of sync's and none of the merchant's.
+    assert!(refused > 0);
+    let notes = "SELECT id, body FROM note ORDER BY id";
+    assert_eq!(p.on_staging(notes), p.on_production(notes));
 
     // Every edit of a managed column was recorded, and nothing of sync's or of the unmanaged
     // column was.
@@ -718,7 +743,7 @@ async fn production_edits_under_random_writes_and_sigkills_of_sync_are_never_los
         "the workload met edits under each policy: {decided}"
     );
     println!(
-        "guard faults: seed {seed}, {kills} kills, {committed} staging transactions, {managed_edits} production edits, decided: {}, {:.1} s",
+        "guard faults: seed {seed}, {kills} kills, {committed} staging transactions, {managed_edits} production edits, {refused} refused, decided: {}, {:.1} s",
         decided.trim(),
         started.elapsed().as_secs_f64()
     );
