@@ -195,7 +195,30 @@ async fn refuse_lets_only_stagingprop_write_managed_rows_and_columns() {
         3,
         "{again}"
     );
-    let mut off = p.config.clone();
+    // Another mode replaces a table's guard in one go.
+    let mut recording = p.config.clone();
+    recording.tables[2].guard = stagingprop::config::GuardMode::Record;
+    let report = init(&recording, &InitOptions::default())
+        .await
+        .expect("init")
+        .lines
+        .join("\n");
+    assert!(
+        report.contains("guard = \"record\" installed on public.price"),
+        "{report}"
+    );
+    p.on_staging("INSERT INTO price VALUES (2, 'USD', 3, NULL)");
+    caught_up(&recording).await.expect("sync");
+    merchant
+        .batch_execute("UPDATE price SET amount = 4")
+        .await
+        .expect("recorded now");
+    assert_eq!(
+        p.on_production("SELECT table_name || ' ' || array_to_string(key, ',') FROM stagingprop.production_edits")
+            .trim(),
+        "public.price 2,USD"
+    );
+    let mut off = recording.clone();
     off.tables[0].guard = stagingprop::config::GuardMode::Off;
     let report = init(&off, &InitOptions::default())
         .await
@@ -694,13 +717,13 @@ async fn production_edits_under_random_writes_and_sigkills_of_sync_are_never_los
                 AND e.id = (SELECT max(id) FROM stagingprop.production_edits l
                              WHERE l.table_name = e.table_name AND l.key = e.key AND l.settled_at IS NULL)
                 AND NOT EXISTS (
-                  SELECT 1 FROM item t WHERE e.table_name = 'public.item' AND ARRAY[t.id::text] = e.key AND (SELECT jsonb_object_agg(key, value #>> '{}') FROM jsonb_each(to_jsonb(t))) @> e.after
+                  SELECT 1 FROM item t WHERE e.table_name = 'public.item' AND ARRAY[t.id::text] = e.key AND to_jsonb(t) @> e.after
                   UNION ALL
                   SELECT 1 FROM offer t WHERE e.table_name = 'public.offer' AND ARRAY[t.id::text, t.store::text] = e.key
-                    AND (SELECT jsonb_object_agg(key, value #>> '{}') FROM jsonb_each(to_jsonb(t))) @> e.after
+                    AND to_jsonb(t) @> e.after
                   UNION ALL
                   SELECT 1 FROM price t WHERE e.table_name = 'public.price' AND ARRAY[t.item_id::text, t.currency] = e.key
-                    AND (SELECT jsonb_object_agg(key, value #>> '{}') FROM jsonb_each(to_jsonb(t))) @> e.after)"
+                    AND to_jsonb(t) @> e.after)"
         )
         .trim(),
         "0"

@@ -302,7 +302,7 @@ impl Applier {
                 kind: kind.name(),
                 key: &key_json,
                 staging_row: row_json.as_ref(),
-                production_row: production_row.as_ref(),
+                production_row: production_row.as_deref(),
                 last_written: None,
                 edits: &[],
                 policy: policy.as_str(),

@@ -24,8 +24,9 @@ pub(super) struct OpenEdits {
     table: String,
     policy: EditPolicy,
     pub(super) ids: Vec<i64>,
-    /// The first edit's before-image: what stagingprop last wrote to the row.
-    pub(super) last_written: Option<serde_json::Value>,
+    /// The first edit's before-image: what stagingprop last wrote to the row (JSON text, kept
+    /// as text so that no number loses a digit).
+    pub(super) last_written: Option<String>,
 }
 
 /// What a change that met an edit leaves its caller to do.
@@ -64,9 +65,7 @@ impl Applier {
         if rows.is_empty() {
             return Ok(None);
         }
-        let last_written = rows[0]
-            .get::<_, Option<String>>(1)
-            .and_then(|t| serde_json::from_str(&t).ok());
+        let last_written = rows[0].get::<_, Option<String>>(1);
         Ok(Some(OpenEdits {
             table: watch.name.clone(),
             policy: watch.policy,
@@ -75,12 +74,12 @@ impl Applier {
         }))
     }
 
-    /// Production's row under `key` in table `t`, as JSON; `None` when it has none.
+    /// Production's row under `key` in table `t`, as JSON text; `None` when it has none.
     pub(super) async fn current_row(
         &mut self,
         t: usize,
         key: &Key,
-    ) -> Result<Option<serde_json::Value>, ApplyError> {
+    ) -> Result<Option<String>, ApplyError> {
         let meta = &self.tables[t].meta;
         let name = meta.table_name();
         let params = key
@@ -94,7 +93,7 @@ impl Applier {
             .query_opt(&statements::row_as_json(meta), &refs)
             .await
             .map_err(query_error("reading production's row"))?;
-        Ok(row.and_then(|r| serde_json::from_str(&r.get::<_, String>(0)).ok()))
+        Ok(row.map(|r| r.get(0)))
     }
 
     /// Decides `entry`, which met the open `edits` of its row, under the table's edit policy.
@@ -169,8 +168,8 @@ impl Applier {
                         key: &key,
                         row: staging_row.as_ref(),
                         parked: Some(quarantine::Parked {
-                            production_row: current.as_ref(),
-                            last_written: edits.last_written.as_ref(),
+                            production_row: current.as_deref(),
+                            last_written: edits.last_written.as_deref(),
                             edits: &edits.ids,
                         }),
                     },
@@ -191,8 +190,8 @@ impl Applier {
                 kind: kind.name(),
                 key: &key,
                 staging_row: staging_row.as_ref(),
-                production_row: current.as_ref(),
-                last_written: edits.last_written.as_ref(),
+                production_row: current.as_deref(),
+                last_written: edits.last_written.as_deref(),
                 edits: &edits.ids,
                 policy: policy.as_str(),
                 action,

@@ -116,7 +116,7 @@ pub fn edited_keys(meta: &TableMeta, watched: &str) -> String {
     )
 }
 
-/// Production's row of one key (parameters: the key columns as text), as JSON with text values.
+/// Production's row of one key (parameters: the key columns as text), as JSON text.
 pub fn row_as_json(meta: &TableMeta) -> String {
     let conditions: Vec<String> = meta
         .key
@@ -132,10 +132,8 @@ pub fn row_as_json(meta: &TableMeta) -> String {
             )
         })
         .collect();
-    // Values as text, as staging's rows are logged: a number keeps every digit.
     format!(
-        "SELECT jsonb_object_agg(j.key, j.value #>> '{{}}')::text FROM {} AS t, \
-         jsonb_each(to_jsonb(t)) AS j WHERE {} GROUP BY t.ctid",
+        "SELECT to_jsonb(t)::text FROM {} AS t WHERE {}",
         meta.own_rows(),
         conditions.join(" AND ")
     )

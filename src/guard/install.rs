@@ -136,6 +136,15 @@ pub async fn plan(
                 super::function_name(oid),
                 crate::quote::quote_literal(&fingerprint)
             ));
+            // A guard installed before (another mode, another version) goes in the same
+            // transaction.
+            let drops = existing.iter().filter(|e| e.oid == oid).map(|e| {
+                format!(
+                    "DROP TRIGGER {} ON {qualified_name}",
+                    quote_ident(&e.trigger)
+                )
+            });
+            statements.splice(0..0, drops);
             plan.installs
                 .push((table.name.clone(), table.guard, statements));
         }
@@ -157,16 +166,6 @@ pub async fn plan(
         })
         .map(|(name, _)| qualified(SCHEMA, name))
         .collect();
-    // Remember each existing trigger so a reinstall drops exactly those.
-    for (table, _, statements) in &mut plan.installs {
-        let target = qualified(&table.schema, &table.name);
-        let drops: Vec<String> = existing
-            .iter()
-            .filter(|e| e.table == target)
-            .map(|e| format!("DROP TRIGGER {} ON {target}", quote_ident(&e.trigger)))
-            .collect();
-        statements.splice(0..0, drops);
-    }
     Ok(plan)
 }
 

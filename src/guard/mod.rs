@@ -108,81 +108,88 @@ pub fn install_statements(table: &GuardedTable, writer: &str) -> Result<Vec<Stri
 }
 
 /// The trigger function: decides whether the write touched managed data and, if it did,
-/// refuses or records it. Runs as its owner (stagingprop's role), so the writer needs no
-/// privilege on stagingprop's schema.
+/// refuses or records it. The managed columns' images (`to_jsonb`, less production's columns)
+/// tell: an update whose images are equal touched only production's columns.
 fn function_sql(table: &GuardedTable, function: &str) -> String {
     let display = quote_literal(&table.name.to_string());
-    let in_scope = match &table.filter {
-        None => "true".to_owned(),
+    let out_of_scope = match &table.filter {
+        None => String::new(),
         Some(filter) => format!(
-            "(TG_OP <> 'INSERT' AND EXISTS (SELECT 1 FROM (SELECT OLD.*) AS t WHERE ({filter}))) \
-             OR (TG_OP <> 'DELETE' AND EXISTS (SELECT 1 FROM (SELECT NEW.*) AS t WHERE ({filter})))"
+            "IF NOT ((TG_OP <> 'INSERT' AND EXISTS (SELECT 1 FROM (SELECT OLD.*) AS t WHERE ({filter}))) \
+             OR (TG_OP <> 'DELETE' AND EXISTS (SELECT 1 FROM (SELECT NEW.*) AS t WHERE ({filter})))) THEN
+        IF TG_OP = 'DELETE' THEN
+            RETURN OLD;
+        END IF;
+        RETURN NEW;
+    END IF;"
         ),
     };
-    let managed_o = managed_condition(&table.columns, &table.key, "o.key");
-    let managed_k = managed_condition(&table.columns, &table.key, "k");
-    let action = match table.mode {
-        GuardMode::Refuse => refuse_action(&display),
-        GuardMode::Record | GuardMode::Off => record_action(table, &display),
+    let (action, settings) = match table.mode {
+        GuardMode::Refuse => (refuse_action(&display), ""),
+        // Only a recorded key needs the settings it is printed under.
+        GuardMode::Record | GuardMode::Off => (record_action(table, &display), KEY_TEXT_SETTINGS),
     };
     format!(
         "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER \
-         SET search_path = pg_catalog, pg_temp {KEY_TEXT_SETTINGS} AS {BODY_TAG}
+         SET search_path = pg_catalog, pg_temp {settings} AS {BODY_TAG}
 #variable_conflict use_column
 DECLARE
+    old_image jsonb;
+    new_image jsonb;
     changed text[] := '{{}}';
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
         {action}
         RETURN NULL;
     END IF;
-    IF {in_scope} THEN
-        IF TG_OP = 'UPDATE' THEN
-            SELECT coalesce(array_agg(o.key ORDER BY o.key), '{{}}') INTO changed
-            FROM jsonb_each(to_jsonb(OLD)) AS o JOIN jsonb_each(to_jsonb(NEW)) AS n USING (key)
-            WHERE o.value IS DISTINCT FROM n.value{managed_o};
-        ELSE
-            changed := ARRAY(SELECT k FROM jsonb_object_keys(CASE WHEN TG_OP = 'INSERT'
-                THEN to_jsonb(NEW) ELSE to_jsonb(OLD) END) AS k WHERE true{managed_k} ORDER BY k);
-        END IF;
-        IF cardinality(changed) > 0 THEN
-            {action}
-        END IF;
+    {out_of_scope}
+    IF TG_OP <> 'INSERT' THEN
+        old_image := {old};
     END IF;
+    IF TG_OP <> 'DELETE' THEN
+        new_image := {new};
+    END IF;
+    IF TG_OP = 'UPDATE' THEN
+        IF old_image = new_image THEN
+            RETURN NEW;
+        END IF;
+        changed := ARRAY(SELECT n.key FROM jsonb_each(new_image) AS n
+                          WHERE n.value IS DISTINCT FROM old_image -> n.key ORDER BY 1);
+    ELSE
+        changed := ARRAY(SELECT jsonb_object_keys(coalesce(new_image, old_image)) ORDER BY 1);
+    END IF;
+    {action}
     IF TG_OP = 'DELETE' THEN
         RETURN OLD;
     END IF;
     RETURN NEW;
 END
-{BODY_TAG}"
+{BODY_TAG}",
+        old = image(&table.columns, &table.key, "OLD"),
+        new = image(&table.columns, &table.key, "NEW"),
     )
 }
 
-/// ` AND <column> is managed`, or nothing when every column is.
-fn managed_condition(columns: &ColumnList, key: &[String], column: &str) -> String {
+/// The image of `row` (`OLD` or `NEW`): its managed columns as JSON.
+fn image(columns: &ColumnList, key: &[String], row: &str) -> String {
     let list = |names: &[String]| {
         let items: Vec<String> = names.iter().map(|n| quote_literal(n)).collect();
         format!("ARRAY[{}]::text[]", items.join(", "))
     };
     match columns {
-        ColumnList::All => String::new(),
+        ColumnList::All => format!("to_jsonb({row})"),
+        ColumnList::Except(names) => format!("to_jsonb({row}) - {}", list(names)),
+        // Named ones only: a column added later is production's.
         ColumnList::Only(names) => {
             let mut managed = key.to_vec();
             managed.extend(names.iter().filter(|n| !key.contains(n)).cloned());
-            format!(" AND {column} = ANY({})", list(&managed))
+            format!(
+                "(SELECT jsonb_object_agg(j.key, j.value) FROM jsonb_each(to_jsonb({row})) AS j \
+                 WHERE j.key = ANY({}))",
+                list(&managed)
+            )
         }
-        ColumnList::Except(names) => format!(" AND {column} <> ALL({})", list(names)),
     }
-}
-
-/// The image of `row` (`OLD` or `NEW`) restricted to the managed columns, values as text (as
-/// stagingprop logs staging's rows: a number keeps every digit).
-fn image(columns: &ColumnList, key: &[String], row: &str) -> String {
-    format!(
-        "(SELECT coalesce(jsonb_object_agg(j.key, j.value #>> '{{}}'), '{{}}') \
-         FROM jsonb_each(to_jsonb({row})) AS j WHERE true{})",
-        managed_condition(columns, key, "j.key")
-    )
 }
 
 fn refuse_action(display: &str) -> String {
@@ -216,12 +223,9 @@ fn record_action(table: &GuardedTable, display: &str) -> String {
     format!(
         "INSERT INTO {edits} (table_name, operation, key, columns, before, after, role, application, xid) \
             VALUES ({display}, TG_OP, CASE WHEN TG_OP = 'TRUNCATE' THEN NULL ELSE {key} END, changed, \
-            CASE WHEN TG_OP IN ('UPDATE', 'DELETE') THEN {before} END, \
-            CASE WHEN TG_OP IN ('INSERT', 'UPDATE') THEN {after} END, \
+            old_image, new_image, \
             session_user, current_setting('application_name'), txid_current());",
         edits = production_edits::qualified_name(),
-        before = image(&table.columns, &table.key, "OLD"),
-        after = image(&table.columns, &table.key, "NEW"),
     )
 }
 
@@ -272,7 +276,7 @@ mod tests {
         let statements =
             install_statements(&offer(GuardMode::Record, columns, None), "sp").unwrap();
         assert!(
-            statements[0].contains("o.key = ANY(ARRAY['offer_id', 'price']::text[])"),
+            statements[0].contains("j.key = ANY(ARRAY['offer_id', 'price']::text[])"),
             "{}",
             statements[0]
         );
@@ -280,7 +284,9 @@ mod tests {
         assert!(!statements[2].contains("record_image_eq"));
         let except = ColumnList::Except(vec!["note".into()]);
         let statements = install_statements(&offer(GuardMode::Refuse, except, None), "sp").unwrap();
-        assert!(statements[0].contains("k <> ALL(ARRAY['note']::text[])"));
+        assert!(statements[0].contains("to_jsonb(OLD) - ARRAY['note']::text[]"));
+        // Refusing records no key: the key's print settings are not needed.
+        assert!(!statements[0].contains("datestyle"));
     }
 
     #[test]

@@ -49,10 +49,10 @@ pub struct Entry<'a> {
     pub key: &'a serde_json::Value,
     /// What staging sent (none for a delete).
     pub staging_row: Option<&'a serde_json::Value>,
-    /// Production's row when the conflict was met (none when it had none).
-    pub production_row: Option<&'a serde_json::Value>,
-    /// What stagingprop last wrote to the row, when a production edit recorded it.
-    pub last_written: Option<&'a serde_json::Value>,
+    /// Production's row when the conflict was met (none when it had none), JSON text.
+    pub production_row: Option<&'a str>,
+    /// What stagingprop last wrote to the row, when a production edit recorded it (JSON text).
+    pub last_written: Option<&'a str>,
     /// The production edits involved (`production_edits.id`).
     pub edits: &'a [i64],
     /// `on_conflict` or `on_production_edit`, as configured.
@@ -84,8 +84,8 @@ pub async fn insert(client: &Client, entry: &Entry<'_>) -> Result<(), StateError
                 &entry.kind,
                 &entry.key.to_string(),
                 &text(entry.staging_row),
-                &text(entry.production_row),
-                &text(entry.last_written),
+                &entry.production_row,
+                &entry.last_written,
                 &entry.edits,
                 &entry.policy,
                 &entry.action,

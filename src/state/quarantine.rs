@@ -26,10 +26,10 @@ pub struct Entry<'a> {
 /// What a parked change keeps beside staging's change, for the operator who resolves it.
 #[derive(Debug)]
 pub struct Parked<'a> {
-    /// Production's row now (none when production deleted it).
-    pub production_row: Option<&'a serde_json::Value>,
-    /// What stagingprop last wrote to the row (the first open edit's before-image).
-    pub last_written: Option<&'a serde_json::Value>,
+    /// Production's row now (none when production deleted it), JSON text.
+    pub production_row: Option<&'a str>,
+    /// What stagingprop last wrote to the row (the first open edit's before-image), JSON text.
+    pub last_written: Option<&'a str>,
     pub edits: &'a [i64],
 }
 
@@ -47,14 +47,8 @@ pub async fn insert(client: &Client, entry: &Entry<'_>) -> Result<i64, StateErro
     let key = entry.key.to_string();
     let row = entry.row.map(|r| r.to_string());
     let parked = entry.parked.is_some();
-    let production_row = entry
-        .parked
-        .as_ref()
-        .and_then(|p| p.production_row.map(|r| r.to_string()));
-    let last_written = entry
-        .parked
-        .as_ref()
-        .and_then(|p| p.last_written.map(|r| r.to_string()));
+    let production_row = entry.parked.as_ref().and_then(|p| p.production_row);
+    let last_written = entry.parked.as_ref().and_then(|p| p.last_written);
     let edits: Option<Vec<i64>> = entry.parked.as_ref().map(|p| p.edits.to_vec());
     let id = client
         .query_one(
@@ -177,9 +171,12 @@ pub async fn list(
     Ok(rows.iter().map(stored).collect())
 }
 
-/// What [`stored`] reads.
+/// What [`stored`] reads. The images production wrote hold numbers as JSON numbers: they are
+/// read with every value as text, so that none loses a digit on its way to the operator.
 const COLUMNS: &str = "id, lsn::text, xid, table_name, operation, reason, key::text, \
-    row_data::text, quarantined_at::text, parked, production_row::text, last_written::text, edits";
+    row_data::text, quarantined_at::text, parked, \
+    (SELECT jsonb_object_agg(key, value #>> '{}') FROM jsonb_each(production_row))::text, \
+    (SELECT jsonb_object_agg(key, value #>> '{}') FROM jsonb_each(last_written))::text, edits";
 
 fn stored(r: &tokio_postgres::Row) -> Stored {
     let json = |text: Option<String>| {
