@@ -121,6 +121,7 @@ q guarded -c "TRUNCATE stagingprop.production_edits"
 q staging -c "\\copy (SELECT offer_id, currency, price FROM offerprice) TO STDOUT" \
     | q guarded -c "CREATE TEMP TABLE p (offer_id bigint, currency char(3), price numeric(20,5))" \
         -c "\\copy p FROM STDIN" \
+        -c "SET session_replication_role = replica" \
         -c "UPDATE offerprice o SET price = p.price FROM p WHERE (o.offer_id, o.currency) = (p.offer_id, p.currency) AND o.price <> p.price"
 init_as guarded record
 
