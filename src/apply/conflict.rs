@@ -74,7 +74,15 @@ impl Applier {
                         .await?;
                 }
             }
-            Purpose::KeyMap | Purpose::Lock | Purpose::Begin => {}
+            Purpose::KeyMap | Purpose::EditSnapshot | Purpose::Begin => {}
+            Purpose::EditRace { table } => {
+                if !ordinals.is_empty() {
+                    return Err(ApplyError::EditRace {
+                        table: self.tables[table].meta.table_name(),
+                        rows: ordinals.len(),
+                    });
+                }
+            }
             Purpose::Updates { table, entries } => {
                 self.stats.rows_updated += count;
                 metrics::counter!("stagingprop_rows_applied_total", "table" => self.tables[table].meta.table_name().to_string(), "op" => "update")

@@ -60,6 +60,14 @@ pub enum ApplyError {
         lsn: Lsn,
         xid: Xid,
     },
+    /// A production edit of rows the batch wrote committed while sync wrote them (after the
+    /// statement's snapshot was taken): the batch is rolled back and applied again, when the
+    /// edit is seen and its policy decides.
+    #[error(
+        "{rows} row(s) of {table} were edited on production while sync wrote them; the batch is \
+         rolled back and applied again"
+    )]
+    EditRace { table: TableName, rows: usize },
     #[error("{0}")]
     Schema(String),
     #[error("on production: {0}")]
@@ -87,6 +95,7 @@ impl ApplyError {
     pub fn is_transient(&self) -> bool {
         match self {
             ApplyError::Query(q) => q.transient,
+            ApplyError::EditRace { .. } => true,
             ApplyError::State(e) => e.is_transient(),
             ApplyError::Remap(RemapError::Store(e)) => match e.as_ref() {
                 StoreError::Query { source, .. } => QueryError::new("", source).transient,

@@ -70,8 +70,11 @@ pub(super) enum Purpose {
     Updates { table: usize, entries: Vec<Entry> },
     /// Key-map writes: nothing to check beyond success.
     KeyMap,
-    /// Row locks ahead of a watched table's updates and deletes: nothing to check either.
-    Lock,
+    /// The snapshot a batch's watched tables are written under: nothing to check.
+    EditSnapshot,
+    /// Ordinals are keys of `table` whose row sync wrote while a production edit of it
+    /// committed: the batch must be applied again.
+    EditRace { table: usize },
     /// The batch's BEGIN, sent ahead of its first statement.
     Begin,
 }
@@ -87,7 +90,8 @@ impl Purpose {
             Purpose::Inserts { .. } => "applying inserts",
             Purpose::Updates { .. } => "applying updates",
             Purpose::KeyMap => "writing the key map",
-            Purpose::Lock => "locking rows production's users may edit",
+            Purpose::EditSnapshot => "noting the snapshot production's edits are read in",
+            Purpose::EditRace { .. } => "looking for production edits made meanwhile",
             Purpose::Begin => "BEGIN",
         }
     }
@@ -167,7 +171,7 @@ impl Applier {
         let client = self.client.clone();
         let count_only = matches!(
             purpose,
-            Purpose::Updates { .. } | Purpose::KeyMap | Purpose::Lock
+            Purpose::Updates { .. } | Purpose::KeyMap | Purpose::EditSnapshot
         );
         let future: QueryFuture = Box::pin(async move {
             let refs: Vec<&(dyn ToSql + Sync)> =

@@ -687,8 +687,9 @@ impl Applier {
         checked: bool,
     ) -> Result<(), ApplyError> {
         let order = self.order.clone();
-        for &t in &order {
-            self.lock_edited_rows(t, &drained[t]).await?;
+        let watched_keys = self.watched_keys(&drained);
+        if !watched_keys.is_empty() {
+            self.note_edit_snapshot().await?;
         }
         for &t in order.iter().rev() {
             self.send_deletes(t, &drained[t], checked).await?;
@@ -696,6 +697,9 @@ impl Applier {
         for &t in &order {
             let entries = std::mem::take(&mut drained[t]);
             self.send_upserts(t, entries, checked).await?;
+        }
+        for (t, keys) in watched_keys {
+            self.check_edit_race(t, keys, checked).await?;
         }
         Ok(())
     }

@@ -1,6 +1,7 @@
 //! Staging's changes that meet a row production's own users edited since stagingprop last
 //! wrote it (recorded by the guard, `guard = "record"`). Sync's UPDATEs and DELETEs of such a
-//! table first lock their rows, then leave out every row with an open edit; what was left out
+//! table leave out every row with an open edit, and afterwards (holding the rows' locks) look
+//! for an edit committed while they ran, which sends the batch round again; what was left out
 //! comes here, one change at a time, and the table's `on_production_edit` decides: apply it
 //! over the edit (`staging-wins`, production's values kept in the conflict log), leave
 //! production's row (`production-wins`, staging's change logged), or set it aside with the
@@ -288,32 +289,58 @@ impl Applier {
         Ok(())
     }
 
-    /// Locks the rows of table `t` that `entries` update or delete, when sync watches its
-    /// edits (see [`statements::lock_rows`]).
-    pub(super) async fn lock_edited_rows(
-        &mut self,
-        t: usize,
-        entries: &[Entry],
-    ) -> Result<(), ApplyError> {
-        if self.tables[t].edits.is_none() {
-            return Ok(());
-        }
-        let meta = &self.tables[t].meta;
-        let mut columns: Vec<Vec<Option<bytes::Bytes>>> = vec![Vec::new(); meta.key.len()];
-        for entry in entries {
-            if matches!(entry.change, NetChange::Insert(_)) {
+    /// The keys (one array per key column) of the rows `drained` updates or deletes in each
+    /// table whose production edits sync watches.
+    pub(super) fn watched_keys(&self, drained: &[Vec<Entry>]) -> Vec<(usize, Vec<TextArray>)> {
+        let mut out = Vec::new();
+        for (t, entries) in drained.iter().enumerate() {
+            if self.tables[t].edits.is_none() {
                 continue;
             }
-            for (k, value) in entry.key.iter().enumerate() {
-                columns[k].push(value.clone());
+            let mut columns: Vec<Vec<Option<bytes::Bytes>>> =
+                vec![Vec::new(); self.tables[t].meta.key.len()];
+            for entry in entries {
+                if matches!(entry.change, NetChange::Insert(_)) {
+                    continue;
+                }
+                for (k, value) in entry.key.iter().enumerate() {
+                    columns[k].push(value.clone());
+                }
+            }
+            if columns.first().is_some_and(|c| !c.is_empty()) {
+                out.push((t, columns.into_iter().map(TextArray).collect()));
             }
         }
-        if columns.first().is_none_or(Vec::is_empty) {
+        out
+    }
+
+    /// Notes the snapshot the batch's statements start from: an edit committed after it may
+    /// have been written over unseen (an UPDATE waiting for the editor's row lock goes on with
+    /// the row as the editor left it, but reads production's edits as of its own start).
+    pub(super) async fn note_edit_snapshot(&mut self) -> Result<(), ApplyError> {
+        self.send(
+            production_edits::NOTE_SNAPSHOT.to_owned(),
+            Vec::new(),
+            super::in_flight::Purpose::EditSnapshot,
+        )
+        .await
+    }
+
+    /// After the batch's statements of table `t` (which hold the rows' locks now): finds edits
+    /// of the rows `keys` committed since the noted snapshot. There should be none; if there
+    /// is one, the batch is applied again (`checked`: it fails on the server, for a batch sent
+    /// with its COMMIT).
+    pub(super) async fn check_edit_race(
+        &mut self,
+        t: usize,
+        keys: Vec<TextArray>,
+        checked: bool,
+    ) -> Result<(), ApplyError> {
+        let Some(watched) = self.watched(t).map(str::to_owned) else {
             return Ok(());
-        }
-        let sql = statements::lock_rows(meta);
-        let columns = columns.into_iter().map(TextArray).collect();
-        self.send(sql, columns, super::in_flight::Purpose::Lock)
+        };
+        let sql = statements::raced_keys(&self.tables[t].meta, &watched, checked);
+        self.send(sql, keys, super::in_flight::Purpose::EditRace { table: t })
             .await
     }
 

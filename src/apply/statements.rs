@@ -74,9 +74,8 @@ fn unedited(meta: &TableMeta, watched: Option<&str>) -> String {
     }
 }
 
-/// Locks the rows of the keys (one array per key column) until the transaction ends: run
-/// before the UPDATEs and DELETEs of a table whose edits sync watches, so that every edit of
-/// those rows is either committed (and seen by them) or waits for sync's commit.
+/// Locks the rows of the keys (one array per key column) until the transaction ends: before a
+/// key change or an operator's resolution reads a row's edits.
 pub fn lock_rows(meta: &TableMeta) -> String {
     let keys = aliases("k", meta.key.len());
     format!(
@@ -99,21 +98,43 @@ pub fn open_edits_of_row(meta: &TableMeta) -> String {
     production_edits::open_for_key(&casts)
 }
 
+/// The unnested keys as production prints them (as the guard records them).
+fn unnested_key_text(meta: &TableMeta, keys: &[String]) -> Vec<String> {
+    meta.key
+        .iter()
+        .zip(keys)
+        .map(|(&k, alias)| format!("(u.{alias}::{})::text", meta.columns[k].type_sql))
+        .collect()
+}
+
 /// The ordinals of keys (one array per key column) whose row has an open production edit
 /// (`watched`: the table's name as a SQL literal).
 pub fn edited_keys(meta: &TableMeta, watched: &str) -> String {
     let keys = aliases("k", meta.key.len());
-    let key_text: Vec<String> = meta
-        .key
-        .iter()
-        .zip(&keys)
-        .map(|(&k, alias)| format!("(u.{alias}::{})::text", meta.columns[k].type_sql))
-        .collect();
     format!(
         "SELECT u.ord FROM {} WHERE {}",
         unnest_from(&keys),
-        production_edits::open_exists(watched, &key_text)
+        production_edits::open_exists(watched, &unnested_key_text(meta, &keys))
     )
+}
+
+/// The ordinals of keys (one array per key column) with an open production edit committed
+/// after the batch's noted snapshot (see [`production_edits::NOTE_SNAPSHOT`]). `checked`:
+/// fail on the server instead when there is one (a batch sent with its COMMIT must not
+/// commit then).
+pub fn raced_keys(meta: &TableMeta, watched: &str, checked: bool) -> String {
+    let keys = aliases("k", meta.key.len());
+    let raced = production_edits::made_after_snapshot(watched, &unnested_key_text(meta, &keys));
+    // The CASE makes the failing cast run only for a raced row (its operand, the row's
+    // ordinal, keeps the planner from folding it).
+    let condition = if checked {
+        format!(
+            "CASE WHEN {raced} THEN ('stagingprop: row ' || u.ord || ' was edited on production meanwhile')::bigint > 0 ELSE false END"
+        )
+    } else {
+        raced
+    };
+    format!("SELECT u.ord FROM {} WHERE {condition}", unnest_from(&keys))
 }
 
 /// Production's row of one key (parameters: the key columns as text), as JSON text.
@@ -732,6 +753,12 @@ mod tests {
             "{}",
             lock_rows(&m)
         );
+        let raced = raced_keys(&m, "'x'", false);
+        assert!(
+            raced.contains("NOT pg_visible_in_snapshot(e.xid::text::xid8, current_setting('stagingprop.edits_snapshot')::pg_snapshot)"),
+            "{raced}"
+        );
+        assert!(raced_keys(&m, "'x'", true).contains("THEN ('stagingprop: row ' || u.ord"));
         assert!(edited_keys(&m, "'x'").contains(
             "WHERE EXISTS (SELECT 1 FROM \"stagingprop\".\"production_edits\" AS e WHERE e.settled_at IS NULL AND e.table_name = 'x' AND e.key = ARRAY[(u.k0::bigint)::text, (u.k1::character(3))::text])"
         ));

@@ -48,6 +48,23 @@ pub fn open_exists(name: &str, key_text: &[String]) -> String {
     )
 }
 
+/// Notes the snapshot a batch writes a watched table under, for [`made_after_snapshot`].
+pub const NOTE_SNAPSHOT: &str =
+    "SELECT set_config('stagingprop.edits_snapshot', pg_current_snapshot()::text, true)";
+
+/// `EXISTS` an open edit of table `name` (a SQL literal) for the row whose key prints as
+/// `key_text`, committed after the snapshot [`NOTE_SNAPSHOT`] noted: one sync's statements,
+/// taking their snapshots after that one, may have written over unseen.
+pub fn made_after_snapshot(name: &str, key_text: &[String]) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM {} AS e WHERE e.settled_at IS NULL AND e.table_name = {name} \
+         AND e.key = ARRAY[{}] AND NOT pg_visible_in_snapshot(e.xid::text::xid8, \
+         current_setting('stagingprop.edits_snapshot')::pg_snapshot))",
+        table("production_edits"),
+        key_text.join(", ")
+    )
+}
+
 /// The open edits of one row, oldest first, locked until the caller's transaction ends (so the
 /// guard's record and a `quarantine resolve` are never decided twice): `(id, before)`.
 /// Parameters: `$1` the table's name; the key is `key_text` (SQL expressions).
