@@ -4,9 +4,7 @@
 use std::collections::HashSet;
 
 use bytes::Bytes;
-use tokio_postgres::types::ToSql;
 
-use super::error::query_error;
 use super::in_flight::{Purpose, Reported, TextArray};
 use super::{Applier, ApplyError, ConflictKind, statements, value_bytes};
 use crate::catalog::TableMeta;
@@ -130,14 +128,9 @@ impl Applier {
         }
         let sql = statements::missing_keys(meta);
         let columns: Vec<TextArray> = columns.into_iter().map(TextArray).collect();
-        let statement = self.statement(sql, columns.len()).await?;
-        let refs: Vec<&(dyn ToSql + Sync)> =
-            columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
         let rows = self
-            .client
-            .query(&statement, &refs)
-            .await
-            .map_err(query_error("finding rows production lacks"))?;
+            .query_now(sql, &columns, "finding rows production lacks")
+            .await?;
         Ok(rows
             .iter()
             .map(|r| r.get::<_, i64>(0) as usize - 1)
@@ -179,18 +172,8 @@ impl Applier {
             "policy" => policy.as_str()
         )
         .increment(1);
-        let whole_row = match &entry.change {
-            NetChange::Insert(row) | NetChange::Update(row) | NetChange::Replace(row) => {
-                row.iter().all(|v| !matches!(v, Value::UnchangedToast))
-            }
-            NetChange::Delete => false,
-        };
-        let row_json = match &entry.change {
-            NetChange::Insert(row) | NetChange::Update(row) | NetChange::Replace(row) => {
-                Some(row_json(meta, row))
-            }
-            NetChange::Delete => None,
-        };
+        let whole_row = whole_row(&entry.change);
+        let row_json = staging_row(meta, &entry.change);
         let table = meta.table_name().to_string();
         let (action, quarantine_id) = match policy.resolve(kind, whole_row) {
             Resolution::Stop => {
@@ -252,13 +235,8 @@ impl Applier {
                     .iter()
                     .map(|v| value_bytes(v, meta).map(|b| TextArray(vec![b])))
                     .collect::<Result<Vec<_>, _>>()?;
-                let statement = self.statement(sql, columns.len()).await?;
-                let refs: Vec<&(dyn ToSql + Sync)> =
-                    columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
-                self.client
-                    .execute(&statement, &refs)
-                    .await
-                    .map_err(query_error("inserting an overwritten row"))?;
+                self.execute_now(sql, &columns, "inserting an overwritten row")
+                    .await?;
                 self.stats.conflicts_overwritten += 1;
                 ("overwritten", None)
             }
@@ -320,6 +298,26 @@ impl Applier {
         )
         .await?;
         Ok(())
+    }
+}
+
+/// Whether staging sent every column of the change's row (none is an unchanged TOAST value).
+pub(super) fn whole_row(change: &NetChange) -> bool {
+    match change {
+        NetChange::Insert(row) | NetChange::Update(row) | NetChange::Replace(row) => {
+            row.iter().all(|v| !matches!(v, Value::UnchangedToast))
+        }
+        NetChange::Delete => false,
+    }
+}
+
+/// The row staging sent, as the logs keep it (none for a delete).
+pub(super) fn staging_row(meta: &TableMeta, change: &NetChange) -> Option<serde_json::Value> {
+    match change {
+        NetChange::Insert(row) | NetChange::Update(row) | NetChange::Replace(row) => {
+            Some(row_json(meta, row))
+        }
+        NetChange::Delete => None,
     }
 }
 

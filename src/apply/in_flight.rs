@@ -159,6 +159,39 @@ impl Applier {
         Ok(statement)
     }
 
+    /// Runs a statement (parameters: text arrays) now and returns its rows; `what` names it in
+    /// an error.
+    pub(super) async fn query_now(
+        &mut self,
+        sql: String,
+        columns: &[TextArray],
+        what: &str,
+    ) -> Result<Vec<tokio_postgres::Row>, ApplyError> {
+        let statement = self.statement(sql, columns.len()).await?;
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+        self.client
+            .query(&statement, &refs)
+            .await
+            .map_err(query_error(what))
+    }
+
+    /// [`Applier::query_now`] for a statement whose row count is all it reports.
+    pub(super) async fn execute_now(
+        &mut self,
+        sql: String,
+        columns: &[TextArray],
+        what: &str,
+    ) -> Result<u64, ApplyError> {
+        let statement = self.statement(sql, columns.len()).await?;
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+        self.client
+            .execute(&statement, &refs)
+            .await
+            .map_err(query_error(what))
+    }
+
     /// Sends a set-based statement (parameters: text arrays) and returns at once; the request is
     /// on the wire, in order after everything sent before it.
     pub(super) async fn send(

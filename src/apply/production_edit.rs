@@ -10,10 +10,11 @@
 
 use tokio_postgres::types::ToSql;
 
-use super::conflict::{key_json, row_json};
+use super::conflict::{key_json, staging_row, whole_row};
 use super::error::query_error;
 use super::in_flight::TextArray;
 use super::{Applier, ApplyError, ConflictKind, as_str, statements, value_bytes};
+use crate::catalog::TableMeta;
 use crate::change::{Entry, Key, NetChange};
 use crate::config::{EditPolicy, EditResolution};
 use crate::model::Value;
@@ -51,11 +52,8 @@ impl Applier {
             return Ok(None);
         };
         let meta = &self.tables[t].meta;
-        let name = meta.table_name();
         let mut params: Vec<Option<&str>> = vec![Some(watch.name.as_str())];
-        for value in key {
-            params.push(as_str(value.as_ref(), &name)?);
-        }
+        params.extend(key_params(meta, key)?);
         let refs: Vec<&(dyn ToSql + Sync)> =
             params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
         let rows = self
@@ -82,11 +80,7 @@ impl Applier {
         key: &Key,
     ) -> Result<Option<String>, ApplyError> {
         let meta = &self.tables[t].meta;
-        let name = meta.table_name();
-        let params = key
-            .iter()
-            .map(|v| as_str(v.as_ref(), &name))
-            .collect::<Result<Vec<_>, _>>()?;
+        let params = key_params(meta, key)?;
         let refs: Vec<&(dyn ToSql + Sync)> =
             params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
         let row = self
@@ -117,12 +111,7 @@ impl Applier {
             }
             (NetChange::Update(_) | NetChange::Replace(_), false) => ConflictKind::UpdateMissing,
         };
-        let whole_row = match &entry.change {
-            NetChange::Insert(row) | NetChange::Update(row) | NetChange::Replace(row) => {
-                row.iter().all(|v| !matches!(v, Value::UnchangedToast))
-            }
-            NetChange::Delete => false,
-        };
+        let whole_row = whole_row(&entry.change);
         let (policy, table) = (edits.policy, edits.table.clone());
         let resolution = policy.resolve(kind, whole_row);
         let mut decided = Decided::Done;
@@ -145,12 +134,7 @@ impl Applier {
         };
         let meta = &self.tables[t].meta;
         let key = key_json(meta, &entry.key);
-        let staging_row = match &entry.change {
-            NetChange::Insert(row) | NetChange::Update(row) | NetChange::Replace(row) => {
-                Some(row_json(meta, row))
-            }
-            NetChange::Delete => None,
-        };
+        let staging_row = staging_row(meta, &entry.change);
         let quarantine_id = if resolution == EditResolution::Park {
             let reason = format!(
                 "{}: {kind}; parked (on_production_edit = \"park\"): resolve it with `stagingprop quarantine resolve`",
@@ -253,13 +237,8 @@ impl Applier {
                 return self.insert_whole_row(t, entry).await;
             }
         };
-        let statement = self.statement(sql, columns.len()).await?;
-        let refs: Vec<&(dyn ToSql + Sync)> =
-            columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
-        self.client
-            .execute(&statement, &refs)
-            .await
-            .map_err(query_error("applying a change over a production edit"))?;
+        self.execute_now(sql, &columns, "applying a change over a production edit")
+            .await?;
         Ok(())
     }
 
@@ -279,13 +258,12 @@ impl Applier {
             .map(|&c| value_bytes(&row[c], meta).map(|b| TextArray(vec![b])))
             .collect::<Result<Vec<_>, _>>()?;
         let sql = statements::insert_rows(meta, &present, true);
-        let statement = self.statement(sql, columns.len()).await?;
-        let refs: Vec<&(dyn ToSql + Sync)> =
-            columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
-        self.client
-            .execute(&statement, &refs)
-            .await
-            .map_err(query_error("writing staging's row over a production edit"))?;
+        self.execute_now(
+            sql,
+            &columns,
+            "writing staging's row over a production edit",
+        )
+        .await?;
         Ok(())
     }
 
@@ -347,15 +325,9 @@ impl Applier {
     /// Locks the row of `key` in table `t` now (before a key change reads its edits).
     pub(super) async fn lock_row(&mut self, t: usize, key: &Key) -> Result<(), ApplyError> {
         let columns: Vec<TextArray> = key.iter().map(|k| TextArray(vec![k.clone()])).collect();
-        let statement = self
-            .statement(statements::lock_rows(&self.tables[t].meta), columns.len())
+        let sql = statements::lock_rows(&self.tables[t].meta);
+        self.execute_now(sql, &columns, "locking a row production's users may edit")
             .await?;
-        let refs: Vec<&(dyn ToSql + Sync)> =
-            columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
-        self.client
-            .execute(&statement, &refs)
-            .await
-            .map_err(query_error("locking a row production's users may edit"))?;
         Ok(())
     }
 
@@ -377,14 +349,9 @@ impl Applier {
         }
         let sql = statements::edited_keys(meta, &watched);
         let columns: Vec<TextArray> = columns.into_iter().map(TextArray).collect();
-        let statement = self.statement(sql, columns.len()).await?;
-        let refs: Vec<&(dyn ToSql + Sync)> =
-            columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
         let rows = self
-            .client
-            .query(&statement, &refs)
-            .await
-            .map_err(query_error("finding rows production edited"))?;
+            .query_now(sql, &columns, "finding rows production edited")
+            .await?;
         Ok(rows
             .iter()
             .map(|r| r.get::<_, i64>(0) as usize - 1)
@@ -425,14 +392,14 @@ impl Applier {
         let set: Vec<usize> = values.iter().map(|(c, _)| *c).collect();
         let mut columns: Vec<TextArray> = key.iter().map(|k| TextArray(vec![k.clone()])).collect();
         columns.extend(values.iter().map(|(_, v)| TextArray(vec![v.clone()])));
-        let statement = self
-            .statement(statements::update_rows(meta, &set, None), columns.len())
-            .await?;
-        let refs: Vec<&(dyn ToSql + Sync)> =
-            columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
-        self.client
-            .execute(&statement, &refs)
+        let sql = statements::update_rows(meta, &set, None);
+        self.execute_now(sql, &columns, "writing an operator's merged values")
             .await
-            .map_err(query_error("writing an operator's merged values"))
     }
+}
+
+/// A row's key as text parameters.
+fn key_params<'a>(meta: &TableMeta, key: &'a Key) -> Result<Vec<Option<&'a str>>, ApplyError> {
+    let name = meta.table_name();
+    key.iter().map(|v| as_str(v.as_ref(), &name)).collect()
 }
