@@ -24,6 +24,8 @@
 //!   the spool's receiver and replay.
 //! - [`ddl`]: schema changes captured on staging and planned for production (sans-IO, and
 //!   the event trigger that captures them).
+//! - `repair`: online repair's watermark messages and the window sync keeps between them
+//!   (sans-IO).
 //! - [`guard`]: the production guard's triggers (refuse or record writes to managed rows by
 //!   anyone but stagingprop) and their installation.
 //! - [`copy`]: consistent parallel snapshot copy with the hand-off to sync.
@@ -53,6 +55,7 @@ mod catalog;
 mod change;
 mod quote;
 mod remap;
+mod repair;
 
 pub use apply::managed_files::FileError;
 pub use apply::{ApplyError, ApplyStats};

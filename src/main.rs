@@ -14,6 +14,7 @@ use stagingprop::ops::discover::{DiscoverOptions, discover};
 use stagingprop::ops::init::{InitOptions, init};
 use stagingprop::ops::status::{Thresholds, render, status};
 use stagingprop::ops::tail::{TailOptions, tail};
+use stagingprop::ops::verify::repair::{RepairOptions, render as render_repair, repair};
 use stagingprop::ops::verify::{VerifyOptions, render as render_diffs, verify};
 use stagingprop::pg::connect::{Endpoint, EndpointError};
 use stagingprop::state::quarantine::Selection;
@@ -355,10 +356,30 @@ enum Command {
     },
     /// Compare every managed table on staging and production (chunked hashes over key ranges,
     /// drilling into differing chunks). Exits 9 when they differ.
+    ///
+    /// With --repair, make production's differing chunks equal to staging's while sync runs:
+    /// each chunk is read on staging between two watermarks written into staging's WAL and
+    /// applied by sync in its place in the stream, exactly once. Rows production's users edited
+    /// (recorded by the guard) are kept. Run again, a repair resumes where it stopped.
     Verify {
         /// Rows per hashed chunk.
         #[arg(long, default_value_t = 10_000)]
         chunk_rows: i64,
+        /// Only this managed table (schema.table); repeat for several.
+        #[arg(long = "table")]
+        tables: Vec<String>,
+        /// Only rows meeting this SQL condition (on both sides).
+        #[arg(long = "where", value_name = "COND")]
+        condition: Option<String>,
+        /// Repair the differing chunks online (sync must be running).
+        #[arg(long)]
+        repair: bool,
+        /// With --repair: say what would be inserted, updated, deleted and kept; write nothing.
+        #[arg(long, requires = "repair")]
+        dry_run: bool,
+        /// With --repair: how long to wait for sync to apply one chunk before giving up.
+        #[arg(long, default_value_t = 300, requires = "repair")]
+        wait_seconds: u64,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -618,12 +639,31 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             };
             run_status(&config, &thresholds, json).await
         }
-        Command::Verify { chunk_rows, json } => {
+        Command::Verify {
+            chunk_rows,
+            tables,
+            condition,
+            repair,
+            dry_run,
+            wait_seconds,
+            json,
+        } => {
             let options = VerifyOptions {
                 chunk_rows,
+                tables: table_names(tables)?,
+                condition,
                 ..VerifyOptions::default()
             };
-            run_verify(&config, &options, json).await
+            if repair {
+                let options = RepairOptions {
+                    verify: options,
+                    dry_run,
+                    wait: std::time::Duration::from_secs(wait_seconds),
+                };
+                run_repair(&config, &options, json).await
+            } else {
+                run_verify(&config, &options, json).await
+            }
         }
         Command::Tail {
             slot,
@@ -883,6 +923,27 @@ async fn run_verify(config: &Config, options: &VerifyOptions, json: bool) -> Res
             message: format!("staging and production differ in {}", differing.join(", ")),
         })
     }
+}
+
+async fn run_repair(config: &Config, options: &RepairOptions, json: bool) -> Result<(), Failure> {
+    let report = repair(config, options).await.map_err(ops_failure)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_else(|e| e.to_string())
+        );
+    } else {
+        print!("{}", render_repair(&report));
+    }
+    if report.failed() {
+        return Err(Failure {
+            code: exit::DIFFERENT,
+            message: "production refused part of the repair (see FAILED above); the rest is \
+                      repaired"
+                .into(),
+        });
+    }
+    Ok(())
 }
 
 /// `tail --spool [DIR]`: the spool's records, oldest first, to its end.

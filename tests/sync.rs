@@ -432,6 +432,7 @@ async fn verify_names_rows_missing_extra_and_different_on_each_side() {
     let options = VerifyOptions {
         chunk_rows: 64,
         max_examples: 10,
+        ..VerifyOptions::default()
     };
     let diffs = verify(&p.config, &options).await.expect("verify");
     assert!(diffs.iter().all(|d| d.matches()), "{diffs:#?}");

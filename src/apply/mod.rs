@@ -16,6 +16,7 @@ mod keyless;
 pub mod managed_files;
 mod one_trip;
 mod production_edit;
+mod repair;
 mod schema_change;
 mod shape;
 pub(crate) mod statements;

@@ -262,6 +262,66 @@ pub fn insert_rows(meta: &TableMeta, columns: &[usize], overwrite: bool) -> Stri
     )
 }
 
+/// Makes production's rows of the keys given equal to the rows given (online repair): inserts
+/// the missing, updates the different (only where a column differs, so an equal row is not
+/// rewritten). Parameters: one array per column of `columns` (production column indexes, the
+/// key among them). Returns one row: (inserted, updated).
+pub fn repair_rows(meta: &TableMeta, columns: &[usize]) -> String {
+    let values = aliases("c", columns.len());
+    let table = qualified(&meta.schema, &meta.name);
+    let (column_list, select_list) = insert_lists(meta, columns, &values);
+    let key_list = meta
+        .key
+        .iter()
+        .map(|&k| quote_ident(&meta.columns[k].name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let set: Vec<String> = columns
+        .iter()
+        .filter(|&&c| !meta.key.contains(&c) && meta.assignable(c))
+        .map(|&c| quote_ident(&meta.columns[c].name))
+        .collect();
+    let action = if set.is_empty() {
+        "DO NOTHING".to_owned()
+    } else {
+        format!(
+            // As text, as verify compares them (json and a few other types have no `=`).
+            "DO UPDATE SET {} WHERE ROW({})::text IS DISTINCT FROM ROW({})::text",
+            set.iter()
+                .map(|n| format!("{n} = EXCLUDED.{n}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            set.iter()
+                .map(|n| format!("t.{n}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            set.iter()
+                .map(|n| format!("EXCLUDED.{n}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        )
+    };
+    let overriding = meta.overriding(columns.iter().copied());
+    format!(
+        "WITH w AS (INSERT INTO {table} AS t ({column_list}){overriding} SELECT {select_list} FROM {} \
+                    ORDER BY u.ord ON CONFLICT ({key_list}) {action} RETURNING xmax = 0 AS inserted) \
+         SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM w",
+        unnest_from(&values)
+    )
+}
+
+/// Deletes the rows of the keys given (online repair); a key production lacks is no conflict.
+/// Parameters: one array per key column. Its row count is the rows deleted.
+pub fn repair_deletes(meta: &TableMeta) -> String {
+    let keys = aliases("k", meta.key.len());
+    format!(
+        "DELETE FROM {} AS t USING {} WHERE {}",
+        qualified(&meta.schema, &meta.name),
+        unnest_from(&keys),
+        key_match(meta, "t", &keys)
+    )
+}
+
 /// [`insert_rows`] with `overwrite` for a table under `on_conflict = "overwrite"`, which also
 /// logs each row it overwrote in the conflict log (`slot` and `table` as SQL literals) and
 /// returns their ordinals. Parameters: one array per column, then each row's staging LSN and

@@ -12,6 +12,7 @@ use crate::change::{RowOp, Source, StagingChange};
 use crate::ddl::{Plan, SchemaChange};
 use crate::model::{Lsn, Oid, Relation};
 use crate::pg::QueryError;
+use crate::repair::AtHigh;
 use crate::state::Progress;
 
 /// One target session with at most one open transaction.
@@ -47,6 +48,10 @@ pub trait Target {
         source: Source,
         apply: bool,
     ) -> Result<Vec<Plan>, ApplyError>;
+
+    /// A repair chunk at its high watermark, after everything written before it: applied (or
+    /// recorded interrupted) in the open transaction, with its outcome.
+    async fn repair_chunk(&mut self, at: AtHigh, source: Source) -> Result<(), ApplyError>;
 
     /// TRUNCATE of managed tables, after everything written before it.
     async fn truncate(
@@ -197,6 +202,10 @@ impl Target for super::Applier {
         } else {
             self.plan_schema_change(change, source)
         }
+    }
+
+    async fn repair_chunk(&mut self, at: AtHigh, source: Source) -> Result<(), ApplyError> {
+        super::Applier::repair_chunk(self, at, source).await
     }
 
     async fn truncate(

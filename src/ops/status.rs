@@ -142,6 +142,8 @@ pub struct Status {
     pub production_edits: Vec<ProductionEdits>,
     /// The conflict log, counted by table, kind and what was done.
     pub conflicts: Vec<ConflictCount>,
+    /// An online repair (`verify --repair`) not finished.
+    pub repair: Option<state::repairs::InProgress>,
     /// The spool, when `[spool]` is configured.
     pub spool: Option<SpoolStatus>,
     /// With `[stream]`: the stream and this target's place in it.
@@ -267,6 +269,9 @@ pub async fn status(config: &Config, thresholds: &Thresholds) -> Result<Status, 
                 count,
             })
             .collect();
+        st.repair = state::repairs::in_progress(p, slot_name)
+            .await
+            .map_err(&state_error)?;
         st.last_schema_change = state::schema_changes::last(p, slot_name)
             .await
             .map_err(&state_error)?
@@ -592,6 +597,19 @@ pub fn render(st: &Status) -> String {
         out.push_str(&format!(
             "production edits of {} (recorded by the guard): {} open of {}\n",
             edits.table, edits.open, edits.recorded
+        ));
+    }
+    if let Some(r) = &st.repair {
+        out.push_str(&format!(
+            "repair {} of {} in progress since {}: {} of {} chunks done; {} rows inserted, {} updated, {} deleted\n",
+            r.id,
+            r.tables.join(", "),
+            r.started_at,
+            r.chunks_done,
+            r.chunks,
+            r.inserted,
+            r.updated,
+            r.deleted
         ));
     }
     if let Some(change) = &st.last_schema_change {

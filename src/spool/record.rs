@@ -180,11 +180,13 @@ pub fn to_record(
             prefix,
             content,
             ..
-        } if prefix == ddl::PREFIX => record(Body::Message(proto::DecodingMessage {
-            lsn: lsn.0,
-            prefix: prefix.clone(),
-            content: content.clone(),
-        })),
+        } if prefix == ddl::PREFIX || prefix == crate::repair::PREFIX => {
+            record(Body::Message(proto::DecodingMessage {
+                lsn: lsn.0,
+                prefix: prefix.clone(),
+                content: content.clone(),
+            }))
+        }
         _ => return None,
     })
 }
@@ -427,7 +429,7 @@ mod tests {
     }
 
     #[test]
-    fn only_schema_changes_of_the_decoding_messages_are_kept_and_they_need_version_2() {
+    fn only_schema_changes_and_repair_watermarks_of_the_decoding_messages_are_kept_in_version_2() {
         let message = |transactional: bool, prefix: &str| LogicalMessage::Message {
             xid: Some(7),
             transactional,
@@ -447,6 +449,22 @@ mod tests {
         assert!(to_record(Lsn(0x16), &message(false, ddl::PREFIX), &relations).is_none());
         let kept = to_record(Lsn(0x16), &message(true, ddl::PREFIX), &relations).expect("kept");
         assert_eq!(kept.version, 2);
+        // A repair's watermarks travel too (to a target behind a spool or a stream).
+        let kept_too =
+            to_record(Lsn(0x16), &message(true, crate::repair::PREFIX), &relations).expect("kept");
+        let (
+            _,
+            LogicalMessage::Message {
+                prefix, content, ..
+            },
+        ) = from_record(kept_too).unwrap()
+        else {
+            panic!("a message comes back");
+        };
+        assert_eq!(
+            (prefix.as_str(), &content[..]),
+            (crate::repair::PREFIX, &b"{}"[..])
+        );
         let change = to_record(
             Lsn(0x14),
             &LogicalMessage::Truncate {

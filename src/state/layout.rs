@@ -19,16 +19,19 @@
 //!    by the guard's triggers; `conflicts`, the conflict log; the quarantine's columns for
 //!    changes parked at a production edit (`parked`, `production_row`, `last_written`,
 //!    `edits`).
+//! 7. `repairs` and `repair_chunks`: the online repairs `verify --repair` planned, chunk by
+//!    chunk, with each chunk's outcome as sync applied it.
 
 use tokio_postgres::Client;
 
 use super::{
-    SCHEMA, StateError, conflicts, key_map, production_edits, quarantine, query_error, table,
+    SCHEMA, StateError, conflicts, key_map, production_edits, quarantine, query_error, repairs,
+    table,
 };
 use crate::quote::quote_ident;
 
 /// The layout this release writes.
-pub const LAYOUT_VERSION: i32 = 6;
+pub const LAYOUT_VERSION: i32 = 7;
 
 /// Serializes upgrades by concurrent stagingprop processes (any constant works: it only has to
 /// be the same in every release).
@@ -125,6 +128,7 @@ fn step(from: i32) -> String {
             conflicts::create_table(),
             quarantine::add_parked_columns()
         ),
+        6 => repairs::create_tables(),
         _ => unreachable!("no layout step from version {from}"),
     }
 }

@@ -3,7 +3,7 @@
 //! ([`quarantine`]), copy's two-phase commit decisions ([`copy_commits`]), the pieces a copy
 //! committed ([`copy_tables`]), the indexes a copy set aside ([`copy_indexes`]), the schema
 //! changes sync applied ([`schema_changes`]), production's own edits of managed rows
-//! ([`production_edits`]), the conflict log ([`conflicts`]) and the layout
+//! ([`production_edits`]), the conflict log ([`conflicts`]), online repairs ([`repairs`]) and the layout
 //! version row ([`layout`]). This is the only module that names them: their DDL and every
 //! statement that reads or writes them are built here, and everything else calls in.
 
@@ -16,6 +16,7 @@ pub mod layout;
 pub mod production_edits;
 pub mod progress;
 pub mod quarantine;
+pub mod repairs;
 pub mod schema_changes;
 
 use tokio_postgres::Client;

@@ -16,6 +16,7 @@ use crate::change::{Source, StagingChange};
 use crate::config::ColumnList;
 use crate::ddl::{self, Plan, SchemaChange};
 use crate::model::{Lsn, Oid, Relation};
+use crate::repair::AtHigh;
 use crate::state::Progress;
 
 /// What every session of one recorded run did, in order.
@@ -234,6 +235,23 @@ impl Target for DryRun {
             plans.push(plan);
         }
         Ok(plans)
+    }
+
+    async fn repair_chunk(&mut self, at: AtHigh, _: Source) -> Result<(), ApplyError> {
+        self.flush().await?;
+        self.begin();
+        match at {
+            AtHigh::Apply { chunk, left_out } => self.note(format_args!(
+                "repair chunk {}: {} rows, {} deletes, {left_out} left to the stream",
+                chunk.id.chunk,
+                chunk.upserts.len(),
+                chunk.deletes.len()
+            )),
+            AtHigh::Interrupted(chunk) => {
+                self.note(format_args!("repair chunk {} interrupted", chunk.id.chunk))
+            }
+        }
+        Ok(())
     }
 
     async fn truncate(&mut self, tables: &[usize], _: bool) -> Result<(), ApplyError> {

@@ -16,6 +16,7 @@
 //! same key was moved away from (and the rows referring to such rows).
 
 mod keyless;
+pub mod repair;
 
 use std::collections::HashMap;
 
@@ -25,7 +26,7 @@ use tokio_postgres::types::ToSql;
 
 use super::{OpsError, connect, query_error, state_error};
 use crate::catalog::{self, TableMeta};
-use crate::config::{Config, KeyRule};
+use crate::config::{Config, KeyRule, TableConfig, TableName};
 use crate::pg::connect::Endpoint;
 use crate::quote::quote_ident;
 use crate::remap::Remapper;
@@ -36,6 +37,10 @@ pub struct VerifyOptions {
     pub chunk_rows: i64,
     /// How many keys of each kind to report per table.
     pub max_examples: usize,
+    /// Only these managed tables (all when empty).
+    pub tables: Vec<TableName>,
+    /// Only rows meeting this SQL condition, on both sides.
+    pub condition: Option<String>,
 }
 
 impl Default for VerifyOptions {
@@ -43,7 +48,28 @@ impl Default for VerifyOptions {
         VerifyOptions {
             chunk_rows: 10_000,
             max_examples: 10,
+            tables: Vec::new(),
+            condition: None,
         }
+    }
+}
+
+impl VerifyOptions {
+    /// The config's tables these options select, with their indexes; names one not managed.
+    fn selected<'c>(&self, config: &'c Config) -> Result<Vec<(usize, &'c TableConfig)>, OpsError> {
+        for name in &self.tables {
+            if !config.tables.iter().any(|t| &t.name == name) {
+                return Err(OpsError::Refused(format!(
+                    "--table {name}: not a managed table of this config ([[tables]])"
+                )));
+            }
+        }
+        Ok(config
+            .tables
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| self.tables.is_empty() || self.tables.contains(&t.name))
+            .collect())
     }
 }
 
@@ -70,11 +96,18 @@ pub struct TableDiff {
     pub outside_scope: i64,
 }
 
-/// A row filter as a condition over the row (`true` without one); a NULL result is outside.
-fn scope_condition(filter: Option<&str>) -> String {
-    match filter {
-        None => "true".to_owned(),
-        Some(filter) => format!("coalesce(({filter}), false)"),
+/// A row filter and the operator's `--where` as a condition over the row (`true` without
+/// either); a NULL result is outside.
+fn scope_condition(filter: Option<&str>, condition: Option<&str>) -> String {
+    let parts: Vec<String> = [filter, condition]
+        .into_iter()
+        .flatten()
+        .map(|c| format!("coalesce(({c}), false)"))
+        .collect();
+    if parts.is_empty() {
+        "true".to_owned()
+    } else {
+        parts.join(" AND ")
     }
 }
 
@@ -96,12 +129,14 @@ struct TableSql<'a> {
     meta: &'a TableMeta,
     /// The table's row filter: only the rows it selects are compared.
     filter: Option<&'a str>,
+    /// The operator's `--where`.
+    condition: Option<&'a str>,
 }
 
 impl TableSql<'_> {
-    /// The row filter as a condition (`true` without one).
+    /// The row filter and `--where` as a condition (`true` without either).
     fn in_scope(&self) -> String {
-        scope_condition(self.filter)
+        scope_condition(self.filter, self.condition)
     }
 
     fn keys(&self) -> String {
@@ -237,40 +272,50 @@ async fn summarize_range(
     })
 }
 
-/// A part of a table both sides summarized: a range of whole keys, or a range of the first key
-/// column's values (lower inclusive, upper exclusive; none: unbounded).
-#[derive(Clone, Copy, Debug)]
-enum Part<'a> {
-    Keys(Range<'a>),
+/// A part of a table both sides summarized: a range of whole keys (as text), or a range of
+/// the first key column's values (lower inclusive, upper exclusive; none: unbounded).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Bounds {
+    Keys(Option<Vec<String>>, Option<Vec<String>>),
     FirstColumn(Option<i64>, Option<i64>),
+}
+
+impl Bounds {
+    /// The condition selecting the part's rows, and its parameters (text, then bigint).
+    fn condition(&self, sql: &TableSql<'_>) -> (String, Vec<String>, Vec<i64>) {
+        match self {
+            Bounds::Keys(lower, upper) => {
+                let bounds: Vec<&Vec<String>> = lower.iter().chain(upper.iter()).collect();
+                (
+                    sql.range(lower.is_some(), upper.is_some(), 1),
+                    params(&bounds),
+                    Vec::new(),
+                )
+            }
+            Bounds::FirstColumn(lower, upper) => {
+                let first = sql.first_key();
+                let mut numbers = Vec::new();
+                let mut conditions = vec!["true".to_owned()];
+                for (bound, op) in [(lower, ">="), (upper, "<")] {
+                    if let Some(value) = bound {
+                        numbers.push(*value);
+                        conditions.push(format!("{first} {op} ${}::bigint", numbers.len()));
+                    }
+                }
+                (conditions.join(" AND "), Vec::new(), numbers)
+            }
+        }
+    }
 }
 
 /// Key (as `col=value` text) to row hash, for one part on one side.
 async fn rows_in(
     client: &Client,
     sql: &TableSql<'_>,
-    part: Part<'_>,
+    part: &Bounds,
 ) -> Result<HashMap<String, String>, tokio_postgres::Error> {
-    let mut texts: Vec<String> = Vec::new();
-    let mut numbers: Vec<i64> = Vec::new();
-    let condition = match part {
-        Part::Keys((lower, upper)) => {
-            let bounds: Vec<&Vec<String>> = lower.iter().chain(upper.iter()).copied().collect();
-            texts = params(&bounds);
-            sql.range(lower.is_some(), upper.is_some(), 1)
-        }
-        Part::FirstColumn(lower, upper) => {
-            let first = sql.first_key();
-            let mut conditions = vec!["true".to_owned()];
-            for (bound, op) in [(lower, ">="), (upper, "<")] {
-                if let Some(value) = bound {
-                    numbers.push(value);
-                    conditions.push(format!("{first} {op} ${}::bigint", numbers.len()));
-                }
-            }
-            conditions.join(" AND ")
-        }
-    };
+    let (condition, texts, numbers) = part.condition(sql);
     let query = format!(
         "SELECT ARRAY[{key_texts}], {hash} FROM {table} WHERE {condition} AND {scope}",
         key_texts = sql.key_texts(),
@@ -455,16 +500,15 @@ fn compare_keys(
 
 /// Compares one table through the key map: both sides stream (staging key, row hash) sorted
 /// the same way and are merged.
-#[allow(clippy::too_many_arguments)]
 async fn verify_translated(
     s: &Client,
     p: &Client,
-    meta: &TableMeta,
-    filter: Option<&str>,
+    sql: &TableSql<'_>,
     tr: &Translation,
     options: &VerifyOptions,
     endpoints: (&Endpoint, &Endpoint),
 ) -> Result<TableDiff, OpsError> {
+    let meta = sql.meta;
     let integer: Vec<bool> = meta
         .key
         .iter()
@@ -506,7 +550,7 @@ async fn verify_translated(
     let staging_sql = format!(
         "SELECT ARRAY[{keys}], md5(ROW({columns})::text) FROM {} t WHERE {} ORDER BY {}",
         meta.qualified(),
-        scope_condition(filter),
+        sql.in_scope(),
         order(&plain)
     );
     let (keys, columns) = select(&translated);
@@ -519,7 +563,7 @@ async fn verify_translated(
         "SELECT ARRAY[{keys}], md5(ROW({columns})::text) FROM {} t {} WHERE NOT ({born}) AND {} ORDER BY {}",
         meta.qualified(),
         tr.joins.join(" "),
-        scope_condition(filter),
+        sql.in_scope(),
         order(&translated)
     );
     let (staging, production) = endpoints;
@@ -648,7 +692,100 @@ async fn remapping(
     })
 }
 
+/// Every part of a keyed table with both sides' summaries (`None`: no rows there). When the
+/// first key column is an integer, one scan per side, both at once, bucketed by it; otherwise
+/// ranges of whole keys, both sides at the same time.
+async fn summarize_table(
+    s: &Client,
+    p: &Client,
+    sql: &TableSql<'_>,
+    chunk_rows: i64,
+    endpoints: (&Endpoint, &Endpoint),
+) -> Result<Vec<(Bounds, ChunkSummary, ChunkSummary)>, OpsError> {
+    let (staging, production) = endpoints;
+    let empty = || ChunkSummary {
+        rows: 0,
+        hash: None,
+    };
+    let mut parts = Vec::new();
+    if integer_type(&sql.meta.columns[sql.meta.key[0]].type_sql) {
+        let bounds = first_column_boundaries(s, sql, chunk_rows.max(1))
+            .await
+            .map_err(query_error(staging, "reading key ranges"))?;
+        let (on_staging, on_production) = tokio::join!(
+            summarize_buckets(s, sql, &bounds),
+            summarize_buckets(p, sql, &bounds)
+        );
+        let mut on_staging = on_staging.map_err(query_error(staging, "hashing a table"))?;
+        let mut on_production =
+            on_production.map_err(query_error(production, "hashing a table"))?;
+        for bucket in 0..=bounds.len() {
+            let lower = bucket.checked_sub(1).map(|i| bounds[i]);
+            let upper = bounds.get(bucket).copied();
+            parts.push((
+                Bounds::FirstColumn(lower, upper),
+                on_staging.remove(&(bucket as i32)).unwrap_or_else(empty),
+                on_production.remove(&(bucket as i32)).unwrap_or_else(empty),
+            ));
+        }
+        return Ok(parts);
+    }
+    let boundaries = chunk_boundaries(s, sql, chunk_rows.max(1))
+        .await
+        .map_err(query_error(staging, "reading key ranges"))?;
+    let mut lower: Option<&Vec<String>> = None;
+    let mut ranges: Vec<Range<'_>> = Vec::with_capacity(boundaries.len() + 1);
+    for b in &boundaries {
+        ranges.push((lower, Some(b)));
+        lower = Some(b);
+    }
+    ranges.push((lower, None));
+    for (lower, upper) in ranges {
+        let (staging_summary, production_summary) = tokio::join!(
+            summarize_range(s, sql, lower, upper),
+            summarize_range(p, sql, lower, upper)
+        );
+        parts.push((
+            Bounds::Keys(lower.cloned(), upper.cloned()),
+            staging_summary.map_err(query_error(staging, "hashing a table"))?,
+            production_summary.map_err(query_error(production, "hashing a table"))?,
+        ));
+    }
+    Ok(parts)
+}
+
+/// Loads staging's managed part of `table`.
+async fn staging_meta(
+    s: &Client,
+    staging: &Endpoint,
+    table: &TableConfig,
+) -> Result<TableMeta, OpsError> {
+    catalog::load_table(s, &table.name)
+        .await
+        .map_err(query_error(staging, "reading table definitions"))?
+        .ok_or_else(|| OpsError::Refused(format!("staging: table {} does not exist", table.name)))?
+        .managed_part(&table.columns, "staging")
+        .map_err(OpsError::Refused)
+}
+
+/// Keys of `table`'s rows production's users edited (recorded by the guard, not overwritten
+/// since), as key text values.
+async fn edited_keys(
+    p: &Client,
+    production: &Endpoint,
+    table: &TableName,
+) -> Result<std::collections::HashSet<Vec<String>>, OpsError> {
+    Ok(
+        crate::state::production_edits::kept_keys(p, &table.to_string())
+            .await
+            .map_err(state_error(production))?
+            .into_iter()
+            .collect(),
+    )
+}
+
 pub async fn verify(config: &Config, options: &VerifyOptions) -> Result<Vec<TableDiff>, OpsError> {
+    let selected = options.selected(config)?;
     let staging = Endpoint::from_db_config(&config.staging)?;
     let production = Endpoint::from_db_config(&config.production)?;
     let s = connect(&staging).await?;
@@ -661,16 +798,10 @@ pub async fn verify(config: &Config, options: &VerifyOptions) -> Result<Vec<Tabl
             .map_err(query_error(endpoint, "starting a snapshot"))?;
     }
     let remapper = remapping(config, &s, &p, &staging, &production).await?;
-    let mut diffs = Vec::with_capacity(config.tables.len());
-    for (t, table) in config.tables.iter().enumerate() {
-        let meta = catalog::load_table(&s, &table.name)
-            .await
-            .map_err(query_error(&staging, "reading table definitions"))?
-            .ok_or_else(|| {
-                OpsError::Refused(format!("staging: table {} does not exist", table.name))
-            })?
-            .managed_part(&table.columns, "staging")
-            .map_err(OpsError::Refused)?;
+    let condition = options.condition.as_deref();
+    let mut diffs = Vec::with_capacity(selected.len());
+    for (t, table) in selected {
+        let meta = staging_meta(&s, &staging, table).await?;
         let filter = table.filter.as_deref();
         let outside_scope = match filter {
             None => 0,
@@ -686,11 +817,12 @@ pub async fn verify(config: &Config, options: &VerifyOptions) -> Result<Vec<Tabl
                 .map_err(query_error(&production, "counting rows outside the filter"))?
                 .get(0),
         };
+        let sql = TableSql {
+            meta: &meta,
+            filter,
+            condition,
+        };
         if meta.key.is_empty() {
-            let sql = TableSql {
-                meta: &meta,
-                filter,
-            };
             let mut diff =
                 keyless::verify_keyless(&s, &p, &sql, options, (&staging, &production)).await?;
             diff.outside_scope = outside_scope;
@@ -699,16 +831,11 @@ pub async fn verify(config: &Config, options: &VerifyOptions) -> Result<Vec<Tabl
         }
         if let Some(tr) = remapper.as_ref().and_then(|r| translation(config, r, t)) {
             let mut diff =
-                verify_translated(&s, &p, &meta, filter, &tr, options, (&staging, &production))
-                    .await?;
+                verify_translated(&s, &p, &sql, &tr, options, (&staging, &production)).await?;
             diff.outside_scope = outside_scope;
             diffs.push(diff);
             continue;
         }
-        let sql = TableSql {
-            meta: &meta,
-            filter,
-        };
         let mut diff = TableDiff {
             table: table.name.to_string(),
             outside_scope,
@@ -720,88 +847,32 @@ pub async fn verify(config: &Config, options: &VerifyOptions) -> Result<Vec<Tabl
             .iter()
             .map(|&k| meta.columns[k].name.as_str())
             .collect();
-        let edited: std::collections::HashSet<String> =
-            crate::state::production_edits::kept_keys(&p, &table.name.to_string())
-                .await
-                .map_err(state_error(&production))?
-                .into_iter()
-                .map(|key| {
-                    key_names
-                        .iter()
-                        .zip(key)
-                        .map(|(n, v)| format!("{n}={v}"))
-                        .collect::<Vec<_>>()
-                        .join(",")
-                })
-                .collect();
-        // (part, staging summary, production summary) for every part of the table.
-        let mut parts: Vec<(Part<'_>, Option<ChunkSummary>, Option<ChunkSummary>)> = Vec::new();
-        let first_is_integer = integer_type(&meta.columns[meta.key[0]].type_sql);
-        let boundaries;
-        let first_bounds;
-        if first_is_integer {
-            // One scan per side, both at once, bucketed by the first key column.
-            first_bounds = first_column_boundaries(&s, &sql, options.chunk_rows.max(1))
-                .await
-                .map_err(query_error(&staging, "reading key ranges"))?;
-            let (on_staging, on_production) = tokio::join!(
-                summarize_buckets(&s, &sql, &first_bounds),
-                summarize_buckets(&p, &sql, &first_bounds)
-            );
-            let mut on_staging = on_staging.map_err(query_error(&staging, "hashing a table"))?;
-            let mut on_production =
-                on_production.map_err(query_error(&production, "hashing a table"))?;
-            for bucket in 0..=first_bounds.len() {
-                let lower = bucket.checked_sub(1).map(|i| first_bounds[i]);
-                let upper = first_bounds.get(bucket).copied();
-                parts.push((
-                    Part::FirstColumn(lower, upper),
-                    on_staging.remove(&(bucket as i32)),
-                    on_production.remove(&(bucket as i32)),
-                ));
-            }
-        } else {
-            boundaries = chunk_boundaries(&s, &sql, options.chunk_rows.max(1))
-                .await
-                .map_err(query_error(&staging, "reading key ranges"))?;
-            let mut lower = None;
-            let mut ranges: Vec<Range<'_>> = Vec::with_capacity(boundaries.len() + 1);
-            for b in &boundaries {
-                ranges.push((lower, Some(b)));
-                lower = Some(b);
-            }
-            ranges.push((lower, None));
-            for (lower, upper) in ranges {
-                // Both sides summarize the same range at the same time.
-                let (staging_summary, production_summary) = tokio::join!(
-                    summarize_range(&s, &sql, lower, upper),
-                    summarize_range(&p, &sql, lower, upper)
-                );
-                parts.push((
-                    Part::Keys((lower, upper)),
-                    Some(staging_summary.map_err(query_error(&staging, "hashing a table"))?),
-                    Some(production_summary.map_err(query_error(&production, "hashing a table"))?),
-                ));
-            }
-        }
+        let edited: std::collections::HashSet<String> = edited_keys(&p, &production, &table.name)
+            .await?
+            .into_iter()
+            .map(|key| {
+                key_names
+                    .iter()
+                    .zip(key)
+                    .map(|(n, v)| format!("{n}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .collect();
+        let parts =
+            summarize_table(&s, &p, &sql, options.chunk_rows, (&staging, &production)).await?;
         diff.chunks = parts.len();
         for (part, staging_summary, production_summary) in parts {
-            let empty = ChunkSummary {
-                rows: 0,
-                hash: None,
-            };
-            let staging_summary = staging_summary.unwrap_or_else(|| empty.clone());
-            let production_summary = production_summary.unwrap_or(empty);
             diff.staging_rows += staging_summary.rows;
             diff.production_rows += production_summary.rows;
             if staging_summary == production_summary {
                 continue;
             }
             diff.chunks_differing += 1;
-            let on_staging = rows_in(&s, &sql, part)
+            let on_staging = rows_in(&s, &sql, &part)
                 .await
                 .map_err(query_error(&staging, "reading differing rows"))?;
-            let on_production = rows_in(&p, &sql, part)
+            let on_production = rows_in(&p, &sql, &part)
                 .await
                 .map_err(query_error(&production, "reading differing rows"))?;
             let mut missing: Vec<&String> = Vec::new();

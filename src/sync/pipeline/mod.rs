@@ -28,10 +28,11 @@ use crate::catalog;
 use crate::change::{Source, StagingChange};
 use crate::config::{Config, DdlMode, TableName};
 use crate::ddl::{self, SchemaChange};
-use crate::model::{Lag, Lsn, Oid, OldTuple, PgTimestamp, Relation, Xid};
+use crate::model::{Lag, Lsn, Oid, OldTuple, PgTimestamp, Relation, Tuple, Value, Xid};
 use crate::pg::connect::Endpoint;
 use crate::pg::replication::{DurablePosition, FlushHandle, ReplicationError};
 use crate::pgoutput::LogicalMessage;
+use crate::repair::{self, KeyText, Watermark, Windows};
 use crate::state::Progress;
 pub(super) use streamed::StreamSessions;
 use streamed::StreamedTxn;
@@ -146,6 +147,8 @@ pub(super) struct Pipeline<'a, T: Target> {
     feed_sequence: Option<u64>,
     /// Tables a resumed copy loaded from a snapshot later than the hand-off, with its position.
     pub(super) copied_at: HashMap<TableName, Lsn>,
+    /// Repair chunks between their watermarks, and the keys the stream changed meanwhile.
+    windows: Windows,
 }
 
 /// Batches committed on production whose commit record production may not have flushed yet:
@@ -240,6 +243,7 @@ impl<'a, T: Target> Pipeline<'a, T> {
             in_stream: None,
             feed_sequence: None,
             copied_at: HashMap::new(),
+            windows: Windows::default(),
         }
     }
 
@@ -719,7 +723,10 @@ impl<'a, T: Target> Pipeline<'a, T> {
                 let mut tables = Vec::with_capacity(relations.len());
                 for oid in relations {
                     if !self.held_by_copy(oid).await? {
-                        tables.push(self.relation_info(oid)?.table);
+                        let table = self.relation_info(oid)?.table;
+                        self.windows
+                            .spoil(Some(&self.config.tables[table].name.to_string()));
+                        tables.push(table);
                     }
                 }
                 if tables.is_empty() {
@@ -731,7 +738,12 @@ impl<'a, T: Target> Pipeline<'a, T> {
                     self.count(table, Op::Truncate);
                 }
             }
-            LogicalMessage::StreamStart { xid, .. } => self.stream_start(xid).await?,
+            LogicalMessage::StreamStart { xid, .. } => {
+                // Its changes arrive before it commits: a window cannot tell whether they
+                // come before or after its chunk's snapshot.
+                self.windows.spoil(None);
+                self.stream_start(xid).await?
+            }
             LogicalMessage::StreamStop => self.in_stream = None,
             LogicalMessage::StreamAbort {
                 xid,
@@ -762,6 +774,13 @@ impl<'a, T: Target> Pipeline<'a, T> {
                 content,
                 ..
             } if prefix == ddl::PREFIX => self.schema_change(lsn, xid, &content).await?,
+            LogicalMessage::Message {
+                xid,
+                transactional: true,
+                prefix,
+                content,
+                ..
+            } if prefix == repair::PREFIX => self.watermark(lsn, xid, &content).await?,
             LogicalMessage::Message { .. }
             | LogicalMessage::Origin { .. }
             | LogicalMessage::Type { .. } => {}
@@ -807,6 +826,92 @@ impl<'a, T: Target> Pipeline<'a, T> {
         Ok(())
     }
 
+    /// A repair's watermark addressed to this target: a low one opens its chunk's window; at a
+    /// high one the chunk, minus what the stream changed in the window, is applied in its place
+    /// (or recorded interrupted when the window was not seen whole). One that cannot be read is
+    /// left alone: a repair never stops sync (the repair sees its chunk go unanswered).
+    async fn watermark(
+        &mut self,
+        lsn: Lsn,
+        xid: Option<Xid>,
+        content: &[u8],
+    ) -> Result<(), SyncError> {
+        if self.skipping() {
+            return Ok(());
+        }
+        let mark = match Watermark::parse(content) {
+            Ok(mark) => mark,
+            Err(problem) => {
+                tracing::warn!(%lsn, "{problem}; left alone");
+                return Ok(());
+            }
+        };
+        match mark {
+            Watermark::Low { id, table, key } => {
+                if id.target != self.config.sync.slot {
+                    return Ok(());
+                }
+                self.windows.open(id, table, key);
+                if !self.streams.is_empty() {
+                    self.windows.spoil(None);
+                }
+            }
+            Watermark::High(chunk) => {
+                if chunk.id.target != self.config.sync.slot {
+                    return Ok(());
+                }
+                let at = self.windows.close(chunk);
+                self.enter_subxact(xid).await?;
+                let source = self.source(lsn);
+                self.target()?.repair_chunk(at, source).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Notes, for the repair windows open on its table, which row a change of `relation`
+    /// touched (by the window's key columns, in staging's text form).
+    fn watch_windows(&mut self, relation: Oid, change: &StagingChange) -> Result<(), SyncError> {
+        let known = self.relation_info(relation)?;
+        let table = self.config.tables[known.table].name.to_string();
+        let keys: Vec<Vec<String>> = self
+            .windows
+            .keys_watched(&table)
+            .into_iter()
+            .map(<[String]>::to_vec)
+            .collect();
+        let columns = &known.relation.columns;
+        let mut touched: Vec<(Vec<String>, Option<KeyText>)> = Vec::new();
+        for key in keys {
+            let positions: Option<Vec<usize>> = key
+                .iter()
+                .map(|name| columns.iter().position(|c| &c.name == name))
+                .collect();
+            let tuples: Vec<&Tuple> = match change {
+                StagingChange::Insert { new } => vec![new],
+                StagingChange::Update { old, new } => old.iter().chain([new]).collect(),
+                StagingChange::Delete { old } => vec![old],
+            };
+            for tuple in tuples {
+                let values = positions.as_ref().and_then(|positions| {
+                    positions
+                        .iter()
+                        .map(|&p| match &tuple[p] {
+                            Value::Null => Some(None),
+                            Value::Text(b) => Some(Some(String::from_utf8_lossy(b).into_owned())),
+                            Value::Binary(_) | Value::UnchangedToast => None,
+                        })
+                        .collect::<Option<KeyText>>()
+                });
+                touched.push((key.clone(), values));
+            }
+        }
+        for (key, values) in touched {
+            self.windows.changed(&table, &key, values);
+        }
+        Ok(())
+    }
+
     /// Keeps production's sequences of identity-keyed tables at least as high as staging's.
     async fn sync_sequences(&mut self, staging: &tokio_postgres::Client) -> Result<(), SyncError> {
         let values = catalog::sequences::read_owned(staging, self.config)
@@ -835,6 +940,9 @@ impl<'a, T: Target> Pipeline<'a, T> {
     ) -> Result<(), SyncError> {
         if self.skipping() || self.held_by_copy(relation).await? {
             return Ok(());
+        }
+        if !self.windows.is_empty() {
+            self.watch_windows(relation, &change)?;
         }
         self.enter_subxact(xid).await?;
         let known = self.relation_info(relation)?;

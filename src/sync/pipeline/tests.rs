@@ -625,3 +625,78 @@ fn a_batch_is_confirmed_only_once_production_flushed_past_its_commit() {
     assert_eq!(unflushed.flushed(Lsn(3000)), Some(Lsn(30)));
     assert!(unflushed.is_empty());
 }
+
+/// A transaction at `commit` holding one repair watermark.
+fn watermark(script: &mut Script, xid: Xid, commit: u64, mark: &crate::repair::Watermark) {
+    script.push(LogicalMessage::Begin {
+        final_lsn: Lsn(commit),
+        commit_time: PgTimestamp(0),
+        xid,
+    });
+    script.push(LogicalMessage::Message {
+        xid: None,
+        transactional: true,
+        lsn: Lsn(commit),
+        prefix: crate::repair::PREFIX.into(),
+        content: Bytes::from(mark.to_json()),
+    });
+    script.push(commit_message(commit, PgTimestamp(0)));
+}
+
+#[tokio::test]
+async fn a_repair_chunk_applies_at_its_high_watermark_minus_what_the_stream_changed_in_its_window()
+{
+    use crate::repair::{Chunk, ChunkId, Watermark};
+    let id = |chunk, target: &str| ChunkId {
+        repair: 1,
+        chunk,
+        target: target.into(),
+    };
+    let low = |chunk, target| Watermark::Low {
+        id: id(chunk, target),
+        table: "public.t".into(),
+        key: vec!["id".into()],
+    };
+    let high = |chunk, target| {
+        Watermark::High(Chunk {
+            id: id(chunk, target),
+            table: "public.t".into(),
+            columns: vec!["id".into(), "v".into()],
+            key: vec![0],
+            upserts: vec![
+                vec![Some("1".into()), Some("one".into())],
+                vec![Some("2".into()), None],
+            ],
+            deletes: vec![vec![Some("3".into())]],
+        })
+    };
+    let mut script = Script::default();
+    script.push(relation());
+    script.transaction(700, 100, &[5]);
+    watermark(&mut script, 701, 200, &low(0, "stagingprop"));
+    // Inside the window the stream changes row 2: its version wins over the chunk's.
+    script.transaction(702, 300, &[2]);
+    watermark(&mut script, 703, 400, &high(0, "stagingprop"));
+    // A high watermark whose low one this session never saw: interrupted.
+    watermark(&mut script, 704, 500, &high(1, "stagingprop"));
+    // Another target's watermarks are not this one's business.
+    watermark(&mut script, 705, 600, &low(2, "elsewhere"));
+    script.transaction(706, 700, &[1]);
+    watermark(&mut script, 707, 800, &high(2, "elsewhere"));
+    let run = apply_script(script, Lsn::INVALID, "").await;
+    run.result.unwrap();
+    assert_eq!(
+        run.log,
+        lines(&[
+            "main BEGIN",
+            "main insert 5",
+            "main insert 2",
+            "main flush 2 rows",
+            "main repair chunk 0: 1 rows, 1 deletes, 1 left to the stream",
+            "main repair chunk 1 interrupted",
+            "main insert 1",
+            "main flush 1 rows",
+            "main COMMIT 0/328 (progress from 0/0)",
+        ])
+    );
+}

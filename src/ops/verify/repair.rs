@@ -1,0 +1,742 @@
+//! `verify --repair`: makes production's differing chunks equal to staging's while sync runs.
+//!
+//! A verify pass finds the chunks whose summaries differ and writes them down as a plan on
+//! production (`stagingprop.repairs`, `repair_chunks`). Then, chunk by chunk: a low watermark
+//! goes into staging's WAL; in one snapshot the chunk's rows are read on staging, production's
+//! are compared with them, and the rows production must take (missing or different there) and
+//! the keys it must lose go into staging's WAL as the high watermark, in the same transaction.
+//! Sync applies the chunk at the high watermark, minus what the stream changed between the two
+//! (see `crate::repair`), and writes its outcome beside the rows. The repair waits for that
+//! outcome before the next chunk; an interrupted (or lost) chunk is read again. Rows the guard
+//! recorded as production's own edits are kept, never repaired. A repair run again first waits
+//! until sync has answered everything an earlier run emitted, then resumes at the chunks not
+//! done, so each chunk is applied exactly once.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio_postgres::Client;
+use tokio_postgres::types::ToSql;
+
+use super::{
+    Bounds, OpsError, TableSql, VerifyOptions, connect, edited_keys, query_error, remapping,
+    staging_meta, state_error, summarize_table, translation,
+};
+use crate::catalog::TableMeta;
+use crate::config::{Config, TableConfig};
+use crate::model::Lsn;
+use crate::pg::connect::Endpoint;
+use crate::repair::{Chunk, ChunkId, KeyText, PREFIX, Watermark};
+use crate::state::{self, repairs};
+
+#[derive(Clone, Debug)]
+pub struct RepairOptions {
+    pub verify: VerifyOptions,
+    /// Say what would be written, write nothing.
+    pub dry_run: bool,
+    /// How long to wait for sync to answer one chunk.
+    pub wait: Duration,
+}
+
+/// What the repair did (or, in a dry run, would do) to one table.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TableRepair {
+    pub table: String,
+    /// Chunks that differed, and of them those applied (or found equal by the time they were
+    /// read again).
+    pub chunks: usize,
+    pub chunks_done: usize,
+    pub inserted: i64,
+    pub updated: i64,
+    pub deleted: i64,
+    /// Rows production's users edited (recorded by the guard): kept as they are.
+    pub kept: i64,
+    pub kept_keys: Vec<String>,
+    /// Rows the stream changed while their chunk was read: left to the stream.
+    pub left_to_stream: i64,
+    /// Chunks read again (sync restarted inside their window, or lost them).
+    pub retries: i64,
+    /// Chunks production refused, with why.
+    pub failed: Vec<String>,
+    /// Why the table was not repaired at all.
+    pub not_repaired: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RepairReport {
+    pub repair: Option<i64>,
+    pub resumed: bool,
+    pub dry_run: bool,
+    pub tables: Vec<TableRepair>,
+}
+
+impl RepairReport {
+    pub fn failed(&self) -> bool {
+        self.tables.iter().any(|t| !t.failed.is_empty())
+    }
+}
+
+/// How many times a chunk is read again before the repair gives it up.
+const MAX_ATTEMPTS: i32 = 10;
+
+/// How often production is asked for a chunk's outcome.
+const POLL: Duration = Duration::from_millis(50);
+
+/// One table to repair.
+struct Repairable<'c> {
+    config: &'c TableConfig,
+    meta: TableMeta,
+}
+
+struct Sides<'a> {
+    s: &'a Client,
+    p: &'a Client,
+    staging: &'a Endpoint,
+    production: &'a Endpoint,
+    slot: &'a str,
+}
+
+pub async fn repair(config: &Config, options: &RepairOptions) -> Result<RepairReport, OpsError> {
+    let selected = options.verify.selected(config)?;
+    let staging = Endpoint::from_db_config(&config.staging)?;
+    let production = Endpoint::from_db_config(&config.production)?;
+    let s = connect(&staging).await?;
+    let mut p = connect(&production).await?;
+    let slot = config.sync.slot.as_str();
+    if !options.dry_run {
+        state::ensure(&p).await.map_err(state_error(&production))?;
+        let locked: bool = p
+            .query_one(
+                "SELECT pg_try_advisory_lock(hashtext('stagingprop.repair:' || $1))",
+                &[&slot],
+            )
+            .await
+            .map_err(query_error(&production, "taking the repair lock"))?
+            .get(0);
+        if !locked {
+            return Err(OpsError::Refused(format!(
+                "another verify --repair is running against this production for slot {slot}; \
+                 wait for it to finish"
+            )));
+        }
+    }
+    let remapper = remapping(config, &s, &p, &staging, &production).await?;
+    let mut report = RepairReport {
+        dry_run: options.dry_run,
+        ..RepairReport::default()
+    };
+    let mut tables: Vec<Repairable<'_>> = Vec::new();
+    for (t, table) in selected {
+        let meta = staging_meta(&s, &staging, table).await?;
+        let why_not = if meta.key.is_empty() {
+            Some(
+                "it has no primary key: repair finds rows by key; re-seed it with `copy --truncate --table`",
+            )
+        } else if remapper
+            .as_ref()
+            .and_then(|r| translation(config, r, t))
+            .is_some()
+        {
+            Some(
+                "key remapping touches it, which online repair does not handle yet; re-seed it \
+                 with `copy --truncate --table`",
+            )
+        } else {
+            None
+        };
+        match why_not {
+            Some(why) if !options.verify.tables.is_empty() => {
+                return Err(OpsError::Refused(format!(
+                    "cannot repair {}: {why}",
+                    table.name
+                )));
+            }
+            Some(why) => report.tables.push(TableRepair {
+                table: table.name.to_string(),
+                not_repaired: Some(why.to_owned()),
+                ..TableRepair::default()
+            }),
+            None => tables.push(Repairable {
+                config: table,
+                meta,
+            }),
+        }
+    }
+    let sides = Sides {
+        s: &s,
+        p: &p,
+        staging: &staging,
+        production: &production,
+        slot,
+    };
+    let names: Vec<String> = tables.iter().map(|t| t.config.name.to_string()).collect();
+    let condition = options.verify.condition.clone();
+    // An earlier run's chunks in staging's WAL are answered before anything else is decided.
+    let mut resume = None;
+    if !options.dry_run
+        && let Some(earlier) = repairs::unfinished(&p, slot)
+            .await
+            .map_err(state_error(&production))?
+    {
+        wait_for_sync_past(&sides, current_wal(&sides).await?, options.wait).await?;
+        if earlier.tables == names && earlier.condition == condition {
+            tracing::info!(
+                repair = earlier.id,
+                started_at = %earlier.started_at,
+                "resuming an unfinished repair"
+            );
+            resume = Some(earlier.id);
+        } else {
+            repairs::finish(&p, earlier.id, "abandoned")
+                .await
+                .map_err(state_error(&production))?;
+            tracing::info!(
+                repair = earlier.id,
+                "an unfinished repair of other tables is abandoned: this one replaces it"
+            );
+        }
+    }
+    let by_name: HashMap<String, &Repairable<'_>> = tables
+        .iter()
+        .map(|t| (t.config.name.to_string(), t))
+        .collect();
+    for t in &tables {
+        report.tables.push(TableRepair {
+            table: t.config.name.to_string(),
+            ..TableRepair::default()
+        });
+    }
+    // The plan: (table, bounds, chunk number) of every differing chunk.
+    let plan: Vec<(String, Bounds, Option<i32>)> = match resume {
+        Some(id) => {
+            report.resumed = true;
+            let chunks = repairs::chunks(&p, id)
+                .await
+                .map_err(state_error(&production))?;
+            for c in &chunks {
+                let entry = table_entry(&mut report, &c.table);
+                entry.chunks += 1;
+                if c.state.is_done() {
+                    entry.chunks_done += 1;
+                    entry.inserted += c.inserted;
+                    entry.updated += c.updated;
+                    entry.deleted += c.deleted;
+                    entry.left_to_stream += c.left_out;
+                }
+                entry.kept += c.kept;
+            }
+            chunks
+                .into_iter()
+                .filter(|c| !c.state.is_done())
+                .map(|c| {
+                    let bounds = serde_json::from_value(c.bounds).map_err(|e| {
+                        OpsError::Refused(format!(
+                            "repair {id} chunk {} has bounds this release cannot read ({e}); \
+                             finish it with the release that planned it",
+                            c.chunk
+                        ))
+                    })?;
+                    Ok((c.table, bounds, Some(c.chunk)))
+                })
+                .collect::<Result<_, OpsError>>()?
+        }
+        None => {
+            let mut plan = Vec::new();
+            for t in &tables {
+                let sql = t.sql(condition.as_deref());
+                let parts = summarize_table(
+                    &s,
+                    &p,
+                    &sql,
+                    options.verify.chunk_rows,
+                    (&staging, &production),
+                )
+                .await?;
+                let differing: Vec<Bounds> = parts
+                    .into_iter()
+                    .filter(|(_, a, b)| a != b)
+                    .map(|(bounds, _, _)| bounds)
+                    .collect();
+                table_entry(&mut report, &t.config.name.to_string()).chunks += differing.len();
+                plan.extend(
+                    differing
+                        .into_iter()
+                        .map(|b| (t.config.name.to_string(), b, None)),
+                );
+            }
+            if !options.dry_run {
+                let rows: Vec<(String, serde_json::Value, i64)> = plan
+                    .iter()
+                    .map(|(table, bounds, _)| {
+                        (
+                            table.clone(),
+                            serde_json::to_value(bounds).expect("bounds serialize"),
+                            0,
+                        )
+                    })
+                    .collect();
+                let id = repairs::plan(&mut p, slot, &names, condition.as_deref(), &rows)
+                    .await
+                    .map_err(state_error(&production))?;
+                report.repair = Some(id);
+                plan = plan
+                    .into_iter()
+                    .enumerate()
+                    .map(|(n, (table, bounds, _))| (table, bounds, Some(n as i32)))
+                    .collect();
+            }
+            plan
+        }
+    };
+    if resume.is_some() {
+        report.repair = resume;
+    }
+    let sides = Sides {
+        s: &s,
+        p: &p,
+        staging: &staging,
+        production: &production,
+        slot,
+    };
+    let total = plan.len();
+    for (done, (table, bounds, chunk)) in plan.into_iter().enumerate() {
+        let t = by_name[&table];
+        let sql = t.sql(condition.as_deref());
+        let edited = edited_keys(&p, &production, &t.config.name).await?;
+        let entry_index = report
+            .tables
+            .iter()
+            .position(|e| e.table == table)
+            .expect("every table has an entry");
+        match (report.repair, chunk) {
+            (Some(id), Some(n)) => {
+                let outcome =
+                    repair_chunk(&sides, &sql, &bounds, &edited, (id, n), options).await?;
+                let entry = &mut report.tables[entry_index];
+                entry.retries += i64::from(outcome.retries);
+                entry.kept += outcome.kept.len() as i64;
+                note_kept(entry, &sql, outcome.kept);
+                match outcome.row {
+                    Some(row) if row.state.is_done() => {
+                        entry.chunks_done += 1;
+                        entry.inserted += row.inserted;
+                        entry.updated += row.updated;
+                        entry.deleted += row.deleted;
+                        entry.left_to_stream += row.left_out;
+                    }
+                    Some(row) => entry.failed.push(format!(
+                        "chunk {n}: {}",
+                        row.reason.unwrap_or_else(|| row.state.as_str().to_owned())
+                    )),
+                    None => entry.failed.push(format!("chunk {n}: no outcome")),
+                }
+                tracing::info!(
+                    repair = id,
+                    chunk = n,
+                    table = %table,
+                    "repair chunk {} of {total} done",
+                    done + 1
+                );
+            }
+            _ => {
+                // Dry run: what the chunk would take, read now.
+                let diff = chunk_diff(&sides, &sql, &bounds, &edited).await?;
+                let entry = &mut report.tables[entry_index];
+                entry.inserted += diff.missing as i64;
+                entry.updated += (diff.upserts.len() - diff.missing) as i64;
+                entry.deleted += diff.deletes.len() as i64;
+                entry.kept += diff.kept.len() as i64;
+                note_kept(entry, &sql, diff.kept);
+            }
+        }
+    }
+    if let Some(id) = report.repair
+        && !options.dry_run
+    {
+        let outcome = if report.failed() { "failed" } else { "done" };
+        repairs::finish(&p, id, outcome)
+            .await
+            .map_err(state_error(&production))?;
+    }
+    Ok(report)
+}
+
+fn table_entry<'r>(report: &'r mut RepairReport, table: &str) -> &'r mut TableRepair {
+    let i = match report.tables.iter().position(|e| e.table == table) {
+        Some(i) => i,
+        None => {
+            report.tables.push(TableRepair {
+                table: table.to_owned(),
+                ..TableRepair::default()
+            });
+            report.tables.len() - 1
+        }
+    };
+    &mut report.tables[i]
+}
+
+/// Lists the first kept keys as `col=value` text.
+fn note_kept(entry: &mut TableRepair, sql: &TableSql<'_>, kept: Vec<KeyText>) {
+    for key in kept {
+        if entry.kept_keys.len() >= 10 {
+            break;
+        }
+        let text = sql
+            .meta
+            .key
+            .iter()
+            .zip(key)
+            .map(|(&k, v)| {
+                format!(
+                    "{}={}",
+                    sql.meta.columns[k].name,
+                    v.unwrap_or_else(|| "NULL".into())
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(",");
+        entry.kept_keys.push(text);
+    }
+}
+
+impl Repairable<'_> {
+    fn sql<'a>(&'a self, condition: Option<&'a str>) -> TableSql<'a> {
+        TableSql {
+            meta: &self.meta,
+            filter: self.config.filter.as_deref(),
+            condition,
+        }
+    }
+}
+
+/// What one chunk differs by, as read now.
+struct ChunkDiff {
+    /// Staging's rows production lacks or has otherwise (text values, staging's managed
+    /// columns); the first `missing` of them are lacking.
+    upserts: Vec<Vec<Option<String>>>,
+    missing: usize,
+    deletes: Vec<KeyText>,
+    /// Keys left alone because production's users edited them.
+    kept: Vec<KeyText>,
+}
+
+/// Reads the chunk on both sides (staging in its open transaction, if any) and compares.
+async fn chunk_diff(
+    sides: &Sides<'_>,
+    sql: &TableSql<'_>,
+    bounds: &Bounds,
+    edited: &HashSet<Vec<String>>,
+) -> Result<ChunkDiff, OpsError> {
+    let (condition, texts, numbers) = bounds.condition(sql);
+    let key_texts = sql.key_texts();
+    let hash = sql.row_hash();
+    let values = sql
+        .meta
+        .columns
+        .iter()
+        .map(|c| format!("{}::text", crate::quote::quote_ident(&c.name)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let table = sql.meta.qualified();
+    let scope = sql.in_scope();
+    let refs: Vec<&(dyn ToSql + Sync)> = texts
+        .iter()
+        .map(|v| v as &(dyn ToSql + Sync))
+        .chain(numbers.iter().map(|v| v as &(dyn ToSql + Sync)))
+        .collect();
+    let on_staging = sides
+        .s
+        .query(
+            &format!(
+                "SELECT ARRAY[{key_texts}], {hash}, ARRAY[{values}]::text[] FROM {table} \
+                 WHERE {condition} AND {scope}"
+            ),
+            &refs,
+        )
+        .await
+        .map_err(query_error(sides.staging, "reading a chunk to repair"))?;
+    let on_production: HashMap<KeyText, String> = sides
+        .p
+        .query(
+            &format!(
+                "SELECT ARRAY[{key_texts}], {hash} FROM {table} WHERE {condition} AND {scope}"
+            ),
+            &refs,
+        )
+        .await
+        .map_err(query_error(sides.production, "reading a chunk to repair"))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let is_edited = |key: &KeyText| {
+        key.iter()
+            .cloned()
+            .collect::<Option<Vec<String>>>()
+            .is_some_and(|k| edited.contains(&k))
+    };
+    let mut diff = ChunkDiff {
+        upserts: Vec::new(),
+        missing: 0,
+        deletes: Vec::new(),
+        kept: Vec::new(),
+    };
+    let mut different = Vec::new();
+    let mut seen: HashSet<KeyText> = HashSet::with_capacity(on_staging.len());
+    for row in &on_staging {
+        let key: KeyText = row.get(0);
+        let hash: String = row.get(1);
+        let found = on_production.get(&key);
+        if found != Some(&hash) {
+            if is_edited(&key) {
+                diff.kept.push(key.clone());
+            } else if found.is_none() {
+                diff.upserts.push(row.get(2));
+            } else {
+                different.push(row.get(2));
+            }
+        }
+        seen.insert(key);
+    }
+    diff.missing = diff.upserts.len();
+    diff.upserts.extend(different);
+    for key in on_production.into_keys() {
+        if !seen.contains(&key) {
+            if is_edited(&key) {
+                diff.kept.push(key);
+            } else {
+                diff.deletes.push(key);
+            }
+        }
+    }
+    Ok(diff)
+}
+
+/// A chunk's end: its row on production as sync left it, how often it was read again, and
+/// the edited rows it kept.
+struct ChunkEnd {
+    row: Option<repairs::ChunkRow>,
+    retries: i32,
+    kept: Vec<KeyText>,
+}
+
+async fn emit(client: &Client, mark: &Watermark) -> Result<Lsn, tokio_postgres::Error> {
+    let lsn: String = client
+        .query_one(
+            "SELECT pg_logical_emit_message(true, $1, $2)::text",
+            &[&PREFIX, &mark.to_json()],
+        )
+        .await?
+        .get(0);
+    Ok(lsn.parse().unwrap_or(Lsn::INVALID))
+}
+
+/// Sends one chunk through the watermarks until sync applied it (or it failed), reading it
+/// again when sync could not.
+async fn repair_chunk(
+    sides: &Sides<'_>,
+    sql: &TableSql<'_>,
+    bounds: &Bounds,
+    edited: &HashSet<Vec<String>>,
+    (repair, chunk): (i64, i32),
+    options: &RepairOptions,
+) -> Result<ChunkEnd, OpsError> {
+    let table = sql.meta.table_name().to_string();
+    let id = ChunkId {
+        repair,
+        chunk,
+        target: sides.slot.to_owned(),
+    };
+    let key: Vec<usize> = sql.meta.key.clone();
+    let key_names: Vec<String> = key
+        .iter()
+        .map(|&k| sql.meta.columns[k].name.clone())
+        .collect();
+    let mut retries = 0;
+    loop {
+        repairs::attempt(sides.p, repair, chunk)
+            .await
+            .map_err(state_error(sides.production))?;
+        let low = Watermark::Low {
+            id: id.clone(),
+            table: table.clone(),
+            key: key_names.clone(),
+        };
+        emit(sides.s, &low).await.map_err(query_error(
+            sides.staging,
+            "writing a repair's low watermark",
+        ))?;
+        // The snapshot the chunk is read in starts after the low watermark committed; the
+        // high watermark commits with it, its table locked against schema changes meanwhile.
+        sides
+            .s
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+            .await
+            .map_err(query_error(sides.staging, "starting a snapshot"))?;
+        let read = chunk_diff(sides, sql, bounds, edited).await;
+        let diff = match read {
+            Ok(diff) => diff,
+            Err(e) => {
+                let _ = sides.s.batch_execute("ROLLBACK").await;
+                return Err(e);
+            }
+        };
+        let high = Watermark::High(Chunk {
+            id: id.clone(),
+            table: table.clone(),
+            columns: sql.meta.columns.iter().map(|c| c.name.clone()).collect(),
+            key: key.clone(),
+            upserts: diff.upserts,
+            deletes: diff.deletes,
+        });
+        let emitted = emit(sides.s, &high).await;
+        let committed = sides.s.batch_execute("COMMIT").await;
+        let high_at = emitted.map_err(query_error(
+            sides.staging,
+            "writing a repair's high watermark",
+        ))?;
+        committed.map_err(query_error(sides.staging, "COMMIT"))?;
+        let row = wait_for_outcome(sides, (repair, chunk), high_at, options.wait).await?;
+        let again = match &row {
+            None => true,
+            Some(row) => row.state == repairs::ChunkState::Interrupted,
+        };
+        if !again {
+            return Ok(ChunkEnd {
+                row,
+                retries,
+                kept: diff.kept,
+            });
+        }
+        retries += 1;
+        if retries >= MAX_ATTEMPTS {
+            return Ok(ChunkEnd {
+                row,
+                retries,
+                kept: diff.kept,
+            });
+        }
+        tracing::info!(repair, chunk, table = %table, "sync could not apply the chunk whole; reading it again");
+    }
+}
+
+/// Waits until sync wrote the chunk's outcome; `None` when sync went past its high watermark
+/// without one (a batch applied again without it): the chunk is read again.
+async fn wait_for_outcome(
+    sides: &Sides<'_>,
+    (repair, chunk): (i64, i32),
+    high_at: Lsn,
+    wait: Duration,
+) -> Result<Option<repairs::ChunkRow>, OpsError> {
+    let started = tokio::time::Instant::now();
+    loop {
+        let row = repairs::chunk(sides.p, repair, chunk)
+            .await
+            .map_err(state_error(sides.production))?;
+        if let Some(row) = &row
+            && row.state != repairs::ChunkState::Planned
+        {
+            return Ok(Some(row.clone()));
+        }
+        let applied = applied_position(sides).await?;
+        if applied > high_at {
+            // The answer may have committed just after the read above.
+            let row = repairs::chunk(sides.p, repair, chunk)
+                .await
+                .map_err(state_error(sides.production))?;
+            return Ok(row.filter(|r| r.state != repairs::ChunkState::Planned));
+        }
+        if started.elapsed() > wait {
+            return Err(not_answering(sides, high_at, applied, wait));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+fn not_answering(sides: &Sides<'_>, waiting_for: Lsn, applied: Lsn, wait: Duration) -> OpsError {
+    OpsError::Refused(format!(
+        "sync has not applied staging's WAL up to {waiting_for} within {}s (production's \
+         progress row for slot {} is at {applied}): is sync running? What the repair wrote \
+         into staging's WAL is applied when sync gets there; run verify --repair again \
+         afterwards to finish the repair",
+        wait.as_secs(),
+        sides.slot
+    ))
+}
+
+/// Where production's progress row for the slot stands (invalid without one).
+async fn applied_position(sides: &Sides<'_>) -> Result<Lsn, OpsError> {
+    Ok(state::progress::read(sides.p, sides.slot)
+        .await
+        .map_err(state_error(sides.production))?
+        .map_or(Lsn::INVALID, |p| p.end_lsn))
+}
+
+/// Staging's WAL insert position now.
+async fn current_wal(sides: &Sides<'_>) -> Result<Lsn, OpsError> {
+    let lsn: String = sides
+        .s
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .map_err(query_error(sides.staging, "reading staging's WAL position"))?
+        .get(0);
+    Ok(lsn.parse().unwrap_or(Lsn::INVALID))
+}
+
+/// Waits until sync has applied staging's WAL past `at`.
+async fn wait_for_sync_past(sides: &Sides<'_>, at: Lsn, wait: Duration) -> Result<(), OpsError> {
+    let started = tokio::time::Instant::now();
+    loop {
+        let applied = applied_position(sides).await?;
+        if applied >= at {
+            return Ok(());
+        }
+        if started.elapsed() > wait {
+            return Err(not_answering(sides, at, applied, wait));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// The report, one line per table.
+pub fn render(report: &RepairReport) -> String {
+    let mut out = String::new();
+    let verb = if report.dry_run { "would" } else { "did" };
+    if let Some(id) = report.repair {
+        let how = if report.resumed { "resumed" } else { "planned" };
+        out.push_str(&format!("repair {id} ({how})\n"));
+    }
+    for t in &report.tables {
+        if let Some(why) = &t.not_repaired {
+            out.push_str(&format!("{}: not repaired: {why}\n", t.table));
+            continue;
+        }
+        if t.chunks == 0 {
+            out.push_str(&format!("{}: match, nothing to repair\n", t.table));
+            continue;
+        }
+        let mut line = format!(
+            "{}: {} differing chunk(s); {verb} insert {}, update {}, delete {} row(s)",
+            t.table, t.chunks, t.inserted, t.updated, t.deleted
+        );
+        if !report.dry_run {
+            line.push_str(&format!(
+                "; {} chunk(s) done, {} left to the stream, {} read again",
+                t.chunks_done, t.left_to_stream, t.retries
+            ));
+        }
+        out.push_str(&line);
+        out.push('\n');
+        if t.kept > 0 {
+            out.push_str(&format!(
+                "  kept {} row(s) production's users edited (recorded by the guard): {}\n",
+                t.kept,
+                t.kept_keys.join("; ")
+            ));
+        }
+        for failure in &t.failed {
+            out.push_str(&format!("  FAILED {failure}\n"));
+        }
+    }
+    out
+}

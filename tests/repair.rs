@@ -1,0 +1,408 @@
+//! Online repair: `verify --repair` makes production's drifted chunks equal to staging's while
+//! sync runs, through watermarks in staging's WAL, exactly once, across kills of sync and of the
+//! repair itself; rows the guard recorded as production's own edits are kept.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::{Pair, PairBuilder, caught_up, clusters, endpoint, psql, stagingprop};
+
+const SCHEMA: &str = "
+CREATE TABLE item (id int PRIMARY KEY, price numeric(10,2) NOT NULL, name text);
+CREATE TABLE price (item_id int, currency text, amount numeric(12,4), doc json,
+                    PRIMARY KEY (item_id, currency));
+CREATE TABLE tag (code text PRIMARY KEY, label text);";
+
+const SEED: &str = "
+INSERT INTO item SELECT g, g, 'item ' || g FROM generate_series(1, 3000) g;
+INSERT INTO price SELECT g, c, g * 1.5, '{\"n\": 1}' FROM generate_series(1, 1500) g, unnest(ARRAY['EUR', 'USD']) c;
+INSERT INTO tag SELECT 'tag-' || g, 'label ' || g FROM generate_series(1, 800) g;";
+
+/// Drift made on production by someone else: rows deleted, changed and added in each table.
+const DRIFT: &str = "
+DELETE FROM item WHERE id % 97 = 3;
+UPDATE item SET price = price + 1000, name = 'drifted' WHERE id % 89 = 5;
+INSERT INTO item SELECT g, 1, 'production only' FROM generate_series(5001, 5040) g;
+DELETE FROM price WHERE item_id % 71 = 1 AND currency = 'USD';
+UPDATE price SET amount = -1, doc = '{\"drift\": true}' WHERE item_id % 53 = 2;
+INSERT INTO price VALUES (9999, 'GBP', 1, NULL);
+DELETE FROM tag WHERE code LIKE 'tag-1_';
+UPDATE tag SET label = NULL WHERE code LIKE 'tag-7%';
+INSERT INTO tag VALUES ('zzz-only-here', 'extra');";
+
+/// The three tables, item's with the extra lines `item` and every table's with `all`.
+fn pair(prefix: &str, item: &str, all: &str) -> Pair {
+    PairBuilder::new(prefix, SCHEMA)
+        .sync("batch_max_rows = 200")
+        .table("public.item", &format!("{item}\n{all}"))
+        .table("public.price", all)
+        .table("public.tag", all)
+        .build()
+}
+
+async fn differing_tables(p: &Pair) -> Vec<String> {
+    let options = stagingprop::ops::verify::VerifyOptions {
+        chunk_rows: 250,
+        ..Default::default()
+    };
+    stagingprop::ops::verify::verify(&p.config, &options)
+        .await
+        .expect("verify")
+        .into_iter()
+        .filter(|d| !d.matches())
+        .map(|d| format!("{d:?}"))
+        .collect()
+}
+
+/// Small staging transactions over the first 400 items (and their prices), some of them in
+/// chunks the drift touched, until told to stop.
+async fn staging_workload(
+    staging: tokio_postgres::Client,
+    seed: u64,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> u64 {
+    let mut rng = support::rng::Rng::new(seed);
+    let mut committed = 0;
+    while !*stop.borrow() {
+        let id = rng.between(1, 400);
+        let value = rng.between(1, 1_000_000);
+        let sql = match rng.below(6) {
+            0 => format!(
+                "INSERT INTO item VALUES ({id}, {value}, 'new') ON CONFLICT (id) DO UPDATE SET name = 'renewed {value}'"
+            ),
+            1 => format!("DELETE FROM item WHERE id = {id}"),
+            2 => format!("UPDATE price SET amount = {value} WHERE item_id = {id}"),
+            3 => format!(
+                "INSERT INTO tag VALUES ('tag-{id}', 'w{value}') ON CONFLICT (code) DO UPDATE SET label = EXCLUDED.label"
+            ),
+            _ => format!("UPDATE item SET price = {value}, name = 'v{value}' WHERE id = {id}"),
+        };
+        staging
+            .batch_execute(&format!("BEGIN; {sql}; COMMIT"))
+            .await
+            .expect("staging workload");
+        committed += 1;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    committed
+}
+
+fn spawn(config: &std::path::Path, args: &[&str], log: &std::path::Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_stagingprop"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(log.with_extension("out")).unwrap())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_is_repaired_online_exactly_once_across_sigkills_of_sync_and_of_the_repair() {
+    let started = Instant::now();
+    let seed = support::rng::test_seed(
+        "drift_is_repaired_online_exactly_once_across_sigkills_of_sync_and_of_the_repair",
+    );
+    let mut rng = support::rng::Rng::new(seed);
+    // Staging's changes of drifted rows meet the drift before the repair gets there: the
+    // operator's policy for that overwrites.
+    let p = pair("repair_faults", "", "on_conflict = \"overwrite\"");
+    stagingprop::ops::init::init(&p.config, &Default::default())
+        .await
+        .expect("init");
+    p.on_staging(SEED);
+    caught_up(&p.config).await.expect("sync");
+    p.on_production(DRIFT);
+    let before = differing_tables(&p).await;
+    assert_eq!(
+        before.len(),
+        3,
+        "the drift shows in every table: {before:?}"
+    );
+
+    let scratch = support::Scratch::new("repair_faults");
+    let config = p.write_config(&scratch.0);
+    let staging = endpoint(&p.staging_cluster, &p.staging, "postgres")
+        .connect()
+        .await
+        .unwrap();
+    // The workload runs until the repair is done (and a little after).
+    let (stop_workload, workload_stopped) = tokio::sync::watch::channel(false);
+    let workload = tokio::spawn(staging_workload(staging, seed, workload_stopped));
+
+    let mut sync_kills = 0;
+    let mut repair_runs = 0;
+    let mut outputs = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(150);
+    let mut sync = spawn(&config, &["sync"], &scratch.0.join("sync-0.log"));
+    let mut repair = None;
+    let mut next_sync_kill = Instant::now() + Duration::from_millis(rng.between(200, 900));
+    let mut repair_kill_at = Some(Instant::now() + Duration::from_millis(rng.between(300, 1500)));
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the repair did not finish within 150 s: {outputs:?}"
+        );
+        if repair.is_none() {
+            repair_runs += 1;
+            repair = Some(spawn(
+                &config,
+                &[
+                    "verify",
+                    "--repair",
+                    "--chunk-rows",
+                    "100",
+                    "--wait-seconds",
+                    "60",
+                ],
+                &scratch.0.join(format!("repair-{repair_runs}.log")),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if let Some(status) = repair.as_mut().unwrap().try_wait().unwrap() {
+            let log = scratch.0.join(format!("repair-{repair_runs}.log"));
+            let out = std::fs::read_to_string(log.with_extension("out")).unwrap();
+            let err = std::fs::read_to_string(&log).unwrap();
+            assert!(status.success(), "repair failed ({status}):\n{out}\n{err}");
+            outputs.push(out);
+            break;
+        }
+        if repair_kill_at.is_some_and(|at| Instant::now() >= at) {
+            // Killed once, at a random moment: the next run resumes.
+            repair_kill_at = None;
+            let mut killed = repair.take().unwrap();
+            killed.kill().unwrap();
+            killed.wait().unwrap();
+            outputs.push("(killed)".into());
+        }
+        if Instant::now() >= next_sync_kill {
+            if let Some(status) = sync.try_wait().unwrap() {
+                panic!(
+                    "sync exited by itself ({status}):\n{}",
+                    std::fs::read_to_string(scratch.0.join(format!("sync-{sync_kills}.log")))
+                        .unwrap()
+                );
+            }
+            sync.kill().unwrap();
+            sync.wait().unwrap();
+            sync_kills += 1;
+            sync = spawn(
+                &config,
+                &["sync"],
+                &scratch.0.join(format!("sync-{sync_kills}.log")),
+            );
+            next_sync_kill = Instant::now() + Duration::from_millis(rng.between(200, 900));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop_workload.send(true).unwrap();
+    let committed = workload.await.unwrap();
+    sync.kill().unwrap();
+    sync.wait().unwrap();
+    caught_up(&p.config).await.expect("final sync");
+
+    let after = differing_tables(&p).await;
+    assert!(
+        after.is_empty(),
+        "still differing after the repair: {after:?}"
+    );
+    // Every chunk of the last repair ended applied or found equal, once each, and the rows it
+    // wrote add up to the drift it found.
+    let last = outputs.last().unwrap();
+    assert!(last.contains("chunk(s) done"), "{last}");
+    let states = p.on_production(
+        "SELECT string_agg(DISTINCT state, ',') FROM stagingprop.repair_chunks
+          WHERE repair_id = (SELECT max(id) FROM stagingprop.repairs)",
+    );
+    assert!(
+        states.trim() == "applied" || states.trim() == "applied,unchanged",
+        "{states}"
+    );
+    assert_eq!(
+        p.on_production(
+            "SELECT count(*) FROM stagingprop.repairs WHERE finished_at IS NULL OR outcome NOT IN ('done', 'abandoned')"
+        )
+        .trim(),
+        "0"
+    );
+    let deleted = p.on_production(
+        "SELECT coalesce(sum(deleted), 0) FROM stagingprop.repair_chunks
+          WHERE repair_id = (SELECT max(id) FROM stagingprop.repairs)",
+    );
+    assert!(
+        deleted.trim().parse::<i64>().unwrap() > 0,
+        "the production-only rows went: {deleted}"
+    );
+    println!(
+        "repair faults: seed {seed}, {sync_kills} sync kills, {repair_runs} repair runs, {committed} staging transactions, {:.1} s\n{}",
+        started.elapsed().as_secs_f64(),
+        outputs.join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_says_what_a_repair_would_write_and_edited_rows_are_kept() {
+    let p = pair("repair_dry", "guard = \"record\"", "");
+    psql(
+        &clusters().production,
+        "postgres",
+        "DO $$ BEGIN CREATE ROLE repair_merchant LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+    );
+    stagingprop::ops::init::init(&p.config, &Default::default())
+        .await
+        .expect("init");
+    p.on_production("GRANT ALL ON item, price, tag TO repair_merchant");
+    p.on_staging(SEED);
+    caught_up(&p.config).await.expect("sync");
+    // A merchant's edit, recorded by the guard, and drift nobody recorded (triggers off).
+    let merchant = endpoint(&p.production_cluster, &p.production, "repair_merchant")
+        .connect()
+        .await
+        .unwrap();
+    merchant
+        .batch_execute("UPDATE item SET price = 4242 WHERE id = 17")
+        .await
+        .unwrap();
+    p.on_production(
+        "SET session_replication_role = replica;
+         DELETE FROM item WHERE id IN (5, 2500);
+         UPDATE item SET name = 'drifted' WHERE id = 1200;
+         INSERT INTO tag VALUES ('zzz-only-here', 'extra');",
+    );
+    let scratch = support::Scratch::new("repair_dry");
+    let config = p.write_config(&scratch.0);
+    let items = "SELECT id, price, name FROM item ORDER BY id";
+    let production_before = p.on_production(items);
+
+    let (code, out, err) = stagingprop(
+        &config,
+        &["verify", "--repair", "--dry-run", "--chunk-rows", "500"],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains(
+            "public.item: 3 differing chunk(s); would insert 2, update 1, delete 0 row(s)"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("kept 1 row(s)") && out.contains("id=17"),
+        "{out}"
+    );
+    assert!(
+        out.contains("public.tag: 1 differing chunk(s); would insert 0, update 0, delete 1 row(s)"),
+        "{out}"
+    );
+    assert!(out.contains("public.price: match"), "{out}");
+    assert_eq!(
+        p.on_production(items),
+        production_before,
+        "a dry run writes nothing"
+    );
+
+    // The repair needs sync to apply its chunks; without it, it says so and stops.
+    let (code, out, err) = stagingprop(
+        &config,
+        &[
+            "verify",
+            "--repair",
+            "--chunk-rows",
+            "500",
+            "--wait-seconds",
+            "2",
+        ],
+    );
+    assert_ne!(code, 0, "{out}");
+    assert!(err.contains("is sync running?"), "{err}");
+    let status = stagingprop(&config, &["status"]).1;
+    assert!(
+        status.contains("repair 1 of public.item, public.price, public.tag in progress"),
+        "{status}"
+    );
+
+    // With sync running, the same repair resumes and finishes.
+    let (stop, running) = support::sync_in_background(&p.config, tracing::info_span!("sync"));
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        stagingprop(
+            &config,
+            &[
+                "verify",
+                "--repair",
+                "--chunk-rows",
+                "500",
+                "--wait-seconds",
+                "60",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("repair 1 (resumed)"), "{out}");
+    assert!(
+        out.contains("public.item: 3 differing chunk(s); did insert 2, update 1, delete 0 row(s); 3 chunk(s) done"),
+        "{out}"
+    );
+    stop.send(()).unwrap();
+    running.await.unwrap().expect("sync");
+    // Everything matches but the merchant's edit, which verify reports apart.
+    let diffs = stagingprop::ops::verify::verify(&p.config, &Default::default())
+        .await
+        .unwrap();
+    for d in &diffs {
+        assert!(d.matches(), "{d:?}");
+    }
+    let item = diffs.iter().find(|d| d.table == "public.item").unwrap();
+    assert_eq!(item.edited_keys, vec!["id=17".to_owned()]);
+    assert_eq!(
+        p.on_production("SELECT price FROM item WHERE id = 17")
+            .trim(),
+        "4242.00"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_repair_cannot_handle_are_named_with_the_remedy() {
+    let p = PairBuilder::new(
+        "repair_refused",
+        "CREATE TABLE item (id int PRIMARY KEY, name text);
+         CREATE TABLE loose (a int, b text);
+         ALTER TABLE loose REPLICA IDENTITY FULL;",
+    )
+    .table(
+        "public.item",
+        "key = { rule = \"offset\", offset = 1000000 }",
+    )
+    .table("public.loose", "")
+    .build();
+    stagingprop::ops::init::init(&p.config, &Default::default())
+        .await
+        .expect("init");
+    let scratch = support::Scratch::new("repair_refused");
+    let config = p.write_config(&scratch.0);
+    let (code, _, err) = stagingprop(&config, &["verify", "--repair", "--table", "public.item"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("cannot repair public.item") && err.contains("copy --truncate"),
+        "{err}"
+    );
+    let (code, out, err) = stagingprop(&config, &["verify", "--repair", "--dry-run"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("public.loose: not repaired: it has no primary key"),
+        "{out}"
+    );
+    assert!(
+        out.contains("public.item: not repaired: key remapping"),
+        "{out}"
+    );
+    let (code, _, err) = stagingprop(&config, &["verify", "--repair", "--table", "public.nope"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("--table public.nope: not a managed table"),
+        "{err}"
+    );
+}
