@@ -369,6 +369,8 @@ async fn tables_repair_cannot_handle_are_named_with_the_remedy() {
     let p = PairBuilder::new(
         "repair_refused",
         "CREATE TABLE item (id int PRIMARY KEY, name text);
+         CREATE TABLE note (lang text, item_id int REFERENCES item, body text,
+                            PRIMARY KEY (lang, item_id));
          CREATE TABLE loose (a int, b text);
          ALTER TABLE loose REPLICA IDENTITY FULL;",
     )
@@ -376,6 +378,7 @@ async fn tables_repair_cannot_handle_are_named_with_the_remedy() {
         "public.item",
         "key = { rule = \"offset\", offset = 1000000 }",
     )
+    .table("public.note", "")
     .table("public.loose", "")
     .build();
     stagingprop::ops::init::init(&p.config, &Default::default())
@@ -383,10 +386,11 @@ async fn tables_repair_cannot_handle_are_named_with_the_remedy() {
         .expect("init");
     let scratch = support::Scratch::new("repair_refused");
     let config = p.write_config(&scratch.0);
-    let (code, _, err) = stagingprop(&config, &["verify", "--repair", "--table", "public.item"]);
+    let (code, _, err) = stagingprop(&config, &["verify", "--repair", "--table", "public.loose"]);
     assert_ne!(code, 0);
     assert!(
-        err.contains("cannot repair public.item") && err.contains("copy --truncate"),
+        err.contains("cannot repair public.loose: it has no primary key")
+            && err.contains("copy --truncate"),
         "{err}"
     );
     let (code, out, err) = stagingprop(&config, &["verify", "--repair", "--dry-run"]);
@@ -396,7 +400,11 @@ async fn tables_repair_cannot_handle_are_named_with_the_remedy() {
         "{out}"
     );
     assert!(
-        out.contains("public.item: not repaired: key remapping"),
+        out.contains("public.note: not repaired: key remapping touches it and its first key column is not an integer"),
+        "{out}"
+    );
+    assert!(
+        out.contains("public.item: match, nothing to repair"),
         "{out}"
     );
     let (code, _, err) = stagingprop(&config, &["verify", "--repair", "--table", "public.nope"]);
@@ -404,5 +412,109 @@ async fn tables_repair_cannot_handle_are_named_with_the_remedy() {
     assert!(
         err.contains("--table public.nope: not a managed table"),
         "{err}"
+    );
+}
+
+const REMAPPED: &str = "
+CREATE TABLE catentry (catentry_id bigint PRIMARY KEY, partnumber text NOT NULL, name text);
+CREATE TABLE catentdesc (catentry_id bigint REFERENCES catentry ON DELETE CASCADE,
+  language_id int, name text, PRIMARY KEY (catentry_id, language_id));
+CREATE SEQUENCE catentry_seq START 1000000;";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remapped_tables_are_repaired_through_the_key_map_and_production_born_rows_are_untouched() {
+    let p = PairBuilder::new("repair_remap", REMAPPED)
+        .sync("batch_max_rows = 200")
+        .table(
+            "public.catentry",
+            "key = { rule = \"remap-on-conflict\", sequence = \"public.catentry_seq\" }",
+        )
+        .table("public.catentdesc", "")
+        .build();
+    // Production's own rows, under keys staging will use too.
+    p.on_production(
+        "INSERT INTO catentry VALUES (5, 'prod-5', 'born on production'), (6, 'prod-6', 'born too');
+         INSERT INTO catentdesc VALUES (5, 1, 'production''s description');",
+    );
+    stagingprop::ops::init::init(&p.config, &Default::default())
+        .await
+        .expect("init");
+    p.on_staging(
+        "INSERT INTO catentry SELECT g, 'P' || g, 'entry ' || g FROM generate_series(1, 600) g;
+         INSERT INTO catentdesc SELECT g, 1, 'desc ' || g FROM generate_series(1, 600) g;",
+    );
+    caught_up(&p.config).await.expect("sync");
+    let moved = p.on_production(
+        "SELECT target_key FROM stagingprop.key_map WHERE table_name = 'public.catentry' AND source_key = 5",
+    );
+    let moved = moved.trim().to_owned();
+    assert!(
+        moved.parse::<i64>().unwrap() >= 1_000_000,
+        "staging's 5 moved: {moved}"
+    );
+    let born = "SELECT catentry_id, partnumber, name FROM catentry WHERE catentry_id IN (5, 6)
+                UNION ALL SELECT catentry_id, language_id::text, name FROM catentdesc WHERE catentry_id = 5
+                ORDER BY 1, 2";
+    let born_before = p.on_production(born);
+    // Drift: rows deleted and changed (staging's 5 under its moved key among them), a
+    // description added that staging lacks.
+    p.on_production(&format!(
+        "SET session_replication_role = replica;
+         DELETE FROM catentry WHERE catentry_id IN (10, 300);
+         UPDATE catentry SET name = 'drifted' WHERE catentry_id IN (20, {moved});
+         DELETE FROM catentdesc WHERE catentry_id IN (30, 400);
+         UPDATE catentdesc SET name = 'drifted' WHERE catentry_id = {moved};
+         INSERT INTO catentdesc VALUES (40, 99, 'extra');"
+    ));
+    let scratch = support::Scratch::new("repair_remap");
+    let config = p.write_config(&scratch.0);
+    let (stop, running) = support::sync_in_background(&p.config, tracing::info_span!("sync"));
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        stagingprop(
+            &config,
+            &[
+                "verify",
+                "--repair",
+                "--chunk-rows",
+                "100",
+                "--wait-seconds",
+                "60",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains(
+            "public.catentry: 2 differing chunk(s); did insert 2, update 2, delete 0 row(s)"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "public.catentdesc: 2 differing chunk(s); did insert 2, update 1, delete 1 row(s)"
+        ),
+        "{out}"
+    );
+    stop.send(()).unwrap();
+    running.await.unwrap().expect("sync");
+    let diffs = stagingprop::ops::verify::verify(&p.config, &Default::default())
+        .await
+        .unwrap();
+    for d in &diffs {
+        assert!(d.matches(), "{d:?}");
+    }
+    assert_eq!(
+        p.on_production(born),
+        born_before,
+        "production's own rows untouched"
+    );
+    assert_eq!(
+        p.on_production(&format!(
+            "SELECT name FROM catentry WHERE catentry_id = {moved}"
+        ))
+        .trim(),
+        "entry 5"
     );
 }

@@ -118,6 +118,17 @@ pub async fn counts(client: &Client) -> Result<Vec<(String, i64, i64)>, StateErr
         .collect())
 }
 
+/// `EXISTS` an edit of table `name` (a SQL literal) that production keeps (see [`kept_keys`])
+/// for the row whose key columns print as the SQL expressions `key_text`.
+pub fn kept_exists(name: &str, key_text: &[String]) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM {} AS e WHERE e.table_name = {name} AND e.key = ARRAY[{}] \
+         AND (e.settled_at IS NULL OR e.outcome NOT LIKE 'staging-wins%'))",
+        table("production_edits"),
+        key_text.join(", ")
+    )
+}
+
 /// The keys of `table`'s rows production's users edited and sync did not overwrite since (the
 /// edit is open, parked, or production won): differences there are production's decision.
 pub async fn kept_keys(client: &Client, table_name: &str) -> Result<Vec<Vec<String>>, StateError> {

@@ -213,6 +213,59 @@ impl TableSql<'_> {
     }
 }
 
+/// How one side's rows of a table read in staging's terms, for the bucketed summaries and the
+/// chunk reads: staging's rows as they are, production's through the key map when remapping
+/// touches the table (its own rows, which the key map proves, left out).
+struct SideSql {
+    /// FROM clause: the table as `t`, with the key map's joins.
+    from: String,
+    /// The rows compared: in scope, and not production's own.
+    condition: String,
+    /// The first key column, in staging's keys.
+    first_key: String,
+    /// The key columns as text, in staging's keys.
+    key_texts: String,
+    /// The replicated columns as one text, in staging's keys.
+    row_text: String,
+}
+
+impl TableSql<'_> {
+    fn side(&self, tr: Option<&Translation>) -> SideSql {
+        let column = |name: &str| match tr {
+            Some(tr) => tr.column(name),
+            None => format!("t.{}", quote_ident(name)),
+        };
+        let meta = self.meta;
+        let born = tr
+            .filter(|tr| !tr.production_born.is_empty())
+            .map(|tr| format!(" AND NOT ({})", tr.production_born.join(" OR ")))
+            .unwrap_or_default();
+        SideSql {
+            from: format!(
+                "{} t {}",
+                meta.qualified(),
+                tr.map(|tr| tr.joins.join(" ")).unwrap_or_default()
+            ),
+            condition: format!("{}{born}", self.in_scope()),
+            first_key: column(&meta.columns[meta.key[0]].name),
+            key_texts: meta
+                .key
+                .iter()
+                .map(|&k| format!("({})::text", column(&meta.columns[k].name)))
+                .collect::<Vec<_>>()
+                .join(", "),
+            row_text: format!(
+                "ROW({})::text",
+                meta.columns
+                    .iter()
+                    .map(|c| column(&c.name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+}
+
 /// A key range: lower bound (inclusive; none for the first), upper bound (exclusive; none for
 /// the last).
 type Range<'a> = (Option<&'a Vec<String>>, Option<&'a Vec<String>>);
@@ -282,8 +335,9 @@ pub enum Bounds {
 }
 
 impl Bounds {
-    /// The condition selecting the part's rows, and its parameters (text, then bigint).
-    fn condition(&self, sql: &TableSql<'_>) -> (String, Vec<String>, Vec<i64>) {
+    /// The condition selecting the part's rows (`first_key`: the first key column's
+    /// expression, for buckets of it), and its parameters (text, then bigint).
+    fn condition(&self, sql: &TableSql<'_>, first_key: &str) -> (String, Vec<String>, Vec<i64>) {
         match self {
             Bounds::Keys(lower, upper) => {
                 let bounds: Vec<&Vec<String>> = lower.iter().chain(upper.iter()).collect();
@@ -294,7 +348,7 @@ impl Bounds {
                 )
             }
             Bounds::FirstColumn(lower, upper) => {
-                let first = sql.first_key();
+                let first = first_key;
                 let mut numbers = Vec::new();
                 let mut conditions = vec!["true".to_owned()];
                 for (bound, op) in [(lower, ">="), (upper, "<")] {
@@ -315,7 +369,7 @@ async fn rows_in(
     sql: &TableSql<'_>,
     part: &Bounds,
 ) -> Result<HashMap<String, String>, tokio_postgres::Error> {
-    let (condition, texts, numbers) = part.condition(sql);
+    let (condition, texts, numbers) = part.condition(sql, &sql.first_key());
     let query = format!(
         "SELECT ARRAY[{key_texts}], {hash} FROM {table} WHERE {condition} AND {scope}",
         key_texts = sql.key_texts(),
@@ -376,21 +430,21 @@ async fn first_column_boundaries(
 /// sequential scan with a hash aggregate (the sum does not depend on order, so nothing sorts).
 async fn summarize_buckets(
     client: &Client,
-    sql: &TableSql<'_>,
+    side: &SideSql,
     bounds: &[i64],
 ) -> Result<HashMap<i32, ChunkSummary>, tokio_postgres::Error> {
     let bucket = if bounds.is_empty() {
         "0".to_owned()
     } else {
-        format!("width_bucket({}::bigint, $1::bigint[])", sql.first_key())
+        format!("width_bucket(({})::bigint, $1::bigint[])", side.first_key)
     };
     // hashtextextended (64 bits) costs a fraction of md5: the row's text output dominates.
     let query = format!(
         "SELECT {bucket}, count(*)::bigint, sum(hashtextextended({row}, 0)::numeric)::text
-           FROM {table} WHERE {scope} GROUP BY 1",
-        row = sql.row_text(),
-        table = sql.meta.qualified(),
-        scope = sql.in_scope(),
+           FROM {from} WHERE {condition} GROUP BY 1",
+        row = side.row_text,
+        from = side.from,
+        condition = side.condition,
     );
     let bounds = bounds.to_vec();
     let rows = if bounds.is_empty() {
@@ -693,12 +747,14 @@ async fn remapping(
 }
 
 /// Every part of a keyed table with both sides' summaries (`None`: no rows there). When the
-/// first key column is an integer, one scan per side, both at once, bucketed by it; otherwise
-/// ranges of whole keys, both sides at the same time.
+/// first key column is an integer, one scan per side, both at once, bucketed by it (production's
+/// rows read through the key map with `tr`); otherwise ranges of whole keys, both sides at the
+/// same time (never with `tr`).
 async fn summarize_table(
     s: &Client,
     p: &Client,
     sql: &TableSql<'_>,
+    tr: Option<&Translation>,
     chunk_rows: i64,
     endpoints: (&Endpoint, &Endpoint),
 ) -> Result<Vec<(Bounds, ChunkSummary, ChunkSummary)>, OpsError> {
@@ -712,9 +768,10 @@ async fn summarize_table(
         let bounds = first_column_boundaries(s, sql, chunk_rows.max(1))
             .await
             .map_err(query_error(staging, "reading key ranges"))?;
+        let (staging_side, production_side) = (sql.side(None), sql.side(tr));
         let (on_staging, on_production) = tokio::join!(
-            summarize_buckets(s, sql, &bounds),
-            summarize_buckets(p, sql, &bounds)
+            summarize_buckets(s, &staging_side, &bounds),
+            summarize_buckets(p, &production_side, &bounds)
         );
         let mut on_staging = on_staging.map_err(query_error(staging, "hashing a table"))?;
         let mut on_production =
@@ -859,8 +916,15 @@ pub async fn verify(config: &Config, options: &VerifyOptions) -> Result<Vec<Tabl
                     .join(",")
             })
             .collect();
-        let parts =
-            summarize_table(&s, &p, &sql, options.chunk_rows, (&staging, &production)).await?;
+        let parts = summarize_table(
+            &s,
+            &p,
+            &sql,
+            None,
+            options.chunk_rows,
+            (&staging, &production),
+        )
+        .await?;
         diff.chunks = parts.len();
         for (part, staging_summary, production_summary) in parts {
             diff.staging_rows += staging_summary.rows;

@@ -12,7 +12,7 @@
 //! until sync has answered everything an earlier run emitted, then resumes at the chunks not
 //! done, so each chunk is applied exactly once.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -20,8 +20,8 @@ use tokio_postgres::Client;
 use tokio_postgres::types::ToSql;
 
 use super::{
-    Bounds, OpsError, TableSql, VerifyOptions, connect, edited_keys, query_error, remapping,
-    staging_meta, state_error, summarize_table, translation,
+    Bounds, OpsError, TableSql, Translation, VerifyOptions, connect, edited_keys, integer_type,
+    query_error, remapping, staging_meta, state_error, summarize_table, translation,
 };
 use crate::catalog::TableMeta;
 use crate::config::{Config, TableConfig};
@@ -77,16 +77,21 @@ impl RepairReport {
     }
 }
 
-/// How many times a chunk is read again before the repair gives it up.
+/// How many times a chunk is sent before the repair gives it up.
 const MAX_ATTEMPTS: i32 = 10;
 
+/// How many chunks may wait for sync's answer at once.
+const IN_FLIGHT: usize = 16;
+
 /// How often production is asked for a chunk's outcome.
-const POLL: Duration = Duration::from_millis(50);
+const POLL: Duration = Duration::from_millis(20);
 
 /// One table to repair.
 struct Repairable<'c> {
     config: &'c TableConfig,
     meta: TableMeta,
+    /// How production's rows read in staging's keys, when key remapping touches the table.
+    tr: Option<Translation>,
 }
 
 struct Sides<'a> {
@@ -129,18 +134,15 @@ pub async fn repair(config: &Config, options: &RepairOptions) -> Result<RepairRe
     let mut tables: Vec<Repairable<'_>> = Vec::new();
     for (t, table) in selected {
         let meta = staging_meta(&s, &staging, table).await?;
+        let tr = remapper.as_ref().and_then(|r| translation(config, r, t));
         let why_not = if meta.key.is_empty() {
             Some(
                 "it has no primary key: repair finds rows by key; re-seed it with `copy --truncate --table`",
             )
-        } else if remapper
-            .as_ref()
-            .and_then(|r| translation(config, r, t))
-            .is_some()
-        {
+        } else if tr.is_some() && !integer_type(&meta.columns[meta.key[0]].type_sql) {
             Some(
-                "key remapping touches it, which online repair does not handle yet; re-seed it \
-                 with `copy --truncate --table`",
+                "key remapping touches it and its first key column is not an integer, which \
+                 online repair cuts remapped tables by; re-seed it with `copy --truncate --table`",
             )
         } else {
             None
@@ -160,6 +162,7 @@ pub async fn repair(config: &Config, options: &RepairOptions) -> Result<RepairRe
             None => tables.push(Repairable {
                 config: table,
                 meta,
+                tr,
             }),
         }
     }
@@ -249,6 +252,7 @@ pub async fn repair(config: &Config, options: &RepairOptions) -> Result<RepairRe
                     &s,
                     &p,
                     &sql,
+                    t.tr.as_ref(),
                     options.verify.chunk_rows,
                     (&staging, &production),
                 )
@@ -299,66 +303,101 @@ pub async fn repair(config: &Config, options: &RepairOptions) -> Result<RepairRe
         production: &production,
         slot,
     };
-    let total = plan.len();
-    for (done, (table, bounds, chunk)) in plan.into_iter().enumerate() {
-        let t = by_name[&table];
-        let sql = t.sql(condition.as_deref());
-        let edited = edited_keys(&p, &production, &t.config.name).await?;
-        let entry_index = report
+    // Production's keys: they name staging's rows only where remapping keeps keys.
+    let mut edited: HashMap<String, HashSet<Vec<String>>> = HashMap::new();
+    for t in &tables {
+        let keys = if t.tr.is_some() {
+            HashSet::new()
+        } else {
+            edited_keys(&p, &production, &t.config.name).await?
+        };
+        edited.insert(t.config.name.to_string(), keys);
+    }
+    let entry_of = |report: &RepairReport, table: &str| {
+        report
             .tables
             .iter()
             .position(|e| e.table == table)
-            .expect("every table has an entry");
-        match (report.repair, chunk) {
-            (Some(id), Some(n)) => {
-                let outcome =
-                    repair_chunk(&sides, &sql, &bounds, &edited, (id, n), options).await?;
-                let entry = &mut report.tables[entry_index];
-                entry.retries += i64::from(outcome.retries);
-                entry.kept += outcome.kept.len() as i64;
-                note_kept(entry, &sql, outcome.kept);
-                match outcome.row {
-                    Some(row) if row.state.is_done() => {
-                        entry.chunks_done += 1;
-                        entry.inserted += row.inserted;
-                        entry.updated += row.updated;
-                        entry.deleted += row.deleted;
-                        entry.left_to_stream += row.left_out;
-                    }
-                    Some(row) => entry.failed.push(format!(
-                        "chunk {n}: {}",
-                        row.reason.unwrap_or_else(|| row.state.as_str().to_owned())
-                    )),
-                    None => entry.failed.push(format!("chunk {n}: no outcome")),
-                }
-                tracing::info!(
-                    repair = id,
-                    chunk = n,
-                    table = %table,
-                    "repair chunk {} of {total} done",
-                    done + 1
-                );
-            }
-            _ => {
-                // Dry run: what the chunk would take, read now.
-                let diff = chunk_diff(&sides, &sql, &bounds, &edited).await?;
-                let entry = &mut report.tables[entry_index];
-                entry.inserted += diff.missing as i64;
-                entry.updated += (diff.upserts.len() - diff.missing) as i64;
-                entry.deleted += diff.deletes.len() as i64;
-                entry.kept += diff.kept.len() as i64;
-                note_kept(entry, &sql, diff.kept);
-            }
+            .expect("every table has an entry")
+    };
+    let Some(id) = report.repair.filter(|_| !options.dry_run) else {
+        // Dry run: what each chunk would take, read now.
+        for (table, bounds, _) in &plan {
+            let t = by_name[table];
+            let sql = t.sql(condition.as_deref());
+            let diff = chunk_diff(&sides, &sql, t.tr.as_ref(), bounds, &edited[table]).await?;
+            let index = entry_of(&report, table);
+            let entry = &mut report.tables[index];
+            entry.inserted += diff.missing as i64;
+            entry.updated += (diff.upserts.len() - diff.missing) as i64;
+            entry.deleted += diff.deletes.len() as i64;
+            entry.kept += diff.kept.len() as i64;
+            note_kept(entry, &sql, diff.kept);
         }
+        return Ok(report);
+    };
+    // Chunks go out back to back (a high watermark always precedes the next low one, so their
+    // windows never overlap) with at most IN_FLIGHT unanswered; an answer is awaited oldest
+    // first, and a chunk sync could not apply whole goes out again.
+    let total = plan.len();
+    let mut attempts = vec![0_i32; total];
+    let mut queue: VecDeque<usize> = (0..total).collect();
+    let mut in_flight: VecDeque<(usize, Lsn, Vec<KeyText>)> = VecDeque::new();
+    let mut finished = 0;
+    while !queue.is_empty() || !in_flight.is_empty() {
+        if in_flight.len() < IN_FLIGHT
+            && let Some(i) = queue.pop_front()
+        {
+            let (table, bounds, chunk) = &plan[i];
+            let t = by_name[table];
+            let sql = t.sql(condition.as_deref());
+            let n = chunk.expect("planned chunks are numbered");
+            attempts[i] += 1;
+            let (high_at, kept) =
+                send_chunk(&sides, &sql, t.tr.as_ref(), bounds, &edited[table], (id, n)).await?;
+            in_flight.push_back((i, high_at, kept));
+            continue;
+        }
+        let (i, high_at, kept) = in_flight.pop_front().expect("one is in flight");
+        let (table, _, chunk) = &plan[i];
+        let n = chunk.expect("planned chunks are numbered");
+        let row = wait_for_outcome(&sides, (id, n), high_at, options.wait).await?;
+        let entry_index = entry_of(&report, table);
+        let again = row
+            .as_ref()
+            .is_none_or(|r| r.state == repairs::ChunkState::Interrupted);
+        if again && attempts[i] < MAX_ATTEMPTS {
+            report.tables[entry_index].retries += 1;
+            tracing::info!(repair = id, chunk = n, table = %table, "sync could not apply the chunk whole; reading it again");
+            queue.push_back(i);
+            continue;
+        }
+        finished += 1;
+        let entry = &mut report.tables[entry_index];
+        match row {
+            Some(row) if row.state.is_done() => {
+                entry.chunks_done += 1;
+                entry.inserted += row.inserted;
+                entry.updated += row.updated;
+                entry.deleted += row.deleted;
+                entry.left_to_stream += row.left_out;
+                entry.kept += kept.len() as i64;
+                note_kept(entry, &by_name[table].sql(None), kept);
+            }
+            Some(row) => entry.failed.push(format!(
+                "chunk {n}: {}",
+                row.reason.unwrap_or_else(|| row.state.as_str().to_owned())
+            )),
+            None => entry.failed.push(format!(
+                "chunk {n}: sync went past it {MAX_ATTEMPTS} times without applying it"
+            )),
+        }
+        tracing::info!(repair = id, chunk = n, table = %table, "repair chunk {finished} of {total} done");
     }
-    if let Some(id) = report.repair
-        && !options.dry_run
-    {
-        let outcome = if report.failed() { "failed" } else { "done" };
-        repairs::finish(&p, id, outcome)
-            .await
-            .map_err(state_error(&production))?;
-    }
+    let outcome = if report.failed() { "failed" } else { "done" };
+    repairs::finish(&p, id, outcome)
+        .await
+        .map_err(state_error(&production))?;
     Ok(report)
 }
 
@@ -421,25 +460,48 @@ struct ChunkDiff {
     kept: Vec<KeyText>,
 }
 
-/// Reads the chunk on both sides (staging in its open transaction, if any) and compares.
+/// Reads the chunk on both sides (staging in its open transaction, if any) and compares;
+/// production's rows through the key map with `tr`. A row production's users edited (recorded
+/// by the guard, kept since) is kept: found on production by its edit, or for a row they
+/// deleted, by `edited` (production's keys, of tables that keep staging's).
 async fn chunk_diff(
     sides: &Sides<'_>,
     sql: &TableSql<'_>,
+    tr: Option<&Translation>,
     bounds: &Bounds,
     edited: &HashSet<Vec<String>>,
 ) -> Result<ChunkDiff, OpsError> {
-    let (condition, texts, numbers) = bounds.condition(sql);
-    let key_texts = sql.key_texts();
-    let hash = sql.row_hash();
+    let quoted = |name: &str| format!("t.{}::text", crate::quote::quote_ident(name));
     let values = sql
         .meta
         .columns
         .iter()
-        .map(|c| format!("{}::text", crate::quote::quote_ident(&c.name)))
+        .map(|c| quoted(&c.name))
         .collect::<Vec<_>>()
         .join(", ");
-    let table = sql.meta.qualified();
-    let scope = sql.in_scope();
+    let read = |side: &super::SideSql, extra: &str| {
+        let (condition, texts, numbers) = bounds.condition(sql, &side.first_key);
+        let query = format!(
+            "SELECT ARRAY[{keys}], md5({row}){extra} FROM {from} WHERE {condition} AND {scope}",
+            keys = side.key_texts,
+            row = side.row_text,
+            from = side.from,
+            scope = side.condition,
+        );
+        (query, texts, numbers)
+    };
+    let (staging_sql, texts, numbers) = read(&sql.side(None), "");
+    let production_keys: Vec<String> = sql
+        .meta
+        .key
+        .iter()
+        .map(|&k| quoted(&sql.meta.columns[k].name))
+        .collect();
+    let kept = crate::state::production_edits::kept_exists(
+        &crate::quote::quote_literal(&sql.meta.table_name().to_string()),
+        &production_keys,
+    );
+    let (production_sql, _, _) = read(&sql.side(tr), &format!(", {kept}"));
     let refs: Vec<&(dyn ToSql + Sync)> = texts
         .iter()
         .map(|v| v as &(dyn ToSql + Sync))
@@ -447,29 +509,19 @@ async fn chunk_diff(
         .collect();
     let on_staging = sides
         .s
-        .query(
-            &format!(
-                "SELECT ARRAY[{key_texts}], {hash}, ARRAY[{values}]::text[] FROM {table} \
-                 WHERE {condition} AND {scope}"
-            ),
-            &refs,
-        )
+        .query(&staging_sql, &refs)
         .await
         .map_err(query_error(sides.staging, "reading a chunk to repair"))?;
-    let on_production: HashMap<KeyText, String> = sides
+    // Staging's key -> (row hash, an edit production keeps).
+    let on_production: HashMap<KeyText, (String, bool)> = sides
         .p
-        .query(
-            &format!(
-                "SELECT ARRAY[{key_texts}], {hash} FROM {table} WHERE {condition} AND {scope}"
-            ),
-            &refs,
-        )
+        .query(&production_sql, &refs)
         .await
         .map_err(query_error(sides.production, "reading a chunk to repair"))?
         .iter()
-        .map(|r| (r.get(0), r.get(1)))
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
         .collect();
-    let is_edited = |key: &KeyText| {
+    let deleted_by_users = |key: &KeyText| {
         key.iter()
             .cloned()
             .collect::<Option<Vec<String>>>()
@@ -481,43 +533,80 @@ async fn chunk_diff(
         deletes: Vec::new(),
         kept: Vec::new(),
     };
-    let mut different = Vec::new();
+    let (mut missing, mut different) = (Vec::new(), Vec::new());
     let mut seen: HashSet<KeyText> = HashSet::with_capacity(on_staging.len());
     for row in &on_staging {
         let key: KeyText = row.get(0);
         let hash: String = row.get(1);
-        let found = on_production.get(&key);
-        if found != Some(&hash) {
-            if is_edited(&key) {
-                diff.kept.push(key.clone());
-            } else if found.is_none() {
-                diff.upserts.push(row.get(2));
-            } else {
-                different.push(row.get(2));
-            }
+        match on_production.get(&key) {
+            Some((h, _)) if *h == hash => {}
+            Some((_, true)) => diff.kept.push(key.clone()),
+            Some((_, false)) => different.push(key.clone()),
+            None if deleted_by_users(&key) => diff.kept.push(key.clone()),
+            None => missing.push(key.clone()),
         }
         seen.insert(key);
     }
-    diff.missing = diff.upserts.len();
-    diff.upserts.extend(different);
-    for key in on_production.into_keys() {
-        if !seen.contains(&key) {
-            if is_edited(&key) {
-                diff.kept.push(key);
-            } else {
-                diff.deletes.push(key);
-            }
+    // Only the rows to write are read whole (in the same snapshot).
+    diff.missing = missing.len();
+    missing.extend(different);
+    if !missing.is_empty() {
+        let key_columns: Vec<&crate::catalog::ColumnMeta> =
+            sql.meta.key.iter().map(|&k| &sql.meta.columns[k]).collect();
+        let matched = key_columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                format!(
+                    "t.{} = u.k{i}::{}",
+                    crate::quote::quote_ident(&c.name),
+                    c.type_sql
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        let unnest = (1..=key_columns.len())
+            .map(|i| format!("${i}::text[]"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let aliases = (0..key_columns.len())
+            .map(|i| format!("k{i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let arrays: Vec<Vec<Option<String>>> = (0..key_columns.len())
+            .map(|i| missing.iter().map(|k| k[i].clone()).collect())
+            .collect();
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+        let mut rows: HashMap<KeyText, Vec<Option<String>>> = sides
+            .s
+            .query(
+                &format!(
+                    "SELECT ARRAY[{keys}], ARRAY[{values}]::text[] FROM {table} t \
+                     JOIN unnest({unnest}) AS u({aliases}) ON {matched}",
+                    keys = sql.side(None).key_texts,
+                    table = sql.meta.own_rows(),
+                ),
+                &refs,
+            )
+            .await
+            .map_err(query_error(sides.staging, "reading rows to repair"))?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        diff.upserts = missing.iter().filter_map(|key| rows.remove(key)).collect();
+    }
+    for (key, (_, kept)) in on_production {
+        if seen.contains(&key) {
+            continue;
+        }
+        if kept || deleted_by_users(&key) {
+            diff.kept.push(key);
+        } else {
+            diff.deletes.push(key);
         }
     }
     Ok(diff)
-}
-
-/// A chunk's end: its row on production as sync left it, how often it was read again, and
-/// the edited rows it kept.
-struct ChunkEnd {
-    row: Option<repairs::ChunkRow>,
-    retries: i32,
-    kept: Vec<KeyText>,
 }
 
 async fn emit(client: &Client, mark: &Watermark) -> Result<Lsn, tokio_postgres::Error> {
@@ -531,93 +620,70 @@ async fn emit(client: &Client, mark: &Watermark) -> Result<Lsn, tokio_postgres::
     Ok(lsn.parse().unwrap_or(Lsn::INVALID))
 }
 
-/// Sends one chunk through the watermarks until sync applied it (or it failed), reading it
-/// again when sync could not.
-async fn repair_chunk(
+/// Sends one chunk through the watermarks (planned again on production first): where its high
+/// watermark is, and the rows it kept for production's users.
+async fn send_chunk(
     sides: &Sides<'_>,
     sql: &TableSql<'_>,
+    tr: Option<&Translation>,
     bounds: &Bounds,
     edited: &HashSet<Vec<String>>,
     (repair, chunk): (i64, i32),
-    options: &RepairOptions,
-) -> Result<ChunkEnd, OpsError> {
+) -> Result<(Lsn, Vec<KeyText>), OpsError> {
     let table = sql.meta.table_name().to_string();
     let id = ChunkId {
         repair,
         chunk,
         target: sides.slot.to_owned(),
     };
-    let key: Vec<usize> = sql.meta.key.clone();
-    let key_names: Vec<String> = key
+    repairs::attempt(sides.p, repair, chunk)
+        .await
+        .map_err(state_error(sides.production))?;
+    let key_names: Vec<String> = sql
+        .meta
+        .key
         .iter()
         .map(|&k| sql.meta.columns[k].name.clone())
         .collect();
-    let mut retries = 0;
-    loop {
-        repairs::attempt(sides.p, repair, chunk)
-            .await
-            .map_err(state_error(sides.production))?;
-        let low = Watermark::Low {
-            id: id.clone(),
-            table: table.clone(),
-            key: key_names.clone(),
-        };
-        emit(sides.s, &low).await.map_err(query_error(
-            sides.staging,
-            "writing a repair's low watermark",
-        ))?;
-        // The snapshot the chunk is read in starts after the low watermark committed; the
-        // high watermark commits with it, its table locked against schema changes meanwhile.
-        sides
-            .s
-            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
-            .await
-            .map_err(query_error(sides.staging, "starting a snapshot"))?;
-        let read = chunk_diff(sides, sql, bounds, edited).await;
-        let diff = match read {
-            Ok(diff) => diff,
-            Err(e) => {
-                let _ = sides.s.batch_execute("ROLLBACK").await;
-                return Err(e);
-            }
-        };
-        let high = Watermark::High(Chunk {
-            id: id.clone(),
-            table: table.clone(),
-            columns: sql.meta.columns.iter().map(|c| c.name.clone()).collect(),
-            key: key.clone(),
-            upserts: diff.upserts,
-            deletes: diff.deletes,
-        });
-        let emitted = emit(sides.s, &high).await;
-        let committed = sides.s.batch_execute("COMMIT").await;
-        let high_at = emitted.map_err(query_error(
-            sides.staging,
-            "writing a repair's high watermark",
-        ))?;
-        committed.map_err(query_error(sides.staging, "COMMIT"))?;
-        let row = wait_for_outcome(sides, (repair, chunk), high_at, options.wait).await?;
-        let again = match &row {
-            None => true,
-            Some(row) => row.state == repairs::ChunkState::Interrupted,
-        };
-        if !again {
-            return Ok(ChunkEnd {
-                row,
-                retries,
-                kept: diff.kept,
-            });
+    let low = Watermark::Low {
+        id: id.clone(),
+        table: table.clone(),
+        key: key_names,
+    };
+    emit(sides.s, &low).await.map_err(query_error(
+        sides.staging,
+        "writing a repair's low watermark",
+    ))?;
+    // The snapshot the chunk is read in starts after the low watermark committed; the high
+    // watermark commits with it, its table locked against schema changes meanwhile.
+    sides
+        .s
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .await
+        .map_err(query_error(sides.staging, "starting a snapshot"))?;
+    let diff = match chunk_diff(sides, sql, tr, bounds, edited).await {
+        Ok(diff) => diff,
+        Err(e) => {
+            let _ = sides.s.batch_execute("ROLLBACK").await;
+            return Err(e);
         }
-        retries += 1;
-        if retries >= MAX_ATTEMPTS {
-            return Ok(ChunkEnd {
-                row,
-                retries,
-                kept: diff.kept,
-            });
-        }
-        tracing::info!(repair, chunk, table = %table, "sync could not apply the chunk whole; reading it again");
-    }
+    };
+    let high = Watermark::High(Chunk {
+        id,
+        table,
+        columns: sql.meta.columns.iter().map(|c| c.name.clone()).collect(),
+        key: sql.meta.key.clone(),
+        upserts: diff.upserts,
+        deletes: diff.deletes,
+    });
+    let emitted = emit(sides.s, &high).await;
+    let committed = sides.s.batch_execute("COMMIT").await;
+    let high_at = emitted.map_err(query_error(
+        sides.staging,
+        "writing a repair's high watermark",
+    ))?;
+    committed.map_err(query_error(sides.staging, "COMMIT"))?;
+    Ok((high_at, diff.kept))
 }
 
 /// Waits until sync wrote the chunk's outcome; `None` when sync went past its high watermark
