@@ -674,6 +674,15 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// The name online repair addresses this target's chunks by: its `[stream] consumer` (one
+    /// per target of a fan-out), else its slot.
+    pub fn repair_target(&self) -> &str {
+        match &self.stream {
+            Some(stream) => &stream.consumer,
+            None => &self.sync.slot,
+        }
+    }
+
     /// Reads, parses and validates the file. Relative paths in it (`password_file`,
     /// `sslrootcert`, `files.dir`) are taken relative to the file's directory, so the result
     /// does not depend on where the command was started.

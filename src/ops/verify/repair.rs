@@ -100,6 +100,8 @@ struct Sides<'a> {
     staging: &'a Endpoint,
     production: &'a Endpoint,
     slot: &'a str,
+    /// What this target's sync answers to ([`Config::repair_target`]).
+    target: &'a str,
 }
 
 pub async fn repair(config: &Config, options: &RepairOptions) -> Result<RepairReport, OpsError> {
@@ -109,6 +111,13 @@ pub async fn repair(config: &Config, options: &RepairOptions) -> Result<RepairRe
     let s = connect(&staging).await?;
     let mut p = connect(&production).await?;
     let slot = config.sync.slot.as_str();
+    // A watermark or a plan row lost in a crash is a chunk sent again: no flush waited for.
+    for (client, endpoint) in [(&s, &staging), (&p, &production)] {
+        client
+            .batch_execute("SET synchronous_commit = off")
+            .await
+            .map_err(query_error(endpoint, "setting up the session"))?;
+    }
     if !options.dry_run {
         state::ensure(&p).await.map_err(state_error(&production))?;
         let locked: bool = p
@@ -172,6 +181,7 @@ pub async fn repair(config: &Config, options: &RepairOptions) -> Result<RepairRe
         staging: &staging,
         production: &production,
         slot,
+        target: config.repair_target(),
     };
     let names: Vec<String> = tables.iter().map(|t| t.config.name.to_string()).collect();
     let condition = options.verify.condition.clone();
@@ -302,6 +312,7 @@ pub async fn repair(config: &Config, options: &RepairOptions) -> Result<RepairRe
         staging: &staging,
         production: &production,
         slot,
+        target: config.repair_target(),
     };
     // Production's keys: they name staging's rows only where remapping keeps keys.
     let mut edited: HashMap<String, HashSet<Vec<String>>> = HashMap::new();
@@ -634,7 +645,7 @@ async fn send_chunk(
     let id = ChunkId {
         repair,
         chunk,
-        target: sides.slot.to_owned(),
+        target: sides.target.to_owned(),
     };
     repairs::attempt(sides.p, repair, chunk)
         .await

@@ -848,7 +848,7 @@ impl<'a, T: Target> Pipeline<'a, T> {
         };
         match mark {
             Watermark::Low { id, table, key } => {
-                if id.target != self.config.sync.slot {
+                if id.target != self.config.repair_target() {
                     return Ok(());
                 }
                 self.windows.open(id, table, key);
@@ -857,7 +857,7 @@ impl<'a, T: Target> Pipeline<'a, T> {
                 }
             }
             Watermark::High(chunk) => {
-                if chunk.id.target != self.config.sync.slot {
+                if chunk.id.target != self.config.repair_target() {
                     return Ok(());
                 }
                 let at = self.windows.close(chunk);
