@@ -384,6 +384,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Re-seed managed tables online, chunk by chunk, while sync runs: each chunk is read on
+    /// staging between two watermarks in its WAL and applied by sync in its place, exactly once
+    /// (rows production's users edited are kept). Until it ends, the stream's changes of these
+    /// tables that meet a row the seed has not brought yet are the seed's to settle. Seeds a
+    /// table just added to the config (after `init --apply-changes`), or one to start over.
+    Resync {
+        /// The managed table (schema.table); repeat for several.
+        #[arg(long = "table", required = true)]
+        tables: Vec<String>,
+        /// Rows per chunk.
+        #[arg(long, default_value_t = 10_000)]
+        chunk_rows: i64,
+        /// How long to wait for sync to apply one chunk before giving up.
+        #[arg(long, default_value_t = 300)]
+        wait_seconds: u64,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print staging's decoded changes as JSON lines (one per row change) on stdout.
     ///
     /// Reads a temporary slot by default, so the real slot never moves and only changes made
@@ -659,11 +678,30 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     verify: options,
                     dry_run,
                     wait: std::time::Duration::from_secs(wait_seconds),
+                    seed: false,
                 };
                 run_repair(&config, &options, json).await
             } else {
                 run_verify(&config, &options, json).await
             }
+        }
+        Command::Resync {
+            tables,
+            chunk_rows,
+            wait_seconds,
+            json,
+        } => {
+            let options = RepairOptions {
+                verify: VerifyOptions {
+                    chunk_rows,
+                    tables: table_names(tables)?,
+                    ..VerifyOptions::default()
+                },
+                dry_run: false,
+                wait: std::time::Duration::from_secs(wait_seconds),
+                seed: true,
+            };
+            run_repair(&config, &options, json).await
         }
         Command::Tail {
             slot,

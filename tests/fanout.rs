@@ -999,3 +999,104 @@ async fn each_target_has_its_own_guard_and_edit_policy() {
     stop.send(()).unwrap();
     publisher.await.unwrap().expect("publish");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repair_travels_the_stream_and_only_the_target_it_was_made_for_applies_it() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
+    let nats = NatsServer::start("repair", "");
+    let fanout = Fanout::new("fan_repair", &nats.url(), "");
+    let (a_db, a_text, a) = fanout.target_text("a", "");
+    let (b_db, b) = fanout.target("b", "");
+    for config in [&a, &b] {
+        stagingprop::ops::init::init(config, &Default::default())
+            .await
+            .expect("init");
+    }
+    let (stop, publisher) = start_publisher(&a);
+    fanout.on_staging("INSERT INTO catentry SELECT g, 'p' || g, g FROM generate_series(1, 300) g");
+    wait_published(&fanout, &a).await;
+    apply_stream(&a).await;
+    apply_stream(&b).await;
+    // The same drift on both targets, and more on b.
+    let production = &clusters().production;
+    for db in [&a_db, &b_db] {
+        psql(
+            production,
+            db,
+            "DELETE FROM catentry WHERE catentry_id = 10; UPDATE catentry SET price = 0 WHERE catentry_id = 250",
+        );
+    }
+    psql(
+        production,
+        &b_db,
+        "UPDATE catentry SET price = 1 WHERE catentry_id = 20",
+    );
+
+    // Target a's sync runs from the stream while a repair made with a's config goes through it.
+    let (stop_a, stopped_a) = tokio::sync::oneshot::channel::<()>();
+    let sync_a = tokio::spawn({
+        let a = a.clone();
+        async move {
+            let options = SyncOptions {
+                from_stream: true,
+                max_attempts: Some(10),
+                ..Default::default()
+            };
+            sync::run(&a, &options, async move {
+                let _ = stopped_a.await;
+            })
+            .await
+        }
+    });
+    let scratch = Scratch::new("fan_repair_config");
+    let a_path = scratch.0.join("a.toml");
+    std::fs::write(&a_path, &a_text).unwrap();
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        support::stagingprop(
+            &a_path,
+            &[
+                "verify",
+                "--repair",
+                "--chunk-rows",
+                "100",
+                "--wait-seconds",
+                "60",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("public.catentry: 2 differing chunk(s); did insert 1, update 1, delete 0 row(s); 2 chunk(s) done"),
+        "{out}"
+    );
+    stop_a.send(()).unwrap();
+    sync_a.await.unwrap().expect("sync a");
+    // Target b read the same watermarks and applied none: they were a's.
+    apply_stream(&b).await;
+    let verify = |config: Config| async move {
+        stagingprop::ops::verify::verify(&config, &Default::default())
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|d| (d.table.clone(), d.missing, d.different, d.extra))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        verify(a.clone()).await,
+        vec![
+            ("public.catentry".to_owned(), 0, 0, 0),
+            ("public.offer".to_owned(), 0, 0, 0)
+        ]
+    );
+    assert_eq!(
+        verify(b.clone()).await,
+        vec![
+            ("public.catentry".to_owned(), 1, 2, 0),
+            ("public.offer".to_owned(), 0, 0, 0)
+        ]
+    );
+    stop.send(()).unwrap();
+    publisher.await.unwrap().expect("publish");
+}

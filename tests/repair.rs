@@ -518,3 +518,166 @@ async fn remapped_tables_are_repaired_through_the_key_map_and_production_born_ro
         "entry 5"
     );
 }
+
+/// Small staging transactions over `tables` (id int PRIMARY KEY, v text) of 1..3000, until
+/// told to stop.
+async fn keyed_workload(
+    staging: tokio_postgres::Client,
+    tables: &[&str],
+    seed: u64,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> u64 {
+    let mut rng = support::rng::Rng::new(seed);
+    let mut committed = 0;
+    while !*stop.borrow() {
+        let table = rng.pick(tables);
+        let id = rng.between(1, 3000);
+        let value = rng.between(1, 1_000_000);
+        let sql = match rng.below(4) {
+            0 => format!(
+                "INSERT INTO {table} VALUES ({id}, 'i{value}') ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v"
+            ),
+            1 => format!("DELETE FROM {table} WHERE id = {id}"),
+            _ => format!("UPDATE {table} SET v = 'u{value}' WHERE id = {id}"),
+        };
+        staging
+            .batch_execute(&format!("BEGIN; {sql}; COMMIT"))
+            .await
+            .expect("staging workload");
+        committed += 1;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    committed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_added_to_a_running_config_is_seeded_online_under_load_and_a_removed_one_is_left() {
+    let p = PairBuilder::new(
+        "repair_added",
+        "CREATE TABLE item (id int PRIMARY KEY, v text);
+         CREATE TABLE extra (id int PRIMARY KEY, v text);",
+    )
+    .table("public.item", "")
+    .table("public.extra", "")
+    .build();
+    let scratch = support::Scratch::new("repair_added");
+    let after = p.write_config(&scratch.0);
+    let before = scratch.0.join("before.toml");
+    let without_extra = p
+        .text
+        .replace("[[tables]]\nname = \"public.extra\"\n\n", "");
+    assert_ne!(without_extra, p.text);
+    std::fs::write(&before, &without_extra).unwrap();
+    let (code, out, err) = stagingprop(&before, &["init"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    p.on_staging(
+        "INSERT INTO item SELECT g, 'item ' || g FROM generate_series(1, 2000) g;
+         INSERT INTO extra SELECT g, 'extra ' || g FROM generate_series(1, 3000) g;",
+    );
+    let staging = endpoint(&p.staging_cluster, &p.staging, "postgres")
+        .connect()
+        .await
+        .unwrap();
+    let (stop_workload, stopped) = tokio::sync::watch::channel(false);
+    let seed = support::rng::test_seed("a_table_added_to_a_running_config_is_seeded_online");
+    let workload =
+        tokio::spawn(
+            async move { keyed_workload(staging, &["item", "extra"], seed, stopped).await },
+        );
+    let mut sync = spawn(&before, &["sync"], &scratch.0.join("sync-before.log"));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    // The table joins the config: init adds it to the publication and registers its seeding.
+    let (code, out, err) = stagingprop(&after, &["init"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("public.extra added to a running target")
+            && out.contains("stagingprop resync --table public.extra"),
+        "{out}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sync.kill().unwrap();
+    sync.wait().unwrap();
+    let mut sync = spawn(&after, &["sync"], &scratch.0.join("sync-after.log"));
+    // Changes of the new table meet rows production lacks: left to the seed, sync goes on.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        sync.try_wait().unwrap().is_none(),
+        "sync stopped: {}",
+        std::fs::read_to_string(scratch.0.join("sync-after.log")).unwrap()
+    );
+    let (code, out, err) = tokio::task::spawn_blocking({
+        let after = after.clone();
+        move || {
+            stagingprop(
+                &after,
+                &[
+                    "resync",
+                    "--table",
+                    "public.extra",
+                    "--chunk-rows",
+                    "500",
+                    "--wait-seconds",
+                    "60",
+                ],
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("repair 1 (resumed)"),
+        "the registered seeding: {out}"
+    );
+    assert!(
+        out.contains("public.extra: ") && out.contains("chunk(s) done"),
+        "{out}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop_workload.send(true).unwrap();
+    let committed = workload.await.unwrap();
+    assert!(
+        sync.try_wait().unwrap().is_none(),
+        "sync stopped: {}",
+        std::fs::read_to_string(scratch.0.join("sync-after.log")).unwrap()
+    );
+    sync.kill().unwrap();
+    sync.wait().unwrap();
+    caught_up(&p.config).await.expect("final sync");
+    let diffs = stagingprop::ops::verify::verify(&p.config, &Default::default())
+        .await
+        .unwrap();
+    for d in &diffs {
+        assert!(d.matches(), "after {committed} staging transactions: {d:?}");
+    }
+    // The seeding ended in the stream: the table conflicts as usual again.
+    assert_eq!(
+        p.on_production(
+            "SELECT count(*) FROM stagingprop.repairs WHERE seeding AND seeded_lsn IS NULL"
+        )
+        .trim(),
+        "0"
+    );
+
+    // Removed from the config: sync leaves its rows as they are.
+    let only_extra = scratch.0.join("only-extra.toml");
+    std::fs::write(
+        &only_extra,
+        p.text.replace("[[tables]]\nname = \"public.item\"\n\n", ""),
+    )
+    .unwrap();
+    let (code, out, err) = stagingprop(&only_extra, &["init"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("sync no longer applies public.item"), "{out}");
+    let items = "SELECT count(*), sum(hashtext(v)) FROM item";
+    let kept = p.on_production(items);
+    p.on_staging("DELETE FROM item WHERE id < 100; UPDATE extra SET v = 'after' WHERE id = 5;");
+    let (code, out, err) = stagingprop(&only_extra, &["sync", "--until-caught-up"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(p.on_production(items), kept);
+    assert_eq!(
+        p.on_production("SELECT v FROM extra WHERE id = 5").trim(),
+        "after"
+    );
+}

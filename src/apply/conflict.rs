@@ -164,18 +164,26 @@ impl Applier {
         }
         let meta = &self.tables[t].meta;
         let policy = self.tables[t].policy;
+        let seeding = self.tables[t].seeding;
+        let policy_name = if seeding { "seeding" } else { policy.as_str() };
         let key_json = key_json(meta, &entry.key);
         metrics::counter!(
             "stagingprop_conflicts_total",
             "table" => meta.table_name().to_string(),
             "kind" => kind.name(),
-            "policy" => policy.as_str()
+            "policy" => policy_name
         )
         .increment(1);
         let whole_row = whole_row(&entry.change);
         let row_json = staging_row(meta, &entry.change);
         let table = meta.table_name().to_string();
-        let (action, quarantine_id) = match policy.resolve(kind, whole_row) {
+        let resolution = if seeding {
+            Resolution::while_seeding(kind, whole_row)
+        } else {
+            policy.resolve(kind, whole_row)
+        };
+        let (action, quarantine_id) = match resolution {
+            Resolution::LeftToSeed => ("left-to-seed", None),
             Resolution::Stop => {
                 let error = ApplyError::Conflict {
                     table: meta.table_name(),
@@ -291,7 +299,7 @@ impl Applier {
                 production_row: production_row.as_deref(),
                 last_written: None,
                 edits: &[],
-                policy: policy.as_str(),
+                policy: policy_name,
                 action,
                 quarantine_id,
             },

@@ -93,6 +93,8 @@ struct TableState {
     /// Set when production's own edits of the table are recorded (`guard = "record"`): sync
     /// leaves an edited row to the table's edit policy.
     edits: Option<EditWatch>,
+    /// Being seeded online: its conflicts are the seed's to settle.
+    seeding: bool,
 }
 
 /// A table whose production edits sync watches.
@@ -185,6 +187,7 @@ impl Applier {
                 changes: TableChanges::default(),
                 columns: ColumnList::All,
                 edits: None,
+                seeding: false,
             })
             .collect();
         let metas: Vec<&TableMeta> = tables.iter().map(|t| &t.meta).collect();

@@ -152,6 +152,47 @@ impl Applier {
         }
     }
 
+    /// A seeding repair of `tables` starts or ends in the stream (see [`super::Target`]).
+    pub async fn seeding(
+        &mut self,
+        repair: i64,
+        tables: &[String],
+        on: bool,
+        source: Source,
+    ) -> Result<(), ApplyError> {
+        // What came before applies under the old rules.
+        self.flush().await?;
+        self.set_seeding(tables, on);
+        if !on {
+            self.begin().await?;
+            self.settle().await?;
+            let lsn = source.lsn.to_string();
+            self.client
+                .execute(&repairs::record_seeded(), &[&repair, &lsn])
+                .await
+                .map_err(query_error("noting a seeding's end"))?;
+        }
+        tracing::info!(repair, tables = %tables.join(", "), "online seeding {}", if on { "starts" } else { "done" });
+        Ok(())
+    }
+
+    /// Marks `tables` (config names) as being seeded, or not.
+    fn set_seeding(&mut self, tables: &[String], on: bool) {
+        for t in &mut self.tables {
+            if tables.contains(&t.meta.table_name().to_string()) {
+                t.seeding = on;
+            }
+        }
+    }
+
+    /// Marks the tables of seeding repairs not ended as the target's state says (a session
+    /// starting where the stream is between a seeding's start and its end).
+    pub async fn load_seeding(&mut self) -> Result<(), ApplyError> {
+        let tables = repairs::seeding_tables(&self.client, &self.slot).await?;
+        self.set_seeding(&tables, true);
+        Ok(())
+    }
+
     /// The chunk's table and, for each of its columns, the production column.
     fn chunk_shape(&self, chunk: &Chunk) -> Result<(usize, Vec<usize>), Refusal> {
         let Some(t) = self

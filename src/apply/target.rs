@@ -53,6 +53,17 @@ pub trait Target {
     /// recorded interrupted) in the open transaction, with its outcome.
     async fn repair_chunk(&mut self, at: AtHigh, source: Source) -> Result<(), ApplyError>;
 
+    /// A seeding repair of `tables` (config names) starts (`on`) or ends, in its place in the
+    /// stream: while seeding, their conflicts are the seed's to settle. Its end is noted on the
+    /// target (repair `repair`) in the open transaction.
+    async fn seeding(
+        &mut self,
+        repair: i64,
+        tables: &[String],
+        on: bool,
+        source: Source,
+    ) -> Result<(), ApplyError>;
+
     /// TRUNCATE of managed tables, after everything written before it.
     async fn truncate(
         &mut self,
@@ -206,6 +217,16 @@ impl Target for super::Applier {
 
     async fn repair_chunk(&mut self, at: AtHigh, source: Source) -> Result<(), ApplyError> {
         super::Applier::repair_chunk(self, at, source).await
+    }
+
+    async fn seeding(
+        &mut self,
+        repair: i64,
+        tables: &[String],
+        on: bool,
+        source: Source,
+    ) -> Result<(), ApplyError> {
+        super::Applier::seeding(self, repair, tables, on, source).await
     }
 
     async fn truncate(

@@ -536,6 +536,29 @@ pub enum Resolution {
     /// Write the change to the quarantine and go on; `incomplete_row`: an overwrite that could
     /// not insert the row, since staging did not send every column.
     Quarantine { incomplete_row: bool },
+    /// The table is being seeded online: the seed brings the row as staging has it.
+    LeftToSeed,
+}
+
+impl Resolution {
+    /// What a conflict of `kind` becomes in a table being seeded online (`resync`, a table
+    /// added), whatever its policy: production lacks rows the seed has not reached yet, and
+    /// has rows it already brought. A whole row is written; anything else is the seed's to
+    /// bring.
+    pub fn while_seeding(kind: ConflictKind, whole_row: bool) -> Resolution {
+        match kind {
+            ConflictKind::InsertExists | ConflictKind::UpdateMissing if whole_row => {
+                Resolution::InsertRow
+            }
+            ConflictKind::InsertExists
+            | ConflictKind::UpdateMissing
+            | ConflictKind::DeleteMissing
+            | ConflictKind::UpdateUnmapped
+            | ConflictKind::DeleteUnmapped
+            | ConflictKind::UpdateOriginDiffers
+            | ConflictKind::DeleteOriginDiffers => Resolution::LeftToSeed,
+        }
+    }
 }
 
 /// Every question about a conflict policy is answered here, each by an exhaustive match, so a

@@ -214,7 +214,7 @@ pub async fn init(config: &Config, options: &InitOptions) -> Result<InitReport, 
             None => qualified(&table.name.schema, &table.name.name),
         })
         .collect();
-    sync_publication(
+    let added = sync_publication(
         &s,
         &staging,
         config,
@@ -255,12 +255,46 @@ pub async fn init(config: &Config, options: &InitOptions) -> Result<InitReport, 
         "production: schema {STATE_SCHEMA} is ready (layout version {})",
         state::LAYOUT_VERSION
     ));
+    register_seeding(&p, &production, config, &added, &mut report).await?;
     report.lines.extend(
         guard::install::apply(&p, &guard_plan)
             .await
             .map_err(query_error(&production, "installing the guard"))?,
     );
     Ok(report)
+}
+
+/// Tables added to the publication of a target sync already applies to are seeded online: the
+/// seeding is registered on production now, so that sync, started with the new config, leaves
+/// their changes that find no row to the seed (`resync`) until it is done.
+async fn register_seeding(
+    p: &Client,
+    production: &Endpoint,
+    config: &Config,
+    added: &[TableName],
+    report: &mut InitReport,
+) -> Result<(), OpsError> {
+    let slot = &config.sync.slot;
+    if added.is_empty()
+        || state::progress::read(p, slot)
+            .await
+            .map_err(state_error(production))?
+            .is_none()
+    {
+        return Ok(());
+    }
+    let names: Vec<String> = added.iter().map(|t| t.to_string()).collect();
+    let id = state::repairs::begin(p, slot, &names, None, true)
+        .await
+        .map_err(state_error(production))?;
+    let tables = names.join(" --table ");
+    report.lines.push(format!(
+        "production: {} added to a running target: restart sync with this config, then seed \
+         them online with `stagingprop resync --table {tables}` (repair {id}); until it is \
+         done their changes that find no row are left to it",
+        names.join(", ")
+    ));
+    Ok(())
 }
 
 /// Installs (or refreshes) staging's capture of schema changes, or removes it when `[ddl] mode`
@@ -553,7 +587,7 @@ const PUBLICATION_OPTIONS: &str =
 
 /// Creates the publication, or brings its table list, row filters, column lists and published
 /// actions in line with the config (`changes`: the filter and column-list differences found,
-/// already allowed by `--apply-changes`).
+/// already allowed by `--apply-changes`). The tables it added to an existing publication.
 async fn sync_publication(
     s: &Client,
     staging: &Endpoint,
@@ -562,7 +596,7 @@ async fn sync_publication(
     exists: bool,
     changes: &[String],
     report: &mut InitReport,
-) -> Result<(), OpsError> {
+) -> Result<Vec<TableName>, OpsError> {
     let name = &config.sync.publication;
     let wanted: Vec<&TableName> = config.tables.iter().map(|t| &t.name).collect();
     if !exists {
@@ -578,7 +612,7 @@ async fn sync_publication(
             wanted.len(),
             partial_note(config)
         ));
-        return Ok(());
+        return Ok(Vec::new());
     }
     let rows = s
         .query(
@@ -618,7 +652,7 @@ async fn sync_publication(
             wanted.len(),
             partial_note(config)
         ));
-        return Ok(());
+        return Ok(Vec::new());
     }
     let names = |ts: &[&TableName]| {
         if ts.is_empty() {
@@ -639,7 +673,13 @@ async fn sync_publication(
             changes.join("; ")
         }
     ));
-    Ok(())
+    if !extra.is_empty() {
+        report.lines.push(format!(
+            "staging: sync no longer applies {}; their rows stay on production as they are",
+            names(&extra)
+        ));
+    }
+    Ok(missing.into_iter().cloned().collect())
 }
 
 /// ", 2 of them in part (row filter or column list)", or nothing.

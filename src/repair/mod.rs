@@ -62,6 +62,20 @@ pub enum Watermark {
         key: Vec<String>,
     },
     High(Chunk),
+    /// A seeding repair (`resync`, a table added) starts: until its `Seeded`, the stream's
+    /// changes of these tables that meet a missing row (or one already there) are the seed's
+    /// to settle.
+    Seeding {
+        repair: i64,
+        target: String,
+        tables: Vec<String>,
+    },
+    /// Every chunk of the seeding repair is applied: its tables conflict as usual again.
+    Seeded {
+        repair: i64,
+        target: String,
+        tables: Vec<String>,
+    },
 }
 
 impl Watermark {
@@ -224,6 +238,12 @@ mod tests {
         let text = high.to_json();
         assert!(text.contains("\"kind\":\"high\""), "{text}");
         assert_eq!(Watermark::parse(text.as_bytes()), Ok(high));
+        let seeded = Watermark::Seeded {
+            repair: 1,
+            target: "sp".into(),
+            tables: vec!["public.item".into()],
+        };
+        assert_eq!(Watermark::parse(seeded.to_json().as_bytes()), Ok(seeded));
         let bad = Watermark::parse(b"{\"kind\":\"middle\"}").unwrap_err();
         assert!(bad.contains(PREFIX), "{bad}");
     }

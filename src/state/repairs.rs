@@ -16,6 +16,8 @@ pub(super) fn create_tables() -> String {
              slot text NOT NULL,
              tables text[] NOT NULL,
              condition text,
+             seeding boolean NOT NULL DEFAULT false,
+             seeded_lsn pg_lsn,
              started_at timestamptz NOT NULL DEFAULT now(),
              finished_at timestamptz,
              outcome text);
@@ -118,6 +120,7 @@ pub struct Repair {
     pub tables: Vec<String>,
     pub condition: Option<String>,
     pub started_at: String,
+    pub seeding: bool,
 }
 
 /// A planned chunk and what happened to it so far.
@@ -137,26 +140,36 @@ pub struct ChunkRow {
     pub reason: Option<String>,
 }
 
-/// Writes a new repair and its chunks (`table`, bounds) in one transaction; its id.
-pub async fn plan(
-    client: &mut Client,
+/// A new repair (`seeding`: of tables being seeded online); its id.
+pub async fn begin(
+    client: &Client,
     slot: &str,
     tables: &[String],
     condition: Option<&str>,
-    chunks: &[(String, serde_json::Value, i64)],
+    seeding: bool,
 ) -> Result<i64, StateError> {
-    let tx = client.transaction().await.map_err(query_error("BEGIN"))?;
-    let id: i64 = tx
+    Ok(client
         .query_one(
             &format!(
-                "INSERT INTO {} (slot, tables, condition) VALUES ($1, $2, $3) RETURNING id",
+                "INSERT INTO {} (slot, tables, condition, seeding) VALUES ($1, $2, $3, $4) \
+                 RETURNING id",
                 table("repairs")
             ),
-            &[&slot, &tables, &condition],
+            &[&slot, &tables, &condition, &seeding],
         )
         .await
         .map_err(query_error("planning a repair"))?
-        .get(0);
+        .get(0))
+}
+
+/// Writes repair `id`'s chunks (`table`, bounds, rows kept), numbered from 0, in one
+/// transaction.
+pub async fn plan(
+    client: &mut Client,
+    id: i64,
+    chunks: &[(String, serde_json::Value, i64)],
+) -> Result<(), StateError> {
+    let tx = client.transaction().await.map_err(query_error("BEGIN"))?;
     let insert = format!(
         "INSERT INTO {} (repair_id, chunk, table_name, bounds, kept) VALUES ($1, $2, $3, $4, $5)",
         table("repair_chunks")
@@ -168,7 +181,39 @@ pub async fn plan(
             .map_err(query_error("planning a repair"))?;
     }
     tx.commit().await.map_err(query_error("COMMIT"))?;
-    Ok(id)
+    Ok(())
+}
+
+/// The tables of `slot`'s seeding repairs whose end sync has not applied yet: their conflicts
+/// are the seed's to settle.
+pub async fn seeding_tables(client: &Client, slot: &str) -> Result<Vec<String>, StateError> {
+    if !super::exists(client, "repairs")
+        .await
+        .map_err(query_error("looking for stagingprop's tables"))?
+    {
+        return Ok(Vec::new());
+    }
+    let rows = client
+        .query(
+            &format!(
+                "SELECT DISTINCT unnest(tables) FROM {} \
+                 WHERE slot = $1 AND seeding AND seeded_lsn IS NULL",
+                table("repairs")
+            ),
+            &[&slot],
+        )
+        .await
+        .map_err(query_error("reading repairs"))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// The statement sync notes a seeding's end with, in the transaction that applies it.
+/// Parameters: repair, staging position (text).
+pub fn record_seeded() -> String {
+    format!(
+        "UPDATE {} SET seeded_lsn = $2::text::pg_lsn WHERE id = $1",
+        table("repairs")
+    )
 }
 
 /// The newest repair of `slot` not finished, if any.
@@ -182,7 +227,7 @@ pub async fn unfinished(client: &Client, slot: &str) -> Result<Option<Repair>, S
     let row = client
         .query_opt(
             &format!(
-                "SELECT id, tables, condition, started_at::text FROM {}
+                "SELECT id, tables, condition, started_at::text, seeding FROM {}
                   WHERE slot = $1 AND finished_at IS NULL ORDER BY id DESC LIMIT 1",
                 table("repairs")
             ),
@@ -195,6 +240,7 @@ pub async fn unfinished(client: &Client, slot: &str) -> Result<Option<Repair>, S
         tables: r.get(1),
         condition: r.get(2),
         started_at: r.get(3),
+        seeding: r.get(4),
     }))
 }
 

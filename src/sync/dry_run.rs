@@ -237,6 +237,18 @@ impl Target for DryRun {
         Ok(plans)
     }
 
+    async fn seeding(
+        &mut self,
+        _: i64,
+        tables: &[String],
+        on: bool,
+        _: Source,
+    ) -> Result<(), ApplyError> {
+        let what = if on { "starts" } else { "ends" };
+        self.note(format_args!("seeding of {} {what}", tables.join(", ")));
+        Ok(())
+    }
+
     async fn repair_chunk(&mut self, at: AtHigh, _: Source) -> Result<(), ApplyError> {
         self.flush().await?;
         self.begin();

@@ -539,6 +539,7 @@ fn stream_sessions(
             applier.watch_production_edits(&config);
             applier.publish_files(&config)?;
             applier.set_hooks(&config);
+            applier.load_seeding().await?;
             Ok(applier)
         })
     }))
@@ -641,6 +642,7 @@ async fn open_applier(
     applier.watch_production_edits(config);
     applier.publish_files(config)?;
     applier.set_hooks(config);
+    applier.load_seeding().await?;
     applier
         .files()
         .remove_leftovers()

@@ -20,8 +20,8 @@ use tokio_postgres::Client;
 use tokio_postgres::types::ToSql;
 
 use super::{
-    Bounds, OpsError, TableSql, Translation, VerifyOptions, connect, edited_keys, integer_type,
-    query_error, remapping, staging_meta, state_error, summarize_table, translation,
+    Bounds, OpsError, TableSql, Translation, VerifyOptions, connect, edited_keys, exact_boundaries,
+    integer_type, query_error, remapping, staging_meta, state_error, summarize_table, translation,
 };
 use crate::catalog::TableMeta;
 use crate::config::{Config, TableConfig};
@@ -37,6 +37,9 @@ pub struct RepairOptions {
     pub dry_run: bool,
     /// How long to wait for sync to answer one chunk.
     pub wait: Duration,
+    /// Seed the tables (`resync`, a table added): while it runs, their conflicts in the stream
+    /// are the seed's to settle.
+    pub seed: bool,
 }
 
 /// What the repair did (or, in a dry run, would do) to one table.
@@ -69,6 +72,8 @@ pub struct RepairReport {
     pub resumed: bool,
     pub dry_run: bool,
     pub tables: Vec<TableRepair>,
+    /// What the operator should know besides (child tables of re-seeded ones, say).
+    pub notes: Vec<String>,
 }
 
 impl RepairReport {
@@ -186,21 +191,33 @@ pub async fn repair(config: &Config, options: &RepairOptions) -> Result<RepairRe
     let names: Vec<String> = tables.iter().map(|t| t.config.name.to_string()).collect();
     let condition = options.verify.condition.clone();
     // An earlier run's chunks in staging's WAL are answered before anything else is decided.
-    let mut resume = None;
+    // The unfinished repair resumed, and whether it has its chunks planned already (a
+    // seeding `init` registered has none yet).
+    let mut resume: Option<(i64, bool)> = None;
     if !options.dry_run
         && let Some(earlier) = repairs::unfinished(&p, slot)
             .await
             .map_err(state_error(&production))?
     {
         wait_for_sync_past(&sides, current_wal(&sides).await?, options.wait).await?;
-        if earlier.tables == names && earlier.condition == condition {
+        if earlier.tables == names
+            && earlier.condition == condition
+            && earlier.seeding == options.seed
+        {
+            let planned = !repairs::chunks(&p, earlier.id)
+                .await
+                .map_err(state_error(&production))?
+                .is_empty();
             tracing::info!(
                 repair = earlier.id,
                 started_at = %earlier.started_at,
                 "resuming an unfinished repair"
             );
-            resume = Some(earlier.id);
+            resume = Some((earlier.id, planned));
         } else {
+            if earlier.seeding {
+                end_seeding(&sides, earlier.id, &earlier.tables, options.wait).await?;
+            }
             repairs::finish(&p, earlier.id, "abandoned")
                 .await
                 .map_err(state_error(&production))?;
@@ -209,6 +226,9 @@ pub async fn repair(config: &Config, options: &RepairOptions) -> Result<RepairRe
                 "an unfinished repair of other tables is abandoned: this one replaces it"
             );
         }
+    }
+    if options.seed {
+        report.notes = children_to_follow(config, &p, &production, &names).await?;
     }
     let by_name: HashMap<String, &Repairable<'_>> = tables
         .iter()
@@ -222,7 +242,7 @@ pub async fn repair(config: &Config, options: &RepairOptions) -> Result<RepairRe
     }
     // The plan: (table, bounds, chunk number) of every differing chunk.
     let plan: Vec<(String, Bounds, Option<i32>)> = match resume {
-        Some(id) => {
+        Some((id, true)) => {
             report.resumed = true;
             let chunks = repairs::chunks(&p, id)
                 .await
@@ -254,7 +274,8 @@ pub async fn repair(config: &Config, options: &RepairOptions) -> Result<RepairRe
                 })
                 .collect::<Result<_, OpsError>>()?
         }
-        None => {
+        Some((_, false)) | None => {
+            report.resumed = resume.is_some();
             let mut plan = Vec::new();
             for t in &tables {
                 let sql = t.sql(condition.as_deref());
@@ -267,11 +288,35 @@ pub async fn repair(config: &Config, options: &RepairOptions) -> Result<RepairRe
                     (&staging, &production),
                 )
                 .await?;
-                let differing: Vec<Bounds> = parts
-                    .into_iter()
-                    .filter(|(_, a, b)| a != b)
-                    .map(|(bounds, _, _)| bounds)
-                    .collect();
+                // A differing bucket uneven keys made large is cut into chunks of about
+                // `chunk_rows` rows.
+                let mut differing: Vec<Bounds> = Vec::new();
+                for (bounds, on_staging, on_production) in parts {
+                    if on_staging == on_production {
+                        continue;
+                    }
+                    match bounds {
+                        Bounds::FirstColumn(lower, upper)
+                            if on_staging.rows > 4 * options.verify.chunk_rows =>
+                        {
+                            let cuts = exact_boundaries(
+                                &s,
+                                &sql,
+                                options.verify.chunk_rows,
+                                (lower, upper),
+                            )
+                            .await
+                            .map_err(query_error(&staging, "reading key ranges"))?;
+                            let mut from = lower;
+                            for cut in cuts {
+                                differing.push(Bounds::FirstColumn(from, Some(cut)));
+                                from = Some(cut);
+                            }
+                            differing.push(Bounds::FirstColumn(from, upper));
+                        }
+                        other => differing.push(other),
+                    }
+                }
                 table_entry(&mut report, &t.config.name.to_string()).chunks += differing.len();
                 plan.extend(
                     differing
@@ -290,7 +335,13 @@ pub async fn repair(config: &Config, options: &RepairOptions) -> Result<RepairRe
                         )
                     })
                     .collect();
-                let id = repairs::plan(&mut p, slot, &names, condition.as_deref(), &rows)
+                let id = match resume {
+                    Some((id, _)) => id,
+                    None => repairs::begin(&p, slot, &names, condition.as_deref(), options.seed)
+                        .await
+                        .map_err(state_error(&production))?,
+                };
+                repairs::plan(&mut p, id, &rows)
                     .await
                     .map_err(state_error(&production))?;
                 report.repair = Some(id);
@@ -303,8 +354,8 @@ pub async fn repair(config: &Config, options: &RepairOptions) -> Result<RepairRe
             plan
         }
     };
-    if resume.is_some() {
-        report.repair = resume;
+    if let Some((id, _)) = resume {
+        report.repair = Some(id);
     }
     let sides = Sides {
         s: &s,
@@ -314,14 +365,10 @@ pub async fn repair(config: &Config, options: &RepairOptions) -> Result<RepairRe
         slot,
         target: config.repair_target(),
     };
-    // Production's keys: they name staging's rows only where remapping keeps keys.
+    // Keys (production's) of rows production's users edited, per table.
     let mut edited: HashMap<String, HashSet<Vec<String>>> = HashMap::new();
     for t in &tables {
-        let keys = if t.tr.is_some() {
-            HashSet::new()
-        } else {
-            edited_keys(&p, &production, &t.config.name).await?
-        };
+        let keys = edited_keys(&p, &production, &t.config.name).await?;
         edited.insert(t.config.name.to_string(), keys);
     }
     let entry_of = |report: &RepairReport, table: &str| {
@@ -347,6 +394,16 @@ pub async fn repair(config: &Config, options: &RepairOptions) -> Result<RepairRe
         }
         return Ok(report);
     };
+    if options.seed {
+        let seeding = Watermark::Seeding {
+            repair: id,
+            target: sides.target.to_owned(),
+            tables: names.clone(),
+        };
+        emit(sides.s, &seeding)
+            .await
+            .map_err(query_error(sides.staging, "writing a seeding's start"))?;
+    }
     // Chunks go out back to back (a high watermark always precedes the next low one, so their
     // windows never overlap) with at most IN_FLIGHT unanswered; an answer is awaited oldest
     // first, and a chunk sync could not apply whole goes out again.
@@ -404,6 +461,9 @@ pub async fn repair(config: &Config, options: &RepairOptions) -> Result<RepairRe
             )),
         }
         tracing::info!(repair = id, chunk = n, table = %table, "repair chunk {finished} of {total} done");
+    }
+    if options.seed {
+        end_seeding(&sides, id, &names, options.wait).await?;
     }
     let outcome = if report.failed() { "failed" } else { "done" };
     repairs::finish(&p, id, outcome)
@@ -473,8 +533,8 @@ struct ChunkDiff {
 
 /// Reads the chunk on both sides (staging in its open transaction, if any) and compares;
 /// production's rows through the key map with `tr`. A row production's users edited (recorded
-/// by the guard, kept since) is kept: found on production by its edit, or for a row they
-/// deleted, by `edited` (production's keys, of tables that keep staging's).
+/// by the guard, kept since; `edited` holds their production keys) is kept: found on
+/// production by its edit, or for a row they deleted, by its key where remapping keeps keys.
 async fn chunk_diff(
     sides: &Sides<'_>,
     sql: &TableSql<'_>,
@@ -493,9 +553,9 @@ async fn chunk_diff(
     let read = |side: &super::SideSql, extra: &str| {
         let (condition, texts, numbers) = bounds.condition(sql, &side.first_key);
         let query = format!(
-            "SELECT ARRAY[{keys}], md5({row}){extra} FROM {from} WHERE {condition} AND {scope}",
+            "SELECT ARRAY[{keys}], {row}{extra} FROM {from} WHERE {condition} AND {scope}",
             keys = side.key_texts,
-            row = side.row_text,
+            row = side.row_hash64,
             from = side.from,
             scope = side.condition,
         );
@@ -512,6 +572,11 @@ async fn chunk_diff(
         &crate::quote::quote_literal(&sql.meta.table_name().to_string()),
         &production_keys,
     );
+    let kept = if edited.is_empty() {
+        "false".to_owned()
+    } else {
+        kept
+    };
     let (production_sql, _, _) = read(&sql.side(tr), &format!(", {kept}"));
     let refs: Vec<&(dyn ToSql + Sync)> = texts
         .iter()
@@ -524,7 +589,7 @@ async fn chunk_diff(
         .await
         .map_err(query_error(sides.staging, "reading a chunk to repair"))?;
     // Staging's key -> (row hash, an edit production keeps).
-    let on_production: HashMap<KeyText, (String, bool)> = sides
+    let on_production: HashMap<KeyText, (i64, bool)> = sides
         .p
         .query(&production_sql, &refs)
         .await
@@ -533,10 +598,12 @@ async fn chunk_diff(
         .map(|r| (r.get(0), (r.get(1), r.get(2))))
         .collect();
     let deleted_by_users = |key: &KeyText| {
-        key.iter()
-            .cloned()
-            .collect::<Option<Vec<String>>>()
-            .is_some_and(|k| edited.contains(&k))
+        tr.is_none()
+            && key
+                .iter()
+                .cloned()
+                .collect::<Option<Vec<String>>>()
+                .is_some_and(|k| edited.contains(&k))
     };
     let mut diff = ChunkDiff {
         upserts: Vec::new(),
@@ -548,7 +615,7 @@ async fn chunk_diff(
     let mut seen: HashSet<KeyText> = HashSet::with_capacity(on_staging.len());
     for row in &on_staging {
         let key: KeyText = row.get(0);
-        let hash: String = row.get(1);
+        let hash: i64 = row.get(1);
         match on_production.get(&key) {
             Some((h, _)) if *h == hash => {}
             Some((_, true)) => diff.kept.push(key.clone()),
@@ -760,6 +827,77 @@ async fn current_wal(sides: &Sides<'_>) -> Result<Lsn, OpsError> {
     Ok(lsn.parse().unwrap_or(Lsn::INVALID))
 }
 
+/// Where production checks foreign keys for sync (its login role cannot turn them off), the
+/// managed tables referring to a re-seeded one and not re-seeded with it: a row the seed
+/// removes takes theirs along (ON DELETE CASCADE) or is refused; a row it brings back does not
+/// bring theirs.
+async fn children_to_follow(
+    config: &Config,
+    p: &Client,
+    production: &Endpoint,
+    seeded: &[String],
+) -> Result<Vec<String>, OpsError> {
+    if p.batch_execute("SET session_replication_role = replica; RESET session_replication_role")
+        .await
+        .is_ok()
+    {
+        return Ok(Vec::new());
+    }
+    let mut metas = Vec::new();
+    for table in &config.tables {
+        if let Some(meta) = crate::catalog::load_table(p, &table.name)
+            .await
+            .map_err(query_error(production, "reading table definitions"))?
+        {
+            metas.push(meta);
+        }
+    }
+    let refs: Vec<&TableMeta> = metas.iter().collect();
+    let edges = crate::catalog::foreign_keys(p, &refs)
+        .await
+        .map_err(query_error(production, "reading foreign keys"))?;
+    let name = |i: usize| metas[i].table_name().to_string();
+    let mut notes: Vec<String> = edges
+        .into_iter()
+        .filter(|&(child, parent)| seeded.contains(&name(parent)) && !seeded.contains(&name(child)))
+        .map(|(child, parent)| {
+            format!(
+                "{} refers to {} on production, which checks it: rows the seed removes from {} \
+                 take their {} rows along or are refused, and rows it brings back do not bring \
+                 theirs; resync {} too if it drifted (--table {})",
+                name(child),
+                name(parent),
+                name(parent),
+                name(child),
+                name(child),
+                name(child)
+            )
+        })
+        .collect();
+    notes.sort();
+    notes.dedup();
+    Ok(notes)
+}
+
+/// Ends seeding repair `repair` of `tables` in the stream, and waits until sync has applied
+/// that end: its tables conflict as usual again.
+async fn end_seeding(
+    sides: &Sides<'_>,
+    repair: i64,
+    tables: &[String],
+    wait: Duration,
+) -> Result<(), OpsError> {
+    let seeded = Watermark::Seeded {
+        repair,
+        target: sides.target.to_owned(),
+        tables: tables.to_vec(),
+    };
+    let at = emit(sides.s, &seeded)
+        .await
+        .map_err(query_error(sides.staging, "writing a seeding's end"))?;
+    wait_for_sync_past(sides, at, wait).await
+}
+
 /// Waits until sync has applied staging's WAL past `at`.
 async fn wait_for_sync_past(sides: &Sides<'_>, at: Lsn, wait: Duration) -> Result<(), OpsError> {
     let started = tokio::time::Instant::now();
@@ -814,6 +952,9 @@ pub fn render(report: &RepairReport) -> String {
         for failure in &t.failed {
             out.push_str(&format!("  FAILED {failure}\n"));
         }
+    }
+    for note in &report.notes {
+        out.push_str(&format!("note: {note}\n"));
     }
     out
 }

@@ -846,6 +846,7 @@ impl<'a, T: Target> Pipeline<'a, T> {
                 return Ok(());
             }
         };
+        let starts = matches!(mark, Watermark::Seeding { .. });
         match mark {
             Watermark::Low { id, table, key } => {
                 if id.target != self.config.repair_target() {
@@ -865,6 +866,23 @@ impl<'a, T: Target> Pipeline<'a, T> {
                 let source = self.source(lsn);
                 self.target()?.repair_chunk(at, source).await?;
             }
+            Watermark::Seeding {
+                repair,
+                target,
+                tables,
+            }
+            | Watermark::Seeded {
+                repair,
+                target,
+                tables,
+            } if target == self.config.repair_target() => {
+                self.enter_subxact(xid).await?;
+                let source = self.source(lsn);
+                self.target()?
+                    .seeding(repair, &tables, starts, source)
+                    .await?;
+            }
+            Watermark::Seeding { .. } | Watermark::Seeded { .. } => {}
         }
         Ok(())
     }
