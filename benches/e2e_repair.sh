@@ -15,14 +15,20 @@
 #      and the probe keeps measuring: its wall time, and the probe's p50/p99 meanwhile.
 #   4. The same drift again, then sync stopped and `stagingprop copy --from staging --to
 #      production --tables public.item --truncate` (its own slot): its wall time.
-# Both ends are checked with `stagingprop verify` (exit 0). Printed: the two times and their
-# ratio (target: the repair at least 10x sooner), and the probe's lag with and without it.
+#   5. A table `added` of ADD_ROWS rows, on staging only, joins the config while sync runs
+#      (`init` registers its seeding, sync restarts with the new config) and is seeded with
+#      `stagingprop resync --table public.added` while the probe measures; then, sync stopped,
+#      the same table emptied and loaded with `copy --tables public.added --truncate`.
+# Every end is checked with `stagingprop verify` (exit 0). Printed: the times and ratios
+# (target for the repair: at least 10x sooner than the copy), and the probe's lag meanwhile.
 #
-# Knobs (environment): ROWS=10000000, DRIFT_PERCENT=1, DRIFT_CHUNKS=100, CHUNK_ROWS=10000,
-# PROBE_SECONDS=20, JOBS=2, PG_EXTRA_CONF, KEEP, STAGINGPROP_PG_BIN, SP_BIN, CARGO_TARGET_DIR.
+# Knobs (environment): ROWS=10000000, ADD_ROWS=5000000 (0: skip phase 5), DRIFT_PERCENT=1,
+# DRIFT_CHUNKS=100, CHUNK_ROWS=10000, PROBE_SECONDS=20, JOBS=2, PG_EXTRA_CONF, KEEP,
+# STAGINGPROP_PG_BIN, SP_BIN, CARGO_TARGET_DIR.
 set -euo pipefail
 
 ROWS=${ROWS:-10000000}
+ADD_ROWS=${ADD_ROWS:-5000000}
 DRIFT_PERCENT=${DRIFT_PERCENT:-1}
 DRIFT_CHUNKS=${DRIFT_CHUNKS:-100}
 CHUNK_ROWS=${CHUNK_ROWS:-10000}
@@ -59,10 +65,15 @@ trap 'exit 143' TERM
 SCHEMA_SQL="
 CREATE TABLE item (id bigint PRIMARY KEY, sku text NOT NULL, price numeric(12,2), name text,
                    updated timestamptz);
-CREATE TABLE probe (id bigint PRIMARY KEY, at timestamptz NOT NULL);"
+CREATE TABLE probe (id bigint PRIMARY KEY, at timestamptz NOT NULL);
+CREATE TABLE added (id bigint PRIMARY KEY, sku text NOT NULL, price numeric(12,2), name text,
+                    updated timestamptz);"
 LOAD_SQL="INSERT INTO item SELECT g, 'SKU-' || g, (g % 1000) + 0.99, 'item number ' || g,
                                   '2026-01-01'::timestamptz + g * interval '1 second'
             FROM generate_series(1, $ROWS) g"
+ADD_SQL="INSERT INTO added SELECT g, 'ADD-' || g, (g % 1000) + 0.99, 'added number ' || g,
+                                  '2026-01-01'::timestamptz + g * interval '1 second'
+            FROM generate_series(1, $ADD_ROWS) g"
 
 log "work directory $WORK; PostgreSQL binaries $PGBIN; $ROWS rows"
 for c in staging production; do
@@ -74,6 +85,9 @@ log "loading $ROWS rows on both sides"
 q staging -c "$LOAD_SQL" &
 q production -c "$LOAD_SQL"
 wait
+if (( ADD_ROWS > 0 )); then
+    q staging -c "$ADD_SQL" -c "VACUUM ANALYZE added"
+fi
 for c in staging production; do q "$c" -c "VACUUM ANALYZE item" -c "CHECKPOINT"; done
 
 write_sp_config "$WORK/sync.toml" production sp_repair item probe
@@ -160,6 +174,39 @@ t1=$(now)
 COPY_S=$(elapsed "$t0" "$t1")
 verify_matches copy
 
+if (( ADD_ROWS > 0 )); then
+    log "adding table added ($ADD_ROWS rows on staging) to the running config"
+    write_sp_config "$WORK/added.toml" production sp_repair item probe added
+    start_sync
+    sleep 2
+    "$BIN" --config "$WORK/added.toml" init >"$WORK/init.added.log" 2>&1 || { cat "$WORK/init.added.log" >&2; die "init (added) failed"; }
+    grep -q "added to a running target" "$WORK/init.added.log" || { cat "$WORK/init.added.log" >&2; die "init did not register the seeding"; }
+    stop_sync
+    "$BIN" --config "$WORK/added.toml" sync >>"$WORK/sync.log" 2>&1 &
+    SYNC_PID=$!
+    probe "$WORK/lag.seed" 100000 &
+    PROBE_PID=$!
+    t0=$(now)
+    "$BIN" --config "$WORK/added.toml" resync --table public.added --chunk-rows "$CHUNK_ROWS" \
+        >"$WORK/resync.out" 2>"$WORK/resync.log" || { cat "$WORK/resync.out" "$WORK/resync.log" >&2; die "resync failed"; }
+    t1=$(now)
+    kill "$PROBE_PID" 2>/dev/null || true
+    wait "$PROBE_PID" 2>/dev/null || true
+    PROBE_PID=''
+    SEED_S=$(elapsed "$t0" "$t1")
+    cat "$WORK/resync.out" >&2
+    "$BIN" --config "$WORK/added.toml" verify --table public.added >"$WORK/verify.seed.log" 2>&1 \
+        || { cat "$WORK/verify.seed.log" >&2; die "verify after the seeding: production differs"; }
+    stop_sync
+    q production -c "TRUNCATE added" -c "CHECKPOINT"
+    write_sp_config "$WORK/copy.added.toml" production sp_copy_added added
+    t0=$(now)
+    "$BIN" --config "$WORK/copy.added.toml" copy --from staging --to production --tables public.added \
+        --truncate --jobs "$JOBS" >"$WORK/copy.added.log" 2>&1 || { cat "$WORK/copy.added.log" >&2; die "copy (added) failed"; }
+    t1=$(now)
+    COPY_ADDED_S=$(elapsed "$t0" "$t1")
+fi
+
 quiet50=$(percentile "$WORK/lag.quiet" 50); quiet99=$(percentile "$WORK/lag.quiet" 99)
 rep50=$(percentile "$WORK/lag.repair" 50); rep99=$(percentile "$WORK/lag.repair" 99)
 printf '\nonline repair of %s rows, %s%% drifted in %s chunks of %s keys (PostgreSQL %s)\n' \
@@ -169,3 +216,11 @@ printf '%-40s %10s s\n' "copy --truncate --tables public.item" "$COPY_S"
 awk -v r="$REPAIR_S" -v c="$COPY_S" 'BEGIN { printf "%-40s %10.1fx sooner (target: 10x)\n", "repair against copy", c / r }'
 printf '%-40s p50 %5s ms, p99 %5s ms (%s probes)\n' "other table's lag, no repair" "$quiet50" "$quiet99" "$(wc -l <"$WORK/lag.quiet")"
 printf '%-40s p50 %5s ms, p99 %5s ms (%s probes)\n' "other table's lag, during the repair" "$rep50" "$rep99" "$(wc -l <"$WORK/lag.repair")"
+if (( ADD_ROWS > 0 )); then
+    printf '\na table of %s rows added to the running config\n' "$ADD_ROWS"
+    printf '%-40s %10s s\n' "resync --table public.added (online)" "$SEED_S"
+    printf '%-40s %10s s\n' "copy --tables public.added (sync stopped)" "$COPY_ADDED_S"
+    awk -v r="$SEED_S" -v c="$COPY_ADDED_S" 'BEGIN { printf "%-40s %10.2f\n", "seeding time / copy time", r / c }'
+    printf '%-40s p50 %5s ms, p99 %5s ms (%s probes)\n' "other table's lag, during the seeding" \
+        "$(percentile "$WORK/lag.seed" 50)" "$(percentile "$WORK/lag.seed" 99)" "$(wc -l <"$WORK/lag.seed")"
+fi

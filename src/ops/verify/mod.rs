@@ -1,9 +1,9 @@
 //! `stagingprop verify`: compares every managed table on staging and production, each side read
 //! in one snapshot and both at the same time. When the first key column is an integer (the usual
-//! case), staging's values of it are read once (an index-only pass) to cut the table into
+//! case), its range of values on staging and the estimated row count cut the table into
 //! buckets of about `chunk_rows` rows, and each side summarizes every bucket in one sequential
-//! scan with a hash aggregate: row count and the sum of the rows' 64-bit hashes, which does not
-//! depend on order, so nothing is sorted. Other keys are cut into ranges of whole keys that both
+//! scan with a hash aggregate: row count and the XOR of the rows' 64-bit hashes (made by the
+//! values' own hash functions), which does not depend on order, so nothing is sorted. Other keys are cut into ranges of whole keys that both
 //! sides summarize by index range scans. Only the parts whose summaries differ are read row by
 //! row to name the rows missing on production, extra on production, or different.
 //!

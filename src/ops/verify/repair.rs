@@ -88,6 +88,11 @@ const MAX_ATTEMPTS: i32 = 10;
 /// How many chunks may wait for sync's answer at once.
 const IN_FLIGHT: usize = 16;
 
+/// How many rows (in chunks of `chunk_rows`) may wait for sync's answer at once: sync applies
+/// them in the stream's order, so every other table's changes wait behind them (measured:
+/// 16 chunks of 10,000 rows in flight held the other tables 1.5 s behind).
+const IN_FLIGHT_CHUNK_ROWS: i64 = 2;
+
 /// How often production is asked for a chunk's outcome.
 const POLL: Duration = Duration::from_millis(20);
 
@@ -410,23 +415,27 @@ pub async fn repair(config: &Config, options: &RepairOptions) -> Result<RepairRe
     let total = plan.len();
     let mut attempts = vec![0_i32; total];
     let mut queue: VecDeque<usize> = (0..total).collect();
-    let mut in_flight: VecDeque<(usize, Lsn, Vec<KeyText>)> = VecDeque::new();
+    let mut in_flight: VecDeque<(usize, Lsn, Vec<KeyText>, usize)> = VecDeque::new();
+    let row_budget = (IN_FLIGHT_CHUNK_ROWS * options.verify.chunk_rows).max(1) as usize;
+    let mut rows_in_flight = 0;
     let mut finished = 0;
     while !queue.is_empty() || !in_flight.is_empty() {
-        if in_flight.len() < IN_FLIGHT
-            && let Some(i) = queue.pop_front()
-        {
+        let room =
+            in_flight.is_empty() || (in_flight.len() < IN_FLIGHT && rows_in_flight < row_budget);
+        if room && let Some(i) = queue.pop_front() {
             let (table, bounds, chunk) = &plan[i];
             let t = by_name[table];
             let sql = t.sql(condition.as_deref());
             let n = chunk.expect("planned chunks are numbered");
             attempts[i] += 1;
-            let (high_at, kept) =
+            let (high_at, kept, rows) =
                 send_chunk(&sides, &sql, t.tr.as_ref(), bounds, &edited[table], (id, n)).await?;
-            in_flight.push_back((i, high_at, kept));
+            rows_in_flight += rows;
+            in_flight.push_back((i, high_at, kept, rows));
             continue;
         }
-        let (i, high_at, kept) = in_flight.pop_front().expect("one is in flight");
+        let (i, high_at, kept, rows) = in_flight.pop_front().expect("one is in flight");
+        rows_in_flight -= rows;
         let (table, _, chunk) = &plan[i];
         let n = chunk.expect("planned chunks are numbered");
         let row = wait_for_outcome(&sides, (id, n), high_at, options.wait).await?;
@@ -699,7 +708,7 @@ async fn emit(client: &Client, mark: &Watermark) -> Result<Lsn, tokio_postgres::
 }
 
 /// Sends one chunk through the watermarks (planned again on production first): where its high
-/// watermark is, and the rows it kept for production's users.
+/// watermark is, the rows it kept for production's users, and how many rows and keys it carries.
 async fn send_chunk(
     sides: &Sides<'_>,
     sql: &TableSql<'_>,
@@ -707,7 +716,7 @@ async fn send_chunk(
     bounds: &Bounds,
     edited: &HashSet<Vec<String>>,
     (repair, chunk): (i64, i32),
-) -> Result<(Lsn, Vec<KeyText>), OpsError> {
+) -> Result<(Lsn, Vec<KeyText>, usize), OpsError> {
     let table = sql.meta.table_name().to_string();
     let id = ChunkId {
         repair,
@@ -746,6 +755,7 @@ async fn send_chunk(
             return Err(e);
         }
     };
+    let rows = diff.upserts.len() + diff.deletes.len();
     let high = Watermark::High(Chunk {
         id,
         table,
@@ -761,7 +771,7 @@ async fn send_chunk(
         "writing a repair's high watermark",
     ))?;
     committed.map_err(query_error(sides.staging, "COMMIT"))?;
-    Ok((high_at, diff.kept))
+    Ok((high_at, diff.kept, rows))
 }
 
 /// Waits until sync wrote the chunk's outcome; `None` when sync went past its high watermark
