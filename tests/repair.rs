@@ -12,7 +12,13 @@ const SCHEMA: &str = "
 CREATE TABLE item (id int PRIMARY KEY, price numeric(10,2) NOT NULL, name text);
 CREATE TABLE price (item_id int, currency text, amount numeric(12,4), doc json,
                     PRIMARY KEY (item_id, currency));
-CREATE TABLE tag (code text PRIMARY KEY, label text);";
+CREATE TABLE tag (code text PRIMARY KEY, label text);
+CREATE TABLE catentry (catentry_id bigint PRIMARY KEY, partnumber text NOT NULL, name text);
+CREATE SEQUENCE catentry_seq START 1000000;";
+
+/// Production's own catalogue entries, under keys staging uses too (the fault test).
+const BORN: &str = "INSERT INTO catentry VALUES (5, 'prod-5', 'born'), (6, 'prod-6', 'born'), (7, 'prod-7', 'born')";
+const BORN_ROWS: &str = "SELECT * FROM catentry WHERE partnumber LIKE 'prod-%' ORDER BY 1";
 
 const SEED: &str = "
 INSERT INTO item SELECT g, g, 'item ' || g FROM generate_series(1, 3000) g;
@@ -67,7 +73,7 @@ async fn staging_workload(
     while !*stop.borrow() {
         let id = rng.between(1, 400);
         let value = rng.between(1, 1_000_000);
-        let sql = match rng.below(6) {
+        let sql = match rng.below(9) {
             0 => format!(
                 "INSERT INTO item VALUES ({id}, {value}, 'new') ON CONFLICT (id) DO UPDATE SET name = 'renewed {value}'"
             ),
@@ -76,6 +82,11 @@ async fn staging_workload(
             3 => format!(
                 "INSERT INTO tag VALUES ('tag-{id}', 'w{value}') ON CONFLICT (code) DO UPDATE SET label = EXCLUDED.label"
             ),
+            4 => format!(
+                "INSERT INTO catentry VALUES ({id}, 'P{id}', 'n{value}') ON CONFLICT (catentry_id) DO UPDATE SET name = EXCLUDED.name"
+            ),
+            5 => format!("DELETE FROM catentry WHERE catentry_id = {id}"),
+            6 => format!("UPDATE catentry SET name = 'u{value}' WHERE catentry_id = {id}"),
             _ => format!("UPDATE item SET price = {value}, name = 'v{value}' WHERE id = {id}"),
         };
         staging
@@ -108,18 +119,41 @@ async fn drift_is_repaired_online_exactly_once_across_sigkills_of_sync_and_of_th
     );
     let mut rng = support::rng::Rng::new(seed);
     // Staging's changes of drifted rows meet the drift before the repair gets there: the
-    // operator's policy for that overwrites.
-    let p = pair("repair_faults", "", "on_conflict = \"overwrite\"");
+    // operator's policy for that overwrites. catentry's keys are remapped where production's
+    // own rows hold them.
+    let overwrite = "on_conflict = \"overwrite\"";
+    let p = PairBuilder::new("repair_faults", SCHEMA)
+        .sync("batch_max_rows = 200")
+        .table("public.item", overwrite)
+        .table("public.price", overwrite)
+        .table("public.tag", overwrite)
+        .table(
+            "public.catentry",
+            &format!(
+                "key = {{ rule = \"remap-on-conflict\", sequence = \"public.catentry_seq\" }}\n{overwrite}"
+            ),
+        )
+        .build();
+    p.on_production(BORN);
+    let born = p.on_production(BORN_ROWS);
     stagingprop::ops::init::init(&p.config, &Default::default())
         .await
         .expect("init");
     p.on_staging(SEED);
+    p.on_staging(
+        "INSERT INTO catentry SELECT g, 'P' || g, 'entry ' || g FROM generate_series(1, 1500) g",
+    );
     caught_up(&p.config).await.expect("sync");
     p.on_production(DRIFT);
+    p.on_production(
+        "DELETE FROM catentry WHERE catentry_id % 83 = 4 AND catentry_id > 10;
+         UPDATE catentry SET name = 'drifted' WHERE catentry_id % 79 = 6 AND catentry_id > 10;
+         UPDATE catentry SET name = 'drifted' WHERE catentry_id >= 1000000;",
+    );
     let before = differing_tables(&p).await;
     assert_eq!(
         before.len(),
-        3,
+        4,
         "the drift shows in every table: {before:?}"
     );
 
@@ -139,8 +173,8 @@ async fn drift_is_repaired_online_exactly_once_across_sigkills_of_sync_and_of_th
     let deadline = Instant::now() + Duration::from_secs(150);
     let mut sync = spawn(&config, &["sync"], &scratch.0.join("sync-0.log"));
     let mut repair = None;
-    let mut next_sync_kill = Instant::now() + Duration::from_millis(rng.between(200, 900));
-    let mut repair_kill_at = Some(Instant::now() + Duration::from_millis(rng.between(300, 1500)));
+    let mut next_sync_kill = Instant::now() + Duration::from_millis(rng.between(150, 600));
+    let mut repair_kill_at = Some(Instant::now() + Duration::from_millis(rng.between(200, 1000)));
     loop {
         assert!(
             Instant::now() < deadline,
@@ -194,7 +228,7 @@ async fn drift_is_repaired_online_exactly_once_across_sigkills_of_sync_and_of_th
                 &["sync"],
                 &scratch.0.join(format!("sync-{sync_kills}.log")),
             );
-            next_sync_kill = Instant::now() + Duration::from_millis(rng.between(200, 900));
+            next_sync_kill = Instant::now() + Duration::from_millis(rng.between(150, 600));
         }
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -208,6 +242,11 @@ async fn drift_is_repaired_online_exactly_once_across_sigkills_of_sync_and_of_th
     assert!(
         after.is_empty(),
         "still differing after the repair: {after:?}"
+    );
+    assert_eq!(
+        p.on_production(BORN_ROWS),
+        born,
+        "production's own rows untouched"
     );
     // Every chunk of the last repair ended applied or found equal, once each, and the rows it
     // wrote add up to the drift it found.

@@ -710,7 +710,21 @@ impl Applier {
 
     /// Sends the key-map writes that go with the rows being applied.
     async fn send_key_map(&mut self, writes: MapWrites) -> Result<(), ApplyError> {
-        let MapWrites { mapped, unmapped } = writes;
+        let MapWrites {
+            mapped,
+            unmapped,
+            noted,
+            forgotten,
+        } = writes;
+        for (sql, columns) in [
+            (key_map::insert_production_keys(), noted),
+            (key_map::delete_production_keys(), forgotten),
+        ] {
+            if !columns[0].is_empty() {
+                let columns = columns.into_iter().map(TextArray).collect();
+                self.send(sql, columns, Purpose::KeyMap).await?;
+            }
+        }
         if !unmapped[0].is_empty() {
             let columns = unmapped.into_iter().map(TextArray).collect();
             self.send(key_map::delete_mappings(), columns, Purpose::KeyMap)

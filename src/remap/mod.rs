@@ -128,6 +128,10 @@ impl TableRemap {
 pub struct MapWrites {
     pub mapped: [Vec<Option<Bytes>>; 3],
     pub unmapped: [Vec<Option<Bytes>>; 2],
+    /// Keys production's own rows hold, to note ([`key_map::production_keys`]), and noted keys
+    /// staging's rows hold now, to forget (table names, keys).
+    pub noted: [Vec<Option<Bytes>>; 2],
+    pub forgotten: [Vec<Option<Bytes>>; 2],
 }
 
 impl MapWrites {
@@ -140,6 +144,16 @@ impl MapWrites {
     fn unmap(&mut self, table: &Bytes, source: i64) {
         self.unmapped[0].push(Some(table.clone()));
         self.unmapped[1].push(Some(format_key(source)));
+    }
+
+    fn note_production_key(&mut self, table: &Bytes, key: i64) {
+        self.noted[0].push(Some(table.clone()));
+        self.noted[1].push(Some(format_key(key)));
+    }
+
+    fn forget_production_key(&mut self, table: &Bytes, key: i64) {
+        self.forgotten[0].push(Some(table.clone()));
+        self.forgotten[1].push(Some(format_key(key)));
     }
 }
 
@@ -690,17 +704,27 @@ impl Remapper {
         if !keep_if_free.is_empty() {
             let keys: Vec<i64> = keep_if_free.iter().map(|&i| sources[i]).collect();
             let key_name = table.columns[key_column].clone();
-            let existing: HashSet<i64> = self
+            let (existing, noted) = self
                 .statements
-                .existing(client, &table.name, &key_name, &keys)
-                .await?
-                .into_iter()
-                .collect();
+                .taken_or_noted(client, &table.name, &key_name, &keys)
+                .await?;
+            let existing: HashSet<i64> = existing.into_iter().collect();
+            let noted: HashSet<i64> = noted.into_iter().collect();
             for i in keep_if_free {
                 let source = sources[i];
-                if existing.contains(&source) || taken.contains(&source) {
+                if existing.contains(&source) {
+                    // Production's own row holds the key: it stays proven production's after
+                    // staging's row (and its mapping) is gone.
+                    if !noted.contains(&source) {
+                        out.writes.note_production_key(&table.name_text, source);
+                    }
+                    fresh.push(i);
+                } else if taken.contains(&source) {
                     fresh.push(i);
                 } else {
+                    if noted.contains(&source) {
+                        out.writes.forget_production_key(&table.name_text, source);
+                    }
                     targets[i] = Some(source);
                     taken.insert(source);
                     table.cache.set(source, Known::Same);

@@ -170,6 +170,46 @@ impl Statements {
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
+    /// Of `keys`: those a row of `table` holds on production, and those noted as production's
+    /// own ([`key_map::production_keys`]), in one query.
+    pub async fn taken_or_noted(
+        &mut self,
+        client: &Client,
+        table: &TableName,
+        key_column: &str,
+        keys: &[i64],
+    ) -> Result<(Vec<i64>, Vec<i64>), StoreError> {
+        let sql = format!(
+            "SELECT u.k, EXISTS (SELECT 1 FROM {} t WHERE t.{} = u.k), \
+                    EXISTS (SELECT 1 FROM {} p WHERE p.table_name = $2 AND p.key = u.k) \
+               FROM unnest($1::bigint[]) AS u(k)",
+            qualified(&table.schema, &table.name),
+            quote_ident(key_column),
+            key_map::production_keys()
+        );
+        let name = table.to_string();
+        let rows = self
+            .rows(
+                client,
+                &format!("finding which keys {table} has"),
+                sql,
+                &[Type::INT8_ARRAY, Type::TEXT],
+                &[&keys, &name],
+            )
+            .await?;
+        let (mut taken, mut noted) = (Vec::new(), Vec::new());
+        for row in rows {
+            let key: i64 = row.get(0);
+            if row.get(1) {
+                taken.push(key);
+            }
+            if row.get(2) {
+                noted.push(key);
+            }
+        }
+        Ok((taken, noted))
+    }
+
     /// Production rows of `table` matching staging rows on the natural-key `columns` (name, SQL
     /// type). `values[c][i]` is the text of column `c` of row `i`; returns (row index, key).
     pub async fn natural_matches(

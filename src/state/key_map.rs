@@ -32,6 +32,52 @@ pub(super) fn create_table() -> String {
     )
 }
 
+/// `stagingprop.production_keys`: keys of a `remap-on-conflict` table that production's own
+/// rows held when staging's row of the same key arrived (so staging's was moved away). The
+/// mapping goes with staging's row; this record keeps proving the production row its own.
+pub(crate) fn production_keys() -> String {
+    table("production_keys")
+}
+
+/// Its DDL (part of the layout).
+pub(super) fn create_production_keys() -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {} (
+             table_name text NOT NULL,
+             key bigint NOT NULL,
+             noted_at timestamptz NOT NULL DEFAULT now(),
+             PRIMARY KEY (table_name, key))",
+        production_keys()
+    )
+}
+
+/// Notes production's own keys: parameters are text arrays of table names and keys.
+pub fn insert_production_keys() -> String {
+    format!(
+        "INSERT INTO {} (table_name, key) SELECT u.t, u.k::bigint \
+         FROM unnest($1::text[], $2::text[]) AS u(t, k) ON CONFLICT DO NOTHING",
+        production_keys()
+    )
+}
+
+/// Forgets production's own keys that staging's rows hold now (production's row went).
+pub fn delete_production_keys() -> String {
+    format!(
+        "DELETE FROM {} p USING unnest($1::text[], $2::text[]) AS u(t, k) \
+         WHERE p.table_name = u.t AND p.key = u.k::bigint",
+        production_keys()
+    )
+}
+
+/// True when production key `key` (an SQL expression) of `parent` is noted as production's own.
+pub fn is_production_key(parent: &TableName, key: &str) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM {} x WHERE x.table_name = {} AND x.key = {key})",
+        production_keys(),
+        quote_literal(&parent.to_string())
+    )
+}
+
 /// Records mappings: parameters are text arrays of table names, staging keys, production keys.
 /// A mapping left from a row staging no longer has is replaced.
 pub fn insert_mappings() -> String {

@@ -20,7 +20,8 @@
 //!    changes parked at a production edit (`parked`, `production_row`, `last_written`,
 //!    `edits`).
 //! 7. `repairs` and `repair_chunks`: the online repairs `verify --repair` planned, chunk by
-//!    chunk, with each chunk's outcome as sync applied it.
+//!    chunk, with each chunk's outcome as sync applied it; `production_keys`: keys of
+//!    `remap-on-conflict` tables proven production's own.
 
 use tokio_postgres::Client;
 
@@ -128,7 +129,11 @@ fn step(from: i32) -> String {
             conflicts::create_table(),
             quarantine::add_parked_columns()
         ),
-        6 => repairs::create_tables(),
+        6 => format!(
+            "{};\n{}",
+            repairs::create_tables(),
+            key_map::create_production_keys()
+        ),
         _ => unreachable!("no layout step from version {from}"),
     }
 }

@@ -582,8 +582,9 @@ fn translation(config: &Config, remapper: &Remapper, t: usize) -> Option<Transla
                     .push(key_map::join_to_source(&alias, parent_name, &value));
                 tr.production_born.push(match rule {
                     KeyRule::RemapOnConflict { .. } => format!(
-                        "({alias}.source_key IS NULL AND {})",
-                        key_map::is_mapped(parent_name, &value)
+                        "({alias}.source_key IS NULL AND ({} OR {}))",
+                        key_map::is_mapped(parent_name, &value),
+                        key_map::is_production_key(parent_name, &value)
                     ),
                     _ => format!("({value} IS NOT NULL AND {alias}.source_key IS NULL)"),
                 });

@@ -428,17 +428,17 @@ pub async fn repair(config: &Config, options: &RepairOptions) -> Result<RepairRe
             let sql = t.sql(condition.as_deref());
             let n = chunk.expect("planned chunks are numbered");
             attempts[i] += 1;
-            let (high_at, kept, rows) =
+            let (past_high, kept, rows) =
                 send_chunk(&sides, &sql, t.tr.as_ref(), bounds, &edited[table], (id, n)).await?;
             rows_in_flight += rows;
-            in_flight.push_back((i, high_at, kept, rows));
+            in_flight.push_back((i, past_high, kept, rows));
             continue;
         }
-        let (i, high_at, kept, rows) = in_flight.pop_front().expect("one is in flight");
+        let (i, past_high, kept, rows) = in_flight.pop_front().expect("one is in flight");
         rows_in_flight -= rows;
         let (table, _, chunk) = &plan[i];
         let n = chunk.expect("planned chunks are numbered");
-        let row = wait_for_outcome(&sides, (id, n), high_at, options.wait).await?;
+        let row = wait_for_outcome(&sides, (id, n), past_high, options.wait).await?;
         let entry_index = entry_of(&report, table);
         let again = row
             .as_ref()
@@ -696,19 +696,20 @@ async fn chunk_diff(
     Ok(diff)
 }
 
-async fn emit(client: &Client, mark: &Watermark) -> Result<Lsn, tokio_postgres::Error> {
-    let lsn: String = client
-        .query_one(
-            "SELECT pg_logical_emit_message(true, $1, $2)::text",
+/// Writes `mark` into staging's WAL as a transactional logical message.
+async fn emit(client: &Client, mark: &Watermark) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "SELECT pg_logical_emit_message(true, $1, $2)",
             &[&PREFIX, &mark.to_json()],
         )
-        .await?
-        .get(0);
-    Ok(lsn.parse().unwrap_or(Lsn::INVALID))
+        .await?;
+    Ok(())
 }
 
-/// Sends one chunk through the watermarks (planned again on production first): where its high
-/// watermark is, the rows it kept for production's users, and how many rows and keys it carries.
+/// Sends one chunk through the watermarks (planned again on production first): a position in
+/// staging's WAL past its high watermark's commit, the rows it kept for production's users, and
+/// how many rows and keys it carries.
 async fn send_chunk(
     sides: &Sides<'_>,
     sql: &TableSql<'_>,
@@ -766,20 +767,22 @@ async fn send_chunk(
     });
     let emitted = emit(sides.s, &high).await;
     let committed = sides.s.batch_execute("COMMIT").await;
-    let high_at = emitted.map_err(query_error(
+    emitted.map_err(query_error(
         sides.staging,
         "writing a repair's high watermark",
     ))?;
     committed.map_err(query_error(sides.staging, "COMMIT"))?;
-    Ok((high_at, diff.kept, rows))
+    Ok((current_wal(sides).await?, diff.kept, rows))
 }
 
-/// Waits until sync wrote the chunk's outcome; `None` when sync went past its high watermark
-/// without one (a batch applied again without it): the chunk is read again.
+/// Waits until sync wrote the chunk's outcome; `None` when sync applied staging's WAL up to
+/// `past_high` (a position after the high watermark's commit) without one (a batch applied
+/// again without it): the chunk is read again. (The message's own position would not do:
+/// transactions that committed between it and its transaction's commit come first.)
 async fn wait_for_outcome(
     sides: &Sides<'_>,
     (repair, chunk): (i64, i32),
-    high_at: Lsn,
+    past_high: Lsn,
     wait: Duration,
 ) -> Result<Option<repairs::ChunkRow>, OpsError> {
     let started = tokio::time::Instant::now();
@@ -793,7 +796,7 @@ async fn wait_for_outcome(
             return Ok(Some(row.clone()));
         }
         let applied = applied_position(sides).await?;
-        if applied > high_at {
+        if applied >= past_high {
             // The answer may have committed just after the read above.
             let row = repairs::chunk(sides.p, repair, chunk)
                 .await
@@ -801,7 +804,7 @@ async fn wait_for_outcome(
             return Ok(row.filter(|r| r.state != repairs::ChunkState::Planned));
         }
         if started.elapsed() > wait {
-            return Err(not_answering(sides, high_at, applied, wait));
+            return Err(not_answering(sides, past_high, applied, wait));
         }
         tokio::time::sleep(POLL).await;
     }
@@ -902,10 +905,11 @@ async fn end_seeding(
         target: sides.target.to_owned(),
         tables: tables.to_vec(),
     };
-    let at = emit(sides.s, &seeded)
+    emit(sides.s, &seeded)
         .await
         .map_err(query_error(sides.staging, "writing a seeding's end"))?;
-    wait_for_sync_past(sides, at, wait).await
+    // Past its commit (not the message's own position: see `wait_for_outcome`).
+    wait_for_sync_past(sides, current_wal(sides).await?, wait).await
 }
 
 /// Waits until sync has applied staging's WAL past `at`.
