@@ -61,34 +61,18 @@ async fn differing_tables(p: &Pair) -> Vec<String> {
         .collect()
 }
 
-/// Small staging transactions over the first 400 items (and their prices), some of them in
-/// chunks the drift touched, until told to stop.
-async fn staging_workload(
+/// Runs the statement `next` makes, each in its own staging transaction, until told to stop;
+/// how many committed.
+async fn run_workload(
     staging: tokio_postgres::Client,
     seed: u64,
     stop: tokio::sync::watch::Receiver<bool>,
+    next: impl Fn(&mut support::rng::Rng) -> String,
 ) -> u64 {
     let mut rng = support::rng::Rng::new(seed);
     let mut committed = 0;
     while !*stop.borrow() {
-        let id = rng.between(1, 400);
-        let value = rng.between(1, 1_000_000);
-        let sql = match rng.below(9) {
-            0 => format!(
-                "INSERT INTO item VALUES ({id}, {value}, 'new') ON CONFLICT (id) DO UPDATE SET name = 'renewed {value}'"
-            ),
-            1 => format!("DELETE FROM item WHERE id = {id}"),
-            2 => format!("UPDATE price SET amount = {value} WHERE item_id = {id}"),
-            3 => format!(
-                "INSERT INTO tag VALUES ('tag-{id}', 'w{value}') ON CONFLICT (code) DO UPDATE SET label = EXCLUDED.label"
-            ),
-            4 => format!(
-                "INSERT INTO catentry VALUES ({id}, 'P{id}', 'n{value}') ON CONFLICT (catentry_id) DO UPDATE SET name = EXCLUDED.name"
-            ),
-            5 => format!("DELETE FROM catentry WHERE catentry_id = {id}"),
-            6 => format!("UPDATE catentry SET name = 'u{value}' WHERE catentry_id = {id}"),
-            _ => format!("UPDATE item SET price = {value}, name = 'v{value}' WHERE id = {id}"),
-        };
+        let sql = next(&mut rng);
         staging
             .batch_execute(&format!("BEGIN; {sql}; COMMIT"))
             .await
@@ -97,6 +81,29 @@ async fn staging_workload(
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     committed
+}
+
+/// Small changes of the first 400 items (and their prices, tags, catalogue entries), some of
+/// them in chunks the drift touched.
+fn fault_workload(rng: &mut support::rng::Rng) -> String {
+    let id = rng.between(1, 400);
+    let value = rng.between(1, 1_000_000);
+    match rng.below(9) {
+        0 => format!(
+            "INSERT INTO item VALUES ({id}, {value}, 'new') ON CONFLICT (id) DO UPDATE SET name = 'renewed {value}'"
+        ),
+        1 => format!("DELETE FROM item WHERE id = {id}"),
+        2 => format!("UPDATE price SET amount = {value} WHERE item_id = {id}"),
+        3 => format!(
+            "INSERT INTO tag VALUES ('tag-{id}', 'w{value}') ON CONFLICT (code) DO UPDATE SET label = EXCLUDED.label"
+        ),
+        4 => format!(
+            "INSERT INTO catentry VALUES ({id}, 'P{id}', 'n{value}') ON CONFLICT (catentry_id) DO UPDATE SET name = EXCLUDED.name"
+        ),
+        5 => format!("DELETE FROM catentry WHERE catentry_id = {id}"),
+        6 => format!("UPDATE catentry SET name = 'u{value}' WHERE catentry_id = {id}"),
+        _ => format!("UPDATE item SET price = {value}, name = 'v{value}' WHERE id = {id}"),
+    }
 }
 
 fn spawn(config: &std::path::Path, args: &[&str], log: &std::path::Path) -> std::process::Child {
@@ -109,6 +116,18 @@ fn spawn(config: &std::path::Path, args: &[&str], log: &std::path::Path) -> std:
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
         .unwrap()
+}
+
+/// [`stagingprop`] off the runtime's threads (sync may run on them meanwhile).
+async fn stagingprop_beside(config: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let config = config.to_owned();
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        stagingprop(&config, &args)
+    })
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,7 +184,12 @@ async fn drift_is_repaired_online_exactly_once_across_sigkills_of_sync_and_of_th
         .unwrap();
     // The workload runs until the repair is done (and a little after).
     let (stop_workload, workload_stopped) = tokio::sync::watch::channel(false);
-    let workload = tokio::spawn(staging_workload(staging, seed, workload_stopped));
+    let workload = tokio::spawn(run_workload(
+        staging,
+        seed,
+        workload_stopped,
+        fault_workload,
+    ));
 
     let mut sync_kills = 0;
     let mut repair_runs = 0;
@@ -364,21 +388,18 @@ async fn a_dry_run_says_what_a_repair_would_write_and_edited_rows_are_kept() {
 
     // With sync running, the same repair resumes and finishes.
     let (stop, running) = support::sync_in_background(&p.config, tracing::info_span!("sync"));
-    let (code, out, err) = tokio::task::spawn_blocking(move || {
-        stagingprop(
-            &config,
-            &[
-                "verify",
-                "--repair",
-                "--chunk-rows",
-                "500",
-                "--wait-seconds",
-                "60",
-            ],
-        )
-    })
-    .await
-    .unwrap();
+    let (code, out, err) = stagingprop_beside(
+        &config,
+        &[
+            "verify",
+            "--repair",
+            "--chunk-rows",
+            "500",
+            "--wait-seconds",
+            "60",
+        ],
+    )
+    .await;
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("repair 1 (resumed)"), "{out}");
     assert!(
@@ -508,21 +529,18 @@ async fn remapped_tables_are_repaired_through_the_key_map_and_production_born_ro
     let scratch = support::Scratch::new("repair_remap");
     let config = p.write_config(&scratch.0);
     let (stop, running) = support::sync_in_background(&p.config, tracing::info_span!("sync"));
-    let (code, out, err) = tokio::task::spawn_blocking(move || {
-        stagingprop(
-            &config,
-            &[
-                "verify",
-                "--repair",
-                "--chunk-rows",
-                "100",
-                "--wait-seconds",
-                "60",
-            ],
-        )
-    })
-    .await
-    .unwrap();
+    let (code, out, err) = stagingprop_beside(
+        &config,
+        &[
+            "verify",
+            "--repair",
+            "--chunk-rows",
+            "100",
+            "--wait-seconds",
+            "60",
+        ],
+    )
+    .await;
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(
         out.contains(
@@ -558,35 +576,17 @@ async fn remapped_tables_are_repaired_through_the_key_map_and_production_born_ro
     );
 }
 
-/// Small staging transactions over `tables` (id int PRIMARY KEY, v text) of 1..3000, until
-/// told to stop.
-async fn keyed_workload(
-    staging: tokio_postgres::Client,
-    tables: &[&str],
-    seed: u64,
-    stop: tokio::sync::watch::Receiver<bool>,
-) -> u64 {
-    let mut rng = support::rng::Rng::new(seed);
-    let mut committed = 0;
-    while !*stop.borrow() {
-        let table = rng.pick(tables);
-        let id = rng.between(1, 3000);
-        let value = rng.between(1, 1_000_000);
-        let sql = match rng.below(4) {
-            0 => format!(
-                "INSERT INTO {table} VALUES ({id}, 'i{value}') ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v"
-            ),
-            1 => format!("DELETE FROM {table} WHERE id = {id}"),
-            _ => format!("UPDATE {table} SET v = 'u{value}' WHERE id = {id}"),
-        };
-        staging
-            .batch_execute(&format!("BEGIN; {sql}; COMMIT"))
-            .await
-            .expect("staging workload");
-        committed += 1;
-        tokio::time::sleep(Duration::from_millis(2)).await;
+/// Small changes of `table` (id int PRIMARY KEY, v text) rows 1..3000.
+fn keyed_change(rng: &mut support::rng::Rng, table: &str) -> String {
+    let id = rng.between(1, 3000);
+    let value = rng.between(1, 1_000_000);
+    match rng.below(4) {
+        0 => format!(
+            "INSERT INTO {table} VALUES ({id}, 'i{value}') ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v"
+        ),
+        1 => format!("DELETE FROM {table} WHERE id = {id}"),
+        _ => format!("UPDATE {table} SET v = 'u{value}' WHERE id = {id}"),
     }
-    committed
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -619,10 +619,10 @@ async fn a_table_added_to_a_running_config_is_seeded_online_under_load_and_a_rem
         .unwrap();
     let (stop_workload, stopped) = tokio::sync::watch::channel(false);
     let seed = support::rng::test_seed("a_table_added_to_a_running_config_is_seeded_online");
-    let workload =
-        tokio::spawn(
-            async move { keyed_workload(staging, &["item", "extra"], seed, stopped).await },
-        );
+    let workload = tokio::spawn(run_workload(staging, seed, stopped, |rng| {
+        let table = rng.pick(&["item", "extra"]);
+        keyed_change(rng, table)
+    }));
     let mut sync = spawn(&before, &["sync"], &scratch.0.join("sync-before.log"));
     tokio::time::sleep(Duration::from_millis(800)).await;
 
@@ -645,25 +645,19 @@ async fn a_table_added_to_a_running_config_is_seeded_online_under_load_and_a_rem
         "sync stopped: {}",
         std::fs::read_to_string(scratch.0.join("sync-after.log")).unwrap()
     );
-    let (code, out, err) = tokio::task::spawn_blocking({
-        let after = after.clone();
-        move || {
-            stagingprop(
-                &after,
-                &[
-                    "resync",
-                    "--table",
-                    "public.extra",
-                    "--chunk-rows",
-                    "500",
-                    "--wait-seconds",
-                    "60",
-                ],
-            )
-        }
-    })
-    .await
-    .unwrap();
+    let (code, out, err) = stagingprop_beside(
+        &after,
+        &[
+            "resync",
+            "--table",
+            "public.extra",
+            "--chunk-rows",
+            "500",
+            "--wait-seconds",
+            "60",
+        ],
+    )
+    .await;
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(
         out.contains("repair 1 (resumed)"),

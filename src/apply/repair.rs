@@ -4,20 +4,20 @@
 //! written beside them (`stagingprop.repair_chunks`), so the chunk and the progress row
 //! commit together. Rows production's users edited were left out by the repair already.
 
+use std::collections::HashMap;
+
 use bytes::Bytes;
+use tokio_postgres::types::ToSql;
 
 use super::error::query_error;
 use super::in_flight::TextArray;
 use super::shape::key_of;
 use super::{Applier, ApplyError, statements};
-use std::collections::HashMap;
-
 use crate::change::{Entry, Key, NetChange, Source};
 use crate::model::{Tuple, Value};
 use crate::remap::RemapError;
 use crate::repair::{AtHigh, Chunk};
 use crate::state::repairs::{self, ChunkState, Outcome};
-use tokio_postgres::types::ToSql;
 
 /// Why the chunk was not written, when it was not.
 type Refusal = (ChunkState, String);

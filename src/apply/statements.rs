@@ -173,6 +173,15 @@ pub fn delete_rows(meta: &TableMeta, watched: Option<&str>) -> String {
     )
 }
 
+/// The key columns, quoted, comma-separated (an ON CONFLICT target).
+fn key_list(meta: &TableMeta) -> String {
+    meta.key
+        .iter()
+        .map(|&k| quote_ident(&meta.columns[k].name))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// An insert's column list and, for its SELECT, the unnested arrays `values` cast to the
 /// columns' types.
 fn insert_lists(meta: &TableMeta, columns: &[usize], values: &[String]) -> (String, String) {
@@ -198,12 +207,7 @@ pub fn insert_rows(meta: &TableMeta, columns: &[usize], overwrite: bool) -> Stri
     let values = aliases("c", columns.len());
     let table = qualified(&meta.schema, &meta.name);
     let (column_list, select_list) = insert_lists(meta, columns, &values);
-    let key_list = meta
-        .key
-        .iter()
-        .map(|&k| quote_ident(&meta.columns[k].name))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let key_list = key_list(meta);
     let overriding = meta.overriding(columns.iter().copied());
     if overwrite {
         let updates: Vec<String> = columns
@@ -270,12 +274,7 @@ pub fn repair_rows(meta: &TableMeta, columns: &[usize]) -> String {
     let values = aliases("c", columns.len());
     let table = qualified(&meta.schema, &meta.name);
     let (column_list, select_list) = insert_lists(meta, columns, &values);
-    let key_list = meta
-        .key
-        .iter()
-        .map(|&k| quote_ident(&meta.columns[k].name))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let key_list = key_list(meta);
     let set: Vec<String> = columns
         .iter()
         .filter(|&&c| !meta.key.contains(&c) && meta.assignable(c))

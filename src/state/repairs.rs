@@ -165,22 +165,41 @@ pub async fn begin(
 /// Writes repair `id`'s chunks (`table`, bounds, rows kept), numbered from 0, in one
 /// transaction.
 pub async fn plan(
-    client: &mut Client,
+    client: &Client,
     id: i64,
     chunks: &[(String, serde_json::Value, i64)],
 ) -> Result<(), StateError> {
-    let tx = client.transaction().await.map_err(query_error("BEGIN"))?;
+    client
+        .batch_execute("BEGIN")
+        .await
+        .map_err(query_error("BEGIN"))?;
+    let planned = insert_chunks(client, id, chunks).await;
+    let end = if planned.is_ok() {
+        "COMMIT"
+    } else {
+        "ROLLBACK"
+    };
+    let ended = client.batch_execute(end).await.map_err(query_error(end));
+    planned?;
+    ended
+}
+
+async fn insert_chunks(
+    client: &Client,
+    id: i64,
+    chunks: &[(String, serde_json::Value, i64)],
+) -> Result<(), StateError> {
     let insert = format!(
         "INSERT INTO {} (repair_id, chunk, table_name, bounds, kept) VALUES ($1, $2, $3, $4, $5)",
         table("repair_chunks")
     );
     for (n, (table_name, bounds, kept)) in chunks.iter().enumerate() {
         let n = i32::try_from(n).unwrap_or(i32::MAX);
-        tx.execute(&insert, &[&id, &n, table_name, bounds, kept])
+        client
+            .execute(&insert, &[&id, &n, table_name, bounds, kept])
             .await
             .map_err(query_error("planning a repair"))?;
     }
-    tx.commit().await.map_err(query_error("COMMIT"))?;
     Ok(())
 }
 

@@ -119,7 +119,7 @@ pub async fn repair(config: &Config, options: &RepairOptions) -> Result<RepairRe
     let staging = Endpoint::from_db_config(&config.staging)?;
     let production = Endpoint::from_db_config(&config.production)?;
     let s = connect(&staging).await?;
-    let mut p = connect(&production).await?;
+    let p = connect(&production).await?;
     let slot = config.sync.slot.as_str();
     // A watermark or a plan row lost in a crash is a chunk sent again: no flush waited for.
     for (client, endpoint) in [(&s, &staging), (&p, &production)] {
@@ -346,7 +346,7 @@ pub async fn repair(config: &Config, options: &RepairOptions) -> Result<RepairRe
                         .await
                         .map_err(state_error(&production))?,
                 };
-                repairs::plan(&mut p, id, &rows)
+                repairs::plan(&p, id, &rows)
                     .await
                     .map_err(state_error(&production))?;
                 report.repair = Some(id);
@@ -362,14 +362,6 @@ pub async fn repair(config: &Config, options: &RepairOptions) -> Result<RepairRe
     if let Some((id, _)) = resume {
         report.repair = Some(id);
     }
-    let sides = Sides {
-        s: &s,
-        p: &p,
-        staging: &staging,
-        production: &production,
-        slot,
-        target: config.repair_target(),
-    };
     // Keys (production's) of rows production's users edited, per table.
     let mut edited: HashMap<String, HashSet<Vec<String>>> = HashMap::new();
     for t in &tables {
