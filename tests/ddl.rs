@@ -586,3 +586,71 @@ async fn indexes_and_constraints_follow_and_a_build_cut_short_runs_again() {
         indexes_and_constraints(&pair, false, "price")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_change_committed_while_copy_starts_refuses_it_and_later_ones_follow_the_hand_off()
+{
+    let pair = PairBuilder::new("ddl_copy", SCHEMA)
+        .table("public.price", "")
+        .build();
+    support::init_without_slot(&pair.config).await;
+    pair.on_staging("INSERT INTO price SELECT g, g, 'n' || g FROM generate_series(1, 2000) g");
+    let scratch = support::Scratch::new("ddl_copy");
+    let config = pair.write_config(&scratch.0);
+    // A schema change in flight as the copy starts: the copy compares the tables, then the
+    // snapshot it takes with the sync slot waits for that transaction, which commits first.
+    let staging = support::endpoint(&pair.staging_cluster, &pair.staging, "postgres")
+        .connect()
+        .await
+        .unwrap();
+    staging
+        .batch_execute("BEGIN; ALTER TABLE price ADD COLUMN currency char(3) DEFAULT 'EUR'")
+        .await
+        .unwrap();
+    let copy = std::process::Command::new(env!("CARGO_BIN_EXE_stagingprop"))
+        .arg("--config")
+        .arg(&config)
+        .args(["copy", "--from", "staging", "--to", "production"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender' \
+                   AND datname = current_database()";
+    for _ in 0..200 {
+        if pair.on_staging(waiting).trim() != "0" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    staging.batch_execute("COMMIT").await.unwrap();
+    let out = tokio::task::spawn_blocking(move || copy.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the copy went on: {err}");
+    assert!(
+        err.contains("table public.price was changed") && err.contains("nothing was loaded"),
+        "{err}"
+    );
+    assert_eq!(pair.on_production("SELECT count(*) FROM price").trim(), "0");
+
+    // Production made to match, the copy goes through; what staging changes after it (schema
+    // and rows) follows from the hand-off.
+    pair.on_production("ALTER TABLE price ADD COLUMN currency char(3) DEFAULT 'EUR'");
+    let (code, out, err) = support::stagingprop(
+        &config,
+        &["copy", "--from", "staging", "--to", "production"],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    pair.on_staging(
+        "ALTER TABLE price DROP COLUMN note;
+         INSERT INTO price VALUES (5000, 1, 'USD');
+         UPDATE price SET currency = 'GBP' WHERE id <= 10;",
+    );
+    caught_up(&pair.config).await.expect("sync after the copy");
+    assert_same(&pair, "price");
+}

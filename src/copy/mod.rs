@@ -314,6 +314,11 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
         (&t, &target),
     )
     .await?;
+    // From here on a schema change of a copied table waits for the copy (it then reaches the
+    // target through the stream, after the hand-off); one that committed since the tables were
+    // compared stops the copy before anything is loaded.
+    let _definitions_held =
+        hold_definitions(options, &tables, &configs, &metas, (&s, &source)).await?;
 
     let (plans, reset_key_map) =
         plan_keys(config, options, &metas, &source, &s, &target, &t, &snapshot).await?;
@@ -698,6 +703,50 @@ async fn validate<'a>(
         .map(|(on_source, _)| on_source)
         .collect();
     Ok((configs, metas))
+}
+
+/// Locks the copied tables on the source against schema changes until the returned session
+/// ends (ACCESS SHARE, as the workers' reads take anyway), then reads their definitions again:
+/// a change committed after `validate` compared them (before the snapshot, whose schema change
+/// message the hand-off would leave behind, or after it, which the snapshot's rows would not
+/// match) refuses the copy, with nothing loaded.
+async fn hold_definitions(
+    options: &CopyOptions,
+    tables: &[TableName],
+    configs: &[&TableConfig],
+    validated: &[TableMeta],
+    (s, source): (&Client, &Endpoint),
+) -> Result<Client, CopyError> {
+    let holder = source
+        .connect()
+        .await
+        .map_err(db_error(source, "connect"))?;
+    let list = tables
+        .iter()
+        .map(|t| qualified(&t.schema, &t.name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    holder
+        .batch_execute(&format!("BEGIN; LOCK TABLE {list} IN ACCESS SHARE MODE"))
+        .await
+        .map_err(db_error(source, "locking the copied tables"))?;
+    let names: Vec<&TableName> = tables.iter().collect();
+    let now = catalog::load_tables(s, &names)
+        .await
+        .map_err(db_error(source, "reading table definitions"))?;
+    let side = options.from.to_string();
+    let now = catalog::managed_parts(configs, now, &side).map_err(CopyError::Schema)?;
+    for ((name, before), after) in names.iter().zip(validated).zip(now) {
+        if after.as_ref() != Some(before) {
+            return Err(CopyError::Refused(format!(
+                "{side}: table {name} was changed (a schema change committed while the copy \
+                 started, after it compared the tables); nothing was loaded. Make the {} table \
+                 match if it needs to, then run copy again",
+                options.to
+            )));
+        }
+    }
+    Ok(holder)
 }
 
 /// What the target does as rows arrive: its foreign keys among the copied tables (and the
