@@ -450,7 +450,7 @@ async fn tables_repair_cannot_handle_are_named_with_the_remedy() {
     assert_ne!(code, 0);
     assert!(
         err.contains("cannot repair public.loose: it has no primary key")
-            && err.contains("copy --truncate"),
+            && err.contains("copy --tables NAME --truncate"),
         "{err}"
     );
     let (code, out, err) = stagingprop(&config, &["verify", "--repair", "--dry-run"]);

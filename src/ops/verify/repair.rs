@@ -156,12 +156,14 @@ pub async fn repair(config: &Config, options: &RepairOptions) -> Result<RepairRe
         let tr = remapper.as_ref().and_then(|r| translation(config, r, t));
         let why_not = if meta.key.is_empty() {
             Some(
-                "it has no primary key: repair finds rows by key; re-seed it with `copy --truncate --table`",
+                "it has no primary key: repair finds rows by key; re-seed it with `copy --tables NAME \
+                 --truncate` (sync stopped)",
             )
         } else if tr.is_some() && !integer_type(&meta.columns[meta.key[0]].type_sql) {
             Some(
                 "key remapping touches it and its first key column is not an integer, which \
-                 online repair cuts remapped tables by; re-seed it with `copy --truncate --table`",
+                 online repair cuts remapped tables by; re-seed it with `copy --tables NAME \
+                 --truncate` (sync stopped)",
             )
         } else {
             None
