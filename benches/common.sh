@@ -7,6 +7,15 @@ log() { printf '%s  %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
+# median "V1 V2 ...": the median of space-separated numbers.
+median() { tr ' ' '\n' <<<"$1" | sed '/^$/d' | sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+# spread "V1 V2 ...": "median (min-max, n runs)" of space-separated ratios, two decimals.
+spread() {
+    tr ' ' '\n' <<<"$1" | sed '/^$/d' | sort -g | awk '{ a[NR] = $1 } END {
+        m = (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2
+        printf "%.2f (%.2f-%.2f, %d runs)", m, a[1], a[NR], NR }'
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", (b > 0 ? a / b : 0) }'; }
 
 # The directory of initdb: STAGINGPROP_PG_BIN, the newest /usr/lib/postgresql/*/bin,
 # pg_config --bindir, then PATH.
@@ -29,13 +38,28 @@ find_pg_bin() {
     dirname "$(command -v initdb || die "PostgreSQL server binaries (initdb) not found; set STAGINGPROP_PG_BIN")"
 }
 
-# require_pg_tools TOOL...: sets PGBIN and checks that each tool is there.
+# require_pg_tools TOOL...: sets PGBIN and checks that each tool is there. A client tool the
+# server's directory lacks (the bundles of scripts/pg-majors.sh hold only the server) comes from
+# the newest installed /usr/lib/postgresql/*/bin (clients speak to newer servers): PGBIN is then a
+# directory of links to both.
+PGBIN_LINKS=''
 require_pg_tools() {
     PGBIN=$(find_pg_bin)
-    local tool
+    local tool missing=() clients
     for tool in "$@"; do
-        [[ -x $PGBIN/$tool ]] || die "$PGBIN/$tool not found (set STAGINGPROP_PG_BIN)"
+        [[ -x $PGBIN/$tool ]] || missing+=("$tool")
     done
+    (( ${#missing[@]} == 0 )) && return
+    clients=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
+    for tool in "${missing[@]}"; do
+        [[ -n $clients && -x $clients/$tool ]] || die "$PGBIN/$tool not found, nor in /usr/lib/postgresql/*/bin (set STAGINGPROP_PG_BIN)"
+    done
+    PGBIN_LINKS=$(mktemp -d "${TMPDIR:-/tmp}/stagingprop-pgbin.XXXXXX")
+    chmod 755 "$PGBIN_LINKS"
+    ln -s "$PGBIN"/* "$PGBIN_LINKS"/
+    for tool in "${missing[@]}"; do ln -sfn "$clients/$tool" "$PGBIN_LINKS/$tool"; done
+    log "server binaries from $PGBIN, ${missing[*]} from $clients"
+    PGBIN=$PGBIN_LINKS
 }
 
 # Builds the release binary; sets BIN.
@@ -70,6 +94,7 @@ stop_clusters() {
     for c in "${CLUSTERS[@]}"; do
         "${AS_PG[@]}" "$PGBIN/pg_ctl" -D "$WORK/$c/data" -m immediate -w stop >/dev/null 2>&1
     done
+    [[ -z $PGBIN_LINKS ]] || rm -rf "$PGBIN_LINKS"
     if [[ $KEEP == 1 ]]; then
         log "kept $WORK"
     else

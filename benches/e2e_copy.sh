@@ -24,6 +24,8 @@
 #      format), $JOBS tables at a time (xargs -P), largest first; the target sessions run with
 #      session_replication_role = replica (as stagingprop's do), so the order does not matter
 #      for the foreign key. Not one consistent snapshot (each table is read in its own).
+#   2b. binary pipe: the same with COPY ... (FORMAT binary): the pipe at its best, the ingestion
+#      limit of this machine for a copy that reads and writes whole tables.
 #   3. native initial sync: CREATE SUBSCRIPTION ... WITH (copy_data = true) on the target of a
 #      publication of the five tables on the source, timed until every pg_subscription_rel
 #      state is 'r' or 's' (polled every 50 ms server-side). PostgreSQL 15 runs at most
@@ -53,10 +55,11 @@
 #                       group with ~90 % of the data)
 #   ATOMIC=0            1: stagingprop copy --atomic (each FK-linked group visible at once; its
 #                       ranges are prepared and committed together when MAX_PREPARED >= JOBS)
-#   PHASES='stagingprop pipe native pgcopydb'   which phases run, in that order
+#   PHASES='stagingprop pipe binpipe native pgcopydb'   which phases run, in that order
 #   WAIT_FOR=e2e_sync.sh   before measuring, wait while a process matching this runs (pgrep -f;
 #                       empty: do not wait), so that two benchmarks never share the cores
-#   ROUNDS=1            measure every phase this many times; even rounds run in reverse order
+#   ROUNDS=3            measure every phase this many times; even rounds run in reverse order;
+#                       the report gives each method's speedup per round, median and spread
 #   WARMUP=1            one untimed raw pipe load into the target first (creates its WAL
 #                       segments: otherwise whichever method runs first pays for that)
 #   PG_EXTRA_CONF=''    extra postgresql.conf lines for both clusters (';'-separated)
@@ -71,11 +74,11 @@ SPLIT_MB=${SPLIT_MB:-256}
 MAX_PREPARED=${MAX_PREPARED:-0}
 ATOMIC=${ATOMIC:-0}
 LINKED=${LINKED:-0}
-PHASES=${PHASES:-stagingprop pipe native pgcopydb}
+PHASES=${PHASES:-stagingprop pipe binpipe native pgcopydb}
 WAIT_FOR=${WAIT_FOR-e2e_sync.sh}
 PG_EXTRA_CONF=${PG_EXTRA_CONF:-}
 KEEP=${KEEP:-0}
-ROUNDS=${ROUNDS:-1}
+ROUNDS=${ROUNDS:-3}
 WARMUP=${WARMUP:-1}
 
 cd "$(dirname "$0")/.."
@@ -298,15 +301,18 @@ measure_verify() {
     log "verify: $VERIFY_S s (match); reading both sides once: $READ_BOTH_S s"
 }
 
-run_pipe() {
-    local src target
+# copy_pipe NAME OPTIONS: per table `COPY t TO STDOUT OPTIONS | COPY t FROM STDIN OPTIONS`, $JOBS
+# tables at a time, largest first; the target sessions with session_replication_role = replica
+# (no foreign-key triggers, as stagingprop's sessions).
+copy_pipe() {
+    local name=$1 options=$2 src target
     src="$PGBIN/psql -X -q -h 127.0.0.1 -p ${PORT[source]} -U postgres -d shop"
     target="$PGBIN/psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p ${PORT[target]} -U postgres -d shop"
     cat >"$WORK/pipe_one.sh" <<EOF
 #!/usr/bin/env bash
 set -euo pipefail
 t0=\$(date +%s.%N)
-$src -c "COPY \$1 TO STDOUT" | PGOPTIONS='-c session_replication_role=replica' $target -c "COPY \$1 FROM STDIN"
+$src -c "COPY \$1 TO STDOUT $options" | PGOPTIONS='-c session_replication_role=replica' $target -c "COPY \$1 FROM STDIN $options"
 t1=\$(date +%s.%N)
 awk -v t="\$1" -v a="\$t0" -v b="\$t1" 'BEGIN { printf "%s %.1fs\n", t, b - a }' >>"$WORK/pipe.times"
 EOF
@@ -319,8 +325,11 @@ EOF
         xargs -P "$JOBS" -n 1 "$WORK/pipe_one.sh" <"$WORK/pipe.order" || die "the raw COPY pipe failed"
     SECONDS_TAKEN=$(client_wall "$WORK/time.pipe")
     CLIENT_CPU=$(client_cpu "$WORK/time.pipe")
-    TABLE_TIMES[pipe]=$(paste -sd, "$WORK/pipe.times" | sed 's/,/, /g')
+    TABLE_TIMES[$name]=$(paste -sd, "$WORK/pipe.times" | sed 's/,/, /g')
 }
+run_pipe() { copy_pipe pipe ''; }
+# The pipe at its best: binary COPY spares the types' text output and input functions.
+run_binpipe() { copy_pipe binpipe '(FORMAT binary)'; }
 
 # The launcher starts apply workers at most once per wal_retrieve_retry_interval (5 s): wait
 # that long after the previous start, so that the timing does not include its back-off.
@@ -443,9 +452,9 @@ PGCOPYDB_FK_SECONDS=''
 ORDER=()
 for phase in $PHASES; do
     case $phase in
-        stagingprop|pipe|native) ;;
+        stagingprop|pipe|binpipe|native) ;;
         pgcopydb) if (( ! HAVE_PGCOPYDB )); then log "pgcopydb: skipped ($PGCOPYDB_NOTE)"; continue; fi ;;
-        *) die "unknown phase $phase (PHASES takes stagingprop pipe native pgcopydb)" ;;
+        *) die "unknown phase $phase (PHASES takes stagingprop pipe binpipe native pgcopydb)" ;;
     esac
     ORDER+=("$phase")
 done
@@ -502,6 +511,7 @@ label() {
     case $1 in
         stagingprop) echo "stagingprop copy --jobs $JOBS$( (( ATOMIC )) && echo " --atomic")" ;;
         pipe) echo "raw COPY pipe, $JOBS at a time" ;;
+        binpipe) echo "binary COPY pipe, $JOBS at a time" ;;
         native) echo "native initial sync" ;;
         pgcopydb) echo "pgcopydb copy table-data" ;;
     esac
@@ -511,8 +521,9 @@ label() {
     echo "stagingprop e2e copy benchmark, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, PostgreSQL $(qpg source -c 'SHOW server_version')"
     echo "data: $DATA_MB MB heap+TOAST in ${#TABLES[@]} tables ($PRODUCTS products); jobs=$JOBS; foreign keys: $( (( LINKED )) && echo "catentdesc, attrval, attachment -> catentry" || echo "catentdesc -> catentry")"
     echo "settings (both clusters): $SETTINGS"
-    echo "raw pipe: text COPY, target sessions with session_replication_role=replica, largest tables first"
-    echo "native: PostgreSQL 15 table-sync workers (text COPY), max_sync_workers_per_subscription as above"
+    echo "raw pipe: text COPY (the default format); binary pipe: COPY ... (FORMAT binary); both: target sessions"
+    echo "  with session_replication_role=replica (no foreign-key triggers), largest tables first"
+    echo "native: the subscriber's table-sync workers (text COPY, a subscription's default), max_sync_workers_per_subscription as above"
     [[ -z $PGCOPYDB_NOTE ]] || echo "$PGCOPYDB_NOTE"
     [[ -z $PGCOPYDB_FK_SECONDS ]] || echo "pgcopydb: target without the foreign key during the load; adding it afterwards took $PGCOPYDB_FK_SECONDS s (not included)"
     echo "speedup = other method's seconds / stagingprop's seconds (> 1: stagingprop faster)"
@@ -543,14 +554,20 @@ label() {
         awk -v v="$VERIFY_S" -v r="$READ_BOTH_S" 'BEGIN { printf "stagingprop verify: %.1f s (match) against %.1f s to read both sides once: %.2fx\n", v, r, v / r }'
     fi
     if [[ $sp_s != 0 ]]; then
-        for other in pipe native pgcopydb; do
+        echo
+        echo "speedup per round (other method's seconds / stagingprop's in the same round; > 1: stagingprop faster):"
+        sp_each=$(tr ';' '\n' <<<"${RESULT[stagingprop]}" | awk 'NF { print $1 }')
+        for other in pipe binpipe native pgcopydb; do
             [[ -n ${RESULT[$other]:-} ]] || continue
+            values=$(paste -d' ' <(tr ';' '\n' <<<"${RESULT[$other]}" | awk 'NF { print $1 }') <(echo "$sp_each") |
+                awk '{ printf "%.3f ", $1 / $2 }')
             want=''
-            [[ $other == pipe ]] && want=1.0
+            [[ $other == pipe || $other == binpipe ]] && want=1.0
             [[ $other == native ]] && want=1.2
-            awk -v o="$(mean_of "$other" 1)" -v s="$sp_s" -v w="$want" -v n="$(label "$other")" \
-                'BEGIN { r = o / s; printf "stagingprop vs %s: %.2fx", n, r;
-                         if (w != "") printf " (target >= %.1fx: %s)", w, (r >= w ? "met" : "NOT met"); printf "\n" }'
+            summary=$(spread "$values")
+            awk -v m="${summary%% *}" -v w="$want" -v n="$(label "$other")" -v sm="$summary" \
+                'BEGIN { printf "stagingprop vs %-28s %s", n ":", sm;
+                         if (w != "") printf " (target >= %.1fx: %s)", w, (m >= w ? "met" : "NOT met"); printf "\n" }'
         done
     fi
     echo

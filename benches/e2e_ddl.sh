@@ -4,7 +4,7 @@
 # shoppers' writes to that table meanwhile, against doing the same on production by hand.
 #
 #   benches/e2e_ddl.sh                          # from the repository root
-#   ROWS=200000 benches/e2e_ddl.sh              # a quicker run
+#   ROWS=200000 ROUNDS=1 benches/e2e_ddl.sh     # a quicker run
 #
 # Two throwaway clusters (staging, prod) hold catentry with ROWS rows, the same on both; sync
 # runs throughout. Shoppers: pgbench on prod at RATE transactions/s, each updating the stock of
@@ -18,14 +18,19 @@
 #   - sync column:   ALTER TABLE ... ADD COLUMN ... DEFAULT on staging, applied by sync
 # "until there" is from the statement's start to the index (valid) or column on production; p99
 # counts the shoppers' transactions that ended in that window (at least one second of it).
+# ROUNDS rounds of every phase but "hand plain" (round 1 only: it blocks the shoppers); the two
+# index builds alternate which goes first, and the column is dropped on staging (and so on
+# production) after each round. The report gives each round's figures and the median and spread
+# of the ratios through sync / by hand.
 #
-# Knobs: ROWS=1000000, RATE=200, PHASE_SECONDS=20, PG_EXTRA_CONF, KEEP=1, STAGINGPROP_PG_BIN,
-# CARGO_TARGET_DIR, SP_BIN (a built binary).
+# Knobs: ROWS=1000000, RATE=200, PHASE_SECONDS=20, ROUNDS=3, PG_EXTRA_CONF, KEEP=1,
+# STAGINGPROP_PG_BIN, CARGO_TARGET_DIR, SP_BIN (a built binary).
 set -euo pipefail
 
 ROWS=${ROWS:-1000000}
 RATE=${RATE:-200}
 PHASE_SECONDS=${PHASE_SECONDS:-20}
+ROUNDS=${ROUNDS:-3}
 PG_EXTRA_CONF=${PG_EXTRA_CONF:-}
 KEEP=${KEEP:-0}
 
@@ -130,25 +135,46 @@ drop_index() {
     q prod -c "CHECKPOINT"
 }
 
+drop_hand_index() { q prod -c "DROP INDEX catentry_price_idx" -c CHECKPOINT; }
+
+# Lines "ROUND NAME until_there_s p99_ms writes".
 RESULTS=()
-RESULTS+=("$(run_phase idle)")
-RESULTS+=("$(run_phase sync_index)")
-drop_index
-RESULTS+=("$(run_phase hand_cic)")
-q prod -c "DROP INDEX catentry_price_idx" -c CHECKPOINT
-RESULTS+=("$(run_phase hand_plain)")
-q prod -c "DROP INDEX catentry_price_idx" -c CHECKPOINT
-RESULTS+=("$(run_phase sync_column)")
+for (( round = 1; round <= ROUNDS; round++ )); do
+    log "round $round"
+    RESULTS+=("$round $(run_phase idle)")
+    if (( round % 2 == 1 )); then
+        RESULTS+=("$round $(run_phase sync_index)")
+        drop_index
+        RESULTS+=("$round $(run_phase hand_cic)")
+        drop_hand_index
+    else
+        RESULTS+=("$round $(run_phase hand_cic)")
+        drop_hand_index
+        RESULTS+=("$round $(run_phase sync_index)")
+        drop_index
+    fi
+    if (( round == 1 )); then
+        RESULTS+=("$round $(run_phase hand_plain)")
+        drop_hand_index
+    fi
+    RESULTS+=("$round $(run_phase sync_column)")
+    q staging -c "ALTER TABLE catentry DROP COLUMN buyable"
+    wait_for prod "NOT $COLUMN_THERE"
+done
 grep -q "schema change" "$WORK/sync.log" || { tail -n 20 "$WORK/sync.log" >&2; die "sync logged no schema change"; }
 
 echo
-echo "$ROWS rows, shoppers at $RATE updates/s on production (p99 of those ending in the window)"
-printf '%-12s %14s %10s %8s\n' phase 'until there s' 'p99 ms' writes
+echo "$ROWS rows, shoppers at $RATE updates/s on production (p99 of those ending in the window), $ROUNDS rounds"
+printf '%5s %-12s %14s %10s %8s\n' round phase 'until there s' 'p99 ms' writes
 for line in "${RESULTS[@]}"; do
-    read -r name took p99 count <<<"$line"
-    printf '%-12s %14s %10s %8s\n' "$name" "$took" "$p99" "$count"
+    read -r round name took p99 count <<<"$line"
+    printf '%5s %-12s %14s %10s %8s\n' "$round" "$name" "$took" "$p99" "$count"
 done
-read -r _ sync_took sync_p99 _ < <(printf '%s\n' "${RESULTS[@]}" | awk '$1 == "sync_index"')
-read -r _ cic_took cic_p99 _ < <(printf '%s\n' "${RESULTS[@]}" | awk '$1 == "hand_cic"')
-awk -v a="$sync_took" -v b="$cic_took" -v c="$sync_p99" -v d="$cic_p99" 'BEGIN {
-    printf "index through sync / by hand with CONCURRENTLY: time %.2f, shoppers p99 %.2f\n", a / b, c / d }'
+# of ROUND PHASE FIELD: a phase's figure in a round (2: until there, 3: p99).
+of() { printf '%s\n' "${RESULTS[@]}" | awk -v r="$1" -v n="$2" -v f="$3" '$1 == r && $2 == n { print $(f + 1) }'; }
+times='' p99s=''
+for (( round = 1; round <= ROUNDS; round++ )); do
+    times+=" $(ratio "$(of "$round" sync_index 2)" "$(of "$round" hand_cic 2)")"
+    p99s+=" $(ratio "$(of "$round" sync_index 3)" "$(of "$round" hand_cic 3)")"
+done
+echo "index through sync / by hand with CONCURRENTLY, median (min-max): time $(spread "$times"), shoppers' p99 $(spread "$p99s")"

@@ -171,7 +171,6 @@ done
 (( FAILED == 0 )) || die "a target differs from staging"
 log "both targets MATCH staging"
 
-median() { tr ' ' '\n' <<<"$1" | sed '/^$/d' | sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 {
     echo
     echo "stagingprop guard cost, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, PostgreSQL $(q staging -c 'SHOW server_version')"

@@ -154,6 +154,150 @@ async fn a_change_production_cannot_take_stops_sync_until_production_is_fixed() 
     assert_eq!(applied.trim(), "1");
 }
 
+/// A remapped table follows staging's schema changes (its key widened from integer to bigint
+/// too), a column added elsewhere with a foreign key to it is translated from its first row (the
+/// bug: once staging had such a column, sync refused to start, "does not exist on production",
+/// before it could apply the change that adds it),
+/// and a reference column renamed while sync was down is translated before and after the
+/// rename; a rename of a column `[[references]]` names stops sync with nothing applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remapped_tables_follow_changes_and_new_references_are_translated() {
+    let pair = PairBuilder::new(
+        "ddl_remapped",
+        "CREATE SEQUENCE catentry_seq START 1000000;
+         CREATE TABLE catentry (catentry_id int PRIMARY KEY, partnumber text NOT NULL, name text);
+         CREATE TABLE offer (offer_id int PRIMARY KEY, price numeric(10,2));
+         CREATE TABLE attr (attr_id int PRIMARY KEY, catentry_ref bigint);",
+    )
+    .table(
+        "public.catentry",
+        "key = { rule = \"remap-on-conflict\", sequence = \"public.catentry_seq\" }",
+    )
+    .table("public.offer", "")
+    .table("public.attr", "")
+    .extra("[[references]]\ncolumn = \"public.attr.catentry_ref\"\ntable = \"public.catentry\"\n")
+    .init()
+    .await;
+    pair.on_production("INSERT INTO catentry VALUES (1, 'PROD-1', 'production-born')");
+    pair.on_staging("INSERT INTO catentry VALUES (1, 'A', 'a'), (2, 'B', 'b')");
+    caught_up(&pair.config).await.expect("sync");
+    let remapped = || {
+        pair.on_production("SELECT catentry_id FROM catentry WHERE partnumber = 'A'")
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(
+        remapped(),
+        "1000000",
+        "staging's 1 collided with production's own row"
+    );
+
+    pair.on_staging(
+        "BEGIN;
+         ALTER TABLE catentry ADD COLUMN buyable int NOT NULL DEFAULT 1;
+         INSERT INTO catentry VALUES (3, 'C', 'c', 0);
+         COMMIT;
+         ALTER TABLE catentry RENAME COLUMN name TO title;
+         UPDATE catentry SET title = 'one' WHERE catentry_id = 1;
+         ALTER TABLE catentry ALTER COLUMN catentry_id TYPE bigint;
+         BEGIN;
+         ALTER TABLE offer ADD COLUMN catentry_id bigint REFERENCES catentry;
+         INSERT INTO offer VALUES (10, 9.99, 1), (11, 5, 2);
+         COMMIT;
+         UPDATE offer SET catentry_id = 1 WHERE offer_id = 11;
+         INSERT INTO catentry VALUES (4, 'D', 'd', 1);
+         INSERT INTO offer VALUES (12, 1, 4);",
+    );
+    caught_up(&pair.config)
+        .await
+        .expect("sync of the remapped table's changes");
+    for table in ["catentry", "offer"] {
+        assert_eq!(
+            columns(&pair, true, table),
+            columns(&pair, false, table),
+            "the columns of {table} differ"
+        );
+    }
+    assert_eq!(remapped(), "1000000");
+    let production = pair.on_production(
+        "SELECT string_agg(concat_ws(' ', catentry_id, partnumber, title, buyable), ', ' ORDER BY partnumber)
+           FROM catentry",
+    );
+    assert_eq!(
+        production.trim(),
+        "1000000 A one 1, 2 B b 1, 3 C c 0, 4 D d 1, 1 PROD-1 production-born 1",
+        "staging's rows under their production keys, production's own row untouched"
+    );
+    let offers = pair.on_production(
+        "SELECT string_agg(offer_id || ' ' || catentry_id, ', ' ORDER BY offer_id) FROM offer",
+    );
+    assert_eq!(
+        offers.trim(),
+        "10 1000000, 11 1000000, 12 4",
+        "the new reference follows catentry's key map"
+    );
+
+    // Renamed while sync is down: at its start production's foreign key still names the
+    // column, and the rows before the rename are translated as well as those after.
+    pair.on_staging(
+        "INSERT INTO offer VALUES (13, 1, 1);
+         ALTER TABLE offer RENAME COLUMN catentry_id TO ce_id;
+         INSERT INTO offer VALUES (14, 1, 1);",
+    );
+    caught_up(&pair.config)
+        .await
+        .expect("sync of the renamed reference");
+    assert_eq!(
+        columns(&pair, true, "offer"),
+        columns(&pair, false, "offer")
+    );
+    let offers = pair.on_production(
+        "SELECT string_agg(offer_id || ' ' || ce_id, ', ' ORDER BY offer_id) FROM offer WHERE offer_id > 12",
+    );
+    assert_eq!(offers.trim(), "13 1000000, 14 1000000");
+
+    let (stop, running) = support::sync_in_background(&pair.config, tracing::info_span!("sync"));
+    pair.on_staging("INSERT INTO attr VALUES (1, 1)");
+    production_until(
+        &pair,
+        "SELECT catentry_ref = 1000000 FROM attr WHERE attr_id = 1",
+    )
+    .await;
+    pair.on_staging(
+        "BEGIN;
+         INSERT INTO catentry VALUES (5, 'E', 'e', 1);
+         ALTER TABLE attr RENAME COLUMN catentry_ref TO ce_ref;
+         COMMIT;",
+    );
+    let err = tokio::time::timeout(Duration::from_secs(60), running)
+        .await
+        .expect("sync stops")
+        .expect("sync task")
+        .expect_err("a renamed configured reference stops sync");
+    drop(stop);
+    let message = err.to_string();
+    assert!(
+        message.contains("public.attr.catentry_ref")
+            && message.contains("renamed it to ce_ref")
+            && message.contains("[[references]]")
+            && message.contains("copy --tables"),
+        "{message}"
+    );
+    assert!(
+        matches!(
+            err,
+            SyncError::Apply(stagingprop::ApplyError::SchemaChange(_))
+        ),
+        "{err:?}"
+    );
+    let applied = pair.on_production("SELECT count(*) FROM catentry WHERE partnumber = 'E'");
+    assert_eq!(
+        applied.trim(),
+        "0",
+        "nothing of the transaction was applied"
+    );
+}
+
 /// With the spool on, everything sync applies was read back from the spool's records: a schema
 /// change travels there in its place among the rows (the bug: the spool kept no decoding
 /// message, so the change never reached production).

@@ -74,12 +74,8 @@ impl Applier {
                 });
                 continue;
             }
-            if self.remap.as_ref().is_some_and(|r| r.touches(t)) {
-                return Err(refused(
-                    "the table's keys are remapped, and schema changes of remapped tables are not \
-                     carried yet: change production by hand"
-                        .into(),
-                ));
+            if let Some(remap) = &self.remap {
+                remap.check_change(t, table_change).map_err(refused)?;
             }
             plans.push(ddl::plan(table_change, &state.meta, &state.columns).map_err(refused)?);
         }
@@ -128,6 +124,28 @@ impl Applier {
                     })?;
                 self.tables[t].meta = reloaded;
             }
+            // Remapping finds the table's columns and references again (a new column with a
+            // foreign key to a remapped table is translated from its first row on).
+            if let Some(remap) = &mut self.remap
+                && let Some(table_change) = change.tables.iter().find(|c| {
+                    c.after
+                        .as_ref()
+                        .is_some_and(|a| a.table_name() == plan.table)
+                })
+            {
+                remap
+                    .reshape(t, &self.tables[t].meta, table_change)
+                    .map_err(|obstacle| {
+                        ApplyError::SchemaChange(Box::new(SchemaChangeRefused {
+                            table: plan.table.clone(),
+                            statement: change.statement.clone(),
+                            plan: describe(plan),
+                            obstacle,
+                            lsn: source.lsn,
+                            xid: source.xid,
+                        }))
+                    })?;
+            }
             if self.record_progress {
                 schema_changes::record(
                     &self.client,
@@ -165,6 +183,16 @@ impl Applier {
                 plan.table,
                 describe(plan)
             );
+        }
+        if plans.iter().any(|p| !p.statements.is_empty()) {
+            // A foreign key added or dropped changes which tables go first (a parent's keys
+            // are decided before its children's references to them are translated).
+            let metas: Vec<&crate::catalog::TableMeta> =
+                self.tables.iter().map(|t| &t.meta).collect();
+            let edges = catalog::foreign_keys(&self.client, &metas)
+                .await
+                .map_err(query_error("reading foreign keys after a schema change"))?;
+            self.order = catalog::parents_first(self.tables.len(), &edges);
         }
         Ok(plans)
     }

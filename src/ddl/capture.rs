@@ -96,7 +96,24 @@ CREATE OR REPLACE FUNCTION {schema}.shape_of(rel oid) RETURNS jsonb LANGUAGE sql
                     'columns', (SELECT coalesce(jsonb_agg(a.attname), '[]'::jsonb)
                                   FROM unnest(k.conkey) u(attnum)
                                   JOIN pg_attribute a
-                                    ON a.attrelid = c.oid AND a.attnum = u.attnum))
+                                    ON a.attrelid = c.oid AND a.attnum = u.attnum),
+                    -- A foreign key's referenced table and columns, pairwise with its own
+                    -- (sync finds the references of remapped keys in them).
+                    'references',
+                    CASE WHEN k.contype = 'f' THEN
+                      (SELECT jsonb_build_object(
+                                'schema', rn.nspname, 'name', rc.relname,
+                                'columns', (SELECT jsonb_agg(ra.attname ORDER BY u.n)
+                                              FROM unnest(k.confkey) WITH ORDINALITY u(attnum, n)
+                                              JOIN pg_attribute ra
+                                                ON ra.attrelid = k.confrelid AND ra.attnum = u.attnum),
+                                'own', (SELECT jsonb_agg(oa.attname ORDER BY u.n)
+                                          FROM unnest(k.conkey) WITH ORDINALITY u(attnum, n)
+                                          JOIN pg_attribute oa
+                                            ON oa.attrelid = c.oid AND oa.attnum = u.attnum))
+                         FROM pg_class rc JOIN pg_namespace rn ON rn.oid = rc.relnamespace
+                        WHERE rc.oid = k.confrelid)
+                    END)
                     ORDER BY k.conname)
                      FROM pg_constraint k
                     WHERE k.conrelid = c.oid AND k.contype IN ('c', 'u', 'f', 'x')),

@@ -76,6 +76,29 @@ pub struct ConstraintShape {
     /// The table's columns it constrains.
     #[serde(default)]
     pub columns: Vec<String>,
+    /// A foreign key's referenced table (none for other kinds, and for a foreign key captured
+    /// by a trigger installed before this was recorded).
+    #[serde(default)]
+    pub references: Option<ReferencedKey>,
+}
+
+/// What a foreign key refers to.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct ReferencedKey {
+    pub schema: String,
+    pub name: String,
+    /// The referenced columns, pairwise with `own`.
+    pub columns: Vec<String>,
+    /// The table's own columns, in the key's order.
+    pub own: Vec<String>,
+}
+
+/// One column of a table that a foreign key points at a column of another table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShapeReference {
+    pub column: String,
+    pub parent: TableName,
+    pub parent_column: String,
 }
 
 /// A managed table's shape on staging.
@@ -97,6 +120,28 @@ impl TableShape {
 
     fn column(&self, attnum: i16) -> Option<&ColumnShape> {
         self.columns.iter().find(|c| c.attnum == attnum)
+    }
+
+    pub fn column_named(&self, name: &str) -> Option<&ColumnShape> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+
+    /// The column references of the table's foreign keys, or `None` when a foreign key does not
+    /// say what it refers to (captured by a trigger `init` installed before it recorded that).
+    pub fn foreign_keys(&self) -> Option<Vec<ShapeReference>> {
+        let mut out = Vec::new();
+        for constraint in self.constraints.iter().filter(|c| c.kind == "f") {
+            let key = constraint.references.as_ref()?;
+            let parent = TableName::new(key.schema.clone(), key.name.clone());
+            for (column, parent_column) in key.own.iter().zip(&key.columns) {
+                out.push(ShapeReference {
+                    column: column.clone(),
+                    parent: parent.clone(),
+                    parent_column: parent_column.clone(),
+                });
+            }
+        }
+        Some(out)
     }
 }
 
@@ -594,6 +639,7 @@ mod tests {
             kind: kind.into(),
             definition: definition.into(),
             columns: columns.iter().map(|c| c.to_string()).collect(),
+            references: None,
         }
     }
 
@@ -812,5 +858,33 @@ mod tests {
         .unwrap();
         assert_eq!(change.tables[0].after.as_ref().unwrap().columns.len(), 2);
         assert!(SchemaChange::parse(b"{").is_err());
+    }
+
+    #[test]
+    fn foreign_keys_pair_columns_and_say_when_they_are_unknown() {
+        let shape: TableShape = serde_json::from_str(
+            r#"{"schema":"public","name":"rel","columns":[],"constraints":[
+                {"name":"rel_fk","type":"f","definition":"FOREIGN KEY (b, a) REFERENCES public.p(y, x)",
+                 "columns":["a","b"],
+                 "references":{"schema":"public","name":"p","columns":["y","x"],"own":["b","a"]}},
+                {"name":"rel_check","type":"c","definition":"CHECK (a > 0)","columns":["a"],"references":null}]}"#,
+        )
+        .unwrap();
+        let parent = TableName::new("public", "p");
+        let pair = |column: &str, parent_column: &str| ShapeReference {
+            column: column.into(),
+            parent: parent.clone(),
+            parent_column: parent_column.into(),
+        };
+        assert_eq!(
+            shape.foreign_keys(),
+            Some(vec![pair("b", "y"), pair("a", "x")])
+        );
+        // Captured by an older trigger: what the key refers to is not known.
+        let mut old = shape.clone();
+        old.constraints[0].references = None;
+        assert_eq!(old.foreign_keys(), None);
+        old.constraints.remove(0);
+        assert_eq!(old.foreign_keys(), Some(Vec::new()));
     }
 }

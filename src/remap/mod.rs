@@ -14,6 +14,7 @@
 //! row; what it learns is cached ([`cache`]) until the production transaction rolls back.
 
 pub(crate) mod cache;
+mod reshape;
 pub(crate) mod store;
 
 use std::collections::{HashMap, HashSet};
@@ -108,6 +109,8 @@ struct TableRemap {
     /// Natural-key columns (index, SQL type) for the natural rule.
     natural: Vec<(usize, String)>,
     references: Vec<Reference>,
+    /// `[[references]]` columns of the table (name, parent), found again after a schema change.
+    configured: Vec<(String, usize)>,
     cache: KeyCache,
     /// Whether loading the whole key map into the cache was tried since the last rollback.
     loaded: bool,
@@ -182,6 +185,51 @@ fn integer_type(type_sql: &str) -> bool {
     matches!(type_sql, "smallint" | "integer" | "bigint")
 }
 
+/// A column found to hold keys of a remapped table (`why`: a foreign key, `[[references]]`).
+struct ReferenceFound<'a> {
+    column: &'a str,
+    parent: &'a TableName,
+    why: &'a str,
+}
+
+impl ReferenceFound<'_> {
+    /// The column's position in `meta` (the referencing table on production, whose remapped key
+    /// column is `key_column`), or what keeps its values from being translated.
+    fn position(
+        &self,
+        meta: &TableMeta,
+        key_column: Option<usize>,
+        same_table: bool,
+    ) -> Result<usize, String> {
+        let (child, column, parent, why) = (meta.table_name(), self.column, self.parent, self.why);
+        if meta.key.is_empty() {
+            return Err(format!(
+                "{child}.{column} ({why}) refers to the remapped {parent}, but {child} has no \
+                 primary key: rows without a key are applied as staging sent them, never \
+                 translated; add a primary key to it"
+            ));
+        }
+        let Some(c) = meta.column_index(column) else {
+            return Err(format!(
+                "{child}.{column} ({why}) does not exist on production"
+            ));
+        };
+        if !integer_type(&meta.columns[c].type_sql) {
+            return Err(format!(
+                "{child}.{column} ({why}) is {}; keys of the remapped {parent} are integers",
+                meta.columns[c].type_sql
+            ));
+        }
+        if key_column == Some(c) && !same_table {
+            return Err(format!(
+                "{child}.{column} is both the remapped key of {child} and a reference to \
+                 {parent}: give {child} rule \"identity\" so its key follows {parent}"
+            ));
+        }
+        Ok(c)
+    }
+}
+
 impl Remapper {
     /// Builds the remapping of the configured tables (`metas`: production's, in config order)
     /// with the references declared on staging. `None` when every table keeps its keys. Every
@@ -206,6 +254,7 @@ impl Remapper {
                 key_column: None,
                 natural: Vec::new(),
                 references: Vec::new(),
+                configured: Vec::new(),
                 cache: KeyCache::new(CACHE_CAPACITY),
                 loaded: false,
             };
@@ -257,6 +306,12 @@ impl Remapper {
             if config.tables[parent].key == KeyRule::Identity {
                 continue;
             }
+            if metas[child].column_index(&fk.column).is_none() {
+                // Staging's column is not on production yet: it comes with a schema change on
+                // its way (sync starts only if one accounts for it), and the reference with it.
+                tracing::debug!(table = %fk.child, column = %fk.column, "reference not on production yet");
+                continue;
+            }
             found.push((
                 child,
                 fk.column.clone(),
@@ -290,6 +345,7 @@ impl Remapper {
                 continue;
             }
             let column = reference.column.column.clone();
+            tables[child].configured.push((column.clone(), parent));
             if !found
                 .iter()
                 .any(|(c, col, _, _)| *c == child && *col == column)
@@ -298,47 +354,17 @@ impl Remapper {
             }
         }
         for (child, column, parent, why) in found {
-            if metas[child].key.is_empty() {
-                problems.push(format!(
-                    "{}.{column} ({why}) refers to the remapped {}, but {} has no primary key: \
-                     rows without a key are applied as staging sent them, never translated; add \
-                     a primary key to it",
-                    config.tables[child].name,
-                    config.tables[parent].name,
-                    config.tables[child].name
-                ));
-                continue;
-            }
-            let Some(c) = metas[child].column_index(&column) else {
-                problems.push(format!(
-                    "{}.{column} ({why}) does not exist on production",
-                    config.tables[child].name
-                ));
-                continue;
+            let found = ReferenceFound {
+                column: &column,
+                parent: &config.tables[parent].name,
+                why: &why,
             };
-            if !integer_type(&metas[child].columns[c].type_sql) {
-                problems.push(format!(
-                    "{}.{column} ({why}) is {}; keys of the remapped {} are integers",
-                    config.tables[child].name,
-                    metas[child].columns[c].type_sql,
-                    config.tables[parent].name
-                ));
-                continue;
+            match found.position(&metas[child], tables[child].key_column, child == parent) {
+                Ok(c) => tables[child]
+                    .references
+                    .push(Reference { column: c, parent }),
+                Err(problem) => problems.push(problem),
             }
-            if tables[child].key_column == Some(c) && child != parent {
-                problems.push(format!(
-                    "{}.{column} is both the remapped key of {} and a reference to {}: give {} rule \"identity\" so its key follows {}",
-                    config.tables[child].name,
-                    config.tables[child].name,
-                    config.tables[parent].name,
-                    config.tables[child].name,
-                    config.tables[parent].name
-                ));
-                continue;
-            }
-            tables[child]
-                .references
-                .push(Reference { column: c, parent });
         }
         if problems.is_empty() {
             Ok(Some(Remapper {
@@ -351,7 +377,7 @@ impl Remapper {
     }
 
     /// Whether key remapping reads or writes table `t` (its key is remapped, or it holds
-    /// references to a remapped table): its column positions must not change under it.
+    /// references to a remapped table).
     pub fn touches(&self, t: usize) -> bool {
         self.tables[t].key_column.is_some() || !self.tables[t].references.is_empty()
     }

@@ -143,7 +143,21 @@ async fn validate(
             on_production.into_iter().flatten().collect()
         }
     };
-    let remapper = Remapper::new(config, &metas, &staging.references).map_err(SyncError::Rules)?;
+    // A table whose schema change is on its way has, until that change is applied, the
+    // references production's foreign keys show (a reference column renamed on staging has its
+    // old name here); staging's, on columns production has, come too.
+    let mut references = staging.references.clone();
+    if !coming.is_empty() {
+        let own = catalog::column_references(p)
+            .await
+            .map_err(database_error(production, "reading foreign keys"))?;
+        for r in own {
+            if coming.contains(&r.child) && !references.contains(&r) {
+                references.push(r);
+            }
+        }
+    }
+    let remapper = Remapper::new(config, &metas, &references).map_err(SyncError::Rules)?;
     Ok((metas, remapper))
 }
 
