@@ -798,3 +798,122 @@ async fn a_schema_change_committed_while_copy_starts_refuses_it_and_later_ones_f
     caught_up(&pair.config).await.expect("sync after the copy");
     assert_same(&pair, "price");
 }
+
+/// A schema a `[[table_patterns]]` entry manages: a table created there on staging joins the
+/// publication in its creating transaction and is created on production in its place in the
+/// stream, with the rows of that transaction and after, whether sync was down when it was made
+/// (the next start finds its creation on its way) or running (a new session takes it); an
+/// excluded table stays staging's; a table created with its rows is refused on staging; a table
+/// dropped on staging is dropped on production (`on_staging_drop = "drop"`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_created_in_a_managed_schema_follow_with_their_rows() {
+    let pair = PairBuilder::new(
+        "ddl_create",
+        "CREATE SCHEMA cat;
+         CREATE TABLE cat.product (id int PRIMARY KEY, name text NOT NULL);",
+    )
+    .extra(
+        "[[table_patterns]]\nschema = \"cat\"\nexclude = [\"audit_*\"]\non_staging_drop = \"drop\"",
+    )
+    .init()
+    .await;
+    pair.on_staging("INSERT INTO cat.product VALUES (1, 'one'), (2, 'two')");
+    caught_up(&pair.config)
+        .await
+        .expect("sync of the pattern's table");
+    assert_same(&pair, "cat.product");
+
+    // Made while sync is down: the creation, rows in its transaction, rows after.
+    pair.on_staging(
+        "BEGIN;
+         CREATE TABLE cat.offer (id serial PRIMARY KEY,
+                                 product_id int NOT NULL REFERENCES cat.product,
+                                 price numeric(10,2) CHECK (price >= 0),
+                                 code text UNIQUE);
+         CREATE INDEX offer_price ON cat.offer (price);
+         INSERT INTO cat.offer (product_id, price, code) VALUES (1, 9.5, 'a'), (2, 3, 'b');
+         COMMIT;
+         INSERT INTO cat.offer (product_id, price, code) VALUES (1, 1, 'c');
+         CREATE TABLE cat.audit_trail (id int PRIMARY KEY);
+         INSERT INTO cat.audit_trail VALUES (1);",
+    );
+    caught_up(&pair.config)
+        .await
+        .expect("sync of a created table");
+    assert_same(&pair, "cat.offer");
+    assert_eq!(
+        indexes_and_constraints(&pair, true, "cat.offer"),
+        indexes_and_constraints(&pair, false, "cat.offer")
+    );
+    assert_eq!(
+        pair.on_production("SELECT to_regclass('cat.audit_trail') IS NULL")
+            .trim(),
+        "t",
+        "an excluded table is not created"
+    );
+    // The serial column's sequence came with it and follows staging's.
+    assert_eq!(
+        pair.on_production("SELECT last_value FROM cat.offer_id_seq")
+            .trim(),
+        "3"
+    );
+
+    // Made while sync runs.
+    let (stop, running) = support::sync_in_background(&pair.config, tracing::info_span!("sync"));
+    pair.on_staging("INSERT INTO cat.product VALUES (3, 'three')");
+    production_until(&pair, "SELECT count(*) = 3 FROM cat.product").await;
+    pair.on_staging(
+        "BEGIN;
+         INSERT INTO cat.product VALUES (4, 'four');
+         CREATE TABLE cat.review (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                                  product_id int REFERENCES cat.product, stars int DEFAULT 5);
+         INSERT INTO cat.review (product_id) VALUES (4), (3);
+         COMMIT;
+         UPDATE cat.review SET stars = 1 WHERE product_id = 3;",
+    );
+    production_until(&pair, "SELECT to_regclass('cat.review') IS NOT NULL").await;
+    production_until(
+        &pair,
+        "SELECT count(*) = 2 FROM cat.review WHERE stars = 1 OR product_id = 4",
+    )
+    .await;
+    // Created with its rows: refused on staging, nothing made.
+    let refused = pair
+        .staging_cluster
+        .psql(
+            &pair.staging,
+            "CREATE TABLE cat.snapshot AS SELECT * FROM cat.product",
+        )
+        .expect_err("a table created with its rows is refused")
+        .to_string();
+    assert!(refused.contains("INSERT ... SELECT"), "{refused}");
+    assert_eq!(
+        pair.on_staging("SELECT to_regclass('cat.snapshot') IS NULL")
+            .trim(),
+        "t"
+    );
+    // Dropped on staging, dropped on production in its place.
+    pair.on_staging("DROP TABLE cat.review; INSERT INTO cat.product VALUES (5, 'five');");
+    production_until(
+        &pair,
+        "SELECT to_regclass('cat.review') IS NULL AND (SELECT count(*) = 5 FROM cat.product)",
+    )
+    .await;
+    stop.send(()).expect("sync runs");
+    tokio::time::timeout(Duration::from_secs(60), running)
+        .await
+        .expect("sync stops")
+        .expect("sync task")
+        .expect("sync ends without an error");
+    for table in ["cat.product", "cat.offer"] {
+        assert_same(&pair, table);
+    }
+    let diffs = stagingprop::ops::verify::verify(&pair.config, &Default::default())
+        .await
+        .expect("verify");
+    assert!(
+        diffs.iter().all(|d| d.matches()),
+        "verify finds the pattern's tables equal: {diffs:?}"
+    );
+    assert_eq!(diffs.len(), 2, "{diffs:?}");
+}

@@ -61,6 +61,7 @@ fn placement(raw: &str) -> (&'static str, &'static str) {
         "Key" => ("### `key = { ... }`", "[[tables]]"),
         "Files" => ("### `files = { ... }`", "[[tables]]"),
         "Reference" => ("## `[[references]]`", "[[references]]"),
+        "TablePattern" => ("## `[[table_patterns]]`", "[[table_patterns]]"),
         "Scope" => ("## `[scopes.NAME]`", "[scopes"),
         "Ddl" => ("## `[ddl]`", "[ddl]"),
         "Guard" => ("## `[guard]`", "[guard]"),

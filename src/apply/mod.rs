@@ -95,6 +95,11 @@ struct TableState {
     edits: Option<EditWatch>,
     /// Being seeded online: its conflicts are the seed's to settle.
     seeding: bool,
+    /// Not on production (yet, or any more): created on staging and on its way, or dropped with
+    /// staging's; `meta` is what its creation will make of it.
+    absent: bool,
+    /// Dropped on production when staging's is dropped.
+    drop_with_staging: bool,
 }
 
 /// A table whose production edits sync watches.
@@ -188,6 +193,8 @@ impl Applier {
                 columns: ColumnList::All,
                 edits: None,
                 seeding: false,
+                absent: false,
+                drop_with_staging: false,
             })
             .collect();
         let metas: Vec<&TableMeta> = tables.iter().map(|t| &t.meta).collect();
@@ -274,6 +281,15 @@ impl Applier {
     pub fn set_column_lists(&mut self, config: &crate::config::Config) {
         for (state, table) in self.tables.iter_mut().zip(&config.tables) {
             state.columns = table.columns.clone();
+        }
+    }
+
+    /// Takes which tables production lacks (`absent`: created on staging, their creation on its
+    /// way) and which are dropped with staging's (`config`'s patterns).
+    pub fn set_lifecycles(&mut self, config: &crate::config::Config, absent: &[bool]) {
+        for ((state, table), &absent) in self.tables.iter_mut().zip(&config.tables).zip(absent) {
+            state.absent = absent;
+            state.drop_with_staging = table.drop_with_staging;
         }
     }
 

@@ -60,19 +60,32 @@ impl Applier {
                     xid: source.xid,
                 }))
             };
-            if table_change.after.is_none() {
-                // Dropped on staging: production's table is left, and said so.
-                plans.push(Plan {
-                    table: name.clone(),
-                    statements: Vec::new(),
-                    after_commit: Vec::new(),
-                    left_alone: vec![
-                        "the table was dropped on staging; production's is kept (drop it by hand, \
-                         and remove it from the config)"
-                            .into(),
-                    ],
-                });
-                continue;
+            match (&table_change.before, &table_change.after) {
+                (Some(before), None) => {
+                    // Dropped on staging: production's goes too only where the config says so.
+                    plans.push(ddl::drop_plan(
+                        before,
+                        state.drop_with_staging && !state.absent,
+                    ));
+                    continue;
+                }
+                (None, Some(after)) => {
+                    plans.push(if state.absent {
+                        ddl::create_plan(after).map_err(refused)?
+                    } else {
+                        Plan {
+                            table: name.clone(),
+                            statements: Vec::new(),
+                            after_commit: Vec::new(),
+                            left_alone: vec![
+                                "the table was created on staging; production has it already"
+                                    .into(),
+                            ],
+                        }
+                    });
+                    continue;
+                }
+                _ => {}
             }
             if let Some(remap) = &self.remap {
                 remap.check_change(t, table_change).map_err(refused)?;
@@ -115,7 +128,16 @@ impl Applier {
                 .iter()
                 .position(|t| t.meta.table_name() == plan.table)
                 .expect("planned for a managed table");
-            if !plan.statements.is_empty() {
+            let dropped = change.tables.iter().any(|c| {
+                c.after.is_none()
+                    && c.before
+                        .as_ref()
+                        .is_some_and(|b| b.table_name() == plan.table)
+            });
+            if dropped {
+                // Gone from production with staging's (or kept): no rows of it come any more.
+                self.tables[t].absent |= !plan.statements.is_empty();
+            } else if !plan.statements.is_empty() {
                 let reloaded = catalog::load_table(&self.client, &plan.table)
                     .await
                     .map_err(query_error("reading a table after its schema change"))?
@@ -123,6 +145,7 @@ impl Applier {
                         ApplyError::Schema(format!("{} is gone on production", plan.table))
                     })?;
                 self.tables[t].meta = reloaded;
+                self.tables[t].absent = false;
             }
             // Remapping finds the table's columns and references again (a new column with a
             // foreign key to a remapped table is translated from its first row on).

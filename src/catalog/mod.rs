@@ -164,6 +164,45 @@ pub async fn load_tables(
     Ok(tables)
 }
 
+/// The tables of `schemas` (ordinary and partitioned, not partitions), in name order: what the
+/// config's `[[table_patterns]]` may manage.
+pub async fn tables_in_schemas(
+    client: &Client,
+    schemas: &[String],
+) -> Result<Vec<TableName>, tokio_postgres::Error> {
+    if schemas.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = client
+        .query(
+            "SELECT n.nspname::text, c.relname::text FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = ANY($1) AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+              ORDER BY 1, 2",
+            &[&schemas],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect())
+}
+
+/// `config` with the tables its `[[table_patterns]]` manage among those of `clients` (each
+/// side's, so that a table one side lacks is still managed: created on staging and on its way,
+/// or dropped on staging and kept on production).
+pub async fn expand_patterns(
+    config: &crate::config::Config,
+    clients: &[&Client],
+) -> Result<crate::config::Config, tokio_postgres::Error> {
+    let schemas = config.pattern_schemas();
+    let mut found = Vec::new();
+    for client in clients {
+        found.extend(tables_in_schemas(client, &schemas).await?);
+    }
+    Ok(config.with_found(&found))
+}
+
 /// Narrows each loaded table to its managed part ([`TableMeta::managed_part`]), with every
 /// problem named.
 pub fn managed_parts(

@@ -8,6 +8,7 @@
 mod conninfo;
 pub mod libpq;
 mod names;
+mod patterns;
 mod secrets;
 #[cfg(test)]
 mod tests;
@@ -24,6 +25,7 @@ use crate::model::ConflictKind;
 pub(crate) use conninfo::{ConnError, resolve as resolve_connection_string};
 pub use names::{ColumnName, TableName};
 use names::{check_slot_name, parse_identifier};
+pub use patterns::{TablePattern, glob_matches};
 pub(crate) use validate::with_causes;
 use validate::{RawConfig, Validator, syntax_message};
 
@@ -65,6 +67,8 @@ pub struct Config {
     pub scope: Option<String>,
     /// Schema changes on staging (`[ddl]`).
     pub ddl: DdlConfig,
+    /// `[[table_patterns]]`: schemas whose tables are managed without being listed.
+    pub table_patterns: Vec<TablePattern>,
 }
 
 /// `guard` (per table, default from `[guard] default`): what production does when anyone but
@@ -404,6 +408,11 @@ pub struct TableConfig {
     pub guard: GuardMode,
     /// What sync does when a staging change meets such a recorded write.
     pub on_production_edit: EditPolicy,
+    /// Managed by a `[[table_patterns]]` entry rather than listed: either side may lack it (created
+    /// on staging and on its way, or dropped on staging and kept on production).
+    pub from_pattern: bool,
+    /// Dropped on production when staging's is dropped (a pattern's `on_staging_drop = "drop"`).
+    pub drop_with_staging: bool,
 }
 
 /// Which columns of a table are staging-managed.

@@ -1181,3 +1181,55 @@ fn the_guard_and_edit_policy_default_from_the_guard_section() {
         .to_string();
     assert!(bad.contains("strict"), "{bad}");
 }
+
+#[test]
+fn table_patterns_manage_a_schema_s_tables_but_the_listed_and_excluded_ones() {
+    let config = with_dbs(
+        r#"
+[[tables]]
+name = "cat.price"
+on_conflict = "skip"
+
+[[table_patterns]]
+schema = "cat"
+exclude = ["audit_*"]
+on_conflict = "overwrite"
+on_staging_drop = "drop"
+"#,
+    )
+    .expect("a pattern");
+    let found = [
+        TableName::new("cat", "price"),
+        TableName::new("cat", "offer"),
+        TableName::new("cat", "audit_log"),
+        TableName::new("public", "orders"),
+        TableName::new("cat", "offer"),
+    ];
+    let expanded = config.with_found(&found);
+    let names: Vec<String> = expanded.tables.iter().map(|t| t.name.to_string()).collect();
+    assert_eq!(names, ["cat.price", "cat.offer"]);
+    let offer = &expanded.tables[1];
+    assert!(offer.from_pattern && offer.drop_with_staging);
+    assert_eq!(offer.on_conflict, ConflictPolicy::Overwrite);
+    assert_eq!(expanded.tables[0].on_conflict, ConflictPolicy::Skip);
+    assert!(!expanded.tables[0].from_pattern);
+
+    // Patterns alone are enough; each is checked.
+    assert!(with_dbs("[[table_patterns]]\nschema = \"cat\"").is_ok());
+    assert_error(
+        with_dbs("[[table_patterns]]\nexclude = [\"x\"]"),
+        &["table_patterns[0]", "has no schema"],
+    );
+    assert_error(
+        with_dbs("[[table_patterns]]\nschema = \"cat\"\n[[table_patterns]]\nschema = \"cat\""),
+        &["table_patterns[1].schema", "already has a pattern"],
+    );
+    assert_error(
+        with_dbs("[[table_patterns]]\nschema = \"stagingprop\""),
+        &["holds no staging-managed tables"],
+    );
+    assert_error(
+        with_dbs("[[table_patterns]]\nschema = \"cat\"\non_staging_drop = \"maybe\""),
+        &["on_staging_drop"],
+    );
+}

@@ -27,6 +27,8 @@ pub(super) struct RawConfig {
     #[serde(default)]
     references: Vec<RawReference>,
     #[serde(default)]
+    table_patterns: Vec<RawTablePattern>,
+    #[serde(default)]
     scopes: std::collections::BTreeMap<String, RawScope>,
     ddl: Option<RawDdl>,
     guard: Option<RawGuard>,
@@ -115,6 +117,25 @@ struct RawSpool {
     max_bytes: Option<u64>,
     retain_secs: Option<u64>,
     segment_bytes: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTablePattern {
+    schema: Option<String>,
+    #[serde(default)]
+    exclude: Vec<String>,
+    on_conflict: Option<ConflictPolicy>,
+    guard: Option<GuardMode>,
+    on_production_edit: Option<EditPolicy>,
+    on_staging_drop: Option<RawOnDrop>,
+}
+
+#[derive(Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawOnDrop {
+    Keep,
+    Drop,
 }
 
 #[derive(Deserialize)]
@@ -245,10 +266,10 @@ impl Validator<'_> {
             None => None,
             Some(raw_stream) => Some(self.stream(raw_stream, &sync)?),
         };
-        if raw.tables.is_empty() {
+        if raw.tables.is_empty() && raw.table_patterns.is_empty() {
             return Err(self.invalid(
                 "tables",
-                "no managed tables: add a [[tables]] entry with name = \"schema.table\" for each staging-managed table",
+                "no managed tables: add a [[tables]] entry with name = \"schema.table\" for each staging-managed table (or a [[table_patterns]] entry with schema = \"...\")",
             ));
         }
         let guard_defaults = raw
@@ -282,6 +303,7 @@ impl Validator<'_> {
             tables.push(self.table(&key, name, raw_table, guard_defaults)?);
         }
         let references = self.references(raw.references, &tables)?;
+        let table_patterns = self.table_patterns(raw.table_patterns, guard_defaults)?;
         let scopes = self.scopes(raw.scopes, &sync, &tables)?;
         let ddl = DdlConfig {
             mode: raw.ddl.and_then(|d| d.mode).unwrap_or_default(),
@@ -297,7 +319,56 @@ impl Validator<'_> {
             scopes,
             scope: None,
             ddl,
+            table_patterns,
         })
+    }
+
+    fn table_patterns(
+        &self,
+        raw: Vec<RawTablePattern>,
+        (guard_default, edit_default): (GuardMode, EditPolicy),
+    ) -> Result<Vec<TablePattern>, ConfigError> {
+        let mut patterns: Vec<TablePattern> = Vec::with_capacity(raw.len());
+        for (index, raw) in raw.into_iter().enumerate() {
+            let key = format!("table_patterns[{index}]");
+            let Some(schema) = raw.schema.filter(|s| !s.is_empty()) else {
+                return Err(self.invalid(
+                    key,
+                    "has no schema: add schema = \"name\" (every table of that schema is managed, but those exclude = [...] names)",
+                ));
+            };
+            if schema == "stagingprop" || schema == "pg_catalog" || schema == "information_schema" {
+                return Err(self.invalid(
+                    format!("{key}.schema"),
+                    format!("schema {schema} holds no staging-managed tables: name the schema of your tables"),
+                ));
+            }
+            if let Some(glob) = raw.exclude.iter().find(|g| g.is_empty()) {
+                return Err(self.invalid(
+                    format!("{key}.exclude"),
+                    format!(
+                        "{glob:?} is empty: write a table name, or a glob with * (\"audit_*\")"
+                    ),
+                ));
+            }
+            if let Some(first) = patterns.iter().position(|p| p.schema == schema) {
+                return Err(self.invalid(
+                    format!("{key}.schema"),
+                    format!(
+                        "schema {schema} already has a pattern (table_patterns[{first}]): keep one, with every exclusion"
+                    ),
+                ));
+            }
+            patterns.push(TablePattern {
+                schema,
+                exclude: raw.exclude,
+                on_conflict: raw.on_conflict.unwrap_or_default(),
+                guard: raw.guard.unwrap_or(guard_default),
+                on_production_edit: raw.on_production_edit.unwrap_or(edit_default),
+                drop_with_staging: matches!(raw.on_staging_drop, Some(RawOnDrop::Drop)),
+            });
+        }
+        Ok(patterns)
     }
 
     fn scopes(
@@ -876,6 +947,8 @@ impl Validator<'_> {
             guard: raw.guard.unwrap_or(guard_default),
             on_production_edit: raw.on_production_edit.unwrap_or(edit_default),
             name,
+            from_pattern: false,
+            drop_with_staging: false,
         })
     }
 

@@ -239,11 +239,17 @@ pub async fn copy(config: &Config, options: &CopyOptions) -> Result<CopyReport, 
     }
     let source = endpoint(config, options.from)?;
     let target = endpoint(config, options.to)?;
-    let tables = select_tables(config, options)?;
     let s = source
         .connect()
         .await
         .map_err(db_error(&source, "connect"))?;
+    let config = &crate::catalog::expand_patterns(config, &[&s])
+        .await
+        .map_err(db_error(
+            &source,
+            "listing the tables of [[table_patterns]]",
+        ))?;
+    let tables = select_tables(config, options)?;
     let t = target
         .connect()
         .await

@@ -7,7 +7,7 @@
 
 use tokio_postgres::Client;
 
-use crate::config::TableName;
+use crate::config::{TableName, TablePattern};
 use crate::quote::{quote_ident, quote_literal};
 
 /// The schema on staging that holds the trigger's function and the shapes it recorded.
@@ -37,8 +37,23 @@ fn in_publication(publication: &str, rel: &str) -> String {
 
 /// Installs (or replaces) the trigger of `publication` and records the current shape of each of
 /// its tables. Run it whenever the publication's tables change.
-pub async fn install(client: &Client, publication: &str) -> Result<(), tokio_postgres::Error> {
+pub async fn install(
+    client: &Client,
+    publication: &str,
+    patterns: &[TablePattern],
+) -> Result<(), tokio_postgres::Error> {
     let schema = quote_ident(SCHEMA);
+    // A table created where a `[[table_patterns]]` entry manages it joins the publication in
+    // its creating transaction: its rows from then on are in the stream, after its creation.
+    let patterned = if patterns.is_empty() {
+        "false".to_owned()
+    } else {
+        patterns
+            .iter()
+            .map(|p| p.sql_condition("n.nspname", "c.relname"))
+            .collect::<Vec<_>>()
+            .join(" OR ")
+    };
     let publication_literal = quote_literal(publication);
     let function = function_name(publication);
     let trigger = quote_ident(&trigger_name(publication));
@@ -74,6 +89,13 @@ CREATE OR REPLACE FUNCTION {schema}.shape_of(rel oid) RETURNS jsonb LANGUAGE sql
                      LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
                     WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped),
                   '[]'::jsonb),
+         'partitioned', c.relkind = 'p',
+         'primary_key',
+         (SELECT jsonb_build_object('name', k.conname,
+                   'columns', (SELECT jsonb_agg(a.attname ORDER BY u.n)
+                                 FROM unnest(k.conkey) WITH ORDINALITY u(attnum, n)
+                                 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = u.attnum))
+            FROM pg_constraint k WHERE k.conrelid = c.oid AND k.contype = 'p'),
          -- Secondary indexes: those backing a constraint come with the constraint.
          'indexes',
          coalesce((SELECT jsonb_agg(jsonb_build_object(
@@ -130,7 +152,29 @@ DECLARE
   after jsonb;
   changes jsonb := '[]';
   id bigint;
+  created oid[] := '{{}}';
+  has_rows boolean;
 BEGIN
+  FOR rel IN
+    SELECT DISTINCT c.oid FROM pg_event_trigger_ddl_commands() d
+      JOIN pg_class c ON c.oid = d.objid JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE d.classid = 'pg_class'::regclass AND d.object_type = 'table'
+       AND d.command_tag IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO')
+       AND c.relkind IN ('r', 'p') AND NOT c.relispartition AND NOT {managed_c}
+       AND ({patterned})
+  LOOP
+    IF tg_tag <> 'CREATE TABLE' THEN
+      -- Its rows were written before it joined the publication: they would never reach
+      -- production.
+      EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s)', rel::regclass) INTO has_rows;
+      IF has_rows THEN
+        RAISE EXCEPTION 'stagingprop: % is created with rows (%), which would not reach production', rel::regclass, tg_tag
+          USING HINT = 'create the table empty (CREATE TABLE ... (LIKE ...), or WITH NO DATA), then fill it with INSERT ... SELECT';
+      END IF;
+    END IF;
+    EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', {publication_literal}, rel::regclass);
+    created := created || rel;
+  END LOOP;
   FOR rel IN
     SELECT DISTINCT CASE WHEN c.object_type = 'index'
                          THEN (SELECT i.indrelid FROM pg_index i WHERE i.indexrelid = c.objid)
@@ -143,12 +187,12 @@ BEGIN
      WHERE s.publication = {publication_literal} AND s.relid = rel;
     after := {schema}.shape_of(rel);
     IF before IS DISTINCT FROM after THEN
-      IF before IS NOT NULL THEN
+      IF before IS NOT NULL OR rel = ANY (created) THEN
         id := coalesce(id, nextval('{schema}.change_ids'));
         changes := changes || jsonb_build_array(jsonb_build_object('before', before, 'after', after));
       END IF;
       INSERT INTO {schema}.shapes VALUES ({publication_literal}, rel, after,
-                                          CASE WHEN before IS NOT NULL THEN id END)
+                                          CASE WHEN before IS NOT NULL OR rel = ANY (created) THEN id END)
         ON CONFLICT (publication, relid)
         DO UPDATE SET shape = excluded.shape, change_id = excluded.change_id;
     END IF;
@@ -215,6 +259,7 @@ INSERT INTO {schema}.shapes
         change_id = CASE WHEN shapes.shape = excluded.shape THEN shapes.change_id END;
 "#,
         prefix = super::PREFIX,
+        managed_c = in_publication(publication, "c.oid"),
         in_publication_s = in_publication(publication, "s.relid"),
     );
     client.batch_execute("BEGIN").await?;

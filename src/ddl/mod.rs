@@ -13,7 +13,7 @@ pub mod capture;
 
 use serde::Deserialize;
 
-use crate::catalog::TableMeta;
+use crate::catalog::{ColumnMeta, TableMeta};
 use crate::config::{ColumnList, TableName};
 use crate::quote::{qualified, quote_ident};
 
@@ -101,6 +101,13 @@ pub struct ShapeReference {
     pub parent_column: String,
 }
 
+/// A table's primary key.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct KeyShape {
+    pub name: String,
+    pub columns: Vec<String>,
+}
+
 /// A managed table's shape on staging.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 pub struct TableShape {
@@ -111,6 +118,12 @@ pub struct TableShape {
     pub indexes: Vec<IndexShape>,
     #[serde(default)]
     pub constraints: Vec<ConstraintShape>,
+    /// Its primary key (none without one, and in shapes captured by a trigger installed before
+    /// it was recorded).
+    #[serde(default)]
+    pub primary_key: Option<KeyShape>,
+    #[serde(default)]
+    pub partitioned: bool,
 }
 
 impl TableShape {
@@ -120,6 +133,39 @@ impl TableShape {
 
     fn column(&self, attnum: i16) -> Option<&ColumnShape> {
         self.columns.iter().find(|c| c.attnum == attnum)
+    }
+
+    /// The table as it will be on production once created from this shape.
+    pub fn meta(&self) -> TableMeta {
+        let columns: Vec<ColumnMeta> = self
+            .columns
+            .iter()
+            .map(|c| ColumnMeta {
+                name: c.name.clone(),
+                type_sql: c.type_sql.clone(),
+                required: c.not_null
+                    && c.default.is_none()
+                    && c.identity.is_empty()
+                    && c.generated.is_empty(),
+                identity_always: c.identity == "a",
+                type_oid: 0,
+                type_modifier: -1,
+            })
+            .collect();
+        let key = self.primary_key.as_ref().map_or_else(Vec::new, |k| {
+            k.columns
+                .iter()
+                .filter_map(|name| columns.iter().position(|c| &c.name == name))
+                .collect()
+        });
+        TableMeta {
+            schema: self.schema.clone(),
+            name: self.name.clone(),
+            columns,
+            key,
+            identity_full: false,
+            partitioned: self.partitioned,
+        }
     }
 
     pub fn column_named(&self, name: &str) -> Option<&ColumnShape> {
@@ -218,6 +264,106 @@ fn definition(column: &ColumnShape) -> String {
         out.push_str(" NOT NULL");
     }
     out
+}
+
+/// The statements that create on production a table staging created (`after`): its owned
+/// sequences, the table with its columns, primary key and constraints, and its indexes (built in
+/// the transaction: the table is empty). An error names what cannot be created this way.
+pub fn create_plan(after: &TableShape) -> Result<Plan, String> {
+    let name = after.table_name();
+    if after.partitioned {
+        return Err(format!(
+            "{name} was created on staging as a partitioned table; sync does not create \
+             partitioned tables: create it and its partitions on production by hand (the same \
+             definition), then start sync again"
+        ));
+    }
+    if after.primary_key.is_none() && after.constraints.is_empty() && after.columns.is_empty() {
+        return Err(format!(
+            "{name} was created on staging, but its capture says nothing of its columns (a \
+             trigger installed by an older `stagingprop init`): run `stagingprop init` again, \
+             create the table on production by hand, and start sync again"
+        ));
+    }
+    let table = qualified(&after.schema, &after.name);
+    let mut statements = Vec::new();
+    let mut owned = Vec::new();
+    for column in &after.columns {
+        if let Some(sequence) = column.default.as_deref().and_then(sequence_of_default) {
+            statements.push(format!("CREATE SEQUENCE IF NOT EXISTS {sequence}"));
+            owned.push(format!(
+                "ALTER SEQUENCE {sequence} OWNED BY {table}.{}",
+                quote_ident(&column.name)
+            ));
+        }
+    }
+    let mut elements: Vec<String> = after
+        .columns
+        .iter()
+        .map(|c| format!("{} {}", quote_ident(&c.name), definition(c)))
+        .collect();
+    if let Some(key) = &after.primary_key {
+        elements.push(format!(
+            "CONSTRAINT {} PRIMARY KEY ({})",
+            quote_ident(&key.name),
+            key.columns
+                .iter()
+                .map(|c| quote_ident(c))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    elements.extend(
+        after
+            .constraints
+            .iter()
+            .map(|c| format!("CONSTRAINT {} {}", quote_ident(&c.name), c.definition)),
+    );
+    statements.push(format!("CREATE TABLE {table} ({})", elements.join(", ")));
+    statements.extend(owned);
+    statements.extend(after.indexes.iter().map(|i| i.definition.clone()));
+    Ok(Plan {
+        table: name,
+        statements,
+        after_commit: Vec::new(),
+        left_alone: Vec::new(),
+    })
+}
+
+/// The sequence a column default `nextval('name'::regclass)` draws from, as SQL names it.
+fn sequence_of_default(default: &str) -> Option<&str> {
+    default
+        .strip_prefix("nextval('")?
+        .strip_suffix("'::regclass)")
+        .filter(|name| !name.contains('\''))
+}
+
+/// What production does with its table when staging's was dropped: dropped with it
+/// (`on_staging_drop = "drop"`), or kept and said so.
+pub fn drop_plan(before: &TableShape, drop: bool) -> Plan {
+    let table = before.table_name();
+    if drop {
+        Plan {
+            statements: vec![format!(
+                "DROP TABLE {}",
+                qualified(&before.schema, &before.name)
+            )],
+            table,
+            after_commit: Vec::new(),
+            left_alone: Vec::new(),
+        }
+    } else {
+        Plan {
+            table,
+            statements: Vec::new(),
+            after_commit: Vec::new(),
+            left_alone: vec![
+                "the table was dropped on staging; production's is kept (drop it by hand, and \
+                 remove it from the config)"
+                    .into(),
+            ],
+        }
+    }
 }
 
 /// The statements that make production's table (`meta`, whose managed part is `columns`) follow
@@ -621,6 +767,8 @@ mod tests {
             columns,
             indexes: Vec::new(),
             constraints: Vec::new(),
+            primary_key: None,
+            partitioned: false,
         }
     }
 
@@ -886,5 +1034,58 @@ mod tests {
         assert_eq!(old.foreign_keys(), None);
         old.constraints.remove(0);
         assert_eq!(old.foreign_keys(), Some(Vec::new()));
+    }
+
+    #[test]
+    fn a_created_table_is_made_whole_with_its_sequence_key_constraints_and_indexes() {
+        let mut id = column(1, "id", "integer");
+        id.not_null = true;
+        id.default = Some("nextval('cat.\"Offer_id_seq\"'::regclass)".into());
+        let mut after = shape(vec![id, column(2, "price", "numeric(10,2)")]);
+        after.schema = "cat".into();
+        after.name = "Offer".into();
+        after.primary_key = Some(KeyShape {
+            name: "Offer_pkey".into(),
+            columns: vec!["id".into()],
+        });
+        after.constraints = vec![ConstraintShape {
+            name: "offer_price_check".into(),
+            kind: "c".into(),
+            definition: "CHECK ((price >= (0)::numeric))".into(),
+            columns: vec!["price".into()],
+            references: None,
+        }];
+        after.indexes = vec![index(
+            "offer_price",
+            "CREATE INDEX offer_price ON cat.\"Offer\" USING btree (price)",
+            &["price"],
+        )];
+        let plan = create_plan(&after).expect("a plan");
+        assert_eq!(
+            plan.statements,
+            vec![
+                "CREATE SEQUENCE IF NOT EXISTS cat.\"Offer_id_seq\"".to_owned(),
+                "CREATE TABLE \"cat\".\"Offer\" (\"id\" integer DEFAULT \
+                 nextval('cat.\"Offer_id_seq\"'::regclass) NOT NULL, \"price\" numeric(10,2), \
+                 CONSTRAINT \"Offer_pkey\" PRIMARY KEY (\"id\"), \
+                 CONSTRAINT \"offer_price_check\" CHECK ((price >= (0)::numeric)))"
+                    .to_owned(),
+                "ALTER SEQUENCE cat.\"Offer_id_seq\" OWNED BY \"cat\".\"Offer\".\"id\"".to_owned(),
+                "CREATE INDEX offer_price ON cat.\"Offer\" USING btree (price)".to_owned(),
+            ]
+        );
+        let meta = after.meta();
+        assert_eq!(meta.key, vec![0]);
+        assert!(!meta.columns[0].required, "a default gives it a value");
+
+        after.partitioned = true;
+        assert!(create_plan(&after).unwrap_err().contains("partitioned"));
+        let before = shape(Vec::new());
+        assert_eq!(
+            drop_plan(&before, true).statements,
+            vec!["DROP TABLE \"public\".\"price\""]
+        );
+        let kept = drop_plan(&before, false);
+        assert!(kept.statements.is_empty() && kept.left_alone[0].contains("kept"));
     }
 }

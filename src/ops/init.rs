@@ -53,6 +53,12 @@ pub async fn init(config: &Config, options: &InitOptions) -> Result<InitReport, 
     let production = Endpoint::from_db_config(&config.production)?;
     let s = connect(&staging).await?;
     let p = connect(&production).await?;
+    let config = &catalog::expand_patterns(config, &[&s])
+        .await
+        .map_err(query_error(
+            &staging,
+            "listing the tables of [[table_patterns]]",
+        ))?;
     let mut report = InitReport::default();
     let mut problems = Vec::new();
 
@@ -335,7 +341,7 @@ async fn capture_schema_changes(
         ));
         return Ok(());
     }
-    ddl::capture::install(s, publication)
+    ddl::capture::install(s, publication, &config.table_patterns)
         .await
         .map_err(query_error(staging, "installing the schema-change capture"))?;
     report.lines.push(format!(

@@ -55,6 +55,10 @@ pub enum SyncError {
         plan: String,
         lsn: crate::model::Lsn,
     },
+    /// Staging created tables a `[[table_patterns]]` entry manages, which this session does
+    /// not: the next one does (nothing of the transaction was applied).
+    #[error("staging created {} (managed by [[table_patterns]])", .0.iter().map(|t| t.table_name().to_string()).collect::<Vec<_>>().join(", "))]
+    TableCreated(Vec<crate::ddl::TableShape>),
     /// Something only staging can answer, while it is unreachable: retried.
     #[error("{0}")]
     StagingNeeded(String),

@@ -42,6 +42,7 @@ where
         lag: None,
         last_commit_time: None,
         feed_start: Lsn::INVALID,
+        created: Vec::new(),
     };
     let mut attempt: u32 = 0;
     // A series from the start, so that `increase()` over it sees the first retry.
@@ -64,6 +65,25 @@ where
                     .await?
                 {
                     return Ok(state.summary());
+                }
+            }
+            Err(SyncError::TableCreated(shapes)) => {
+                // The next session manages the new tables: it creates them on production in
+                // their place in the stream, and applies their rows.
+                for shape in shapes {
+                    let name = shape.table_name();
+                    if state.created.iter().any(|c| c.table_name() == name) {
+                        return Err(SyncError::Schema(vec![format!(
+                            "staging created {name} (managed by [[table_patterns]]), but the \
+                             session started to manage it does not find it: run `stagingprop \
+                             init`, then start sync again"
+                        )]));
+                    }
+                    tracing::info!(
+                        table = %name,
+                        "staging created {name}, which [[table_patterns]] manages: starting a new session that creates it on production"
+                    );
+                    state.created.push(shape);
                 }
             }
             Err(SyncError::Apply(e)) if e.may_be_ordering() && state.one_by_one_until.is_none() => {

@@ -27,6 +27,10 @@ pub(super) struct RunState {
     /// what lag is measured from between sessions.
     pub(super) last_commit_time: Option<PgTimestamp>,
     pub(super) feed_start: Lsn,
+    /// Tables a `[[table_patterns]]` entry manages that staging created while a session ran
+    /// (their shapes as created): every later session manages them, whether staging still has
+    /// them or not.
+    pub(super) created: Vec<crate::ddl::TableShape>,
 }
 
 impl RunState {

@@ -20,6 +20,7 @@ use crate::apply::{Applier, ApplyError, statistics};
 use crate::catalog::types::TypeNames;
 use crate::catalog::{self, TableMeta};
 use crate::config::{Config, ConflictPolicy, TableName};
+use crate::ddl::TableShape;
 use crate::model::Lsn;
 use crate::pg::connect::Endpoint;
 use crate::pg::replication::{PgOutputOptions, ReplicationClient};
@@ -107,42 +108,45 @@ async fn validate(
     staging: &StagingSchema,
     production: &Endpoint,
     p: &tokio_postgres::Client,
-    coming: &[TableName],
-) -> Result<(Vec<TableMeta>, Option<Remapper>), SyncError> {
+    (coming, created): (&[TableName], &[TableShape]),
+) -> Result<Validated, SyncError> {
     let names: Vec<&TableName> = config.tables.iter().map(|t| &t.name).collect();
-    let on_production = catalog::load_tables(p, &names)
+    let mut on_production = catalog::load_tables(p, &names)
         .await
         .map_err(database_error(production, "reading table definitions"))?;
+    let mut on_staging = staging.tables.clone();
+    let absent = pattern_tables_one_side_lacks(
+        config,
+        (&mut on_staging, &mut on_production),
+        coming,
+        created,
+    );
     let sides = catalog::compare::Sides {
         source: "staging",
         target: &production.role,
     };
-    let metas: Vec<TableMeta> = match catalog::compare::compare_all(
-        &names,
-        &staging.tables,
-        on_production.clone(),
-        sides,
-    ) {
-        Ok(pairs) => pairs
-            .into_iter()
-            .map(|(_, on_production)| on_production)
-            .collect(),
-        Err(problems) => {
-            let (coming, own): (Vec<_>, Vec<_>) = problems
+    let metas: Vec<TableMeta> =
+        match catalog::compare::compare_all(&names, &on_staging, on_production.clone(), sides) {
+            Ok(pairs) => pairs
                 .into_iter()
-                .partition(|p| on_its_way(config, coming, p));
-            if !own.is_empty() {
-                return Err(SyncError::Schema(catalog::compare::messages(own)));
-            }
-            for problem in &coming {
-                tracing::info!(
-                    "{problem}: staging's schema change of the table is on its way and is \
+                .map(|(_, on_production)| on_production)
+                .collect(),
+            Err(problems) => {
+                let (coming, own): (Vec<_>, Vec<_>) = problems
+                    .into_iter()
+                    .partition(|p| on_its_way(config, coming, p));
+                if !own.is_empty() {
+                    return Err(SyncError::Schema(catalog::compare::messages(own)));
+                }
+                for problem in &coming {
+                    tracing::info!(
+                        "{problem}: staging's schema change of the table is on its way and is \
                      applied before the rows that need it"
-                );
+                    );
+                }
+                on_production.into_iter().flatten().collect()
             }
-            on_production.into_iter().flatten().collect()
-        }
-    };
+        };
     // A table whose schema change is on its way has, until that change is applied, the
     // references production's foreign keys show (a reference column renamed on staging has its
     // old name here); staging's, on columns production has, come too.
@@ -158,7 +162,67 @@ async fn validate(
         }
     }
     let remapper = Remapper::new(config, &metas, &references).map_err(SyncError::Rules)?;
-    Ok((metas, remapper))
+    Ok(Validated {
+        metas,
+        remapper,
+        absent,
+    })
+}
+
+/// What a session applies to: production's tables, the key remapping, and which tables
+/// production lacks until their creation, on its way, is applied.
+struct Validated {
+    metas: Vec<TableMeta>,
+    remapper: Option<Remapper>,
+    absent: Vec<bool>,
+}
+
+/// A table a `[[table_patterns]]` entry manages may be missing on one side: dropped on
+/// staging (production's is kept, and the rows of it still in the stream are applied to it), or
+/// created on staging and on its way (`coming`, or created while this run went on: `created`),
+/// which production stands in for with the table as its creation will make it. Says which
+/// tables production lacks so.
+fn pattern_tables_one_side_lacks(
+    config: &Config,
+    (on_staging, on_production): (&mut [Option<TableMeta>], &mut [Option<TableMeta>]),
+    coming: &[TableName],
+    created: &[TableShape],
+) -> Vec<bool> {
+    let mut absent = vec![false; config.tables.len()];
+    for (i, table) in config.tables.iter().enumerate() {
+        if !table.from_pattern {
+            continue;
+        }
+        let name = &table.name;
+        match (&on_staging[i], &on_production[i]) {
+            (None, Some(meta)) => {
+                tracing::info!(
+                    table = %name,
+                    "{name} is not on staging (dropped there): production's is kept"
+                );
+                on_staging[i] = Some(meta.clone());
+            }
+            (staging_meta, None) => {
+                let shape = created.iter().find(|c| &c.table_name() == name);
+                if shape.is_none() && !coming.contains(name) {
+                    continue;
+                }
+                let Some(coming_meta) = staging_meta.clone().or_else(|| shape.map(|s| s.meta()))
+                else {
+                    continue;
+                };
+                tracing::info!(
+                    table = %name,
+                    "{name} was created on staging: sync creates it on production in its place in the stream"
+                );
+                on_staging[i].get_or_insert_with(|| coming_meta.clone());
+                on_production[i] = Some(coming_meta);
+                absent[i] = true;
+            }
+            _ => {}
+        }
+    }
+    absent
 }
 
 /// The slot must exist and still hold what it promised; it is never created here. Returns its
@@ -217,6 +281,8 @@ where
         .connect()
         .await
         .map_err(database_error(&target, "connect"))?;
+    let expanded = expand_patterns(config, (&target, &p), s.as_ref(), &state.created).await?;
+    let config = &expanded;
     if !options.dry_run {
         state::ensure(&p).await.map_err(ApplyError::from)?;
     }
@@ -226,7 +292,7 @@ where
             check_publication(config, &schema, &staging, s).await?;
             Arc::new(schema)
         }
-        (None, Some(cached)) => cached.clone(),
+        (None, Some(cached)) => Arc::new(cached.for_config(config)),
         (None, None) => Arc::new(StagingSchema::load(config, &target, &p).await?),
     };
     if s.is_some() {
@@ -236,7 +302,18 @@ where
         Some(s) => schema_changes_on_their_way(config, &staging, s, &p).await?,
         None => Vec::new(),
     };
-    let (metas, remapper) = validate(config, &staging_schema, &target, &p, &coming).await?;
+    let Validated {
+        metas,
+        remapper,
+        absent,
+    } = validate(
+        config,
+        &staging_schema,
+        &target,
+        &p,
+        (&coming, &state.created),
+    )
+    .await?;
     let progress = match state::progress::read(&p, &config.sync.slot).await {
         // A dry run creates nothing: no progress table yet means production has nothing.
         Err(e) if options.dry_run && e.sqlstate() == Some("42P01") => None,
@@ -290,7 +367,13 @@ where
         return Ok(SessionEnd::Stopped);
     }
     if !options.dry_run {
-        analyze_misleading(&p, &metas, &target).await?;
+        let present: Vec<TableMeta> = metas
+            .iter()
+            .zip(&absent)
+            .filter(|&(_, &absent)| !absent)
+            .map(|(meta, _)| meta.clone())
+            .collect();
+        analyze_misleading(&p, &present, &target).await?;
     }
     let tables: Vec<(TableMeta, _)> = metas
         .into_iter()
@@ -306,7 +389,9 @@ where
         && remapper.is_none()
         && matches!(feeding, Feeding::Slot)
         && !options.dry_run
-        && copied_at.is_empty();
+        && copied_at.is_empty()
+        // A table created on its way is created by the main session.
+        && !absent.contains(&true);
     let stream_sessions = streaming.then(|| stream_sessions(config, &target, &tables));
     let opened = open_feed(
         config, options, feeding, &ends, progress, stream_js, streaming,
@@ -345,9 +430,34 @@ where
         *dry.stats_mut() = state.stats;
         return run.drive(dry, None, opened.feed, state, shutdown).await;
     }
-    let applier = open_applier(config, p, tables, remapper, (&target, applied_end), state).await?;
+    let mut applier =
+        open_applier(config, p, tables, remapper, (&target, applied_end), state).await?;
+    applier.set_lifecycles(config, &absent);
     run.drive(applier, stream_sessions, opened.feed, state, shutdown)
         .await
+}
+
+/// `config` with the tables its `[[table_patterns]]` manage: those of either side, and those
+/// staging created while this run went on (`created`).
+async fn expand_patterns(
+    config: &Config,
+    (target, p): (&Endpoint, &tokio_postgres::Client),
+    s: Option<&tokio_postgres::Client>,
+    created: &[TableShape],
+) -> Result<Config, SyncError> {
+    if config.table_patterns.is_empty() {
+        return Ok(config.clone());
+    }
+    let mut clients = vec![p];
+    clients.extend(s);
+    let expanded = catalog::expand_patterns(config, &clients)
+        .await
+        .map_err(database_error(
+            target,
+            "listing the tables of [[table_patterns]]",
+        ))?;
+    let names: Vec<TableName> = created.iter().map(|c| c.table_name()).collect();
+    Ok(expanded.with_found(&names))
 }
 
 /// Where a session applies to: production, or the target of a replay.

@@ -9,6 +9,8 @@ use crate::pg::connect::Endpoint;
 /// Staging's side of validation: the managed tables as staging defines them, and the foreign
 /// keys that say which columns follow a remapped key.
 pub(super) struct StagingSchema {
+    /// The tables it was read for, and each one's definition (`None`: staging has no such table).
+    pub(super) names: Vec<TableName>,
     pub(super) tables: Vec<Option<TableMeta>>,
     pub(super) references: Vec<ColumnReference>,
 }
@@ -30,6 +32,28 @@ impl StagingSchema {
         let references = catalog::column_references(client)
             .await
             .map_err(database_error(endpoint, "reading foreign keys"))?;
-        Ok(StagingSchema { tables, references })
+        Ok(StagingSchema {
+            names: names.into_iter().cloned().collect(),
+            tables,
+            references,
+        })
+    }
+
+    /// The same, for `config`'s tables (which a pattern may have grown since it was read): a
+    /// table it was not read for is one it does not know.
+    pub(super) fn for_config(&self, config: &Config) -> StagingSchema {
+        let tables = config
+            .tables
+            .iter()
+            .map(|t| {
+                let i = self.names.iter().position(|n| n == &t.name)?;
+                self.tables[i].clone()
+            })
+            .collect();
+        StagingSchema {
+            names: config.tables.iter().map(|t| t.name.clone()).collect(),
+            tables,
+            references: self.references.clone(),
+        }
     }
 }

@@ -936,11 +936,17 @@ async fn edited_keys(
 }
 
 pub async fn verify(config: &Config, options: &VerifyOptions) -> Result<Vec<TableDiff>, OpsError> {
-    let selected = options.selected(config)?;
     let staging = Endpoint::from_db_config(&config.staging)?;
     let production = Endpoint::from_db_config(&config.production)?;
     let s = connect(&staging).await?;
     let p = connect(&production).await?;
+    let config = &crate::catalog::expand_patterns(config, &[&s])
+        .await
+        .map_err(query_error(
+            &staging,
+            "listing the tables of [[table_patterns]]",
+        ))?;
+    let selected = options.selected(config)?;
     // Both sides read in one snapshot each, so a running sync shows as a consistent difference.
     for (client, endpoint) in [(&s, &staging), (&p, &production)] {
         client

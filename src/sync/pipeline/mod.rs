@@ -105,6 +105,8 @@ pub(super) struct Pipeline<'a, T: Target> {
     pub(super) one_by_one_until: Option<Lsn>,
     pub(super) last_received: Lsn,
     sequences_synced: bool,
+    /// A schema change of this session created a table.
+    created_tables: bool,
     pub(super) last_commit_time: Option<PgTimestamp>,
     /// Where this session's feed starts (the slot's confirmed position, or the spool's oldest
     /// transaction): lag is measured from it until the target has a progress row.
@@ -221,6 +223,7 @@ impl<'a, T: Target> Pipeline<'a, T> {
             one_by_one_until: state.one_by_one_until,
             last_received: state.last_received,
             sequences_synced: false,
+            created_tables: false,
             last_commit_time: None,
             feed_start: Lsn::INVALID,
             lag: None,
@@ -479,7 +482,14 @@ impl<'a, T: Target> Pipeline<'a, T> {
         for (_, mut streamed) in self.streams.drain() {
             let _ = streamed.applier.rollback().await;
         }
-        self.flush_committed().await
+        self.flush_committed().await?;
+        // The sequences of tables this session created follow before it ends.
+        if self.created_tables
+            && let Some(staging) = self.staging_client
+        {
+            self.sync_sequences(staging).await?;
+        }
+        Ok(())
     }
 
     /// Confirms every batch production has flushed past.
@@ -801,6 +811,21 @@ impl<'a, T: Target> Pipeline<'a, T> {
             return Ok(());
         }
         let change = SchemaChange::parse(content).map_err(SyncError::Protocol)?;
+        let created: Vec<ddl::TableShape> = change
+            .tables
+            .iter()
+            .filter(|c| c.before.is_none())
+            .filter_map(|c| c.after.clone())
+            .filter(|after| {
+                let name = after.table_name();
+                self.table_index(&name).is_none() && self.config.pattern_of(&name).is_some()
+            })
+            .collect();
+        if !created.is_empty() {
+            // This session cannot take a table in mid-stream: the next one, which manages it,
+            // starts again before this transaction (none of it is committed).
+            return Err(SyncError::TableCreated(created));
+        }
         self.enter_subxact(xid).await?;
         let source = self.source(lsn);
         let apply = match self.config.ddl.mode {
@@ -811,6 +836,11 @@ impl<'a, T: Target> Pipeline<'a, T> {
             DdlMode::Off => true,
         };
         let plans = self.target()?.schema_change(&change, source, apply).await?;
+        if change.tables.iter().any(|c| c.before.is_none()) {
+            // A created table's sequences follow staging's from its creation on.
+            self.sequences_synced = false;
+            self.created_tables = true;
+        }
         if !apply {
             let plan = plans
                 .iter()

@@ -228,6 +228,7 @@ async fn apply_until(
         lag: None,
         last_commit_time: None,
         feed_start: Lsn::INVALID,
+        created: Vec::new(),
     };
     let mut pipeline = Pipeline::new(
         &config,
