@@ -553,6 +553,103 @@ async fn sigkill_while_columns_change_applies_each_change_once() {
     assert_eq!(left, "0", "seed {seed}: every index build done");
 }
 
+/// Tables created (and now and then dropped) on staging in a schema `[[table_patterns]]`
+/// manages, each in a transaction with rows of it and of another table, while sync is killed
+/// with SIGKILL at random moments: every created table reaches production once, with its rows,
+/// and each creation and drop is recorded once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_while_tables_are_created_creates_each_once() {
+    let name = "sigkill_while_tables_are_created_creates_each_once";
+    let seed = test_seed(name);
+    let mut rng = Rng::new(seed);
+    let pair = faults::setup(
+        shared_staging(),
+        shared_production(),
+        "ddl_kill_create",
+        "CREATE TABLE item (id int PRIMARY KEY, v text);",
+        &[("item", "id")],
+        // Ends [sync]: the pattern manages every other table of public.
+        "[[table_patterns]]\nschema = \"public\"",
+    )
+    .await;
+    let mut next_id = 0;
+    let mut created: Vec<u32> = Vec::new();
+    let mut dropped = 0;
+    let (mut child, mut log) = faults::spawn_sync(&pair, &[], "ddl-kill-create-1.log");
+    for round in 0..8u32 {
+        let mut sql = String::from("BEGIN;\n");
+        for _ in 0..rng.between(5, 30) {
+            next_id += 1;
+            sql.push_str(&format!(
+                "INSERT INTO item VALUES ({next_id}, 'r{round}');\n"
+            ));
+        }
+        sql.push_str(&format!(
+            "CREATE TABLE t{round} (id serial PRIMARY KEY, v text NOT NULL DEFAULT 'd', \
+             item_id int REFERENCES item);\n\
+             INSERT INTO t{round} (v, item_id) SELECT 'v' || g, {next_id} FROM generate_series(1, {}) g;\n",
+            rng.between(1, 40)
+        ));
+        if let Some(&older) = created.last() {
+            sql.push_str(&format!(
+                "UPDATE t{older} SET v = 'later' WHERE id % 2 = 0;\n"
+            ));
+        }
+        if created.len() > 2 && rng.percent(30) {
+            let gone = created.remove(0);
+            dropped += 1;
+            sql.push_str(&format!("DROP TABLE t{gone};\n"));
+        }
+        created.push(round);
+        sql.push_str("COMMIT;");
+        pair.staging.sql(&sql);
+        tokio::time::sleep(Duration::from_millis(rng.between(0, 300))).await;
+        if rng.percent(50) {
+            let _ = child.kill();
+            let _ = child.wait();
+            (child, log) =
+                faults::spawn_sync(&pair, &[], &format!("ddl-kill-create-{}.log", round + 2));
+        }
+    }
+    let lsn = pair.staging_lsn();
+    let applied = pair.try_wait_applied(&lsn, Duration::from_secs(90)).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    if let Err(e) = applied {
+        panic!(
+            "seed {seed}: {e}\nthe last sync's log:\n{}",
+            faults::read_log(&log)
+        );
+    }
+    pair.assert_equal();
+    let rows_of = |db: &faults::Db, table: &str| {
+        db.value(&format!(
+            "SELECT count(*) || ' ' || coalesce(string_agg(t::text, ',' ORDER BY id), '') FROM {table} t"
+        ))
+    };
+    for round in &created {
+        let table = format!("t{round}");
+        assert_eq!(
+            rows_of(&pair.staging, &table),
+            rows_of(&pair.production, &table),
+            "seed {seed}: {table}"
+        );
+    }
+    // Exactly once: one record per creation and per drop (production keeps a dropped table).
+    let recorded: usize = pair
+        .production
+        .value("SELECT count(*) FROM stagingprop.schema_changes")
+        .parse()
+        .unwrap();
+    assert_eq!(recorded, created.len() + 2 * dropped, "seed {seed}");
+    let tables_on_production: usize = pair
+        .production
+        .value("SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tablename ~ '^t[0-9]+$'")
+        .parse()
+        .unwrap();
+    assert_eq!(tables_on_production, created.len() + dropped, "seed {seed}");
+}
+
 /// A table's indexes (with whether each is valid) and constraints, from a catalog.
 fn indexes_of(db: &faults::Db) -> String {
     db.value(

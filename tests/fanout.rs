@@ -569,6 +569,70 @@ async fn schema_changes_reach_each_target_through_the_stream() {
     publisher.await.unwrap().expect("publish");
 }
 
+/// A table created on staging in a schema `[[table_patterns]]` manages reaches every target
+/// through the stream, created in its place with its rows, each target with its own key rules:
+/// on the offset target the new table's reference to a remapped table is translated from its
+/// first row on (the capture says what its foreign key refers to), though the target never
+/// reads staging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_created_table_reaches_each_target_with_its_own_key_rules() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
+    let nats = NatsServer::start("create", "");
+    let fanout = Fanout::new("fan_create", &nats.url(), "");
+    let pattern = "[[table_patterns]]\nschema = \"public\"";
+    let (a_db, a) = fanout.target("a", pattern);
+    let (c_db, c) = fanout.target(
+        "c",
+        &format!("key = {{ rule = \"offset\", offset = {OFFSET} }}\n{pattern}"),
+    );
+    for config in [&a, &c] {
+        stagingprop::ops::init::init(config, &Default::default())
+            .await
+            .expect("init");
+    }
+    let (stop, publisher) = start_publisher(&a);
+    let mut rng = Rng::new(0xc4ea7e);
+    fanout.on_staging(&workload(&mut rng, 1, 40));
+    wait_published(&fanout, &a).await;
+    apply_stream(&a).await;
+    fanout.on_staging(
+        "BEGIN;
+         CREATE TABLE review (review_id bigint PRIMARY KEY,
+                              catentry_id bigint NOT NULL REFERENCES catentry ON DELETE CASCADE,
+                              stars int NOT NULL DEFAULT 5);
+         INSERT INTO review SELECT catentry_id, catentry_id, 4 FROM catentry;
+         COMMIT;
+         UPDATE review SET stars = 1 WHERE review_id % 2 = 0;",
+    );
+    fanout.on_staging(&workload(&mut rng, 1000, 40));
+    wait_published(&fanout, &a).await;
+    for config in [&a, &c] {
+        apply_stream(config).await;
+    }
+    let staging = &clusters().staging;
+    let production = &clusters().production;
+    let reviews = |offset: i64| {
+        format!(
+            "SELECT count(*) || ':' || coalesce(string_agg(review_id || '>' || (catentry_id - {offset}) \
+                    || '*' || stars, ',' ORDER BY review_id), '') FROM review"
+        )
+    };
+    let on_staging = psql(staging, &fanout.staging, &reviews(0));
+    assert!(!on_staging.starts_with("0:"), "{on_staging}");
+    assert_eq!(psql(production, &a_db, &reviews(0)), on_staging, "target a");
+    assert_eq!(
+        psql(production, &c_db, &reviews(OFFSET)),
+        on_staging,
+        "target c: the new table's references follow catentry's offset"
+    );
+    assert_eq!(
+        fingerprint(production, &c_db, OFFSET),
+        fingerprint(staging, &fanout.staging, 0)
+    );
+    stop.send(()).unwrap();
+    publisher.await.unwrap().expect("publish");
+}
+
 /// Every transaction the stream holds, read through a consumer of its own: their commit
 /// LSNs, in stream order (a repeated or missing chunk fails the read).
 async fn stream_commits(config: &Config) -> Vec<Lsn> {
