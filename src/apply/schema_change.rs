@@ -106,21 +106,23 @@ impl Applier {
         self.flush().await?;
         self.settle().await?;
         for plan in &plans {
+            let refused = |obstacle: String| {
+                ApplyError::SchemaChange(Box::new(SchemaChangeRefused {
+                    table: plan.table.clone(),
+                    statement: change.statement.clone(),
+                    plan: describe(plan),
+                    obstacle,
+                    lsn: source.lsn,
+                    xid: source.xid,
+                }))
+            };
             self.run_waiting_builds(&plan.table).await?;
             for statement in &plan.statements {
                 if let Err(e) = self.client.batch_execute(statement).await {
-                    let obstacle = match e.as_db_error() {
+                    return Err(refused(match e.as_db_error() {
                         Some(db) => format!("production refused `{statement}`: {}", db.message()),
                         None => format!("production refused `{statement}`: {e}"),
-                    };
-                    return Err(ApplyError::SchemaChange(Box::new(SchemaChangeRefused {
-                        table: plan.table.clone(),
-                        statement: change.statement.clone(),
-                        plan: describe(plan),
-                        obstacle,
-                        lsn: source.lsn,
-                        xid: source.xid,
-                    })));
+                    }));
                 }
             }
             let t = self
@@ -135,7 +137,8 @@ impl Applier {
                         .is_some_and(|b| b.table_name() == plan.table)
             });
             if dropped {
-                // Gone from production with staging's (or kept): no rows of it come any more.
+                // Dropped on staging: no rows of it come any more; production lacks it too
+                // when the plan dropped it.
                 self.tables[t].absent |= !plan.statements.is_empty();
             } else if !plan.statements.is_empty() {
                 let reloaded = catalog::load_table(&self.client, &plan.table)
@@ -158,16 +161,7 @@ impl Applier {
             {
                 remap
                     .reshape(t, &self.tables[t].meta, table_change)
-                    .map_err(|obstacle| {
-                        ApplyError::SchemaChange(Box::new(SchemaChangeRefused {
-                            table: plan.table.clone(),
-                            statement: change.statement.clone(),
-                            plan: describe(plan),
-                            obstacle,
-                            lsn: source.lsn,
-                            xid: source.xid,
-                        }))
-                    })?;
+                    .map_err(refused)?;
             }
             if self.record_progress {
                 schema_changes::record(
