@@ -771,3 +771,57 @@ async fn production_edits_under_random_writes_and_sigkills_of_sync_are_never_los
         started.elapsed().as_secs_f64()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_sync_creates_is_guarded_and_its_guard_follows_its_key() {
+    let p = pair(
+        "guard_created",
+        "guard_c_writer",
+        "guard_c_merchant",
+        ["", "", ""],
+        "[[table_patterns]]\nschema = \"shop\"\nguard = \"record\"",
+    );
+    // The pattern's schema is staging's only: sync makes it on production with its first table.
+    p.on_staging("CREATE SCHEMA shop");
+    run_init(&p).await;
+    p.on_staging(
+        "CREATE TABLE shop.gift (id int PRIMARY KEY, code text NOT NULL, note text);
+         INSERT INTO shop.gift VALUES (1, 'a', 'one'), (2, 'b', 'two');",
+    );
+    caught_up(&p.config).await.expect("sync creates the table");
+    assert_eq!(
+        p.on_production("SELECT string_agg(note, ',' ORDER BY id) FROM shop.gift")
+            .trim(),
+        "one,two"
+    );
+    // Guarded from its creation on: an edit by anyone but stagingprop is recorded by its key.
+    p.on_production("UPDATE shop.gift SET note = 'edited' WHERE id = 1");
+    let recorded = |p: &Pair| {
+        p.on_production(
+            "SELECT string_agg(table_name || ' ' || array_to_string(key, ','), '; ' ORDER BY id)
+               FROM stagingprop.production_edits",
+        )
+        .trim()
+        .to_owned()
+    };
+    assert_eq!(recorded(&p), "shop.gift 1");
+    // The key changes on staging: the guard records edits by the new one.
+    p.on_staging(
+        "ALTER TABLE shop.gift DROP CONSTRAINT gift_pkey, ADD PRIMARY KEY (id, code);
+         UPDATE shop.gift SET note = 'after' WHERE id = 2;",
+    );
+    caught_up(&p.config).await.expect("sync of the new key");
+    assert_eq!(
+        p.on_production("SELECT note FROM shop.gift WHERE id = 2")
+            .trim(),
+        "after"
+    );
+    p.on_production("UPDATE shop.gift SET note = 'edited' WHERE id = 2");
+    assert_eq!(recorded(&p), "shop.gift 1; shop.gift 2,b");
+    // init finds the guard sync installed current.
+    let again = run_init(&p).await;
+    assert!(
+        again.contains("guard = \"record\" on shop.gift (as configured already)"),
+        "{again}"
+    );
+}

@@ -100,6 +100,9 @@ struct TableState {
     absent: bool,
     /// Dropped on production when staging's is dropped.
     drop_with_staging: bool,
+    /// The table's config when production guards it: sync installs the guard on a table it
+    /// creates, and again when the table's key changes (the guard records edits by key).
+    guarded: Option<crate::config::TableConfig>,
 }
 
 /// A table whose production edits sync watches.
@@ -195,6 +198,7 @@ impl Applier {
                 seeding: false,
                 absent: false,
                 drop_with_staging: false,
+                guarded: None,
             })
             .collect();
         let metas: Vec<&TableMeta> = tables.iter().map(|t| &t.meta).collect();
@@ -285,11 +289,12 @@ impl Applier {
     }
 
     /// Takes which tables production lacks (`absent`: created on staging, their creation on its
-    /// way) and which are dropped with staging's (`config`'s patterns).
+    /// way), which are dropped with staging's (`config`'s patterns) and which are guarded.
     pub fn set_lifecycles(&mut self, config: &crate::config::Config, absent: &[bool]) {
         for ((state, table), &absent) in self.tables.iter_mut().zip(&config.tables).zip(absent) {
             state.absent = absent;
             state.drop_with_staging = table.drop_with_staging;
+            state.guarded = (table.guard != GuardMode::Off).then(|| table.clone());
         }
     }
 

@@ -141,6 +141,19 @@ impl Applier {
                 // when the plan dropped it.
                 self.tables[t].absent |= !plan.statements.is_empty();
             } else if !plan.statements.is_empty() {
+                // A created table gets its guard now; a changed key, the guard that records
+                // edits by it.
+                let rekeyed = change.tables.iter().any(|c| match (&c.before, &c.after) {
+                    (before, Some(after)) if after.table_name() == plan.table => before
+                        .as_ref()
+                        .is_none_or(|b| b.primary_key != after.primary_key),
+                    _ => false,
+                });
+                if rekeyed && let Some(table) = &self.tables[t].guarded {
+                    crate::guard::install::install_now(&self.client, table)
+                        .await
+                        .map_err(refused)?;
+                }
                 let reloaded = catalog::load_table(&self.client, &plan.table)
                     .await
                     .map_err(query_error("reading a table after its schema change"))?

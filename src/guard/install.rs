@@ -75,52 +75,17 @@ pub async fn plan(
     let mut kept_oids = Vec::new();
     for table in tables.iter().filter(|t| t.guard != GuardMode::Off) {
         let qualified_name = qualified(&table.name.schema, &table.name.name);
-        let Some(row) = p
-            .query_opt(
-                "SELECT c.oid, pg_has_role(c.relowner, 'USAGE'),
-                        (SELECT array_agg(a.attname::text ORDER BY k.n)
-                           FROM (SELECT i.indkey FROM pg_index i
-                                  WHERE i.indrelid = c.oid AND (i.indisprimary OR i.indisreplident)
-                                  ORDER BY i.indisprimary DESC LIMIT 1) AS ix,
-                                unnest(ix.indkey) WITH ORDINALITY AS k(attnum, n)
-                           JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum)
-                   FROM pg_class c WHERE c.oid = to_regclass($1)",
-                &[&qualified_name],
-            )
-            .await?
-        else {
+        let (guarded, statements, fingerprint) = match wanted(p, table, &writer).await? {
             // init's table checks report the missing table.
-            continue;
-        };
-        let oid: u32 = row.get(0);
-        if !row.get::<_, bool>(1) {
-            problems.push(format!(
-                "production: guard = \"{}\" for {}: role {} does not own the table, so it may not install the guard's triggers; as a superuser run: ALTER TABLE {qualified_name} OWNER TO {} (or grant {} the owner's role), or set guard = \"off\" for it",
-                table.guard.as_str(),
-                table.name,
-                quote_ident(&writer),
-                quote_ident(&writer),
-                quote_ident(&writer),
-            ));
-            continue;
-        }
-        let guarded = GuardedTable {
-            name: table.name.clone(),
-            oid,
-            mode: table.guard,
-            key: row.get::<_, Option<Vec<String>>>(2).unwrap_or_default(),
-            columns: table.columns.clone(),
-            filter: table.filter.clone(),
-        };
-        let statements = match install_statements(&guarded, &writer) {
-            Ok(statements) => statements,
-            Err(e) => {
-                problems.push(format!("production: {e}"));
+            None => continue,
+            Some(Err(problem)) => {
+                problems.push(problem);
                 continue;
             }
+            Some(Ok(wanted)) => wanted,
         };
+        let oid = guarded.oid;
         kept_oids.push(oid);
-        let fingerprint = fingerprint(&guarded, &statements);
         let function = format!("{FUNCTION_PREFIX}{oid}");
         let same_function = functions
             .iter()
@@ -130,12 +95,6 @@ pub async fn plan(
             plan.unchanged.push((table.name.clone(), table.guard));
         } else {
             let mut statements = statements;
-            // The comment carries the fingerprint, so a re-run can tell the guard is current.
-            statements.push(format!(
-                "COMMENT ON FUNCTION {}() IS {}",
-                super::function_name(oid),
-                crate::quote::quote_literal(&fingerprint)
-            ));
             // A guard installed before (another mode, another version) goes in the same
             // transaction.
             let drops = existing.iter().filter(|e| e.oid == oid).map(|e| {
@@ -167,6 +126,100 @@ pub async fn plan(
         .map(|(name, _)| qualified(SCHEMA, name))
         .collect();
     Ok(plan)
+}
+
+/// `table`'s guard as production should have it: the guarded table, the statements that
+/// install it (the last one the function's comment) and the fingerprint that comment carries,
+/// by which a re-run tells the guard is current; or the problem that keeps it from being
+/// installed; `None` when production lacks the table.
+async fn wanted(
+    p: &Client,
+    table: &TableConfig,
+    writer: &str,
+) -> Result<Option<Result<(GuardedTable, Vec<String>, String), String>>, tokio_postgres::Error> {
+    let qualified_name = qualified(&table.name.schema, &table.name.name);
+    let Some(row) = p
+        .query_opt(
+            "SELECT c.oid, pg_has_role(c.relowner, 'USAGE'),
+                    (SELECT array_agg(a.attname::text ORDER BY k.n)
+                       FROM (SELECT i.indkey FROM pg_index i
+                              WHERE i.indrelid = c.oid AND (i.indisprimary OR i.indisreplident)
+                              ORDER BY i.indisprimary DESC LIMIT 1) AS ix,
+                            unnest(ix.indkey) WITH ORDINALITY AS k(attnum, n)
+                       JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum)
+               FROM pg_class c WHERE c.oid = to_regclass($1)",
+            &[&qualified_name],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let oid: u32 = row.get(0);
+    if !row.get::<_, bool>(1) {
+        return Ok(Some(Err(format!(
+            "production: guard = \"{}\" for {}: role {} does not own the table, so it may not install the guard's triggers; as a superuser run: ALTER TABLE {qualified_name} OWNER TO {} (or grant {} the owner's role), or set guard = \"off\" for it",
+            table.guard.as_str(),
+            table.name,
+            quote_ident(writer),
+            quote_ident(writer),
+            quote_ident(writer),
+        ))));
+    }
+    let guarded = GuardedTable {
+        name: table.name.clone(),
+        oid,
+        mode: table.guard,
+        key: row.get::<_, Option<Vec<String>>>(2).unwrap_or_default(),
+        columns: table.columns.clone(),
+        filter: table.filter.clone(),
+    };
+    let mut statements = match install_statements(&guarded, writer) {
+        Ok(statements) => statements,
+        Err(e) => return Ok(Some(Err(format!("production: {e}")))),
+    };
+    let fingerprint = fingerprint(&guarded, &statements);
+    statements.push(format!(
+        "COMMENT ON FUNCTION {}() IS {}",
+        super::function_name(oid),
+        crate::quote::quote_literal(&fingerprint)
+    ));
+    Ok(Some(Ok((guarded, statements, fingerprint))))
+}
+
+/// Installs `table`'s guard, as `init` would, in the caller's open transaction (sync, for a
+/// table it created or whose key changed): any guard triggers the table has go first.
+/// The error names what keeps the guard from being installed.
+pub async fn install_now(p: &Client, table: &TableConfig) -> Result<(), String> {
+    let failed = |e: tokio_postgres::Error| format!("installing the guard of {}: {e}", table.name);
+    let writer: String = p
+        .query_one("SELECT session_user::text", &[])
+        .await
+        .map_err(failed)?
+        .get(0);
+    let (_, statements, _) = match wanted(p, table, &writer).await.map_err(failed)? {
+        None => return Err(format!("{} is not on production to guard", table.name)),
+        Some(wanted) => wanted?,
+    };
+    let target = qualified(&table.name.schema, &table.name.name);
+    let triggers = p
+        .query(
+            "SELECT tgname::text FROM pg_trigger
+              WHERE tgrelid = to_regclass($1) AND NOT tgisinternal AND tgparentid = 0
+                AND starts_with(tgname, $2)",
+            &[&target, &TRIGGER_PREFIX],
+        )
+        .await
+        .map_err(failed)?;
+    for trigger in &triggers {
+        let name: String = trigger.get(0);
+        p.batch_execute(&format!("DROP TRIGGER {} ON {target}", quote_ident(&name)))
+            .await
+            .map_err(failed)?;
+    }
+    for statement in &statements {
+        p.batch_execute(statement).await.map_err(failed)?;
+    }
+    Ok(())
 }
 
 /// Makes the changes `plan` found; returns one line per table for init's report.

@@ -57,6 +57,21 @@ impl Remapper {
             return Ok(());
         };
         let table = &self.tables[t];
+        let key_columns =
+            |shape: &crate::ddl::TableShape| shape.primary_key.as_ref().map(|k| k.columns.clone());
+        if table.key_column.is_some()
+            && before.primary_key.is_some()
+            && key_columns(before) != key_columns(after)
+        {
+            return Err(format!(
+                "{} has its key remapped (rule \"{}\"), and staging changed its primary key: \
+                 remapping cannot follow that change. Stop sync, re-seed the table and the tables \
+                 that refer to it from staging (`stagingprop copy --tables NAME --truncate`, with \
+                 the config's key rule changed to match), then start sync again",
+                table.name,
+                table.rule.as_str()
+            ));
+        }
         for (name, role) in self.roles(t) {
             let Some(old) = before.column_named(&name) else {
                 continue;

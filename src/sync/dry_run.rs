@@ -185,53 +185,64 @@ impl Target for DryRun {
     ) -> Result<Vec<Plan>, ApplyError> {
         let mut plans = Vec::new();
         for table_change in &change.tables {
-            let (Some(before), Some(after)) = (&table_change.before, &table_change.after) else {
+            let Some(shape) = table_change.before.as_ref().or(table_change.after.as_ref()) else {
                 continue;
             };
-            let Some(t) = self
-                .metas
-                .iter()
-                .position(|m| m.table_name() == before.table_name())
-            else {
+            let name = shape.table_name();
+            let Some(t) = self.metas.iter().position(|m| m.table_name() == name) else {
                 continue;
             };
-            let plan =
-                ddl::plan(table_change, &self.metas[t], &ColumnList::All).map_err(|obstacle| {
-                    ApplyError::SchemaChange(Box::new(SchemaChangeRefused {
-                        table: before.table_name(),
-                        statement: change.statement.clone(),
-                        plan: String::new(),
-                        obstacle,
-                        lsn: source.lsn,
-                        xid: source.xid,
-                    }))
-                })?;
+            let refused = |obstacle: String| {
+                ApplyError::SchemaChange(Box::new(SchemaChangeRefused {
+                    table: name.clone(),
+                    statement: change.statement.clone(),
+                    plan: String::new(),
+                    obstacle,
+                    lsn: source.lsn,
+                    xid: source.xid,
+                }))
+            };
+            let plan = match (&table_change.before, &table_change.after) {
+                (None, Some(after)) => ddl::create_plan(after).map_err(refused)?,
+                // What production keeps or drops is the config's: shown as a real run keeps it.
+                (Some(before), None) => ddl::drop_plan(before, false),
+                _ => ddl::plan(table_change, &self.metas[t], &ColumnList::All).map_err(refused)?,
+            };
             self.begin();
-            self.note(format_args!(
-                "schema change of {}: {}",
-                plan.table,
-                crate::apply::describe_plan(&plan).replace("\n    ", "; ")
-            ));
-            // What production's table would be once the plan ran: the rows after it use it.
-            let meta = &mut self.metas[t];
-            let key: Vec<String> = meta
-                .key
-                .iter()
-                .map(|&k| meta.columns[k].name.clone())
-                .collect();
-            meta.columns = after
-                .columns
-                .iter()
-                .map(|c| ColumnMeta {
-                    name: c.name.clone(),
-                    type_sql: c.type_sql.clone(),
-                    required: false,
-                    identity_always: c.identity == "a",
-                    type_oid: 0,
-                    type_modifier: -1,
-                })
-                .collect();
-            meta.key = key.iter().filter_map(|k| meta.column_index(k)).collect();
+            let described = crate::apply::describe_plan(&plan).replace("\n    ", "; ");
+            self.note(format_args!("schema change of {}: {described}", plan.table));
+            tracing::info!(
+                table = %plan.table,
+                lsn = %source.lsn,
+                "dry run: staging's schema change of {} would apply: {described}",
+                plan.table
+            );
+            if let Some(after) = &table_change.after {
+                // What production's table would be once the plan ran: the rows after it use it.
+                let old = &self.metas[t];
+                let key: Vec<String> = match &after.primary_key {
+                    Some(key) => key.columns.clone(),
+                    None => old
+                        .key
+                        .iter()
+                        .map(|&k| old.columns[k].name.clone())
+                        .collect(),
+                };
+                let meta = &mut self.metas[t];
+                meta.columns = after
+                    .columns
+                    .iter()
+                    .map(|c| ColumnMeta {
+                        name: c.name.clone(),
+                        type_sql: c.type_sql.clone(),
+                        required: false,
+                        identity_always: c.identity == "a",
+                        type_oid: 0,
+                        type_modifier: -1,
+                    })
+                    .collect();
+                meta.key = key.iter().filter_map(|k| meta.column_index(k)).collect();
+            }
             plans.push(plan);
         }
         Ok(plans)
@@ -383,5 +394,55 @@ impl Target for DryRun {
 
     fn stats_mut(&mut self) -> &mut ApplyStats {
         &mut self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_created_table_is_described_and_its_creation_shapes_the_rows_after() {
+        let change = SchemaChange::parse(
+            br#"{"id":7,"tag":"CREATE TABLE","statement":"CREATE TABLE cat.gift (...)",
+                 "tables":[{"before":null,"after":{"schema":"cat","name":"gift",
+                   "columns":[{"attnum":1,"name":"id","type":"integer","not_null":true,"default":null},
+                              {"attnum":2,"name":"note","type":"text","not_null":false,"default":null}],
+                   "primary_key":{"name":"gift_pkey","columns":["id"]}}}]}"#,
+        )
+        .expect("a creation message");
+        // A session that manages the table before production has it holds a placeholder.
+        let placeholder = TableMeta {
+            columns: Vec::new(),
+            key: Vec::new(),
+            ..change.tables[0].after.as_ref().unwrap().meta()
+        };
+        let (log, wal) = (Log::default(), Arc::new(Wal::default()));
+        let mut dry = DryRun::recording("s", &log, &wal, vec![placeholder], 10);
+        let source = Source {
+            lsn: Lsn(100),
+            xid: 1,
+        };
+        let plans = dry
+            .schema_change(&change, source, true)
+            .await
+            .expect("a creation is planned");
+        assert!(
+            plans[0]
+                .statements
+                .iter()
+                .any(|s| s.starts_with("CREATE TABLE \"cat\".\"gift\"")),
+            "{plans:?}"
+        );
+        let lines = log.lines();
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("s schema change of cat.gift: ")
+                    && l.contains("CREATE TABLE")),
+            "{lines:?}"
+        );
+        assert_eq!(dry.metas[0].columns.len(), 2);
+        assert_eq!(dry.metas[0].key, [0]);
     }
 }
