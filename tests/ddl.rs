@@ -615,7 +615,7 @@ async fn sigkill_while_columns_change_applies_each_change_once() {
     let mut drops = 0;
     let mut dropped_upto = 0;
     let mut indexes = 0;
-    let (mut child, mut log) = faults::spawn_sync(&pair, &[], "ddl-kill-1.log");
+    let mut sync = KilledSync::start(&pair, "ddl-kill");
     for round in 0..12 {
         // A column added with a default, rows that use it, and now and then a column dropped.
         let mut sql = String::from("BEGIN;\n");
@@ -646,43 +646,12 @@ async fn sigkill_while_columns_change_applies_each_change_once() {
         sql.push_str("COMMIT;");
         pair.staging.sql(&sql);
         tokio::time::sleep(Duration::from_millis(rng.between(0, 300))).await;
-        if rng.percent(50) {
-            let _ = child.kill();
-            let _ = child.wait();
-            let log_name = format!("ddl-kill-{}.log", round + 2);
-            (child, log) = faults::spawn_sync(&pair, &[], &log_name);
-        }
+        sync.kill_now_and_then(&mut rng);
     }
-    let lsn = pair.staging_lsn();
-    let mut applied = pair.try_wait_applied(&lsn, Duration::from_secs(90)).await;
-    // Index builds run once their transaction committed: caught up includes them.
-    let built = "SELECT count(*) FROM stagingprop.index_builds WHERE done_at IS NULL";
-    for _ in 0..300 {
-        if applied.is_err() || pair.production.value(built) == "0" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    if applied.is_ok() && pair.production.value(built) != "0" {
-        applied = Err("index builds still pending 30 s after the rows were applied".into());
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    if let Err(e) = applied {
-        panic!(
-            "seed {seed}: {e}\nthe last sync's log:\n{}",
-            faults::read_log(&log)
-        );
-    }
-    let columns_of = |db: &faults::Db| {
-        db.value(
-            "SELECT string_agg(attname || ' ' || format_type(atttypid, atttypmod) || ' ' || attnotnull, ', ' ORDER BY attname)
-               FROM pg_attribute WHERE attrelid = 'item'::regclass AND attnum > 0 AND NOT attisdropped",
-        )
-    };
+    sync.settle(seed).await;
     assert_eq!(
-        columns_of(&pair.staging),
-        columns_of(&pair.production),
+        schema_of(&pair.staging, "item"),
+        schema_of(&pair.production, "item"),
         "seed {seed}"
     );
     pair.assert_equal();
@@ -693,15 +662,6 @@ async fn sigkill_while_columns_change_applies_each_change_once() {
         .parse()
         .unwrap();
     assert_eq!(recorded, columns + drops + indexes, "seed {seed}");
-    assert_eq!(
-        indexes_of(&pair.staging),
-        indexes_of(&pair.production),
-        "seed {seed}"
-    );
-    let left = pair
-        .production
-        .value("SELECT count(*) FROM stagingprop.index_builds WHERE done_at IS NULL");
-    assert_eq!(left, "0", "seed {seed}: every index build done");
 }
 
 /// Tables created (and now and then dropped) on staging in a schema `[[table_patterns]]`
@@ -726,7 +686,7 @@ async fn sigkill_while_tables_are_created_creates_each_once() {
     let mut next_id = 0;
     let mut created: Vec<u32> = Vec::new();
     let mut dropped = 0;
-    let (mut child, mut log) = faults::spawn_sync(&pair, &[], "ddl-kill-create-1.log");
+    let mut sync = KilledSync::start(&pair, "ddl-kill-create");
     for round in 0..8u32 {
         let mut sql = String::from("BEGIN;\n");
         for _ in 0..rng.between(5, 30) {
@@ -755,29 +715,10 @@ async fn sigkill_while_tables_are_created_creates_each_once() {
         sql.push_str("COMMIT;");
         pair.staging.sql(&sql);
         tokio::time::sleep(Duration::from_millis(rng.between(0, 300))).await;
-        if rng.percent(50) {
-            let _ = child.kill();
-            let _ = child.wait();
-            (child, log) =
-                faults::spawn_sync(&pair, &[], &format!("ddl-kill-create-{}.log", round + 2));
-        }
+        sync.kill_now_and_then(&mut rng);
     }
-    let lsn = pair.staging_lsn();
-    let applied = pair.try_wait_applied(&lsn, Duration::from_secs(90)).await;
-    let _ = child.kill();
-    let _ = child.wait();
-    if let Err(e) = applied {
-        panic!(
-            "seed {seed}: {e}\nthe last sync's log:\n{}",
-            faults::read_log(&log)
-        );
-    }
+    sync.settle(seed).await;
     pair.assert_equal();
-    let rows_of = |db: &faults::Db, table: &str| {
-        db.value(&format!(
-            "SELECT count(*) || ' ' || coalesce(string_agg(t::text, ',' ORDER BY id), '') FROM {table} t"
-        ))
-    };
     for round in &created {
         let table = format!("t{round}");
         assert_eq!(
@@ -802,10 +743,12 @@ async fn sigkill_while_tables_are_created_creates_each_once() {
 }
 
 /// A table's indexes (with whether each is valid) and constraints, from a catalog.
-/// Tables created and dropped (`on_staging_drop = "drop"`) in a schema made on staging after
-/// init, in transactions of their own and inside the catalogue workload's, while that workload
-/// runs and sync is killed with SIGKILL at random: the catalogue equal, every table there once
-/// with its rows, every dropped one gone, one record per creation and per drop.
+/// The catalogue's own tables changing (columns added, renamed, retyped and dropped, defaults,
+/// a constraint, an index built concurrently) and tables created and dropped (`on_staging_drop =
+/// "drop"`) in a schema made on staging after init, in transactions of their own and inside the
+/// catalogue workload's, while that workload runs and sync is killed with SIGKILL at random: the
+/// catalogue's rows and catalogs equal, every table there once with its rows, every dropped one
+/// gone, one record per change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_while_tables_come_and_go_beside_the_catalogue_workload() {
     let name = "sigkill_while_tables_come_and_go_beside_the_catalogue_workload";
@@ -824,7 +767,8 @@ async fn sigkill_while_tables_come_and_go_beside_the_catalogue_workload() {
     let mut catalogue = faults::Catalogue::new(seed);
     let mut live: Vec<u32> = Vec::new();
     let (mut created, mut dropped) = (0u32, 0usize);
-    let (mut child, mut log) = faults::spawn_sync(&pair, &[], "ddl-kill-cat-1.log");
+    let (mut added, mut changes) = (Vec::new(), 0);
+    let mut sync = KilledSync::start(&pair, "ddl-kill-cat");
     for round in 0..10u32 {
         let mut sql = String::new();
         for _ in 0..rng.between(5, 40) {
@@ -850,6 +794,9 @@ async fn sigkill_while_tables_come_and_go_beside_the_catalogue_workload() {
         }
         live.push(created);
         created += 1;
+        let (change, made) = catalogue_change(round, &mut added);
+        ddl.push_str(&change);
+        changes += made;
         if rng.percent(50) {
             let txn = catalogue.transaction();
             let body = txn
@@ -865,29 +812,17 @@ async fn sigkill_while_tables_come_and_go_beside_the_catalogue_workload() {
         }
         pair.staging.sql(&sql);
         tokio::time::sleep(Duration::from_millis(rng.between(0, 400))).await;
-        if rng.percent(50) {
-            let _ = child.kill();
-            let _ = child.wait();
-            let log_name = format!("ddl-kill-cat-{}.log", round + 2);
-            (child, log) = faults::spawn_sync(&pair, &[], &log_name);
-        }
+        sync.kill_now_and_then(&mut rng);
     }
-    let lsn = pair.staging_lsn();
-    let applied = pair.try_wait_applied(&lsn, Duration::from_secs(90)).await;
-    let _ = child.kill();
-    let _ = child.wait();
-    if let Err(e) = applied {
-        panic!(
-            "seed {seed}: {e}\nthe last sync's log:\n{}",
-            faults::read_log(&log)
+    sync.settle(seed).await;
+    pair.assert_equal();
+    for (table, _) in faults::CATALOGUE_TABLES {
+        assert_eq!(
+            schema_of(&pair.staging, table),
+            schema_of(&pair.production, table),
+            "seed {seed}: {table}"
         );
     }
-    pair.assert_equal();
-    let rows_of = |db: &faults::Db, table: &str| {
-        db.value(&format!(
-            "SELECT count(*) || ' ' || coalesce(string_agg(t::text, ',' ORDER BY id), '') FROM {table} t"
-        ))
-    };
     for t in &live {
         let table = format!("extra.t{t}");
         assert_eq!(
@@ -918,17 +853,162 @@ async fn sigkill_while_tables_come_and_go_beside_the_catalogue_workload() {
         created as usize + dropped,
         "seed {seed}: each applied once"
     );
+    let recorded: usize = pair
+        .production
+        .value(
+            "SELECT count(*) FROM stagingprop.schema_changes WHERE table_name NOT LIKE 'extra.%'",
+        )
+        .parse()
+        .unwrap();
+    assert_eq!(
+        recorded, changes,
+        "seed {seed}: each catalogue change applied once"
+    );
 }
 
-fn indexes_of(db: &faults::Db) -> String {
-    db.value(
-        "SELECT coalesce(string_agg(d, '; ' ORDER BY d), '') FROM (
-           SELECT pg_get_indexdef(indexrelid) || CASE WHEN indisvalid THEN '' ELSE ' INVALID' END d
-             FROM pg_index WHERE indrelid = 'item'::regclass
-           UNION ALL
-           SELECT conname || ' ' || pg_get_constraintdef(oid)
-             FROM pg_constraint WHERE conrelid = 'item'::regclass AND contype <> 'n') s",
-    )
+/// Round `round`'s change of the catalogue's own tables (each kind once in seven rounds; the
+/// workload names catentry's columns and fills the others' first ones, so none breaks it),
+/// and how many schema changes it makes. `added` holds the columns added to catentry.
+fn catalogue_change(round: u32, added: &mut Vec<u32>) -> (String, usize) {
+    match round % 7 {
+        0 => {
+            added.push(round);
+            (
+                format!(
+                    "ALTER TABLE catentry ADD COLUMN extra{round} int NOT NULL DEFAULT {round};\n\
+                     UPDATE catentry SET extra{round} = counter WHERE catentry_id % 2 = 0;\n"
+                ),
+                1,
+            )
+        }
+        1 => (
+            format!("CREATE INDEX catentdesc_name_{round} ON catentdesc (name);\n"),
+            1,
+        ),
+        2 => (
+            format!(
+                "ALTER TABLE offer ADD COLUMN note{round} text DEFAULT 'n';\n\
+                 ALTER TABLE offer RENAME COLUMN note{round} TO remark{round};\n"
+            ),
+            2,
+        ),
+        3 => (
+            format!(
+                "ALTER TABLE catentry ALTER COLUMN price TYPE numeric({},2);\n",
+                14 + round
+            ),
+            1,
+        ),
+        4 => (
+            format!(
+                "ALTER TABLE offerprice ADD CONSTRAINT offerprice_currency_{round} \
+                 CHECK (length(currency) = 3);\n"
+            ),
+            1,
+        ),
+        5 if !added.is_empty() => {
+            let gone = added.remove(0);
+            (
+                format!("ALTER TABLE catentry DROP COLUMN extra{gone};\n"),
+                1,
+            )
+        }
+        _ => (
+            format!("ALTER TABLE catentdesc ALTER COLUMN name SET DEFAULT 'unnamed {round}';\n"),
+            1,
+        ),
+    }
+}
+
+/// Sync run as a child process, killed with SIGKILL now and then and started again, each run
+/// logging to a file of its own.
+struct KilledSync<'a> {
+    pair: &'a faults::FaultPair,
+    name: &'static str,
+    runs: u32,
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl<'a> KilledSync<'a> {
+    fn start(pair: &'a faults::FaultPair, name: &'static str) -> KilledSync<'a> {
+        let (child, log) = faults::spawn_sync(pair, &[], &format!("{name}-1.log"));
+        KilledSync {
+            pair,
+            name,
+            runs: 1,
+            child,
+            log,
+        }
+    }
+
+    /// Half the time: SIGKILL, and another sync.
+    fn kill_now_and_then(&mut self, rng: &mut Rng) {
+        if rng.percent(50) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            self.runs += 1;
+            let log = format!("{}-{}.log", self.name, self.runs);
+            (self.child, self.log) = faults::spawn_sync(self.pair, &[], &log);
+        }
+    }
+
+    /// Waits until production has applied all staging has and every index build ran (they run
+    /// once their transaction committed), then stops sync; panics with its log if production
+    /// did not get there.
+    async fn settle(mut self, seed: u64) {
+        let lsn = self.pair.staging_lsn();
+        let mut applied = self
+            .pair
+            .try_wait_applied(&lsn, Duration::from_secs(90))
+            .await;
+        let pending = "SELECT count(*) FROM stagingprop.index_builds WHERE done_at IS NULL";
+        for _ in 0..300 {
+            if applied.is_err() || self.pair.production.value(pending) == "0" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if applied.is_ok() && self.pair.production.value(pending) != "0" {
+            applied = Err("index builds still pending 30 s after the rows were applied".into());
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Err(e) = applied {
+            panic!(
+                "seed {seed}: {e}\nthe last sync's log:\n{}",
+                faults::read_log(&self.log)
+            );
+        }
+    }
+}
+
+/// A table's rows, counted and in key order (`id`).
+fn rows_of(db: &faults::Db, table: &str) -> String {
+    db.value(&format!(
+        "SELECT count(*) || ' ' || coalesce(string_agg(t::text, ',' ORDER BY id), '') FROM {table} t"
+    ))
+}
+
+/// A table's shape as the catalogs show it: columns in order (type, NOT NULL, default,
+/// identity, generation), indexes (and whether valid) and constraints.
+fn schema_of(db: &faults::Db, table: &str) -> String {
+    db.value(&format!(
+        "SELECT (SELECT string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod) || ' '
+                                   || a.attnotnull || ' ' || coalesce(pg_get_expr(d.adbin, d.adrelid), '-')
+                                   || ' ' || a.attidentity::text || a.attgenerated::text,
+                                   ', ' ORDER BY a.attnum)
+                   FROM pg_attribute a
+                   LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+                  WHERE a.attrelid = '{table}'::regclass AND a.attnum > 0 AND NOT a.attisdropped)
+             || ' | ' || coalesce((SELECT string_agg(d, '; ' ORDER BY d) FROM (
+                  SELECT pg_get_indexdef(indexrelid)
+                         || CASE WHEN indisvalid THEN '' ELSE ' INVALID' END d
+                    FROM pg_index WHERE indrelid = '{table}'::regclass
+                  UNION ALL
+                  SELECT conname || ' ' || pg_get_constraintdef(oid)
+                    FROM pg_constraint WHERE conrelid = '{table}'::regclass AND contype <> 'n') s), '')"
+    ))
 }
 
 /// Polls `sql` on production until it answers `t` (30 s at most).
