@@ -27,6 +27,27 @@ pub struct SchemaChangeRefused {
     pub xid: Xid,
 }
 
+impl SchemaChangeRefused {
+    /// `table`'s part of `change` (staging's `statement`, at `source`) refused with `obstacle`,
+    /// under `plan` (empty when none could be made).
+    pub fn error(
+        table: TableName,
+        statement: &str,
+        plan: String,
+        obstacle: String,
+        source: crate::change::Source,
+    ) -> ApplyError {
+        ApplyError::SchemaChange(Box::new(SchemaChangeRefused {
+            table,
+            statement: statement.to_owned(),
+            plan,
+            obstacle,
+            lsn: source.lsn,
+            xid: source.xid,
+        }))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     /// A schema change from staging that production cannot take (or that is not carried):

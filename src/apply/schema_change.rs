@@ -51,14 +51,13 @@ impl Applier {
             };
             let state = &self.tables[t];
             let refused = |obstacle: String| {
-                ApplyError::SchemaChange(Box::new(SchemaChangeRefused {
-                    table: name.clone(),
-                    statement: change.statement.clone(),
-                    plan: String::new(),
+                SchemaChangeRefused::error(
+                    name.clone(),
+                    &change.statement,
+                    String::new(),
                     obstacle,
-                    lsn: source.lsn,
-                    xid: source.xid,
-                }))
+                    source,
+                )
             };
             match (&table_change.before, &table_change.after) {
                 (Some(before), None) => {
@@ -107,14 +106,13 @@ impl Applier {
         self.settle().await?;
         for plan in &plans {
             let refused = |obstacle: String| {
-                ApplyError::SchemaChange(Box::new(SchemaChangeRefused {
-                    table: plan.table.clone(),
-                    statement: change.statement.clone(),
-                    plan: describe(plan),
+                SchemaChangeRefused::error(
+                    plan.table.clone(),
+                    &change.statement,
+                    describe(plan),
                     obstacle,
-                    lsn: source.lsn,
-                    xid: source.xid,
-                }))
+                    source,
+                )
             };
             self.run_waiting_builds(&plan.table).await?;
             for statement in &plan.statements {

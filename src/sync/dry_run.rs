@@ -193,14 +193,13 @@ impl Target for DryRun {
                 continue;
             };
             let refused = |obstacle: String| {
-                ApplyError::SchemaChange(Box::new(SchemaChangeRefused {
-                    table: name.clone(),
-                    statement: change.statement.clone(),
-                    plan: String::new(),
+                SchemaChangeRefused::error(
+                    name.clone(),
+                    &change.statement,
+                    String::new(),
                     obstacle,
-                    lsn: source.lsn,
-                    xid: source.xid,
-                }))
+                    source,
+                )
             };
             let plan = match (&table_change.before, &table_change.after) {
                 (None, Some(after)) => ddl::create_plan(after).map_err(refused)?,
