@@ -818,10 +818,18 @@ async fn a_table_sync_creates_is_guarded_and_its_guard_follows_its_key() {
     );
     p.on_production("UPDATE shop.gift SET note = 'edited' WHERE id = 2");
     assert_eq!(recorded(&p), "shop.gift 1; shop.gift 2,b");
+    // Renamed on staging: the guard records edits under the new name.
+    p.on_staging(
+        "ALTER TABLE shop.gift RENAME TO gifts;
+         INSERT INTO shop.gifts VALUES (3, 'c', 'three');",
+    );
+    caught_up(&p.config).await.expect("sync of the rename");
+    p.on_production("UPDATE shop.gifts SET note = 'edited' WHERE id = 3");
+    assert_eq!(recorded(&p), "shop.gift 1; shop.gift 2,b; shop.gifts 3,c");
     // init finds the guard sync installed current.
     let again = run_init(&p).await;
     assert!(
-        again.contains("guard = \"record\" on shop.gift (as configured already)"),
+        again.contains("guard = \"record\" on shop.gifts (as configured already)"),
         "{again}"
     );
 }

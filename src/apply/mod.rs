@@ -100,6 +100,8 @@ struct TableState {
     absent: bool,
     /// Dropped on production when staging's is dropped.
     drop_with_staging: bool,
+    /// Managed by a `[[table_patterns]]` entry: a rename on staging is followed.
+    from_pattern: bool,
     /// The table's config when production guards it: sync installs the guard on a table it
     /// creates, and again when the table's key changes (the guard records edits by key).
     guarded: Option<crate::config::TableConfig>,
@@ -198,6 +200,7 @@ impl Applier {
                 seeding: false,
                 absent: false,
                 drop_with_staging: false,
+                from_pattern: false,
                 guarded: None,
             })
             .collect();
@@ -294,6 +297,7 @@ impl Applier {
         for ((state, table), &absent) in self.tables.iter_mut().zip(&config.tables).zip(absent) {
             state.absent = absent;
             state.drop_with_staging = table.drop_with_staging;
+            state.from_pattern = table.from_pattern;
             state.guarded = (table.guard != GuardMode::Off).then(|| table.clone());
         }
     }

@@ -86,6 +86,20 @@ impl Applier {
                 }
                 _ => {}
             }
+            if let (Some(before), Some(after)) = (&table_change.before, &table_change.after)
+                && before.table_name() != after.table_name()
+            {
+                // Followed between tables the patterns manage (this session manages the new
+                // name too), without remapping (its rules are the old name's).
+                let renamed = self
+                    .tables
+                    .iter()
+                    .any(|s| s.from_pattern && s.meta.table_name() == after.table_name());
+                if state.from_pattern && renamed && self.remap.is_none() {
+                    plans.push(ddl::rename_plan(before, after).map_err(refused)?);
+                    continue;
+                }
+            }
             if let Some(remap) = &self.remap {
                 remap.check_change(t, table_change).map_err(refused)?;
             }
@@ -139,15 +153,31 @@ impl Applier {
                 // when the plan dropped it.
                 self.tables[t].absent |= !plan.statements.is_empty();
             } else if !plan.statements.is_empty() {
-                // A created table gets its guard now; a changed key, the guard that records
-                // edits by it.
-                let rekeyed = change.tables.iter().any(|c| match (&c.before, &c.after) {
-                    (before, Some(after)) if after.table_name() == plan.table => before
-                        .as_ref()
-                        .is_none_or(|b| b.primary_key != after.primary_key),
-                    _ => false,
-                });
-                if rekeyed && let Some(table) = &self.tables[t].guarded {
+                // A created table gets its guard now; a changed key or name, the guard that
+                // records edits by them (a renamed table's old name is gone from production).
+                let mut guard_again = false;
+                for c in &change.tables {
+                    if let (before, Some(after)) = (&c.before, &c.after)
+                        && after.table_name() == plan.table
+                    {
+                        let Some(before) = before else {
+                            guard_again = true;
+                            continue;
+                        };
+                        guard_again |= before.primary_key != after.primary_key;
+                        if before.table_name() != plan.table {
+                            guard_again = true;
+                            if let Some(old) = self
+                                .tables
+                                .iter()
+                                .position(|s| s.meta.table_name() == before.table_name())
+                            {
+                                self.tables[old].absent = true;
+                            }
+                        }
+                    }
+                }
+                if guard_again && let Some(table) = &self.tables[t].guarded {
                     crate::guard::install::install_now(&self.client, table)
                         .await
                         .map_err(refused)?;

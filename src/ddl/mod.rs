@@ -361,14 +361,8 @@ pub fn create_plan(after: &TableShape) -> Result<Plan, String> {
         ));
     }
     let table = qualified(&after.schema, &after.name);
-    // The first table of a schema made on staging after the config named it. Only when missing:
-    // CREATE SCHEMA IF NOT EXISTS asks for CREATE on the database even when the schema exists.
-    let schema = quote_ident(&after.schema);
-    let mut statements = vec![format!(
-        "DO $stagingprop_schema$ BEGIN IF to_regnamespace({}) IS NULL THEN CREATE SCHEMA {schema}; \
-         END IF; END $stagingprop_schema$",
-        quote_literal(&schema)
-    )];
+    // The first table of a schema made on staging after the config named it.
+    let mut statements = vec![schema_if_missing(&after.schema)];
     let mut owned = Vec::new();
     for column in &after.columns {
         if let Some(sequence) = column.default.as_deref().and_then(sequence_of_default) {
@@ -406,6 +400,54 @@ pub fn create_plan(after: &TableShape) -> Result<Plan, String> {
     statements.extend(after.indexes.iter().map(|i| i.definition.clone()));
     Ok(Plan {
         table: name,
+        statements,
+        after_commit: Vec::new(),
+        left_alone: Vec::new(),
+    })
+}
+
+/// Creates `schema` on production when it lacks it. Only then: `CREATE SCHEMA IF NOT EXISTS`
+/// asks for CREATE on the database even when the schema exists.
+fn schema_if_missing(schema: &str) -> String {
+    let schema = quote_ident(schema);
+    format!(
+        "DO $stagingprop_schema$ BEGIN IF to_regnamespace({}) IS NULL THEN CREATE SCHEMA {schema}; \
+         END IF; END $stagingprop_schema$",
+        quote_literal(&schema)
+    )
+}
+
+/// The statements that rename (or move to another schema) production's table as staging did
+/// (`before` to `after`, both managed by `[[table_patterns]]`): its rows, indexes, constraints
+/// and triggers go with it. `ALTER TABLE ... RENAME TO` and `SET SCHEMA` change nothing else,
+/// so a shape that changed more than its name is refused rather than guessed at.
+pub fn rename_plan(before: &TableShape, after: &TableShape) -> Result<Plan, String> {
+    if before.columns != after.columns || before.primary_key != after.primary_key {
+        return Err(format!(
+            "table {} was renamed to {} on staging, and its columns or key changed in the same \
+             command: rename and change production's table by hand, then start sync again",
+            before.table_name(),
+            after.table_name()
+        ));
+    }
+    let mut statements = Vec::new();
+    let mut current = qualified(&before.schema, &before.name);
+    if before.schema != after.schema {
+        statements.push(schema_if_missing(&after.schema));
+        statements.push(format!(
+            "ALTER TABLE {current} SET SCHEMA {}",
+            quote_ident(&after.schema)
+        ));
+        current = qualified(&after.schema, &before.name);
+    }
+    if before.name != after.name {
+        statements.push(format!(
+            "ALTER TABLE {current} RENAME TO {}",
+            quote_ident(&after.name)
+        ));
+    }
+    Ok(Plan {
+        table: after.table_name(),
         statements,
         after_commit: Vec::new(),
         left_alone: Vec::new(),
@@ -464,8 +506,9 @@ pub fn plan(change: &TableChange, meta: &TableMeta, columns: &ColumnList) -> Res
     };
     if before.table_name() != after.table_name() {
         return Err(format!(
-            "table {} was renamed to {} on staging: rename it on production and in the config \
-             ([[tables]] name), then start sync again",
+            "table {} was renamed to {} on staging, which sync follows only between tables \
+             [[table_patterns]] manage: rename it on production and in the config ([[tables]] \
+             name), then start sync again",
             before.table_name(),
             after.table_name()
         ));
@@ -1133,6 +1176,34 @@ mod tests {
         let mut no_key = meta();
         no_key.key.clear();
         assert!(statements(old, keyless, &no_key).is_empty());
+    }
+
+    #[test]
+    fn a_renamed_or_moved_table_is_renamed_in_place() {
+        let old = before();
+        let mut after = before();
+        after.name = "prices".into();
+        assert_eq!(
+            rename_plan(&old, &after).unwrap().statements,
+            ["ALTER TABLE \"public\".\"price\" RENAME TO \"prices\""]
+        );
+        after.schema = "cat".into();
+        let plan = rename_plan(&old, &after).unwrap();
+        assert_eq!(plan.table, TableName::new("cat", "prices"));
+        assert!(plan.statements[0].contains("CREATE SCHEMA \"cat\""));
+        assert_eq!(
+            plan.statements[1..],
+            [
+                "ALTER TABLE \"public\".\"price\" SET SCHEMA \"cat\"",
+                "ALTER TABLE \"cat\".\"price\" RENAME TO \"prices\"",
+            ]
+        );
+        after.columns[1].name = "cost".into();
+        assert!(
+            rename_plan(&old, &after)
+                .unwrap_err()
+                .contains("in the same command")
+        );
     }
 
     #[test]

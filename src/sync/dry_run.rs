@@ -203,6 +203,12 @@ impl Target for DryRun {
             };
             let plan = match (&table_change.before, &table_change.after) {
                 (None, Some(after)) => ddl::create_plan(after).map_err(refused)?,
+                (Some(before), Some(after))
+                    if before.table_name() != after.table_name()
+                        && index_of(&self.metas, after).is_some() =>
+                {
+                    ddl::rename_plan(before, after).map_err(refused)?
+                }
                 // What production keeps or drops is the config's: shown as a real run keeps it.
                 (Some(before), None) => ddl::drop_plan(before, false),
                 _ => ddl::plan(table_change, &self.metas[t], &ColumnList::All).map_err(refused)?,
@@ -217,7 +223,9 @@ impl Target for DryRun {
                 plan.table
             );
             if let Some(after) = &table_change.after {
-                // What production's table would be once the plan ran: the rows after it use it.
+                // What production's table would be once the plan ran: the rows after it use it
+                // (a renamed table's, under its new name).
+                let t = index_of(&self.metas, after).unwrap_or(t);
                 let old = &self.metas[t];
                 let key: Vec<String> = match &after.primary_key {
                     Some(key) => key.columns.clone(),
@@ -394,6 +402,12 @@ impl Target for DryRun {
     fn stats_mut(&mut self) -> &mut ApplyStats {
         &mut self.stats
     }
+}
+
+/// The index of `shape`'s table among `metas`.
+fn index_of(metas: &[TableMeta], shape: &ddl::TableShape) -> Option<usize> {
+    let name = shape.table_name();
+    metas.iter().position(|m| m.table_name() == name)
 }
 
 #[cfg(test)]

@@ -59,6 +59,11 @@ pub enum SyncError {
     /// not: the next one does (nothing of the transaction was applied).
     #[error("staging created {} (managed by [[table_patterns]])", .0.iter().map(|t| t.table_name().to_string()).collect::<Vec<_>>().join(", "))]
     TableCreated(Vec<crate::ddl::TableShape>),
+    /// A session's start found the tables differ, and staging captured a schema change while
+    /// the start read its catalogs (a table created or renamed in between): the next session
+    /// reads them again.
+    #[error("staging's schema changed while a session started")]
+    SchemaMoved,
     /// Something only staging can answer, while it is unreachable: retried.
     #[error("{0}")]
     StagingNeeded(String),

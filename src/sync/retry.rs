@@ -86,6 +86,11 @@ where
                     state.created.push(shape);
                 }
             }
+            Err(SyncError::SchemaMoved) => {
+                tracing::info!(
+                    "staging's schema changed while the session started: starting again"
+                );
+            }
             Err(SyncError::Apply(e)) if e.may_be_ordering() && state.one_by_one_until.is_none() => {
                 // Set-based apply can trip a unique or foreign-key check that applying the
                 // changes in staging's order would not: replay this stretch one change at a time.

@@ -60,21 +60,29 @@ async fn check_publication(
 
 /// The managed tables whose last schema change staging captured production has not applied
 /// yet: it is in the stream, ahead of the rows that need it.
-async fn schema_changes_on_their_way(
+/// The last change staging captured of each table (none without the capture).
+async fn captured_changes(
     config: &Config,
     staging: &Endpoint,
     s: &tokio_postgres::Client,
-    p: &tokio_postgres::Client,
-) -> Result<Vec<TableName>, SyncError> {
+) -> Result<Vec<(TableName, i64)>, SyncError> {
     if !config.ddl.mode.captures() {
         return Ok(Vec::new());
     }
-    let captured = crate::ddl::capture::last_changes(s, &config.sync.publication)
+    crate::ddl::capture::last_changes(s, &config.sync.publication)
         .await
         .map_err(database_error(
             staging,
             "reading the captured schema changes",
-        ))?;
+        ))
+}
+
+/// The tables of `captured` whose change production has not applied yet.
+async fn schema_changes_on_their_way(
+    config: &Config,
+    captured: Vec<(TableName, i64)>,
+    p: &tokio_postgres::Client,
+) -> Result<Vec<TableName>, SyncError> {
     let ids: Vec<i64> = captured.iter().map(|(_, id)| *id).collect();
     let applied = state::schema_changes::applied(p, &config.sync.slot, &ids)
         .await
@@ -281,6 +289,12 @@ where
         .connect()
         .await
         .map_err(database_error(&target, "connect"))?;
+    // Read before anything else of staging's catalogs: a change captured while they are read
+    // (a table created or renamed in between) shows as a difference from this list.
+    let captured = match &s {
+        Some(s) => captured_changes(config, &staging, s).await?,
+        None => Vec::new(),
+    };
     let expanded = expand_patterns(config, (&target, &p), s.as_ref(), &state.created).await?;
     let config = &expanded;
     if !options.dry_run {
@@ -298,22 +312,26 @@ where
     if s.is_some() {
         state.staging_schema = Some(staging_schema.clone());
     }
-    let coming = match &s {
-        Some(s) => schema_changes_on_their_way(config, &staging, s, &p).await?,
-        None => Vec::new(),
-    };
-    let Validated {
-        metas,
-        remapper,
-        absent,
-    } = validate(
+    let coming = schema_changes_on_their_way(config, captured.clone(), &p).await?;
+    let validated = validate(
         config,
         &staging_schema,
         &target,
         &p,
         (&coming, &state.created),
     )
-    .await?;
+    .await;
+    if validated.is_err()
+        && let Some(s) = &s
+        && captured_changes(config, &staging, s).await? != captured
+    {
+        return Err(SyncError::SchemaMoved);
+    }
+    let Validated {
+        metas,
+        remapper,
+        absent,
+    } = validated?;
     let progress = match state::progress::read(&p, &config.sync.slot).await {
         // A dry run creates nothing: no progress table yet means production has nothing.
         Err(e) if options.dry_run && e.sqlstate() == Some("42P01") => None,

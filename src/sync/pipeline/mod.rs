@@ -811,16 +811,7 @@ impl<'a, T: Target> Pipeline<'a, T> {
             return Ok(());
         }
         let change = SchemaChange::parse(content).map_err(SyncError::Protocol)?;
-        let created: Vec<ddl::TableShape> = change
-            .tables
-            .iter()
-            .filter(|c| c.before.is_none())
-            .filter_map(|c| c.after.clone())
-            .filter(|after| {
-                let name = after.table_name();
-                self.table_index(&name).is_none() && self.config.pattern_of(&name).is_some()
-            })
-            .collect();
+        let created = self.tables_to_take(&change);
         if !created.is_empty() {
             // This session cannot take a table in mid-stream: the next one, which manages it,
             // starts again before this transaction (none of it is committed).
@@ -854,6 +845,31 @@ impl<'a, T: Target> Pipeline<'a, T> {
             });
         }
         Ok(())
+    }
+
+    /// The tables `change` created, or a pattern's table it renamed, under a name the
+    /// configuration's patterns manage and this session does not yet.
+    fn tables_to_take(&self, change: &SchemaChange) -> Vec<ddl::TableShape> {
+        let from_pattern = |name: &TableName| {
+            self.table_index(name)
+                .is_some_and(|t| self.config.tables[t].from_pattern)
+        };
+        change
+            .tables
+            .iter()
+            .filter(|c| match (&c.before, &c.after) {
+                (None, _) => true,
+                (Some(before), Some(after)) => {
+                    before.table_name() != after.table_name() && from_pattern(&before.table_name())
+                }
+                (Some(_), None) => false,
+            })
+            .filter_map(|c| c.after.clone())
+            .filter(|after| {
+                let name = after.table_name();
+                self.table_index(&name).is_none() && self.config.pattern_of(&name).is_some()
+            })
+            .collect()
     }
 
     /// A repair's watermark addressed to this target: a low one opens its chunk's window; at a
