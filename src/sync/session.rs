@@ -58,8 +58,6 @@ async fn check_publication(
     }
 }
 
-/// The managed tables whose last schema change staging captured production has not applied
-/// yet: it is in the stream, ahead of the rows that need it.
 /// The last change staging captured of each table (none without the capture).
 async fn captured_changes(
     config: &Config,
@@ -77,7 +75,8 @@ async fn captured_changes(
         ))
 }
 
-/// The tables of `captured` whose change production has not applied yet.
+/// The tables of `captured` whose last change production has not applied yet: it is in the
+/// stream, ahead of the rows that need it.
 async fn schema_changes_on_their_way(
     config: &Config,
     captured: Vec<(TableName, i64)>,
