@@ -709,11 +709,19 @@ async fn production_edits_under_random_writes_and_sigkills_of_sync_are_never_los
         .trim(),
         "0"
     );
-    // An open edit is still what production has: its row was not overwritten.
-    assert_eq!(
-        p.on_production(
-            "SELECT count(*) FROM stagingprop.production_edits e
-              WHERE settled_at IS NULL AND operation = 'UPDATE'
+    // An open edit is still what production has: its row was not overwritten. (On failure:
+    // each such edit, with every edit of its row and the conflicts that name it.)
+    let overwritten = p.on_production(
+        "SELECT e.id || ' ' || e.table_name || ' ' || e.key::text || ' ' || e.after::text
+                || ' edits: ' || (SELECT string_agg(l.id || ':' || l.operation || ':' || coalesce(l.outcome, 'open')
+                                                    || ':' || coalesce(l.after::text, '-'), ' ' ORDER BY l.id)
+                                    FROM stagingprop.production_edits l
+                                   WHERE l.table_name = e.table_name AND l.key = e.key)
+                || ' conflicts: ' || coalesce((SELECT string_agg(c.kind || ':' || c.action, ' ')
+                                                 FROM stagingprop.conflicts c
+                                                WHERE c.edits && ARRAY[e.id]), '-')
+           FROM stagingprop.production_edits e
+          WHERE settled_at IS NULL AND operation = 'UPDATE'
                 AND e.id = (SELECT max(id) FROM stagingprop.production_edits l
                              WHERE l.table_name = e.table_name AND l.key = e.key AND l.settled_at IS NULL)
                 AND NOT EXISTS (
@@ -723,10 +731,12 @@ async fn production_edits_under_random_writes_and_sigkills_of_sync_are_never_los
                     AND to_jsonb(t) @> e.after
                   UNION ALL
                   SELECT 1 FROM price t WHERE e.table_name = 'public.price' AND ARRAY[t.item_id::text, t.currency] = e.key
-                    AND to_jsonb(t) @> e.after)"
-        )
-        .trim(),
-        "0"
+                    AND to_jsonb(t) @> e.after)",
+    );
+    assert_eq!(
+        overwritten.trim(),
+        "",
+        "seed {seed}: open edits overwritten"
     );
     // Only parked changes wait for an operator, and each keeps an open edit of its row.
     assert_eq!(
